@@ -1,0 +1,1 @@
+"""improto.clients: the client library and the reference console client (`improto.clients`)."""

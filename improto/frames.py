@@ -1,0 +1,420 @@
+"""Typed frame objects: one frozen dataclass per frame type, plus the records they carry.
+
+Field names and order match the wire layout in `improto.schema` (a test checks this).
+Each class validates the ranges the spec sets that the wire widths alone do not enforce;
+the codec calls `validate()` after every decode and before every encode.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import ClassVar
+
+from improto.enums import ClientKind, ContentType, ConvKind, FrameType
+from improto.errors import BadUtf8, InvalidField, UnsupportedVersion
+from improto.limits import (
+    HISTORY_PAGE_MAX,
+    MAX_GROUP_MEMBERS,
+    MAX_GROUPS_PER_USER,
+    MAX_IDS_PER_REQUEST,
+    OFFLINE_PAGE_MAX,
+    PROTOCOL_VERSION,
+    U64_MAX,
+)
+
+_CONV_KINDS = frozenset(k.value for k in ConvKind)
+_CLIENT_KINDS = frozenset(k.value for k in ClientKind)
+
+
+def _bad(msg: str) -> InvalidField:
+    return InvalidField(msg)
+
+
+def _check_id(value: int, name: str) -> None:
+    """Ids of users, groups, conversations and messages are 1..2^64-1; 0 means "none"."""
+    if not 1 <= value <= U64_MAX:
+        raise _bad(f"{name}: {value} is not an id (1..2^64-1)")
+
+
+def _check_bool(value: int, name: str) -> None:
+    if value != 0 and value != 1:
+        raise _bad(f"{name}: {value} is not 0 or 1")
+
+
+def _check_conv(kind: int, conv_id: int) -> None:
+    if kind not in _CONV_KINDS:
+        raise _bad(f"conv_kind: {kind} is not 1 (user) or 2 (group)")
+    _check_id(conv_id, "conv_id")
+
+
+def _check_count(items: tuple[object, ...], lo: int, hi: int, name: str) -> None:
+    if not lo <= len(items) <= hi:
+        raise _bad(f"{name}: {len(items)} entries, allowed {lo}..{hi}")
+
+
+def _check_ids(ids: tuple[int, ...], lo: int, hi: int, name: str) -> None:
+    _check_count(ids, lo, hi, name)
+    for uid in ids:
+        _check_id(uid, name)
+
+
+def _check_text_body(content_type: int, body: bytes) -> None:
+    if content_type <= ContentType.TEXT:  # TEXT and GROUP_EVENT bodies are UTF-8
+        try:
+            body.decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise BadUtf8(f"body: invalid UTF-8 at byte {e.start}") from None
+
+
+# ---------------------------------------------------------------------------- records
+
+
+@dataclass(frozen=True, slots=True)
+class Message:
+    """The message record carried by PUSH, OFFLINE_PAGE and HISTORY_PAGE."""
+
+    msg_id: int
+    server_time: int
+    sender_id: int
+    sender_device: str
+    conv_kind: int
+    conv_id: int
+    content_type: int
+    client_msg_id: bytes
+    body: bytes
+
+    def validate(self) -> None:
+        _check_id(self.msg_id, "msg_id")
+        _check_id(self.sender_id, "sender_id")
+        _check_conv(self.conv_kind, self.conv_id)
+        _check_text_body(self.content_type, self.body)
+
+
+@dataclass(frozen=True, slots=True)
+class UnreadCount:
+    """Per-conversation count of other users' messages in one OFFLINE_PAGE."""
+
+    conv_kind: int
+    conv_id: int
+    count: int
+
+    def validate(self) -> None:
+        _check_conv(self.conv_kind, self.conv_id)
+        if self.count < 1:
+            raise _bad("unread.count: must be at least 1")
+
+
+@dataclass(frozen=True, slots=True)
+class GroupSummary:
+    group_id: int
+    name: str
+
+    def validate(self) -> None:
+        _check_id(self.group_id, "group_id")
+
+
+# ----------------------------------------------------------------------------- frames
+
+
+@dataclass(frozen=True, slots=True)
+class Frame:
+    """Header fields shared by every frame; `request_id` is echoed by replies."""
+
+    TYPE: ClassVar[FrameType]
+    request_id: int = field(default=0, kw_only=True)
+    flags: int = field(default=0, kw_only=True)
+
+    def validate(self) -> None:
+        """Check the spec's ranges; the base class has nothing beyond the wire widths."""
+
+
+@dataclass(frozen=True, slots=True)
+class Hello(Frame):
+    TYPE = FrameType.HELLO
+    protocol_version: int
+    client_kind: int
+    device_id: str
+    token: str
+
+    def validate(self) -> None:
+        if self.protocol_version != PROTOCOL_VERSION:
+            raise UnsupportedVersion(
+                f"protocol_version: {self.protocol_version} is not {PROTOCOL_VERSION}"
+            )
+        if self.client_kind not in _CLIENT_KINDS:
+            raise _bad(f"client_kind: {self.client_kind} is not defined")
+
+
+@dataclass(frozen=True, slots=True)
+class HelloOk(Frame):
+    TYPE = FrameType.HELLO_OK
+    user_id: int
+    server_time: int
+    heartbeat_s: int
+    idle_timeout_s: int
+    max_frame: int
+
+    def validate(self) -> None:
+        _check_id(self.user_id, "user_id")
+
+
+@dataclass(frozen=True, slots=True)
+class Ping(Frame):
+    TYPE = FrameType.PING
+
+
+@dataclass(frozen=True, slots=True)
+class Pong(Frame):
+    TYPE = FrameType.PONG
+    server_time: int
+
+
+@dataclass(frozen=True, slots=True)
+class Send(Frame):
+    TYPE = FrameType.SEND
+    client_msg_id: bytes
+    conv_kind: int
+    conv_id: int
+    content_type: int
+    body: bytes
+
+    def validate(self) -> None:
+        _check_conv(self.conv_kind, self.conv_id)
+        if self.content_type == ContentType.GROUP_EVENT:
+            raise _bad("content_type: 0 is reserved for server-generated group events")
+        _check_text_body(self.content_type, self.body)
+
+
+@dataclass(frozen=True, slots=True)
+class SendAck(Frame):
+    TYPE = FrameType.SEND_ACK
+    client_msg_id: bytes
+    msg_id: int
+    server_time: int
+    duplicate: int
+
+    def validate(self) -> None:
+        _check_id(self.msg_id, "msg_id")
+        _check_bool(self.duplicate, "duplicate")
+
+
+@dataclass(frozen=True, slots=True)
+class Push(Frame):
+    TYPE = FrameType.PUSH
+    message: Message
+
+    def validate(self) -> None:
+        self.message.validate()
+
+
+@dataclass(frozen=True, slots=True)
+class PushAck(Frame):
+    TYPE = FrameType.PUSH_ACK
+    msg_id: int
+
+    def validate(self) -> None:
+        _check_id(self.msg_id, "msg_id")
+
+
+@dataclass(frozen=True, slots=True)
+class OfflinePull(Frame):
+    TYPE = FrameType.OFFLINE_PULL
+    cursor: int
+    limit: int = 0
+
+    def validate(self) -> None:
+        if self.limit > OFFLINE_PAGE_MAX:
+            raise _bad(f"limit: {self.limit} exceeds {OFFLINE_PAGE_MAX}")
+
+
+@dataclass(frozen=True, slots=True)
+class OfflinePage(Frame):
+    TYPE = FrameType.OFFLINE_PAGE
+    cursor: int
+    has_more: int
+    gap: int
+    messages: tuple[Message, ...]
+    unread: tuple[UnreadCount, ...]
+
+    def validate(self) -> None:
+        _check_bool(self.has_more, "has_more")
+        _check_bool(self.gap, "gap")
+        _check_count(self.messages, 0, OFFLINE_PAGE_MAX, "messages")
+        _check_count(self.unread, 0, OFFLINE_PAGE_MAX, "unread")
+        for m in self.messages:
+            m.validate()
+        for u in self.unread:
+            u.validate()
+
+
+@dataclass(frozen=True, slots=True)
+class OfflineAck(Frame):
+    TYPE = FrameType.OFFLINE_ACK
+    cursor: int
+
+
+@dataclass(frozen=True, slots=True)
+class OfflineAckOk(Frame):
+    TYPE = FrameType.OFFLINE_ACK_OK
+    cursor: int
+
+
+@dataclass(frozen=True, slots=True)
+class HistoryPull(Frame):
+    TYPE = FrameType.HISTORY_PULL
+    conv_kind: int
+    conv_id: int
+    before_id: int = 0
+    limit: int = 0
+
+    def validate(self) -> None:
+        _check_conv(self.conv_kind, self.conv_id)
+        if self.limit > HISTORY_PAGE_MAX:
+            raise _bad(f"limit: {self.limit} exceeds {HISTORY_PAGE_MAX}")
+
+
+@dataclass(frozen=True, slots=True)
+class HistoryPage(Frame):
+    TYPE = FrameType.HISTORY_PAGE
+    conv_kind: int
+    conv_id: int
+    has_more: int
+    messages: tuple[Message, ...]
+
+    def validate(self) -> None:
+        _check_conv(self.conv_kind, self.conv_id)
+        _check_bool(self.has_more, "has_more")
+        _check_count(self.messages, 0, HISTORY_PAGE_MAX, "messages")
+        for m in self.messages:
+            m.validate()
+
+
+@dataclass(frozen=True, slots=True)
+class GroupCreate(Frame):
+    TYPE = FrameType.GROUP_CREATE
+    name: str
+    members: tuple[int, ...] = ()
+
+    def validate(self) -> None:
+        _check_ids(self.members, 0, MAX_IDS_PER_REQUEST, "members")
+
+
+@dataclass(frozen=True, slots=True)
+class GroupCreated(Frame):
+    TYPE = FrameType.GROUP_CREATED
+    group_id: int
+
+    def validate(self) -> None:
+        _check_id(self.group_id, "group_id")
+
+
+@dataclass(frozen=True, slots=True)
+class GroupAdd(Frame):
+    TYPE = FrameType.GROUP_ADD
+    group_id: int
+    members: tuple[int, ...]
+
+    def validate(self) -> None:
+        _check_id(self.group_id, "group_id")
+        _check_ids(self.members, 1, MAX_IDS_PER_REQUEST, "members")
+
+
+@dataclass(frozen=True, slots=True)
+class GroupAddOk(Frame):
+    TYPE = FrameType.GROUP_ADD_OK
+    group_id: int
+    count: int
+
+    def validate(self) -> None:
+        _check_id(self.group_id, "group_id")
+
+
+@dataclass(frozen=True, slots=True)
+class GroupRemove(Frame):
+    TYPE = FrameType.GROUP_REMOVE
+    group_id: int
+    members: tuple[int, ...]
+
+    def validate(self) -> None:
+        _check_id(self.group_id, "group_id")
+        _check_ids(self.members, 1, MAX_IDS_PER_REQUEST, "members")
+
+
+@dataclass(frozen=True, slots=True)
+class GroupRemoveOk(Frame):
+    TYPE = FrameType.GROUP_REMOVE_OK
+    group_id: int
+    count: int
+
+    def validate(self) -> None:
+        _check_id(self.group_id, "group_id")
+
+
+@dataclass(frozen=True, slots=True)
+class GroupMembers(Frame):
+    TYPE = FrameType.GROUP_MEMBERS
+    group_id: int
+
+    def validate(self) -> None:
+        _check_id(self.group_id, "group_id")
+
+
+@dataclass(frozen=True, slots=True)
+class GroupMemberList(Frame):
+    TYPE = FrameType.GROUP_MEMBER_LIST
+    group_id: int
+    owner_id: int
+    name: str
+    members: tuple[int, ...]
+
+    def validate(self) -> None:
+        _check_id(self.group_id, "group_id")
+        if self.owner_id != 0:  # 0: the group has no members left
+            _check_id(self.owner_id, "owner_id")
+        _check_ids(self.members, 0, MAX_GROUP_MEMBERS, "members")
+
+
+@dataclass(frozen=True, slots=True)
+class MyGroups(Frame):
+    TYPE = FrameType.MY_GROUPS
+
+
+@dataclass(frozen=True, slots=True)
+class GroupList(Frame):
+    TYPE = FrameType.GROUP_LIST
+    groups: tuple[GroupSummary, ...]
+
+    def validate(self) -> None:
+        _check_count(self.groups, 0, MAX_GROUPS_PER_USER, "groups")
+        for g in self.groups:
+            g.validate()
+
+
+@dataclass(frozen=True, slots=True)
+class Close(Frame):
+    TYPE = FrameType.CLOSE
+    reason: int
+    text: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class SyncHint(Frame):
+    TYPE = FrameType.SYNC_HINT
+
+
+@dataclass(frozen=True, slots=True)
+class Error(Frame):
+    TYPE = FrameType.ERROR
+    code: int
+    text: str = ""
+
+
+FRAME_CLASSES: dict[int, type[Frame]] = {
+    cls.TYPE.value: cls
+    for cls in (
+        Hello, HelloOk, Ping, Pong, Send, SendAck, Push, PushAck, OfflinePull, OfflinePage,
+        OfflineAck, OfflineAckOk, HistoryPull, HistoryPage, GroupCreate, GroupCreated,
+        GroupAdd, GroupAddOk, GroupRemove, GroupRemoveOk, GroupMembers, GroupMemberList,
+        MyGroups, GroupList, Close, SyncHint, Error,
+    )
+}  # fmt: skip

@@ -1,0 +1,26 @@
+"""Numeric limits of protocol v1. spec/PROTOCOL.md is normative; these mirror it."""
+
+PROTOCOL_VERSION = 1
+
+LENGTH_PREFIX_SIZE = 4
+HEADER_SIZE = 7
+# The length prefix counts header + body. Receivers refuse anything larger before buffering it.
+MAX_FRAME_LENGTH = 131_072
+
+MAX_DEVICE_ID = 64
+MAX_TOKEN = 4096
+MAX_BODY = 65_535
+MAX_GROUP_NAME = 128
+MAX_TEXT = 1024  # ERROR and CLOSE texts
+MAX_IDS_PER_REQUEST = 1000  # GROUP_CREATE / GROUP_ADD / GROUP_REMOVE member lists
+MAX_GROUP_MEMBERS = 10_000
+MAX_GROUPS_PER_USER = 500
+
+OFFLINE_PAGE_DEFAULT = 200
+OFFLINE_PAGE_MAX = 200
+HISTORY_PAGE_DEFAULT = 20
+HISTORY_PAGE_MAX = 100
+
+U64_MAX = 2**64 - 1
+# OFFLINE_PULL cursor value meaning "start after the position the server stored for this device".
+CURSOR_RESUME = U64_MAX

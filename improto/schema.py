@@ -1,0 +1,195 @@
+"""The wire layout of protocol v1, defined once with `construct`.
+
+`HEADER` and `BODIES` are the single source of truth. From them the codec builds
+  * `FRAME`: the interpreted reference parser of a whole payload (header + body), and
+  * `frame_struct(t)`: a flat header+body Struct per type, compiled for the hot path.
+Integers are unsigned big-endian. Strings and blobs carry a byte-length prefix.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from construct import (
+    Construct,
+    Error,
+    FormatField,
+    Int8ub,
+    Int16ub,
+    Int32ub,
+    Int64ub,
+    PrefixedArray,
+    Struct,
+    Switch,
+    this,
+)
+
+from improto.enums import FrameType as T
+from improto.fields import Blob, End, FixedBytes, PackedRun, Utf8
+from improto.limits import MAX_BODY, MAX_DEVICE_ID, MAX_GROUP_NAME, MAX_TEXT, MAX_TOKEN
+
+HEADER: list[Construct] = [
+    "version" / Int8ub,
+    "type" / Int8ub,
+    "flags" / Int8ub,
+    "request_id" / Int32ub,
+]
+
+# The message record. PUSH carries its fields inline (same bytes as a nested Struct, one
+# Container fewer per parse); pages carry arrays of it.
+MESSAGE_FIELDS: list[Construct] = [
+    "msg_id" / Int64ub,
+    "server_time" / Int64ub,
+    "sender_id" / Int64ub,
+    "sender_device" / Utf8("sender_device", 1, 1, MAX_DEVICE_ID),
+    "conv_kind" / Int8ub,
+    "conv_id" / Int64ub,
+    "content_type" / Int16ub,
+    "client_msg_id" / FixedBytes("client_msg_id", 16),
+    "body" / Blob("body", 2, 0, MAX_BODY),
+]
+UNREAD_FIELDS: list[Construct] = ["conv_kind" / Int8ub, "conv_id" / Int64ub, "count" / Int16ub]
+GROUP_SUMMARY_FIELDS: list[Construct] = [
+    "group_id" / Int64ub,
+    "name" / Utf8("name", 1, 1, MAX_GROUP_NAME),
+]
+IDS = PrefixedArray(Int16ub, Int64ub)
+
+
+def _text() -> Construct:
+    return Utf8("text", 2, 0, MAX_TEXT)
+
+
+def _bodies(record: Callable[[list[Construct]], Construct]) -> dict[T, list[Construct]]:
+    """The body layout of every frame type; `record` turns a record's fields into a Struct."""
+    message, unread, group = (
+        record(MESSAGE_FIELDS),
+        record(UNREAD_FIELDS),
+        record(GROUP_SUMMARY_FIELDS),
+    )
+    return {
+        T.HELLO: [
+            "protocol_version" / Int8ub,
+            "client_kind" / Int8ub,
+            "device_id" / Utf8("device_id", 1, 1, MAX_DEVICE_ID),
+            "token" / Utf8("token", 2, 1, MAX_TOKEN),
+        ],
+        T.HELLO_OK: [
+            "user_id" / Int64ub,
+            "server_time" / Int64ub,
+            "heartbeat_s" / Int16ub,
+            "idle_timeout_s" / Int16ub,
+            "max_frame" / Int32ub,
+        ],
+        T.PING: [],
+        T.PONG: ["server_time" / Int64ub],
+        T.SEND: [
+            "client_msg_id" / FixedBytes("client_msg_id", 16),
+            "conv_kind" / Int8ub,
+            "conv_id" / Int64ub,
+            "content_type" / Int16ub,
+            "body" / Blob("body", 2, 0, MAX_BODY),
+        ],
+        T.SEND_ACK: [
+            "client_msg_id" / FixedBytes("client_msg_id", 16),
+            "msg_id" / Int64ub,
+            "server_time" / Int64ub,
+            "duplicate" / Int8ub,
+        ],
+        T.PUSH: MESSAGE_FIELDS,
+        T.PUSH_ACK: ["msg_id" / Int64ub],
+        T.OFFLINE_PULL: ["cursor" / Int64ub, "limit" / Int16ub],
+        T.OFFLINE_PAGE: [
+            "cursor" / Int64ub,
+            "has_more" / Int8ub,
+            "gap" / Int8ub,
+            "messages" / PrefixedArray(Int16ub, message),
+            "unread" / PrefixedArray(Int16ub, unread),
+        ],
+        T.OFFLINE_ACK: ["cursor" / Int64ub],
+        T.OFFLINE_ACK_OK: ["cursor" / Int64ub],
+        T.HISTORY_PULL: [
+            "conv_kind" / Int8ub,
+            "conv_id" / Int64ub,
+            "before_id" / Int64ub,
+            "limit" / Int8ub,
+        ],
+        T.HISTORY_PAGE: [
+            "conv_kind" / Int8ub,
+            "conv_id" / Int64ub,
+            "has_more" / Int8ub,
+            "messages" / PrefixedArray(Int16ub, message),
+        ],
+        T.GROUP_CREATE: ["name" / Utf8("name", 1, 1, MAX_GROUP_NAME), "members" / IDS],
+        T.GROUP_CREATED: ["group_id" / Int64ub],
+        T.GROUP_ADD: ["group_id" / Int64ub, "members" / IDS],
+        T.GROUP_ADD_OK: ["group_id" / Int64ub, "count" / Int16ub],
+        T.GROUP_REMOVE: ["group_id" / Int64ub, "members" / IDS],
+        T.GROUP_REMOVE_OK: ["group_id" / Int64ub, "count" / Int16ub],
+        T.GROUP_MEMBERS: ["group_id" / Int64ub],
+        T.GROUP_MEMBER_LIST: [
+            "group_id" / Int64ub,
+            "owner_id" / Int64ub,
+            "name" / Utf8("name", 1, 1, MAX_GROUP_NAME),
+            "members" / IDS,
+        ],
+        T.MY_GROUPS: [],
+        T.GROUP_LIST: ["groups" / PrefixedArray(Int16ub, group)],
+        T.CLOSE: ["reason" / Int8ub, "text" / _text()],
+        T.SYNC_HINT: [],
+        T.ERROR: ["code" / Int16ub, "text" / _text()],
+    }
+
+
+def _plain(fields: list[Construct]) -> Construct:
+    return Struct(*fields)
+
+
+def merge_runs(fields: list[Construct]) -> list[Construct]:
+    """Replace each run of 2+ adjacent named integer fields by one PackedRun (same bytes)."""
+    out: list[Construct] = []
+    run: list[Construct] = []
+
+    def flush() -> None:
+        if len(run) > 1:
+            fmts = "".join(f.subcon.fmtstr[1:] for f in run)
+            out.append(PackedRun([f.name for f in run], fmts))
+        else:
+            out.extend(run)
+        run.clear()
+
+    for f in fields:
+        if f.name and isinstance(getattr(f, "subcon", None), FormatField):
+            run.append(f)
+        else:
+            flush()
+            out.append(f)
+    flush()
+    return out
+
+
+def _merged(fields: list[Construct]) -> Construct:
+    return Struct(*merge_runs(fields))
+
+
+# The reference layout: every field separate, exactly as spec/PROTOCOL.md lists them.
+BODIES = _bodies(_plain)
+
+# Interpreted reference parser of a whole payload (the bytes after the length prefix).
+FRAME = Struct(
+    *HEADER,
+    "body" / Switch(this.type, {int(t): Struct(*f) for t, f in BODIES.items()}, default=Error),
+    End(),
+)
+
+_MERGED_BODIES = _bodies(_merged)
+
+
+def frame_struct(frame_type: T) -> Struct:
+    """Flat header+body Struct of one type in the reference layout (interpreted)."""
+    return Struct(*HEADER, *BODIES[frame_type], End())
+
+
+def compiled_frame_struct(frame_type: T) -> Struct:
+    """The same layout with integer runs merged, ready for `.compile()`."""
+    return Struct(*merge_runs([*HEADER, *_MERGED_BODIES[frame_type]]), End())

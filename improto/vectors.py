@@ -1,0 +1,300 @@
+"""Generates spec/vectors/valid.json and invalid.json: `python -m improto.vectors [DIR]`.
+
+Valid vectors are frame objects encoded by the codec; the test suite re-checks them against
+an independent `struct`-based reader written from spec/PROTOCOL.md. Invalid vectors are raw
+bytes assembled here by hand, one defect each, so they do not depend on the encoder.
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+import sys
+from pathlib import Path
+from typing import Any
+
+from improto.codec import encode
+from improto.enums import ClientKind, CloseReason, ContentType, ConvKind, FrameType
+from improto.errors import ErrorCode
+from improto.frames import (
+    Close,
+    Error,
+    Frame,
+    GroupAdd,
+    GroupAddOk,
+    GroupCreate,
+    GroupCreated,
+    GroupList,
+    GroupMemberList,
+    GroupMembers,
+    GroupRemove,
+    GroupRemoveOk,
+    GroupSummary,
+    Hello,
+    HelloOk,
+    HistoryPage,
+    HistoryPull,
+    Message,
+    MyGroups,
+    OfflineAck,
+    OfflineAckOk,
+    OfflinePage,
+    OfflinePull,
+    Ping,
+    Pong,
+    Push,
+    PushAck,
+    Send,
+    SendAck,
+    SyncHint,
+    UnreadCount,
+)
+from improto.jsonform import frame_to_json
+from improto.limits import CURSOR_RESUME, MAX_BODY, MAX_FRAME_LENGTH, U64_MAX
+
+U, G = ConvKind.USER, ConvKind.GROUP
+CMID = bytes.fromhex("0f1e2d3c4b5a69788796a5b4c3d2e1f0")
+T0 = 1_764_201_600_000  # 2025-11-27T00:00:00Z in ms
+TEXT = b"Hi Bob! Are we still on for lunch tomorrow at noon? The usual place?"
+
+
+def _msg(msg_id: int, sender: int, conv_kind: int, conv_id: int, body: bytes, **kw: Any) -> Message:
+    base: dict[str, Any] = {
+        "msg_id": msg_id,
+        "server_time": T0 + msg_id % 1000,
+        "sender_id": sender,
+        "sender_device": "ios-3f9a2c",
+        "conv_kind": conv_kind,
+        "conv_id": conv_id,
+        "content_type": ContentType.TEXT,
+        "client_msg_id": CMID,
+        "body": body,
+    }
+    base.update(kw)
+    return Message(**base)
+
+
+def valid_frames() -> list[tuple[str, str, Frame]]:
+    m1 = _msg(7_301_234_567_890_123_456, 1001, U, 1002, TEXT)
+    m2 = _msg(7_301_234_567_890_123_457, 1002, U, 1001, "好的\uff0c中午见 👍".encode())
+    mg = _msg(7_301_234_567_890_123_460, 1003, G, 5001, "Ça marche — à demain".encode())
+    event = _msg(
+        7_301_234_567_890_123_400,
+        1001,
+        G,
+        5001,
+        b'{"event":"created","name":"Lunch","members":["1001","1002","1003"]}',
+        content_type=ContentType.GROUP_EVENT,
+    )
+    big = _msg(U64_MAX, U64_MAX, U, U64_MAX, b"x", server_time=U64_MAX,
+               sender_device="d" * 64)  # fmt: skip
+    return [
+        ("hello", "login from an iOS device",
+         Hello(1, ClientKind.IOS, "ios-3f9a2c", "eyJhbGciOiJIUzI1NiJ9.eyJzdWIiOiIxMDAxIn0.c2ln",
+               request_id=1)),
+        ("hello_ok", "login accepted", HelloOk(1001, T0, 30, 90, MAX_FRAME_LENGTH, request_id=1)),
+        ("ping", "heartbeat", Ping(request_id=2)),
+        ("ping_unknown_flags", "flag bits a v1 receiver does not know are carried and ignored",
+         Ping(request_id=3, flags=0x81)),
+        ("pong", "heartbeat answer", Pong(T0 + 5, request_id=2)),
+        ("send_text_user", "1:1 text message", Send(CMID, U, 1002, ContentType.TEXT, TEXT,
+                                                    request_id=7)),
+        ("send_group_non_ascii", "group message with non-ASCII text and an emoji",
+         Send(CMID, G, 5001, ContentType.TEXT, "Ça marche — à demain 👍 好的".encode(),
+              request_id=8)),
+        ("send_empty_body", "application content type with an empty body",
+         Send(CMID, U, 1002, 2, b"", request_id=9)),
+        ("send_max_body", "largest body: 65535 bytes of application content",
+         Send(CMID, U, 1002, 0x8001, bytes(i % 251 for i in range(MAX_BODY)), request_id=10)),
+        ("send_ack", "the server's id and time for a new message",
+         SendAck(CMID, m1.msg_id, m1.server_time, 0, request_id=7)),
+        ("send_ack_duplicate", "a resend with the same client_msg_id gets the original ack",
+         SendAck(CMID, m1.msg_id, m1.server_time, 1, request_id=11)),
+        ("push_text", "a typical 1:1 chat push", Push(m1)),
+        ("push_group", "group message push", Push(mg)),
+        ("push_group_event", "server-generated group event (content_type 0)", Push(event)),
+        ("push_large_ids", "every u64 at its maximum, 64-byte device id", Push(big)),
+        ("push_ack", "client acknowledges a push", PushAck(m1.msg_id)),
+        ("offline_pull_fresh", "fresh install: cursor 0, default page size",
+         OfflinePull(0, 0, request_id=20)),
+        ("offline_pull_resume", "start at the server's stored position, page size 200",
+         OfflinePull(CURSOR_RESUME, 200, request_id=21)),
+        ("offline_page_has_more", "two messages oldest first, more to pull",
+         OfflinePage(1042, 1, 0, (m1, m2), (UnreadCount(U, 1002, 1),), request_id=20)),
+        ("offline_page_last", "empty last page", OfflinePage(1042, 0, 0, (), (), request_id=22)),
+        ("offline_page_gap", "some messages after the cursor expired before this page",
+         OfflinePage(3000, 0, 1, (mg,), (UnreadCount(G, 5001, 1),), request_id=23)),
+        ("offline_ack", "client has stored everything up to cursor 1042",
+         OfflineAck(1042, request_id=24)),
+        ("offline_ack_ok", "server stored the position", OfflineAckOk(1042, request_id=24)),
+        ("history_pull_newest", "newest page of a 1:1 conversation, default size",
+         HistoryPull(U, 1002, 0, 0, request_id=30)),
+        ("history_pull_before", "older page of a group before a message id",
+         HistoryPull(G, 5001, mg.msg_id, 100, request_id=31)),
+        ("history_page", "newest first, more to pull",
+         HistoryPage(U, 1002, 1, (m2, m1), request_id=30)),
+        ("history_page_end", "no older messages", HistoryPage(G, 5001, 0, (), request_id=31)),
+        ("group_create", "create a group with two other members",
+         GroupCreate("Lunch 🍜", (1002, 1003), request_id=40)),
+        ("group_created", "the new group's id", GroupCreated(5001, request_id=40)),
+        ("group_add", "add members", GroupAdd(5001, (1004, 1005), request_id=41)),
+        ("group_add_ok", "two were added", GroupAddOk(5001, 2, request_id=41)),
+        ("group_remove", "leave the group (remove self)",
+         GroupRemove(5001, (1001,), request_id=42)),
+        ("group_remove_ok", "one was removed", GroupRemoveOk(5001, 1, request_id=42)),
+        ("group_members", "list a group's members", GroupMembers(5001, request_id=43)),
+        ("group_member_list", "members in ascending id order",
+         GroupMemberList(5001, 1001, "Lunch 🍜", (1001, 1002, 1003), request_id=43)),
+        ("my_groups", "list my groups", MyGroups(request_id=44)),
+        ("group_list", "two groups",
+         GroupList((GroupSummary(5001, "Lunch 🍜"), GroupSummary(5002, "Team")), request_id=44)),
+        ("close_replaced", "another login of the same device replaced this connection",
+         Close(CloseReason.REPLACED, "device ios-3f9a2c logged in again")),
+        ("sync_hint", "run the offline sync loop", SyncHint()),
+        ("error", "answer to a request for a group the user is not in",
+         Error(ErrorCode.FORBIDDEN, "not a member of group 5001", request_id=31)),
+    ]  # fmt: skip
+
+
+# ---------------------------------------------------------------- invalid, by hand
+
+
+def _frame(ftype: int, body: bytes, *, version: int = 1, flags: int = 0, rid: int = 1) -> bytes:
+    payload = struct.pack(">BBBI", version, ftype, flags, rid) + body
+    return struct.pack(">I", len(payload)) + payload
+
+
+def _s8(raw: bytes) -> bytes:
+    return struct.pack(">B", len(raw)) + raw
+
+
+def _s16(raw: bytes) -> bytes:
+    return struct.pack(">H", len(raw)) + raw
+
+
+def _hello(device: bytes = b"ios-3f9a2c", token: bytes = b"tok", version: int = 1,
+           kind: int = 1) -> bytes:  # fmt: skip
+    return struct.pack(">BB", version, kind) + _s8(device) + _s16(token)
+
+
+def _send(conv_kind: int = 1, conv_id: int = 1002, ctype: int = 1, body: bytes = b"hi") -> bytes:
+    return CMID + struct.pack(">BQH", conv_kind, conv_id, ctype) + _s16(body)
+
+
+def _record(msg_id: int = 77, body: bytes = b"hi", conv_kind: int = 1) -> bytes:
+    return (
+        struct.pack(">QQQ", msg_id, T0, 1001) + _s8(b"ios")
+        + struct.pack(">BQH", conv_kind, 1002, 1) + CMID + _s16(body)
+    )  # fmt: skip
+
+
+def invalid_frames() -> list[tuple[str, str, bytes, ErrorCode]]:
+    M, TL = ErrorCode.MALFORMED_FRAME, ErrorCode.FRAME_TOO_LARGE
+    V, UT = ErrorCode.UNSUPPORTED_VERSION, ErrorCode.UNKNOWN_FRAME_TYPE
+    I, B = ErrorCode.INVALID_FIELD, ErrorCode.BAD_UTF8  # noqa: E741
+    ping = _frame(FrameType.PING, b"")
+    return [
+        ("short_prefix", "fewer than 4 bytes: no length prefix", b"\x00\x00\x07", M),
+        ("length_over_max", "length prefix 131073 > 131072: refuse before reading the body",
+         struct.pack(">I", MAX_FRAME_LENGTH + 1) + b"\x01\x02\x00\x00\x00\x00\x01", TL),
+        ("length_huge", "length prefix 0xFFFFFFFF", b"\xff\xff\xff\xff\x01\x02", TL),
+        ("frame_truncated", "length prefix says 2 bytes more than follow", ping[:-2] + b"", M),
+        ("frame_short_header", "a 3-byte frame cannot hold the 7-byte header",
+         b"\x00\x00\x00\x03\x01\x02\x00", M),
+        ("frame_empty", "length 0", b"\x00\x00\x00\x00", M),
+        ("bytes_after_frame", "bytes follow the frame the length prefix delimits",
+         ping + b"\x00", M),
+        ("unsupported_version", "header version 2", _frame(FrameType.PING, b"", version=2), V),
+        ("version_zero", "header version 0", _frame(FrameType.PING, b"", version=0), V),
+        ("unknown_type", "frame type 0x7e is not defined", _frame(0x7E, b""), UT),
+        ("unknown_type_0", "frame type 0x00 is not defined", _frame(0x00, b""), UT),
+        ("body_padded", "PING with one byte of body", _frame(FrameType.PING, b"\x00"), M),
+        ("send_padded", "SEND with a byte after the body",
+         _frame(FrameType.SEND, _send() + b"\x00"), M),
+        ("token_truncated", "HELLO whose last string is 2 bytes shorter than its prefix says "
+         "(outer length consistent): the compiled-parser trap",
+         _frame(FrameType.HELLO, _hello(token=b"0123456789")[:-2]), M),
+        ("body_truncated", "SEND whose body field is 3 bytes short",
+         _frame(FrameType.SEND, _send(body=b"hello")[:-3]), M),
+        ("header_only_send", "SEND with no body at all", _frame(FrameType.SEND, b""), M),
+        ("fixed_field_truncated", "PUSH_ACK with a 7-byte msg_id",
+         _frame(FrameType.PUSH_ACK, b"\x00" * 7), M),
+        ("array_short", "OFFLINE_PAGE says 2 messages but holds 1",
+         _frame(FrameType.OFFLINE_PAGE, struct.pack(">QBBH", 5, 0, 0, 2) + _record()
+                + struct.pack(">H", 0)), M),
+        ("device_id_bad_utf8", "device_id holds 0xff",
+         _frame(FrameType.HELLO, _hello(device=b"ios\xff")), B),
+        ("text_body_bad_utf8", "TEXT body with a lone continuation byte",
+         _frame(FrameType.SEND, _send(body=b"caf\x80")), B),
+        ("text_body_overlong", "TEXT body with an overlong encoding of '/'",
+         _frame(FrameType.SEND, _send(body=b"\xc0\xaf")), B),
+        ("text_body_surrogate", "TEXT body with a UTF-8-encoded surrogate",
+         _frame(FrameType.SEND, _send(body=b"\xed\xa0\x80")), B),
+        ("push_body_bad_utf8", "PUSH of a TEXT message whose body is not UTF-8",
+         _frame(FrameType.PUSH, _record(body=b"\xfe"), rid=0), B),
+        ("error_text_bad_utf8", "ERROR text with 0xc3 at the end",
+         _frame(FrameType.ERROR, struct.pack(">H", 300) + _s16(b"oops\xc3")), B),
+        ("conv_kind_3", "conversation kind 3 is not defined",
+         _frame(FrameType.SEND, _send(conv_kind=3)), I),
+        ("conv_id_0", "conversation id 0", _frame(FrameType.SEND, _send(conv_id=0)), I),
+        ("send_content_type_0", "clients may not send group events",
+         _frame(FrameType.SEND, _send(ctype=0)), I),
+        ("hello_version_2", "HELLO asks for protocol version 2",
+         _frame(FrameType.HELLO, _hello(version=2)), V),
+        ("client_kind_9", "client kind 9 is not defined", _frame(FrameType.HELLO, _hello(kind=9)),
+         I),
+        ("device_id_empty", "empty device id", _frame(FrameType.HELLO, _hello(device=b"")), I),
+        ("device_id_too_long", "65-byte device id",
+         _frame(FrameType.HELLO, _hello(device=b"d" * 65)), I),
+        ("token_empty", "empty token", _frame(FrameType.HELLO, _hello(token=b"")), I),
+        ("offline_limit_201", "offline page size above 200",
+         _frame(FrameType.OFFLINE_PULL, struct.pack(">QH", 0, 201)), I),
+        ("history_limit_101", "history page size above 100",
+         _frame(FrameType.HISTORY_PULL, struct.pack(">BQQB", 1, 1002, 0, 101)), I),
+        ("has_more_2", "has_more must be 0 or 1",
+         _frame(FrameType.HISTORY_PAGE, struct.pack(">BQBH", 1, 1002, 2, 0)), I),
+        ("duplicate_2", "SEND_ACK duplicate must be 0 or 1",
+         _frame(FrameType.SEND_ACK, CMID + struct.pack(">QQB", 77, T0, 2)), I),
+        ("push_msg_id_0", "a message id is never 0", _frame(FrameType.PUSH, _record(msg_id=0)), I),
+        ("group_add_no_members", "GROUP_ADD with an empty list",
+         _frame(FrameType.GROUP_ADD, struct.pack(">QH", 5001, 0)), I),
+        ("group_add_member_0", "user id 0 in a member list",
+         _frame(FrameType.GROUP_ADD, struct.pack(">QHQ", 5001, 1, 0)), I),
+        ("group_name_empty", "GROUP_CREATE with an empty name",
+         _frame(FrameType.GROUP_CREATE, _s8(b"") + struct.pack(">H", 0)), I),
+        ("error_text_too_long", "ERROR text of 1025 bytes",
+         _frame(FrameType.ERROR, struct.pack(">H", 300) + _s16(b"e" * 1025)), I),
+    ]  # fmt: skip
+
+
+def build() -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    valid = []
+    for name, description, frame in valid_frames():
+        entry = {"name": name, "description": description, "hex": encode(frame).hex()}
+        entry.update(frame_to_json(frame))
+        valid.append(entry)
+    invalid = [
+        {
+            "name": name,
+            "description": description,
+            "hex": data.hex(),
+            "error": code.name,
+            "error_code": code.value,
+        }
+        for name, description, data, code in invalid_frames()
+    ]
+    return valid, invalid
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = sys.argv[1:] if argv is None else argv
+    out = Path(args[0] if args else "spec/vectors")
+    valid, invalid = build()
+    for fname, doc in (("valid.json", valid), ("invalid.json", invalid)):
+        (out / fname).write_text(json.dumps(doc, indent=1, ensure_ascii=False) + "\n")
+    print(f"wrote {len(valid)} valid and {len(invalid)} invalid vectors to {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

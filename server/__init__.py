@@ -1,0 +1,1 @@
+"""improto.server: the Twisted IM server (installed as `improto.server`)."""
