@@ -1,0 +1,3 @@
+from improto.server.cli import main
+
+raise SystemExit(main())

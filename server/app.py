@@ -1,0 +1,89 @@
+"""Wiring: storage backend, service, persister and listening endpoints for one process."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from twisted.internet.defer import Deferred, DeferredList
+from twisted.internet.endpoints import serverFromString
+from twisted.internet.interfaces import IListeningPort
+from twisted.internet.task import LoopingCall
+from twisted.logger import Logger
+
+from improto.enums import CloseReason
+from improto.server.config import Config
+from improto.server.embedded.sqlite import SQLiteBackend
+from improto.server.hub import Hub
+from improto.server.ids import IdGenerator
+from improto.server.persister import Persister
+from improto.server.service import ChatService
+from improto.server.session import Session, SessionFactory
+
+log = Logger()
+
+
+class Server:
+    """The embedded-mode server: SQLite storage, in-process queue, one gateway."""
+
+    def __init__(self, config: Config, reactor: Any) -> None:
+        self.config = config
+        self.reactor = reactor
+        self.hub = Hub()
+        self.ports: list[IListeningPort] = []
+        self.backend: SQLiteBackend | None = None
+        self._sweeper: LoopingCall | None = None
+
+    async def start(self) -> None:
+        config = self.config
+        data = Path(config.data_dir)
+        data.mkdir(parents=True, exist_ok=True)
+        self.backend = SQLiteBackend(
+            data / "improto.sqlite3",
+            reactor=self.reactor,
+            inbox_retention_ms=config.inbox_retention_ms,
+            history_retention_ms=config.history_retention_ms,
+        )
+        await self.backend.start()
+        b = self.backend
+        self.service = ChatService(
+            IdGenerator(config.node_id), b.queue, b.inbox, b.history, b.groups, self.hub
+        )
+        self.persister = Persister(b.queue, b.inbox, b.history)
+        self.persister.start()
+        self._sweeper = LoopingCall(self._sweep)
+        self._sweeper.clock = self.reactor
+        self._sweeper.start(config.sweep_interval_s, now=False)
+        self.factory = SessionFactory(config, self.service, self.hub, self.reactor, config.secret())
+        for desc in config.listen:
+            port = await serverFromString(self.reactor, desc).listen(self.factory)
+            self.ports.append(port)
+            log.info("listening on {desc} ({addr})", desc=desc, addr=port.getHost())
+
+    def _sweep(self) -> Deferred[Any] | None:
+        if self.backend is None:
+            return None
+        d = self.backend.sweep()
+        d.addCallback(lambda counts: log.info("retention sweep: {counts}", counts=counts))
+        d.addErrback(lambda f: log.failure("retention sweep failed", f))
+        return d
+
+    async def stop(self) -> None:
+        """Stop listening, tell clients we are shutting down, then close storage."""
+        if self._sweeper is not None and self._sweeper.running:
+            self._sweeper.stop()
+        await DeferredList([Deferred.fromCoroutine(_stop(p)) for p in self.ports])
+        self.ports.clear()
+        for conn in self.hub.all():
+            if isinstance(conn, Session):
+                conn.close(CloseReason.SHUTDOWN, "server shutting down")
+        if self.backend is not None:
+            await self.backend.close()
+            self.backend = None
+
+    def bound_ports(self) -> list[int]:
+        return [p.getHost().port for p in self.ports]
+
+
+async def _stop(port: IListeningPort) -> None:
+    await port.stopListening()

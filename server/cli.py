@@ -1,0 +1,94 @@
+"""`imserver`: run the server, or mint a development token.
+
+imserver [options]                      run (embedded default: SQLite under --data-dir)
+imserver token USER --device D          print a login token for USER on device D
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Any
+
+from twisted.internet.defer import Deferred
+from twisted.logger import globalLogBeginner, textFileLogObserver
+
+from improto.server.config import Config
+from improto.tokens import mint
+
+DESCRIPTION = """\
+improto IM server. With no options it runs the embedded default: no external service,
+all data in SQLite under --data-dir, listening on tcp:5555 on 127.0.0.1. Settings come from
+defaults, then the --config TOML file (keys named like the long options with '_' for '-',
+e.g. listen = ["tcp:5555"], idle_timeout = 90), then the flags given here.
+Subcommand: 'imserver token USER --device D' prints a development login token."""
+
+
+def run_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="imserver", description=DESCRIPTION,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
+    p.add_argument("--config", metavar="FILE", help="TOML file with settings (flags override it)")
+    p.add_argument("--listen", action="append", metavar="ENDPOINT",
+                   help="Twisted server endpoint string, repeatable; default "
+                        "tcp:5555:interface=127.0.0.1; e.g. tcp:5555, "
+                        "ssl:5556:privateKey=key.pem:certKey=cert.pem")  # fmt: skip
+    p.add_argument("--data-dir", help="where the embedded database and the generated JWT "
+                                      "secret live (default ./var)")  # fmt: skip
+    p.add_argument("--jwt-secret", help="HS256 secret of login tokens (default: the file "
+                                        "<data-dir>/jwt-secret, created on first run)")  # fmt: skip
+    p.add_argument("--node-id", type=int, help="0..1023, unique per server process (message ids)")
+    p.add_argument("--heartbeat", type=int, metavar="SECONDS",
+                   help="client PING interval announced in HELLO_OK (default 30)")  # fmt: skip
+    p.add_argument("--idle-timeout", type=int, metavar="SECONDS",
+                   help="close connections silent this long (default 90)")  # fmt: skip
+    p.add_argument("--inbox-retention-days", type=float,
+                   help="offline inbox retention (default 7)")  # fmt: skip
+    p.add_argument("--history-retention-days", type=float,
+                   help="history retention (default 180)")  # fmt: skip
+    p.add_argument("--max-unacked-pushes", type=int,
+                   help="push window per connection before SYNC_HINT (default 1000)")  # fmt: skip
+    return p
+
+
+def token_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="imserver token", description="Print a login token.")
+    p.add_argument("user", type=int, help="user id (1..2^64-1)")
+    p.add_argument("--device", required=True, help="device id the token is bound to")
+    p.add_argument("--ttl", type=float, default=86400.0, help="seconds of validity (default 1 day)")
+    p.add_argument("--config", metavar="FILE")
+    p.add_argument("--data-dir")
+    p.add_argument("--jwt-secret")
+    return p
+
+
+def load_config(args: argparse.Namespace) -> Config:
+    config = Config.from_file(args.config) if args.config else Config()
+    values = {k: v for k, v in vars(args).items() if k in Config.__dataclass_fields__}
+    return config.merged(values)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] == "token":
+        args = token_parser().parse_args(argv[1:])
+        config = load_config(args)
+        print(mint(config.secret(), args.user, args.device, ttl_s=args.ttl))
+        return 0
+    args = run_parser().parse_args(argv)
+    config = load_config(args)
+    globalLogBeginner.beginLoggingTo([textFileLogObserver(sys.stderr)])
+
+    from twisted.internet import task
+
+    from improto.server.app import Server
+
+    async def serve(reactor: Any) -> None:
+        server = Server(config, reactor)
+        await server.start()
+        reactor.addSystemEventTrigger(
+            "before", "shutdown", lambda: Deferred.fromCoroutine(server.stop())
+        )
+        await Deferred()  # until SIGINT/SIGTERM stops the reactor
+
+    task.react(lambda r: Deferred.fromCoroutine(serve(r)))
+    return 0  # react() exits the process itself

@@ -1,0 +1,62 @@
+"""Server settings: defaults, an optional TOML file, and command-line flags over both."""
+
+from __future__ import annotations
+
+import secrets
+import tomllib
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+DAY_MS = 86_400_000
+
+
+@dataclass
+class Config:
+    listen: list[str] = field(default_factory=lambda: ["tcp:5555:interface=127.0.0.1"])
+    data_dir: str = "./var"
+    jwt_secret: str | None = None  # None: read or create <data_dir>/jwt-secret
+    node_id: int = 0
+    heartbeat: int = 30  # seconds
+    idle_timeout: int = 90  # seconds
+    inbox_retention_days: float = 7.0
+    history_retention_days: float = 180.0
+    max_unacked_pushes: int = 1000
+    sweep_interval_s: float = 600.0
+
+    @classmethod
+    def from_file(cls, path: str | Path) -> Config:
+        with open(path, "rb") as f:
+            data = tomllib.load(f)
+        return cls().merged(data, source=str(path))
+
+    def merged(self, values: dict[str, Any], source: str = "flags") -> Config:
+        """A copy with `values` (None entries skipped) applied; unknown keys are an error."""
+        known = {f.name for f in fields(self)}
+        unknown = set(values) - known
+        if unknown:
+            raise ValueError(f"{source}: unknown setting(s) {', '.join(sorted(unknown))}")
+        out = Config(**{f.name: getattr(self, f.name) for f in fields(self)})
+        for key, value in values.items():
+            if value is not None:
+                setattr(out, key, value)
+        return out
+
+    @property
+    def inbox_retention_ms(self) -> int:
+        return int(self.inbox_retention_days * DAY_MS)
+
+    @property
+    def history_retention_ms(self) -> int:
+        return int(self.history_retention_days * DAY_MS)
+
+    def secret(self) -> str:
+        """The JWT secret: configured, or kept in the data directory (made on first use)."""
+        if self.jwt_secret:
+            return self.jwt_secret
+        path = Path(self.data_dir) / "jwt-secret"
+        if not path.exists():
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(secrets.token_hex(32) + "\n")
+            path.chmod(0o600)
+        return path.read_text().strip()

@@ -1,0 +1,84 @@
+"""The narrow interfaces between the session logic and storage/queueing.
+
+Embedded mode implements them on SQLite and an in-process queue; production mode on RabbitMQ,
+Redis and HBase. `tests/contract/` runs one suite against every implementation. All methods
+return Deferreds and never block the reactor.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Protocol
+
+from twisted.internet.defer import Deferred
+
+from improto.server.model import Accepted, ConvKey, GroupInfo, HistorySlice, InboxPage, PersistJob
+
+
+class PersistQueue(Protocol):
+    """Durable hand-off of accepted messages to the persisters (at-least-once)."""
+
+    def accept(self, job: PersistJob, client_msg_id: bytes) -> Deferred[Accepted]:
+        """Make the job durable unless (sender, client_msg_id) was accepted before.
+
+        Atomic: either the job is durably queued and the key remembered, or neither. A
+        duplicate returns the original message's id and time with `duplicate=True`.
+        """
+
+    def consume(self, handler: Callable[[PersistJob], Deferred[None]]) -> None:
+        """Deliver every queued job to `handler`; a job is removed only once its Deferred
+        fires, so a crash redelivers it (handlers must be idempotent)."""
+
+    def close(self) -> Deferred[None]: ...
+
+
+class InboxStore(Protocol):
+    """Per-user offline inboxes (write diffusion) and per-device positions."""
+
+    def append(self, job: PersistJob) -> Deferred[None]:
+        """Add the job's message to each of `job.inbox_users`' inboxes, assigning each entry a
+        cursor above every cursor already assigned in that inbox. Idempotent per (user,
+        msg_id)."""
+
+    def page(self, user_id: int, start: int, limit: int) -> Deferred[InboxPage]:
+        """Up to `limit` retained entries with cursor > start (start clamped to the head)."""
+
+    def position(self, user_id: int, device_id: str) -> Deferred[int]: ...
+
+    def advance(self, user_id: int, device_id: str, cursor: int) -> Deferred[int]:
+        """position := max(position, min(cursor, head)); returns the new position."""
+
+
+class HistoryStore(Protocol):
+    """Per-conversation history (read diffusion)."""
+
+    def append(self, key: ConvKey, job: PersistJob) -> Deferred[None]:
+        """Store the job's message once under `key`. Idempotent per msg_id."""
+
+    def page(self, key: ConvKey, before_id: int, limit: int, min_id: int) -> Deferred[HistorySlice]:
+        """Up to `limit` retained messages with min_id <= msg_id < before_id (0: no upper
+        bound), newest first; has_more if another such message exists."""
+
+
+class GroupStore(Protocol):
+    def create(self, owner_id: int, name: str, members: tuple[int, ...], since_id: int
+               ) -> Deferred[int]:  # fmt: skip
+        """Create a group with `owner_id` plus `members` (owner first); returns the new id.
+        Raises LimitExceeded (nothing written) past the member or per-user group limits."""
+
+    def add(
+        self, group_id: int, users: tuple[int, ...], since_id: int
+    ) -> Deferred[tuple[int, ...]]:
+        """Add the users not yet in the group; returns those added (ascending). Raises
+        LimitExceeded (nothing written) past the member or per-user group limits."""
+
+    def remove(self, group_id: int, users: tuple[int, ...]) -> Deferred[tuple[int, ...]]:
+        """Remove the users that are members; returns those removed (ascending). If the owner
+        leaves, the remaining member who joined first (lower id on a tie) becomes owner."""
+
+    def info(self, group_id: int) -> Deferred[GroupInfo | None]: ...
+
+    def since(self, group_id: int, user_id: int) -> Deferred[int | None]:
+        """The member's since_id, or None if not a current member."""
+
+    def groups_of(self, user_id: int) -> Deferred[tuple[tuple[int, str], ...]]: ...

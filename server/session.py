@@ -1,0 +1,241 @@
+"""One client connection: framing, the session state machine, timers and push flow control.
+
+UNAUTHENTICATED --HELLO ok--> AUTHENTICATED --> closed (PROTOCOL.md section 8). Requests are
+handed to ChatService; this module only speaks frames.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable
+from typing import Any
+
+from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import IDelayedCall, IReactorTime
+from twisted.internet.protocol import Factory, Protocol, connectionDone
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+
+from improto.codec import FrameReader, decode_payload, encode
+from improto.enums import CloseReason, FrameType
+from improto.errors import ErrorCode, FrameTooLarge, ProtocolError
+from improto.frames import (
+    Close,
+    Error,
+    Frame,
+    Hello,
+    HelloOk,
+    Ping,
+    Pong,
+    PushAck,
+    SyncHint,
+)
+from improto.limits import MAX_FRAME_LENGTH
+from improto.server.config import Config
+from improto.server.hub import Hub
+from improto.server.service import Caller, ChatService, RequestError
+from improto.tokens import TokenError, verify
+
+log = Logger()
+
+_SYNC_HINT = encode(SyncHint())
+
+# Requests answered by ChatService, by the name of the method that answers them.
+_HANDLERS: dict[FrameType, str] = {
+    FrameType.SEND: "send",
+    FrameType.OFFLINE_PULL: "offline_pull",
+    FrameType.OFFLINE_ACK: "offline_ack",
+    FrameType.HISTORY_PULL: "history_pull",
+    FrameType.GROUP_CREATE: "group_create",
+    FrameType.GROUP_ADD: "group_add",
+    FrameType.GROUP_REMOVE: "group_remove",
+    FrameType.GROUP_MEMBERS: "group_members",
+    FrameType.MY_GROUPS: "my_groups",
+}
+
+
+class Session(Protocol):
+    def __init__(self, factory: SessionFactory) -> None:
+        self.factory = factory
+        self.reader = FrameReader(MAX_FRAME_LENGTH)
+        self.user_id = 0
+        self.device_id = ""
+        self.caller: Caller | None = None
+        self.closing = False
+        self.unacked: dict[int, None] = {}  # msg_ids pushed and not yet acknowledged
+        self.hint_pending = False
+        self._idle: IDelayedCall | None = None
+        self._expiry: IDelayedCall | None = None
+
+    @property
+    def clock(self) -> IReactorTime:
+        return self.factory.clock
+
+    # ------------------------------------------------------------ connection
+
+    def connectionMade(self) -> None:
+        self._idle = self.clock.callLater(self.factory.config.idle_timeout, self._idle_out)
+
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
+        self.closing = True
+        for call in (self._idle, self._expiry):
+            if call is not None and call.active():
+                call.cancel()
+        if self.caller is not None:
+            self.factory.hub.unregister(self)
+
+    def dataReceived(self, data: bytes) -> None:
+        if self.closing:
+            return
+        try:
+            payloads = self.reader.feed(data)
+        except FrameTooLarge as e:
+            self._fatal(e.code, str(e), 0)
+            return
+        if payloads and self._idle is not None and self._idle.active():
+            self._idle.reset(self.factory.config.idle_timeout)
+        for payload in payloads:
+            if self.closing:
+                return
+            self._frame_received(payload)
+
+    def _frame_received(self, payload: bytes) -> None:
+        try:
+            frame = decode_payload(payload)
+        except ProtocolError as e:
+            rid = e.request_id or 0
+            log.info("bad frame from {peer}: {error}", peer=self._peer(), error=e)
+            if e.fatal:
+                self._fatal(e.code, e.message, rid)
+            else:
+                self.send(Error(e.code, e.message[:1024], request_id=rid))
+            return
+        self._dispatch(frame)
+
+    # -------------------------------------------------------------- dispatch
+
+    def _dispatch(self, f: Frame) -> None:
+        if not f.TYPE.client_to_server:
+            self.send(Error(ErrorCode.UNKNOWN_FRAME_TYPE, "server-to-client frame type",
+                            request_id=f.request_id))  # fmt: skip
+        elif isinstance(f, Ping):
+            self.send(Pong(self._now_ms(), request_id=f.request_id))
+        elif isinstance(f, Hello):
+            self._hello(f)
+        elif self.caller is None:
+            self.send(Error(ErrorCode.NOT_AUTHENTICATED, "send HELLO first",
+                            request_id=f.request_id))  # fmt: skip
+        elif isinstance(f, PushAck):
+            self._push_acked(f.msg_id)
+        else:
+            method = getattr(self.factory.service, _HANDLERS[f.TYPE])
+            self._run(f.request_id, method(self.caller, f))
+
+    def _run(self, request_id: int, work: Awaitable[Frame]) -> None:
+        d = Deferred.fromCoroutine(work)  # type: ignore[arg-type]
+        d.addCallbacks(self.send, self._request_failed, errbackArgs=(request_id,))
+
+    def _request_failed(self, failure: Failure, request_id: int) -> None:
+        if failure.check(RequestError):
+            err = failure.value
+            self.send(Error(err.code, err.text[:1024], request_id=request_id))
+        else:
+            log.failure("request {rid} failed", failure, rid=request_id)
+            self.send(Error(ErrorCode.INTERNAL, "internal error", request_id=request_id))
+
+    # ------------------------------------------------------------------ auth
+
+    def _hello(self, f: Hello) -> None:
+        if self.caller is not None:
+            self.send(Error(ErrorCode.ALREADY_AUTHENTICATED, "already logged in",
+                            request_id=f.request_id))  # fmt: skip
+            return
+        config = self.factory.config
+        try:
+            ident = verify(self.factory.secret, f.token, f.device_id, now=self.clock.seconds())
+        except TokenError as e:
+            code = ErrorCode.TOKEN_EXPIRED if e.expired else ErrorCode.AUTH_FAILED
+            log.info("login refused from {peer}: {why}", peer=self._peer(), why=e)
+            self._fatal(code, str(e), f.request_id)
+            return
+        self.user_id, self.device_id = ident.user_id, ident.device_id
+        self.caller = Caller(ident.user_id, ident.device_id, self)
+        old = self.factory.hub.register(self)
+        if old is not None and isinstance(old, Session):
+            old.close(CloseReason.REPLACED, f"device {self.device_id} logged in again")
+        self._expiry = self.clock.callLater(
+            max(0.0, ident.expires_at - self.clock.seconds()),
+            self.close, CloseReason.AUTH_EXPIRED, "token expired",
+        )  # fmt: skip
+        ok = HelloOk(
+            ident.user_id,
+            self._now_ms(),
+            config.heartbeat,
+            config.idle_timeout,
+            MAX_FRAME_LENGTH,
+            request_id=f.request_id,
+        )
+        self.send(ok)
+
+    # ----------------------------------------------------------------- pushes
+
+    def push(self, msg_id: int, data: bytes) -> None:
+        if self.closing:
+            return
+        if len(self.unacked) >= self.factory.config.max_unacked_pushes:
+            self.hint_pending = True  # the message waits in the inbox; hint once acks resume
+            return
+        self.unacked[msg_id] = None
+        self.transport.write(data)  # type: ignore[union-attr]
+
+    def _push_acked(self, msg_id: int) -> None:
+        self.unacked.pop(msg_id, None)
+        if self.hint_pending and len(self.unacked) < self.factory.config.max_unacked_pushes:
+            self.hint_pending = False
+            self.transport.write(_SYNC_HINT)  # type: ignore[union-attr]
+
+    # ----------------------------------------------------------------- output
+
+    def send(self, frame: Frame) -> None:
+        if not self.closing:
+            self.transport.write(encode(frame))  # type: ignore[union-attr]
+
+    def close(self, reason: CloseReason, text: str) -> None:
+        """Send CLOSE, then close the connection (PROTOCOL.md CLOSE)."""
+        self.send(Close(reason, text))
+        self._shut()
+
+    def _fatal(self, code: ErrorCode, text: str, request_id: int) -> None:
+        self.send(Error(code, text[:1024], request_id=request_id))
+        self._shut()
+
+    def _shut(self) -> None:
+        if not self.closing:
+            self.closing = True
+            if self.caller is not None:
+                self.factory.hub.unregister(self)
+            self.transport.loseConnection()  # type: ignore[union-attr]
+
+    def _idle_out(self) -> None:
+        log.info("closing idle connection {peer}", peer=self._peer())
+        self.close(CloseReason.IDLE_TIMEOUT, "no frame received in time")
+
+    def _now_ms(self) -> int:
+        return int(self.clock.seconds() * 1000)
+
+    def _peer(self) -> str:
+        return str(self.transport.getPeer()) if self.transport else "?"  # type: ignore[union-attr]
+
+
+class SessionFactory(Factory):
+    protocol = Session  # type: ignore[assignment]
+
+    def __init__(self, config: Config, service: ChatService, hub: Hub, clock: IReactorTime,
+                 secret: str) -> None:  # fmt: skip
+        self.config = config
+        self.service = service
+        self.hub = hub
+        self.clock = clock
+        self.secret = secret
+
+    def buildProtocol(self, addr: Any) -> Session:
+        return Session(self)
