@@ -193,7 +193,7 @@ class Codec:
             payload: bytes = self._builders[type(frame)](_to_wire(frame))
         except ProtocolError:
             raise
-        except (ConstructError, struct.error, TypeError, AttributeError) as e:
+        except (ConstructError, struct.error, TypeError, AttributeError, UnicodeError) as e:
             raise EncodeError(f"{frame.TYPE.name}: cannot encode ({e})") from None
         if len(payload) > MAX_FRAME_LENGTH:
             raise EncodeError(f"{frame.TYPE.name}: {len(payload)} bytes exceed {MAX_FRAME_LENGTH}")
@@ -218,7 +218,9 @@ class FrameReader:
         while len(self._buf) >= LENGTH_PREFIX_SIZE:
             (length,) = _LENGTH.unpack_from(self._buf)
             if length > self.max_length:
-                raise FrameTooLarge(f"length {length} exceeds {self.max_length}")
+                err = FrameTooLarge(f"length {length} exceeds {self.max_length}")
+                err.frames = out  # complete frames that arrived before the oversize one
+                raise err
             end = LENGTH_PREFIX_SIZE + length
             if len(self._buf) < end:
                 break

@@ -73,6 +73,7 @@ class FrameTooLarge(DecodeError):
     """The length prefix exceeds MAX_FRAME_LENGTH; raised before the body is buffered."""
 
     code = ErrorCode.FRAME_TOO_LARGE
+    frames: list[bytes] = []  # noqa: RUF012  (FrameReader: whole frames read before this one)
 
 
 class UnsupportedVersion(DecodeError):

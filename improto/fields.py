@@ -16,6 +16,7 @@ from construct import Construct, stream_read, stream_write
 from improto.errors import BadUtf8, EncodeError, InvalidField, MalformedFrame
 
 _PREFIX = {1: ">B", 2: ">H", 4: ">I"}
+_U16 = struct.Struct(">H")
 
 
 def read_exact(io: Any, n: int) -> bytes:
@@ -150,6 +151,8 @@ class Blob(_Prefixed):
         code.append(
             f"""
             def build_blob_{u}(obj, io):
+                if type(obj) is not bytes:
+                    raise EncodeError({name!r} + ': expected bytes')
                 _check_len(len(obj), {lo}, {hi}, {name!r}, EncodeError)
                 io.write(prefix_{u}.pack(len(obj)))
                 io.write(obj)
@@ -157,6 +160,63 @@ class Blob(_Prefixed):
             """
         )
         return f"build_blob_{u}(obj, io)"
+
+
+class List16(Construct):  # type: ignore[misc]
+    """u16 element count (checked against lo..hi at the prefix), then the elements."""
+
+    def __init__(self, name: str, subcon: Construct, lo: int, hi: int) -> None:
+        super().__init__()
+        self.field_name = name
+        self.subcon = subcon
+        self.lo, self.hi = lo, hi
+
+    def _parse(self, stream: Any, context: Any, path: str) -> list[Any]:
+        (n,) = _U16.unpack(stream_read(stream, 2, path))
+        _check_len(n, self.lo, self.hi, self.field_name, InvalidField)
+        return [self.subcon._parsereport(stream, context, path) for _ in range(n)]
+
+    def _build(self, obj: Any, stream: Any, context: Any, path: str) -> Any:
+        _check_len(len(obj), self.lo, self.hi, self.field_name, EncodeError)
+        stream_write(stream, _U16.pack(len(obj)), 2, path)
+        for item in obj:
+            self.subcon._build(item, stream, context, path)
+        return obj
+
+    def _sizeof(self, context: Any, path: str) -> int:
+        raise NotImplementedError
+
+    def _emitparse(self, code: Any) -> str:
+        u = code.allocateId()
+        name, lo, hi = self.field_name, self.lo, self.hi
+        code.append(
+            f"""
+            from improto.fields import read_exact, _check_len, _U16
+            from improto.errors import InvalidField
+            def parse_list_{u}(io, this):
+                n = _U16.unpack(read_exact(io, 2))[0]
+                _check_len(n, {lo}, {hi}, {name!r}, InvalidField)
+                return [{self.subcon._compileparse(code)} for i in range(n)]
+            """
+        )
+        return f"parse_list_{u}(io, this)"
+
+    def _emitbuild(self, code: Any) -> str:
+        u = code.allocateId()
+        name, lo, hi = self.field_name, self.lo, self.hi
+        code.append(
+            f"""
+            from improto.fields import _check_len, _U16
+            from improto.errors import EncodeError
+            def build_list_{u}(objs, io, this):
+                _check_len(len(objs), {lo}, {hi}, {name!r}, EncodeError)
+                io.write(_U16.pack(len(objs)))
+                for obj in objs:
+                    {self.subcon._compilebuild(code)}
+                return objs
+            """
+        )
+        return f"build_list_{u}(obj, io, this)"
 
 
 class FixedBytes(Construct):  # type: ignore[misc]

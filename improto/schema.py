@@ -18,15 +18,25 @@ from construct import (
     Int16ub,
     Int32ub,
     Int64ub,
-    PrefixedArray,
     Struct,
     Switch,
     this,
 )
 
 from improto.enums import FrameType as T
-from improto.fields import Blob, End, FixedBytes, PackedRun, Utf8
-from improto.limits import MAX_BODY, MAX_DEVICE_ID, MAX_GROUP_NAME, MAX_TEXT, MAX_TOKEN
+from improto.fields import Blob, End, FixedBytes, List16, PackedRun, Utf8
+from improto.limits import (
+    HISTORY_PAGE_MAX,
+    MAX_BODY,
+    MAX_DEVICE_ID,
+    MAX_GROUP_MEMBERS,
+    MAX_GROUP_NAME,
+    MAX_GROUPS_PER_USER,
+    MAX_IDS_PER_REQUEST,
+    MAX_TEXT,
+    MAX_TOKEN,
+    OFFLINE_PAGE_MAX,
+)
 
 HEADER: list[Construct] = [
     "version" / Int8ub,
@@ -53,7 +63,10 @@ GROUP_SUMMARY_FIELDS: list[Construct] = [
     "group_id" / Int64ub,
     "name" / Utf8("name", 1, 1, MAX_GROUP_NAME),
 ]
-IDS = PrefixedArray(Int16ub, Int64ub)
+
+
+def _ids(lo: int, hi: int) -> Construct:
+    return List16("members", Int64ub, lo, hi)
 
 
 def _text() -> Construct:
@@ -103,8 +116,8 @@ def _bodies(record: Callable[[list[Construct]], Construct]) -> dict[T, list[Cons
             "cursor" / Int64ub,
             "has_more" / Int8ub,
             "gap" / Int8ub,
-            "messages" / PrefixedArray(Int16ub, message),
-            "unread" / PrefixedArray(Int16ub, unread),
+            "messages" / List16("messages", message, 0, OFFLINE_PAGE_MAX),
+            "unread" / List16("unread", unread, 0, OFFLINE_PAGE_MAX),
         ],
         T.OFFLINE_ACK: ["cursor" / Int64ub],
         T.OFFLINE_ACK_OK: ["cursor" / Int64ub],
@@ -118,23 +131,26 @@ def _bodies(record: Callable[[list[Construct]], Construct]) -> dict[T, list[Cons
             "conv_kind" / Int8ub,
             "conv_id" / Int64ub,
             "has_more" / Int8ub,
-            "messages" / PrefixedArray(Int16ub, message),
+            "messages" / List16("messages", message, 0, HISTORY_PAGE_MAX),
         ],
-        T.GROUP_CREATE: ["name" / Utf8("name", 1, 1, MAX_GROUP_NAME), "members" / IDS],
+        T.GROUP_CREATE: [
+            "name" / Utf8("name", 1, 1, MAX_GROUP_NAME),
+            "members" / _ids(0, MAX_IDS_PER_REQUEST),
+        ],
         T.GROUP_CREATED: ["group_id" / Int64ub],
-        T.GROUP_ADD: ["group_id" / Int64ub, "members" / IDS],
+        T.GROUP_ADD: ["group_id" / Int64ub, "members" / _ids(1, MAX_IDS_PER_REQUEST)],
         T.GROUP_ADD_OK: ["group_id" / Int64ub, "count" / Int16ub],
-        T.GROUP_REMOVE: ["group_id" / Int64ub, "members" / IDS],
+        T.GROUP_REMOVE: ["group_id" / Int64ub, "members" / _ids(1, MAX_IDS_PER_REQUEST)],
         T.GROUP_REMOVE_OK: ["group_id" / Int64ub, "count" / Int16ub],
         T.GROUP_MEMBERS: ["group_id" / Int64ub],
         T.GROUP_MEMBER_LIST: [
             "group_id" / Int64ub,
             "owner_id" / Int64ub,
             "name" / Utf8("name", 1, 1, MAX_GROUP_NAME),
-            "members" / IDS,
+            "members" / _ids(0, MAX_GROUP_MEMBERS),
         ],
         T.MY_GROUPS: [],
-        T.GROUP_LIST: ["groups" / PrefixedArray(Int16ub, group)],
+        T.GROUP_LIST: ["groups" / List16("groups", group, 0, MAX_GROUPS_PER_USER)],
         T.CLOSE: ["reason" / Int8ub, "text" / _text()],
         T.SYNC_HINT: [],
         T.ERROR: ["code" / Int16ub, "text" / _text()],

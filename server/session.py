@@ -86,17 +86,19 @@ class Session(Protocol):
     def dataReceived(self, data: bytes) -> None:
         if self.closing:
             return
+        too_large: FrameTooLarge | None = None
         try:
             payloads = self.reader.feed(data)
         except FrameTooLarge as e:
-            self._fatal(e.code, str(e), 0)
-            return
+            payloads, too_large = e.frames, e  # serve the whole frames that came before it
         if payloads and self._idle is not None and self._idle.active():
             self._idle.reset(self.factory.config.idle_timeout)
         for payload in payloads:
             if self.closing:
                 return
             self._frame_received(payload)
+        if too_large is not None:
+            self._fatal(too_large.code, str(too_large), 0)
 
     def _frame_received(self, payload: bytes) -> None:
         try:
