@@ -369,8 +369,7 @@ class GroupMemberList(Frame):
 
     def validate(self) -> None:
         _check_id(self.group_id, "group_id")
-        if self.owner_id != 0:  # 0: the group has no members left
-            _check_id(self.owner_id, "owner_id")
+        _check_id(self.owner_id, "owner_id")
         _check_ids(self.members, 0, MAX_GROUP_MEMBERS, "members")
 
 

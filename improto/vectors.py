@@ -51,11 +51,15 @@ from improto.frames import (
 )
 from improto.jsonform import frame_to_json
 from improto.limits import CURSOR_RESUME, MAX_BODY, MAX_FRAME_LENGTH, U64_MAX
+from improto.tokens import mint
 
 U, G = ConvKind.USER, ConvKind.GROUP
 CMID = bytes.fromhex("0f1e2d3c4b5a69788796a5b4c3d2e1f0")
 T0 = 1_764_201_600_000  # 2025-11-27T00:00:00Z in ms
 TEXT = b"Hi Bob! Are we still on for lunch tomorrow at noon? The usual place?"
+VECTOR_SECRET = "improto-test-vectors-secret-0001"
+# A real login token (PROTOCOL.md 8.2) for user 1001 on device ios-3f9a2c, expired on 2025-11-28.
+VECTOR_TOKEN = mint(VECTOR_SECRET, 1001, "ios-3f9a2c", ttl_s=86400, now=T0 / 1000)
 
 
 def _msg(msg_id: int, sender: int, conv_kind: int, conv_id: int, body: bytes, **kw: Any) -> Message:
@@ -89,9 +93,8 @@ def valid_frames() -> list[tuple[str, str, Frame]]:
     big = _msg(U64_MAX, U64_MAX, U, U64_MAX, b"x", server_time=U64_MAX,
                sender_device="d" * 64)  # fmt: skip
     return [
-        ("hello", "login from an iOS device",
-         Hello(1, ClientKind.IOS, "ios-3f9a2c", "eyJhbGciOiJIUzI1NiJ9.eyJzdWIiOiIxMDAxIn0.c2ln",
-               request_id=1)),
+        ("hello", "login from an iOS device (token: HS256 over secret VECTOR_SECRET, expired)",
+         Hello(1, ClientKind.IOS, "ios-3f9a2c", VECTOR_TOKEN, request_id=1)),
         ("hello_ok", "login accepted", HelloOk(1001, T0, 30, 90, MAX_FRAME_LENGTH, request_id=1)),
         ("ping", "heartbeat", Ping(request_id=2)),
         ("ping_unknown_flags", "flag bits a v1 receiver does not know are carried and ignored",
@@ -152,7 +155,12 @@ def valid_frames() -> list[tuple[str, str, Frame]]:
          Close(CloseReason.REPLACED, "device ios-3f9a2c logged in again")),
         ("sync_hint", "run the offline sync loop", SyncHint()),
         ("error", "answer to a request for a group the user is not in",
-         Error(ErrorCode.FORBIDDEN, "not a member of group 5001", request_id=31)),
+         Error(ErrorCode.FORBIDDEN, "not a member of group 5001", request_id=32)),
+        ("offline_page_max_frame", "a page whose length prefix is exactly 131072",
+         OfflinePage(77, 1, 0, (
+             _msg(101, 1001, U, 1002, b"\x00" * 65535, content_type=2, sender_device="d"),
+             _msg(102, 1001, U, 1002, b"\x01" * 65406, content_type=2, sender_device="d"),
+         ), (), request_id=25)),
     ]  # fmt: skip
 
 
@@ -181,10 +189,10 @@ def _send(conv_kind: int = 1, conv_id: int = 1002, ctype: int = 1, body: bytes =
     return CMID + struct.pack(">BQH", conv_kind, conv_id, ctype) + _s16(body)
 
 
-def _record(msg_id: int = 77, body: bytes = b"hi", conv_kind: int = 1) -> bytes:
+def _record(msg_id: int = 77, body: bytes = b"hi", conv_kind: int = 1, ctype: int = 1) -> bytes:
     return (
         struct.pack(">QQQ", msg_id, T0, 1001) + _s8(b"ios")
-        + struct.pack(">BQH", conv_kind, 1002, 1) + CMID + _s16(body)
+        + struct.pack(">BQH", conv_kind, 1002, ctype) + CMID + _s16(body)
     )  # fmt: skip
 
 
@@ -262,6 +270,26 @@ def invalid_frames() -> list[tuple[str, str, bytes, ErrorCode]]:
          _frame(FrameType.GROUP_ADD, struct.pack(">QHQ", 5001, 1, 0)), I),
         ("group_name_empty", "GROUP_CREATE with an empty name",
          _frame(FrameType.GROUP_CREATE, _s8(b"") + struct.pack(">H", 0)), I),
+        ("token_too_long", "HELLO token of 4097 bytes",
+         _frame(FrameType.HELLO, _hello(token=b"t" * 4097)), I),
+        ("text_body_above_u10ffff", "TEXT body with F4 90 80 80 (above U+10FFFF)",
+         _frame(FrameType.SEND, _send(body=b"\xf4\x90\x80\x80")), B),
+        ("history_conv_kind_3", "HISTORY_PULL with conversation kind 3",
+         _frame(FrameType.HISTORY_PULL, struct.pack(">BQQB", 3, 1002, 0, 0)), I),
+        ("push_conv_kind_0", "a message record with conversation kind 0",
+         _frame(FrameType.PUSH, _record(conv_kind=0), rid=0), I),
+        ("unread_count_0", "OFFLINE_PAGE with an UNREAD entry of count 0",
+         _frame(FrameType.OFFLINE_PAGE, struct.pack(">QBBHHBQH", 5, 0, 0, 0, 1, 1, 1002, 0)), I),
+        ("group_event_bad_utf8", "a group event (content_type 0) body that is not UTF-8",
+         _frame(FrameType.PUSH, _record(body=b"{\xff}", conv_kind=2, ctype=0), rid=0), B),
+        ("group_add_1001_members", "GROUP_ADD with 1001 ids (count checked at the prefix)",
+         _frame(FrameType.GROUP_ADD, struct.pack(">QH", 5001, 1001) + b"\x00" * 8), I),
+        ("members_count_over_max", "GROUP_MEMBER_LIST declaring 10001 members (no ids follow)",
+         _frame(FrameType.GROUP_MEMBER_LIST, struct.pack(">QQ", 5001, 1001) + _s8(b"g")
+                + struct.pack(">H", 10001)), I),
+        ("owner_id_0", "GROUP_MEMBER_LIST with owner 0",
+         _frame(FrameType.GROUP_MEMBER_LIST, struct.pack(">QQ", 5001, 0) + _s8(b"g")
+                + struct.pack(">H", 0)), I),
         ("error_text_too_long", "ERROR text of 1025 bytes",
          _frame(FrameType.ERROR, struct.pack(">H", 300) + _s16(b"e" * 1025)), I),
     ]  # fmt: skip

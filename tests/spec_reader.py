@@ -188,7 +188,7 @@ TYPES: dict[int, tuple[str, tuple]] = {
         "GROUP_MEMBER_LIST",
         (
             ("group_id", "id"),
-            ("owner_id", "u64"),  # typed u64, not id, in the spec
+            ("owner_id", "id"),
             ("name", "str8", 1, 128),
             ("members", "list", "id", 0, 10000),
         ),

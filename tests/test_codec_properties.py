@@ -182,7 +182,7 @@ FRAME_STRATEGIES: dict[FrameType, st.SearchStrategy[Frame]] = {
     FrameType.GROUP_REMOVE_OK: st.builds(GroupRemoveOk, ids, u16, **header),
     FrameType.GROUP_MEMBERS: st.builds(GroupMembers, ids, **header),
     FrameType.GROUP_MEMBER_LIST: st.builds(
-        GroupMemberList, ids, st.one_of(st.just(0), ids), utf8(1, MAX_GROUP_NAME),
+        GroupMemberList, ids, ids, utf8(1, MAX_GROUP_NAME),
         _lists(ids), **header,
     ),
     FrameType.MY_GROUPS: st.builds(MyGroups, **header),
