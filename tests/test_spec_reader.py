@@ -117,9 +117,9 @@ EXTRA = [
         "INVALID_FIELD",
     ),
     (
-        "owner_id_0_is_u64",
+        "owner_id_0_is_invalid",
         _frame(0x93, struct.pack(">QQB", 5, 0, 1) + b"n" + struct.pack(">H", 0)),
-        None,
+        "INVALID_FIELD",
     ),
     ("close_unknown_reason", _frame(0xA1, b"\x09\x00\x00", 0), None),
     ("error_unknown_code", _frame(0xFF, struct.pack(">HH", 999, 0), 0), None),
