@@ -1,0 +1,252 @@
+"""Session state machine over in-memory transports and a fake clock (no storage involved)."""
+
+from __future__ import annotations
+
+import struct
+from typing import Any
+
+import pytest
+
+from twisted.internet.task import Clock
+from twisted.internet.testing import StringTransport
+
+from improto.codec import FrameReader, decode_payload, encode
+from improto.enums import CloseReason, ConvKind, FrameType
+from improto.errors import ErrorCode
+from improto.frames import (
+    Close,
+    Error,
+    Frame,
+    Hello,
+    HelloOk,
+    Message,
+    Ping,
+    Pong,
+    Push,
+    PushAck,
+    Send,
+    SyncHint,
+)
+from improto.limits import MAX_FRAME_LENGTH
+from improto.server.config import Config
+from improto.server.hub import Hub
+from improto.server.session import Session, SessionFactory
+from improto.tokens import mint
+
+SECRET = "session-test-secret-0123456789abcdef"
+NOW = 1_800_000_000.0
+
+
+class Peer:
+    """One connection: a Session on a StringTransport, with helpers to talk to it."""
+
+    def __init__(self, factory: SessionFactory) -> None:
+        self.session = factory.buildProtocol(None)
+        self.transport = StringTransport()
+        self.session.makeConnection(self.transport)
+        self.reader = FrameReader()
+
+    def send(self, frame: Frame | bytes) -> None:
+        self.session.dataReceived(frame if isinstance(frame, bytes) else encode(frame))
+
+    def frames(self) -> list[Frame]:
+        data = self.transport.value()
+        self.transport.clear()
+        return [decode_payload(p) for p in self.reader.feed(data)]
+
+    def login(self, user: int = 7, device: str = "phone", ttl: float = 3600) -> HelloOk:
+        token = mint(SECRET, user, device, ttl_s=ttl, now=NOW)
+        self.send(Hello(1, 1, device, token, request_id=1))
+        (ok,) = self.frames()
+        assert isinstance(ok, HelloOk), ok
+        return ok
+
+    @property
+    def closed(self) -> bool:
+        return bool(self.transport.disconnecting)
+
+
+@pytest.fixture
+def clock() -> Clock:
+    c = Clock()
+    c.advance(NOW)
+    return c
+
+
+@pytest.fixture
+def factory(clock: Clock) -> SessionFactory:
+    config = Config(idle_timeout=60, heartbeat=20, max_unacked_pushes=2)
+    # These tests never reach the service: requests that need storage are not sent.
+    service: Any = None
+    return SessionFactory(config, service, Hub(), clock, SECRET)
+
+
+def test_hello_ok_and_registration(factory: SessionFactory) -> None:
+    peer = Peer(factory)
+    ok = peer.login(user=7)
+    assert (ok.user_id, ok.heartbeat_s, ok.idle_timeout_s, ok.max_frame) == (
+        7, 20, 60, MAX_FRAME_LENGTH,
+    )  # fmt: skip
+    assert ok.server_time == int(NOW * 1000)
+    assert factory.hub.devices(7) == [peer.session]
+
+
+@pytest.mark.parametrize(
+    ("token_args", "code"),
+    [
+        (("wrong-secret-wrong-secret-wrong-secret", 7, "phone", 3600), ErrorCode.AUTH_FAILED),
+        ((SECRET, 7, "other-device", 3600), ErrorCode.AUTH_FAILED),
+        ((SECRET, 7, "phone", -1), ErrorCode.TOKEN_EXPIRED),
+    ],
+)
+def test_bad_token_is_fatal(factory: SessionFactory, token_args: tuple, code: ErrorCode) -> None:
+    peer = Peer(factory)
+    secret, user, device, ttl = token_args
+    peer.send(Hello(1, 1, "phone", mint(secret, user, device, ttl_s=ttl, now=NOW), request_id=9))
+    (err,) = peer.frames()
+    assert isinstance(err, Error) and err.code == code and err.request_id == 9
+    assert peer.closed
+    assert factory.hub.devices(7) == []
+
+
+def test_garbage_token_is_auth_failed(factory: SessionFactory) -> None:
+    peer = Peer(factory)
+    peer.send(Hello(1, 1, "phone", "not-a-jwt", request_id=3))
+    (err,) = peer.frames()
+    assert isinstance(err, Error) and err.code == ErrorCode.AUTH_FAILED and peer.closed
+
+
+def test_only_hello_and_ping_before_login(factory: SessionFactory) -> None:
+    peer = Peer(factory)
+    peer.send(Ping(request_id=4))
+    peer.send(Send(b"k" * 16, ConvKind.USER, 8, 1, b"hi", request_id=5))
+    pong, err = peer.frames()
+    assert isinstance(pong, Pong) and pong.request_id == 4
+    assert isinstance(err, Error) and err.code == ErrorCode.NOT_AUTHENTICATED
+    assert err.request_id == 5 and not peer.closed
+
+
+def test_second_hello_is_refused(factory: SessionFactory) -> None:
+    peer = Peer(factory)
+    peer.login()
+    peer.send(Hello(1, 1, "phone", mint(SECRET, 7, "phone", now=NOW), request_id=2))
+    (err,) = peer.frames()
+    assert isinstance(err, Error) and err.code == ErrorCode.ALREADY_AUTHENTICATED
+    assert not peer.closed
+
+
+def test_unknown_and_server_types_keep_the_connection(factory: SessionFactory) -> None:
+    peer = Peer(factory)
+    peer.login()
+    peer.send(struct.pack(">IBBBI", 7, 1, 0x7E, 0, 11))
+    peer.send(encode(SyncHint(request_id=12)))
+    peer.send(Ping(request_id=13))
+    e1, e2, pong = peer.frames()
+    assert isinstance(e1, Error) and (e1.code, e1.request_id) == (ErrorCode.UNKNOWN_FRAME_TYPE, 11)
+    assert isinstance(e2, Error) and (e2.code, e2.request_id) == (ErrorCode.UNKNOWN_FRAME_TYPE, 12)
+    assert isinstance(pong, Pong) and not peer.closed
+
+
+def test_malformed_body_is_not_fatal(factory: SessionFactory) -> None:
+    peer = Peer(factory)
+    peer.send(encode(Ping(request_id=1)) + struct.pack(">IBBBIB", 8, 1, 2, 0, 21, 0))
+    first, err = peer.frames()
+    assert isinstance(first, Pong)
+    assert isinstance(err, Error) and (err.code, err.request_id) == (ErrorCode.MALFORMED_FRAME, 21)
+    assert not peer.closed
+
+
+def test_oversize_prefix_closes_before_the_body(factory: SessionFactory) -> None:
+    peer = Peer(factory)
+    # A whole PING, then only the 4-byte prefix of an oversize frame: the PING is answered,
+    # then the error comes without waiting for any body byte.
+    peer.send(encode(Ping(request_id=1)) + struct.pack(">I", MAX_FRAME_LENGTH + 1))
+    pong, err = peer.frames()
+    assert isinstance(pong, Pong)
+    assert isinstance(err, Error) and err.code == ErrorCode.FRAME_TOO_LARGE
+    assert peer.closed
+
+
+def test_unsupported_version_is_fatal(factory: SessionFactory) -> None:
+    peer = Peer(factory)
+    peer.send(struct.pack(">IBBBI", 7, 2, FrameType.PING, 0, 5))
+    (err,) = peer.frames()
+    assert isinstance(err, Error) and (err.code, err.request_id) == (
+        ErrorCode.UNSUPPORTED_VERSION, 5,
+    )  # fmt: skip
+    assert peer.closed
+
+
+def test_frames_split_byte_by_byte(factory: SessionFactory) -> None:
+    peer = Peer(factory)
+    for byte in encode(Ping(request_id=77)) * 2:
+        peer.send(bytes([byte]))
+    assert [f.request_id for f in peer.frames()] == [77, 77]
+
+
+def test_idle_timeout_and_activity(factory: SessionFactory, clock: Clock) -> None:
+    peer = Peer(factory)
+    peer.login()
+    clock.advance(59)
+    peer.send(Ping(request_id=1))  # resets the timer
+    clock.advance(59)
+    assert not peer.closed
+    peer.frames()
+    clock.advance(2)
+    (close,) = peer.frames()
+    assert isinstance(close, Close) and close.reason == CloseReason.IDLE_TIMEOUT
+    assert peer.closed
+
+
+def test_idle_timeout_applies_before_login(factory: SessionFactory, clock: Clock) -> None:
+    peer = Peer(factory)
+    clock.advance(61)
+    (close,) = peer.frames()
+    assert isinstance(close, Close) and close.reason == CloseReason.IDLE_TIMEOUT
+
+
+def test_token_expiry_closes_the_session(factory: SessionFactory, clock: Clock) -> None:
+    factory.config.idle_timeout = 10_000
+    peer = Peer(factory)
+    peer.login(ttl=100)
+    clock.advance(99)
+    assert not peer.closed
+    clock.advance(1)
+    (close,) = peer.frames()
+    assert isinstance(close, Close) and close.reason == CloseReason.AUTH_EXPIRED
+    assert peer.closed and factory.hub.devices(7) == []
+
+
+def test_same_device_login_replaces_the_old_connection(factory: SessionFactory) -> None:
+    old, new = Peer(factory), Peer(factory)
+    old.login(device="phone")
+    other = Peer(factory)
+    other.login(device="tablet")
+    new.login(device="phone")
+    (close,) = old.frames()
+    assert isinstance(close, Close) and close.reason == CloseReason.REPLACED
+    assert old.closed and not new.closed and not other.closed
+    assert set(factory.hub.devices(7)) == {new.session, other.session}
+    # The replaced connection going away must not unregister its successor.
+    old.session.connectionLost()
+    assert set(factory.hub.devices(7)) == {new.session, other.session}
+
+
+def _push(msg_id: int) -> bytes:
+    return encode(Push(Message(msg_id, 1, 8, "d", 1, 7, 1, b"c" * 16, b"x")))
+
+
+def test_push_window_then_sync_hint(factory: SessionFactory) -> None:
+    peer = Peer(factory)
+    peer.login()
+    session: Session = peer.session
+    for msg_id in (1, 2, 3):  # window is 2: the third is not written
+        session.push(msg_id, _push(msg_id))
+    assert [f.message.msg_id for f in peer.frames() if isinstance(f, Push)] == [1, 2]
+    peer.send(PushAck(99))  # unknown id: no answer, no change
+    assert peer.frames() == []
+    peer.send(PushAck(1))
+    (hint,) = peer.frames()
+    assert isinstance(hint, SyncHint) and hint.request_id == 0
+    session.push(4, _push(4))  # window has room again
+    assert [f.message.msg_id for f in peer.frames()] == [4]
