@@ -26,8 +26,11 @@ class PersistQueue(Protocol):
         """
 
     def consume(self, handler: Callable[[PersistJob], Deferred[None]]) -> None:
-        """Deliver every queued job to `handler`; a job is removed only once its Deferred
-        fires, so a crash redelivers it (handlers must be idempotent)."""
+        """Deliver every queued job to `handler` (call once). A job is removed only once its
+        Deferred succeeds, so a crash redelivers it and a failure is retried, never dropped
+        (handlers must be idempotent). Ordering per inbox must not let a later-accepted job's
+        entries overtake an earlier one's in a way a reader could observe (the embedded queue
+        delivers one job at a time in acceptance order)."""
 
     def close(self) -> Deferred[None]: ...
 
@@ -41,7 +44,10 @@ class InboxStore(Protocol):
         msg_id)."""
 
     def page(self, user_id: int, start: int, limit: int) -> Deferred[InboxPage]:
-        """Up to `limit` retained entries with cursor > start (start clamped to the head)."""
+        """Up to `limit` retained entries with cursor > start (start clamped to the head).
+
+        Retention counts from when an entry was stored. `gap` is true when an entry with a
+        cursor above `start` was removed by retention (the highest removed cursor > start)."""
 
     def position(self, user_id: int, device_id: str) -> Deferred[int]: ...
 
@@ -70,11 +76,13 @@ class GroupStore(Protocol):
         self, group_id: int, users: tuple[int, ...], since_id: int
     ) -> Deferred[tuple[int, ...]]:
         """Add the users not yet in the group; returns those added (ascending). Raises
-        LimitExceeded (nothing written) past the member or per-user group limits."""
+        LimitExceeded (nothing written) past the member or per-user group limits, KeyError
+        for a group that does not exist."""
 
     def remove(self, group_id: int, users: tuple[int, ...]) -> Deferred[tuple[int, ...]]:
         """Remove the users that are members; returns those removed (ascending). If the owner
-        leaves, the remaining member who joined first (lower id on a tie) becomes owner."""
+        leaves, the remaining member who joined first (lower id on a tie) becomes owner.
+        KeyError for a group that does not exist."""
 
     def info(self, group_id: int) -> Deferred[GroupInfo | None]: ...
 
@@ -82,3 +90,19 @@ class GroupStore(Protocol):
         """The member's since_id, or None if not a current member."""
 
     def groups_of(self, user_id: int) -> Deferred[tuple[tuple[int, str], ...]]: ...
+
+
+class Backend(Protocol):
+    """A storage backend: the four ports plus lifecycle and retention."""
+
+    queue: PersistQueue
+    inbox: InboxStore
+    history: HistoryStore
+    groups: GroupStore
+
+    def start(self) -> Deferred[None]: ...
+
+    def close(self) -> Deferred[None]: ...
+
+    def sweep(self) -> Deferred[dict[str, int]]:
+        """Remove what is past retention; returns counts per kind."""

@@ -1,0 +1,227 @@
+"""InboxStore contract: cursors, idempotent appends, paging, clamping, retention, positions."""
+
+from __future__ import annotations
+
+import pytest_twisted
+
+from improto.limits import U64_MAX
+from improto.server.model import InboxPage, PersistJob
+
+ALICE, BOB, CAROL = 1, 2, 3
+BIG = U64_MAX  # user ids are u64: the largest must work like any other
+
+
+async def pull_all(inbox, user: int, limit: int, start: int = 0) -> list[InboxPage]:
+    """Run the client's sync loop (spec 10.2) and return every page."""
+    pages = []
+    cursor = start
+    while True:
+        page = await inbox.page(user, cursor, limit)
+        pages.append(page)
+        cursor = page.entries[-1][0] if page.entries else page.start
+        if not page.has_more:
+            return pages
+
+
+def ids(page: InboxPage) -> list[int]:
+    return [m.msg_id for _, m in page.entries]
+
+
+def cursors(page: InboxPage) -> list[int]:
+    return [c for c, _ in page.entries]
+
+
+@pytest_twisted.ensureDeferred
+async def test_empty_inbox(backend):
+    assert await backend.inbox.page(ALICE, 0, 10) == InboxPage((), 0, False, False)
+
+
+@pytest_twisted.ensureDeferred
+async def test_cursors_strictly_increase_and_are_unique_per_user(backend, jobs):
+    appended = [
+        jobs.job(ALICE, BOB),
+        jobs.job(ALICE),
+        jobs.job(BOB, ALICE, CAROL),
+        jobs.job(ALICE, BIG),
+        jobs.job(BOB),
+    ]
+    for job in appended:
+        await backend.inbox.append(job)
+    for user in (ALICE, BOB, CAROL, BIG):
+        page = await backend.inbox.page(user, 0, 100)
+        expected = [j.message for j in appended if user in j.inbox_users]
+        assert [m for _, m in page.entries] == expected  # full records, in append order
+        cs = cursors(page)
+        assert cs == sorted(set(cs))  # strictly increasing
+        assert cs[0] >= 1  # 0 means "from the beginning" and is never an entry's cursor
+        assert not page.has_more and not page.gap
+
+
+@pytest_twisted.ensureDeferred
+async def test_append_is_idempotent(backend, jobs):
+    job = jobs.job(ALICE, BOB, ALICE)  # a repeated user still gets one entry
+    await backend.inbox.append(job)
+    before = await backend.inbox.page(ALICE, 0, 100)
+    assert ids(before) == [job.message.msg_id]
+
+    await backend.inbox.append(job)  # the queue redelivered it
+    assert await backend.inbox.page(ALICE, 0, 100) == before
+    assert ids(await backend.inbox.page(BOB, 0, 100)) == [job.message.msg_id]
+
+    # A later message lands after it: the redelivery did not burn or reuse a cursor.
+    later = jobs.job(ALICE)
+    await backend.inbox.append(later)
+    page = await backend.inbox.page(ALICE, 0, 100)
+    assert ids(page) == [job.message.msg_id, later.message.msg_id]
+    assert cursors(page)[1] > cursors(before)[0]
+
+
+@pytest_twisted.ensureDeferred
+async def test_redelivery_reaching_more_users_adds_only_the_missing_entries(backend, jobs):
+    job = jobs.job(ALICE)
+    await backend.inbox.append(job)
+    first = await backend.inbox.page(ALICE, 0, 10)
+    await backend.inbox.append(PersistJob(job.message, (ALICE, BOB)))
+    assert await backend.inbox.page(ALICE, 0, 10) == first
+    assert ids(await backend.inbox.page(BOB, 0, 10)) == [job.message.msg_id]
+
+
+@pytest_twisted.ensureDeferred
+async def test_paging_through_equal_millisecond_messages(backend, jobs):
+    # 25 messages share one server_time: paging must not depend on time at all.
+    appended = [jobs.job(ALICE, BOB) for _ in range(25)]
+    assert len({j.message.server_time for j in appended}) == 1
+    for job in appended:
+        await backend.inbox.append(job)
+
+    pages = await pull_all(backend.inbox, ALICE, limit=10)
+    assert [len(p.entries) for p in pages] == [10, 10, 5]
+    assert [p.has_more for p in pages] == [True, True, False]
+    seen = [mid for p in pages for mid in ids(p)]
+    assert seen == [j.message.msg_id for j in appended]  # no gap, no repeat, in order
+    all_cursors = [c for p in pages for c in cursors(p)]
+    assert all_cursors == sorted(set(all_cursors))
+    assert not any(p.gap for p in pages)
+
+
+@pytest_twisted.ensureDeferred
+async def test_has_more_is_exact_at_the_boundary(backend, jobs):
+    for _ in range(10):
+        await backend.inbox.append(jobs.job(ALICE))
+    exactly = await backend.inbox.page(ALICE, 0, 10)
+    assert len(exactly.entries) == 10 and not exactly.has_more
+    short = await backend.inbox.page(ALICE, 0, 9)
+    assert len(short.entries) == 9 and short.has_more
+    last = await backend.inbox.page(ALICE, cursors(short)[-1], 9)
+    assert ids(last) == ids(exactly)[9:] and not last.has_more
+    after = await backend.inbox.page(ALICE, cursors(exactly)[-1], 9)
+    assert after == InboxPage((), cursors(exactly)[-1], False, False)
+
+
+@pytest_twisted.ensureDeferred
+async def test_start_beyond_the_head_is_clamped(backend, jobs):
+    for _ in range(3):
+        await backend.inbox.append(jobs.job(ALICE))
+    head = cursors(await backend.inbox.page(ALICE, 0, 10))[-1]
+    for start in (head + 1, head + 1000, 2**63, U64_MAX):
+        page = await backend.inbox.page(ALICE, start, 10)
+        assert page == InboxPage((), head, False, False)
+    # Following the clamped start, the next message is not missed.
+    new = jobs.job(ALICE)
+    await backend.inbox.append(new)
+    page = await backend.inbox.page(ALICE, head, 10)
+    assert ids(page) == [new.message.msg_id]
+    # An inbox that never had entries clamps to 0.
+    assert (await backend.inbox.page(CAROL, 12345, 10)).start == 0
+
+
+@pytest_twisted.ensureDeferred
+async def test_expired_entries_are_not_served_and_the_gap_is_exact(backend, jobs):
+    old = [jobs.job(ALICE) for _ in range(3)]
+    for job in old:
+        await backend.inbox.append(job)
+    backend.advance(86_400_000)  # a day later
+    recent = [jobs.job(ALICE) for _ in range(2)]
+    for job in recent:
+        await backend.inbox.append(job)
+    everything = await backend.inbox.page(ALICE, 0, 10)
+    old_cursors = cursors(everything)[:3]
+
+    backend.advance(backend.inbox_retention_ms - 86_400_000)  # `old` is exactly 7 days old
+    assert ids(await backend.inbox.page(ALICE, 0, 10)) == ids(everything)  # still retained
+
+    backend.advance(1)  # `old` is now past the retention
+    for phase in ("before sweep", "after sweep", "after restart"):
+        if phase == "after sweep":
+            await backend.sweep()
+        elif phase == "after restart":
+            await backend.restart()
+        page = await backend.inbox.page(ALICE, 0, 10)
+        assert ids(page) == [j.message.msg_id for j in recent], phase
+        assert page.gap and not page.has_more, phase
+        # Gap exactly when something after the start was removed.
+        assert (await backend.inbox.page(ALICE, old_cursors[1], 10)).gap, phase
+        tail = await backend.inbox.page(ALICE, old_cursors[2], 10)
+        assert not tail.gap and ids(tail) == ids(page), phase
+        # has_more counts only retained entries.
+        first = await backend.inbox.page(ALICE, 0, 1)
+        assert ids(first) == [recent[0].message.msg_id] and first.has_more, phase
+
+    # The cursor sequence continues above everything ever assigned.
+    await backend.inbox.append(jobs.job(ALICE))
+    assert cursors(await backend.inbox.page(ALICE, 0, 10))[-1] > cursors(everything)[-1]
+
+
+@pytest_twisted.ensureDeferred
+async def test_retention_counts_from_when_the_entry_was_stored(backend, jobs):
+    # A message accepted long ago but stored now (e.g. a delayed job) is kept 7 days.
+    job = jobs.job(ALICE, server_time=backend.clock.now - 30 * 86_400_000)
+    await backend.inbox.append(job)
+    backend.advance(backend.inbox_retention_ms - 1)
+    assert ids(await backend.inbox.page(ALICE, 0, 10)) == [job.message.msg_id]
+
+
+@pytest_twisted.ensureDeferred
+async def test_sweep_keeps_shared_messages_other_inboxes_still_use(backend, jobs):
+    early = jobs.job(ALICE, BOB)
+    await backend.inbox.append(early)
+    backend.advance(backend.inbox_retention_ms + 1)
+    # Redelivery after expiry of the same message to another user (stored later).
+    await backend.inbox.append(PersistJob(early.message, (CAROL,)))
+    await backend.sweep()
+    assert ids(await backend.inbox.page(ALICE, 0, 10)) == []
+    page = await backend.inbox.page(CAROL, 0, 10)
+    assert [m for _, m in page.entries] == [early.message]
+
+
+@pytest_twisted.ensureDeferred
+async def test_positions_take_the_max_and_clamp_to_the_head(backend, jobs):
+    inbox = backend.inbox
+    assert await inbox.position(ALICE, "phone") == 0
+    assert await inbox.advance(ALICE, "phone", 5) == 0  # no entries: head is 0
+    for _ in range(4):
+        await inbox.append(jobs.job(ALICE))
+    head = cursors(await inbox.page(ALICE, 0, 10))[-1]
+    mid = cursors(await inbox.page(ALICE, 0, 10))[1]
+
+    assert await inbox.advance(ALICE, "phone", mid) == mid
+    assert await inbox.advance(ALICE, "phone", mid - 1) == mid  # never moves back
+    assert await inbox.position(ALICE, "phone") == mid
+    assert await inbox.position(ALICE, "laptop") == 0  # per device
+    assert await inbox.position(BOB, "phone") == 0  # per user
+    assert await inbox.advance(ALICE, "phone", U64_MAX) == head  # clamped
+    assert await inbox.advance(ALICE, "laptop", head + 100) == head
+    await backend.restart()
+    assert await backend.inbox.position(ALICE, "phone") == head  # durable
+
+
+@pytest_twisted.ensureDeferred
+async def test_large_fan_out(backend, jobs):
+    members = tuple(range(10, 10_010))  # a full 10000-member group
+    first, second = jobs.job(*members), jobs.job(*members)
+    await backend.inbox.append(first)
+    await backend.inbox.append(second)
+    await backend.inbox.append(first)  # redelivered
+    for user in (10, 5000, 10_009):
+        page = await backend.inbox.page(user, 0, 10)
+        assert ids(page) == [first.message.msg_id, second.message.msg_id]
