@@ -59,6 +59,28 @@ class Server:
             port = await serverFromString(self.reactor, desc).listen(self.factory)
             self.ports.append(port)
             log.info("listening on {desc} ({addr})", desc=desc, addr=port.getHost())
+        self._log_hint()
+
+    def _log_hint(self) -> None:
+        """Tell a developer how to log in: the README's walkthrough starts from this line."""
+        if not self.ports:
+            return
+        host = self.ports[0].getHost()
+        where = getattr(host, "host", "127.0.0.1")
+        if where in ("0.0.0.0", "::", ""):
+            where = "127.0.0.1"
+        scheme = "ssl" if self.config.listen[0].startswith("ssl:") else "tcp"
+        secret = "" if self.config.jwt_secret else f" --data-dir {self.config.data_dir}"
+        log.info(
+            "ready. A token: imserver token USER --device DEVICE{secret}. A client: imclient "
+            "--server {scheme}:host={where}:port={port} --user USER --device DEVICE{secret}"
+            "{jwt}",
+            secret=secret,
+            scheme=scheme,
+            where=where,
+            port=getattr(host, "port", "?"),
+            jwt=" --jwt-secret SECRET" if self.config.jwt_secret else "",
+        )
 
     def _sweep(self) -> Deferred[Any] | None:
         if self.backend is None:
