@@ -1,0 +1,99 @@
+"""imclient --script against a real server process: the README's two-terminal walkthrough."""
+
+from __future__ import annotations
+
+import json
+import os
+import selectors
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from typing import Any
+
+from conftest import ServerProcess
+
+CLIENT = [sys.executable, "-m", "improto.clients.console"]
+
+
+def run_script(server: ServerProcess, user: int, device: str, lines: list[str]) -> list[dict]:
+    """Run imclient --script to completion; return its JSON events."""
+    proc = subprocess.run(
+        [*CLIENT, "--server", server.endpoint, "--user", str(user), "--device", device,
+         "--jwt-secret", server.secret, "--script"],
+        input="\n".join(lines) + "\n", capture_output=True, text=True, timeout=30,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    return [json.loads(line) for line in proc.stdout.splitlines()]
+
+
+class LiveClient:
+    """An imclient --script kept running (stdin open) to watch pushes arrive."""
+
+    def __init__(self, server: ServerProcess, user: int, device: str) -> None:
+        self.proc = subprocess.Popen(
+            [*CLIENT, "--server", server.endpoint, "--user", str(user), "--device", device,
+             "--jwt-secret", server.secret, "--script"],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        )  # fmt: skip
+        assert self.proc.stdout is not None
+        os.set_blocking(self.proc.stdout.fileno(), False)
+        self.sel = selectors.DefaultSelector()
+        self.sel.register(self.proc.stdout, selectors.EVENT_READ)
+        self.buf = b""
+
+    def wait_for(self, pred: Callable[[dict[str, Any]], bool], timeout: float = 15) -> dict:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            while b"\n" in self.buf:
+                line, self.buf = self.buf.split(b"\n", 1)
+                event = json.loads(line)
+                if pred(event):
+                    return event
+            if self.sel.select(timeout=0.2):
+                chunk = self.proc.stdout.read()  # type: ignore[union-attr]
+                if not chunk:
+                    break
+                self.buf += chunk
+        raise AssertionError("event did not arrive")
+
+    def quit(self) -> int:
+        assert self.proc.stdin is not None
+        self.proc.stdin.close()
+        return self.proc.wait(15)
+
+
+def test_two_clients_chat_offline_and_history(server_process: Callable[..., ServerProcess]) -> None:
+    server = server_process()
+    bob = LiveClient(server, 2, "bob-phone")
+    bob.wait_for(lambda e: e["event"] == "connected")
+
+    # Alice talks to bob while he is online: he sees it as a push.
+    events = run_script(server, 1, "alice-laptop", ["/to user 2", "hi bob, lunch?"])
+    (ack,) = [e for e in events if e["event"] == "ack"]
+    pushed = bob.wait_for(lambda e: e["event"] == "message")
+    assert (pushed["text"], pushed["sender"], pushed["msg_id"]) == ("hi bob, lunch?", "1",
+                                                                     ack["msg_id"])  # fmt: skip
+    assert bob.quit() == 0
+
+    # Bob is offline; alice sends three more; bob comes back and pulls them, oldest first.
+    run_script(server, 1, "alice-laptop", ["/to user 2", "one", "two", "three"])
+    events = run_script(server, 2, "bob-phone", ["/sync", "/to user 1", "/history 2"])
+    texts = [e["text"] for e in events if e["event"] == "message"]
+    assert texts[-3:] == ["one", "two", "three"]
+    sync = [e for e in events if e["event"] == "sync"]
+    assert sum(s["messages"] for s in sync) >= 3
+    history = [e for e in events if e["event"] == "history"]
+    shown = [m["text"] for h in history for m in h["messages"]]
+    assert {"hi bob, lunch?", "one", "two", "three"} <= set(shown)
+
+
+def test_group_commands_and_errors(server_process: Callable[..., ServerProcess]) -> None:
+    server = server_process()
+    events = run_script(server, 1, "a", ["/group create lunch 2 3", "/groups"])
+    created = next(e for e in events if e["event"] == "group" and e["op"] == "create")
+    listed = next(e for e in events if e["event"] == "group" and e["op"] == "list")
+    assert created["group_id"] in [g["group_id"] for g in listed["groups"]]
+    events = run_script(server, 4, "x", [f"/to group {created['group_id']}", "let me in"])
+    (err,) = [e for e in events if e["event"] == "error"]
+    assert (err["code"], err["name"]) == (300, "FORBIDDEN")
