@@ -11,7 +11,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from conftest import ServerProcess
+from serverproc import ServerProcess
 
 CLIENT = [sys.executable, "-m", "improto.clients.console"]
 
