@@ -15,7 +15,7 @@ from twisted.internet.protocol import Factory, Protocol, connectionDone
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from improto.codec import FrameReader, decode_payload, encode
+from improto.codec import FrameReader, check_header, decode_payload, encode
 from improto.enums import CloseReason, FrameType
 from improto.errors import ErrorCode, FrameTooLarge, ProtocolError
 from improto.frames import (
@@ -64,6 +64,7 @@ class Session(Protocol):
         self.unacked: dict[int, None] = {}  # msg_ids pushed and not yet acknowledged
         self.hint_pending = False
         self._idle: IDelayedCall | None = None
+        self._login_deadline: IDelayedCall | None = None
         self._expiry: IDelayedCall | None = None
 
     @property
@@ -73,11 +74,14 @@ class Session(Protocol):
     # ------------------------------------------------------------ connection
 
     def connectionMade(self) -> None:
-        self._idle = self.clock.callLater(self.factory.config.idle_timeout, self._idle_out)
+        timeout = self.factory.config.idle_timeout
+        self._idle = self.clock.callLater(timeout, self._idle_out)
+        # PINGs keep a connection alive but do not log it in: HELLO must succeed in time too.
+        self._login_deadline = self.clock.callLater(timeout, self._idle_out)
 
     def connectionLost(self, reason: Failure = connectionDone) -> None:
         self.closing = True
-        for call in (self._idle, self._expiry):
+        for call in (self._idle, self._login_deadline, self._expiry):
             if call is not None and call.active():
                 call.cancel()
         if self.caller is not None:
@@ -102,6 +106,11 @@ class Session(Protocol):
 
     def _frame_received(self, payload: bytes) -> None:
         try:
+            cls, request_id = check_header(payload)
+            if not cls.TYPE.client_to_server:  # spec 13.2: the type is checked before the body
+                self.send(Error(ErrorCode.UNKNOWN_FRAME_TYPE, "server-to-client frame type",
+                                request_id=request_id))  # fmt: skip
+                return
             frame = decode_payload(payload)
         except ProtocolError as e:
             rid = e.request_id or 0
@@ -116,10 +125,7 @@ class Session(Protocol):
     # -------------------------------------------------------------- dispatch
 
     def _dispatch(self, f: Frame) -> None:
-        if not f.TYPE.client_to_server:
-            self.send(Error(ErrorCode.UNKNOWN_FRAME_TYPE, "server-to-client frame type",
-                            request_id=f.request_id))  # fmt: skip
-        elif isinstance(f, Ping):
+        if isinstance(f, Ping):
             self.send(Pong(self._now_ms(), request_id=f.request_id))
         elif isinstance(f, Hello):
             self._hello(f)
@@ -159,6 +165,8 @@ class Session(Protocol):
             log.info("login refused from {peer}: {why}", peer=self._peer(), why=e)
             self._fatal(code, str(e), f.request_id)
             return
+        if self._login_deadline is not None and self._login_deadline.active():
+            self._login_deadline.cancel()
         self.user_id, self.device_id = ident.user_id, ident.device_id
         self.caller = Caller(ident.user_id, ident.device_id, self)
         old = self.factory.hub.register(self)
@@ -219,7 +227,10 @@ class Session(Protocol):
 
     def _idle_out(self) -> None:
         log.info("closing idle connection {peer}", peer=self._peer())
-        self.close(CloseReason.IDLE_TIMEOUT, "no frame received in time")
+        for call in (self._idle, self._login_deadline):
+            if call is not None and call.active():
+                call.cancel()
+        self.close(CloseReason.IDLE_TIMEOUT, "no frame received, or no login, in time")
 
     def _now_ms(self) -> int:
         return int(self.clock.seconds() * 1000)

@@ -250,3 +250,34 @@ def test_push_window_then_sync_hint(factory: SessionFactory) -> None:
     assert isinstance(hint, SyncHint) and hint.request_id == 0
     session.push(4, _push(4))  # window has room again
     assert [f.message.msg_id for f in peer.frames()] == [4]
+
+
+def test_pings_do_not_extend_the_login_deadline(factory: SessionFactory, clock: Clock) -> None:
+    peer = Peer(factory)
+    for _ in range(5):
+        clock.advance(15)
+        peer.send(Ping(request_id=1))
+    closes = [f for f in peer.frames() if isinstance(f, Close)]
+    assert [c.reason for c in closes] == [CloseReason.IDLE_TIMEOUT] and peer.closed
+
+
+def test_login_cancels_the_login_deadline(factory: SessionFactory, clock: Clock) -> None:
+    peer = Peer(factory)
+    clock.advance(30)
+    peer.login()
+    for _ in range(4):
+        clock.advance(30)
+        peer.send(Ping(request_id=2))
+    assert not peer.closed
+    assert all(isinstance(f, Pong) for f in peer.frames())
+
+
+def test_server_type_is_refused_before_its_body(factory: SessionFactory) -> None:
+    peer = Peer(factory)
+    peer.login()
+    # A HISTORY_PAGE (server-to-client) whose has_more is 2: the type is the first problem.
+    peer.send(struct.pack(">IBBBIBQBH", 7 + 12, 1, FrameType.HISTORY_PAGE, 0, 31, 1, 1002, 2, 0))
+    (err,) = peer.frames()
+    assert isinstance(err, Error) and (err.code, err.request_id) == (
+        ErrorCode.UNKNOWN_FRAME_TYPE, 31,
+    )  # fmt: skip

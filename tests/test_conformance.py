@@ -1,0 +1,78 @@
+"""Run the black-box conformance suite (improto.conformance) against our own server process."""
+
+from __future__ import annotations
+
+import io
+import os
+import subprocess
+import sys
+from collections.abc import Iterator
+
+import pytest
+from serverproc import free_port, start_server
+
+from improto.conformance.runner import load_checks, run
+
+SECRET = "conformance-test-secret-0123456789abcdef0123456789"
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, int]]:
+    """Our server as a subprocess, with short timeouts so the idle checks run."""
+    proc = start_server(tmp_path_factory.mktemp("imserver"), SECRET,
+                        "--idle-timeout", "5", "--heartbeat", "2")  # fmt: skip
+    yield "127.0.0.1", proc.port
+    proc.stop()
+
+
+def test_suite_passes(server: tuple[str, int]) -> None:
+    host, port = server
+    out = io.StringIO()
+    report = run(host, port, SECRET, out=out)
+    lines = out.getvalue().splitlines()
+    assert lines[-1] == report.summary
+    assert len(report.passed) + len(report.failed) + len(report.skipped) == len(load_checks())
+    failures = "\n".join(f"FAIL {name}: {reason}" for name, reason in report.failed)
+    if report.failed:
+        pytest.fail(f"{report.summary} in {report.seconds:.1f}s\n{failures}", pytrace=False)
+
+
+def _cli(*args: str, timeout: float = 120.0) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "improto.conformance", *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env={**os.environ, "PYTHONWARNINGS": "ignore"},
+    )
+
+
+def test_cli_all_pass_last_line(server: tuple[str, int]) -> None:
+    """The CLI prints one line per check and `N passed, 0 failed` last (a quick subset)."""
+    host, port = server
+    wanted = [n for n in load_checks() if n.startswith("send.")]
+    r = _cli("--server", f"{host}:{port}", "--jwt-secret", SECRET, "--only", "send.")
+    lines = r.stdout.strip().splitlines()
+    assert lines[-1] == f"{len(wanted)} passed, 0 failed", r.stdout + r.stderr
+    assert r.returncode == 0
+    assert [ln.split()[1] for ln in lines[:-1]] == wanted
+
+
+def test_cli_failure_exit_code(server: tuple[str, int]) -> None:
+    """A failing check (wrong secret: login refused) gives FAIL lines and exit status 1."""
+    host, port = server
+    r = _cli("--server", f"{host}:{port}", "--jwt-secret", "wrong", "--only", "hello_ok_fields")
+    lines = r.stdout.strip().splitlines()
+    assert lines[0].startswith("FAIL session.hello_ok_fields: "), r.stdout
+    assert lines[-1] == "0 passed, 1 failed"
+    assert r.returncode == 1
+
+
+def test_cli_usage_and_unreachable() -> None:
+    assert _cli().returncode == 2  # --server and --jwt-secret missing
+    assert _cli("--server", "nohostport", "--jwt-secret", "s").returncode == 2
+    r = _cli("--server", f"127.0.0.1:{free_port()}", "--jwt-secret", "s", timeout=30)
+    assert r.returncode == 2 and "cannot connect" in r.stderr
+    listed = _cli("--list")
+    assert listed.returncode == 0
+    assert len(listed.stdout.splitlines()) == len(load_checks()) >= 100
