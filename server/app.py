@@ -17,43 +17,57 @@ from improto.server.embedded.sqlite import SQLiteBackend
 from improto.server.hub import Hub
 from improto.server.ids import IdGenerator
 from improto.server.persister import Persister
+from improto.server.ports import Backend
 from improto.server.service import ChatService
 from improto.server.session import Session, SessionFactory
 
 log = Logger()
 
 
+def make_backend(config: Config, reactor: Any) -> Backend:
+    """The storage backend the configuration names (production modules load only if used)."""
+    if config.storage == "production":
+        from improto.server.production.backend import ProductionBackend
+
+        return ProductionBackend(config, reactor)
+    data = Path(config.data_dir)
+    data.mkdir(parents=True, exist_ok=True)
+    return SQLiteBackend(
+        data / "improto.sqlite3",
+        reactor=reactor,
+        inbox_retention_ms=config.inbox_retention_ms,
+        history_retention_ms=config.history_retention_ms,
+    )
+
+
 class Server:
-    """The embedded-mode server: SQLite storage, in-process queue, one gateway."""
+    """One server process: storage backend, plus the gateway and/or the persister (--role)."""
 
     def __init__(self, config: Config, reactor: Any) -> None:
         self.config = config
         self.reactor = reactor
         self.hub = Hub()
         self.ports: list[IListeningPort] = []
-        self.backend: SQLiteBackend | None = None
+        self.backend: Backend | None = None
         self._sweeper: LoopingCall | None = None
 
     async def start(self) -> None:
         config = self.config
-        data = Path(config.data_dir)
-        data.mkdir(parents=True, exist_ok=True)
-        self.backend = SQLiteBackend(
-            data / "improto.sqlite3",
-            reactor=self.reactor,
-            inbox_retention_ms=config.inbox_retention_ms,
-            history_retention_ms=config.history_retention_ms,
-        )
-        await self.backend.start()
-        b = self.backend
+        config.check()
+        self.backend = b = make_backend(config, self.reactor)
+        await b.start()
+        if config.role in ("all", "persister"):
+            self.persister = Persister(b.queue, b.inbox, b.history)
+            self.persister.start()
+            self._sweeper = LoopingCall(self._sweep)
+            self._sweeper.clock = self.reactor
+            self._sweeper.start(config.sweep_interval_s, now=False)
+        if config.role == "persister":
+            log.info("persister running ({storage} storage)", storage=config.storage)
+            return
         self.service = ChatService(
             IdGenerator(config.node_id), b.queue, b.inbox, b.history, b.groups, self.hub
         )
-        self.persister = Persister(b.queue, b.inbox, b.history)
-        self.persister.start()
-        self._sweeper = LoopingCall(self._sweep)
-        self._sweeper.clock = self.reactor
-        self._sweeper.start(config.sweep_interval_s, now=False)
         self.factory = SessionFactory(config, self.service, self.hub, self.reactor, config.secret())
         for desc in config.listen:
             port = await serverFromString(self.reactor, desc).listen(self.factory)

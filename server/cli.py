@@ -24,29 +24,84 @@ e.g. listen = ["tcp:5555"], idle_timeout = 90), then the flags given here.
 Subcommand: 'imserver token USER --device D' prints a development login token."""
 
 
+# (flag, argparse keywords): one table, so --help documents every setting of Config.
+_RUN_OPTIONS: list[tuple[str, dict[str, Any]]] = [
+    ("--config", {"metavar": "FILE", "help": "TOML file with settings (flags override it)"}),
+    (
+        "--listen",
+        {
+            "action": "append",
+            "metavar": "ENDPOINT",
+            "help": "Twisted server endpoint string, repeatable; default "
+            "tcp:5555:interface=127.0.0.1; e.g. tcp:5555, "
+            "ssl:5556:privateKey=key.pem:certKey=cert.pem",
+        },
+    ),
+    ("--data-dir", {"help": "embedded database and generated JWT secret (default ./var)"}),
+    (
+        "--jwt-secret",
+        {
+            "help": "HS256 secret of login tokens (default: the file "
+            "<data-dir>/jwt-secret, created on first run)"
+        },
+    ),
+    ("--node-id", {"type": int, "help": "0..1023, unique per server process (message ids)"}),
+    (
+        "--heartbeat",
+        {
+            "type": int,
+            "metavar": "SECONDS",
+            "help": "client PING interval announced in HELLO_OK (default 30)",
+        },
+    ),
+    (
+        "--idle-timeout",
+        {
+            "type": int,
+            "metavar": "SECONDS",
+            "help": "close connections silent this long (default 90)",
+        },
+    ),
+    ("--inbox-retention-days", {"type": float, "help": "offline inbox retention (default 7)"}),
+    ("--history-retention-days", {"type": float, "help": "history retention (default 180)"}),
+    (
+        "--max-unacked-pushes",
+        {"type": int, "help": "push window per connection before SYNC_HINT (1000)"},
+    ),
+]
+_PRODUCTION_OPTIONS: list[tuple[str, dict[str, Any]]] = [
+    ("--storage", {"choices": ["embedded", "production"],
+                   "help": "embedded (default: SQLite, no external service) or production"}),
+    ("--role", {"choices": ["all", "gateway", "persister"],
+                "help": "all (default): both in one process; gateway: client connections "
+                        "only; persister: queue consumer only (production storage)"}),
+    ("--redis", {"metavar": "HOST:PORT", "help": "default 127.0.0.1:6379"}),
+    ("--amqp", {"metavar": "URL",
+                "help": "RabbitMQ URL, default amqp://guest:guest@127.0.0.1:5672/%%2F"}),
+    ("--hbase", {"metavar": "HOST:PORT", "help": "HBase Thrift1 server, default 127.0.0.1:9090"}),
+    ("--hbase-table", {"help": "history table (default improto_history)"}),
+    ("--key-prefix", {"help": "prefix of Redis keys and queue names (default im)"}),
+    ("--queue-partitions", {"type": int,
+                            "help": "persistence queues, by conversation hash (default 1)"}),
+]  # fmt: skip
+
+
 def run_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="imserver", description=DESCRIPTION,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
-    p.add_argument("--config", metavar="FILE", help="TOML file with settings (flags override it)")
-    p.add_argument("--listen", action="append", metavar="ENDPOINT",
-                   help="Twisted server endpoint string, repeatable; default "
-                        "tcp:5555:interface=127.0.0.1; e.g. tcp:5555, "
-                        "ssl:5556:privateKey=key.pem:certKey=cert.pem")  # fmt: skip
-    p.add_argument("--data-dir", help="where the embedded database and the generated JWT "
-                                      "secret live (default ./var)")  # fmt: skip
-    p.add_argument("--jwt-secret", help="HS256 secret of login tokens (default: the file "
-                                        "<data-dir>/jwt-secret, created on first run)")  # fmt: skip
-    p.add_argument("--node-id", type=int, help="0..1023, unique per server process (message ids)")
-    p.add_argument("--heartbeat", type=int, metavar="SECONDS",
-                   help="client PING interval announced in HELLO_OK (default 30)")  # fmt: skip
-    p.add_argument("--idle-timeout", type=int, metavar="SECONDS",
-                   help="close connections silent this long (default 90)")  # fmt: skip
-    p.add_argument("--inbox-retention-days", type=float,
-                   help="offline inbox retention (default 7)")  # fmt: skip
-    p.add_argument("--history-retention-days", type=float,
-                   help="history retention (default 180)")  # fmt: skip
-    p.add_argument("--max-unacked-pushes", type=int,
-                   help="push window per connection before SYNC_HINT (default 1000)")  # fmt: skip
+    p = argparse.ArgumentParser(
+        prog="imserver",
+        description=DESCRIPTION,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    for flag, kw in _RUN_OPTIONS:
+        p.add_argument(flag, **kw)
+    prod = p.add_argument_group(
+        "production stack",
+        "--storage production keeps messages in RabbitMQ (queue), Redis (offline inboxes, "
+        "positions, groups, dedup) and HBase (history) instead of SQLite; "
+        "'scripts/services start' runs all three locally",
+    )
+    for flag, kw in _PRODUCTION_OPTIONS:
+        prod.add_argument(flag, **kw)
     return p
 
 
@@ -74,8 +129,13 @@ def main(argv: list[str] | None = None) -> int:
         config = load_config(args)
         print(mint(config.secret(), args.user, args.device, ttl_s=args.ttl))
         return 0
-    args = run_parser().parse_args(argv)
-    config = load_config(args)
+    parser = run_parser()
+    args = parser.parse_args(argv)
+    try:
+        config = load_config(args)
+        config.check()
+    except ValueError as e:
+        parser.error(str(e))
     globalLogBeginner.beginLoggingTo([textFileLogObserver(sys.stderr)])
 
     from twisted.internet import task

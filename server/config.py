@@ -23,6 +23,25 @@ class Config:
     history_retention_days: float = 180.0
     max_unacked_pushes: int = 1000
     sweep_interval_s: float = 600.0
+    # Storage: "embedded" (SQLite under data_dir, in-process queue) or "production"
+    # (RabbitMQ queue, Redis inboxes/groups/dedup, HBase history).
+    storage: str = "embedded"
+    role: str = "all"  # all | gateway | persister (gateway/persister need production storage)
+    redis: str = "127.0.0.1:6379"
+    amqp: str = "amqp://guest:guest@127.0.0.1:5672/%2F"
+    hbase: str = "127.0.0.1:9090"
+    hbase_table: str = "improto_history"
+    key_prefix: str = "im"  # Redis keys, queue names: lets deployments share services
+    queue_partitions: int = 1
+
+    def check(self) -> None:
+        """Refuse combinations that cannot work, before anything starts."""
+        if self.storage not in ("embedded", "production"):
+            raise ValueError(f"storage must be embedded or production, not {self.storage!r}")
+        if self.role not in ("all", "gateway", "persister"):
+            raise ValueError(f"role must be all, gateway or persister, not {self.role!r}")
+        if self.role != "all" and self.storage != "production":
+            raise ValueError("separate gateway/persister roles need storage = production")
 
     @classmethod
     def from_file(cls, path: str | Path) -> Config:
