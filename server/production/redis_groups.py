@@ -1,0 +1,227 @@
+"""Groups on Redis (the GroupStore port), through txredisapi.
+
+Key layout (P = the prefix):
+
+    P:{groups}:seq              string  the last group id allocated (INCR; ids never reused)
+    P:{groups}:g:<gid>          hash    name, owner (0: nobody), joins (the join counter).
+                                        Exists exactly when the group was created.
+    P:{groups}:g:<gid>:since    hash    member -> since_id: the member list
+    P:{groups}:g:<gid>:joined   zset    member -> join number (small, exact as a score): the
+                                        earliest joiner inherits the group
+    P:{groups}:u:<user>         set     the user's groups: groups_of and the per-user limit
+
+Why one hash tag, `{groups}`, for all of it: the limits span a group and every member's
+group set, and a refused request must write nothing, so each check-and-write is one Lua
+script over those keys, which Redis Cluster allows only within one slot. The alternative (a
+tag per group, the per-user sets updated in a second step) cannot enforce 500 groups per user
+without a reservation protocol, and leaves windows where groups_of and the member list
+disagree. Group data is small and changes rarely next to messages, so one slot (one shard,
+plus replicas for reads) is the simple correct choice. Some scripts build key names from the
+data (the new group id, the ids in a user's set): all share the tag, so they stay in the slot.
+
+User ids, since ids and group ids are u64: the scripts keep them as decimal strings and never
+turn them into Lua numbers (doubles).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import txredisapi
+
+from twisted.internet.defer import Deferred, fail
+
+from improto.limits import MAX_GROUP_MEMBERS, MAX_GROUPS_PER_USER
+from improto.server.model import GroupInfo, LimitExceeded
+from improto.server.production.redis_inbox import LuaScript, RedisClient, check_binary, gather
+
+# KEYS: seq, then the group sets of the users (owner first). ARGV: key base, name, since,
+# groups-per-user limit, the users. Returns the new group id.
+_CREATE = LuaScript("""
+local base, name, since, cap = ARGV[1], ARGV[2], ARGV[3], tonumber(ARGV[4])
+local n = #KEYS - 1
+for i = 1, n do
+  if redis.call('SCARD', KEYS[i + 1]) >= cap then
+    return redis.error_reply('LIMIT user ' .. ARGV[4 + i] .. ' is in ' .. ARGV[4] .. ' groups')
+  end
+end
+local gid = redis.call('INCR', KEYS[1])
+local g = base .. 'g:' .. gid
+redis.call('HSET', g, 'name', name, 'owner', ARGV[5], 'joins', n)
+for i = 1, n do
+  local u = ARGV[4 + i]
+  redis.call('HSET', g .. ':since', u, since)
+  redis.call('ZADD', g .. ':joined', i, u)  -- in the given order: owner, then ascending ids
+  redis.call('SADD', KEYS[i + 1], gid)
+end
+return gid
+""")
+
+# KEYS: group, since, joined, then the group sets of the users. ARGV: gid, since, member
+# limit, groups-per-user limit, the users (ascending). Returns the users added.
+_ADD = LuaScript("""
+if redis.call('EXISTS', KEYS[1]) == 0 then
+  return redis.error_reply('NOGROUP no such group')
+end
+local gid, since, maxm, cap = ARGV[1], ARGV[2], tonumber(ARGV[3]), tonumber(ARGV[4])
+local new = {}
+for i = 5, #ARGV do
+  if redis.call('HEXISTS', KEYS[2], ARGV[i]) == 0 then
+    new[#new + 1] = i
+  end
+end
+if #new == 0 then
+  return {}
+end
+if redis.call('HLEN', KEYS[2]) + #new > maxm then
+  return redis.error_reply('LIMIT a group has at most ' .. ARGV[3] .. ' members')
+end
+for _, i in ipairs(new) do
+  if redis.call('SCARD', KEYS[i - 1]) >= cap then
+    return redis.error_reply('LIMIT user ' .. ARGV[i] .. ' is in ' .. ARGV[4] .. ' groups')
+  end
+end
+local out = {}
+for _, i in ipairs(new) do
+  local u = ARGV[i]
+  redis.call('HSET', KEYS[2], u, since)
+  redis.call('ZADD', KEYS[3], redis.call('HINCRBY', KEYS[1], 'joins', 1), u)
+  redis.call('SADD', KEYS[i - 1], gid)
+  out[#out + 1] = u
+end
+return out
+""")
+
+# KEYS: group, since, joined, then the group sets of the users. ARGV: gid, the users
+# (ascending). Returns the users removed.
+_REMOVE = LuaScript("""
+if redis.call('EXISTS', KEYS[1]) == 0 then
+  return redis.error_reply('NOGROUP no such group')
+end
+local owner = redis.call('HGET', KEYS[1], 'owner')
+local out, owner_left = {}, false
+for i = 2, #ARGV do
+  local u = ARGV[i]
+  if redis.call('HDEL', KEYS[2], u) == 1 then
+    redis.call('ZREM', KEYS[3], u)
+    redis.call('SREM', KEYS[i + 2], ARGV[1])
+    out[#out + 1] = u
+    if u == owner then
+      owner_left = true
+    end
+  end
+end
+if owner_left then
+  local first = redis.call('ZRANGE', KEYS[3], 0, 0)  -- the lowest join number
+  redis.call('HSET', KEYS[1], 'owner', first[1] or '0')
+end
+return out
+""")
+
+# KEYS: group, since. Returns nil for an unknown group, else {name, owner, {members}}: one
+# script so that owner and members are read from the same state.
+_INFO = LuaScript("""
+local v = redis.call('HMGET', KEYS[1], 'name', 'owner')
+if not v[1] then
+  return false
+end
+return {v[1], v[2], redis.call('HKEYS', KEYS[2])}
+""")
+
+# KEYS: the user's group set. ARGV: key base. Returns {gid1, name1, gid2, name2, ...}.
+_GROUPS_OF = LuaScript("""
+local out = {}
+for _, gid in ipairs(redis.call('SMEMBERS', KEYS[1])) do
+  out[#out + 1] = gid
+  out[#out + 1] = redis.call('HGET', ARGV[1] .. 'g:' .. gid, 'name')
+end
+return out
+""")
+
+SCRIPTS = (_CREATE, _ADD, _REMOVE, _INFO, _GROUPS_OF)
+
+
+def _translate(failure: Any, group_id: int) -> Any:
+    """Script refusals (nothing was written) -> the port's exceptions."""
+    failure.trap(txredisapi.ResponseError)
+    text = str(failure.value)
+    if text.startswith("NOGROUP"):
+        raise KeyError(group_id)
+    if text.startswith("LIMIT "):
+        raise LimitExceeded(text.removeprefix("LIMIT "))
+    return failure
+
+
+def _ids(values: list[bytes]) -> tuple[int, ...]:
+    return tuple(int(v) for v in values)
+
+
+class RedisGroups:
+    """GroupStore on Redis: each operation is one atomic script (see the module docstring)."""
+
+    def __init__(self, redis: RedisClient, prefix: str) -> None:
+        check_binary(redis)
+        self._redis = redis
+        self._base = f"{prefix}:{{groups}}:"
+
+    def start(self) -> Deferred[None]:
+        """Load the scripts (optional: an unknown script falls back to EVAL)."""
+        return Deferred.fromCoroutine(self._load())
+
+    async def _load(self) -> None:
+        await gather(script.load(self._redis) for script in SCRIPTS)
+
+    def _group_keys(self, group_id: int) -> list[str]:
+        g = f"{self._base}g:{group_id}"
+        return [g, g + ":since", g + ":joined"]
+
+    def _user_key(self, user_id: int) -> str:
+        return f"{self._base}u:{user_id}"
+
+    # ------------------------------------------------------------------ the port
+
+    def create(
+        self, owner_id: int, name: str, members: tuple[int, ...], since_id: int
+    ) -> Deferred[int]:
+        users = [owner_id, *sorted(set(members) - {owner_id})]
+        if len(users) > MAX_GROUP_MEMBERS:
+            return fail(LimitExceeded(f"a group has at most {MAX_GROUP_MEMBERS} members"))
+        keys = [self._base + "seq", *map(self._user_key, users)]
+        args = [self._base, name.encode(), since_id, MAX_GROUPS_PER_USER, *users]
+        d = _CREATE(self._redis, keys, args)
+        return d.addCallbacks(int, _translate, errbackArgs=(0,))
+
+    def add(
+        self, group_id: int, users: tuple[int, ...], since_id: int
+    ) -> Deferred[tuple[int, ...]]:
+        wanted = sorted(set(users))
+        keys = [*self._group_keys(group_id), *map(self._user_key, wanted)]
+        args = [group_id, since_id, MAX_GROUP_MEMBERS, MAX_GROUPS_PER_USER, *wanted]
+        d = _ADD(self._redis, keys, args)
+        return d.addCallbacks(_ids, _translate, errbackArgs=(group_id,))
+
+    def remove(self, group_id: int, users: tuple[int, ...]) -> Deferred[tuple[int, ...]]:
+        wanted = sorted(set(users))
+        keys = [*self._group_keys(group_id), *map(self._user_key, wanted)]
+        d = _REMOVE(self._redis, keys, [group_id, *wanted])
+        return d.addCallbacks(_ids, _translate, errbackArgs=(group_id,))
+
+    def info(self, group_id: int) -> Deferred[GroupInfo | None]:
+        def build(reply: list[Any] | None) -> GroupInfo | None:
+            if reply is None:
+                return None
+            name, owner, members = reply
+            return GroupInfo(group_id, name.decode(), int(owner), tuple(sorted(_ids(members))))
+
+        return _INFO(self._redis, self._group_keys(group_id)[:2], []).addCallback(build)
+
+    def since(self, group_id: int, user_id: int) -> Deferred[int | None]:
+        d = self._redis.execute_command("HGET", self._group_keys(group_id)[1], user_id)
+        return d.addCallback(lambda v: None if v is None else int(v))
+
+    def groups_of(self, user_id: int) -> Deferred[tuple[tuple[int, str], ...]]:
+        def build(flat: list[bytes]) -> tuple[tuple[int, str], ...]:
+            pairs = ((int(flat[i]), flat[i + 1].decode()) for i in range(0, len(flat), 2))
+            return tuple(sorted(pairs))
+
+        return _GROUPS_OF(self._redis, [self._user_key(user_id)], [self._base]).addCallback(build)

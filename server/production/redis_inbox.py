@@ -1,0 +1,381 @@
+"""Offline inboxes and device positions on Redis (the InboxStore port), through txredisapi.
+
+Key layout (P = the prefix). Every key of one user carries the hash tag `{u<user_id>}`, so in
+Redis Cluster a user's inbox lives in one slot and every script touches one slot only:
+
+    P:inbox:{u<id>}:meta  hash  seq: the last cursor assigned (HINCRBY); floor: the highest
+                                cursor removed by retention. Never expires: cursors must not go
+                                back even after the entries expired.
+    P:inbox:{u<id>}:pos   hash  device id -> position. Never expires (as in the embedded store).
+    P:inbox:{u<id>}:ent   zset  msg_id -> cursor. Cursor-ordered reads, and the (user, msg_id)
+                                dedup of redelivered jobs, in one key.
+    P:inbox:{u<id>}:age   zset  msg_id -> stored_ms (from the injected clock).
+    P:inbox:{u<id>}:rec   hash  msg_id -> the message, encoded as a PUSH payload.
+
+Scores are doubles, exact only up to 2**53: cursors (a per-user count) and milliseconds fit,
+so they are scores; msg_ids and user ids (u64) are only ever members, fields or key names, and
+the scripts never turn them into Lua numbers.
+
+Retention is per entry, from its own stored_ms, exactly as in the embedded store (even when a
+clock steps back and stored times are out of cursor order). A page first removes what expired,
+at most PAGE_TRIM entries per script call so Redis is never blocked for long, calling again
+until nothing expired is left; then all that remains is retained and the floor is exact.
+Appends remove up to APPEND_TRIM expired entries in passing, so the inbox of a user who never
+pulls stays bounded.
+
+ent/age/rec expire retention + a margin after the last append. That TTL only collects idle
+inboxes; what is served never depends on it: the scripts compare stored_ms with the injected
+clock, and an entry set that vanished means every cursor up to seq was removed (floor = seq).
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any, Protocol
+
+import txredisapi
+
+from twisted.internet.defer import Deferred, DeferredList
+
+from improto.codec import COMPILED
+from improto.frames import Message, Push
+from improto.server.model import InboxPage, PersistJob
+
+DAY_MS = 86_400_000
+APPEND_WINDOW = 512  # per-user scripts in flight at once for one append (pipelined)
+APPEND_TRIM = 64  # expired entries an append removes in passing: keeps busy inboxes bounded
+PAGE_TRIM = 1000  # expired entries one script call removes: bounds the time Redis is blocked
+MAX_PAGE = 10_000  # entries one page returns at most ("up to limit"; has_more stays exact)
+
+
+class RedisClient(Protocol):
+    """The part of a txredisapi connection or pool (charset=None) used here."""
+
+    def execute_command(self, *args: Any, **kwargs: Any) -> Deferred[Any]: ...
+
+
+def connect(
+    host: str = "127.0.0.1", port: int = 6379, *, poolsize: int = 4, reply_timeout: float = 10
+) -> Any:
+    """A lazy txredisapi pool as these stores need it: bytes in and out (charset=None), and
+    integer replies left as Redis sent them. The caller owns it (`disconnect()`)."""
+    return txredisapi.lazyConnectionPool(
+        host,
+        port,
+        poolsize=poolsize,
+        charset=None,
+        convertNumbers=False,
+        replyTimeout=reply_timeout,
+    )
+
+
+def check_binary(redis: Any) -> None:
+    """Refuse a txredisapi handler that decodes replies: message bodies are binary."""
+    # A pool's handler forwards unknown attributes as commands: read its factory's setting.
+    owner = redis if isinstance(redis, txredisapi.BaseRedisProtocol) else None
+    owner = owner or getattr(redis, "_factory", None)
+    if owner is not None and getattr(owner, "charset", None) is not None:
+        raise ValueError("the Redis connection must be made with charset=None")
+
+
+class LuaScript:
+    """A script run by its SHA1 (EVALSHA); EVAL when the server does not know it (a restart,
+    a failover, SCRIPT FLUSH, another cluster node), which also caches it there again.
+
+    txredisapi's own `eval` remembers hashes per pooled connection and so sends the whole
+    source once per connection; here it is loaded once, at start."""
+
+    def __init__(self, source: str) -> None:
+        self.source = source.encode()
+        self.sha = hashlib.sha1(self.source).hexdigest()
+
+    def load(self, redis: RedisClient) -> Deferred[None]:
+        def check(sha: bytes) -> None:
+            if sha.decode() != self.sha:
+                raise RuntimeError(f"SCRIPT LOAD returned {sha!r}, expected {self.sha}")
+
+        return redis.execute_command("SCRIPT", "LOAD", self.source).addCallback(check)
+
+    def __call__(
+        self, redis: RedisClient, keys: Sequence[str], args: Sequence[Any]
+    ) -> Deferred[Any]:
+        d = redis.execute_command("EVALSHA", self.sha, len(keys), *keys, *args)
+        d.addErrback(self._noscript, redis, keys, args)
+        return d
+
+    def _noscript(
+        self, failure: Any, redis: RedisClient, keys: Sequence[str], args: Sequence[Any]
+    ) -> Any:
+        failure.trap(txredisapi.ResponseError)
+        if not str(failure.value).startswith("NOSCRIPT"):
+            return failure
+        return redis.execute_command("EVAL", self.source, len(keys), *keys, *args)
+
+
+async def gather(ds: Iterable[Deferred[Any]]) -> list[Any]:
+    """Wait for all (nothing left in flight), then raise the first failure as it was."""
+    results = await DeferredList(list(ds), consumeErrors=True)
+    for ok, value in results:
+        if not ok:
+            value.raiseException()
+    return [value for _, value in results]
+
+
+def glob_escape(text: str) -> str:
+    """`text` as a literal in a SCAN MATCH pattern."""
+    return "".join("\\" + c if c in "*?[]\\" else c for c in text)
+
+
+# --------------------------------------------------------------------------- scripts
+# The scripts take the keys of one user: meta, ent, age, rec (advance: meta, pos).
+
+# head: the last cursor assigned; floor: the highest cursor removed by retention. When the
+# entry keys are gone although cursors were assigned, every one of them was removed (by
+# trimming, or by the TTL of an idle inbox), so the floor is the head.
+_STATE = """
+local function state(meta, ent)
+  local v = redis.call('HMGET', meta, 'seq', 'floor')
+  local head, floor = tonumber(v[1]) or 0, tonumber(v[2]) or 0
+  if floor < head and redis.call('EXISTS', ent) == 0 then
+    floor = head
+    redis.call('HSET', meta, 'floor', head)
+  end
+  return head, floor
+end
+
+-- Remove up to `max` entries stored before `cutoff` (oldest first), raising the floor to the
+-- highest cursor removed. Returns the floor, how many went, and whether expired ones remain.
+local function trim(meta, ent, age, rec, floor, cutoff, max)
+  local old = redis.call('ZRANGEBYSCORE', age, '-inf', '(' .. cutoff, 'LIMIT', 0, max + 1)
+  local n = math.min(#old, max)
+  if n == 0 then
+    return floor, 0, false
+  end
+  local ids = {}
+  for i = 1, n do
+    ids[i] = old[i]
+    local c = tonumber(redis.call('ZSCORE', ent, old[i]))
+    if c and c > floor then
+      floor = c
+    end
+  end
+  redis.call('ZREM', ent, unpack(ids))
+  redis.call('HDEL', rec, unpack(ids))
+  -- the n oldest of `age` are exactly the ones listed above
+  redis.call('ZREMRANGEBYRANK', age, 0, n - 1)
+  redis.call('HSET', meta, 'floor', floor)
+  return floor, n, #old > max
+end
+"""
+
+# ARGV: msg_id, record, now_ms, cutoff_ms, ttl_ms, trim max. Returns the new cursor, or 0 when
+# the message is already in this inbox (a redelivered job).
+_APPEND = LuaScript(
+    _STATE
+    + """
+local meta, ent, age, rec = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
+if redis.call('ZSCORE', ent, ARGV[1]) then
+  return 0
+end
+local head, floor = state(meta, ent)
+trim(meta, ent, age, rec, floor, ARGV[4], tonumber(ARGV[6]))
+local cursor = redis.call('HINCRBY', meta, 'seq', 1)
+redis.call('ZADD', ent, cursor, ARGV[1])
+redis.call('ZADD', age, ARGV[3], ARGV[1])
+redis.call('HSET', rec, ARGV[1], ARGV[2])
+redis.call('PEXPIRE', ent, ARGV[5])
+redis.call('PEXPIRE', age, ARGV[5])
+redis.call('PEXPIRE', rec, ARGV[5])
+return cursor
+"""
+)
+
+# ARGV: start (u64, decimal), limit, cutoff_ms, trim max. Returns {-1} when a batch of expired
+# entries was removed and more remain (call again: each call is bounded), else
+# {start used, has_more, gap, cursor1, record1, cursor2, record2, ...}.
+_PAGE = LuaScript(
+    _STATE
+    + """
+local meta, ent, age, rec = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
+local head, floor = state(meta, ent)
+local start = tonumber(ARGV[1])  -- inexact above 2**53, but then it is clamped to the head
+if start > head then
+  start = head
+end
+local n, more
+floor, n, more = trim(meta, ent, age, rec, floor, ARGV[3], tonumber(ARGV[4]))
+if more then
+  return {-1}
+end
+-- Everything left is retained now, so read from start itself (not from the floor): with a
+-- clock that stepped back, a retained entry can sit below a removed one, as in the embedded
+-- store.
+local limit = tonumber(ARGV[2])
+local rows = redis.call('ZRANGEBYSCORE', ent, string.format('(%d', start), '+inf',
+  'WITHSCORES', 'LIMIT', 0, limit + 1)
+local count = #rows / 2
+local out = {start, count > limit and 1 or 0, floor > start and 1 or 0}
+for i = 1, math.min(count, limit) do
+  out[#out + 1] = tonumber(rows[2 * i])
+  out[#out + 1] = redis.call('HGET', rec, rows[2 * i - 1])
+end
+return out
+"""
+)
+
+# ARGV: cutoff_ms, trim max. Returns {removed, 1 if expired entries remain}.
+_TRIM = LuaScript(
+    _STATE
+    + """
+local meta, ent, age, rec = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
+local head, floor = state(meta, ent)
+local n, more
+floor, n, more = trim(meta, ent, age, rec, floor, ARGV[1], tonumber(ARGV[2]))
+return {n, more and 1 or 0}
+"""
+)
+
+# KEYS: meta, pos. ARGV: device id, cursor (u64, decimal).
+_ADVANCE = LuaScript(
+    """
+local head = tonumber(redis.call('HGET', KEYS[1], 'seq')) or 0
+local c = tonumber(ARGV[2])
+if c > head then
+  c = head
+end
+if c < 0 then
+  c = 0
+end
+local p = tonumber(redis.call('HGET', KEYS[2], ARGV[1])) or 0
+if c > p then
+  redis.call('HSET', KEYS[2], ARGV[1], c)
+  p = c
+end
+return p
+"""
+)
+
+SCRIPTS = (_APPEND, _PAGE, _TRIM, _ADVANCE)
+
+
+class RedisInbox:
+    """InboxStore on Redis. Every operation on one user's inbox is one atomic script, so the
+    cursor is assigned and the entry becomes visible in the same step: an entry can never
+    appear behind a cursor a reader was already given."""
+
+    def __init__(
+        self,
+        redis: RedisClient,
+        prefix: str,
+        now_ms: Callable[[], int],
+        retention_ms: int,
+        *,
+        ttl_margin_ms: int = DAY_MS,
+    ) -> None:
+        check_binary(redis)
+        self._redis = redis
+        self._prefix = prefix
+        self._now_ms = now_ms
+        self.retention_ms = retention_ms
+        # Real-time expiry of idle inboxes; the margin covers clock differences between the
+        # servers' clocks (retention) and Redis' clock (TTL).
+        self._ttl_ms = retention_ms + ttl_margin_ms
+
+    def start(self) -> Deferred[None]:
+        """Load the scripts (optional: an unknown script falls back to EVAL)."""
+        return Deferred.fromCoroutine(self._load())
+
+    async def _load(self) -> None:
+        await gather(script.load(self._redis) for script in SCRIPTS)
+
+    def keys(self, user_id: int) -> list[str]:
+        """meta, ent, age, rec, pos of one user: one hash tag, hence one cluster slot."""
+        base = f"{self._prefix}:inbox:{{u{user_id}}}:"
+        return [base + name for name in ("meta", "ent", "age", "rec", "pos")]
+
+    def _cutoff(self) -> int:
+        return self._now_ms() - self.retention_ms
+
+    # ------------------------------------------------------------------ the port
+
+    def append(self, job: PersistJob) -> Deferred[None]:
+        return Deferred.fromCoroutine(self._append(job))
+
+    async def _append(self, job: PersistJob) -> None:
+        users = sorted(set(job.inbox_users))
+        if not users:
+            return
+        m = job.message
+        record = COMPILED.encode_payload(Push(m))  # validates before anything is written
+        now = self._now_ms()
+        args = [m.msg_id, record, now, now - self.retention_ms, self._ttl_ms, APPEND_TRIM]
+        # One script per user (one slot each), many in flight: txredisapi writes them
+        # back to back on the pooled connections, so a big group costs a few round trips.
+        for i in range(0, len(users), APPEND_WINDOW):
+            await gather(
+                _APPEND(self._redis, self.keys(u)[:4], args) for u in users[i : i + APPEND_WINDOW]
+            )
+
+    def page(self, user_id: int, start: int, limit: int) -> Deferred[InboxPage]:
+        return Deferred.fromCoroutine(self._page(user_id, start, limit))
+
+    async def _page(self, user_id: int, start: int, limit: int) -> InboxPage:
+        keys = self.keys(user_id)[:4]
+        args = [start, min(max(0, limit), MAX_PAGE), self._cutoff(), PAGE_TRIM]
+        while True:
+            reply = await _PAGE(self._redis, keys, args)
+            if reply[0] != -1:
+                break  # else a batch of expired entries went; the rest goes on the next call
+        used, has_more, gap, *flat = reply
+        entries = tuple(
+            (int(flat[i]), _decode(flat[i + 1], user_id)) for i in range(0, len(flat), 2)
+        )
+        return InboxPage(entries, start=int(used), has_more=bool(has_more), gap=bool(gap))
+
+    def position(self, user_id: int, device_id: str) -> Deferred[int]:
+        d = self._redis.execute_command("HGET", self.keys(user_id)[4], device_id.encode())
+        return d.addCallback(lambda v: 0 if v is None else int(v))
+
+    def advance(self, user_id: int, device_id: str, cursor: int) -> Deferred[int]:
+        meta, pos = self.keys(user_id)[0], self.keys(user_id)[4]
+        d = _ADVANCE(self._redis, [meta, pos], [device_id.encode(), cursor])
+        return d.addCallback(int)
+
+    # ------------------------------------------------------------------ retention
+
+    def sweep(self) -> Deferred[int]:
+        """Remove every expired entry of every inbox under the prefix; returns how many.
+
+        Optional: pages never serve expired entries and appends trim in passing. SCAN sees
+        one node: on Redis Cluster run it against each master."""
+        return Deferred.fromCoroutine(self._sweep())
+
+    async def _sweep(self) -> int:
+        cutoff = self._cutoff()
+        pattern = glob_escape(f"{self._prefix}:inbox:{{u") + "*}:age"
+        removed = 0
+        cursor: bytes = b"0"
+        while True:
+            cursor, found = await self._redis.execute_command(
+                "SCAN", cursor, "MATCH", pattern, "COUNT", 500
+            )
+            for key in found:
+                base = key.decode()[: -len("age")]
+                keys = [base + name for name in ("meta", "ent", "age", "rec")]
+                while True:
+                    n, more = await _TRIM(self._redis, keys, [cutoff, PAGE_TRIM])
+                    removed += n
+                    if not more:
+                        break
+            if cursor == b"0":
+                return removed
+
+
+def _decode(record: bytes | None, user_id: int) -> Message:
+    if record is None:
+        raise RuntimeError(f"inbox of user {user_id}: an entry has no record")
+    frame = COMPILED.decode_payload(record)
+    if not isinstance(frame, Push):
+        raise RuntimeError(f"inbox of user {user_id}: a record is a {type(frame).__name__}")
+    return frame.message

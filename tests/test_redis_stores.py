@@ -1,0 +1,486 @@
+"""The Redis inbox and group stores beyond the contract suite: redelivery under concurrency,
+hash tags, expiry of the keys, binary safety, bounded trimming, and differential runs
+against the embedded SQLite stores.
+
+Needs Redis on 127.0.0.1:6379 (skipped if absent, failing under CI). Each test uses its own
+key prefix and deletes its keys afterwards.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import random
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+import pytest_twisted
+
+from twisted.internet import reactor
+from twisted.internet.defer import Deferred
+from twisted.internet.task import deferLater
+
+from improto.enums import ContentType, ConvKind
+from improto.frames import Message
+from improto.limits import MAX_GROUPS_PER_USER, U64_MAX
+from improto.server.embedded.sqlite import SQLiteBackend
+from improto.server.model import LimitExceeded, PersistJob
+from improto.server.production import redis_inbox
+from improto.server.production.redis_groups import SCRIPTS as GROUP_SCRIPTS
+from improto.server.production.redis_groups import RedisGroups
+from improto.server.production.redis_inbox import SCRIPTS as INBOX_SCRIPTS
+from improto.server.production.redis_inbox import LuaScript, RedisInbox, connect, gather
+
+
+def _load_helpers() -> Any:
+    """The contract backend module: its Redis probe (skip / fail under CI) and cleanup."""
+    path = Path(__file__).parent / "contract" / "backend_redis.py"
+    spec = importlib.util.spec_from_file_location("redis_contract_backend", path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+helpers = _load_helpers()
+
+DAY_MS = 86_400_000
+RETENTION_MS = 7 * DAY_MS
+START_MS = 1_750_000_000_000
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = START_MS
+
+    def __call__(self) -> int:
+        return self.now
+
+
+@dataclass
+class Env:
+    redis: Any
+    prefix: str
+    clock: Clock
+    inbox: RedisInbox
+    groups: RedisGroups
+
+    def keys(self) -> list[bytes]:
+        return sorted(_scan(self.prefix))
+
+    def command(self, *args: Any) -> Deferred[Any]:
+        return self.redis.execute_command(*args)
+
+
+def _scan(prefix: str) -> list[bytes]:
+    client = helpers.SyncRedis()
+    try:
+        found: list[bytes] = []
+        cursor = b"0"
+        while True:
+            cursor, keys = client("SCAN", cursor, "MATCH", prefix + ":*", "COUNT", 1000)
+            found.extend(keys)
+            if cursor == b"0":
+                return found
+    finally:
+        client.close()
+
+
+@pytest.fixture
+def env() -> Iterator[Env]:
+    helpers.require_redis()
+    prefix = f"improto-test-stores:{uuid.uuid4().hex}"
+    redis = connect()
+    clock = Clock()
+    inbox = RedisInbox(redis, prefix, clock, RETENTION_MS)
+    groups = RedisGroups(redis, prefix)
+    pytest_twisted.blockon(inbox.start())
+    pytest_twisted.blockon(groups.start())
+    try:
+        yield Env(redis, prefix, clock, inbox, groups)
+    finally:
+        pytest_twisted.blockon(redis.disconnect())
+        helpers.delete_prefix(prefix)
+
+
+@pytest.fixture
+def sqlite(env: Env, tmp_path: Path) -> Iterator[SQLiteBackend]:
+    """An embedded backend on the same fake clock, for differential runs."""
+    backend = SQLiteBackend(
+        tmp_path / "ref.sqlite3", now_ms=env.clock, inbox_retention_ms=RETENTION_MS
+    )
+    pytest_twisted.blockon(backend.start())
+    try:
+        yield backend
+    finally:
+        pytest_twisted.blockon(backend.close())
+
+
+_ids = iter(range(1_000_000, 10**9))
+
+
+def message(*, body: bytes = b"hello", content_type: int = ContentType.TEXT, **kw: Any) -> Message:
+    mid = next(_ids)
+    fields: dict[str, Any] = {
+        "msg_id": mid,
+        "server_time": START_MS,
+        "sender_id": 1,
+        "sender_device": "phone-1",
+        "conv_kind": ConvKind.USER,
+        "conv_id": 2,
+        "content_type": content_type,
+        "client_msg_id": mid.to_bytes(16, "big"),
+        "body": body,
+    }
+    fields.update(kw)
+    return Message(**fields)
+
+
+def job(*users: int, **kw: Any) -> PersistJob:
+    return PersistJob(message(**kw), users)
+
+
+async def entries(inbox: Any, user: int) -> list[tuple[int, int]]:
+    page = await inbox.page(user, 0, 1000)
+    assert not page.has_more
+    return [(c, m.msg_id) for c, m in page.entries]
+
+
+# --------------------------------------------------------------------------- inbox
+
+
+@pytest_twisted.ensureDeferred
+async def test_redelivery_writes_one_entry_per_user_even_concurrently(env):
+    j = job(1, 2, 3, 2)
+    await gather(env.inbox.append(j) for _ in range(8))  # redelivered while still running
+    await env.inbox.append(j)
+    for user in (1, 2, 3):
+        assert await entries(env.inbox, user) == [(1, j.message.msg_id)]
+    # No cursor was burnt by the duplicates.
+    later = job(1)
+    await env.inbox.append(later)
+    assert await entries(env.inbox, 1) == [(1, j.message.msg_id), (2, later.message.msg_id)]
+
+
+@pytest_twisted.ensureDeferred
+async def test_concurrent_appends_get_distinct_gap_free_cursors(env):
+    jobs = [job(5) for _ in range(50)]
+    await gather(env.inbox.append(j) for j in jobs)
+    got = await entries(env.inbox, 5)
+    assert [c for c, _ in got] == list(range(1, 51))
+    assert sorted(mid for _, mid in got) == sorted(j.message.msg_id for j in jobs)
+
+
+@pytest_twisted.ensureDeferred
+async def test_hundred_member_group(env):
+    members = tuple(range(100, 200))
+    first, second = job(*members), job(*members)
+    await env.inbox.append(first)
+    await gather([env.inbox.append(second), env.inbox.append(first), env.inbox.append(second)])
+    for user in members:
+        assert await entries(env.inbox, user) == [
+            (1, first.message.msg_id),
+            (2, second.message.msg_id),
+        ]
+
+
+def _tag(key: bytes) -> bytes:
+    start = key.index(b"{")
+    return key[start + 1 : key.index(b"}", start)]
+
+
+def _crc16(data: bytes) -> int:
+    crc = 0
+    for byte in data:
+        crc ^= byte << 8
+        for _ in range(8):
+            crc = ((crc << 1) ^ 0x1021 if crc & 0x8000 else crc << 1) & 0xFFFF
+    return crc
+
+
+def keyslot(key: bytes) -> int:
+    """Redis Cluster's slot of a key (CRC16 of the hash tag, if any, mod 16384)."""
+    start = key.find(b"{")
+    if start != -1:
+        end = key.find(b"}", start + 1)
+        if end > start + 1:
+            key = key[start + 1 : end]
+    return _crc16(key) % 16384
+
+
+def test_keyslot_matches_redis_cluster():
+    assert keyslot(b"123456789") == 0x31C3  # the CRC16/XMODEM check value
+    assert keyslot(b"a{user1000}b") == keyslot(b"user1000")
+
+
+@pytest_twisted.ensureDeferred
+async def test_keys_of_one_user_share_one_hash_tag(env):
+    users = (7, 2**63, U64_MAX)
+    await env.inbox.append(job(*users))
+    env.clock.now += RETENTION_MS + 1
+    await env.inbox.append(job(*users))  # trims in passing, too
+    for user in users:
+        await env.inbox.advance(user, "phone", 1)
+        await env.inbox.page(user, 0, 10)
+    gid = await env.groups.create(7, "team", users, 1)
+    await env.groups.remove(gid, (2**63,))
+
+    by_tag: dict[bytes, set[bytes]] = {}
+    for key in env.keys():
+        assert key.startswith(env.prefix.encode() + b":")
+        by_tag.setdefault(_tag(key), set()).add(key)
+    assert set(by_tag) == {b"u%d" % u for u in users} | {b"groups"}
+    for user in users:
+        names = {k.rsplit(b":", 1)[1] for k in by_tag[b"u%d" % user]}
+        assert names == {b"meta", b"ent", b"age", b"rec", b"pos"}
+    for keys in by_tag.values():
+        assert len({keyslot(k) for k in keys}) == 1  # one cluster slot per user / for groups
+
+
+@pytest_twisted.ensureDeferred
+async def test_only_entry_keys_expire(env):
+    await env.inbox.append(job(9))
+    await env.inbox.advance(9, "phone", 1)
+    meta, ent, age, rec, pos = env.inbox.keys(9)
+    for key in (meta, pos):
+        assert await env.command("PTTL", key) == -1  # never expires
+    ttl = RETENTION_MS + redis_inbox.DAY_MS
+    for key in (ent, age, rec):
+        assert ttl - 60_000 < await env.command("PTTL", key) <= ttl
+
+
+@pytest_twisted.ensureDeferred
+async def test_cursors_continue_after_the_inbox_keys_expired(env):
+    # Real-time TTL of 300 ms (no margin); the injected clock is not moved at all, so only
+    # the vanished keys tell the store that the entries went.
+    inbox = RedisInbox(env.redis, env.prefix, env.clock, 300, ttl_margin_ms=0)
+    old = [job(4) for _ in range(3)]
+    for j in old:
+        await inbox.append(j)
+    await inbox.advance(4, "phone", 2)
+    meta, ent, *_ = inbox.keys(4)
+    for _ in range(200):
+        if not await env.command("EXISTS", ent):
+            break
+        await deferLater(reactor, 0.01, lambda: None)
+    else:
+        raise AssertionError("the entry keys did not expire")
+    assert await env.command("HGET", meta, "seq") == b"3"
+
+    # Nothing is served, everything counts as removed, and the counter went on.
+    assert (await inbox.page(4, 0, 10)).gap
+    new = job(4)
+    await inbox.append(new)
+    page = await inbox.page(4, 0, 10)
+    assert [(c, m.msg_id) for c, m in page.entries] == [(4, new.message.msg_id)]
+    assert page.gap and not (await inbox.page(4, 3, 10)).gap
+    assert await inbox.position(4, "phone") == 2  # positions do not expire
+
+
+@pytest_twisted.ensureDeferred
+async def test_binary_and_unicode_fields_round_trip(env):
+    bodies = [
+        b"",
+        b"\x00",
+        b"\xff\xfe\x00\xc3\x28 not utf-8 \x80\r\n",
+        bytes(range(256)) * 255,  # 65280 bytes, near the 65535 maximum
+        b"\x00" * 65_535,
+    ]
+    jobs = [
+        job(3, body=body, content_type=7, sender_device="t\u00e9l\u00e9phone-\u2713")
+        for body in bodies
+    ]
+    jobs.append(job(3, client_msg_id=b"\x00\r\n*$-+:" + bytes(8), sender_id=U64_MAX))
+    for j in jobs:
+        await env.inbox.append(j)
+    page = await env.inbox.page(3, 0, 100)
+    assert [m for _, m in page.entries] == [j.message for j in jobs]
+
+    name = "\u00e9quipe \u2713 \U0001f600"
+    gid = await env.groups.create(U64_MAX, name, (2**63,), U64_MAX)
+    info = await env.groups.info(gid)
+    assert (info.name, info.owner_id, info.members) == (name, U64_MAX, (2**63, U64_MAX))
+    assert await env.groups.since(gid, 2**63) == U64_MAX
+    assert await env.groups.groups_of(U64_MAX) == ((gid, name),)
+
+
+@pytest_twisted.ensureDeferred
+async def test_an_expired_backlog_is_trimmed_in_bounded_steps(env, monkeypatch):
+    monkeypatch.setattr(redis_inbox, "PAGE_TRIM", 3)
+    monkeypatch.setattr(redis_inbox, "APPEND_TRIM", 1)
+    old = [job(6) for _ in range(10)]
+    for j in old:
+        await env.inbox.append(j)
+    env.clock.now += RETENTION_MS + 1
+    new = [job(6) for _ in range(2)]
+    for j in new:
+        await env.inbox.append(j)  # each removes one expired entry in passing
+    _, ent, age, rec, _ = env.inbox.keys(6)
+    assert await env.command("ZCARD", age) == 10
+
+    page = await env.inbox.page(6, 0, 10)  # three bounded script calls, then the page
+    assert [m.msg_id for _, m in page.entries] == [j.message.msg_id for j in new]
+    assert page.gap and not page.has_more
+    assert (await env.inbox.page(6, 9, 10)).gap and not (await env.inbox.page(6, 10, 10)).gap
+    for key in (ent, age):
+        assert await env.command("ZCARD", key) == 2
+    assert await env.command("HLEN", rec) == 2
+
+
+@pytest_twisted.ensureDeferred
+async def test_sweep_trims_every_inbox_under_the_prefix_only(env):
+    other = RedisInbox(env.redis, env.prefix + "-other", env.clock, RETENTION_MS)
+    try:
+        for user in (1, 2, U64_MAX):
+            await env.inbox.append(job(user))
+            await env.inbox.append(job(user))
+        await other.append(job(1))
+        env.clock.now += RETENTION_MS + 1
+        assert await env.inbox.sweep() == 6
+        assert await env.inbox.sweep() == 0
+        _, ent, *_ = env.inbox.keys(1)
+        assert not await env.command("EXISTS", ent)
+        assert await other.sweep() == 1
+    finally:
+        helpers.delete_prefix(env.prefix + "-other")
+
+
+@pytest_twisted.ensureDeferred
+async def test_an_unknown_script_falls_back_to_eval(env):
+    # A nonce makes the source (and its SHA1) new to the server: EVALSHA says NOSCRIPT.
+    script = LuaScript(f"-- {uuid.uuid4().hex}\nreturn {{KEYS[1], ARGV[1]}}")
+    assert await env.command("SCRIPT", "EXISTS", script.sha) == [0]
+    key = f"{env.prefix}:x"
+    assert await script(env.redis, [key], [b"\x00\xff"]) == [key.encode(), b"\x00\xff"]
+    assert await env.command("SCRIPT", "EXISTS", script.sha) == [1]  # EVAL cached it
+    shas = [s.sha for s in (*INBOX_SCRIPTS, *GROUP_SCRIPTS)]
+    assert await env.command("SCRIPT", "EXISTS", *shas) == [1] * len(shas)  # loaded at start
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_decoding_connection_is_refused():
+    import txredisapi
+
+    pool = txredisapi.lazyConnectionPool("127.0.0.1", 6379, poolsize=1)  # charset utf-8
+    try:
+        with pytest.raises(ValueError, match="charset=None"):
+            RedisInbox(pool, "improto-test-stores:unused", Clock(), RETENTION_MS)
+        with pytest.raises(ValueError, match="charset=None"):
+            RedisGroups(pool, "improto-test-stores:unused")
+    finally:
+        await pool.disconnect()
+
+
+@pytest_twisted.ensureDeferred
+async def test_inbox_matches_the_embedded_store(env, sqlite):
+    """A random run of appends, redeliveries, clock moves (also backwards), pages, sweeps and
+    position updates gives the same answers from Redis as from SQLite."""
+    rng = random.Random(20261127)
+    users = (1, 2, 3, 2**63, U64_MAX)
+    done: list[tuple[PersistJob, int]] = []  # jobs with when they were first appended
+    stores = (env.inbox, sqlite.inbox)
+    for step in range(400):
+        op = rng.random()
+        if op < 0.35 or not done:
+            j = job(*rng.sample(users, rng.randint(1, 3)))
+            done.append((j, env.clock.now))
+            for store in stores:
+                await store.append(j)
+        elif op < 0.45:
+            # Redelivery (maybe reaching one more user) of a job that has not expired: what
+            # becomes of an expired one depends on when each store removed it.
+            j, at = rng.choice(done)
+            if env.clock.now - at < RETENTION_MS // 2:
+                j = PersistJob(j.message, (*j.inbox_users, rng.choice(users)))
+                for store in stores:
+                    await store.append(j)
+        elif op < 0.55:
+            delta = rng.choice([1, 1000, DAY_MS, RETENTION_MS // 3, -3_600_000])
+            if delta < 0:
+                # An entry that expired stays removed in Redis when the clock steps back, but
+                # SQLite serves it again until a sweep: sweep both first.
+                await env.inbox.sweep()
+                await sqlite.sweep()
+            env.clock.now += delta
+        elif op < 0.58:
+            await env.inbox.sweep()
+            await sqlite.sweep()
+        elif op < 0.70:
+            user, device = rng.choice(users), rng.choice(["a", "b"])
+            cursor = rng.choice([0, 1, rng.randint(0, 40), 10**6, U64_MAX])
+            got = [await s.advance(user, device, cursor) for s in stores]
+            assert got[0] == got[1], step
+            got = [await s.position(user, device) for s in stores]
+            assert got[0] == got[1], step
+        else:
+            user = rng.choice(users)
+            start = rng.choice([0, rng.randint(0, 40), 2**63, U64_MAX])
+            limit = rng.choice([0, 1, 3, 10, 200])
+            redis_page, sqlite_page = [await s.page(user, start, limit) for s in stores]
+            assert redis_page == sqlite_page, step
+
+
+@pytest_twisted.ensureDeferred
+async def test_groups_match_the_embedded_store(env, sqlite):
+    rng = random.Random(42)
+    people = (1, 2, 3, 4, 5, 2**63, U64_MAX)
+    gids: list[int] = []
+    stores = (env.groups, sqlite.groups)
+
+    async def both(name: str, *args: Any) -> Any:
+        results = []
+        for store in stores:
+            try:
+                results.append(("ok", await getattr(store, name)(*args)))
+            except (KeyError, LimitExceeded) as e:
+                results.append(("raised", type(e)))
+        assert results[0] == results[1], (name, args)
+        return results[0][1]
+
+    for _ in range(300):
+        op = rng.random()
+        gid = rng.choice([*gids, 0, 999, U64_MAX]) if gids else 1
+        some = tuple(rng.sample(people, rng.randint(1, 4)))
+        if op < 0.15 or not gids:
+            new = await both("create", rng.choice(people), f"g{len(gids)}", some, next(_ids))
+            if isinstance(new, int):
+                gids.append(new)
+        elif op < 0.4:
+            await both("add", gid, some, next(_ids))
+        elif op < 0.65:
+            await both("remove", gid, some)
+        elif op < 0.8:
+            await both("info", gid)
+        elif op < 0.9:
+            await both("since", gid, rng.choice(people))
+        else:
+            await both("groups_of", rng.choice(people))
+
+
+@pytest_twisted.ensureDeferred
+async def test_the_groups_per_user_limit_holds_under_concurrency(env):
+    user = 77
+    await gather(env.groups.create(user, f"g{i}", (), 1) for i in range(MAX_GROUPS_PER_USER - 1))
+    a = await env.groups.create(1, "a", (), 1)
+    b = await env.groups.create(2, "b", (), 1)
+    outcomes = await gather(
+        Deferred.fromCoroutine(_outcome(env.groups.add(gid, (user, 3), 5))) for gid in (a, b)
+    )
+    # Both try to make `user` join a 500th group at once: exactly one wins, the other
+    # writes nothing (not even bystander 3's membership).
+    assert sorted(outcomes, key=str) == sorted([(3, user), LimitExceeded], key=str)
+    won = outcomes.index((3, user))
+    winner, loser = (a, b) if won == 0 else (b, a)
+    assert len(await env.groups.groups_of(user)) == MAX_GROUPS_PER_USER
+    assert len((await env.groups.info(loser)).members) == 1  # only its creator
+    assert await env.groups.groups_of(3) == ((winner, "ab"[won]),)
+
+
+async def _outcome(d: Deferred[Any]) -> Any:
+    try:
+        return await d
+    except LimitExceeded:
+        return LimitExceeded
