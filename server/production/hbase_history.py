@@ -1,0 +1,342 @@
+"""HistoryStore on HBase, through its Thrift1 gateway with happybase.
+
+Row key: ``salt ‖ conversation ‖ 0x00 ‖ be64(2**64-1 - msg_id)``.
+
+* The 1-byte salt (CRC-32 of the conversation key, mod `SALT_BUCKETS`) spreads conversations
+  over regions while each conversation stays one contiguous key range.
+* The conversation is ``str(ConvKey)`` ("u:1:2", "g:7"); the 0x00 after it cannot occur in it,
+  so no conversation's keys fall inside another's range ("g:1" vs "g:12").
+* The inverted big-endian id makes a forward scan from the conversation prefix return the
+  newest message first, and byte order equals unsigned order, so ids near 2**64-1 sort right.
+
+One row per message: column ``m:v`` holds the PUSH payload of the message (the wire codec,
+which validates strictly), ``m:t`` its server_time as 16 hex digits, whose byte order is its
+numeric order, so a server-side SingleColumnValueFilter skips rows past retention. Cells are
+written with timestamp = server_time, so the family TTL (the retention) removes them
+physically relative to HBase's wall clock; reads still filter by the injected clock, which is
+what the contract defines retention against.
+
+happybase blocks, so every call runs on a dedicated thread pool as large as the happybase
+connection pool (a worker never waits for a connection). The Thrift server drops connections
+idle for `hbase.thrift.server.socket.read.timeout` (60 s): an operation that fails on the
+transport is retried once, on a freshly opened connection; every operation is idempotent.
+"""
+
+from __future__ import annotations
+
+import threading
+import zlib
+from collections.abc import Callable, Iterable
+from typing import Any, TypeVar
+
+import happybase
+from thriftpy2.transport import TTransportException
+
+from twisted.internet.defer import Deferred, fail, gatherResults, succeed
+from twisted.internet.threads import deferToThreadPool
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from twisted.python.threadpool import ThreadPool
+
+from improto.codec import COMPILED
+from improto.frames import Message, Push
+from improto.limits import U64_MAX
+from improto.server.model import ConvKey, HistorySlice, PersistJob
+
+_log = Logger()
+
+_R = TypeVar("_R")
+
+FAMILY = "m"
+COL_MESSAGE = b"m:v"
+COL_TIME = b"m:t"
+SALT_BUCKETS = 16
+_SEPARATOR = b"\x00"
+# A put with Long.MAX_VALUE as timestamp means "now" to HBase, and Thrift's i64 cannot carry
+# larger values: server_times at or above it (never wall-clock ones) are stored just below.
+_MAX_CELL_TS = 2**63 - 2
+_SCAN_CACHING = 1000  # rows per scannerGetList round trip, at most
+
+# What an idle connection closed by the Thrift server looks like on the next call:
+# "TSocket read 0 bytes" (END_OF_FILE), EPIPE or ECONNRESET.
+RETRYABLE: tuple[type[BaseException], ...] = (TTransportException, ConnectionError)
+
+
+def conversation_prefix(key: ConvKey) -> bytes:
+    """The first bytes of every row key of the conversation: salt, key, separator."""
+    conv = str(key).encode("ascii")
+    return bytes((zlib.crc32(conv) % SALT_BUCKETS,)) + conv + _SEPARATOR
+
+
+def _inverted(msg_id: int) -> bytes:
+    if not 0 <= msg_id <= U64_MAX:
+        raise ValueError(f"{msg_id} is not an unsigned 64-bit value")
+    return (U64_MAX - msg_id).to_bytes(8, "big")
+
+
+def row_key(key: ConvKey, msg_id: int) -> bytes:
+    return conversation_prefix(key) + _inverted(msg_id)
+
+
+def msg_id_of(row: bytes) -> int:
+    return U64_MAX - int.from_bytes(row[-8:], "big")
+
+
+def _time_value(server_time: int) -> bytes:
+    return b"%016x" % server_time
+
+
+def _cell_ts(server_time: int) -> int:
+    return min(server_time, _MAX_CELL_TS)
+
+
+def _retention_filter(cutoff: int) -> bytes | None:
+    """Server-side: keep rows with server_time >= cutoff (rows without m:t are dropped)."""
+    if cutoff <= 0:
+        return None
+    return b"SingleColumnValueFilter('m', 't', >=, 'binary:%s', true, true)" % _time_value(cutoff)
+
+
+def _encode(m: Message) -> dict[bytes, bytes]:
+    return {COL_MESSAGE: COMPILED.encode_payload(Push(m)), COL_TIME: _time_value(m.server_time)}
+
+
+def _decode(value: bytes) -> Message:
+    frame = COMPILED.decode_payload(value)
+    if not isinstance(frame, Push):
+        raise ValueError(f"history cell holds a {type(frame).__name__}, not a PUSH")
+    return frame.message
+
+
+# ---------------------------------------------------------------------- on the HBase threads
+
+
+def _ensure_table(table: happybase.Table, families: dict[str, dict[str, Any]]) -> None:
+    conn = table.connection
+    if table.name in conn.tables():
+        return
+    try:
+        conn.create_table(table.name, families)
+    except Exception:
+        if table.name not in conn.tables():  # not a racing creator: a real error
+            raise
+
+
+_PutsByTs = dict[int, list[tuple[bytes, dict[bytes, bytes]]]]  # cell timestamp -> (row, cells)
+
+
+def _put(table: happybase.Table, row: bytes, data: dict[bytes, bytes], ts: int) -> None:
+    table.put(row, data, timestamp=ts)
+
+
+def _put_many(table: happybase.Table, rows: _PutsByTs) -> None:
+    # Thrift1 carries one timestamp per mutateRowsTs call: one batch per distinct server_time.
+    for ts, puts in rows.items():
+        batch = table.batch(timestamp=ts)
+        for row, data in puts:
+            batch.put(row, data)
+        batch.send()
+
+
+def _scan(
+    table: happybase.Table, start: bytes, stop: bytes, limit: int, filter_: bytes | None
+) -> HistorySlice:
+    rows = list(
+        table.scan(
+            row_start=start,
+            row_stop=stop,
+            columns=[COL_MESSAGE, COL_TIME],  # the filter needs m:t in the scan
+            filter=filter_,
+            limit=limit + 1,  # one more than asked: has_more
+            batch_size=min(limit + 1, _SCAN_CACHING),
+        )
+    )
+    messages = tuple(_decode(data[COL_MESSAGE]) for _, data in rows[:limit])
+    return HistorySlice(messages, has_more=len(rows) > limit)
+
+
+# -------------------------------------------------------------------------------- the store
+
+
+class HBaseHistory:
+    """HistoryStore on one HBase table; `start()` before use, `close()` after."""
+
+    def __init__(
+        self,
+        host: str,
+        port: int,
+        table: str,
+        *,
+        now_ms: Callable[[], int],
+        retention_ms: int,
+        pool_size: int = 4,
+        reactor: Any = None,
+        family_ttl: bool = True,
+        timeout_ms: int | None = 30_000,
+    ) -> None:
+        """`family_ttl=False` creates the table without a TTL: for a clock that is not wall
+        time (tests' fake clock), where cells stamped with server_time would be expired by
+        HBase at once. `timeout_ms` bounds each socket read, so close() cannot hang forever."""
+        if reactor is None:
+            from twisted.internet import reactor as default_reactor
+
+            reactor = default_reactor
+        self.host = host
+        self.port = port
+        self.table_name = table
+        self.now_ms = now_ms
+        self.retention_ms = retention_ms
+        self.pool_size = pool_size
+        self._reactor = reactor
+        self._family_ttl = family_ttl
+        self._timeout_ms = timeout_ms
+        self._threads = ThreadPool(minthreads=pool_size, maxthreads=pool_size, name="improto-hbase")
+        self._pool: happybase.ConnectionPool | None = None
+        self._started = False
+        self._running = False  # accepting calls: after start() succeeded, before close()
+        self._closed: Deferred[None] | None = None
+        self._in_flight: set[Deferred[None]] = set()
+        self._shutdown_trigger: Any = None
+        self._retry_lock = threading.Lock()
+        self.retries = 0  # operations retried after a transport error (for tests and metrics)
+
+    # ------------------------------------------------------------------ lifecycle
+
+    def start(self) -> Deferred[None]:
+        """Connect, and create the table if it is missing."""
+        if self._started or self._closed is not None:
+            raise RuntimeError("HBaseHistory can be started once, before close()")
+        self._started = True
+        self._threads.start()
+        # Pool threads are not daemons: reactor shutdown must release them.
+        self._shutdown_trigger = self._reactor.addSystemEventTrigger(
+            "before", "shutdown", self.close
+        )
+        d = self._submit(self._open)
+        d.addCallbacks(self._opened, self._start_failed)
+        return d
+
+    def _opened(self, _: None) -> None:
+        if self._closed is None:
+            self._running = True
+
+    def _start_failed(self, failure: Failure) -> Deferred[Failure]:
+        return self.close().addCallback(lambda _: failure)
+
+    def _open(self) -> None:
+        # The constructor connects its first connection at once (blocking): on this thread.
+        self._pool = happybase.ConnectionPool(
+            size=self.pool_size, host=self.host, port=self.port, timeout=self._timeout_ms
+        )
+        options: dict[str, Any] = {"max_versions": 1}
+        if self._family_ttl:
+            # HBase TTLs are whole seconds: round up so HBase never hides a message that the
+            # retention (by server_time, in ms) still serves.
+            options["time_to_live"] = max(1, -(-self.retention_ms // 1000))
+        self._with_retry(_ensure_table, {FAMILY: options})
+
+    def close(self) -> Deferred[None]:
+        """Stop taking calls, let the running ones finish, then stop the threads."""
+        if self._closed is None:
+            self._closed = Deferred.fromCoroutine(self._close())
+        d: Deferred[None] = Deferred()
+
+        def notify(result: Any) -> Any:
+            d.callback(None)
+            return result
+
+        self._closed.addBoth(notify)  # a fresh Deferred per caller: none can alter the others
+        return d
+
+    async def _close(self) -> None:
+        self._running = False
+        try:
+            if self._in_flight:
+                await gatherResults(list(self._in_flight))
+        finally:
+            if self._started:
+                self._threads.stop()  # workers are idle now: the join is immediate
+            # happybase has no public close for a pool: its connections close their sockets
+            # when collected (Connection.__del__), which dropping the pool does here.
+            self._pool = None
+            if self._shutdown_trigger is not None:
+                self._reactor.removeSystemEventTrigger(self._shutdown_trigger)
+                self._shutdown_trigger = None
+
+    # ------------------------------------------------------------------ plumbing
+
+    def _call(self, fn: Callable[..., _R], *args: Any) -> Deferred[_R]:
+        """Run `fn(table, *args)` on an HBase thread, retried once on a transport error."""
+        if not self._running:
+            return fail(RuntimeError("HBaseHistory is not running"))
+        return self._submit(self._with_retry, fn, *args)
+
+    def _submit(self, fn: Callable[..., _R], *args: Any) -> Deferred[_R]:
+        """Run `fn(*args)` on an HBase thread; close() waits for it before stopping them."""
+        done: Deferred[None] = Deferred()
+        self._in_flight.add(done)
+
+        def finished(result: Any) -> Any:
+            self._in_flight.discard(done)
+            done.callback(None)
+            return result
+
+        d = deferToThreadPool(self._reactor, self._threads, fn, *args)
+        d.addBoth(finished)
+        return d
+
+    def _with_retry(self, fn: Callable[..., _R], *args: Any) -> _R:
+        pool = self._pool
+        assert pool is not None, "not started"
+        try:
+            with pool.connection() as conn:
+                return fn(conn.table(self.table_name), *args)
+        except RETRYABLE as e:
+            # The pool has already replaced the failed connection's client (pool.py), but
+            # this thread may now be handed another one that sat idle just as long: reopen
+            # it, so the one retry runs on a socket that is certainly fresh.
+            _log.info("HBase connection failed ({error!r}); retrying once", error=e)
+            with self._retry_lock:
+                self.retries += 1
+            with pool.connection() as conn:
+                conn.close()
+                conn.open()
+                return fn(conn.table(self.table_name), *args)
+
+    # ------------------------------------------------------------------ HistoryStore
+
+    def append(self, key: ConvKey, job: PersistJob) -> Deferred[None]:
+        """One put; idempotent by construction (same row, same cell timestamp, same value)."""
+        m = job.message
+        try:
+            row, data = row_key(key, m.msg_id), _encode(m)  # validates before anything runs
+        except Exception:
+            return fail()
+        return self._call(_put, row, data, _cell_ts(m.server_time))
+
+    def append_many(self, items: Iterable[tuple[ConvKey, PersistJob]]) -> Deferred[None]:
+        """Batched appends: one mutateRowsTs per distinct server_time (for bulk writers)."""
+        by_ts: _PutsByTs = {}
+        try:
+            for key, job in items:
+                m = job.message
+                by_ts.setdefault(_cell_ts(m.server_time), []).append(
+                    (row_key(key, m.msg_id), _encode(m))
+                )
+        except Exception:
+            return fail()
+        return self._call(_put_many, by_ts)
+
+    def page(self, key: ConvKey, before_id: int, limit: int, min_id: int) -> Deferred[HistorySlice]:
+        limit = max(0, limit)
+        try:
+            prefix = conversation_prefix(key)
+            # Inclusive bounds: min_id <= msg_id <= hi. Inverted, hi comes first.
+            start = prefix + _inverted(before_id - 1 if before_id else U64_MAX)
+            stop = prefix + _inverted(min_id) + b"\x00"  # the smallest key after min_id's
+        except ValueError:
+            return fail()
+        if start >= stop:  # min_id >= before_id: nothing in range (HBase wants start < stop)
+            return succeed(HistorySlice((), False))
+        cutoff = max(0, self.now_ms() - self.retention_ms)
+        return self._call(_scan, start, stop, limit, _retention_filter(cutoff))

@@ -1,0 +1,405 @@
+"""HBaseHistory beyond the contract suite: row-key order, the reconnect path, threading,
+idempotency, and retention by the injected clock and by the family TTL.
+
+Needs HBase's Thrift1 server (IMPROTO_HBASE, default 127.0.0.1:9090): skips without it,
+except under CI (CI set), where it fails. Every test uses its own `improto_test_*` table and
+drops it afterwards. The row-key tests need no server.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import happybase
+import pytest
+import pytest_twisted
+
+from twisted.internet import reactor
+from twisted.internet.defer import Deferred
+from twisted.internet.task import deferLater
+from twisted.protocols import portforward
+from twisted.python.failure import Failure
+
+from improto.enums import ContentType, ConvKind
+from improto.frames import Message
+from improto.limits import U64_MAX
+from improto.server.model import ConvKey, PersistJob
+from improto.server.production import hbase_history
+from improto.server.production.hbase_history import (
+    RETRYABLE,
+    HBaseHistory,
+    conversation_prefix,
+    msg_id_of,
+    row_key,
+)
+
+HOST, _, _PORT = os.environ.get("IMPROTO_HBASE", "127.0.0.1:9090").rpartition(":")
+PORT = int(_PORT)
+DAY_MS = 86_400_000
+DM = ConvKey.direct(1, 2)
+
+
+def wall_ms() -> int:
+    return time.time_ns() // 1_000_000
+
+
+class Clock:
+    def __init__(self, now: int) -> None:
+        self.now = now
+
+    def __call__(self) -> int:
+        return self.now
+
+
+def message(msg_id: int, server_time: int, key: ConvKey = DM, body: bytes = b"hi") -> Message:
+    conv_id = key.a if key.kind == ConvKind.GROUP else key.b
+    return Message(
+        msg_id, server_time, key.a, "phone-1", key.kind, conv_id, ContentType.TEXT,
+        msg_id.to_bytes(16, "big"), body,
+    )  # fmt: skip
+
+
+def job(msg_id: int, server_time: int, key: ConvKey = DM) -> PersistJob:
+    return PersistJob(message(msg_id, server_time, key), ())
+
+
+def ids(messages: tuple[Message, ...]) -> list[int]:
+    return [m.msg_id for m in messages]
+
+
+async def eventually(check: Callable[[], bool], timeout: float = 5.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not check():
+        assert time.monotonic() < deadline, "condition not met in time"
+        await deferLater(reactor, 0.01, lambda: None)
+
+
+# ----------------------------------------------------------------------- row keys (no HBase)
+
+TOP = [1, 2, 2**32, 2**63 - 1, 2**63, 2**63 + 1, U64_MAX - 1, U64_MAX]
+
+
+def test_row_keys_sort_newest_first_as_unsigned() -> None:
+    keys = sorted(row_key(DM, i) for i in TOP)
+    assert [msg_id_of(k) for k in keys] == sorted(TOP, reverse=True)
+    assert all(k.startswith(conversation_prefix(DM)) for k in keys)
+    for bad in (-1, U64_MAX + 1):
+        with pytest.raises(ValueError):
+            row_key(DM, bad)
+
+
+def _same_salt_pair() -> tuple[ConvKey, ConvKey]:
+    """Two group keys with one salt where one key's text is a prefix of the other's."""
+    short = ConvKey.group(1)
+    for n in range(10, 1000):
+        other = ConvKey.group(n)
+        if str(other).startswith(str(short)) and (
+            conversation_prefix(other)[0] == conversation_prefix(short)[0]
+        ):
+            return short, other
+    raise AssertionError("no pair found")
+
+
+def test_conversations_with_one_salt_stay_contiguous() -> None:
+    a, b = _same_salt_pair()  # "g:1" and e.g. "g:1N": without a separator they would interleave
+    keys = sorted([row_key(a, i) for i in TOP] + [row_key(b, i) for i in TOP])
+    owners = [a if k.startswith(conversation_prefix(a)) else b for k in keys]
+    assert owners == [a] * len(TOP) + [b] * len(TOP)
+    assert not conversation_prefix(b).startswith(conversation_prefix(a))
+
+
+# ------------------------------------------------------------------------------- with HBase
+
+
+def _require_hbase() -> None:
+    try:
+        socket.create_connection((HOST, PORT), timeout=2).close()
+    except OSError:
+        message = f"HBase Thrift server not reachable at {HOST}:{PORT}"
+        if os.environ.get("CI"):
+            pytest.fail(message)
+        pytest.skip(message)
+
+
+@pytest.fixture
+def hbase() -> Iterator[happybase.Connection]:
+    """A direct connection for inspecting tables; drops the test's tables afterwards."""
+    _require_hbase()
+    conn = happybase.Connection(HOST, PORT, timeout=60_000)
+    yield conn
+    conn.close()
+
+
+@pytest.fixture
+def make_history(hbase: happybase.Connection) -> Iterator[Callable[..., HBaseHistory]]:
+    """`make_history(**kw)`: an unstarted HBaseHistory on a fresh table (closed, dropped after)."""
+    made: list[HBaseHistory] = []
+
+    def make(**kw: Any) -> HBaseHistory:
+        kw.setdefault("host", HOST)
+        kw.setdefault("port", PORT)
+        kw.setdefault("now_ms", Clock(wall_ms()))
+        kw.setdefault("retention_ms", 180 * DAY_MS)
+        table = kw.pop("table", None) or f"improto_test_{uuid.uuid4().hex[:12]}"
+        history = HBaseHistory(table=table, **kw)
+        made.append(history)
+        return history
+
+    yield make
+    for history in made:
+        pytest_twisted.blockon(history.close())
+    existing = set(hbase.tables())
+    for name in {h.table_name for h in made}:
+        if name.encode() in existing:
+            hbase.delete_table(name, disable=True)
+
+
+@pytest.fixture
+def history(make_history: Callable[..., HBaseHistory]) -> HBaseHistory:
+    h = make_history()
+    pytest_twisted.blockon(h.start())
+    return h
+
+
+def raw_rows(conn: happybase.Connection, h: HBaseHistory, prefix: bytes) -> list[bytes]:
+    return [row for row, _ in conn.table(h.table_name).scan(row_prefix=prefix)]
+
+
+@pytest_twisted.ensureDeferred
+async def test_ids_near_u64_max_and_same_salt_conversations(history, hbase):
+    a, b = _same_salt_pair()
+    now = history.now_ms()
+    for i in TOP:
+        await history.append(a, job(i, now, a))
+        await history.append(b, job(i, now, b))
+    newest_first = sorted(TOP, reverse=True)
+    page = await history.page(a, 0, 100, 0)
+    assert ids(page.messages) == newest_first and not page.has_more
+    assert ids((await history.page(b, 0, 100, 0)).messages) == newest_first
+    assert ids((await history.page(a, U64_MAX, 2, 2**63)).messages) == [U64_MAX - 1, 2**63 + 1]
+    assert ids((await history.page(a, 2**63, 100, 1)).messages) == [2**63 - 1, 2**32, 2, 1]
+    # In the table, one salt bucket holds both conversations, each contiguous, newest first.
+    rows = raw_rows(hbase, history, conversation_prefix(a)[:1])
+    mine = [r for r in rows if r.startswith(conversation_prefix(a))]
+    assert rows[: len(TOP)] == mine and [msg_id_of(r) for r in mine] == newest_first
+
+
+@pytest_twisted.ensureDeferred
+async def test_appending_twice_leaves_one_row_and_one_version(history, hbase):
+    j = job(42, history.now_ms())
+    await history.append(DM, j)
+    await history.append(DM, j)
+    await history.append_many([(DM, j)])
+    assert raw_rows(hbase, history, conversation_prefix(DM)) == [row_key(DM, 42)]
+    cells = hbase.table(history.table_name).cells(
+        row_key(DM, 42), b"m:v", versions=10, include_timestamp=True
+    )
+    assert len(cells) == 1 and cells[0][1] == j.message.server_time  # stamped with server_time
+    assert (await history.page(DM, 0, 10, 0)).messages == (j.message,)
+
+
+@pytest_twisted.ensureDeferred
+async def test_append_many_batches_across_times_and_conversations(history):
+    now = history.now_ms()
+    other = ConvKey.group(9)
+    items = [(DM, job(i, now + i % 3)) for i in range(1, 31)]
+    items += [(other, job(i, now, other)) for i in range(100, 110)]
+    await history.append_many(items)
+    page = await history.page(DM, 0, 100, 0)
+    assert ids(page.messages) == list(range(30, 0, -1))
+    assert [m.server_time for m in page.messages] == [now + i % 3 for i in range(30, 0, -1)]
+    assert ids((await history.page(other, 0, 100, 0)).messages) == list(range(109, 99, -1))
+
+
+@pytest_twisted.ensureDeferred
+async def test_blocking_calls_run_on_the_pool_threads(make_history, monkeypatch):
+    seen: list[tuple[str, threading.Thread]] = []
+
+    def spy(cls: type, name: str) -> None:
+        original = getattr(cls, name)
+
+        def wrapped(*args: Any, **kw: Any) -> Any:
+            seen.append((name, threading.current_thread()))
+            return original(*args, **kw)
+
+        monkeypatch.setattr(cls, name, wrapped)
+
+    spy(happybase.ConnectionPool, "__init__")  # it connects at once
+    spy(happybase.Connection, "tables")
+    spy(happybase.Table, "put")
+    spy(happybase.Table, "scan")
+    spy(happybase.Table, "batch")
+    h = make_history()
+    await h.start()
+    await h.append(DM, job(1, h.now_ms()))
+    await h.append_many([(DM, job(2, h.now_ms()))])
+    assert ids((await h.page(DM, 0, 10, 0)).messages) == [2, 1]
+    assert {name for name, _ in seen} == {"__init__", "tables", "put", "scan", "batch"}
+    for _, thread in seen:
+        assert thread is not threading.main_thread()
+        assert thread.name.startswith("PoolThread-improto-hbase")
+
+
+# ---------------------------------------------------------------------- the reconnect path
+
+
+class _DroppingProxy(portforward.ProxyFactory):
+    """Forwards to HBase's Thrift server and can close its client connections, as the Thrift
+    server does with connections idle past its read timeout."""
+
+    def __init__(self) -> None:
+        super().__init__(HOST, PORT)
+        self.live: set[_ProxyServer] = set()
+        self.accepted = 0
+        self.refuse = False  # close every new connection as soon as it is accepted
+
+    def drop_all(self) -> None:
+        for server in list(self.live):
+            server.transport.loseConnection()
+
+
+class _ProxyServer(portforward.ProxyServer):
+    factory: _DroppingProxy
+
+    def connectionMade(self) -> None:
+        self.factory.accepted += 1
+        if self.factory.refuse:
+            self.transport.loseConnection()
+            return
+        self.factory.live.add(self)
+        super().connectionMade()
+
+    def connectionLost(self, reason: Failure | None = None) -> None:
+        self.factory.live.discard(self)
+        super().connectionLost(reason)
+
+
+_DroppingProxy.protocol = _ProxyServer
+
+
+@pytest.fixture
+def proxy(hbase: happybase.Connection) -> Iterator[tuple[_DroppingProxy, int]]:
+    factory = _DroppingProxy()
+    port = reactor.listenTCP(0, factory, interface="127.0.0.1")
+    yield factory, port.getHost().port
+    factory.drop_all()
+    pytest_twisted.blockon(port.stopListening())
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_dropped_idle_connection_is_retried_once_on_a_fresh_one(make_history, proxy):
+    factory, port = proxy
+    h = make_history(port=port, pool_size=2)
+    await h.start()
+    await h.append(DM, job(1, h.now_ms()))
+    assert factory.accepted == 1 and h.retries == 0
+
+    factory.drop_all()  # the server side closes the idle connection
+    await eventually(lambda: not factory.live)
+    page = await h.page(DM, 0, 10, 0)
+    assert ids(page.messages) == [1]
+    assert h.retries == 1  # the first attempt failed on the dead socket, the retry worked
+    assert len(factory.live) == 1  # the retry's connection, now open and reusable
+    await h.append(DM, job(2, h.now_ms()))
+    assert h.retries == 1
+
+
+@pytest_twisted.ensureDeferred
+async def test_the_retry_happens_once_only(make_history, proxy, monkeypatch):
+    factory, port = proxy
+    h = make_history(port=port, pool_size=1)
+    await h.start()
+    attempts: list[int] = []
+    scan = hbase_history._scan
+
+    def counting_scan(*args: Any) -> Any:
+        attempts.append(1)
+        return scan(*args)
+
+    monkeypatch.setattr(hbase_history, "_scan", counting_scan)
+    factory.refuse = True  # every connection dies, the retry's too
+    factory.drop_all()
+    await eventually(lambda: not factory.live)
+    with pytest.raises(RETRYABLE):
+        await h.page(DM, 0, 10, 0)
+    assert len(attempts) == 2 and h.retries == 1
+
+    factory.refuse = False  # the server is back: the pool recovers without a restart
+    attempts.clear()
+    assert (await h.page(DM, 0, 10, 0)).messages == ()
+    assert len(attempts) <= 2
+
+
+@pytest_twisted.ensureDeferred
+async def test_start_fails_cleanly_without_a_server(make_history):
+    probe = socket.socket()
+    probe.bind(("127.0.0.1", 0))
+    dead_port = probe.getsockname()[1]
+    probe.close()  # nothing listens there now
+    h = make_history(port=dead_port, timeout_ms=2000)
+    with pytest.raises(RETRYABLE):
+        await h.start()
+    assert h._threads.joined  # the threads were released
+    with pytest.raises(RuntimeError):
+        await h.page(DM, 0, 10, 0)
+
+
+@pytest_twisted.ensureDeferred
+async def test_close_waits_for_calls_in_flight(history):
+    await history.append(DM, job(1, history.now_ms()))
+    page: Deferred[Any] = history.page(DM, 0, 10, 0)
+    closed = history.close()
+    assert ids((await page).messages) == [1]
+    await closed
+    with pytest.raises(RuntimeError):
+        await history.append(DM, job(2, history.now_ms()))
+
+
+# ------------------------------------------------------------------------------- retention
+
+
+@pytest_twisted.ensureDeferred
+async def test_retention_follows_the_injected_clock(make_history, hbase):
+    clock = Clock(wall_ms())
+    retention = 10 * DAY_MS
+    h = make_history(now_ms=clock, retention_ms=retention)
+    await h.start()
+    t0 = clock.now
+    # Expiring rows (t0) interleaved with retained ones (t0 + 5 days) in msg_id order.
+    for mid, st in ((1, t0), (2, t0), (3, t0 + 5 * DAY_MS), (4, t0), (5, t0 + 5 * DAY_MS)):
+        await h.append(DM, job(mid, st))
+
+    clock.now = t0 + retention  # t0 is exactly `retention` old: still served
+    assert ids((await h.page(DM, 0, 10, 0)).messages) == [5, 4, 3, 2, 1]
+
+    clock.now += 1
+    page = await h.page(DM, 0, 10, 0)
+    assert ids(page.messages) == [5, 3] and not page.has_more
+    first = await h.page(DM, 0, 1, 0)
+    assert ids(first.messages) == [5] and first.has_more  # 4 is expired: it does not count
+    last = await h.page(DM, 5, 1, 0)
+    assert ids(last.messages) == [3] and not last.has_more  # nor do 2 and 1
+    assert (await h.page(DM, 3, 10, 0)).messages == ()
+    # HBase's own clock has not moved: the rows are all still stored.
+    assert len(raw_rows(hbase, h, conversation_prefix(DM))) == 5
+
+
+@pytest_twisted.ensureDeferred
+async def test_the_family_ttl_expires_cells_by_server_time(make_history, hbase):
+    hour = 3_600_000
+    h = make_history(retention_ms=hour)  # clock: wall time, as in production
+    await h.start()
+    families = hbase.table(h.table_name).families()
+    assert families[b"m"]["time_to_live"] == 3600 and families[b"m"]["max_versions"] == 1
+    now = wall_ms()
+    await h.append(DM, job(1, now - 2 * hour))  # already past retention on HBase's clock
+    await h.append(DM, job(2, now - 60_000))
+    # HBase itself hides the old cell: a raw scan, without the store's filter, misses it.
+    assert [msg_id_of(r) for r in raw_rows(hbase, h, conversation_prefix(DM))] == [2]
+    assert ids((await h.page(DM, 0, 10, 0)).messages) == [2]
