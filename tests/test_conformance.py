@@ -6,23 +6,36 @@ import io
 import os
 import subprocess
 import sys
+import uuid
 from collections.abc import Iterator
 
 import pytest
 from serverproc import free_port, start_server
+from services import cleanup, require_services
 
 from improto.conformance.runner import load_checks, run
 
 SECRET = "conformance-test-secret-0123456789abcdef0123456789"
 
 
-@pytest.fixture(scope="module")
-def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, int]]:
-    """Our server as a subprocess, with short timeouts so the idle checks run."""
-    proc = start_server(tmp_path_factory.mktemp("imserver"), SECRET,
-                        "--idle-timeout", "5", "--heartbeat", "2")  # fmt: skip
+@pytest.fixture(scope="module", params=["embedded", "production"])
+def server(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[tuple[str, int]]:
+    """Our server as a subprocess in each storage mode, with short timeouts so the idle
+    checks run. Production mode uses the services of scripts/services under a fresh prefix."""
+    flags = ["--idle-timeout", "5", "--heartbeat", "2"]
+    prefix = table = ""
+    if request.param == "production":
+        require_services()
+        run = uuid.uuid4().hex[:10]
+        prefix, table = f"conformance{run}", f"conformance_{run}"
+        flags += ["--storage", "production", "--key-prefix", prefix, "--hbase-table", table]
+    proc = start_server(tmp_path_factory.mktemp("imserver"), SECRET, *flags)
     yield "127.0.0.1", proc.port
     proc.stop()
+    if prefix:
+        cleanup(prefix, table)
 
 
 def test_suite_passes(server: tuple[str, int]) -> None:

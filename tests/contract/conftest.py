@@ -137,6 +137,9 @@ def backend(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Harness]
         yield harness
     finally:
         pytest_twisted.blockon(harness.current.close())
+        destroy = getattr(harness.current, "destroy", None)
+        if destroy is not None:  # backends on shared services delete what the test made
+            destroy()
 
 
 @dataclass
