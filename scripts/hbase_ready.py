@@ -7,6 +7,7 @@ deadline, then exits 1 with the last error.
 
     scripts/hbase_ready.py [--host 127.0.0.1] [--port 9090] [--timeout 180] [--table services_ready]
 """
+
 import argparse
 import sys
 import time
@@ -19,7 +20,7 @@ def round_trip(host, port, table_name, call_timeout_ms):
     try:
         if table_name.encode() not in conn.tables():
             try:
-                conn.create_table(table_name, {"f": dict(max_versions=1)})
+                conn.create_table(table_name, {"f": {"max_versions": 1}})
             except Exception as exc:  # AlreadyExists when two checks race
                 if "AlreadyExists" not in repr(exc) and "TableExistsException" not in repr(exc):
                     raise
@@ -28,7 +29,7 @@ def round_trip(host, port, table_name, call_timeout_ms):
         table.put(row, {b"f:c": value})
         got = table.row(row).get(b"f:c")
         if got != value:
-            raise RuntimeError("read back %r, expected %r" % (got, value))
+            raise RuntimeError(f"read back {got!r}, expected {value!r}")
         table.delete(row)
     finally:
         conn.close()
@@ -45,7 +46,10 @@ def main():
     try:
         import happybase  # noqa: F401
     except ImportError:
-        print("hbase_ready: happybase is not importable by %s (run scripts/bootstrap.sh)" % sys.executable)
+        print(
+            f"hbase_ready: happybase is not importable by {sys.executable} "
+            "(run scripts/bootstrap.sh)"
+        )
         return 2
 
     start = time.monotonic()
@@ -57,15 +61,19 @@ def main():
         try:
             # per-call socket timeout in ms: long enough for a first region assignment
             round_trip(args.host, args.port, args.table, int(max(5.0, min(30.0, remaining)) * 1000))
-            print("hbase_ready: put/get round trip OK on %s:%d after %.1f s (%d tries)"
-                  % (args.host, args.port, time.monotonic() - start, tries))
+            print(
+                f"hbase_ready: put/get round trip OK on {args.host}:{args.port} after "
+                f"{time.monotonic() - start:.1f} s ({tries} tries)"
+            )
             return 0
-        except Exception as exc:  # TTransportException, IOError(PleaseHoldException), socket errors...
+        except (
+            Exception
+        ) as exc:  # TTransportException, IOError(PleaseHoldException), socket errors...
             last = exc
         if time.monotonic() + 1 >= deadline:
             break
         time.sleep(1)
-    print("hbase_ready: NOT ready after %.0f s (%d tries): %r" % (args.timeout, tries, last))
+    print(f"hbase_ready: NOT ready after {args.timeout:.0f} s ({tries} tries): {last!r}")
     return 1
 
 
