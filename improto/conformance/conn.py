@@ -333,7 +333,7 @@ def ids16(ids: list[int]) -> bytes:
     return struct.pack(">H", len(ids)) + b"".join(u64(i) for i in ids)
 
 
-def eventually(fn: Callable[[], T], timeout: float = 5.0, interval: float = 0.05) -> T:
+def eventually(fn: Callable[[], T], timeout: float = 20.0, interval: float = 0.05) -> T:
     """Call `fn` until it stops raising AssertionError (spec 11: persistence is asynchronous)."""
     deadline = time.monotonic() + timeout
     while True:
