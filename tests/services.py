@@ -5,8 +5,11 @@ from __future__ import annotations
 
 import os
 import socket
+from typing import Any
 
 import pytest
+
+from improto.server.production.redis_inbox import glob_escape
 
 REDIS = ("127.0.0.1", 6379)
 RABBITMQ = ("127.0.0.1", 5672)
@@ -29,40 +32,70 @@ def require_services() -> None:
         pytest.skip(why)
 
 
-def _redis(*args: str | bytes) -> object:
-    """One command over a fresh blocking connection (enough for cleanup)."""
-    with socket.create_connection(REDIS, timeout=5) as s:
+class SyncRedis:
+    """A minimal blocking RESP client for probing and cleanup, usable outside the reactor
+    (e.g. at exit, after pytest-twisted stopped it)."""
+
+    def __init__(self, host: str = REDIS[0], port: int = REDIS[1], timeout: float = 2.0) -> None:
+        self._sock = socket.create_connection((host, port), timeout=timeout)
+        self._file = self._sock.makefile("rb")
+
+    def __call__(self, *args: str | bytes | int) -> Any:
         out = [b"*%d\r\n" % len(args)]
-        for a in args:
-            data = a if isinstance(a, bytes) else a.encode()
+        for arg in args:
+            data = arg if isinstance(arg, bytes) else str(arg).encode()
             out.append(b"$%d\r\n%s\r\n" % (len(data), data))
-        s.sendall(b"".join(out))
-        f = s.makefile("rb")
-        return _read(f)
+        self._sock.sendall(b"".join(out))
+        return self._read()
+
+    def _read(self) -> Any:
+        line = self._file.readline()
+        if not line.endswith(b"\r\n"):
+            raise ConnectionError("Redis closed the connection")
+        kind, rest = line[:1], line[1:-2]
+        if kind == b"+":
+            return rest
+        if kind == b"-":
+            raise RuntimeError(f"Redis error: {rest.decode(errors='replace')}")
+        if kind == b":":
+            return int(rest)
+        if kind == b"$":
+            n = int(rest)
+            return None if n < 0 else self._file.read(n + 2)[:-2]
+        if kind == b"*":
+            n = int(rest)
+            return None if n < 0 else [self._read() for _ in range(n)]
+        raise RuntimeError(f"unexpected Redis reply {line!r}")
+
+    def delete_prefix(self, prefix: str) -> int:
+        """SCAN + DEL of the keys under `prefix:` only; returns how many went."""
+        cursor, deleted = b"0", 0
+        while True:
+            cursor, keys = self(
+                "SCAN", cursor, "MATCH", glob_escape(prefix + ":") + "*", "COUNT", 1000
+            )
+            if keys:
+                deleted += self("DEL", *keys)
+            if cursor == b"0":
+                return deleted
+
+    def close(self) -> None:
+        self._file.close()
+        self._sock.close()
 
 
-def _read(f) -> object:  # type: ignore[no-untyped-def]
-    line = f.readline()[:-2]
-    kind, rest = line[:1], line[1:]
-    if kind == b"*":
-        return [_read(f) for _ in range(int(rest))]
-    if kind == b"$":
-        n = int(rest)
-        return None if n < 0 else f.read(n + 2)[:-2]
-    if kind == b"-":
-        raise RuntimeError(rest.decode())
-    return rest
+def delete_redis_prefix(prefix: str) -> int:
+    """SCAN + DEL of the keys under `prefix:` only (blocking; usable outside the reactor)."""
+    client = SyncRedis()
+    try:
+        return client.delete_prefix(prefix)
+    finally:
+        client.close()
 
 
 def cleanup(prefix: str, hbase_table: str) -> None:
     """Delete the Redis keys, queues and HBase table of one run (best effort)."""
-    cursor = b"0"
-    while True:
-        cursor, keys = _redis("SCAN", cursor, "MATCH", prefix + ":*", "COUNT", "1000")  # type: ignore[misc]
-        if keys:
-            _redis("DEL", *keys)
-        if cursor == b"0":
-            break
+    delete_redis_prefix(prefix)
     try:
         import pika
 

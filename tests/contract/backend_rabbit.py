@@ -23,6 +23,7 @@ from typing import Any
 
 import pika
 import pytest
+from services import delete_redis_prefix
 
 from twisted.internet.defer import Deferred
 
@@ -50,38 +51,6 @@ def require_services() -> None:
             pytest.skip(f"{name} not reachable at {host}:{port}: {e}")
 
 
-def _redis(sock: socket.socket, reader: Any, *args: str | bytes | int) -> Any:
-    """One command on a blocking RESP connection (enough for SCAN and DEL)."""
-    out = [b"*%d\r\n" % len(args)]
-    for arg in args:
-        data = arg if isinstance(arg, bytes) else str(arg).encode()
-        out.append(b"$%d\r\n%s\r\n" % (len(data), data))
-    sock.sendall(b"".join(out))
-    return _read(reader)
-
-
-def _read(reader: Any) -> Any:
-    line = reader.readline()
-    if not line.endswith(b"\r\n"):
-        raise ConnectionError("Redis closed the connection")
-    kind, rest = line[:1], line[1:-2]
-    if kind == b"-":
-        raise RuntimeError(f"Redis error: {rest.decode(errors='replace')}")
-    if kind == b":":
-        return int(rest)
-    if kind == b"$":
-        n = int(rest)
-        return None if n < 0 else reader.read(n + 2)[:-2]
-    if kind == b"*":
-        n = int(rest)
-        return None if n < 0 else [_read(reader) for _ in range(n)]
-    return rest
-
-
-def _glob_escape(text: str) -> str:
-    return "".join("\\" + c if c in "*?[]\\" else c for c in text)
-
-
 def delete_prefix(prefix: str, partitions: int = PARTITIONS) -> None:
     """Delete the queues, the dead-letter exchange and the Redis keys of `prefix` (blocking,
     usable outside the reactor)."""
@@ -94,20 +63,7 @@ def delete_prefix(prefix: str, partitions: int = PARTITIONS) -> None:
         ch.exchange_delete(names.dead_exchange)
     finally:
         conn.close()
-    sock = socket.create_connection((REDIS_HOST, REDIS_PORT), timeout=5.0)
-    reader = sock.makefile("rb")
-    try:
-        cursor = b"0"
-        while True:
-            pattern = _glob_escape(prefix + ":") + "*"
-            cursor, keys = _redis(sock, reader, "SCAN", cursor, "MATCH", pattern, "COUNT", 1000)
-            if keys:
-                _redis(sock, reader, "DEL", *keys)
-            if cursor == b"0":
-                break
-    finally:
-        reader.close()
-        sock.close()
+    delete_redis_prefix(prefix)
 
 
 def prefix_for(data_dir: Path) -> str:

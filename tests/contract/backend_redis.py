@@ -15,76 +15,24 @@ from __future__ import annotations
 import atexit
 import hashlib
 import os
-import socket
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
+from services import SyncRedis, delete_redis_prefix
 
 from twisted.internet.defer import Deferred
 
 from improto.server.embedded.sqlite import SQLiteBackend
 from improto.server.production.redis_groups import RedisGroups
-from improto.server.production.redis_inbox import RedisInbox, connect, glob_escape
+from improto.server.production.redis_inbox import RedisInbox, connect
 
 HOST, PORT = "127.0.0.1", 6379
 DAY_MS = 86_400_000
 INBOX_RETENTION_MS = 7 * DAY_MS  # the contract suite's retentions (conftest.py)
 HISTORY_RETENTION_MS = 180 * DAY_MS
 PREFIX_ROOT = "improto-contract"
-
-
-class SyncRedis:
-    """A minimal blocking RESP client for probing and cleanup, usable outside the reactor
-    (e.g. at exit, after pytest-twisted stopped it)."""
-
-    def __init__(self, host: str = HOST, port: int = PORT, timeout: float = 2.0) -> None:
-        self._sock = socket.create_connection((host, port), timeout=timeout)
-        self._file = self._sock.makefile("rb")
-
-    def __call__(self, *args: str | bytes | int) -> Any:
-        out = [b"*%d\r\n" % len(args)]
-        for arg in args:
-            data = arg if isinstance(arg, bytes) else str(arg).encode()
-            out.append(b"$%d\r\n%s\r\n" % (len(data), data))
-        self._sock.sendall(b"".join(out))
-        return self._read()
-
-    def _read(self) -> Any:
-        line = self._file.readline()
-        if not line.endswith(b"\r\n"):
-            raise ConnectionError("Redis closed the connection")
-        kind, rest = line[:1], line[1:-2]
-        if kind == b"+":
-            return rest
-        if kind == b"-":
-            raise RuntimeError(f"Redis error: {rest.decode(errors='replace')}")
-        if kind == b":":
-            return int(rest)
-        if kind == b"$":
-            n = int(rest)
-            return None if n < 0 else self._file.read(n + 2)[:-2]
-        if kind == b"*":
-            n = int(rest)
-            return None if n < 0 else [self._read() for _ in range(n)]
-        raise RuntimeError(f"unexpected Redis reply {line!r}")
-
-    def delete_prefix(self, prefix: str) -> int:
-        """SCAN + DEL of the keys under `prefix:` only; returns how many went."""
-        cursor, deleted = b"0", 0
-        while True:
-            cursor, keys = self(
-                "SCAN", cursor, "MATCH", glob_escape(prefix + ":") + "*", "COUNT", 1000
-            )
-            if keys:
-                deleted += self("DEL", *keys)
-            if cursor == b"0":
-                return deleted
-
-    def close(self) -> None:
-        self._file.close()
-        self._sock.close()
 
 
 def require_redis() -> None:
@@ -103,11 +51,7 @@ def require_redis() -> None:
 
 
 def delete_prefix(prefix: str) -> None:
-    client = SyncRedis()
-    try:
-        client.delete_prefix(prefix)
-    finally:
-        client.close()
+    delete_redis_prefix(prefix)
 
 
 def prefix_for(data_dir: Path) -> str:
