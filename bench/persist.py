@@ -2,11 +2,14 @@
 
     python bench/persist.py [--storage embedded|production] [--messages N] [--quick]
 
-For 1:1 messages and for a 100-member group, it accepts N jobs through the queue (many in
-flight, as gateways do), runs the persister in the same process, and times until every job
-is written to both stores. Reports messages/s, inbox entries/s, and CPU seconds per message
-of this process and of the storage services (Redis, RabbitMQ, HBase JVMs) read from /proc.
-Prints a final JSON line. Production storage needs `scripts/services start` first.
+For 1:1 messages (spread over --pairs conversations) and for a 100-member group, three
+phases of N messages each: `accept` (jobs accepted through the queue, many in flight as
+gateways do, nothing consuming), `drain` (the persister, in this process, starts on that full
+queue: the persistence path alone, until every job is in both stores), `end_to_end` (accept
+and persist at once, as one `--role all` process does). Reports messages/s, inbox entries/s,
+and CPU microseconds per message of this process and of the storage services (Redis,
+RabbitMQ, HBase JVMs, read from /proc). Prints a final JSON line. Production storage needs
+`scripts/services start` first.
 """
 
 from __future__ import annotations
@@ -31,7 +34,7 @@ from improto.server.app import make_backend
 from improto.server.config import Config
 from improto.server.ids import IdGenerator
 from improto.server.model import PersistJob
-from improto.server.persister import Persister
+from improto.server.persister import MAX_BATCH, Persister
 
 _TICK = os.sysconf("SC_CLK_TCK")
 _SERVICES = {
@@ -67,50 +70,93 @@ def own_cpu() -> float:
     return t.user + t.system
 
 
-async def run_case(reactor: Any, config: Config, group_size: int, n: int,
-                   in_flight: int) -> dict[str, Any]:  # fmt: skip
+class Load:
+    """Jobs as gateways make them: 1:1 over `pairs` conversations, or one group."""
+
+    def __init__(self, group_size: int, pairs: int) -> None:
+        self.ids = IdGenerator(node=1)
+        self.group_size = group_size
+        self.pairs = pairs
+        self.members = tuple(range(10_000, 10_000 + group_size))
+        self.body = b"x" * 100
+        self.n = 0
+
+    def job(self) -> tuple[PersistJob, bytes]:
+        msg_id, now = self.ids.next()
+        cmid = uuid.uuid4().bytes
+        self.n += 1
+        if self.group_size > 2:
+            sender, kind, conv, inboxes = self.members[0], ConvKind.GROUP, 99, self.members
+        else:
+            pair = self.n % self.pairs
+            sender, conv = 20_000 + 2 * pair, 20_001 + 2 * pair
+            kind, inboxes = ConvKind.USER, (sender, conv)
+        m = Message(msg_id, now, sender, "bench", kind, conv, ContentType.TEXT, cmid, self.body)
+        return PersistJob(m, inboxes), cmid
+
+
+class Meter:
+    """Wall time and CPU (this process and each service) of one phase."""
+
+    def __init__(self) -> None:
+        self.cpu, self.svc, self.t = own_cpu(), service_cpu(), time.perf_counter()
+
+    def result(self, n: int, group_size: int) -> dict[str, Any]:
+        elapsed = time.perf_counter() - self.t
+        cpu, svc = own_cpu() - self.cpu, service_cpu()
+        used = {k: svc[k] - self.svc[k] for k in svc}
+        per_msg = {k: round(v / n * 1e6, 1) for k, v in used.items() if v > 0}
+        return {
+            "seconds": round(elapsed, 3),
+            "messages_per_s": round(n / elapsed),
+            "inbox_entries_per_s": round(n * group_size / elapsed),
+            "cpu_us_per_msg": {"bench_process": round(cpu / n * 1e6, 1), **per_msg},
+        }
+
+
+async def wait_persisted(reactor: Any, persister: Persister, target: int) -> None:
+    while persister.persisted < target:
+        await task.deferLater(reactor, 0.005, lambda: None)
+
+
+async def run_case(reactor: Any, config: Config, group_size: int, n: int, pairs: int,
+                   in_flight: int, max_batch: int) -> dict[str, Any]:  # fmt: skip
+    """Three phases of n messages: accept alone (nothing consumes), drain alone (the
+    persister starts on the full queue), then both at once (as `--role all` runs)."""
     backend = make_backend(config, reactor)
     await backend.start()
-    persister = Persister(backend.queue, backend.inbox, backend.history)
-    persister.start()
-    ids = IdGenerator(node=1)
-    receivers = tuple(range(10_000, 10_000 + group_size))
-    sender = receivers[0]
-    conv_kind, conv_id = (ConvKind.GROUP, 99) if group_size > 2 else (ConvKind.USER, receivers[1])
-    body = b"x" * 100
-
-    def job() -> tuple[PersistJob, bytes]:
-        msg_id, now = ids.next()
-        cmid = uuid.uuid4().bytes
-        m = Message(msg_id, now, sender, "bench", conv_kind, conv_id, ContentType.TEXT, cmid, body)
-        return PersistJob(m, receivers), cmid
-
-    cpu0, svc0, t0 = own_cpu(), service_cpu(), time.perf_counter()
+    persister = Persister(backend.queue, backend.inbox, backend.history, max_batch=max_batch)
+    load = Load(group_size, pairs)
     sem = defer.DeferredSemaphore(in_flight)
-    await defer.gatherResults([sem.run(backend.queue.accept, *job()) for _ in range(n)])
-    accepted_s = time.perf_counter() - t0
-    while persister.persisted < n:
-        await task.deferLater(reactor, 0.01, lambda: None)
-    elapsed = time.perf_counter() - t0
-    cpu1, svc1 = own_cpu(), service_cpu()
+
+    async def accept_all() -> None:
+        await defer.gatherResults([sem.run(backend.queue.accept, *load.job()) for _ in range(n)])
+
+    out: dict[str, Any] = {"group_size": group_size, "messages": n}
+    meter = Meter()
+    await accept_all()
+    out["accept"] = meter.result(n, group_size)
+    meter = Meter()
+    persister.start()
+    await wait_persisted(reactor, persister, n)
+    out["drain"] = meter.result(n, group_size)
+    batches = persister.batches
+    meter = Meter()
+    await accept_all()
+    await wait_persisted(reactor, persister, 2 * n)
+    out["end_to_end"] = meter.result(n, group_size)
+    out["end_to_end"]["mean_batch"] = round(n / max(1, persister.batches - batches), 1)
     await backend.close()
-    services = {k: round((svc1[k] - svc0[k]) / n * 1e6, 1) for k in svc1 if svc1[k] - svc0[k] > 0}
-    return {
-        "group_size": group_size,
-        "messages": n,
-        "accept_s": round(accepted_s, 3),
-        "total_s": round(elapsed, 3),
-        "messages_per_s": round(n / elapsed),
-        "inbox_entries_per_s": round(n * group_size / elapsed),
-        "cpu_us_per_msg": {"bench_process": round((cpu1 - cpu0) / n * 1e6, 1), **services},
-    }
+    return out
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=(__doc__ or "").split("\n\n")[0])
     p.add_argument("--storage", choices=["embedded", "production"], default="embedded")
     p.add_argument("--messages", type=int, default=None, help="1:1 messages (group: a tenth)")
-    p.add_argument("--in-flight", type=int, default=500)
+    p.add_argument("--in-flight", type=int, default=500, help="accepts in flight at once")
+    p.add_argument("--pairs", type=int, default=1000, help="1:1 conversations used")
+    p.add_argument("--max-batch", type=int, default=MAX_BATCH, help="persister batch size")
     p.add_argument("--quick", action="store_true", help="small counts, for smoke runs")
     args = p.parse_args()
     n = args.messages or (2000 if args.quick else 20000)
@@ -126,12 +172,16 @@ def main() -> None:
                     key_prefix=f"{prefix}{name}",
                     hbase_table=f"{prefix}_{name}",
                 )
-                results[name] = await run_case(reactor, config, size, count, args.in_flight)
+                results[name] = await run_case(
+                    reactor, config, size, count, args.pairs, args.in_flight, args.max_batch
+                )
                 print(json.dumps({name: results[name]}), file=sys.stderr)
         summary = {
             "bench": "persist",
             "storage": args.storage,
             "in_flight": args.in_flight,
+            "pairs": args.pairs,
+            "max_batch": args.max_batch,
             "python": platform.python_version(),
             "cpus": os.cpu_count(),
             **results,

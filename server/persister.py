@@ -2,32 +2,57 @@
 
 from __future__ import annotations
 
-from twisted.internet.defer import Deferred
+from collections.abc import Sequence
+
+from twisted.internet.defer import Deferred, DeferredList
 
 from improto.server.model import PersistJob
 from improto.server.ports import HistoryStore, InboxStore, PersistQueue
 
+# Jobs written per store round: one Redis script per inbox and a few HBase batches per round
+# instead of per job. Bounded so one round stays short (ack latency, redelivery on a crash).
+MAX_BATCH = 256
+
 
 class Persister:
-    """Writes each job to both stores; the queue removes the job only after both succeed.
+    """Writes each batch of jobs to both stores; the queue removes the batch only after both
+    succeed.
 
-    Both writes are idempotent, so a job redelivered after a crash between them (or after
-    both, before the queue's ack) changes nothing the second time.
+    Both writes are idempotent, so a batch redelivered after a crash between them (or after
+    both, before the queue's ack) changes nothing the second time. The two stores are written
+    at the same time: nothing orders the inbox against the history, only each store's own
+    order matters (inbox cursors follow the batch order).
     """
 
-    def __init__(self, queue: PersistQueue, inbox: InboxStore, history: HistoryStore) -> None:
+    def __init__(
+        self,
+        queue: PersistQueue,
+        inbox: InboxStore,
+        history: HistoryStore,
+        *,
+        max_batch: int = MAX_BATCH,
+    ) -> None:
         self.queue = queue
         self.inbox = inbox
         self.history = history
+        self.max_batch = max_batch
         self.persisted = 0
+        self.batches = 0
 
     def start(self) -> None:
-        self.queue.consume(self.handle)
+        self.queue.consume(self.handle, self.max_batch)
 
-    def handle(self, job: PersistJob) -> Deferred[None]:
-        return Deferred.fromCoroutine(self._write(job))
+    def handle(self, jobs: Sequence[PersistJob]) -> Deferred[None]:
+        return Deferred.fromCoroutine(self._write(jobs))
 
-    async def _write(self, job: PersistJob) -> None:
-        await self.inbox.append(job)
-        await self.history.append(job.history_key, job)
-        self.persisted += 1
+    async def _write(self, jobs: Sequence[PersistJob]) -> None:
+        writes = [
+            self.inbox.append_many(jobs),
+            self.history.append_many([(job.history_key, job) for job in jobs]),
+        ]
+        # Wait for both before failing, so a retry never overlaps a write still running.
+        for ok, value in await DeferredList(writes, consumeErrors=True):
+            if not ok:
+                value.raiseException()
+        self.persisted += len(jobs)
+        self.batches += 1

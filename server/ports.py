@@ -7,12 +7,14 @@ return Deferreds and never block the reactor.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Protocol
 
 from twisted.internet.defer import Deferred
 
 from improto.server.model import Accepted, ConvKey, GroupInfo, HistorySlice, InboxPage, PersistJob
+
+BatchHandler = Callable[[Sequence[PersistJob]], Deferred[None]]
 
 
 class PersistQueue(Protocol):
@@ -25,12 +27,15 @@ class PersistQueue(Protocol):
         duplicate returns the original message's id and time with `duplicate=True`.
         """
 
-    def consume(self, handler: Callable[[PersistJob], Deferred[None]]) -> None:
-        """Deliver every queued job to `handler` (call once). A job is removed only once its
-        Deferred succeeds, so a crash redelivers it and a failure is retried, never dropped
-        (handlers must be idempotent). Ordering per inbox must not let a later-accepted job's
-        entries overtake an earlier one's in a way a reader could observe (the embedded queue
-        delivers one job at a time in acceptance order)."""
+    def consume(self, handler: BatchHandler, max_batch: int = 1) -> None:
+        """Deliver every queued job to `handler` (call once), in batches of 1..`max_batch`
+        consecutive jobs, one batch at a time per queue, in queue order. A batch is removed
+        only once its Deferred succeeds, so a crash redelivers it and a failure is retried,
+        never dropped: delivery resumes, in order, at the failed batch's first job or at an
+        earlier one (jobs already handled may come again: handlers must be idempotent).
+        Ordering per inbox must not let a later-accepted job's entries overtake an earlier
+        one's in a way a reader could observe (the embedded queue delivers in acceptance
+        order)."""
 
     def close(self) -> Deferred[None]: ...
 
@@ -42,6 +47,10 @@ class InboxStore(Protocol):
         """Add the job's message to each of `job.inbox_users`' inboxes, assigning each entry a
         cursor above every cursor already assigned in that inbox. Idempotent per (user,
         msg_id)."""
+
+    def append_many(self, jobs: Sequence[PersistJob]) -> Deferred[None]:
+        """`append` of each job, in order: within one inbox, an earlier job's entry gets the
+        lower cursor. Not atomic as a whole; each job's entries are idempotent as above."""
 
     def page(self, user_id: int, start: int, limit: int) -> Deferred[InboxPage]:
         """Up to `limit` retained entries with cursor > start (start clamped to the head).
@@ -60,6 +69,9 @@ class HistoryStore(Protocol):
 
     def append(self, key: ConvKey, job: PersistJob) -> Deferred[None]:
         """Store the job's message once under `key`. Idempotent per msg_id."""
+
+    def append_many(self, items: Sequence[tuple[ConvKey, PersistJob]]) -> Deferred[None]:
+        """`append` of every item (batched by the store); idempotent as `append`."""
 
     def page(self, key: ConvKey, before_id: int, limit: int, min_id: int) -> Deferred[HistorySlice]:
         """Up to `limit` retained messages with min_id <= msg_id < before_id (0: no upper

@@ -16,7 +16,7 @@ from __future__ import annotations
 import json
 import sqlite3
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -38,6 +38,7 @@ from improto.server.model import (
     LimitExceeded,
     PersistJob,
 )
+from improto.server.ports import BatchHandler
 
 _log = Logger()
 
@@ -46,7 +47,7 @@ _R = TypeVar("_R")
 DAY_MS = 86_400_000
 SCHEMA_VERSION = 1
 RETRY_DELAY_S = 0.5  # pause before redelivering a job whose handler failed
-FETCH_BATCH = 64  # jobs read per query by the consumer
+FETCH_BATCH = 256  # jobs read per query by the consumer
 
 _BIAS = 1 << 63
 _MAX_SIGNED = _BIAS - 1
@@ -309,7 +310,8 @@ class SQLiteQueue:
 
     def __init__(self, backend: SQLiteBackend) -> None:
         self._b = backend
-        self._handler: Callable[[PersistJob], Deferred[None]] | None = None
+        self._handler: BatchHandler | None = None
+        self._max_batch = 1
         self._stopping = False
         self._stopped = _Event()
         self._signalled = False  # a job was accepted since the consumer last looked
@@ -329,12 +331,15 @@ class SQLiteQueue:
                 idle.callback(None)
         return accepted
 
-    def consume(self, handler: Callable[[PersistJob], Deferred[None]]) -> None:
+    def consume(self, handler: BatchHandler, max_batch: int = 1) -> None:
         if self._handler is not None:
             raise RuntimeError("consume() may be called once")
         if self._stopping:
             raise RuntimeError("queue is closed")
+        if max_batch < 1:
+            raise ValueError("max_batch must be at least 1")
         self._handler = handler
+        self._max_batch = max_batch
         Deferred.fromCoroutine(self._run())
 
     def close(self) -> Deferred[None]:
@@ -365,8 +370,9 @@ class SQLiteQueue:
                 if not batch and not self._signalled and not self._stopping:
                     self._idle = Deferred()
                     await self._idle  # woken by accept() or close()
-                for seq, data in batch:
-                    while not await self._deliver(seq, data):
+                for i in range(0, len(batch), self._max_batch):
+                    rows = batch[i : i + self._max_batch]
+                    while not await self._deliver(rows):
                         if self._stopping:
                             return
                         await self._pause()
@@ -375,19 +381,22 @@ class SQLiteQueue:
         finally:
             self._stopped.set()
 
-    async def _deliver(self, seq: int, data: bytes) -> bool:
-        """Hand one job to the handler; True once it succeeded (the job is then deleted)."""
+    async def _deliver(self, rows: list[tuple[int, bytes]]) -> bool:
+        """Hand consecutive jobs to the handler as one batch; True once it succeeded (the
+        jobs are then deleted)."""
         assert self._handler is not None
+        first, last = rows[0][0], rows[-1][0]
         try:
-            await self._handler(PersistJob.from_bytes(data))
+            await self._handler([PersistJob.from_bytes(data) for _, data in rows])
         except Exception:
-            _log.failure("persisting queued job {seq} failed; will retry", seq=seq)
+            _log.failure("persisting queued jobs {first}..{last} failed; will retry",
+                         first=first, last=last)  # fmt: skip
             return False
         try:
-            await self._b._call(_delete_job, seq)
+            await self._b._call(_delete_jobs, first, last)
         except Exception:
-            # The job stays queued and is delivered again: handlers are idempotent.
-            _log.failure("removing persisted job {seq} failed", seq=seq)
+            # The jobs stay queued and are delivered again: handlers are idempotent.
+            _log.failure("removing persisted jobs {first}..{last} failed", first=first, last=last)
         return True
 
     async def _pause(self) -> None:
@@ -422,8 +431,8 @@ def _fetch_jobs(db: sqlite3.Connection, limit: int) -> list[tuple[int, bytes]]:
     return db.execute("SELECT seq, data FROM jobs ORDER BY seq LIMIT ?", (limit,)).fetchall()
 
 
-def _delete_job(db: sqlite3.Connection, seq: int) -> None:
-    db.execute("DELETE FROM jobs WHERE seq = ?", (seq,))
+def _delete_jobs(db: sqlite3.Connection, first: int, last: int) -> None:
+    db.execute("DELETE FROM jobs WHERE seq BETWEEN ? AND ?", (first, last))
 
 
 # ------------------------------------------------------------------------ messages
@@ -467,6 +476,9 @@ class SQLiteInbox:
     def append(self, job: PersistJob) -> Deferred[None]:
         return self._b._call(_inbox_append, job, self._b.now_ms())
 
+    def append_many(self, jobs: Sequence[PersistJob]) -> Deferred[None]:
+        return self._b._call(_inbox_append_many, list(jobs), self._b.now_ms())
+
     def page(self, user_id: int, start: int, limit: int) -> Deferred[InboxPage]:
         cutoff = self._b.now_ms() - self._b.inbox_retention_ms
         return self._b._call(_inbox_page, user_id, start, limit, cutoff)
@@ -500,6 +512,11 @@ def _inbox_append(db: sqlite3.Connection, job: PersistJob, now: int) -> None:
             (user,),
         ).fetchone()
         db.execute("INSERT INTO inbox VALUES (?, ?, ?, ?)", (user, cursor, mid, now))
+
+
+def _inbox_append_many(db: sqlite3.Connection, jobs: list[PersistJob], now: int) -> None:
+    for job in jobs:  # one transaction (one fsync) for the whole batch
+        _inbox_append(db, job, now)
 
 
 def _inbox_page(
@@ -555,6 +572,9 @@ class SQLiteHistory:
     def append(self, key: ConvKey, job: PersistJob) -> Deferred[None]:
         return self._b._call(_history_append, str(key), job.message)
 
+    def append_many(self, items: Sequence[tuple[ConvKey, PersistJob]]) -> Deferred[None]:
+        return self._b._call(_history_append_many, [(str(k), j.message) for k, j in items])
+
     def page(self, key: ConvKey, before_id: int, limit: int, min_id: int) -> Deferred[HistorySlice]:
         cutoff = max(0, self._b.now_ms() - self._b.history_retention_ms)
         return self._b._call(_history_page, str(key), before_id, limit, min_id, cutoff)
@@ -565,6 +585,11 @@ def _history_append(db: sqlite3.Connection, conv: str, m: Message) -> None:
     db.execute(
         "INSERT OR IGNORE INTO history VALUES (?, ?, ?)", (conv, _s(m.msg_id), _s(m.server_time))
     )
+
+
+def _history_append_many(db: sqlite3.Connection, items: list[tuple[str, Message]]) -> None:
+    for conv, m in items:
+        _history_append(db, conv, m)
 
 
 def _history_page(

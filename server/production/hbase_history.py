@@ -32,7 +32,7 @@ from typing import Any, TypeVar
 import happybase
 from thriftpy2.transport import TTransportException
 
-from twisted.internet.defer import Deferred, fail, gatherResults, succeed
+from twisted.internet.defer import Deferred, DeferredList, fail, gatherResults, succeed
 from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -106,6 +106,13 @@ def _decode(value: bytes) -> Message:
     if not isinstance(frame, Push):
         raise ValueError(f"history cell holds a {type(frame).__name__}, not a PUSH")
     return frame.message
+
+
+async def _all(ds: list[Deferred[None]]) -> None:
+    """Wait for every one (none left running), then raise the first failure."""
+    for ok, value in await DeferredList(ds, consumeErrors=True):
+        if not ok:
+            value.raiseException()
 
 
 # ---------------------------------------------------------------------- on the HBase threads
@@ -315,7 +322,8 @@ class HBaseHistory:
         return self._call(_put, row, data, _cell_ts(m.server_time))
 
     def append_many(self, items: Iterable[tuple[ConvKey, PersistJob]]) -> Deferred[None]:
-        """Batched appends: one mutateRowsTs per distinct server_time (for bulk writers)."""
+        """Batched appends: one mutateRowsTs per distinct server_time, the batches spread
+        over the pool's threads (a busy second has ~rate/1000 messages per timestamp)."""
         by_ts: _PutsByTs = {}
         try:
             for key, job in items:
@@ -325,7 +333,12 @@ class HBaseHistory:
                 )
         except Exception:
             return fail()
-        return self._call(_put_many, by_ts)
+        if len(by_ts) <= 1:
+            return self._call(_put_many, by_ts)
+        stamps = list(by_ts.items())
+        n = min(self.pool_size, len(stamps))
+        chunks = [dict(stamps[i::n]) for i in range(n)]
+        return Deferred.fromCoroutine(_all([self._call(_put_many, chunk) for chunk in chunks]))
 
     def page(self, key: ConvKey, before_id: int, limit: int, min_id: int) -> Deferred[HistorySlice]:
         limit = max(0, limit)

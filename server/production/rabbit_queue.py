@@ -66,13 +66,14 @@ without AOF) loses dedup keys: run it with appendonly/everysec; the window is th
 A takeover re-publish is returned as duplicate=True (the gateway then pushes nothing live for
 it: the receivers get it from the offline pull, which is what guarantees delivery anyway).
 
-Consumers: one channel per partition queue, basic_qos(prefetch), jobs handled one at a time
-per queue in queue order; basic_ack only after the handler's Deferred succeeded (the persister
-writes both stores first). A failed handler: after `retry_delay_s` the consumer is cancelled
-and every outstanding delivery of its channel is nacked with requeue (basic_nack
-delivery_tag=0, multiple=True), then it consumes again. RabbitMQ puts requeued messages back
-at their original positions, so the failed job comes back first and the ones prefetched
-behind it keep their order (checked against RabbitMQ 3.10; a plain nack of the one failed
+Consumers: one channel per partition queue, basic_qos(prefetch), jobs handled in batches
+(the next delivery plus those already received, up to max_batch), one batch at a time per
+queue in queue order; one basic_ack (multiple) only after the handler's Deferred succeeded
+(the persister writes both stores first). A failed handler: after `retry_delay_s` the
+consumer is cancelled and every outstanding delivery of its channel is nacked with requeue
+(basic_nack delivery_tag=0, multiple=True), then it consumes again. RabbitMQ puts requeued
+messages back at their original positions, so the failed batch comes back first and the jobs
+prefetched behind it keep their order (checked against RabbitMQ 3.10; a plain nack of the one failed
 delivery would let the already-prefetched later jobs overtake it). Nothing is ever dropped,
 except a message that cannot be decoded: logged and nacked without requeue into the dead-letter
 queue. A connection lost while a handler runs: the broker requeues the job for the next active
@@ -84,7 +85,7 @@ write time, atomically, by the inbox store, so parallel persisters cannot leave 
 could skip. What N > 1 gives up: jobs of different conversations are written in an order that
 may differ from acceptance order, so one user's inbox may list a later msg_id before an
 earlier one from another conversation (no gap, no loss; history is ordered by msg_id anyway).
-N = 1 keeps the embedded queue's single global order and one job at a time, which is also
+N = 1 keeps the embedded queue's single global order and one batch at a time, which is also
 the throughput ceiling of the persist path; raise N when persisters fall behind. Changing N
 re-routes conversations: drain the queues first. Across persister processes, single active
 consumer keeps one writer per queue; on a failover (or a handler failure while another
@@ -120,6 +121,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from improto.server.model import Accepted, ConvKey, PersistJob
+from improto.server.ports import BatchHandler
 
 _log = Logger()
 _T = TypeVar("_T")
@@ -127,7 +129,7 @@ _T = TypeVar("_T")
 DAY_MS = 86_400_000
 DEDUP_TTL_MS = 7 * DAY_MS
 STALE_PENDING_MS = 10_000  # a pending dedup key this old: its publisher is presumed dead
-PREFETCH = 64
+PREFETCH = 1024  # >= 2 batches, so the next batch is on hand when one is written
 RETRY_DELAY_S = 0.5  # pause before requeueing a job whose handler failed
 CONFIRM_TIMEOUT_S = 8.0  # < STALE_PENDING_MS: a live publisher gives up before a takeover
 CONNECT_WAIT_S = 5.0  # how long an accept waits for a (re)connection
@@ -137,7 +139,9 @@ RECONNECT_MIN_S, RECONNECT_MAX_S = 0.1, 10.0
 POLL_MIN_S, POLL_MAX_S = 0.02, 0.25  # polling a young pending dedup key
 CLOSE_STEP_TIMEOUT_S = 5.0
 HEARTBEAT_S = 30
-JOB_TYPE = "improto.persist.v1"
+JOB_TYPE = "improto.persist.v1"  # the body is one PersistJob (what older versions sent)
+BATCH_TYPE = "improto.persist.v2"  # the body is pack_jobs() of one or more PersistJobs
+PUBLISH_BATCH = 128  # jobs coalesced into one AMQP message at most
 
 
 class NotPublished(Exception):
@@ -167,6 +171,34 @@ def queue_names(prefix: str, partitions: int) -> QueueNames:
 def partition_of(key: ConvKey | str, partitions: int) -> int:
     """The queue index of a conversation: a hash that is the same in every process."""
     return zlib.crc32(str(key).encode()) % partitions
+
+
+def pack_jobs(jobs: Sequence[bytes]) -> bytes:
+    """A batch message body: each job's bytes behind a big-endian u32 length."""
+    return b"".join(len(job).to_bytes(4, "big") + job for job in jobs)
+
+
+def unpack_jobs(body: bytes) -> list[PersistJob]:
+    """The jobs of a pack_jobs() body; ValueError unless it splits exactly."""
+    jobs, pos = [], 0
+    while pos < len(body):
+        if pos + 4 > len(body):
+            raise ValueError("truncated job length")
+        n = int.from_bytes(body[pos : pos + 4], "big")
+        pos += 4
+        if n == 0 or pos + n > len(body):
+            raise ValueError(f"job of {n} bytes at {pos} does not fit the body")
+        jobs.append(PersistJob.from_bytes(body[pos : pos + n]))
+        pos += n
+    if not jobs:
+        raise ValueError("empty batch")
+    return jobs
+
+
+def decode_message(msg_type: str | None, body: bytes) -> list[PersistJob]:
+    if msg_type == BATCH_TYPE:
+        return unpack_jobs(body)
+    return [PersistJob.from_bytes(body)]
 
 
 # ------------------------------------------------------------------------- Redis scripts
@@ -333,6 +365,7 @@ class RabbitQueue:
         prefix: str = "improto",
         partitions: int = 1,
         prefetch: int = PREFETCH,
+        publish_batch: int = PUBLISH_BATCH,
         dedup_ttl_ms: int = DEDUP_TTL_MS,
         stale_pending_ms: int = STALE_PENDING_MS,
         now_ms: Callable[[], int] | None = None,
@@ -389,13 +422,18 @@ class RabbitQueue:
         self._pub: TwistedChannel | None = None
         self._ready_waiters: list[Deferred[None]] = []
         self._pauses: dict[Deferred[None], IDelayedCall] = {}
-        self._handler: Callable[[PersistJob], Deferred[None]] | None = None
+        self._handler: BatchHandler | None = None
+        self._max_batch = 1
         # queue name -> (channel, consumer tag, deliveries) of the current consumer
         self._consumers: dict[str, tuple[TwistedChannel, str, Any]] = {}
         self._consuming_on: _AMQP | None = None
         self._loops = _InFlight()  # consumer loops, each finishing its in-flight job
         self._accepts = _InFlight()
+        # queue name -> jobs waiting for this reactor turn's publish: (msg_id, job, waiter)
+        self._outbox: dict[str, list[tuple[int, bytes, Deferred[None]]]] = {}
+        self._publish_batch = publish_batch
         self.connections = 0  # connections set up so far (1 + reconnects)
+        self.published = 0  # AMQP messages published (each carries one or more jobs)
 
     # ------------------------------------------------------------------ public API
 
@@ -446,15 +484,19 @@ class RabbitQueue:
             return _failed(RuntimeError("RabbitQueue is not running"))
         return self._accepts.track(Deferred.fromCoroutine(self._accept(job, client_msg_id)))
 
-    def consume(self, handler: Callable[[PersistJob], Deferred[None]]) -> None:
+    def consume(self, handler: BatchHandler, max_batch: int = 1) -> None:
         if self._handler is not None:
             raise RuntimeError("consume() may be called once")
+        if max_batch < 1:
+            raise ValueError("max_batch must be at least 1")
         self._handler = handler
+        self._max_batch = max_batch
         if self._conn is not None:
             self._start_consumers(self._conn)
 
     def backlog(self) -> Deferred[int]:
-        """Messages ready in the partition queues (not counting unacked deliveries)."""
+        """AMQP messages ready in the partition queues (not counting unacked deliveries);
+        each carries one or more jobs."""
         return Deferred.fromCoroutine(self._backlog())
 
     async def _backlog(self) -> int:
@@ -542,32 +584,58 @@ class RabbitQueue:
             _log.failure("releasing dedup key {key} failed", key=key)
 
     async def _publish(self, conv: ConvKey, data: bytes, msg_id: int) -> None:
+        """Hand the job to the broker, coalesced with the other jobs for the same queue
+        accepted in this reactor turn (group commit: one message, one confirm for all)."""
         if self._pub is None or not self._pub.is_open:
             try:
                 await self.when_ready(self._connect_wait)
             except Exception as e:
                 raise NotPublished(f"no AMQP connection: {e!r}") from e
+        queue = self.names.partitions[partition_of(conv, self.partitions)]
+        done: Deferred[None] = Deferred()
+        pending = self._outbox.setdefault(queue, [])
+        pending.append((msg_id, data, done))
+        if len(pending) >= self._publish_batch:
+            self._flush(queue)
+        elif len(pending) == 1:
+            self._reactor.callLater(0, self._flush, queue)
+        await done
+
+    def _flush(self, queue: str) -> None:
+        pending = self._outbox.pop(queue, None)
+        if not pending:
+            return  # flushed already, when the batch filled up
+        waiters = [d for _, _, d in pending]
         ch = self._pub
         if ch is None or not ch.is_open:
-            raise NotPublished("the AMQP channel closed")
-        queue = self.names.partitions[partition_of(conv, self.partitions)]
+            _fail_all(waiters, NotPublished("the AMQP channel closed"))
+            return
         props = pika.BasicProperties(
             delivery_mode=pika.DeliveryMode.Persistent,
             content_type="application/octet-stream",
-            type=JOB_TYPE,
-            message_id=str(msg_id),
+            type=BATCH_TYPE,
+            message_id=f"{pending[0][0]}+{len(pending) - 1}",
         )
+        body = pack_jobs([data for _, data, _ in pending])
+        self.published += 1
         try:
-            confirmed = ch.basic_publish("", queue, data, props, mandatory=True)
+            confirmed = ch.basic_publish("", queue, body, props, mandatory=True)
         except Exception as e:  # pika refused to send (channel or connection closing)
-            raise NotPublished(f"publish refused: {e!r}") from e
-        try:
-            await confirmed.addTimeout(self._confirm_timeout, self._reactor)
-        except UnroutableError:
+            _fail_all(waiters, NotPublished(f"publish refused: {e!r}"))
+            return
+        confirmed.addTimeout(self._confirm_timeout, self._reactor)
+        confirmed.addCallbacks(
+            lambda _: [d.callback(None) for d in waiters],
+            self._publish_failed, errbackArgs=(queue, waiters),
+        )  # fmt: skip
+
+    def _publish_failed(self, failure: Failure, queue: str, waiters: list[Deferred[None]]) -> None:
+        if failure.check(UnroutableError):
             _log.error("queue {queue} is missing: declaring it again", queue=queue)
             if self._conn is not None:
                 self._conn.drop()  # the reconnect re-declares everything
-            raise
+        for d in waiters:
+            d.errback(failure)
 
     # ------------------------------------------------------------------ connection
 
@@ -661,7 +729,7 @@ class RabbitQueue:
             self._loops.track(d)
 
     async def _consume_queue(self, proto: _AMQP, name: str) -> None:
-        """Deliver the queue's jobs to the handler, one at a time, until the consumer stops
+        """Deliver the queue's jobs to the handler, a batch at a time, until the consumer stops
         (close) or the connection goes."""
         ch: TwistedChannel | None = None
         try:
@@ -693,35 +761,57 @@ class RabbitQueue:
             proto.drop()  # the reconnect declares and consumes afresh
 
     async def _drain(self, ch: TwistedChannel, deliveries: Any) -> bool:
-        """Handle deliveries until the consumer ends (False) or a handler fails (True)."""
+        """Handle deliveries until the consumer ends (False) or a handler fails (True).
+
+        The jobs of the next delivery plus of those already received behind it (never
+        waiting for more), while fewer than max_batch, go to the handler in batches of at
+        most max_batch; then one basic_ack with multiple=True settles those deliveries."""
         assert self._handler is not None
         while not self._stopping:
             try:
-                msg = await deliveries.get()
+                msgs = [await deliveries.get()]
             except Exception:
                 return False  # consumer cancelled, channel or connection closed
-            tag = msg.method.delivery_tag
-            try:
-                job = PersistJob.from_bytes(msg.body)
-            except Exception:
-                _log.failure(
-                    "undecodable job (message_id {mid}, {n} bytes) moved to {dlq}",
-                    mid=msg.properties.message_id, n=len(msg.body), dlq=self.names.dead_queue,
-                )  # fmt: skip
-                if ch.is_open:
-                    ch.basic_nack(delivery_tag=tag, requeue=False)
+            jobs: list[PersistJob] = []
+            last_tag = 0
+            while True:
+                msg = msgs[-1]
+                try:
+                    jobs.extend(decode_message(msg.properties.type, msg.body))
+                    last_tag = msg.method.delivery_tag
+                except Exception:
+                    _log.failure(
+                        "undecodable job (message_id {mid}, {n} bytes) moved to {dlq}",
+                        mid=msg.properties.message_id, n=len(msg.body),
+                        dlq=self.names.dead_queue,
+                    )  # fmt: skip
+                    if ch.is_open:
+                        ch.basic_nack(delivery_tag=msg.method.delivery_tag, requeue=False)
+                if len(jobs) >= self._max_batch or not deliveries.pending:
+                    break
+                msgs.append(deliveries.pending.pop(0))
+            if not jobs:
                 continue
-            try:
-                await maybeDeferred(self._handler, job)
-            except Exception:
-                _log.failure(
-                    "persisting message {msg_id} failed; requeued in {delay} s",
-                    msg_id=job.message.msg_id, delay=self._retry_delay,
-                )  # fmt: skip
-                return True
+            for i in range(0, len(jobs), self._max_batch):
+                batch = jobs[i : i + self._max_batch]
+                try:
+                    await maybeDeferred(self._handler, batch)
+                except Exception:
+                    # The deliveries go back whole: jobs of this batch's first delivery
+                    # that were in an earlier, successful batch come again (idempotent).
+                    _log.failure(
+                        "persisting messages {first}..{last} failed; requeued in {delay} s",
+                        first=batch[0].message.msg_id, last=batch[-1].message.msg_id,
+                        delay=self._retry_delay,
+                    )  # fmt: skip
+                    return True
+                if not ch.is_open:
+                    break  # the broker requeued the rest already: no point writing it now
             if ch.is_open:
-                ch.basic_ack(delivery_tag=tag)
-            # else: the broker already requeued it with the channel; the redelivery is
+                # Every delivery up to this tag is in this batch or settled before it (the
+                # undecodable ones were nacked), so one ack settles the whole batch.
+                ch.basic_ack(delivery_tag=last_tag, multiple=True)
+            # else: the broker already requeued them with the channel; the redelivery is
             # written again idempotently.
         return False
 
@@ -778,6 +868,11 @@ class RabbitQueue:
             await self._runner
         if self._own_redis:
             await self._redis.disconnect()
+
+
+def _fail_all(waiters: list[Deferred[None]], error: Exception) -> None:
+    for d in waiters:
+        d.errback(error)
 
 
 def _failed(error: Exception) -> Deferred[Any]:

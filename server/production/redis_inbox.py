@@ -169,24 +169,30 @@ local function trim(meta, ent, age, rec, floor, cutoff, max)
 end
 """
 
-# ARGV: msg_id, record, now_ms, cutoff_ms, ttl_ms, trim max. Returns the new cursor, or 0 when
-# the message is already in this inbox (a redelivered job).
+# ARGV: now_ms, cutoff_ms, ttl_ms, trim max, then msg_id, record pairs in order. Entries get
+# consecutive cursors in that order; one already in this inbox (a redelivered job) is skipped.
+# Returns the last cursor assigned, or 0 when every entry was already there.
 _APPEND = LuaScript(
     _STATE
     + """
 local meta, ent, age, rec = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
-if redis.call('ZSCORE', ent, ARGV[1]) then
-  return 0
-end
 local head, floor = state(meta, ent)
-trim(meta, ent, age, rec, floor, ARGV[4], tonumber(ARGV[6]))
-local cursor = redis.call('HINCRBY', meta, 'seq', 1)
-redis.call('ZADD', ent, cursor, ARGV[1])
-redis.call('ZADD', age, ARGV[3], ARGV[1])
-redis.call('HSET', rec, ARGV[1], ARGV[2])
-redis.call('PEXPIRE', ent, ARGV[5])
-redis.call('PEXPIRE', age, ARGV[5])
-redis.call('PEXPIRE', rec, ARGV[5])
+trim(meta, ent, age, rec, floor, ARGV[2], tonumber(ARGV[4]))
+local cursor = 0
+for i = 5, #ARGV, 2 do
+  local id = ARGV[i]
+  if not redis.call('ZSCORE', ent, id) then
+    cursor = redis.call('HINCRBY', meta, 'seq', 1)
+    redis.call('ZADD', ent, cursor, id)
+    redis.call('ZADD', age, ARGV[1], id)
+    redis.call('HSET', rec, id, ARGV[i + 1])
+  end
+end
+if cursor > 0 then
+  redis.call('PEXPIRE', ent, ARGV[3])
+  redis.call('PEXPIRE', age, ARGV[3])
+  redis.call('PEXPIRE', rec, ARGV[3])
+end
 return cursor
 """
 )
@@ -300,21 +306,30 @@ class RedisInbox:
     # ------------------------------------------------------------------ the port
 
     def append(self, job: PersistJob) -> Deferred[None]:
-        return Deferred.fromCoroutine(self._append(job))
+        return self.append_many([job])
 
-    async def _append(self, job: PersistJob) -> None:
-        users = sorted(set(job.inbox_users))
-        if not users:
+    def append_many(self, jobs: Sequence[PersistJob]) -> Deferred[None]:
+        return Deferred.fromCoroutine(self._append_many(jobs))
+
+    async def _append_many(self, jobs: Sequence[PersistJob]) -> None:
+        # Each user's entries of the whole batch, in job order, go in one script call.
+        entries: dict[int, list[Any]] = {}
+        for job in jobs:
+            m = job.message
+            record = COMPILED.encode_payload(Push(m))  # validates before anything is written
+            for user in set(job.inbox_users):
+                entries.setdefault(user, []).extend((m.msg_id, record))
+        if not entries:
             return
-        m = job.message
-        record = COMPILED.encode_payload(Push(m))  # validates before anything is written
         now = self._now_ms()
-        args = [m.msg_id, record, now, now - self.retention_ms, self._ttl_ms, APPEND_TRIM]
+        head = [now, now - self.retention_ms, self._ttl_ms, APPEND_TRIM]
+        users = sorted(entries)
         # One script per user (one slot each), many in flight: txredisapi writes them
         # back to back on the pooled connections, so a big group costs a few round trips.
         for i in range(0, len(users), APPEND_WINDOW):
             await gather(
-                _APPEND(self._redis, self.keys(u)[:4], args) for u in users[i : i + APPEND_WINDOW]
+                _APPEND(self._redis, self.keys(u)[:4], head + entries[u])
+                for u in users[i : i + APPEND_WINDOW]
             )
 
     def page(self, user_id: int, start: int, limit: int) -> Deferred[InboxPage]:

@@ -149,3 +149,21 @@ async def test_history_survives_a_restart(backend, jobs):
     await fill(backend, jobs, DM, [10, 20])
     await backend.restart()
     assert ids(await backend.history.page(DM, 0, 10, 0)) == [20, 10]
+
+
+@pytest_twisted.ensureDeferred
+async def test_append_many_stores_each_once_across_conversations(backend, jobs):
+    group = ConvKey.group(9)
+    batch = []
+    for i in range(40):
+        key = DM if i % 3 else group
+        batch.append((key, jobs.job(msg_id=1000 + i)))
+        if i % 7 == 0:
+            backend.advance(1)  # several server_times in one batch
+    await backend.history.append(DM, batch[1][1])  # one was written before: a redelivery
+    await backend.history.append_many(batch)
+    await backend.history.append_many(batch[5:])  # redelivered again, partly
+    for key in (DM, group):
+        page = await backend.history.page(key, 0, 100, 0)
+        expected = [j.message for k, j in batch if k == key][::-1]
+        assert list(page.messages) == expected and not page.has_more

@@ -225,3 +225,20 @@ async def test_large_fan_out(backend, jobs):
     for user in (10, 5000, 10_009):
         page = await backend.inbox.page(user, 0, 10)
         assert ids(page) == [first.message.msg_id, second.message.msg_id]
+
+
+@pytest_twisted.ensureDeferred
+async def test_append_many_keeps_batch_order_and_is_idempotent(backend, jobs):
+    first = [jobs.job(ALICE, BOB), jobs.job(BOB, CAROL), jobs.job(ALICE, ALICE, CAROL)]
+    await backend.inbox.append(first[0])  # already there: the batch is a partial redelivery
+    second = [jobs.job(ALICE), jobs.job(CAROL, BIG)]
+    await backend.inbox.append_many(first + second)
+    await backend.inbox.append_many(first + second)  # a whole redelivered batch
+    for user in (ALICE, BOB, CAROL, BIG):
+        page = await backend.inbox.page(user, 0, 100)
+        expected = [j.message for j in first + second if user in j.inbox_users]
+        assert [m for _, m in page.entries] == expected  # once each, in batch order
+        cs = cursors(page)
+        assert cs == list(range(cs[0], cs[0] + len(cs)))  # consecutive: no cursor burnt
+    await backend.inbox.append_many([])  # an empty batch is a no-op
+    assert len((await backend.inbox.page(ALICE, 0, 100)).entries) == 3

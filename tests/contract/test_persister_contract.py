@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import pytest_twisted
 
 from twisted.internet.defer import Deferred
@@ -18,15 +20,16 @@ class DiesAfterInbox(Persister):
         super().__init__(*args, **kw)
         self.crashed: set[int] = set()
 
-    def handle(self, job: PersistJob) -> Deferred[None]:
-        return Deferred.fromCoroutine(self._maybe_die(job))
+    def handle(self, jobs: Sequence[PersistJob]) -> Deferred[None]:
+        return Deferred.fromCoroutine(self._maybe_die(jobs))
 
-    async def _maybe_die(self, job: PersistJob) -> None:
-        if job.message.msg_id not in self.crashed:
-            self.crashed.add(job.message.msg_id)
-            await self.inbox.append(job)
+    async def _maybe_die(self, jobs: Sequence[PersistJob]) -> None:
+        fresh = [j.message.msg_id for j in jobs if j.message.msg_id not in self.crashed]
+        if fresh:
+            self.crashed.update(fresh)
+            await self.inbox.append_many(jobs)
             raise RuntimeError("persister died after the inbox write (on purpose)")
-        await self._write(job)
+        await self._write(jobs)
 
 
 @pytest_twisted.ensureDeferred

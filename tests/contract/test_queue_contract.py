@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Sequence
 
 import pytest_twisted
 
 from twisted.internet.defer import Deferred, succeed
 
 from improto.server.model import Accepted, PersistJob
+from improto.server.ports import BatchHandler
 
 CMID_A = b"A" * 16
 CMID_B = b"B" * 16
@@ -21,20 +22,27 @@ class Recorder:
     def __init__(self, fail_times: dict[int, int] | None = None) -> None:
         self.calls: list[int] = []  # msg_id of every call, including failed attempts
         self.done: list[PersistJob] = []  # jobs whose handler call succeeded
+        self.batches: list[int] = []  # the size of every batch handed over
         self._fail_times = dict(fail_times or {})
 
-    def __call__(self, job: PersistJob) -> Deferred[None]:
-        mid = job.message.msg_id
-        self.calls.append(mid)
-        if self._fail_times.get(mid, 0) > 0:
-            self._fail_times[mid] -= 1
-            return Deferred.fromCoroutine(self._boom(mid))
-        self.done.append(job)
+    def __call__(self, batch: Sequence[PersistJob]) -> Deferred[None]:
+        assert batch, "a batch is never empty"
+        self.batches.append(len(batch))
+        failing = []
+        for job in batch:
+            mid = job.message.msg_id
+            self.calls.append(mid)
+            if self._fail_times.get(mid, 0) > 0:
+                self._fail_times[mid] -= 1
+                failing.append(mid)
+        if failing:  # the whole batch fails, as a store write covering it would
+            return Deferred.fromCoroutine(self._boom(failing))
+        self.done.extend(batch)
         return succeed(None)
 
     @staticmethod
-    async def _boom(mid: int) -> None:
-        raise RuntimeError(f"handler failure for {mid} (on purpose)")
+    async def _boom(mids: list[int]) -> None:
+        raise RuntimeError(f"handler failure for {mids} (on purpose)")
 
     def done_ids(self) -> list[int]:
         return [j.message.msg_id for j in self.done]
@@ -114,6 +122,31 @@ async def test_failing_handler_is_retried_without_loss_or_reordering(backend, jo
 
 
 @pytest_twisted.ensureDeferred
+async def test_batches_keep_queue_order_and_are_retried_whole(backend, jobs, wait_for):
+    queued = [jobs.job(client_msg_id=bytes([i + 1]) * 16) for i in range(40)]
+    for job in queued:
+        await backend.queue.accept(job, job.message.client_msg_id)
+    ids = [j.message.msg_id for j in queued]
+    rec = Recorder(fail_times={ids[25]: 2})
+    backend.queue.consume(rec, max_batch=16)
+    await wait_for(lambda: len(rec.done) >= 40, timeout=10)
+    assert rec.done == queued  # each exactly once, in queue order
+    assert all(1 <= n <= 16 for n in rec.batches)
+    # Every batch, failed or not, is a run of consecutive jobs starting at or before the first
+    # job not yet done: delivery resumes at or before a failed batch, nothing overtakes it.
+    done, failures, pos = 0, 2, 0
+    for n in rec.batches:
+        batch, pos = rec.calls[pos : pos + n], pos + n
+        start = ids.index(batch[0])
+        assert start <= done and batch == ids[start : start + n]
+        if ids[25] in batch and failures:
+            failures -= 1
+        else:
+            done = max(done, start + n)
+    assert (done, failures, pos) == (40, 0, len(rec.calls))
+
+
+@pytest_twisted.ensureDeferred
 async def test_accepted_jobs_survive_a_restart(backend, jobs, wait_for):
     queued = [jobs.job(client_msg_id=bytes([i + 1]) * 16) for i in range(3)]
     for job in queued:
@@ -138,8 +171,8 @@ async def test_unfinished_job_is_redelivered_after_restart(backend, jobs, wait_f
     in_flight: Deferred[None] = Deferred()
     seen: list[int] = []
 
-    def stuck(job: PersistJob) -> Deferred[None]:
-        seen.append(job.message.msg_id)
+    def stuck(batch: Sequence[PersistJob]) -> Deferred[None]:
+        seen.extend(job.message.msg_id for job in batch)
         return in_flight
 
     backend.queue.consume(stuck)
@@ -183,9 +216,9 @@ async def test_close_waits_for_the_in_flight_handler(backend, jobs, wait_for):
     assert rec.done == [sentinel]
 
 
-def _record_into(seen: list[int], result: Deferred[None]) -> Callable[[PersistJob], Deferred[None]]:
-    def handler(job: PersistJob) -> Deferred[None]:
-        seen.append(job.message.msg_id)
+def _record_into(seen: list[int], result: Deferred[None]) -> BatchHandler:
+    def handler(batch: Sequence[PersistJob]) -> Deferred[None]:
+        seen.extend(job.message.msg_id for job in batch)
         return result
 
     return handler

@@ -1,0 +1,59 @@
+"""Redis Cluster key slots, so that batched multi-key scripts stay Cluster-ready.
+
+A script may only touch keys of one slot on Redis Cluster. The stores batch many users' (or
+senders') keys into one script call; with `cluster=True` they split each batch by slot first.
+On a single Redis (or Sentinel), where every key lives on one server, one call takes all.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from typing import TypeVar
+
+_T = TypeVar("_T")
+
+SLOTS = 16384
+
+
+def _crc16_table() -> list[int]:
+    table = []
+    for byte in range(256):
+        crc = byte << 8
+        for _ in range(8):
+            crc = ((crc << 1) ^ 0x1021) if crc & 0x8000 else (crc << 1)
+        table.append(crc & 0xFFFF)
+    return table
+
+
+_TABLE = _crc16_table()
+
+
+def crc16(data: bytes) -> int:
+    """CRC-16/XMODEM, the checksum Redis Cluster uses for key slots."""
+    crc = 0
+    for byte in data:
+        crc = ((crc << 8) & 0xFFFF) ^ _TABLE[((crc >> 8) ^ byte) & 0xFF]
+    return crc
+
+
+def key_slot(key: str | bytes) -> int:
+    """The cluster slot of `key`: only the `{hash tag}` counts when it is non-empty."""
+    raw = key.encode() if isinstance(key, str) else key
+    start = raw.find(b"{")
+    if start >= 0:
+        end = raw.find(b"}", start + 1)
+        if end > start + 1:
+            raw = raw[start + 1 : end]
+    return crc16(raw) % SLOTS
+
+
+def slot_groups(items: Iterable[_T], key: Callable[[_T], str], cluster: bool) -> list[list[_T]]:
+    """`items` split into groups whose keys share a slot (cluster), or one group; the order
+    of items inside each group is kept."""
+    items = list(items)
+    if not cluster:
+        return [items] if items else []
+    groups: dict[int, list[_T]] = {}
+    for item in items:
+        groups.setdefault(key_slot(key(item)), []).append(item)
+    return list(groups.values())
