@@ -157,6 +157,7 @@ def main() -> None:
     p.add_argument("--in-flight", type=int, default=500, help="accepts in flight at once")
     p.add_argument("--pairs", type=int, default=1000, help="1:1 conversations used")
     p.add_argument("--max-batch", type=int, default=MAX_BATCH, help="persister batch size")
+    p.add_argument("--partitions", type=int, default=1, help="persist queues (production)")
     p.add_argument("--quick", action="store_true", help="small counts, for smoke runs")
     args = p.parse_args()
     n = args.messages or (2000 if args.quick else 20000)
@@ -171,6 +172,7 @@ def main() -> None:
                     storage=args.storage,
                     key_prefix=f"{prefix}{name}",
                     hbase_table=f"{prefix}_{name}",
+                    queue_partitions=args.partitions,
                 )
                 results[name] = await run_case(
                     reactor, config, size, count, args.pairs, args.in_flight, args.max_batch
@@ -182,6 +184,7 @@ def main() -> None:
             "in_flight": args.in_flight,
             "pairs": args.pairs,
             "max_batch": args.max_batch,
+            "partitions": args.partitions,
             "python": platform.python_version(),
             "cpus": os.cpu_count(),
             **results,

@@ -451,7 +451,8 @@ async def test_accepts_and_consumption_resume_after_the_connection_drops(make_qu
     await eventually(lambda: q.connection is not None and q.connection is not old)
     assert q.connections == 2
     failed = [j for j, (ok, _) in zip(racing, outcomes, strict=True) if not ok]
-    assert 1 <= len(failed) < len(racing)
+    assert failed  # those handed to pika before the loss was noticed (with the claims
+    # coalesced per reactor turn that can be all 50); accepts after the reconnection: below
 
     # Each client whose accept failed retries: same client id, a new message. The first
     # message may be queued already, so the retry re-publishes it and returns its ids.

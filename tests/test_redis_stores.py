@@ -33,6 +33,7 @@ from improto.server.production.redis_groups import SCRIPTS as GROUP_SCRIPTS
 from improto.server.production.redis_groups import RedisGroups
 from improto.server.production.redis_inbox import SCRIPTS as INBOX_SCRIPTS
 from improto.server.production.redis_inbox import LuaScript, RedisInbox, connect, gather
+from improto.server.production.redis_slots import key_slot
 
 
 def _load_helpers() -> Any:
@@ -187,33 +188,32 @@ async def test_hundred_member_group(env):
         ]
 
 
+@pytest_twisted.ensureDeferred
+async def test_cluster_mode_splits_batches_by_slot_with_the_same_result(env):
+    """The same batches through cluster=True (one script per slot) and the default (one
+    script for all) end in identical inboxes; each script call spans one slot."""
+    calls: list[list[str]] = []
+    clustered = RedisInbox(env.redis, env.prefix + ":c", env.clock, RETENTION_MS, cluster=True)
+    original = clustered._append_call
+
+    def spy(users, entries, records, head):  # type: ignore[no-untyped-def]
+        calls.append([clustered.keys(u)[0] for u in users])
+        return original(users, entries, records, head)
+
+    clustered._append_call = spy  # type: ignore[method-assign]
+    members = tuple(range(300, 340))
+    batches = [[job(*members), job(1, 2), job(2, 3, 300)], [job(1, *members), job(7)]]
+    for batch in batches:
+        await env.inbox.append_many(batch)
+        await clustered.append_many(batch)
+    for user in (1, 2, 3, 7, *members):
+        assert await entries(clustered, user) == await entries(env.inbox, user) != []
+    assert len(calls) > 2 and all(len({key_slot(k) for k in keys}) == 1 for keys in calls)
+
+
 def _tag(key: bytes) -> bytes:
     start = key.index(b"{")
     return key[start + 1 : key.index(b"}", start)]
-
-
-def _crc16(data: bytes) -> int:
-    crc = 0
-    for byte in data:
-        crc ^= byte << 8
-        for _ in range(8):
-            crc = ((crc << 1) ^ 0x1021 if crc & 0x8000 else crc << 1) & 0xFFFF
-    return crc
-
-
-def keyslot(key: bytes) -> int:
-    """Redis Cluster's slot of a key (CRC16 of the hash tag, if any, mod 16384)."""
-    start = key.find(b"{")
-    if start != -1:
-        end = key.find(b"}", start + 1)
-        if end > start + 1:
-            key = key[start + 1 : end]
-    return _crc16(key) % 16384
-
-
-def test_keyslot_matches_redis_cluster():
-    assert keyslot(b"123456789") == 0x31C3  # the CRC16/XMODEM check value
-    assert keyslot(b"a{user1000}b") == keyslot(b"user1000")
 
 
 @pytest_twisted.ensureDeferred
@@ -237,7 +237,7 @@ async def test_keys_of_one_user_share_one_hash_tag(env):
         names = {k.rsplit(b":", 1)[1] for k in by_tag[b"u%d" % user]}
         assert names == {b"meta", b"ent", b"age", b"rec", b"pos"}
     for keys in by_tag.values():
-        assert len({keyslot(k) for k in keys}) == 1  # one cluster slot per user / for groups
+        assert len({key_slot(k) for k in keys}) == 1  # one cluster slot per user / for groups
 
 
 @pytest_twisted.ensureDeferred

@@ -12,8 +12,12 @@ Broker layout (P = the prefix):
                       be decoded are dead-lettered there and kept for inspection.
 
 Jobs are published to the default exchange (routing key = the queue name) as persistent
-messages (delivery_mode 2), mandatory, on one channel in confirm mode. `accept()` resolves when
-the broker confirms that one message, so any number of accepts are in flight at once; pika's
+messages (delivery_mode 2), mandatory, on one channel in confirm mode. Group commit: the jobs
+accepted in one reactor turn for one queue travel in one message (type improto.persist.v2,
+body = pack_jobs(): each job behind a u32 length; up to `publish_batch` jobs), and the dedup
+scripts of one turn run as one call (split by slot when `redis_cluster`). `accept()` resolves
+when the broker confirms the message carrying its job, so any number of accepts are in flight
+at once; a message of type improto.persist.v1 (or none) holds one job. pika's
 TwistedChannel keeps the Deferred of every delivery tag and settles it on Basic.Ack/Basic.Nack,
 including `multiple=True` ones (a nack or a Basic.Return errbacks it). A confirm for a
 persistent message in a durable queue means the broker has written it to disk.
@@ -25,7 +29,7 @@ Dedup (Redis, one hash per (sender, client_msg_id), TTL `dedup_ttl_ms` from the 
         state   pending | failed | confirmed
         msg_id  server_time   the ids of the message accepted for this key (decimal)
         job     PersistJob.to_bytes() of that message (dropped once confirmed)
-        owner   random token of the accept that is publishing it (while pending)
+        owner   unique token of the accept that is publishing it (while pending)
         at      when the current owner claimed it, ms (while pending/failed)
 
     accept:  CLAIM (one Lua script) -> publish -> wait for the broker confirm -> CONFIRM
@@ -99,7 +103,9 @@ An unexpected channel close or consumer cancel (e.g. a queue deleted) resets the
 
 from __future__ import annotations
 
+import functools
 import hashlib
+import itertools
 import random
 import time
 import uuid
@@ -122,6 +128,9 @@ from twisted.python.failure import Failure
 
 from improto.server.model import Accepted, ConvKey, PersistJob
 from improto.server.ports import BatchHandler
+from improto.server.production.redis_inbox import gather
+from improto.server.production.redis_slots import slot_groups
+from improto.server.production.turn_batcher import TurnBatcher
 
 _log = Logger()
 _T = TypeVar("_T")
@@ -142,6 +151,7 @@ HEARTBEAT_S = 30
 JOB_TYPE = "improto.persist.v1"  # the body is one PersistJob (what older versions sent)
 BATCH_TYPE = "improto.persist.v2"  # the body is pack_jobs() of one or more PersistJobs
 PUBLISH_BATCH = 128  # jobs coalesced into one AMQP message at most
+SCRIPT_BATCH = 256  # dedup keys one claim or confirm script call handles at most
 
 
 class NotPublished(Exception):
@@ -203,29 +213,39 @@ def decode_message(msg_type: str | None, body: bytes) -> list[PersistJob]:
 
 # ------------------------------------------------------------------------- Redis scripts
 
-# KEYS[1] dedup key. ARGV: token, now_ms (< 0: Redis TIME), stale_ms, ttl_ms, msg_id,
-# server_time, job. Ids stay strings: u64 do not fit Lua's doubles.
+# KEYS: dedup keys. ARGV: stale_ms, ttl_ms, then per key: token, now_ms (< 0: Redis TIME),
+# msg_id, server_time, job. One reply per key, in order. Ids stay strings: u64 do not fit Lua's
+# doubles. Keys are handled one after the other, so the same key twice behaves as two calls.
 _CLAIM = """
-local now = tonumber(ARGV[2])
-if now < 0 then
-  local t = redis.call('TIME')
-  now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local stale, ttl = tonumber(ARGV[1]), ARGV[2]
+local clock = nil
+local out = {}
+for i = 1, #KEYS do
+  local a = 2 + 5 * (i - 1)
+  local key, token, now = KEYS[i], ARGV[a + 1], tonumber(ARGV[a + 2])
+  if now < 0 then
+    if not clock then
+      local t = redis.call('TIME')
+      clock = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+    end
+    now = clock
+  end
+  local cur = redis.call('HMGET', key, 'state', 'at', 'msg_id', 'time', 'job')
+  if not cur[1] then
+    redis.call('HSET', key, 'state', 'pending', 'owner', token, 'at', now,
+               'msg_id', ARGV[a + 3], 'time', ARGV[a + 4], 'job', ARGV[a + 5])
+    redis.call('PEXPIRE', key, ttl)
+    out[i] = {'new'}
+  elseif cur[1] == 'confirmed' then
+    out[i] = {'confirmed', cur[3], cur[4]}
+  elseif cur[1] == 'failed' or now - tonumber(cur[2] or '0') >= stale then
+    redis.call('HSET', key, 'state', 'pending', 'owner', token, 'at', now)
+    out[i] = {'takeover', cur[3], cur[4], cur[5]}
+  else
+    out[i] = {'wait', cur[3], cur[4]}
+  end
 end
-local cur = redis.call('HMGET', KEYS[1], 'state', 'at', 'msg_id', 'time', 'job')
-if not cur[1] then
-  redis.call('HSET', KEYS[1], 'state', 'pending', 'owner', ARGV[1], 'at', now,
-             'msg_id', ARGV[5], 'time', ARGV[6], 'job', ARGV[7])
-  redis.call('PEXPIRE', KEYS[1], ARGV[4])
-  return {'new'}
-end
-if cur[1] == 'confirmed' then
-  return {'confirmed', cur[3], cur[4]}
-end
-if cur[1] == 'failed' or now - tonumber(cur[2] or '0') >= tonumber(ARGV[3]) then
-  redis.call('HSET', KEYS[1], 'state', 'pending', 'owner', ARGV[1], 'at', now)
-  return {'takeover', cur[3], cur[4], cur[5]}
-end
-return {'wait', cur[3], cur[4]}
+return out
 """
 
 # KEYS[1] dedup key. ARGV: token, "delete" | "fail". Only while pending and ours.
@@ -241,12 +261,18 @@ end
 return 1
 """
 
-# KEYS[1] dedup key. ARGV: msg_id. The broker confirmed a copy of this message.
+# KEYS: dedup keys. ARGV: the msg_id of each. The broker confirmed a copy of these messages.
 _CONFIRM = """
-if redis.call('HGET', KEYS[1], 'msg_id') ~= ARGV[1] then return 0 end
-redis.call('HSET', KEYS[1], 'state', 'confirmed')
-redis.call('HDEL', KEYS[1], 'owner', 'at', 'job')
-return 1
+local out = {}
+for i = 1, #KEYS do
+  out[i] = 0
+  if redis.call('HGET', KEYS[i], 'msg_id') == ARGV[i] then
+    redis.call('HSET', KEYS[i], 'state', 'confirmed')
+    redis.call('HDEL', KEYS[i], 'owner', 'at', 'job')
+    out[i] = 1
+  end
+end
+return out
 """
 
 
@@ -260,16 +286,18 @@ class _Script:
     def load(self, redis: Any) -> Deferred[Any]:
         return redis.execute_command("SCRIPT", "LOAD", self.source)
 
-    def __call__(self, redis: Any, key: str, *args: Any) -> Deferred[Any]:
-        d = redis.execute_command("EVALSHA", self.sha, 1, key, *args)
-        d.addErrback(self._noscript, redis, key, args)
+    def __call__(self, redis: Any, keys: Sequence[str], args: Sequence[Any]) -> Deferred[Any]:
+        d = redis.execute_command("EVALSHA", self.sha, len(keys), *keys, *args)
+        d.addErrback(self._noscript, redis, keys, args)
         return d
 
-    def _noscript(self, failure: Failure, redis: Any, key: str, args: Sequence[Any]) -> Any:
+    def _noscript(
+        self, failure: Failure, redis: Any, keys: Sequence[str], args: Sequence[Any]
+    ) -> Any:
         failure.trap(txredisapi.ResponseError)
         if not str(failure.value).startswith("NOSCRIPT"):
             return failure
-        return redis.execute_command("EVAL", self.source, 1, key, *args)
+        return redis.execute_command("EVAL", self.source, len(keys), *keys, *args)
 
 
 _SCRIPTS = tuple(_Script(s) for s in (_CLAIM, _RELEASE, _CONFIRM))
@@ -366,6 +394,7 @@ class RabbitQueue:
         partitions: int = 1,
         prefetch: int = PREFETCH,
         publish_batch: int = PUBLISH_BATCH,
+        redis_cluster: bool = False,
         dedup_ttl_ms: int = DEDUP_TTL_MS,
         stale_pending_ms: int = STALE_PENDING_MS,
         now_ms: Callable[[], int] | None = None,
@@ -429,9 +458,20 @@ class RabbitQueue:
         self._consuming_on: _AMQP | None = None
         self._loops = _InFlight()  # consumer loops, each finishing its in-flight job
         self._accepts = _InFlight()
-        # queue name -> jobs waiting for this reactor turn's publish: (msg_id, job, waiter)
-        self._outbox: dict[str, list[tuple[int, bytes, Deferred[None]]]] = {}
+        # queue name -> its group commit of publishes: (msg_id, job) -> None once confirmed
+        self._publishers: dict[str, TurnBatcher[tuple[int, bytes], None]] = {}
         self._publish_batch = publish_batch
+        self._cluster = redis_cluster
+        # Group commit of the dedup scripts: one call per reactor turn (per slot on Cluster).
+        self._claims: TurnBatcher[tuple[Any, ...], Any] = TurnBatcher(
+            reactor, self._run_claims, SCRIPT_BATCH
+        )
+        self._confirms: TurnBatcher[tuple[Any, ...], Any] = TurnBatcher(
+            reactor, self._run_confirms, SCRIPT_BATCH
+        )
+        # Claim owner tokens: unique per process (random base) and per accept (counter).
+        self._token_base = uuid.uuid4().hex[:16] + "-"
+        self._tokens = itertools.count()
         self.connections = 0  # connections set up so far (1 + reconnects)
         self.published = 0  # AMQP messages published (each carries one or more jobs)
 
@@ -523,15 +563,12 @@ class RabbitQueue:
         m = job.message
         data = job.to_bytes()  # validates the message before anything is written
         key = self.dedup_key(m.sender_id, client_msg_id)
-        token = uuid.uuid4().hex
+        token = f"{self._token_base}{next(self._tokens)}"
         now = -1 if self._now_ms is None else self._now_ms()
         deadline = time.monotonic() + self._stale_ms / 1000 + self._confirm_timeout
         pause = POLL_MIN_S
         while True:
-            reply = await _claim(
-                self._redis, key, token, now, self._stale_ms, self._ttl_ms,
-                m.msg_id, m.server_time, data,
-            )  # fmt: skip
+            reply = await self._claims.submit((key, token, now, m.msg_id, m.server_time, data))
             kind = _str(reply[0])
             if kind == "new":
                 await self._publish_claimed(key, token, m.msg_id, job.history_key, data, True)
@@ -571,15 +608,51 @@ class RabbitQueue:
             await self._release(key, token, "fail")  # outcome unknown: keep the job
             raise
         try:
-            await _confirm(self._redis, key, msg_id)
+            await self._confirms.submit((key, msg_id))
         except Exception:
             # The message is durable; the key stays pending and a resend re-publishes the
             # same msg_id after STALE_PENDING_MS (a harmless second copy).
             _log.failure("marking {key} confirmed failed", key=key)
 
+    def _run_claims(self, items: list[tuple[Any, ...]]) -> Deferred[list[Any]]:
+        head = [self._stale_ms, self._ttl_ms]
+        return self._multi(_claim, items, head, lambda item: item[1:])
+
+    def _run_confirms(self, items: list[tuple[Any, ...]]) -> Deferred[list[Any]]:
+        return self._multi(_confirm, items, [], lambda item: item[1:])
+
+    def _multi(
+        self,
+        script: _Script,
+        items: list[tuple[Any, ...]],
+        head: list[Any],
+        per_item: Callable[[tuple[Any, ...]], Sequence[Any]],
+    ) -> Deferred[list[Any]]:
+        """Run `script` over items (key first) with as few calls as the slots allow; one
+        reply per item, in order."""
+        indexed = list(enumerate(items))
+        groups = slot_groups(indexed, lambda pair: pair[1][0], self._cluster)
+        calls = [
+            script(
+                self._redis,
+                [item[0] for _, item in group],
+                head + [arg for _, item in group for arg in per_item(item)],
+            )
+            for group in groups
+        ]
+
+        async def assemble() -> list[Any]:
+            out: list[Any] = [None] * len(items)
+            for group, replies in zip(groups, await gather(calls), strict=True):
+                for (i, _), reply in zip(group, replies, strict=True):
+                    out[i] = reply
+            return out
+
+        return Deferred.fromCoroutine(assemble())
+
     async def _release(self, key: str, token: str, how: str) -> None:
         try:
-            await _release(self._redis, key, token, how)
+            await _release(self._redis, [key], [token, how])
         except Exception:
             _log.failure("releasing dedup key {key} failed", key=key)
 
@@ -592,50 +665,42 @@ class RabbitQueue:
             except Exception as e:
                 raise NotPublished(f"no AMQP connection: {e!r}") from e
         queue = self.names.partitions[partition_of(conv, self.partitions)]
-        done: Deferred[None] = Deferred()
-        pending = self._outbox.setdefault(queue, [])
-        pending.append((msg_id, data, done))
-        if len(pending) >= self._publish_batch:
-            self._flush(queue)
-        elif len(pending) == 1:
-            self._reactor.callLater(0, self._flush, queue)
-        await done
+        batcher = self._publishers.get(queue)
+        if batcher is None:
+            run = functools.partial(self._publish_many, queue)
+            batcher = self._publishers[queue] = TurnBatcher(self._reactor, run, self._publish_batch)
+        await batcher.submit((msg_id, data))
 
-    def _flush(self, queue: str) -> None:
-        pending = self._outbox.pop(queue, None)
-        if not pending:
-            return  # flushed already, when the batch filled up
-        waiters = [d for _, _, d in pending]
+    def _publish_many(self, queue: str, jobs: list[tuple[int, bytes]]) -> Deferred[list[None]]:
+        """One persistent message carrying `jobs`; fires when the broker confirmed it."""
         ch = self._pub
         if ch is None or not ch.is_open:
-            _fail_all(waiters, NotPublished("the AMQP channel closed"))
-            return
+            return _failed(NotPublished("the AMQP channel closed"))
         props = pika.BasicProperties(
             delivery_mode=pika.DeliveryMode.Persistent,
             content_type="application/octet-stream",
             type=BATCH_TYPE,
-            message_id=f"{pending[0][0]}+{len(pending) - 1}",
+            message_id=f"{jobs[0][0]}+{len(jobs) - 1}",
         )
-        body = pack_jobs([data for _, data, _ in pending])
-        self.published += 1
         try:
-            confirmed = ch.basic_publish("", queue, body, props, mandatory=True)
+            confirmed = ch.basic_publish(
+                "", queue, pack_jobs([data for _, data in jobs]), props, mandatory=True
+            )
         except Exception as e:  # pika refused to send (channel or connection closing)
-            _fail_all(waiters, NotPublished(f"publish refused: {e!r}"))
-            return
+            return _failed(NotPublished(f"publish refused: {e!r}"))
+        self.published += 1
         confirmed.addTimeout(self._confirm_timeout, self._reactor)
         confirmed.addCallbacks(
-            lambda _: [d.callback(None) for d in waiters],
-            self._publish_failed, errbackArgs=(queue, waiters),
-        )  # fmt: skip
+            lambda _: [None] * len(jobs), self._publish_failed, errbackArgs=(queue,)
+        )
+        return confirmed
 
-    def _publish_failed(self, failure: Failure, queue: str, waiters: list[Deferred[None]]) -> None:
+    def _publish_failed(self, failure: Failure, queue: str) -> Failure:
         if failure.check(UnroutableError):
             _log.error("queue {queue} is missing: declaring it again", queue=queue)
             if self._conn is not None:
                 self._conn.drop()  # the reconnect re-declares everything
-        for d in waiters:
-            d.errback(failure)
+        return failure
 
     # ------------------------------------------------------------------ connection
 
@@ -868,11 +933,6 @@ class RabbitQueue:
             await self._runner
         if self._own_redis:
             await self._redis.disconnect()
-
-
-def _fail_all(waiters: list[Deferred[None]], error: Exception) -> None:
-    for d in waiters:
-        d.errback(error)
 
 
 def _failed(error: Exception) -> Deferred[Any]:

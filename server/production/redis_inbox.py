@@ -1,7 +1,9 @@
 """Offline inboxes and device positions on Redis (the InboxStore port), through txredisapi.
 
 Key layout (P = the prefix). Every key of one user carries the hash tag `{u<user_id>}`, so in
-Redis Cluster a user's inbox lives in one slot and every script touches one slot only:
+Redis Cluster a user's inbox lives in one slot. A batch append writes many users' inboxes in
+one script call (one round trip per batch, not per entry); with `cluster=True` the users are
+split by slot first, so no script ever spans two slots:
 
     P:inbox:{u<id>}:meta  hash  seq: the last cursor assigned (HINCRBY); floor: the highest
                                 cursor removed by retention. Never expires: cursors must not go
@@ -41,9 +43,11 @@ from twisted.internet.defer import Deferred, DeferredList
 from improto.codec import COMPILED
 from improto.frames import Message, Push
 from improto.server.model import InboxPage, PersistJob
+from improto.server.production.redis_slots import slot_groups
 
 DAY_MS = 86_400_000
-APPEND_WINDOW = 512  # per-user scripts in flight at once for one append (pipelined)
+APPEND_WINDOW = 64  # append scripts in flight at once for one batch (pipelined)
+APPEND_ENTRIES = 2048  # inbox entries one append script writes at most: bounds Redis' pause
 APPEND_TRIM = 64  # expired entries an append removes in passing: keeps busy inboxes bounded
 PAGE_TRIM = 1000  # expired entries one script call removes: bounds the time Redis is blocked
 MAX_PAGE = 10_000  # entries one page returns at most ("up to limit"; has_more stays exact)
@@ -169,31 +173,43 @@ local function trim(meta, ent, age, rec, floor, cutoff, max)
 end
 """
 
-# ARGV: now_ms, cutoff_ms, ttl_ms, trim max, then msg_id, record pairs in order. Entries get
-# consecutive cursors in that order; one already in this inbox (a redelivered job) is skipped.
-# Returns the last cursor assigned, or 0 when every entry was already there.
+# KEYS: meta, ent, age, rec of each user (4 per user). ARGV: now_ms, cutoff_ms, ttl_ms, trim
+# max, the number of messages M, then M (msg_id, record) pairs, then for each user: a count k
+# and k message indexes (1-based, in the order the entries must get their cursors). An entry
+# already in its inbox (a redelivered job) is skipped. Returns the number of entries added.
 _APPEND = LuaScript(
     _STATE
     + """
-local meta, ent, age, rec = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
-local head, floor = state(meta, ent)
-trim(meta, ent, age, rec, floor, ARGV[2], tonumber(ARGV[4]))
-local cursor = 0
-for i = 5, #ARGV, 2 do
-  local id = ARGV[i]
-  if not redis.call('ZSCORE', ent, id) then
-    cursor = redis.call('HINCRBY', meta, 'seq', 1)
-    redis.call('ZADD', ent, cursor, id)
-    redis.call('ZADD', age, ARGV[1], id)
-    redis.call('HSET', rec, id, ARGV[i + 1])
+local now, cutoff, ttl, trimmax = ARGV[1], ARGV[2], ARGV[3], tonumber(ARGV[4])
+local base = 5
+local pos = base + 1 + 2 * tonumber(ARGV[base])
+local added = 0
+for u = 0, #KEYS / 4 - 1 do
+  local meta, ent, age, rec = KEYS[4 * u + 1], KEYS[4 * u + 2], KEYS[4 * u + 3], KEYS[4 * u + 4]
+  local head, floor = state(meta, ent)
+  trim(meta, ent, age, rec, floor, cutoff, trimmax)
+  local k = tonumber(ARGV[pos])
+  local fresh = false
+  for i = pos + 1, pos + k do
+    local at = base + 2 * tonumber(ARGV[i]) - 1
+    local id = ARGV[at]
+    if not redis.call('ZSCORE', ent, id) then
+      local cursor = redis.call('HINCRBY', meta, 'seq', 1)
+      redis.call('ZADD', ent, cursor, id)
+      redis.call('ZADD', age, now, id)
+      redis.call('HSET', rec, id, ARGV[at + 1])
+      fresh = true
+      added = added + 1
+    end
+  end
+  pos = pos + k + 1
+  if fresh then
+    redis.call('PEXPIRE', ent, ttl)
+    redis.call('PEXPIRE', age, ttl)
+    redis.call('PEXPIRE', rec, ttl)
   end
 end
-if cursor > 0 then
-  redis.call('PEXPIRE', ent, ARGV[3])
-  redis.call('PEXPIRE', age, ARGV[3])
-  redis.call('PEXPIRE', rec, ARGV[3])
-end
-return cursor
+return added
 """
 )
 
@@ -278,8 +294,11 @@ class RedisInbox:
         retention_ms: int,
         *,
         ttl_margin_ms: int = DAY_MS,
+        cluster: bool = False,
     ) -> None:
+        """`cluster`: split multi-user scripts by slot (needed on Redis Cluster only)."""
         check_binary(redis)
+        self._cluster = cluster
         self._redis = redis
         self._prefix = prefix
         self._now_ms = now_ms
@@ -312,25 +331,55 @@ class RedisInbox:
         return Deferred.fromCoroutine(self._append_many(jobs))
 
     async def _append_many(self, jobs: Sequence[PersistJob]) -> None:
-        # Each user's entries of the whole batch, in job order, go in one script call.
-        entries: dict[int, list[Any]] = {}
+        records: list[tuple[int, bytes]] = []
+        entries: dict[int, list[int]] = {}  # user -> indexes into records, in job order
         for job in jobs:
             m = job.message
-            record = COMPILED.encode_payload(Push(m))  # validates before anything is written
+            records.append((m.msg_id, COMPILED.encode_payload(Push(m))))  # validates first
             for user in set(job.inbox_users):
-                entries.setdefault(user, []).extend((m.msg_id, record))
+                entries.setdefault(user, []).append(len(records) - 1)
         if not entries:
             return
         now = self._now_ms()
         head = [now, now - self.retention_ms, self._ttl_ms, APPEND_TRIM]
-        users = sorted(entries)
-        # One script per user (one slot each), many in flight: txredisapi writes them
-        # back to back on the pooled connections, so a big group costs a few round trips.
-        for i in range(0, len(users), APPEND_WINDOW):
+        # Many users per script call (one round trip and one Python call chain for a whole
+        # batch), at most APPEND_ENTRIES entries per call, split by slot on Redis Cluster.
+        calls: list[list[int]] = []
+        for group in slot_groups(sorted(entries), self._slot_key, self._cluster):
+            size = APPEND_ENTRIES
+            for user in group:
+                if size + len(entries[user]) > APPEND_ENTRIES:
+                    calls.append([])
+                    size = 0
+                calls[-1].append(user)
+                size += len(entries[user])
+        for i in range(0, len(calls), APPEND_WINDOW):
             await gather(
-                _APPEND(self._redis, self.keys(u)[:4], head + entries[u])
-                for u in users[i : i + APPEND_WINDOW]
+                self._append_call(users, entries, records, head)
+                for users in calls[i : i + APPEND_WINDOW]
             )
+
+    def _append_call(
+        self,
+        users: list[int],
+        entries: dict[int, list[int]],
+        records: list[tuple[int, bytes]],
+        head: list[Any],
+    ) -> Deferred[Any]:
+        used = sorted({i for u in users for i in entries[u]})
+        local = {i: n for n, i in enumerate(used, 1)}
+        keys: list[str] = []
+        args = [*head, len(used)]
+        for i in used:
+            args.extend(records[i])
+        for user in users:
+            keys.extend(self.keys(user)[:4])
+            args.append(len(entries[user]))
+            args.extend(local[i] for i in entries[user])
+        return _APPEND(self._redis, keys, args)
+
+    def _slot_key(self, user_id: int) -> str:
+        return self.keys(user_id)[0]
 
     def page(self, user_id: int, start: int, limit: int) -> Deferred[InboxPage]:
         return Deferred.fromCoroutine(self._page(user_id, start, limit))
