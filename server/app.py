@@ -14,10 +14,10 @@ from twisted.logger import Logger
 from improto.enums import CloseReason
 from improto.server.config import Config
 from improto.server.embedded.sqlite import SQLiteBackend
-from improto.server.hub import Hub
+from improto.server.hub import Hub, LocalRouter
 from improto.server.ids import IdGenerator
 from improto.server.persister import Persister
-from improto.server.ports import Backend
+from improto.server.ports import Backend, PushRouter
 from improto.server.service import ChatService
 from improto.server.session import Session, SessionFactory
 
@@ -40,6 +40,22 @@ def make_backend(config: Config, reactor: Any) -> Backend:
     )
 
 
+def make_router(config: Config, backend: Backend, reactor: Any) -> PushRouter:
+    """Production: presence in Redis and pushes routed over RabbitMQ, so several gateways
+    can serve one user. Embedded: one gateway, the Hub is all there is."""
+    if config.storage != "production":
+        return LocalRouter()
+    from improto.server.production.backend import ProductionBackend
+    from improto.server.production.presence import Presence
+    from improto.server.production.push_router import AmqpPushRouter
+
+    assert isinstance(backend, ProductionBackend)
+    presence = Presence(
+        backend.redis, config.key_prefix, gateway_id=config.gateway_id, reactor=reactor
+    )
+    return AmqpPushRouter(backend.queue, presence, config.key_prefix)
+
+
 class Server:
     """One server process: storage backend, plus the gateway and/or the persister (--role)."""
 
@@ -49,6 +65,7 @@ class Server:
         self.hub = Hub()
         self.ports: list[IListeningPort] = []
         self.backend: Backend | None = None
+        self.router: PushRouter | None = None
         self._sweeper: LoopingCall | None = None
 
     async def start(self) -> None:
@@ -65,10 +82,16 @@ class Server:
         if config.role == "persister":
             log.info("persister running ({storage} storage)", storage=config.storage)
             return
+        self.router = make_router(config, b, self.reactor)
+        await self.router.start(self.hub)
+        node = config.node_id if config.node_id is not None else (self.router.node or 0)
+        log.info("gateway node {node}", node=node)
         self.service = ChatService(
-            IdGenerator(config.node_id), b.queue, b.inbox, b.history, b.groups, self.hub
+            IdGenerator(node), b.queue, b.inbox, b.history, b.groups, self.hub, self.router
         )
-        self.factory = SessionFactory(config, self.service, self.hub, self.reactor, config.secret())
+        self.factory = SessionFactory(
+            config, self.service, self.hub, self.reactor, config.secret(), self.router
+        )
         for desc in config.listen:
             port = await serverFromString(self.reactor, desc).listen(self.factory)
             self.ports.append(port)
@@ -113,6 +136,9 @@ class Server:
         for conn in self.hub.all():
             if isinstance(conn, Session):
                 conn.close(CloseReason.SHUTDOWN, "server shutting down")
+        if self.router is not None:
+            await self.router.close()
+            self.router = None
         if self.backend is not None:
             await self.backend.close()
             self.backend = None

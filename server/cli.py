@@ -45,7 +45,21 @@ _RUN_OPTIONS: list[tuple[str, dict[str, Any]]] = [
             "<data-dir>/jwt-secret, created on first run)"
         },
     ),
-    ("--node-id", {"type": int, "help": "0..1023, unique per server process (message ids)"}),
+    (
+        "--node-id",
+        {
+            "type": int,
+            "help": "0..1023, unique per gateway (part of message ids; default: 0 embedded, "
+            "a node leased in Redis in production)",
+        },
+    ),
+    (
+        "--gateway-id",
+        {
+            "help": "name of this gateway in the presence map and push routing (production; "
+            "default: random per start)",
+        },
+    ),
     (
         "--heartbeat",
         {

@@ -16,7 +16,8 @@ class Config:
     listen: list[str] = field(default_factory=lambda: ["tcp:5555:interface=127.0.0.1"])
     data_dir: str = "./var"
     jwt_secret: str | None = None  # None: read or create <data_dir>/jwt-secret
-    node_id: int = 0
+    node_id: int | None = None  # None: 0 embedded, a node leased in Redis in production
+    gateway_id: str | None = None  # production: presence/routing name (None: random per start)
     heartbeat: int = 30  # seconds
     idle_timeout: int = 90  # seconds
     inbox_retention_days: float = 7.0

@@ -5,6 +5,8 @@ from __future__ import annotations
 from collections.abc import Iterable
 from typing import Protocol
 
+from twisted.internet.defer import Deferred, succeed
+
 
 class Pushable(Protocol):
     user_id: int
@@ -40,6 +42,9 @@ class Hub:
     def devices(self, user_id: int) -> list[Pushable]:
         return list(self._online.get(user_id, {}).values())
 
+    def device(self, user_id: int, device_id: str) -> Pushable | None:
+        return self._online.get(user_id, {}).get(device_id)
+
     def push(self, users: Iterable[int], msg_id: int, data: bytes,
              exclude: Pushable | None = None) -> int:  # fmt: skip
         """Push to every online device of `users` except `exclude`; returns the count."""
@@ -54,3 +59,24 @@ class Hub:
     @property
     def connection_count(self) -> int:
         return sum(len(d) for d in self._online.values())
+
+
+class LocalRouter:
+    """The PushRouter of a single gateway: every device is in the Hub, nothing to route."""
+
+    node: int | None = None  # message-id node: the configured one
+
+    def start(self, hub: Hub) -> Deferred[None]:
+        return succeed(None)
+
+    def online(self, conn: Pushable) -> Deferred[None]:
+        return succeed(None)
+
+    def offline(self, conn: Pushable) -> Deferred[None]:
+        return succeed(None)
+
+    def route(self, users: Iterable[int], msg_id: int, data: bytes) -> Deferred[None]:
+        return succeed(None)
+
+    def close(self) -> Deferred[None]:
+        return succeed(None)

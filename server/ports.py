@@ -7,11 +7,12 @@ return Deferreds and never block the reactor.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Protocol
 
 from twisted.internet.defer import Deferred
 
+from improto.server.hub import Hub, Pushable
 from improto.server.model import Accepted, ConvKey, GroupInfo, HistorySlice, InboxPage, PersistJob
 
 BatchHandler = Callable[[Sequence[PersistJob]], Deferred[None]]
@@ -102,6 +103,26 @@ class GroupStore(Protocol):
         """The member's since_id, or None if not a current member."""
 
     def groups_of(self, user_id: int) -> Deferred[tuple[tuple[int, str], ...]]: ...
+
+
+class PushRouter(Protocol):
+    """Live pushes to devices on other gateways, and presence (which gateway holds which
+    device). Best effort: delivery is guaranteed by the inboxes, not by pushes."""
+
+    node: int | None  # a message-id node leased for this gateway, or None: use the configured
+
+    def start(self, hub: Hub) -> Deferred[None]:
+        """Announce this gateway; deliver pushes routed here to `hub`'s sessions."""
+
+    def online(self, conn: Pushable) -> Deferred[None]:
+        """`conn` holds its device now (a session of it elsewhere is closed, REPLACED)."""
+
+    def offline(self, conn: Pushable) -> Deferred[None]: ...
+
+    def route(self, users: Iterable[int], msg_id: int, data: bytes) -> Deferred[None]:
+        """Write the encoded PUSH to `users`' devices held by other gateways."""
+
+    def close(self) -> Deferred[None]: ...
 
 
 class Backend(Protocol):

@@ -46,10 +46,10 @@ from improto.limits import (
     OFFLINE_PAGE_DEFAULT,
     OFFLINE_PAGE_MAX,
 )
-from improto.server.hub import Hub, Pushable
+from improto.server.hub import Hub, LocalRouter, Pushable
 from improto.server.ids import IdGenerator
 from improto.server.model import Accepted, ConvKey, GroupInfo, LimitExceeded, PersistJob
-from improto.server.ports import GroupStore, HistoryStore, InboxStore, PersistQueue
+from improto.server.ports import GroupStore, HistoryStore, InboxStore, PersistQueue, PushRouter
 
 log = Logger()
 
@@ -104,6 +104,7 @@ class ChatService:
         history: HistoryStore,
         groups: GroupStore,
         hub: Hub,
+        router: PushRouter | None = None,
     ) -> None:
         self.ids = ids
         self.queue = queue
@@ -111,6 +112,7 @@ class ChatService:
         self.history = history
         self.groups = groups
         self.hub = hub
+        self.router: PushRouter = router or LocalRouter()
 
     # ------------------------------------------------------------------ sending
 
@@ -147,7 +149,11 @@ class ChatService:
 
     def _push(self, message: Message, receivers: tuple[int, ...], exclude: Pushable | None) -> None:
         data = encode(Push(message))  # encoded once for every receiver
-        self.hub.push(set(receivers), message.msg_id, data, exclude)
+        users = set(receivers)
+        self.hub.push(users, message.msg_id, data, exclude)
+        d = self.router.route(users, message.msg_id, data)  # other gateways' devices
+        d.addErrback(lambda f: log.failure("routing push {msg_id} failed", f,
+                                           msg_id=message.msg_id))  # fmt: skip
 
     # ------------------------------------------------------------- offline sync
 

@@ -31,7 +31,8 @@ from improto.frames import (
 )
 from improto.limits import MAX_FRAME_LENGTH
 from improto.server.config import Config
-from improto.server.hub import Hub
+from improto.server.hub import Hub, LocalRouter
+from improto.server.ports import PushRouter
 from improto.server.service import Caller, ChatService, RequestError
 from improto.tokens import TokenError, verify
 
@@ -60,6 +61,7 @@ class Session(Protocol):
         self.user_id = 0
         self.device_id = ""
         self.caller: Caller | None = None
+        self.presence = ""  # this session's presence value (set by the push router)
         self.closing = False
         self.unacked: dict[int, None] = {}  # msg_ids pushed and not yet acknowledged
         self.hint_pending = False
@@ -85,7 +87,7 @@ class Session(Protocol):
             if call is not None and call.active():
                 call.cancel()
         if self.caller is not None:
-            self.factory.hub.unregister(self)
+            self._gone()
 
     def dataReceived(self, data: bytes) -> None:
         if self.closing:
@@ -172,6 +174,8 @@ class Session(Protocol):
         old = self.factory.hub.register(self)
         if old is not None and isinstance(old, Session):
             old.close(CloseReason.REPLACED, f"device {self.device_id} logged in again")
+        d = self.factory.router.online(self)
+        d.addErrback(lambda f: log.failure("announcing {peer} failed", f, peer=self._peer()))
         self._expiry = self.clock.callLater(
             max(0.0, ident.expires_at - self.clock.seconds()),
             self.close, CloseReason.AUTH_EXPIRED, "token expired",
@@ -222,8 +226,15 @@ class Session(Protocol):
         if not self.closing:
             self.closing = True
             if self.caller is not None:
-                self.factory.hub.unregister(self)
+                self._gone()
             self.transport.loseConnection()  # type: ignore[union-attr]
+
+    def _gone(self) -> None:
+        """Leave the hub and the presence map (once)."""
+        if self.factory.hub.device(self.user_id, self.device_id) is self:
+            self.factory.hub.unregister(self)
+            d = self.factory.router.offline(self)
+            d.addErrback(lambda f: log.failure("withdrawing presence failed", f))
 
     def _idle_out(self) -> None:
         log.info("closing idle connection {peer}", peer=self._peer())
@@ -243,10 +254,11 @@ class SessionFactory(Factory):
     protocol = Session  # type: ignore[assignment]
 
     def __init__(self, config: Config, service: ChatService, hub: Hub, clock: IReactorTime,
-                 secret: str) -> None:  # fmt: skip
+                 secret: str, router: PushRouter | None = None) -> None:  # fmt: skip
         self.config = config
         self.service = service
         self.hub = hub
+        self.router: PushRouter = router or LocalRouter()
         self.clock = clock
         self.secret = secret
 

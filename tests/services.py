@@ -104,6 +104,7 @@ def cleanup(prefix: str, hbase_table: str) -> None:
         for name in (f"{prefix}.persist.0", f"{prefix}.persist.dead"):
             ch.queue_delete(name)
         ch.exchange_delete(f"{prefix}.persist.dlx")
+        ch.exchange_delete(f"{prefix}.push")
         conn.close()
     except Exception:
         pass

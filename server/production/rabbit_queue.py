@@ -474,6 +474,7 @@ class RabbitQueue:
         self._tokens = itertools.count()
         self.connections = 0  # connections set up so far (1 + reconnects)
         self.published = 0  # AMQP messages published (each carries one or more jobs)
+        self._hooks: list[Callable[[Any], Any]] = []
 
     # ------------------------------------------------------------------ public API
 
@@ -533,6 +534,17 @@ class RabbitQueue:
         self._max_batch = max_batch
         if self._conn is not None:
             self._start_consumers(self._conn)
+
+    def on_connected(self, hook: Callable[[TwistedProtocolConnection], Any]) -> None:
+        """Call `hook(connection)` after every (re)connection, and now if connected: other
+        users of the broker (the push router) share this connection and its reconnects."""
+        self._hooks.append(hook)
+        if self._conn is not None:
+            self._run_hook(hook, self._conn)
+
+    def _run_hook(self, hook: Callable[[Any], Any], proto: _AMQP) -> None:
+        d = maybeDeferred(hook, proto)
+        d.addErrback(lambda f: None if proto.gone else _log.failure("AMQP hook failed", f))
 
     def backlog(self) -> Deferred[int]:
         """AMQP messages ready in the partition queues (not counting unacked deliveries);
@@ -749,6 +761,8 @@ class RabbitQueue:
             self._conn = proto
             if self._handler is not None:
                 self._start_consumers(proto)
+            for hook in self._hooks:
+                self._run_hook(hook, proto)
             waiters, self._ready_waiters = self._ready_waiters, []
             for w in waiters:
                 w.callback(None)

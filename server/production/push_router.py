@@ -1,0 +1,216 @@
+"""Live pushes across gateways: presence in Redis, routing over a RabbitMQ exchange.
+
+Each gateway binds its own queue P.push.<gateway id> (exclusive, auto-delete, not durable) to
+the direct exchange P.push with its gateway id as the routing key. To push a message, the
+sending gateway writes to its own devices through its Hub, looks up the receivers' presence,
+and publishes one message per other gateway holding one of their devices, carrying the
+encoded PUSH frame once plus the list of target sessions.
+
+Routed pushes are best effort, like every push (spec section 9): not persistent, no confirm,
+dropped when the target gateway is gone (its queue went with its connection, so the exchange
+has no binding) or holds no such session any more, and expired after ROUTED_TTL_MS in its
+queue. Delivery is guaranteed by the offline inbox, which every device syncs on reconnect.
+
+A device that logs in on one gateway while it has a session on another replaces it: the new
+gateway sends a kick, and the old one closes that session with CLOSE REPLACED.
+
+Body of a routed message (big-endian):
+    u8 kind (1 push, 2 kick) | u64 msg_id (0 for a kick) | u16 n |
+    n x (u64 user | u8 len, device id | u8 len, session) | the PUSH frame (push only)
+"""
+
+from __future__ import annotations
+
+import struct
+from collections.abc import Iterable
+from typing import Any
+
+import pika
+
+from twisted.internet.defer import Deferred
+from twisted.logger import Logger
+
+from improto.enums import CloseReason
+from improto.server.hub import Hub, Pushable
+from improto.server.production.presence import Presence, gateway_of
+from improto.server.production.rabbit_queue import RabbitQueue
+
+_log = Logger()
+
+PUSH, KICK = 1, 2
+ROUTED_TTL_MS = 10_000  # a routed push older than this is useless: the device synced by then
+ROUTED_MAX = 100_000  # messages a gateway's push queue holds at most (oldest dropped)
+
+Target = tuple[int, str, str]  # user, device, session
+
+
+def pack_routed(kind: int, msg_id: int, targets: list[Target], data: bytes = b"") -> bytes:
+    parts = [struct.pack(">BQH", kind, msg_id, len(targets))]
+    for user, device, session in targets:
+        d, s = device.encode(), session.encode()
+        parts.append(struct.pack(">QB", user, len(d)) + d + bytes((len(s),)) + s)
+    parts.append(data)
+    return b"".join(parts)
+
+
+def unpack_routed(body: bytes) -> tuple[int, int, list[Target], bytes]:
+    kind, msg_id, n = struct.unpack_from(">BQH", body)
+    pos = 11
+    targets: list[Target] = []
+    for _ in range(n):
+        user, dlen = struct.unpack_from(">QB", body, pos)
+        pos += 9
+        device = body[pos : pos + dlen].decode()
+        pos += dlen
+        slen = body[pos]
+        session = body[pos + 1 : pos + 1 + slen].decode()
+        pos += 1 + slen
+        targets.append((user, device, session))
+    if pos > len(body) or kind not in (PUSH, KICK):
+        raise ValueError("malformed routed message")
+    return kind, msg_id, targets, body[pos:]
+
+
+class AmqpPushRouter:
+    """PushRouter over Presence (Redis) and the queue's AMQP connection."""
+
+    def __init__(self, queue: RabbitQueue, presence: Presence, prefix: str) -> None:
+        self._queue = queue
+        self.presence = presence
+        self.exchange = f"{prefix}.push"
+        self.gateway_id = presence.gateway_id
+        self.queue_name = f"{prefix}.push.{self.gateway_id}"
+        self._hub: Hub | None = None
+        self._channel: Any = None
+        self.routed_out = 0  # messages published to other gateways
+        self.delivered_in = 0  # pushes written to local sessions from other gateways
+
+    @property
+    def node(self) -> int | None:
+        return self.presence.node
+
+    def start(self, hub: Hub) -> Deferred[None]:
+        return Deferred.fromCoroutine(self._start(hub))
+
+    async def _start(self, hub: Hub) -> None:
+        self._hub = hub
+        self.presence.on_revived = self._reannounce
+        await self.presence.start()
+        ready: Deferred[None] = Deferred()
+
+        def connected(proto: Any) -> Deferred[None]:
+            d = Deferred.fromCoroutine(self._setup(proto))
+            if not ready.called:
+                d.addCallback(lambda _: ready.called or ready.callback(None))
+            return d
+
+        self._queue.on_connected(connected)
+        await ready
+
+    async def _setup(self, proto: Any) -> None:
+        ch = await proto.channel()
+        await ch.exchange_declare(self.exchange, exchange_type="direct", durable=True)
+        await ch.queue_declare(
+            self.queue_name,
+            exclusive=True,
+            auto_delete=True,
+            arguments={"x-message-ttl": ROUTED_TTL_MS, "x-max-length": ROUTED_MAX},
+        )
+        await ch.queue_bind(self.queue_name, self.exchange, routing_key=self.gateway_id)
+        deliveries, _tag = await ch.basic_consume(queue=self.queue_name, auto_ack=True)
+        self._channel = ch
+        Deferred.fromCoroutine(self._receive(deliveries))
+
+    async def _receive(self, deliveries: Any) -> None:
+        while True:
+            try:
+                msg = await deliveries.get()
+            except Exception:
+                return  # the channel or connection closed; a reconnect sets up again
+            try:
+                self._deliver(*unpack_routed(msg.body))
+            except Exception:
+                _log.failure("dropping a malformed routed push")
+
+    def _deliver(self, kind: int, msg_id: int, targets: list[Target], data: bytes) -> None:
+        assert self._hub is not None
+        for user, device, session in targets:
+            conn = self._hub.device(user, device)
+            if conn is None or getattr(conn, "presence", None) != session:
+                continue  # that session is gone (or replaced here): the inbox has it
+            if kind == PUSH:
+                conn.push(msg_id, data)
+                self.delivered_in += 1
+            else:
+                close = getattr(conn, "close", None)
+                if close is not None:
+                    close(CloseReason.REPLACED, f"device {device} logged in elsewhere")
+
+    def close(self) -> Deferred[None]:
+        return self.presence.close()
+
+    # ------------------------------------------------------------- sessions
+
+    def online(self, conn: Pushable) -> Deferred[None]:
+        conn.presence = self.presence.new_session()  # type: ignore[attr-defined]
+        return Deferred.fromCoroutine(self._online(conn))
+
+    async def _online(self, conn: Pushable) -> None:
+        session = conn.presence  # type: ignore[attr-defined]
+        old = await self.presence.claim(conn.user_id, conn.device_id, session)
+        if old is not None and gateway_of(old) != self.gateway_id:
+            self._publish(gateway_of(old), pack_routed(KICK, 0, [(conn.user_id,
+                                                                   conn.device_id, old)]))
+
+    def offline(self, conn: Pushable) -> Deferred[None]:
+        session = getattr(conn, "presence", None)
+        if not session:
+            return Deferred.fromCoroutine(_nothing())
+        return Deferred.fromCoroutine(
+            self.presence.release(conn.user_id, conn.device_id, session)
+        )
+
+    def _reannounce(self) -> None:
+        assert self._hub is not None
+        for conn in self._hub.all():
+            session = getattr(conn, "presence", None)
+            if session:
+                d = Deferred.fromCoroutine(
+                    self.presence.claim(conn.user_id, conn.device_id, session)
+                )
+                d.addErrback(lambda f: _log.failure("re-announcing a session failed", f))
+
+    # ---------------------------------------------------------------- pushes
+
+    def route(self, users: Iterable[int], msg_id: int, data: bytes) -> Deferred[None]:
+        """Push to the users' devices held by other gateways (this one's own devices were
+        written through the Hub already)."""
+        return Deferred.fromCoroutine(self._route(list(users), msg_id, data))
+
+    async def _route(self, users: list[int], msg_id: int, data: bytes) -> None:
+        found = await self.presence.lookup(users)
+        by_gateway: dict[str, list[Target]] = {}
+        for user, devices in found.items():
+            for device, session in devices.items():
+                gid = gateway_of(session)
+                if gid != self.gateway_id:
+                    by_gateway.setdefault(gid, []).append((user, device, session))
+        for gid, targets in by_gateway.items():
+            self._publish(gid, pack_routed(PUSH, msg_id, targets, data))
+
+    def _publish(self, gateway_id: str, body: bytes) -> None:
+        ch = self._channel
+        if ch is None or not ch.is_open:
+            return  # best effort: the receivers sync from their inboxes
+        try:
+            ch.basic_publish(
+                self.exchange, gateway_id, body,
+                pika.BasicProperties(delivery_mode=pika.DeliveryMode.Transient),
+            )  # fmt: skip
+            self.routed_out += 1
+        except Exception:
+            _log.failure("routing a push to gateway {gid} failed", gid=gateway_id)
+
+
+async def _nothing() -> None:
+    return None
