@@ -22,10 +22,11 @@ import sys
 import tempfile
 import time
 import uuid
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
-from twisted.internet import defer, task
+from twisted.internet import defer, protocol, task, threads
 from twisted.internet.defer import Deferred
 
 from improto.enums import ContentType, ConvKind
@@ -146,8 +147,117 @@ async def run_case(reactor: Any, config: Config, group_size: int, n: int, pairs:
     await wait_persisted(reactor, persister, 2 * n)
     out["end_to_end"] = meter.result(n, group_size)
     out["end_to_end"]["mean_batch"] = round(n / max(1, persister.batches - batches), 1)
+    if config.storage == "production":
+        await drop_production_data(backend, config)
     await backend.close()
     return out
+
+
+class _Child(protocol.ProcessProtocol):
+    """A persister worker process: reads its progress lines ("persisted N", "cpu S")."""
+
+    def __init__(self) -> None:
+        self.persisted = 0
+        self.cpu = 0.0
+        self.ready: Deferred[None] = Deferred()
+        self.ended: Deferred[None] = Deferred()
+        self._buf = b""
+
+    def outReceived(self, data: bytes) -> None:
+        self._buf += data
+        *lines, self._buf = self._buf.split(b"\n")
+        for line in lines:
+            word, _, value = line.decode().partition(" ")
+            if word == "ready" and not self.ready.called:
+                self.ready.callback(None)
+            elif word == "persisted":
+                self.persisted = int(value)
+            elif word == "cpu":
+                self.cpu = float(value)
+
+    def errReceived(self, data: bytes) -> None:
+        sys.stderr.write(data.decode(errors="replace"))
+
+    def processEnded(self, reason: Any) -> None:
+        self.ended.callback(None)
+
+
+async def run_split(reactor: Any, config: Config, group_size: int, n: int, pairs: int,
+                    in_flight: int, max_batch: int) -> dict[str, Any]:  # fmt: skip
+    """Accept in this process while a persister process writes (as separate --role gateway
+    and --role persister processes run): two Python processes, one per core."""
+    backend = make_backend(config, reactor)
+    await backend.start()
+    child = _Child()
+    args = [sys.executable, __file__, "--worker", json.dumps(
+        {"config": asdict(config), "n": n, "max_batch": max_batch}
+    )]  # fmt: skip
+    reactor.spawnProcess(child, sys.executable, args, env=os.environ)
+    await child.ready
+    load = Load(group_size, pairs)
+    sem = defer.DeferredSemaphore(in_flight)
+    meter = Meter()
+    await defer.gatherResults([sem.run(backend.queue.accept, *load.job()) for _ in range(n)])
+    while child.persisted < n:
+        await task.deferLater(reactor, 0.005, lambda: None)
+    out = meter.result(n, group_size)
+    await child.ended
+    out["cpu_us_per_msg"]["persister_process"] = round(child.cpu / n * 1e6, 1)
+    await drop_production_data(backend, config)
+    await backend.close()
+    return out
+
+
+async def worker(reactor: Any, spec: dict[str, Any]) -> None:
+    """The persister process of run_split: prints its progress on stdout."""
+    config = Config(**spec["config"])
+    backend = make_backend(config, reactor)
+    await backend.start()
+    persister = Persister(backend.queue, backend.inbox, backend.history,
+                          max_batch=spec["max_batch"])  # fmt: skip
+    persister.start()
+    cpu0 = own_cpu()
+    print("ready", flush=True)
+    last = -1
+    while persister.persisted < spec["n"]:
+        if persister.persisted != last:
+            last = persister.persisted
+            print(f"persisted {last}", flush=True)
+        await task.deferLater(reactor, 0.005, lambda: None)
+    print(f"cpu {own_cpu() - cpu0}", flush=True)
+    print(f"persisted {persister.persisted}", flush=True)
+    await backend.close()
+
+
+async def drop_production_data(backend: Any, config: Config) -> None:
+    """Delete what a case stored in the services: its Redis keys, queues and HBase table."""
+    cursor: bytes = b"0"
+    while True:
+        cursor, keys = await backend.redis.execute_command(
+            "SCAN", cursor, "MATCH", f"{config.key_prefix}:*", "COUNT", 1000
+        )
+        if keys:
+            await backend.redis.execute_command("UNLINK", *keys)
+        if cursor == b"0":
+            break
+    names = backend.queue.names
+
+    def drop_blocking() -> None:
+        import happybase
+        import pika
+
+        conn = pika.BlockingConnection(pika.URLParameters(config.amqp))
+        ch = conn.channel()
+        for queue in (*names.partitions, names.dead_queue):
+            ch.queue_delete(queue)
+        ch.exchange_delete(names.dead_exchange)
+        conn.close()
+        host, _, port = config.hbase.rpartition(":")
+        hbase = happybase.Connection(host or config.hbase, int(port or 9090))
+        hbase.delete_table(config.hbase_table, disable=True)
+        hbase.close()
+
+    await threads.deferToThread(drop_blocking)
 
 
 def main() -> None:
@@ -159,7 +269,12 @@ def main() -> None:
     p.add_argument("--max-batch", type=int, default=MAX_BATCH, help="persister batch size")
     p.add_argument("--partitions", type=int, default=1, help="persist queues (production)")
     p.add_argument("--quick", action="store_true", help="small counts, for smoke runs")
+    p.add_argument("--worker", help=argparse.SUPPRESS)  # internal: the persister process
     args = p.parse_args()
+    if args.worker:
+        spec = json.loads(args.worker)
+        task.react(lambda r: Deferred.fromCoroutine(worker(r, spec)))
+        return
     n = args.messages or (2000 if args.quick else 20000)
 
     async def run(reactor: Any) -> None:
@@ -177,6 +292,14 @@ def main() -> None:
                 results[name] = await run_case(
                     reactor, config, size, count, args.pairs, args.in_flight, args.max_batch
                 )
+                if args.storage == "production":
+                    split = replace(
+                        config, key_prefix=config.key_prefix + "s",
+                        hbase_table=config.hbase_table + "_s",
+                    )  # fmt: skip
+                    results[name]["two_processes"] = await run_split(
+                        reactor, split, size, count, args.pairs, args.in_flight, args.max_batch
+                    )
                 print(json.dumps({name: results[name]}), file=sys.stderr)
         summary = {
             "bench": "persist",

@@ -5,7 +5,7 @@ Redis Cluster a user's inbox lives in one slot. A batch append writes many users
 one script call (one round trip per batch, not per entry); with `cluster=True` the users are
 split by slot first, so no script ever spans two slots:
 
-    P:inbox:{u<id>}:meta  hash  seq: the last cursor assigned (HINCRBY); floor: the highest
+    P:inbox:{u<id>}:meta  hash  seq: the last cursor assigned; floor: the highest
                                 cursor removed by retention. Never expires: cursors must not go
                                 back even after the entries expired.
     P:inbox:{u<id>}:pos   hash  device id -> position. Never expires (as in the embedded store).
@@ -184,29 +184,57 @@ local now, cutoff, ttl, trimmax = ARGV[1], ARGV[2], ARGV[3], tonumber(ARGV[4])
 local base = 5
 local pos = base + 1 + 2 * tonumber(ARGV[base])
 local added = 0
+-- One command per key and user, not per entry; at most 1000 arguments per unpack().
+local function bulk(cmd, key, t)
+  for i = 1, #t, 1000 do
+    redis.call(cmd, key, unpack(t, i, math.min(i + 999, #t)))
+  end
+end
 for u = 0, #KEYS / 4 - 1 do
   local meta, ent, age, rec = KEYS[4 * u + 1], KEYS[4 * u + 2], KEYS[4 * u + 3], KEYS[4 * u + 4]
   local head, floor = state(meta, ent)
   trim(meta, ent, age, rec, floor, cutoff, trimmax)
   local k = tonumber(ARGV[pos])
-  local fresh = false
+  local ats, ids = {}, {}
   for i = pos + 1, pos + k do
     local at = base + 2 * tonumber(ARGV[i]) - 1
-    local id = ARGV[at]
-    if not redis.call('ZSCORE', ent, id) then
-      local cursor = redis.call('HINCRBY', meta, 'seq', 1)
-      redis.call('ZADD', ent, cursor, id)
-      redis.call('ZADD', age, now, id)
-      redis.call('HSET', rec, id, ARGV[at + 1])
-      fresh = true
-      added = added + 1
-    end
+    ats[#ats + 1] = at
+    ids[#ids + 1] = ARGV[at]
   end
   pos = pos + k + 1
-  if fresh then
+  local present = {}
+  for i = 1, #ids, 1000 do
+    local chunk = redis.call('ZMSCORE', ent, unpack(ids, i, math.min(i + 999, #ids)))
+    for j = 1, #chunk do
+      if chunk[j] then
+        present[ids[i + j - 1]] = true
+      end
+    end
+  end
+  local seq = head
+  local zent, zage, hrec = {}, {}, {}
+  for i = 1, #ids do
+    local id = ids[i]
+    if not present[id] then  -- skips a redelivered entry, and a job twice in one batch
+      present[id] = true
+      seq = seq + 1
+      zent[#zent + 1] = seq
+      zent[#zent + 1] = id
+      zage[#zage + 1] = now
+      zage[#zage + 1] = id
+      hrec[#hrec + 1] = id
+      hrec[#hrec + 1] = ARGV[ats[i] + 1]
+    end
+  end
+  if seq > head then
+    bulk('ZADD', ent, zent)
+    bulk('ZADD', age, zage)
+    bulk('HSET', rec, hrec)
+    redis.call('HSET', meta, 'seq', seq)
     redis.call('PEXPIRE', ent, ttl)
     redis.call('PEXPIRE', age, ttl)
     redis.call('PEXPIRE', rec, ttl)
+    added = added + seq - head
   end
 end
 return added

@@ -242,3 +242,14 @@ async def test_append_many_keeps_batch_order_and_is_idempotent(backend, jobs):
         assert cs == list(range(cs[0], cs[0] + len(cs)))  # consecutive: no cursor burnt
     await backend.inbox.append_many([])  # an empty batch is a no-op
     assert len((await backend.inbox.page(ALICE, 0, 100)).entries) == 3
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_job_twice_in_one_batch_is_written_once(backend, jobs):
+    """Two copies of one message can be queued (a re-published claim) and land in one batch."""
+    j, other = jobs.job(ALICE, BOB), jobs.job(ALICE)
+    await backend.inbox.append_many([j, j, other, j])
+    page = await backend.inbox.page(ALICE, 0, 100)
+    assert ids(page) == [j.message.msg_id, other.message.msg_id]
+    assert cursors(page) == [cursors(page)[0], cursors(page)[0] + 1]
+    assert ids(await backend.inbox.page(BOB, 0, 100)) == [j.message.msg_id]
