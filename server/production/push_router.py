@@ -159,16 +159,15 @@ class AmqpPushRouter:
         session = conn.presence  # type: ignore[attr-defined]
         old = await self.presence.claim(conn.user_id, conn.device_id, session)
         if old is not None and gateway_of(old) != self.gateway_id:
-            self._publish(gateway_of(old), pack_routed(KICK, 0, [(conn.user_id,
-                                                                   conn.device_id, old)]))
+            self._publish(
+                gateway_of(old), pack_routed(KICK, 0, [(conn.user_id, conn.device_id, old)])
+            )
 
     def offline(self, conn: Pushable) -> Deferred[None]:
         session = getattr(conn, "presence", None)
         if not session:
             return Deferred.fromCoroutine(_nothing())
-        return Deferred.fromCoroutine(
-            self.presence.release(conn.user_id, conn.device_id, session)
-        )
+        return Deferred.fromCoroutine(self.presence.release(conn.user_id, conn.device_id, session))
 
     def _reannounce(self) -> None:
         assert self._hub is not None
