@@ -66,7 +66,7 @@ retries after a failed accept was never acknowledged, and the pending key expire
 Redis unavailable: accept fails before anything is published. RabbitMQ unavailable: accept
 fails within `connect_wait_s`/`confirm_timeout_s`; in-flight accepts errback on a connection
 loss and the retry goes through the dedup key as above. What Redis does not persist (a crash
-without AOF) loses dedup keys: run it with appendonly/everysec; the window is then ~1 s.
+without AOF) loses dedup keys: run it with appendonly yes, appendfsync always.
 A takeover re-publish is returned as duplicate=True (the gateway then pushes nothing live for
 it: the receivers get it from the offline pull, which is what guarantees delivery anyway).
 
