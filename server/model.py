@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import struct
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from improto.codec import COMPILED
 from improto.enums import ConvKind
@@ -43,26 +43,36 @@ class PersistJob:
 
     message: Message
     inbox_users: tuple[int, ...]
+    # The message encoded as a PUSH payload: what the queue, the inbox records and the history
+    # cells store. Encoded once (or kept from decoding), never compared.
+    _payload: bytes | None = field(default=None, compare=False, repr=False)
 
     @property
     def history_key(self) -> ConvKey:
         return ConvKey.of_message(self.message)
 
+    @property
+    def push_payload(self) -> bytes:
+        """The PUSH payload of the message (validated by the strict codec when encoded)."""
+        if self._payload is None:
+            object.__setattr__(self, "_payload", COMPILED.encode_payload(Push(self.message)))
+        assert self._payload is not None
+        return self._payload
+
     # Wire form for queues: u32 user count, u64 user ids, then the PUSH payload of the message
     # (the codec already validates it strictly, so a corrupt job fails loudly).
     def to_bytes(self) -> bytes:
         n = len(self.inbox_users)
-        return struct.pack(f">I{n}Q", n, *self.inbox_users) + COMPILED.encode_payload(
-            Push(self.message)
-        )
+        return struct.pack(f">I{n}Q", n, *self.inbox_users) + self.push_payload
 
     @staticmethod
     def from_bytes(data: bytes) -> PersistJob:
         (n,) = struct.unpack_from(">I", data)
         users = struct.unpack_from(f">{n}Q", data, 4)
-        frame = COMPILED.decode_payload(data[4 + 8 * n :])
+        payload = data[4 + 8 * n :]
+        frame = COMPILED.decode_payload(payload)
         assert isinstance(frame, Push)
-        return PersistJob(frame.message, users)
+        return PersistJob(frame.message, users, payload)
 
 
 @dataclass(frozen=True, slots=True)

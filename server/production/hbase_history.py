@@ -97,8 +97,8 @@ def _retention_filter(cutoff: int) -> bytes | None:
     return b"SingleColumnValueFilter('m', 't', >=, 'binary:%s', true, true)" % _time_value(cutoff)
 
 
-def _encode(m: Message) -> dict[bytes, bytes]:
-    return {COL_MESSAGE: COMPILED.encode_payload(Push(m)), COL_TIME: _time_value(m.server_time)}
+def _encode(job: PersistJob) -> dict[bytes, bytes]:
+    return {COL_MESSAGE: job.push_payload, COL_TIME: _time_value(job.message.server_time)}
 
 
 def _decode(value: bytes) -> Message:
@@ -316,7 +316,7 @@ class HBaseHistory:
         """One put; idempotent by construction (same row, same cell timestamp, same value)."""
         m = job.message
         try:
-            row, data = row_key(key, m.msg_id), _encode(m)  # validates before anything runs
+            row, data = row_key(key, m.msg_id), _encode(job)  # validates before anything runs
         except Exception:
             return fail()
         return self._call(_put, row, data, _cell_ts(m.server_time))
@@ -329,7 +329,7 @@ class HBaseHistory:
             for key, job in items:
                 m = job.message
                 by_ts.setdefault(_cell_ts(m.server_time), []).append(
-                    (row_key(key, m.msg_id), _encode(m))
+                    (row_key(key, m.msg_id), _encode(job))
                 )
         except Exception:
             return fail()

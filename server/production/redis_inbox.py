@@ -363,7 +363,7 @@ class RedisInbox:
         entries: dict[int, list[int]] = {}  # user -> indexes into records, in job order
         for job in jobs:
             m = job.message
-            records.append((m.msg_id, COMPILED.encode_payload(Push(m))))  # validates first
+            records.append((m.msg_id, job.push_payload))  # validated when encoded
             for user in set(job.inbox_users):
                 entries.setdefault(user, []).append(len(records) - 1)
         if not entries:
