@@ -117,13 +117,15 @@ class ChatService:
     # ------------------------------------------------------------------ sending
 
     async def send(self, caller: Caller, req: Send) -> SendAck:
-        # Take the id first, synchronously, so ids follow the order requests arrived in.
-        msg_id, now = self.ids.next()
         if req.conv_kind == ConvKind.GROUP:
             info = await self._group_for_member(req.conv_id, caller.user_id)
             receivers = info.members
         else:
             receivers = (caller.user_id, req.conv_id)
+        # The id is taken right before the queue gets the job, with no wait in between, so a
+        # gateway queues its messages in id order (the group lookups above can finish in any
+        # order): one conversation then enters every inbox in msg_id order.
+        msg_id, now = self.ids.next()
         message = Message(
             msg_id, now, caller.user_id, caller.device_id, req.conv_kind, req.conv_id,
             req.content_type, req.client_msg_id, req.body,

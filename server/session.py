@@ -62,6 +62,8 @@ class Session(Protocol):
         self.device_id = ""
         self.caller: Caller | None = None
         self.presence = ""  # this session's presence value (set by the push router)
+        self.registered = False  # in the hub (from a valid HELLO until the connection ends)
+        self._early: list[tuple[int, bytes]] = []  # pushes that came before HELLO_OK was sent
         self.closing = False
         self.unacked: dict[int, None] = {}  # msg_ids pushed and not yet acknowledged
         self.hint_pending = False
@@ -86,8 +88,7 @@ class Session(Protocol):
         for call in (self._idle, self._login_deadline, self._expiry):
             if call is not None and call.active():
                 call.cancel()
-        if self.caller is not None:
-            self._gone()
+        self._gone()
 
     def dataReceived(self, data: bytes) -> None:
         if self.closing:
@@ -155,11 +156,10 @@ class Session(Protocol):
     # ------------------------------------------------------------------ auth
 
     def _hello(self, f: Hello) -> None:
-        if self.caller is not None:
+        if self.caller is not None or self.registered:
             self.send(Error(ErrorCode.ALREADY_AUTHENTICATED, "already logged in",
                             request_id=f.request_id))  # fmt: skip
             return
-        config = self.factory.config
         try:
             ident = verify(self.factory.secret, f.token, f.device_id, now=self.clock.seconds())
         except TokenError as e:
@@ -170,12 +170,21 @@ class Session(Protocol):
         if self._login_deadline is not None and self._login_deadline.active():
             self._login_deadline.cancel()
         self.user_id, self.device_id = ident.user_id, ident.device_id
-        self.caller = Caller(ident.user_id, ident.device_id, self)
         old = self.factory.hub.register(self)
+        self.registered = True
         if old is not None and isinstance(old, Session):
             old.close(CloseReason.REPLACED, f"device {self.device_id} logged in again")
+        # HELLO_OK only once the presence map names this session (at once with one gateway):
+        # a message accepted after HELLO_OK is then pushed here from any gateway.
         d = self.factory.router.online(self)
-        d.addErrback(lambda f: log.failure("announcing {peer} failed", f, peer=self._peer()))
+        d.addErrback(lambda e: log.failure("announcing {peer} failed", e, peer=self._peer()))
+        d.addCallback(lambda _: self._logged_in(f, ident))
+
+    def _logged_in(self, f: Hello, ident: Any) -> None:
+        if self.closing:
+            return
+        config = self.factory.config
+        self.caller = Caller(ident.user_id, ident.device_id, self)
         self._expiry = self.clock.callLater(
             max(0.0, ident.expires_at - self.clock.seconds()),
             self.close, CloseReason.AUTH_EXPIRED, "token expired",
@@ -189,11 +198,20 @@ class Session(Protocol):
             request_id=f.request_id,
         )
         self.send(ok)
+        early, self._early = self._early, []
+        for msg_id, data in early:  # pushed while the login was being announced
+            self.push(msg_id, data)
 
     # ----------------------------------------------------------------- pushes
 
     def push(self, msg_id: int, data: bytes) -> None:
         if self.closing:
+            return
+        if self.caller is None:  # no PUSH before HELLO_OK: kept until it is sent
+            if len(self._early) < self.factory.config.max_unacked_pushes:
+                self._early.append((msg_id, data))
+            else:
+                self.hint_pending = True
             return
         if len(self.unacked) >= self.factory.config.max_unacked_pushes:
             self.hint_pending = True  # the message waits in the inbox; hint once acks resume
@@ -225,13 +243,12 @@ class Session(Protocol):
     def _shut(self) -> None:
         if not self.closing:
             self.closing = True
-            if self.caller is not None:
-                self._gone()
+            self._gone()
             self.transport.loseConnection()  # type: ignore[union-attr]
 
     def _gone(self) -> None:
         """Leave the hub and the presence map (once)."""
-        if self.factory.hub.device(self.user_id, self.device_id) is self:
+        if self.registered and self.factory.hub.device(self.user_id, self.device_id) is self:
             self.factory.hub.unregister(self)
             d = self.factory.router.offline(self)
             d.addErrback(lambda f: log.failure("withdrawing presence failed", f))

@@ -7,6 +7,7 @@ from typing import Any
 
 import pytest
 
+from twisted.internet.defer import Deferred, succeed
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 
@@ -281,3 +282,43 @@ def test_server_type_is_refused_before_its_body(factory: SessionFactory) -> None
     assert isinstance(err, Error) and (err.code, err.request_id) == (
         ErrorCode.UNKNOWN_FRAME_TYPE, 31,
     )  # fmt: skip
+
+
+class SlowRouter:
+    """A push router whose presence writes finish only when the test says so."""
+
+    node = None
+
+    def __init__(self) -> None:
+        self.pending: list[Any] = []
+
+    def online(self, conn: Any) -> Any:
+        d: Deferred[None] = Deferred()
+        self.pending.append(d)
+        return d
+
+    def offline(self, conn: Any) -> Any:
+        return succeed(None)
+
+
+def test_hello_ok_waits_for_presence_and_nothing_is_pushed_before_it(clock: Clock) -> None:
+    config = Config(idle_timeout=60, heartbeat=20, max_unacked_pushes=2)
+    router = SlowRouter()
+    hub = Hub()
+    factory = SessionFactory(config, None, hub, clock, SECRET, router)  # type: ignore[arg-type]
+    peer = Peer(factory)
+    token = mint(SECRET, 7, "phone", ttl_s=3600, now=NOW)
+    peer.send(Hello(1, 1, "phone", token, request_id=1))
+    assert peer.frames() == [] and len(router.pending) == 1  # presence not written yet
+    data = encode(Push(Message(5, 6, 8, "pc", ConvKind.USER, 7, 1, b"c" * 16, b"early")))
+    assert hub.push([7], 5, data) == 1  # the hub already routes to the session...
+    peer.send(Send(b"s" * 16, ConvKind.USER, 8, 1, b"x", request_id=2))
+    (refused,) = peer.frames()  # ...but nothing is written before HELLO_OK
+    assert isinstance(refused, Error) and refused.code == ErrorCode.NOT_AUTHENTICATED
+    peer.send(Hello(1, 1, "phone", token, request_id=3))
+    (again,) = peer.frames()
+    assert isinstance(again, Error) and again.code == ErrorCode.ALREADY_AUTHENTICATED
+    router.pending[0].callback(None)
+    ok, push = peer.frames()
+    assert isinstance(ok, HelloOk) and ok.request_id == 1
+    assert isinstance(push, Push) and push.message.body == b"early"

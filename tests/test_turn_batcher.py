@@ -105,3 +105,20 @@ def test_slot_groups_keep_order_and_split_only_in_cluster_mode():
         assert len({key_slot(k) for k in g}) == 1
         assert g == [k for k in keys if key_slot(k) == key_slot(g[0])]  # order kept
     assert slot_groups([], str, cluster=True) == [] == slot_groups([], str, cluster=False)
+
+
+def test_results_are_handed_out_in_submission_order_across_batches():
+    clock, runs = Clock(), Runs()
+    b = TurnBatcher(clock, runs.held, max_size=10)
+    first = results([b.submit(1)])
+    clock.advance(0)
+    second = results([b.submit(2)])
+    clock.advance(0)
+    runs.pending[1].callback([20])  # the second batch's connection answers first
+    assert second == [] and first == []  # held back until the first is handed out
+    runs.pending[0].callback([10])
+    assert first == [10] and second == [20]
+    third = results([b.submit(3)])
+    clock.advance(0)
+    runs.pending[2].errback(RuntimeError("late"))
+    assert isinstance(third[0].value, RuntimeError)  # type: ignore[attr-defined]

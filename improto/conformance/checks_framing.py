@@ -185,16 +185,21 @@ def split_byte_by_byte(env: Env) -> None:
     """2: frames split at every byte (HELLO, PING, SEND one byte per write) are reassembled."""
     c = env.connect()
     user, dev = new_user(), new_device()
-    data = encode(Hello(1, ClientKind.DESKTOP, dev, env.token(user, dev), request_id=1))
-    data += encode(Ping(request_id=2))
-    data += encode(Send(os.urandom(16), ConvKind.USER, user, 1, b"split", request_id=3))
-    for i in range(len(data)):
-        c.send_raw(data[i : i + 1])
-        if i % 8 == 0:
-            time.sleep(0.001)
+    hello = encode(Hello(1, ClientKind.DESKTOP, dev, env.token(user, dev), request_id=1))
+    ping = encode(Ping(request_id=2))
+    send = encode(Send(os.urandom(16), ConvKind.USER, user, 1, b"split", request_id=3))
+
+    def trickle(data: bytes) -> None:
+        for i in range(len(data)):
+            c.send_raw(data[i : i + 1])
+            if i % 8 == 0:
+                time.sleep(0.001)
+
+    trickle(hello + ping)
     ok = c.reply(1, "HELLO_OK")
     assert isinstance(ok, HelloOk), f"split HELLO answered by {describe(ok)}"
     assert isinstance(c.reply(2, "PONG"), Pong), "split PING not answered by PONG"
+    trickle(send)  # requests only after HELLO_OK (8.1)
     ack = c.reply(3, "SEND_ACK")
     assert isinstance(ack, SendAck), f"split SEND answered by {describe(ack)}"
 

@@ -21,7 +21,12 @@ class TurnBatcher(Generic[_T, _R]):
     """`submit(item)` returns a Deferred of that item's result. Items submitted in one reactor
     turn (or `max_size` of them, whichever comes first) go to `run(items)` together, in
     submission order; `run` returns (a Deferred of) one result per item, in order. If it
-    fails, every item of the batch fails with that error."""
+    fails, every item of the batch fails with that error.
+
+    Results are handed out in submission order across batches too: a batch that finishes
+    early waits until the batches before it were handed out. Callers that act on a result
+    (publish the job a claim allowed) therefore act in the order they submitted, whatever
+    order the connections of a pool answered in."""
 
     def __init__(
         self,
@@ -37,6 +42,7 @@ class TurnBatcher(Generic[_T, _R]):
         self._items: list[_T] = []
         self._waiters: list[Deferred[_R]] = []
         self._scheduled = False
+        self._tail: Deferred[None] | None = None  # fires once the last batch was handed out
         self.batches = 0  # batches run so far (for tests and metrics)
 
     def submit(self, item: _T) -> Deferred[_R]:
@@ -62,7 +68,23 @@ class TurnBatcher(Generic[_T, _R]):
         self._items, self._waiters = [], []
         self.batches += 1
         d = maybeDeferred(self._run, items)
-        d.addCallbacks(self._deliver, self._fail, callbackArgs=(waiters,), errbackArgs=(waiters,))
+        prev, mine = self._tail, Deferred()
+        self._tail = mine
+
+        def hand_out(result: Any) -> None:
+            if isinstance(result, Failure):
+                self._fail(result, waiters)
+            else:
+                self._deliver(result, waiters)
+            mine.callback(None)
+
+        def when_done(result: Any) -> None:
+            if prev is None:
+                hand_out(result)
+            else:
+                prev.addCallback(lambda _: hand_out(result))
+
+        d.addBoth(when_done)
 
     @staticmethod
     def _deliver(results: Sequence[Any], waiters: list[Deferred[Any]]) -> None:

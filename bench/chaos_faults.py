@@ -1,0 +1,425 @@
+"""Server processes and faults for bench/chaos.py: start, kill -9 and restart production-mode
+gateways and persisters on loopback, and delete what one run left in Redis, RabbitMQ and HBase.
+
+Only processes started here are ever signalled, by their own pid. Service data is touched only
+under the run's own key prefix, queue names and HBase table.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import queue
+import random
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, BinaryIO
+
+START_TIMEOUT_S = 30.0
+HOST = "127.0.0.1"
+REDIS = (HOST, 6379)
+RABBITMQ = (HOST, 5672)
+HBASE = (HOST, 9090)
+
+# Fault kinds injected (the keys of the report's "faults" dict). The service crashes are a
+# `kill -9` of the service process and a restart, by `scripts/services crash`.
+FAULTS = (
+    "client_drops", "gateway_kills", "persister_kills",
+    "redis_crashes", "rabbitmq_crashes", "thrift_crashes",
+)  # fmt: skip
+SERVICES_SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "services"
+SERVICE_CRASH_TIMEOUT_S = 180.0
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind((HOST, 0))
+        return int(s.getsockname()[1])
+
+
+@dataclass
+class ServerProc:
+    """One `python -m improto.server` process; restartable with the same arguments/port."""
+
+    name: str
+    role: str  # gateway | persister
+    args: list[str]
+    log: Path
+    port: int | None = None
+    proc: subprocess.Popen[bytes] | None = None
+    starts: int = 0
+    _log_offset: int = 0
+
+    def start(self) -> None:
+        self._log_offset = self.log.stat().st_size if self.log.exists() else 0
+        with open(self.log, "ab") as out:
+            out.write(f"---- start {self.starts + 1} at {time.time():.3f}\n".encode())
+            self._log_offset = out.tell()
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "improto.server", *self.args],
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+            )
+        self.starts += 1
+
+    @property
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def wait_ready(self, timeout: float = START_TIMEOUT_S) -> None:
+        """Gateway: accepts TCP on its port. Persister: logged that it consumes."""
+        deadline = time.monotonic() + timeout
+        while True:
+            if not self.alive:
+                raise RuntimeError(f"{self.name} exited at start:\n{self.log_tail()}")
+            if self._ready():
+                return
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"{self.name} not ready in {timeout} s:\n{self.log_tail()}")
+            time.sleep(0.05)
+
+    def _ready(self) -> bool:
+        if self.port is not None:
+            try:
+                socket.create_connection((HOST, self.port), timeout=0.5).close()
+                return True
+            except OSError:
+                return False
+        with open(self.log, "rb") as f:
+            f.seek(self._log_offset)
+            return b"persister running" in f.read()
+
+    def kill9(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGKILL)
+            self.proc.wait()
+
+    def stop(self) -> None:
+        """SIGTERM (graceful), SIGKILL after 10 s."""
+        if self.proc is None or self.proc.poll() is not None:
+            return
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            self.proc.wait(10)
+        except subprocess.TimeoutExpired:
+            self.kill9()
+
+    def log_problems(self) -> tuple[Counter[str], list[str]]:
+        """Counts of error-level lines and tracebacks in this process' log, with examples."""
+        counts: Counter[str] = Counter()
+        examples: list[str] = []
+        try:
+            lines = self.log.read_text(errors="replace").splitlines()
+        except OSError:
+            return counts, examples
+        for line in lines:
+            for mark in ("#error]", "#critical]", "#warn]", "Traceback"):
+                if mark in line:
+                    counts[mark.strip("#]")] += 1
+                    if mark != "#warn]" and len(examples) < 3:
+                        examples.append(f"{self.name}: {line[:300]}")
+        return counts, examples
+
+    def log_tail(self, lines: int = 30) -> str:
+        try:
+            return "\n".join(self.log.read_text(errors="replace").splitlines()[-lines:])
+        except OSError:
+            return "(no log)"
+
+
+@dataclass
+class Cluster:
+    """2 gateways + 2 persisters (by default) sharing one key prefix, table and secret."""
+
+    workdir: Path
+    prefix: str
+    secret: str
+    gateways_n: int = 2
+    persisters_n: int = 2
+    partitions: int = 2
+    gateways: list[ServerProc] = field(default_factory=list)
+    persisters: list[ServerProc] = field(default_factory=list)
+
+    @property
+    def table(self) -> str:
+        return f"{self.prefix}_history"
+
+    def _common(self, name: str) -> list[str]:
+        data = self.workdir / name
+        data.mkdir(parents=True, exist_ok=True)
+        return [
+            "--storage", "production", "--key-prefix", self.prefix,
+            "--hbase-table", self.table, "--jwt-secret", self.secret,
+            "--queue-partitions", str(self.partitions), "--data-dir", str(data),
+        ]  # fmt: skip
+
+    def start(self) -> None:
+        for i in range(self.gateways_n):
+            port = free_port()
+            args = [
+                *self._common(f"gateway-{i}"), "--role", "gateway",
+                "--listen", f"tcp:{port}:interface={HOST}",  # id node: leased in Redis
+            ]  # fmt: skip
+            log = self.workdir / f"gateway-{i}.log"
+            self.gateways.append(ServerProc(f"gateway-{i}", "gateway", args, log, port))
+        for i in range(self.persisters_n):
+            args = [*self._common(f"persister-{i}"), "--role", "persister"]
+            log = self.workdir / f"persister-{i}.log"
+            self.persisters.append(ServerProc(f"persister-{i}", "persister", args, log))
+        # The first process creates the HBase table and declares the queues; the others race
+        # it harmlessly, but starting one first keeps start-up logs quiet.
+        first, *rest = self.procs
+        first.start()
+        first.wait_ready()
+        for p in rest:
+            p.start()
+        for p in rest:
+            p.wait_ready()
+
+    @property
+    def procs(self) -> list[ServerProc]:
+        return [*self.persisters, *self.gateways]
+
+    @property
+    def ports(self) -> list[int]:
+        return [g.port for g in self.gateways if g.port is not None]
+
+    def stop(self) -> None:
+        for p in self.procs:
+            p.stop()
+
+
+class Injector(threading.Thread):
+    """Injects faults at random moments until stopped, one at a time: a killed process is
+    back up before the next fault. `drop_client(rng)` is the harness' hook for client drops: it
+    drops or arms a drop and returns its mode (None when no device could be dropped). The
+    harness may also ask for a gateway kill at a chosen moment (`request_gateway_kill`)."""
+
+    def __init__(
+        self,
+        cluster: Cluster,
+        drop_client: Callable[[random.Random], str | None],
+        rng: random.Random,
+        gap_s: tuple[float, float],
+        log: Callable[[str], None],
+    ) -> None:
+        super().__init__(name="injector", daemon=True)
+        self.cluster = cluster
+        self.drop_client = drop_client
+        self.rng = rng
+        self.gap_s = gap_s
+        self.log = log
+        self.requests: queue.Queue[tuple[str, int | None]] = queue.Queue()
+        self.stopping = False
+        self.faults: Counter[str] = Counter(dict.fromkeys(FAULTS, 0))
+        self.drop_modes: Counter[str] = Counter()
+        self.unexpected_exits: list[str] = []
+        self.errors: list[str] = []
+        self.events: list[tuple[float, str]] = []
+        self._t0 = time.monotonic()
+
+    def run(self) -> None:
+        # Every kind at least once early, then weighted random choices.
+        plan = [
+            "gateway_kill", "persister_kill", "client_drop", "client_drop",
+            "redis_crash", "rabbitmq_crash", "thrift_crash",
+        ]  # fmt: skip
+        self.rng.shuffle(plan)
+        kinds = [
+            "client_drop", "gateway_kill", "persister_kill",
+            "redis_crash", "rabbitmq_crash", "thrift_crash",
+        ]  # fmt: skip
+        weights = [5, 2, 2, 1, 1, 1]
+        while True:
+            try:
+                kind, port = self.requests.get(timeout=self.rng.uniform(*self.gap_s))
+            except queue.Empty:
+                kind, port = (plan.pop(0) if plan else self.rng.choices(kinds, weights)[0]), None
+            if kind == "stop":
+                return
+            try:
+                self.check_exits()
+                if kind == "gateway_kill":
+                    self.gateway_kill(port)
+                elif kind == "persister_kill":
+                    self.persister_kill()
+                elif kind.endswith("_crash"):
+                    self.service_crash(kind.removesuffix("_crash"))
+                else:
+                    self.client_drop()
+            except Exception as e:  # a restart that failed: stop injecting, report it
+                self.errors.append(f"{kind}: {e}")
+                self.log(f"fault {kind} failed: {e}")
+                return
+
+    def event(self, what: str) -> None:
+        self.events.append((round(time.monotonic() - self._t0, 2), what))
+        self.log(what)
+
+    def request_gateway_kill(self, port: int) -> None:
+        """Kill the gateway on `port` as soon as possible (e.g. in the middle of a burst)."""
+        if not self.stopping:
+            self.requests.put(("gateway_kill", port))
+
+    def client_drop(self) -> None:
+        mode = self.drop_client(self.rng)
+        if mode is not None:
+            self.drop_modes[mode] += 1  # counted in faults when the device actually drops
+
+    def gateway_kill(self, port: int | None = None) -> None:
+        chosen = [g for g in self.cluster.gateways if g.port == port]
+        p = chosen[0] if chosen else self.rng.choice(self.cluster.gateways)
+        self._kill_restart(p, "gateway_kills", (0.2, 1.5))
+
+    def persister_kill(self) -> None:
+        self._kill_restart(self.rng.choice(self.cluster.persisters), "persister_kills", (0.3, 3.0))
+
+    def service_crash(self, name: str) -> None:
+        """kill -9 a backing service and start it again (scripts/services crash NAME)."""
+        self.event(f"kill -9 {name} (service)")
+        t0 = time.monotonic()
+        done = subprocess.run(
+            [str(SERVICES_SCRIPT), "crash", name],
+            capture_output=True, text=True, timeout=SERVICE_CRASH_TIMEOUT_S,
+        )  # fmt: skip
+        if done.returncode != 0:
+            raise RuntimeError(f"scripts/services crash {name}: {done.stdout}{done.stderr}")
+        self.faults[f"{name}_crashes"] += 1
+        self.event(f"{name} back after {time.monotonic() - t0:.1f} s")
+
+    def _kill_restart(self, p: ServerProc, counter: str, down_s: tuple[float, float]) -> None:
+        if not p.alive:
+            return
+        p.kill9()
+        self.faults[counter] += 1
+        down = self.rng.uniform(*down_s)
+        self.event(f"kill -9 {p.name} (pid {p.proc.pid if p.proc else '?'}), down {down:.1f} s")
+        time.sleep(down)
+        p.start()
+        p.wait_ready()
+        self.event(f"{p.name} restarted (pid {p.proc.pid if p.proc else '?'})")
+
+    def check_exits(self) -> None:
+        """A process that died without being killed here: record it and restart it."""
+        for p in self.cluster.procs:
+            if p.proc is not None and not p.alive:
+                code = p.proc.returncode
+                self.unexpected_exits.append(f"{p.name} exited {code}")
+                self.event(f"{p.name} exited by itself ({code}); restarting:\n{p.log_tail(10)}")
+                p.start()
+                p.wait_ready()
+
+    def stop(self) -> None:
+        """Finish the fault in progress (its process restarted), then stop."""
+        self.stopping = True
+        self.requests.put(("stop", None))
+        self.join()
+        self.check_exits()
+
+
+# ------------------------------------------------------------------- service data
+
+
+def _redis(sock: socket.socket, f: BinaryIO, *args: str | bytes) -> Any:
+    """One Redis command over RESP (enough for SCAN and DEL)."""
+    out = [b"*%d\r\n" % len(args)]
+    for a in args:
+        data = a if isinstance(a, bytes) else a.encode()
+        out.append(b"$%d\r\n%s\r\n" % (len(data), data))
+    sock.sendall(b"".join(out))
+    return _redis_reply(f)
+
+
+def _redis_reply(f: BinaryIO) -> Any:
+    line = f.readline()
+    kind, rest = line[:1], line[1:-2]
+    if kind == b"-":
+        raise RuntimeError(rest.decode(errors="replace"))
+    if kind == b"+":
+        return rest
+    if kind == b":":
+        return int(rest)
+    if kind == b"$":
+        n = int(rest)
+        return None if n < 0 else f.read(n + 2)[:-2]
+    if kind == b"*":
+        return [_redis_reply(f) for _ in range(int(rest))]
+    raise RuntimeError(f"unexpected Redis reply {line!r}")
+
+
+def delete_redis_prefix(prefix: str) -> int:
+    """SCAN + DEL of `prefix:*` only (the prefix is alphanumeric: no glob escaping needed)."""
+    if not prefix.isalnum():
+        raise ValueError("refusing a non-alphanumeric prefix")
+    deleted = 0
+    with socket.create_connection(REDIS, timeout=5) as sock, sock.makefile("rb") as f:
+        cursor = b"0"
+        while True:
+            cursor, keys = _redis(sock, f, "SCAN", cursor, "MATCH", f"{prefix}:*", "COUNT", "1000")
+            if keys:
+                deleted += _redis(sock, f, "DEL", *keys)
+            if cursor == b"0":
+                return deleted
+
+
+def _message_count(queues: list[str]) -> int:
+    import pika
+
+    conn = pika.BlockingConnection(pika.ConnectionParameters(*RABBITMQ))
+    try:
+        ch = conn.channel()
+        return sum(ch.queue_declare(q, passive=True).method.message_count for q in queues)
+    finally:
+        with contextlib.suppress(Exception):
+            conn.close()
+
+
+def queue_backlog(prefix: str, partitions: int) -> int:
+    """Ready jobs in the run's persist queues (deliveries being written not included)."""
+    return _message_count([f"{prefix}.persist.{i}" for i in range(partitions)])
+
+
+def dead_letters(prefix: str) -> int:
+    """Jobs the persisters could not decode (dead-lettered): should stay 0."""
+    return _message_count([f"{prefix}.persist.dead"])
+
+
+def purge(prefix: str, table: str, partitions: int) -> dict[str, Any]:
+    """Delete the run's Redis keys, queues, exchange and HBase table (best effort each)."""
+    out: dict[str, Any] = {}
+    try:
+        out["redis_keys"] = delete_redis_prefix(prefix)
+    except Exception as e:
+        out["redis_error"] = repr(e)
+    try:
+        import pika
+
+        conn = pika.BlockingConnection(pika.ConnectionParameters(*RABBITMQ))
+        ch = conn.channel()
+        for i in range(partitions):
+            ch.queue_delete(f"{prefix}.persist.{i}")
+        ch.queue_delete(f"{prefix}.persist.dead")
+        ch.exchange_delete(f"{prefix}.persist.dlx")
+        conn.close()
+        out["queues"] = partitions + 1
+    except Exception as e:
+        out["rabbitmq_error"] = repr(e)
+    try:
+        import happybase
+
+        hb = happybase.Connection(*HBASE)
+        if table.encode() in hb.tables():
+            hb.delete_table(table, disable=True)
+            out["hbase_table"] = table
+        hb.close()
+    except Exception as e:
+        out["hbase_error"] = repr(e)
+    return out

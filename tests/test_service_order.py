@@ -1,0 +1,83 @@
+"""Regression (found by bench/chaos.py): group SENDs of one connection reached the persist
+queue out of msg_id order, because the id was taken before the membership lookup and the
+lookups can finish in any order. The id is now taken right before the queue."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest_twisted
+
+from twisted.internet import reactor
+from twisted.internet.defer import Deferred, gatherResults
+from twisted.internet.task import deferLater
+
+from improto.enums import ContentType, ConvKind
+from improto.frames import Send
+from improto.server.embedded.sqlite import SQLiteBackend
+from improto.server.hub import Hub
+from improto.server.ids import IdGenerator
+from improto.server.model import GroupInfo, PersistJob
+from improto.server.service import Caller, ChatService
+
+
+class HeldLookups:
+    """The real group store, except that `info` answers only when the test says so."""
+
+    def __init__(self, groups: Any) -> None:
+        self._groups = groups
+        self.held: list[tuple[Deferred[GroupInfo | None], int]] = []
+
+    def info(self, group_id: int) -> Deferred[GroupInfo | None]:
+        d: Deferred[GroupInfo | None] = Deferred()
+        self.held.append((d, group_id))
+        return d
+
+    async def release_in_reverse(self) -> None:
+        for d, group_id in reversed(self.held):
+            d.callback(await self._groups.info(group_id))
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._groups, name)
+
+
+@pytest_twisted.ensureDeferred
+async def test_group_sends_are_queued_in_id_order_when_lookups_finish_out_of_order(
+    tmp_path: Path,
+) -> None:
+    backend = SQLiteBackend(tmp_path / "db.sqlite3", reactor=reactor)
+    await backend.start()
+    try:
+        gid = await backend.groups.create(1, "team", (2, 3), 1)
+        groups = HeldLookups(backend.groups)
+        service = ChatService(
+            IdGenerator(1), backend.queue, backend.inbox, backend.history, groups, Hub()
+        )
+        caller = Caller(1, "phone")
+        sends = [
+            Deferred.fromCoroutine(
+                service.send(
+                    caller,
+                    Send(bytes([i + 1]) * 16, ConvKind.GROUP, gid, ContentType.TEXT, b"m%d" % i),
+                )
+            )
+            for i in range(6)
+        ]
+        assert len(groups.held) == 6  # every send waits for its lookup
+        await groups.release_in_reverse()
+        acks = await gatherResults(sends)
+        queued: list[PersistJob] = []
+
+        def record(batch: list[PersistJob]) -> Deferred[None]:
+            queued.extend(batch)
+            return deferLater(reactor, 0, lambda: None)
+
+        backend.queue.consume(record, max_batch=100)
+        while len(queued) < 6:
+            await deferLater(reactor, 0.01, lambda: None)
+        ids = [j.message.msg_id for j in queued]
+        assert ids == sorted(ids)  # queue order is id order
+        assert sorted(ids) == sorted(a.msg_id for a in acks)
+    finally:
+        await backend.close()
