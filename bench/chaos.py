@@ -10,7 +10,9 @@ things: client connections (mid offline page, mid pipelined burst, at any moment
 of a gateway (restarted on the same port), `kill -9` of a persister (restarted), and `kill -9`
 of Redis, of RabbitMQ and of the HBase Thrift server (each restarted by `scripts/services
 crash`). Gateways lease their message-id nodes in Redis, as in production.
-Needs `scripts/services start`. `--quick` takes about a minute; the default chats 10 minutes.
+It starts the services first (`scripts/services start`, which reuses running ones; the crash
+faults need services that script started). `--quick` takes about a minute; the default chats
+10 minutes.
 The seed fixes the plan (users, groups, conversations, fault choices); thread timing is real.
 
 Clients follow spec/PROTOCOL.md: every SEND has a fresh client_msg_id and stays in the
@@ -70,6 +72,7 @@ import json
 import random
 import shutil
 import socket
+import subprocess
 import sys
 import tempfile
 import threading
@@ -252,6 +255,7 @@ class Device(threading.Thread):
         self.conn: Conn | None = None
         self.stats: Counter[str] = Counter()
         self.drop_page: int | None = None  # armed fault: drop the sync after this many pages
+        self.drop_pushes_until = 0.0  # fault: pushes received before then are lost
         self.offline_until = 0.0
         self.need_sync = False
         self.next_sync = 0.0
@@ -380,6 +384,12 @@ class Device(threading.Thread):
             raise ConnLost(describe(closed))
 
     def on_push(self, c: Conn, m: Message) -> None:
+        if time.monotonic() < self.drop_pushes_until:
+            # A push lost after the transport (the app died before storing it): acked, never
+            # recorded. The message must still come in an offline page.
+            self.stats["pushes_dropped"] += 1
+            c.send(PushAck(m.msg_id))
+            return
         self.push_hits[m.msg_id] += 1
         self.note(m)
         c.send(PushAck(m.msg_id))
@@ -714,6 +724,16 @@ class Sim:
         log(f"{d.device_id}: armed to drop its connection in its next sync, page {d.drop_page}")
         return "mid_page_armed"
 
+    def drop_pushes(self, rng: random.Random) -> bool:
+        """The injector's hook for lost pushes: a device loses what it is pushed for 1-4 s."""
+        online = [d for d in self.devices if d.conn is not None]
+        if not online:
+            return False
+        d = rng.choice(online)
+        d.drop_pushes_until = time.monotonic() + rng.uniform(1.0, 4.0)
+        log(f"{d.device_id}: loses its pushes for a while")
+        return True
+
     # --- verdict
 
     def settle(self) -> dict[str, Any]:
@@ -892,11 +912,18 @@ def run(plan: Plan, keep: bool) -> int:
     report: dict[str, Any] = {}
     details: dict[str, Any] = {}
     try:
+        log("services: scripts/services start (Redis, RabbitMQ, HBase; reused if running)")
+        subprocess.run([str(cf.SERVICES_SCRIPT), "start"], check=True, stdout=sys.stderr)
         log(f"seed {plan.seed}; starting 2 gateways + 2 persisters in {workdir}")
         sim.cluster.start()
         sim.setup()
         injector = sim.injector = cf.Injector(
-            sim.cluster, sim.drop_client, random.Random(plan.seed + 1), plan.fault_gap, log
+            sim.cluster,
+            sim.drop_client,
+            random.Random(plan.seed + 1),
+            plan.fault_gap,
+            log,
+            sim.drop_pushes,
         )
         for d in sim.devices:
             d.start()

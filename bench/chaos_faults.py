@@ -31,7 +31,7 @@ HBASE = (HOST, 9090)
 # Fault kinds injected (the keys of the report's "faults" dict). The service crashes are a
 # `kill -9` of the service process and a restart, by `scripts/services crash`.
 FAULTS = (
-    "client_drops", "gateway_kills", "persister_kills",
+    "client_drops", "push_drops", "gateway_kills", "persister_kills",
     "redis_crashes", "rabbitmq_crashes", "thrift_crashes",
 )  # fmt: skip
 SERVICES_SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "services"
@@ -210,10 +210,12 @@ class Injector(threading.Thread):
         rng: random.Random,
         gap_s: tuple[float, float],
         log: Callable[[str], None],
+        drop_pushes: Callable[[random.Random], bool] = lambda rng: False,
     ) -> None:
         super().__init__(name="injector", daemon=True)
         self.cluster = cluster
         self.drop_client = drop_client
+        self.drop_pushes = drop_pushes
         self.rng = rng
         self.gap_s = gap_s
         self.log = log
@@ -229,15 +231,15 @@ class Injector(threading.Thread):
     def run(self) -> None:
         # Every kind at least once early, then weighted random choices.
         plan = [
-            "gateway_kill", "persister_kill", "client_drop", "client_drop",
+            "gateway_kill", "persister_kill", "client_drop", "client_drop", "push_drop",
             "redis_crash", "rabbitmq_crash", "thrift_crash",
         ]  # fmt: skip
         self.rng.shuffle(plan)
         kinds = [
-            "client_drop", "gateway_kill", "persister_kill",
+            "client_drop", "push_drop", "gateway_kill", "persister_kill",
             "redis_crash", "rabbitmq_crash", "thrift_crash",
         ]  # fmt: skip
-        weights = [5, 2, 2, 1, 1, 1]
+        weights = [5, 2, 2, 2, 1, 1, 1]
         while True:
             try:
                 kind, port = self.requests.get(timeout=self.rng.uniform(*self.gap_s))
@@ -251,6 +253,9 @@ class Injector(threading.Thread):
                     self.gateway_kill(port)
                 elif kind == "persister_kill":
                     self.persister_kill()
+                elif kind == "push_drop":
+                    if self.drop_pushes(self.rng):
+                        self.faults["push_drops"] += 1
                 elif kind.endswith("_crash"):
                     self.service_crash(kind.removesuffix("_crash"))
                 else:

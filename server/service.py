@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import json
 import uuid
+from collections.abc import Awaitable
 from dataclasses import dataclass
+from typing import TypeVar
 
 from twisted.logger import Logger
 
@@ -52,6 +54,7 @@ from improto.server.model import Accepted, ConvKey, GroupInfo, LimitExceeded, Pe
 from improto.server.ports import GroupStore, HistoryStore, InboxStore, PersistQueue, PushRouter
 
 log = Logger()
+_T = TypeVar("_T")
 
 # Bytes of a page frame that are not message records: header 7, fixed fields, list counts,
 # and the largest possible unread list (one 11-byte entry per message).
@@ -72,6 +75,18 @@ def _fit(messages: list[Message], budget: int) -> int:
         if used > budget:
             return max(i, 1)
     return len(messages)
+
+
+async def _available(d: Awaitable[_T]) -> _T:
+    """A storage call whose failure (a service down or restarting) the client should retry:
+    UNAVAILABLE, not INTERNAL. Errors the call raises on purpose pass through."""
+    try:
+        return await d
+    except (RequestError, LimitExceeded, KeyError):
+        raise
+    except Exception:
+        log.failure("storage call failed")
+        raise RequestError(ErrorCode.UNAVAILABLE, "storage unavailable; retry") from None
 
 
 class RequestError(Exception):
@@ -163,12 +178,12 @@ class ChatService:
         limit = req.limit or OFFLINE_PAGE_DEFAULT
         user, device = caller.user_id, caller.device_id
         if req.cursor == CURSOR_RESUME:
-            start = await self.inbox.position(user, device)
+            start = await _available(self.inbox.position(user, device))
         else:
             start = req.cursor
             if start != 0:  # the client confirms it holds everything up to its cursor
-                await self.inbox.advance(user, device, start)
-        page = await self.inbox.page(user, start, limit)
+                await _available(self.inbox.advance(user, device, start))
+        page = await _available(self.inbox.page(user, start, limit))
         messages = [m for _, m in page.entries]
         n = _fit(messages, MAX_FRAME_LENGTH - _OFFLINE_OVERHEAD)
         has_more = page.has_more or n < len(messages)
@@ -186,7 +201,9 @@ class ChatService:
         )  # fmt: skip
 
     async def offline_ack(self, caller: Caller, req: OfflineAck) -> OfflineAckOk:
-        position = await self.inbox.advance(caller.user_id, caller.device_id, req.cursor)
+        position = await _available(
+            self.inbox.advance(caller.user_id, caller.device_id, req.cursor)
+        )
         return OfflineAckOk(position, request_id=req.request_id)
 
     # ------------------------------------------------------------------ history
@@ -194,15 +211,15 @@ class ChatService:
     async def history_pull(self, caller: Caller, req: HistoryPull) -> HistoryPage:
         limit = req.limit or HISTORY_PAGE_DEFAULT
         if req.conv_kind == ConvKind.GROUP:
-            if await self.groups.info(req.conv_id) is None:
+            if await _available(self.groups.info(req.conv_id)) is None:
                 raise RequestError(ErrorCode.NOT_FOUND, f"no group {req.conv_id}")
-            since = await self.groups.since(req.conv_id, caller.user_id)
+            since = await _available(self.groups.since(req.conv_id, caller.user_id))
             if since is None:
                 raise RequestError(ErrorCode.FORBIDDEN, f"not a member of group {req.conv_id}")
             key, min_id = ConvKey.group(req.conv_id), since
         else:
             key, min_id = ConvKey.direct(caller.user_id, req.conv_id), 0
-        page = await self.history.page(key, req.before_id, limit, min_id)
+        page = await _available(self.history.page(key, req.before_id, limit, min_id))
         messages = list(page.messages)
         n = _fit(messages, MAX_FRAME_LENGTH - _HISTORY_OVERHEAD)
         return HistoryPage(
@@ -213,7 +230,7 @@ class ChatService:
     # ------------------------------------------------------------------- groups
 
     async def _group_for_member(self, group_id: int, user_id: int) -> GroupInfo:
-        info = await self.groups.info(group_id)
+        info = await _available(self.groups.info(group_id))
         if info is None:
             raise RequestError(ErrorCode.NOT_FOUND, f"no group {group_id}")
         if user_id not in info.members:
@@ -245,7 +262,9 @@ class ChatService:
         members = tuple(sorted(set(req.members) - {caller.user_id}))
         event_id = self.ids.next()
         try:
-            gid = await self.groups.create(caller.user_id, req.name, members, event_id[0])
+            gid = await _available(
+                self.groups.create(caller.user_id, req.name, members, event_id[0])
+            )
         except LimitExceeded as e:
             raise RequestError(ErrorCode.LIMIT_EXCEEDED, str(e)) from None
         everyone = (caller.user_id, *members)
@@ -259,7 +278,9 @@ class ChatService:
         info = await self._group_for_member(req.group_id, caller.user_id)
         event_id = self.ids.next()
         try:
-            added = await self.groups.add(req.group_id, tuple(set(req.members)), event_id[0])
+            added = await _available(
+                self.groups.add(req.group_id, tuple(set(req.members)), event_id[0])
+            )
         except LimitExceeded as e:
             raise RequestError(ErrorCode.LIMIT_EXCEEDED, str(e)) from None
         if added:
@@ -275,7 +296,7 @@ class ChatService:
         if caller.user_id != info.owner_id and targets != {caller.user_id}:
             raise RequestError(ErrorCode.FORBIDDEN, "only the owner removes other members")
         event_id = self.ids.next()
-        removed = await self.groups.remove(req.group_id, tuple(targets))
+        removed = await _available(self.groups.remove(req.group_id, tuple(targets)))
         if removed:
             await self._group_event(
                 caller, req.group_id, event_id, info.members,  # includes the removed users
@@ -290,5 +311,5 @@ class ChatService:
         )
 
     async def my_groups(self, caller: Caller, req: MyGroups) -> GroupList:
-        groups = await self.groups.groups_of(caller.user_id)
+        groups = await _available(self.groups.groups_of(caller.user_id))
         return GroupList(tuple(GroupSummary(g, n) for g, n in groups), request_id=req.request_id)

@@ -7,6 +7,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import pytest
 import pytest_twisted
 
 from twisted.internet import reactor
@@ -14,12 +15,13 @@ from twisted.internet.defer import Deferred, gatherResults
 from twisted.internet.task import deferLater
 
 from improto.enums import ContentType, ConvKind
+from improto.errors import ErrorCode
 from improto.frames import Send
 from improto.server.embedded.sqlite import SQLiteBackend
 from improto.server.hub import Hub
 from improto.server.ids import IdGenerator
 from improto.server.model import GroupInfo, PersistJob
-from improto.server.service import Caller, ChatService
+from improto.server.service import Caller, ChatService, RequestError
 
 
 class HeldLookups:
@@ -79,5 +81,38 @@ async def test_group_sends_are_queued_in_id_order_when_lookups_finish_out_of_ord
         ids = [j.message.msg_id for j in queued]
         assert ids == sorted(ids)  # queue order is id order
         assert sorted(ids) == sorted(a.msg_id for a in acks)
+    finally:
+        await backend.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_store_failure_is_unavailable_not_internal(tmp_path: Path) -> None:
+    """Found by bench/chaos.py: during a Redis restart, group SENDs got INTERNAL (500)."""
+    backend = SQLiteBackend(tmp_path / "db.sqlite3", reactor=reactor)
+    await backend.start()
+    try:
+        gid = await backend.groups.create(1, "team", (2,), 1)
+
+        class Down(HeldLookups):
+            def info(self, group_id: int) -> Deferred[GroupInfo | None]:
+                d: Deferred[GroupInfo | None] = Deferred()
+                d.errback(ConnectionRefusedError("redis restarting"))
+                return d
+
+        service = ChatService(
+            IdGenerator(1), backend.queue, backend.inbox, backend.history,
+            Down(backend.groups), Hub(),
+        )  # fmt: skip
+        send = Send(b"u" * 16, ConvKind.GROUP, gid, ContentType.TEXT, b"x")
+        with pytest.raises(RequestError) as raised:
+            await service.send(Caller(1, "phone"), send)
+        assert raised.value.code == ErrorCode.UNAVAILABLE
+        refused = Send(b"v" * 16, ConvKind.GROUP, gid + 1000, ContentType.TEXT, b"x")
+        with pytest.raises(RequestError) as raised:  # a deliberate answer passes through
+            await ChatService(
+                IdGenerator(1), backend.queue, backend.inbox, backend.history,
+                backend.groups, Hub(),
+            ).send(Caller(1, "phone"), refused)  # fmt: skip
+        assert raised.value.code == ErrorCode.NOT_FOUND
     finally:
         await backend.close()
