@@ -181,7 +181,9 @@ class Session(Protocol):
         d.addCallback(lambda _: self._logged_in(f, ident))
 
     def _logged_in(self, f: Hello, ident: Any) -> None:
-        if self.closing:
+        if self.closing:  # gone while its presence was written: withdraw it again
+            d = self.factory.router.offline(self)
+            d.addErrback(lambda e: log.failure("withdrawing presence failed", e))
             return
         config = self.factory.config
         self.caller = Caller(ident.user_id, ident.device_id, self)

@@ -291,6 +291,7 @@ class SlowRouter:
 
     def __init__(self) -> None:
         self.pending: list[Any] = []
+        self.withdrawn: list[str] = []
 
     def online(self, conn: Any) -> Any:
         d: Deferred[None] = Deferred()
@@ -298,6 +299,7 @@ class SlowRouter:
         return d
 
     def offline(self, conn: Any) -> Any:
+        self.withdrawn.append(conn.device_id)
         return succeed(None)
 
 
@@ -322,3 +324,16 @@ def test_hello_ok_waits_for_presence_and_nothing_is_pushed_before_it(clock: Cloc
     ok, push = peer.frames()
     assert isinstance(ok, HelloOk) and ok.request_id == 1
     assert isinstance(push, Push) and push.message.body == b"early"
+
+
+def test_a_connection_lost_while_presence_is_written_withdraws_it_after(clock: Clock) -> None:
+    config = Config(idle_timeout=60, heartbeat=20, max_unacked_pushes=2)
+    router, hub = SlowRouter(), Hub()
+    factory = SessionFactory(config, None, hub, clock, SECRET, router)  # type: ignore[arg-type]
+    peer = Peer(factory)
+    peer.send(Hello(1, 1, "phone", mint(SECRET, 7, "phone", ttl_s=3600, now=NOW), request_id=1))
+    peer.session.connectionLost()
+    assert hub.device(7, "phone") is None and router.withdrawn == ["phone"]
+    router.pending[0].callback(None)  # the claim lands after the loss...
+    assert router.withdrawn == ["phone", "phone"]  # ...so it is withdrawn again
+    assert peer.frames() == []  # and no HELLO_OK goes out

@@ -104,7 +104,6 @@ An unexpected channel close or consumer cancel (e.g. a queue deleted) resets the
 from __future__ import annotations
 
 import functools
-import hashlib
 import itertools
 import random
 import time
@@ -128,7 +127,7 @@ from twisted.python.failure import Failure
 
 from improto.server.model import Accepted, ConvKey, PersistJob
 from improto.server.ports import BatchHandler
-from improto.server.production.redis_inbox import gather
+from improto.server.production.redis_inbox import LuaScript, gather
 from improto.server.production.redis_slots import slot_groups
 from improto.server.production.turn_batcher import TurnBatcher
 
@@ -276,31 +275,7 @@ return out
 """
 
 
-class _Script:
-    """A Lua script run by SHA1 (EVALSHA), falling back to EVAL when Redis lost it."""
-
-    def __init__(self, source: str) -> None:
-        self.source = source.encode()
-        self.sha = hashlib.sha1(self.source).hexdigest()
-
-    def load(self, redis: Any) -> Deferred[Any]:
-        return redis.execute_command("SCRIPT", "LOAD", self.source)
-
-    def __call__(self, redis: Any, keys: Sequence[str], args: Sequence[Any]) -> Deferred[Any]:
-        d = redis.execute_command("EVALSHA", self.sha, len(keys), *keys, *args)
-        d.addErrback(self._noscript, redis, keys, args)
-        return d
-
-    def _noscript(
-        self, failure: Failure, redis: Any, keys: Sequence[str], args: Sequence[Any]
-    ) -> Any:
-        failure.trap(txredisapi.ResponseError)
-        if not str(failure.value).startswith("NOSCRIPT"):
-            return failure
-        return redis.execute_command("EVAL", self.source, len(keys), *keys, *args)
-
-
-_SCRIPTS = tuple(_Script(s) for s in (_CLAIM, _RELEASE, _CONFIRM))
+_SCRIPTS = tuple(LuaScript(s) for s in (_CLAIM, _RELEASE, _CONFIRM))
 _claim, _release, _confirm = _SCRIPTS
 
 
@@ -635,7 +610,7 @@ class RabbitQueue:
 
     def _multi(
         self,
-        script: _Script,
+        script: LuaScript,
         items: list[tuple[Any, ...]],
         head: list[Any],
         per_item: Callable[[tuple[Any, ...]], Sequence[Any]],
