@@ -39,6 +39,7 @@ from improto.server.model import (
     PersistJob,
 )
 from improto.server.ports import BatchHandler
+from improto.server.turn_batcher import TurnBatcher
 
 _log = Logger()
 
@@ -48,6 +49,7 @@ DAY_MS = 86_400_000
 SCHEMA_VERSION = 1
 RETRY_DELAY_S = 0.5  # pause before redelivering a job whose handler failed
 FETCH_BATCH = 256  # jobs read per query by the consumer
+ACCEPT_BATCH = 256  # accepts one transaction commits at most
 
 _BIAS = 1 << 63
 _MAX_SIGNED = _BIAS - 1
@@ -312,6 +314,10 @@ class SQLiteQueue:
         self._b = backend
         self._handler: BatchHandler | None = None
         self._max_batch = 1
+        # Group commit: the accepts of one reactor turn share one transaction (one fsync).
+        self._accepts: TurnBatcher[tuple[PersistJob, bytes], Any] = TurnBatcher(
+            backend._reactor, self._accept_batch, ACCEPT_BATCH
+        )
         self._stopping = False
         self._stopped = _Event()
         self._signalled = False  # a job was accepted since the consumer last looked
@@ -319,17 +325,22 @@ class SQLiteQueue:
         self._sleep: tuple[Deferred[None], IDelayedCall] | None = None
 
     def accept(self, job: PersistJob, client_msg_id: bytes) -> Deferred[Accepted]:
-        d = self._b._call(_accept, job, client_msg_id, self._b.now_ms())
+        d = self._accepts.submit((job, client_msg_id))
         d.addCallback(self._accepted)
         return d
 
-    def _accepted(self, accepted: Accepted) -> Accepted:
-        if not accepted.duplicate:
+    def _accept_batch(self, items: list[tuple[PersistJob, bytes]]) -> Deferred[list[Any]]:
+        return self._b._call(_accept_many, items, self._b.now_ms())
+
+    def _accepted(self, outcome: Accepted | Exception) -> Accepted:
+        if isinstance(outcome, Exception):
+            raise outcome
+        if not outcome.duplicate:
             self._signalled = True
             idle, self._idle = self._idle, None
             if idle is not None:
                 idle.callback(None)
-        return accepted
+        return outcome
 
     def consume(self, handler: BatchHandler, max_batch: int = 1) -> None:
         if self._handler is not None:
@@ -408,6 +419,22 @@ class SQLiteQueue:
             await d
         finally:
             self._sleep = None
+
+
+def _accept_many(
+    db: sqlite3.Connection, items: list[tuple[PersistJob, bytes]], now: int
+) -> list[Accepted | Exception]:
+    """Every accept in one transaction, in order; a job that does not encode gets its error
+    back and the others go on (a later duplicate of an earlier one in the batch is seen)."""
+    out: list[Accepted | Exception] = []
+    for job, client_msg_id in items:
+        try:
+            out.append(_accept(db, job, client_msg_id, now))
+        except sqlite3.Error:
+            raise  # the database itself failed: the whole batch fails
+        except Exception as e:  # this job (validated before any write) is refused alone
+            out.append(e)
+    return out
 
 
 def _accept(db: sqlite3.Connection, job: PersistJob, client_msg_id: bytes, now: int) -> Accepted:

@@ -129,7 +129,7 @@ from improto.server.model import Accepted, ConvKey, PersistJob
 from improto.server.ports import BatchHandler
 from improto.server.production.redis_inbox import LuaScript, gather
 from improto.server.production.redis_slots import slot_groups
-from improto.server.production.turn_batcher import TurnBatcher
+from improto.server.turn_batcher import TurnBatcher
 
 _log = Logger()
 _T = TypeVar("_T")

@@ -7,7 +7,7 @@ from collections.abc import Sequence
 
 import pytest_twisted
 
-from twisted.internet.defer import Deferred, succeed
+from twisted.internet.defer import Deferred, DeferredList, succeed
 
 from improto.server.model import Accepted, PersistJob
 from improto.server.ports import BatchHandler
@@ -222,3 +222,30 @@ def _record_into(seen: list[int], result: Deferred[None]) -> BatchHandler:
         return result
 
     return handler
+
+
+@pytest_twisted.ensureDeferred
+async def test_concurrent_accepts_are_each_answered_alone(backend, jobs, wait_for):
+    """Accepts made at once (group commit may share one transaction or one script call):
+    a resend in the same batch is a duplicate, a job that cannot be encoded fails alone."""
+    fresh = [jobs.job(client_msg_id=bytes([i + 1]) * 16) for i in range(12)]
+    again = jobs.job(client_msg_id=fresh[3].message.client_msg_id, body=b"resent")
+    bad = jobs.job(client_msg_id=b"\xee" * 16, body=b"x" * 70_000)  # over a body's u16 length
+    calls = [backend.queue.accept(j, j.message.client_msg_id) for j in (*fresh, again, bad)]
+    outcomes = await DeferredList(calls, consumeErrors=True)
+    *ok, (again_ok, again_result), (bad_ok, _) = outcomes
+    assert all(success for success, _ in ok) and not bad_ok
+    assert [r for _, r in ok] == [
+        Accepted(j.message.msg_id, j.message.server_time, False) for j in fresh
+    ]
+    assert again_ok and again_result == Accepted(
+        fresh[3].message.msg_id, fresh[3].message.server_time, True
+    )
+    rec = Recorder()
+    backend.queue.consume(rec, max_batch=50)
+    await wait_for(lambda: len(rec.done) >= 12)
+    assert sorted(rec.done_ids()) == sorted(j.message.msg_id for j in fresh)
+    sentinel = jobs.job(client_msg_id=b"\xef" * 16)
+    await backend.queue.accept(sentinel, sentinel.message.client_msg_id)
+    await wait_for(lambda: len(rec.done) >= 13)
+    assert rec.done[-1] == sentinel and len(rec.done) == 13  # nothing else was queued
