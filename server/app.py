@@ -53,7 +53,7 @@ def make_router(config: Config, backend: Backend, reactor: Any) -> PushRouter:
     presence = Presence(
         backend.redis, config.key_prefix, gateway_id=config.gateway_id, reactor=reactor
     )
-    return AmqpPushRouter(backend.queue, presence, config.key_prefix)
+    return AmqpPushRouter(backend.queue, presence, config.key_prefix, reactor)
 
 
 class Server:

@@ -16,7 +16,8 @@ MAX_NODE = (1 << NODE_BITS) - 1
 _SEQ_MASK = (1 << SEQ_BITS) - 1
 
 
-def _wall_ms() -> int:
+def wall_ms() -> int:
+    """The wall clock in milliseconds since the Unix epoch."""
     return time.time_ns() // 1_000_000
 
 
@@ -29,7 +30,7 @@ class IdGenerator:
     catches up.
     """
 
-    def __init__(self, node: int, clock_ms: Callable[[], int] = _wall_ms) -> None:
+    def __init__(self, node: int, clock_ms: Callable[[], int] = wall_ms) -> None:
         if not 0 <= node <= MAX_NODE:
             raise ValueError(f"node id must be 0..{MAX_NODE}")
         self.node = node

@@ -24,9 +24,10 @@ import pytest_twisted
 import txredisapi
 from pika.adapters.twisted_connection import TwistedChannel
 from pika.exceptions import AMQPError, ChannelWrongStateError, NackError
+from recorder import Recorder
 
 from twisted.internet import reactor
-from twisted.internet.defer import Deferred, DeferredList, succeed
+from twisted.internet.defer import Deferred, DeferredList
 from twisted.internet.error import ConnectionAborted
 from twisted.internet.task import deferLater
 
@@ -90,33 +91,6 @@ async def eventually(check: Callable[[], bool], timeout: float = 10.0) -> None:
 
 def sleep(seconds: float) -> Deferred[None]:
     return deferLater(reactor, seconds, lambda: None)
-
-
-class Recorder:
-    """A handler recording every call; fails the first `fail[msg_id]` calls of a job."""
-
-    def __init__(self, fail: dict[int, int] | None = None) -> None:
-        self.calls: list[int] = []
-        self.done: list[PersistJob] = []
-        self._fail = dict(fail or {})
-
-    def __call__(self, batch: Sequence[PersistJob]) -> Deferred[None]:
-        failing = []
-        for j in batch:
-            mid = j.message.msg_id
-            self.calls.append(mid)
-            if self._fail.get(mid, 0) > 0:
-                self._fail[mid] -= 1
-                failing.append(mid)
-        if failing:  # the whole batch fails
-            d: Deferred[None] = Deferred()
-            d.errback(RuntimeError(f"failing {failing} on purpose"))
-            return d
-        self.done.extend(batch)
-        return succeed(None)
-
-    def done_ids(self) -> list[int]:
-        return [j.message.msg_id for j in self.done]
 
 
 @pytest.fixture

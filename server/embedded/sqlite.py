@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import json
 import sqlite3
-import time
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
@@ -29,6 +28,7 @@ from twisted.python.threadpool import ThreadPool
 
 from improto.frames import Message
 from improto.limits import MAX_GROUP_MEMBERS, MAX_GROUPS_PER_USER, U64_MAX
+from improto.server.ids import wall_ms
 from improto.server.model import (
     Accepted,
     ConvKey,
@@ -65,10 +65,6 @@ def _s(v: int) -> int:
 def _u(v: int) -> int:
     """Stored signed value -> u64."""
     return v + _BIAS
-
-
-def _wall_ms() -> int:
-    return time.time_ns() // 1_000_000
 
 
 _SCHEMA = """
@@ -187,7 +183,7 @@ class SQLiteBackend:
             reactor = default_reactor
         self._path = str(path)
         self._reactor = reactor
-        self.now_ms = now_ms or _wall_ms
+        self.now_ms = now_ms or wall_ms
         self.inbox_retention_ms = inbox_retention_ms
         self.history_retention_ms = history_retention_ms
         self._pool = ThreadPool(minthreads=1, maxthreads=1, name="improto-sqlite")

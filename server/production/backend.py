@@ -10,13 +10,13 @@ One txredisapi pool serves the inbox, the groups and the queue's dedup keys.
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable
 from typing import Any
 
 from twisted.internet.defer import Deferred
 
 from improto.server.config import Config
+from improto.server.ids import wall_ms
 from improto.server.production.hbase_history import HBaseHistory
 from improto.server.production.rabbit_queue import RabbitQueue
 from improto.server.production.redis_groups import RedisGroups
@@ -28,16 +28,12 @@ def _host_port(value: str, default_port: int) -> tuple[str, int]:
     return (host, int(port)) if host else (value, default_port)
 
 
-def _wall_ms() -> int:
-    return time.time_ns() // 1_000_000
-
-
 class ProductionBackend:
     def __init__(
         self,
         config: Config,
         reactor: Any,
-        now_ms: Callable[[], int] = _wall_ms,
+        now_ms: Callable[[], int] = wall_ms,
         *,
         hbase_family_ttl: bool = True,  # off only for tests whose clock is not wall time
     ) -> None:

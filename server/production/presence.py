@@ -21,7 +21,6 @@ is dropped. The offline inbox is what guarantees delivery.
 
 from __future__ import annotations
 
-import time
 import uuid
 from collections.abc import Callable, Iterable
 from typing import Any
@@ -98,10 +97,6 @@ return 1
 )
 
 SCRIPTS = (_CLAIM, _RELEASE, _FORGET, _LOOKUP, _LEASE)
-
-
-def _wall_ms() -> int:
-    return time.time_ns() // 1_000_000
 
 
 class Presence:

@@ -34,12 +34,14 @@ from improto.enums import CloseReason
 from improto.server.hub import Hub, Pushable
 from improto.server.production.presence import Presence, gateway_of
 from improto.server.production.rabbit_queue import RabbitQueue
+from improto.server.turn_batcher import TurnBatcher
 
 _log = Logger()
 
 PUSH, KICK = 1, 2
 ROUTED_TTL_MS = 10_000  # a routed push older than this is useless: the device synced by then
 ROUTED_MAX = 100_000  # messages a gateway's push queue holds at most (oldest dropped)
+ROUTE_BATCH = 256  # pushes whose receivers one presence lookup covers at most
 
 Target = tuple[int, str, str]  # user, device, session
 
@@ -74,7 +76,13 @@ def unpack_routed(body: bytes) -> tuple[int, int, list[Target], bytes]:
 class AmqpPushRouter:
     """PushRouter over Presence (Redis) and the queue's AMQP connection."""
 
-    def __init__(self, queue: RabbitQueue, presence: Presence, prefix: str) -> None:
+    def __init__(
+        self, queue: RabbitQueue, presence: Presence, prefix: str, reactor: Any = None
+    ) -> None:
+        if reactor is None:
+            from twisted.internet import reactor as default_reactor
+
+            reactor = default_reactor
         self._queue = queue
         self.presence = presence
         self.exchange = f"{prefix}.push"
@@ -83,6 +91,9 @@ class AmqpPushRouter:
         self._hub: Hub | None = None
         self._channel: Any = None
         self.routed_out = 0  # messages published to other gateways
+        self._routes: TurnBatcher[tuple[list[int], int, bytes], None] = TurnBatcher(
+            reactor, self._route_batch, ROUTE_BATCH
+        )
         self.delivered_in = 0  # pushes written to local sessions from other gateways
 
     @property
@@ -183,19 +194,25 @@ class AmqpPushRouter:
 
     def route(self, users: Iterable[int], msg_id: int, data: bytes) -> Deferred[None]:
         """Push to the users' devices held by other gateways (this one's own devices were
-        written through the Hub already)."""
-        return Deferred.fromCoroutine(self._route(list(users), msg_id, data))
+        written through the Hub already). The routes of one reactor turn share one presence
+        lookup."""
+        return self._routes.submit((list(users), msg_id, data))
 
-    async def _route(self, users: list[int], msg_id: int, data: bytes) -> None:
-        found = await self.presence.lookup(users)
-        by_gateway: dict[str, list[Target]] = {}
-        for user, devices in found.items():
-            for device, session in devices.items():
-                gid = gateway_of(session)
-                if gid != self.gateway_id:
-                    by_gateway.setdefault(gid, []).append((user, device, session))
-        for gid, targets in by_gateway.items():
-            self._publish(gid, pack_routed(PUSH, msg_id, targets, data))
+    def _route_batch(self, pushes: list[tuple[list[int], int, bytes]]) -> Deferred[list[None]]:
+        return Deferred.fromCoroutine(self._route_all(pushes))
+
+    async def _route_all(self, pushes: list[tuple[list[int], int, bytes]]) -> list[None]:
+        found = await self.presence.lookup(u for users, _, _ in pushes for u in users)
+        for users, msg_id, data in pushes:
+            by_gateway: dict[str, list[Target]] = {}
+            for user in users:
+                for device, session in found.get(user, {}).items():
+                    gid = gateway_of(session)
+                    if gid != self.gateway_id:
+                        by_gateway.setdefault(gid, []).append((user, device, session))
+            for gid, targets in by_gateway.items():
+                self._publish(gid, pack_routed(PUSH, msg_id, targets, data))
+        return [None] * len(pushes)
 
     def _publish(self, gateway_id: str, body: bytes) -> None:
         ch = self._channel

@@ -6,46 +6,15 @@ import time
 from collections.abc import Sequence
 
 import pytest_twisted
+from recorder import Recorder
 
-from twisted.internet.defer import Deferred, DeferredList, succeed
+from twisted.internet.defer import Deferred, DeferredList
 
 from improto.server.model import Accepted, PersistJob
 from improto.server.ports import BatchHandler
 
 CMID_A = b"A" * 16
 CMID_B = b"B" * 16
-
-
-class Recorder:
-    """A consumer handler that records every delivery; optionally fails on purpose."""
-
-    def __init__(self, fail_times: dict[int, int] | None = None) -> None:
-        self.calls: list[int] = []  # msg_id of every call, including failed attempts
-        self.done: list[PersistJob] = []  # jobs whose handler call succeeded
-        self.batches: list[int] = []  # the size of every batch handed over
-        self._fail_times = dict(fail_times or {})
-
-    def __call__(self, batch: Sequence[PersistJob]) -> Deferred[None]:
-        assert batch, "a batch is never empty"
-        self.batches.append(len(batch))
-        failing = []
-        for job in batch:
-            mid = job.message.msg_id
-            self.calls.append(mid)
-            if self._fail_times.get(mid, 0) > 0:
-                self._fail_times[mid] -= 1
-                failing.append(mid)
-        if failing:  # the whole batch fails, as a store write covering it would
-            return Deferred.fromCoroutine(self._boom(failing))
-        self.done.extend(batch)
-        return succeed(None)
-
-    @staticmethod
-    async def _boom(mids: list[int]) -> None:
-        raise RuntimeError(f"handler failure for {mids} (on purpose)")
-
-    def done_ids(self) -> list[int]:
-        return [j.message.msg_id for j in self.done]
 
 
 @pytest_twisted.ensureDeferred
@@ -111,7 +80,7 @@ async def test_idle_consumer_is_woken_by_accept(backend, jobs, wait_for):
 @pytest_twisted.ensureDeferred
 async def test_failing_handler_is_retried_without_loss_or_reordering(backend, jobs, wait_for):
     first, second, third = (jobs.job(client_msg_id=bytes([i + 1]) * 16) for i in range(3))
-    rec = Recorder(fail_times={first.message.msg_id: 2})
+    rec = Recorder(fail={first.message.msg_id: 2})
     for job in (first, second, third):
         await backend.queue.accept(job, job.message.client_msg_id)
     backend.queue.consume(rec)
@@ -127,7 +96,7 @@ async def test_batches_keep_queue_order_and_are_retried_whole(backend, jobs, wai
     for job in queued:
         await backend.queue.accept(job, job.message.client_msg_id)
     ids = [j.message.msg_id for j in queued]
-    rec = Recorder(fail_times={ids[25]: 2})
+    rec = Recorder(fail={ids[25]: 2})
     backend.queue.consume(rec, max_batch=16)
     await wait_for(lambda: len(rec.done) >= 40, timeout=10)
     assert rec.done == queued  # each exactly once, in queue order
