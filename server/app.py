@@ -30,10 +30,14 @@ def make_backend(config: Config, reactor: Any) -> Backend:
         from improto.server.production.backend import ProductionBackend
 
         return ProductionBackend(config, reactor)
-    data = Path(config.data_dir)
-    data.mkdir(parents=True, exist_ok=True)
+    if config.storage == "memory":
+        path = ":memory:"  # one connection on one thread, so one private in-RAM database
+    else:
+        data = Path(config.data_dir)
+        data.mkdir(parents=True, exist_ok=True)
+        path = str(data / "improto.sqlite3")
     return SQLiteBackend(
-        data / "improto.sqlite3",
+        path,
         reactor=reactor,
         inbox_retention_ms=config.inbox_retention_ms,
         history_retention_ms=config.history_retention_ms,

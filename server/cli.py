@@ -84,8 +84,10 @@ _RUN_OPTIONS: list[tuple[str, dict[str, Any]]] = [
     ),
 ]
 _PRODUCTION_OPTIONS: list[tuple[str, dict[str, Any]]] = [
-    ("--storage", {"choices": ["embedded", "production"],
-                   "help": "embedded (default: SQLite, no external service) or production"}),
+    ("--storage", {"choices": ["embedded", "memory", "production"],
+                   "help": "embedded (default: SQLite, no external service), memory (the "
+                           "same in RAM: persistence off, lost at exit; for benchmarks) "
+                           "or production"}),
     ("--role", {"choices": ["all", "gateway", "persister"],
                 "help": "all (default): both in one process; gateway: client connections "
                         "only; persister: queue consumer only (production storage)"}),

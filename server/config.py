@@ -24,8 +24,9 @@ class Config:
     history_retention_days: float = 180.0
     max_unacked_pushes: int = 1000
     sweep_interval_s: float = 600.0
-    # Storage: "embedded" (SQLite under data_dir, in-process queue) or "production"
-    # (RabbitMQ queue, Redis inboxes/groups/dedup, HBase history).
+    # Storage: "embedded" (SQLite under data_dir, in-process queue), "memory" (the same in
+    # RAM: persistence off, nothing survives a restart; for benchmarks and demos) or
+    # "production" (RabbitMQ queue, Redis inboxes/groups/dedup, HBase history).
     storage: str = "embedded"
     role: str = "all"  # all | gateway | persister (gateway/persister need production storage)
     redis: str = "127.0.0.1:6379"
@@ -37,8 +38,10 @@ class Config:
 
     def check(self) -> None:
         """Refuse combinations that cannot work, before anything starts."""
-        if self.storage not in ("embedded", "production"):
-            raise ValueError(f"storage must be embedded or production, not {self.storage!r}")
+        if self.storage not in ("embedded", "memory", "production"):
+            raise ValueError(
+                f"storage must be embedded, memory or production, not {self.storage!r}"
+            )
         if self.role not in ("all", "gateway", "persister"):
             raise ValueError(f"role must be all, gateway or persister, not {self.role!r}")
         if self.role != "all" and self.storage != "production":

@@ -15,9 +15,19 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
+from serverproc import start_server
 
 from improto.codec import FrameReader, decode_payload, encode
-from improto.frames import Hello, HelloOk
+from improto.frames import (
+    Frame,
+    Hello,
+    HelloOk,
+    Message,
+    OfflinePage,
+    OfflinePull,
+    Send,
+    SendAck,
+)
 from improto.server.cli import load_config, run_parser
 from improto.server.config import Config
 from improto.tokens import mint, verify
@@ -124,3 +134,51 @@ def test_tls_listener_serves_the_protocol(tmp_path: Path) -> None:
             proc.kill()
             raise
     assert proc.returncode == 0, "SIGTERM should stop the server cleanly"
+
+
+def _exchange(sock: socket.socket, reader: FrameReader, frame: Frame) -> Frame:
+    """Send one request, return the first frame that answers its request_id."""
+    sock.sendall(encode(frame))
+    while True:
+        for payload in reader.feed(sock.recv(65536)):
+            reply = decode_payload(payload)
+            if reply.request_id == frame.request_id:
+                return reply
+
+
+def _pull_offline(port: int, secret: str, user: int) -> tuple[Message, ...]:
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+        reader = FrameReader()
+        ok = _exchange(sock, reader, Hello(1, 0, "d", mint(secret, user, "d"), request_id=1))
+        assert isinstance(ok, HelloOk)
+        page = _exchange(sock, reader, OfflinePull(0, 200, request_id=2))
+        assert isinstance(page, OfflinePage) and not page.has_more
+        return page.messages
+
+
+def test_memory_storage_serves_and_keeps_nothing(tmp_path: Path) -> None:
+    """--storage memory: the whole protocol works (persistence off); a restart forgets it all
+    and nothing is written to the data directory."""
+    secret = "memory-test-secret-memory-test-0000"
+    server = start_server(tmp_path, secret, "--storage", "memory")
+    try:
+        with socket.create_connection(("127.0.0.1", server.port), timeout=10) as sock:
+            reader = FrameReader()
+            hello = Hello(1, 0, "d", mint(secret, 5, "d"), request_id=1)
+            assert isinstance(_exchange(sock, reader, hello), HelloOk)
+            send = Send(b"m" * 16, 1, 6, 1, b"kept in RAM", request_id=2)
+            ack = _exchange(sock, reader, send)
+            assert isinstance(ack, SendAck) and not ack.duplicate
+        deadline = time.monotonic() + 10
+        while not (got := _pull_offline(server.port, secret, 6)):
+            assert time.monotonic() < deadline, "message never reached the inbox"
+            time.sleep(0.05)
+        assert [(m.msg_id, m.body) for m in got] == [(ack.msg_id, b"kept in RAM")]
+    finally:
+        assert server.stop() == 0
+    assert not list((tmp_path / "data").glob("*.sqlite3*"))
+    server = start_server(tmp_path, secret, "--storage", "memory")
+    try:
+        assert _pull_offline(server.port, secret, 6) == ()
+    finally:
+        server.stop()
