@@ -17,11 +17,7 @@ import contextlib
 import resource
 import struct
 
-from twisted.internet import epollreactor
-
-epollreactor.install()
-
-from twisted.internet import protocol, reactor  # noqa: E402
+from twisted.internet import protocol
 
 MAX_PAYLOAD = 131072
 LOGIN_SIZE = 16
@@ -140,6 +136,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--nodelay", action="store_true", help="TCP_NODELAY on connections")
     args = parser.parse_args(argv)
+    from twisted.internet import epollreactor
+
+    epollreactor.install()  # before the first reactor import; tests import this module without
+    from twisted.internet import reactor
+
     with contextlib.suppress(ValueError, OSError):
         hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
         resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
