@@ -1,0 +1,278 @@
+"""Scenarios 1 and 4: online 1:1 relay and group fan-out, any target, through loadgen workers.
+
+    python bench/relay.py --target improto --storage memory [--quick]
+    python bench/relay.py --target mosquitto --persistence [--quick]
+    python bench/relay.py --target bare --scenario fanout
+
+1:1 relay: 1000 pairs (a sender and a receiver connection each), 150-byte messages, offered
+at a ladder of rates; a step passes when every message arrived exactly once, in order per
+receiver, every send was acknowledged (improto SEND_ACK, MQTT PUBACK), and the p99 latency
+(arrival minus *scheduled* send time) is under 50 ms. Reported: the highest passing rate, and
+p50/p99 at 5,000 msg/s. Fan-out: one sender, a 500-member group (improto group, MQTT topic
+with 500 subscribers, bare relay group), the same ladder in messages/s; per message the
+latency of the *last* of its 500 recipients. Prints a final JSON line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import servers
+
+HERE = Path(__file__).resolve().parent
+P99_LIMIT_MS = 50.0
+RESULTS = HERE / "results"
+
+
+class Workers:
+    """loadgen.py child processes, spoken to with JSON lines."""
+
+    def __init__(self, n: int) -> None:
+        self.procs = [
+            subprocess.Popen(
+                [sys.executable, str(HERE / "loadgen.py")],
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE,
+                text=True,
+            )
+            for _ in range(n)
+        ]
+
+    def pids(self) -> list[int]:
+        return [p.pid for p in self.procs]
+
+    def all(self, cmds: list[dict[str, Any]], timeout: float = 120.0) -> list[dict[str, Any]]:
+        for p, c in zip(self.procs, cmds, strict=True):
+            assert p.stdin is not None
+            p.stdin.write(json.dumps(c) + "\n")
+            p.stdin.flush()
+        out = []
+        for p in self.procs:
+            assert p.stdout is not None
+            line = p.stdout.readline()
+            if not line:
+                raise RuntimeError(f"loadgen worker {p.pid} died (exit {p.poll()})")
+            reply = json.loads(line)
+            if reply.get("ok") is False:
+                raise RuntimeError(f"loadgen worker failed:\n{reply['error']}")
+            out.append(reply)
+        return out
+
+    def close(self) -> None:
+        for p in self.procs:
+            try:
+                if p.poll() is None and p.stdin is not None:
+                    p.stdin.write('{"cmd": "quit"}\n')
+                    p.stdin.flush()
+            except OSError:
+                pass
+        for p in self.procs:
+            try:
+                p.wait(10)
+            except subprocess.TimeoutExpired:
+                p.kill()
+                p.wait()
+
+
+def percentile(sorted_values: list[float], q: float) -> float | None:
+    if not sorted_values:
+        return None
+    i = min(len(sorted_values) - 1, max(0, round(q / 100.0 * len(sorted_values) + 0.5) - 1))
+    return round(sorted_values[i], 3)
+
+
+def _cpu(pids: list[int]) -> float:
+    total = 0.0
+    for pid in pids:
+        try:
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+            total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+        except OSError:
+            pass
+    return total
+
+
+class Run:
+    """One target, one scenario: the workers, the step ladder, the verdicts."""
+
+    def __init__(self, handle: servers.ServerHandle, target: str, scenario: str,
+                 workers: int, pairs: int, members: int) -> None:  # fmt: skip
+        self.handle, self.target, self.scenario = handle, target, scenario
+        self.nworkers = workers
+        self.workers = Workers(workers)
+        self.seq = 0
+        self.pairs, self.members = pairs, members
+        wire = "mqtt" if target == "mosquitto" else target
+        base = {"target": wire, "host": handle.host, "port": handle.port,
+                "secret": handle.secret}  # fmt: skip
+        if scenario == "relay":
+            pairs_all = [[2 * i + 1, 2 * i + 2] for i in range(pairs)]
+            specs = [dict(base, mode="pairs", users=pairs_all[w::workers]) for w in range(workers)]
+        else:
+            ids = list(range(2, members + 2))
+            specs = [
+                dict(base, mode="fanout", group=1, members=ids[w::workers],
+                     sender=1 if w == 0 else None)
+                for w in range(workers)
+            ]  # fmt: skip
+            specs[0]["create_with"] = ids  # improto: the sender creates the group with all
+        t = time.monotonic()
+        replies = self.workers.all([dict(s, cmd="setup") for s in specs])
+        self.setup_s = round(time.monotonic() - t, 2)
+        self.conns = sum(r["conns"] for r in replies)
+
+    def step(self, rate: float, seconds: float, grace: float) -> dict[str, Any]:
+        count = max(1, int(rate * seconds))
+        t0 = time.monotonic() + 0.5 + count * 4e-6  # time for the workers to build frames
+        seq0, self.seq = self.seq, self.seq + count
+        cmds = [
+            {"cmd": "step", "rate": rate, "count": count, "t0": t0, "seq0": seq0,
+             "workers": self.nworkers, "index": w, "grace": grace}
+            for w in range(self.nworkers)
+        ]  # fmt: skip
+        cpu0 = (self.handle.cpu_s(), _cpu(self.workers.pids()))
+        replies = self.workers.all(cmds, timeout=seconds + grace + 60)
+        cpu1 = (self.handle.cpu_s(), _cpu(self.workers.pids()))
+        return self._verdict(rate, count, replies, cpu0, cpu1, seconds)
+
+    def _verdict(self, rate: float, count: int, replies: list[dict[str, Any]],
+                 cpu0: tuple[float, float], cpu1: tuple[float, float],
+                 seconds: float) -> dict[str, Any]:  # fmt: skip
+        per_seq: dict[str, list[float]] = {}
+        for r in replies:
+            for s, v in r["lat"].items():
+                per_seq.setdefault(s, []).extend(v)
+        fan = self.scenario == "fanout"
+        want = self.members if fan else 1
+        complete = [v for v in per_seq.values() if len(v) >= want]
+        lost = count - len(complete)  # fan-out: a message missing one recipient is lost
+        deliveries = sum(len(v) for v in per_seq.values())
+        dup = sum(max(0, len(v) - want) for v in per_seq.values())
+        # fan-out: the latency of a message is that of its last recipient
+        lats = sorted(max(v) for v in complete)
+        sent = sum(r["sent"] for r in replies)
+        acks = sum(r["acks"] for r in replies)
+        errors = sum(r["errors"] for r in replies)
+        order = sum(r["order_errors"] for r in replies)
+        acked_ok = self.target == "bare" or acks >= sent
+        p99 = percentile(lats, 99)
+        ok = (lost == 0 and dup == 0 and order == 0 and errors == 0 and acked_ok
+              and p99 is not None and p99 < P99_LIMIT_MS)  # fmt: skip
+        return {
+            "rate": rate, "messages": count, "ok": ok, "lost": lost, "duplicates": dup,
+            "order_errors": order, "errors": errors, "acks": acks,
+            "deliveries": deliveries,
+            "p50_ms": percentile(lats, 50), "p99_ms": p99, "max_ms": percentile(lats, 100),
+            "send_lag_max_ms": max(r["lag_max_ms"] for r in replies),
+            "server_cpu_per_s": round((cpu1[0] - cpu0[0]) / seconds, 3),
+            "generator_cpu_per_s": round((cpu1[1] - cpu0[1]) / seconds, 3),
+            "error_frames": [e for r in replies for e in r["error_frames"]][:3],
+        }  # fmt: skip
+
+    def close(self) -> None:
+        self.workers.close()
+
+
+def ladder(run: Run, rates: list[float], seconds: float, grace: float,
+           fixed: float | None, log: Any) -> dict[str, Any]:  # fmt: skip
+    """Offer rising rates until one fails, then one midpoint; plus the fixed-rate step."""
+    steps: list[dict[str, Any]] = []
+    best: dict[str, Any] | None = None
+    failed: float | None = None
+
+    def do(rate: float) -> dict[str, Any]:
+        s = run.step(rate, seconds, grace)
+        steps.append(s)
+        log(f"  {run.target} {run.scenario} {rate:>9.0f}/s ok={s['ok']} lost={s['lost']} "
+            f"p50={s['p50_ms']} p99={s['p99_ms']} lag={s['send_lag_max_ms']} "
+            f"cpu server={s['server_cpu_per_s']} gen={s['generator_cpu_per_s']}")  # fmt: skip
+        return s
+
+    fixed_step = do(fixed) if fixed else None
+    for rate in rates:
+        s = do(rate)
+        if s["ok"]:
+            best = s
+        else:
+            failed = rate
+            break
+        time.sleep(0.3)
+    if failed is not None:
+        time.sleep(2.0)  # let a backlog drain before probing between pass and fail
+        low = best["rate"] if best else 0
+        mid = (low + failed) / 2
+        if mid > low * 1.1:
+            s = do(mid)
+            if s["ok"]:
+                best = s
+    return {"max_sustained": best, "fixed": fixed_step, "saturated_at": failed, "steps": steps}
+
+
+RELAY_RATES = [1000, 2000, 3500, 5000, 7000, 10000, 14000, 20000, 28000, 40000, 56000, 80000,
+               112000, 160000]  # fmt: skip
+FANOUT_RATES = [5, 10, 20, 40, 80, 160, 320, 640, 1280]  # messages/s, each to 500 members
+
+
+def start(target: str, storage: str, persistence: bool) -> servers.ServerHandle:
+    if target == "improto":
+        return servers.start_improto(storage)
+    if target == "mosquitto":
+        return servers.start_mosquitto(persistence)
+    return servers.start_bare_relay()
+
+
+def run(target: str, scenario: str, *, storage: str = "memory", persistence: bool = False,
+        quick: bool = False, workers: int = 2, log: Any = None) -> dict[str, Any]:  # fmt: skip
+    """Start the server, run the scenario's ladder, stop everything; the result dict."""
+    log = log or (lambda s: print(s, file=sys.stderr, flush=True))
+    servers.raise_nofile()
+    handle = start(target, storage, persistence)
+    r: Run | None = None
+    try:
+        rss0 = handle.rss_kib()
+        r = Run(handle, target, scenario, workers, pairs=1000, members=500)
+        seconds, grace = (1.0, 1.0) if quick else (4.0, 2.0)
+        if scenario == "relay":
+            rates = RELAY_RATES[1::2] if quick else RELAY_RATES
+            result = ladder(r, rates, seconds, grace, 5000.0, log)
+        else:
+            rates = FANOUT_RATES[1::2] if quick else FANOUT_RATES
+            result = ladder(r, rates, seconds, grace, 20.0, log)
+        result.update({
+            "target": target, "scenario": scenario,
+            "storage": storage if target == "improto" else None,
+            "persistence": (storage != "memory") if target == "improto" else
+                           (persistence if target == "mosquitto" else False),
+            "connections": r.conns, "setup_s": r.setup_s, "workers": workers,
+            "server_rss_kib": {"before": rss0, "after": handle.rss_kib()},
+        })  # fmt: skip
+        return result
+    finally:
+        if r is not None:
+            r.close()
+        handle.stop()
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--target", choices=["improto", "mosquitto", "bare"], default="improto")
+    ap.add_argument("--scenario", choices=["relay", "fanout"], default="relay")
+    ap.add_argument("--storage", default="memory", help="improto: memory|embedded|production")
+    ap.add_argument("--persistence", action="store_true", help="mosquitto: persistence true")
+    ap.add_argument("--workers", type=int, default=2)
+    ap.add_argument("--quick", action="store_true")
+    a = ap.parse_args()
+    res = run(a.target, a.scenario, storage=a.storage, persistence=a.persistence,
+              quick=a.quick, workers=a.workers)  # fmt: skip
+    print(json.dumps(res))
+
+
+if __name__ == "__main__":
+    main()
