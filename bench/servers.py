@@ -14,7 +14,6 @@ import atexit
 import contextlib
 import ctypes
 import os
-import pwd
 import resource
 import secrets
 import shutil
@@ -219,6 +218,9 @@ def _install_mosquitto() -> None:
 def mosquitto_config(port: int, persistence: bool, data_dir: Path) -> str:
     """The broker config: defaults except the per-client queue limit, raised."""
     lines = [
+        # As root it would switch to the `mosquitto` user, and a credential change clears the
+        # parent-death signal that stops it with the bench: stay root (loopback-only broker).
+        "user root",
         f"listener {port} {HOST}",
         "allow_anonymous true",
         f"persistence {'true' if persistence else 'false'}",
@@ -231,15 +233,11 @@ def mosquitto_config(port: int, persistence: bool, data_dir: Path) -> str:
 
 def start_mosquitto(persistence: bool) -> ServerHandle:
     """`mosquitto -c <temp conf>` (not the system service), QoS limits at their defaults except
-    max_queued_messages; as root it drops to the `mosquitto` user, which must own its dir."""
+    max_queued_messages."""
     _install_mosquitto()
     tmpdir = Path(tempfile.mkdtemp(prefix="bench-mosquitto-"))
     data_dir = tmpdir / "data"
     data_dir.mkdir()
-    with contextlib.suppress(KeyError, OSError):
-        user = pwd.getpwnam("mosquitto")
-        for path in (tmpdir, data_dir):
-            os.chown(path, user.pw_uid, user.pw_gid)
     port = free_port()
     conf = tmpdir / "mosquitto.conf"
     conf.write_text(mosquitto_config(port, persistence, data_dir))
