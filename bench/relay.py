@@ -229,7 +229,9 @@ def start(target: str, storage: str, persistence: bool) -> servers.ServerHandle:
 
 
 def run(target: str, scenario: str, *, storage: str = "memory", persistence: bool = False,
-        quick: bool = False, workers: int = 2, log: Any = None) -> dict[str, Any]:  # fmt: skip
+        quick: bool = False, workers: int = 2, log: Any = None,
+        profile: str | None = None,
+        rates: list[float] | None = None) -> dict[str, Any]:  # fmt: skip
     """Start the server, run the scenario's ladder, stop everything; the result dict."""
     log = log or (lambda s: print(s, file=sys.stderr, flush=True))
     servers.raise_nofile()
@@ -239,12 +241,16 @@ def run(target: str, scenario: str, *, storage: str = "memory", persistence: boo
         rss0 = handle.rss_kib()
         r = Run(handle, target, scenario, workers, pairs=1000, members=500)
         seconds, grace = (1.0, 1.0) if quick else (4.0, 2.0)
+        spy = _py_spy(handle.pid, profile) if profile else None
         if scenario == "relay":
-            rates = RELAY_RATES[1::2] if quick else RELAY_RATES
+            rates = rates or (RELAY_RATES[1::2] if quick else RELAY_RATES)
             result = ladder(r, rates, seconds, grace, 5000.0, log)
         else:
-            rates = FANOUT_RATES[1::2] if quick else FANOUT_RATES
+            rates = rates or (FANOUT_RATES[1::2] if quick else FANOUT_RATES)
             result = ladder(r, rates, seconds, grace, 20.0, log)
+        if spy is not None:
+            spy.send_signal(2)  # SIGINT: py-spy writes its output and exits
+            spy.wait(30)
         result.update({
             "target": target, "scenario": scenario,
             "storage": storage if target == "improto" else None,
@@ -260,6 +266,16 @@ def run(target: str, scenario: str, *, storage: str = "memory", persistence: boo
         handle.stop()
 
 
+def _py_spy(pid: int, out: str) -> subprocess.Popen[bytes]:
+    """Sample the server (all threads, collapsed stacks) until interrupted."""
+    exe = Path(sys.executable).parent / "py-spy"
+    cmd = [str(exe) if exe.exists() else "py-spy", "record", "-p", str(pid), "--format", "raw",
+           "-o", out, "--threads", "--nonblocking"]  # fmt: skip
+    p = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    time.sleep(1.0)
+    return p
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--target", choices=["improto", "mosquitto", "bare"], default="improto")
@@ -268,9 +284,12 @@ def main() -> None:
     ap.add_argument("--persistence", action="store_true", help="mosquitto: persistence true")
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--profile", metavar="FILE", help="py-spy the server (collapsed stacks)")
+    ap.add_argument("--rates", help="comma-separated ladder instead of the default")
     a = ap.parse_args()
+    rates = [float(x) for x in a.rates.split(",")] if a.rates else None
     res = run(a.target, a.scenario, storage=a.storage, persistence=a.persistence,
-              quick=a.quick, workers=a.workers)  # fmt: skip
+              quick=a.quick, workers=a.workers, profile=a.profile, rates=rates)  # fmt: skip
     print(json.dumps(res))
 
 

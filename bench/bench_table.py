@@ -1,0 +1,75 @@
+"""The side-by-side table of a bench/run.py report (Markdown), with ratios and target checks."""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+def _f(v: Any, nd: int = 1) -> str:
+    if v is None:
+        return "—"
+    if isinstance(v, float):
+        return f"{v:,.{nd}f}"
+    if isinstance(v, int):
+        return f"{v:,}"
+    return str(v)
+
+
+def _ratio(a: float | None, b: float | None) -> str:
+    if not a or not b:
+        return "—"
+    return f"{a / b:.2f}x"
+
+
+def _relay_rows(res: dict[str, Any], unit: float, what: str) -> list[str]:
+    """One row per target: max sustained rate (x unit), p50/p99 there, p50/p99 at the fixed
+    rate, and the max rate as a ratio of Mosquitto (with persistence) and of the bare relay."""
+    mosq = res.get("mosquitto/persistence", {}).get("max_sustained") or {}
+    bare = res.get("bare", {}).get("max_sustained") or {}
+    rows = []
+    for name, r in res.items():
+        if name == "meta":
+            continue
+        best, fixed = r.get("max_sustained") or {}, r.get("fixed") or {}
+        rate = best.get("rate")
+        rows.append(
+            f"| {name} | {_f(rate * unit if rate else None, 0)} | {_f(best.get('p50_ms'), 2)} "
+            f"/ {_f(best.get('p99_ms'), 2)} | {_f(fixed.get('p50_ms'), 2)} / "
+            f"{_f(fixed.get('p99_ms'), 2)}{'' if fixed.get('ok') else ' (failed)'} | "
+            f"{_ratio(rate, mosq.get('rate'))} | {_ratio(rate, bare.get('rate'))} |"
+        )
+    head = [
+        f"| target | max sustained {what} | p50 / p99 ms there | p50 / p99 ms at the fixed rate "
+        "| vs Mosquitto | vs bare relay |",
+        "|---|---:|---:|---:|---:|---:|",
+    ]
+    return head + rows
+
+
+def render(report: dict[str, Any]) -> str:
+    m = report["machine"]
+    out = [
+        f"# bench/run.py{' --quick' if report['quick'] else ''} — {m['date']}",
+        "",
+        f"{m['cpus']} CPU ({m['cpu']}), {m['mem_gib']} GiB, Python {m['python']}, kernel "
+        f"{m['kernel']}, commit {m['commit']}; {report.get('seconds')} s in total.",
+        "",
+    ]
+    results = report["results"]
+    if "relay" in results:
+        out += ["## 1. Online 1:1 relay, 1000 pairs, 150-byte messages",
+                "p99 under 50 ms, no loss, in order, every send acknowledged; fixed rate 5,000/s.",
+                "", *_relay_rows(results["relay"], 1, "msg/s"), ""]  # fmt: skip
+    if "fanout" in results:
+        out += ["## 4. Group fan-out, 500 online members",
+                "Latency of a message = that of its last recipient; fixed rate 20 msg/s "
+                "(10,000 deliveries/s).",
+                "", *_relay_rows(results["fanout"], 500, "deliveries/s"), ""]  # fmt: skip
+    for name in ("sync", "idle", "redis"):
+        if name in results:
+            renderer = globals().get(f"_{name}_section")
+            if renderer is not None:
+                out += renderer(results[name])
+    for name, err in report.get("failed", {}).items():
+        out += [f"## {name}: FAILED", "", "```", err.strip()[-2000:], "```", ""]
+    return "\n".join(out) + "\n"
