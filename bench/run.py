@@ -159,7 +159,8 @@ def main() -> int:
             continue
         res_meta = {"seconds": round(time.monotonic() - t, 1), "quick": a.quick}
         report["results"][name] = {"meta": res_meta, **res}
-        (RESULTS / f"{name}.json").write_text(json.dumps(report["results"][name], indent=1))
+        suffix = "-quick" if a.quick else ""
+        (RESULTS / f"{name}{suffix}.json").write_text(json.dumps(report["results"][name], indent=1))
     report["seconds"] = round(time.monotonic() - started, 1)
     import bench_table
 

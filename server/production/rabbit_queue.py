@@ -114,7 +114,6 @@ from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import pika
-import txredisapi
 from pika.adapters.twisted_connection import TwistedChannel, TwistedProtocolConnection
 from pika.exceptions import ConsumerCancelled, UnroutableError
 
@@ -128,6 +127,7 @@ from twisted.python.failure import Failure
 from improto.server.model import Accepted, ConvKey, PersistJob
 from improto.server.ports import BatchHandler
 from improto.server.production.redis_inbox import LuaScript, gather
+from improto.server.production.redis_inbox import connect as redis_connect
 from improto.server.production.redis_slots import slot_groups
 from improto.server.turn_batcher import TurnBatcher
 
@@ -322,6 +322,14 @@ class _AMQP(TwistedProtocolConnection):
         self.gone = False
         self.lost: Deferred[None] = Deferred()
 
+    def connectionMade(self) -> None:
+        # pika writes a publish as several small frames; with Nagle on, a frame can wait for
+        # the broker's delayed ACK (~40 ms) before it leaves: every SEND_ACK would too.
+        set_nodelay = getattr(self.transport, "setTcpNoDelay", None)
+        if set_nodelay is not None:
+            set_nodelay(True)
+        super().connectionMade()
+
     def connectionLost(self, reason: Failure | None = None) -> None:
         self.gone = True
         try:
@@ -398,10 +406,7 @@ class RabbitQueue:
         self._tls = amqp_url.startswith("amqps:")
         self._own_redis = redis is None
         if redis is None:
-            redis = txredisapi.lazyConnectionPool(
-                redis_host, redis_port, poolsize=4, charset=None, convertNumbers=False,
-                replyTimeout=10,
-            )  # fmt: skip
+            redis = redis_connect(redis_host, redis_port)
         elif getattr(getattr(redis, "_factory", redis), "charset", None) is not None:
             raise ValueError("the Redis connection must be made with charset=None")
         self._redis = redis

@@ -40,10 +40,9 @@ import txredisapi
 
 from twisted.internet.defer import Deferred, DeferredList
 
-from improto.codec import COMPILED
-from improto.frames import Message, Push
 from improto.server.model import InboxPage, PersistJob
 from improto.server.production.redis_slots import slot_groups
+from improto.server.records import CorruptRecord, InboxRecords, message_of, record_of_push
 
 DAY_MS = 86_400_000
 APPEND_WINDOW = 64  # append scripts in flight at once for one batch (pipelined)
@@ -64,7 +63,7 @@ def connect(
 ) -> Any:
     """A lazy txredisapi pool as these stores need it: bytes in and out (charset=None), and
     integer replies left as Redis sent them. The caller owns it (`disconnect()`)."""
-    return txredisapi.lazyConnectionPool(
+    pool = txredisapi.lazyConnectionPool(
         host,
         port,
         poolsize=poolsize,
@@ -72,6 +71,20 @@ def connect(
         convertNumbers=False,
         replyTimeout=reply_timeout,
     )
+    # The pool connects later (from the reactor), so its protocol class can still be swapped.
+    pool._factory.protocol = _NoDelayRedis
+    return pool
+
+
+class _NoDelayRedis(txredisapi.RedisProtocol):
+    """Commands leave at once: with Nagle on, a command written while an earlier one is
+    unacknowledged waits for the server's delayed ACK (up to ~40 ms)."""
+
+    def connectionMade(self) -> Any:
+        set_nodelay = getattr(self.transport, "setTcpNoDelay", None)
+        if set_nodelay is not None:
+            set_nodelay(True)
+        return super().connectionMade()
 
 
 def check_binary(redis: Any) -> None:
@@ -266,9 +279,22 @@ local rows = redis.call('ZRANGEBYSCORE', ent, string.format('(%d', start), '+inf
   'WITHSCORES', 'LIMIT', 0, limit + 1)
 local count = #rows / 2
 local out = {start, count > limit and 1 or 0, floor > start and 1 or 0}
-for i = 1, math.min(count, limit) do
-  out[#out + 1] = tonumber(rows[2 * i])
-  out[#out + 1] = redis.call('HGET', rec, rows[2 * i - 1])
+local n = math.min(count, limit)
+if n == 0 then
+  return out
+end
+-- The records by HMGET, one call per 1000 (unpack() limit), not one HGET per entry.
+for first = 1, n, 1000 do
+  local last = math.min(first + 999, n)
+  local ids = {}
+  for i = first, last do
+    ids[#ids + 1] = rows[2 * i - 1]
+  end
+  local recs = redis.call('HMGET', rec, unpack(ids))
+  for i = first, last do
+    out[#out + 1] = tonumber(rows[2 * i])
+    out[#out + 1] = recs[i - first + 1]
+  end
 end
 return out
 """
@@ -410,9 +436,15 @@ class RedisInbox:
         return self.keys(user_id)[0]
 
     def page(self, user_id: int, start: int, limit: int) -> Deferred[InboxPage]:
+        d = self.page_records(user_id, start, limit)
+        return d.addCallback(_decoded)
+
+    def page_records(self, user_id: int, start: int, limit: int) -> Deferred[InboxRecords]:
+        """`page` with MESSAGE records (server/records.py): what the pull handler sends,
+        spliced from the stored PUSH payloads without decoding them."""
         return Deferred.fromCoroutine(self._page(user_id, start, limit))
 
-    async def _page(self, user_id: int, start: int, limit: int) -> InboxPage:
+    async def _page(self, user_id: int, start: int, limit: int) -> InboxRecords:
         keys = self.keys(user_id)[:4]
         args = [start, min(max(0, limit), MAX_PAGE), self._cutoff(), PAGE_TRIM]
         while True:
@@ -420,10 +452,11 @@ class RedisInbox:
             if reply[0] != -1:
                 break  # else a batch of expired entries went; the rest goes on the next call
         used, has_more, gap, *flat = reply
-        entries = tuple(
-            (int(flat[i]), _decode(flat[i + 1], user_id)) for i in range(0, len(flat), 2)
-        )
-        return InboxPage(entries, start=int(used), has_more=bool(has_more), gap=bool(gap))
+        return InboxRecords(
+            tuple(int(c) for c in flat[0::2]),
+            tuple(_record(p, user_id) for p in flat[1::2]),
+            start=int(used), has_more=bool(has_more), gap=bool(gap),
+        )  # fmt: skip
 
     def position(self, user_id: int, device_id: str) -> Deferred[int]:
         d = self._redis.execute_command("HGET", self.keys(user_id)[4], device_id.encode())
@@ -464,10 +497,17 @@ class RedisInbox:
                 return removed
 
 
-def _decode(record: bytes | None, user_id: int) -> Message:
-    if record is None:
+def _record(payload: bytes | None, user_id: int) -> bytes:
+    """The MESSAGE record of a stored PUSH payload."""
+    if payload is None:
         raise RuntimeError(f"inbox of user {user_id}: an entry has no record")
-    frame = COMPILED.decode_payload(record)
-    if not isinstance(frame, Push):
-        raise RuntimeError(f"inbox of user {user_id}: a record is a {type(frame).__name__}")
-    return frame.message
+    try:
+        return record_of_push(payload)
+    except CorruptRecord as e:
+        raise RuntimeError(f"inbox of user {user_id}: {e}") from None
+
+
+def _decoded(page: InboxRecords) -> InboxPage:
+    """The Message form of a page (strict codec)."""
+    entries = tuple(zip(page.cursors, map(message_of, page.records), strict=True))
+    return InboxPage(entries, start=page.start, has_more=page.has_more, gap=page.gap)
