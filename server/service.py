@@ -10,8 +10,9 @@ import json
 import uuid
 from collections.abc import Awaitable
 from dataclasses import dataclass
-from typing import TypeVar
+from typing import Any, TypeVar
 
+from twisted.internet.defer import Deferred, DeferredList, fail
 from twisted.logger import Logger
 
 from improto.codec import encode
@@ -48,10 +49,12 @@ from improto.limits import (
     OFFLINE_PAGE_DEFAULT,
     OFFLINE_PAGE_MAX,
 )
+from improto.server import records
 from improto.server.hub import Hub, LocalRouter, Pushable
 from improto.server.ids import IdGenerator
 from improto.server.model import Accepted, ConvKey, GroupInfo, LimitExceeded, PersistJob
 from improto.server.ports import GroupStore, HistoryStore, InboxStore, PersistQueue, PushRouter
+from improto.server.records import HistoryRecords, InboxRecords
 
 log = Logger()
 _T = TypeVar("_T")
@@ -87,6 +90,20 @@ async def _available(d: Awaitable[_T]) -> _T:
     except Exception:
         log.failure("storage call failed")
         raise RequestError(ErrorCode.UNAVAILABLE, "storage unavailable; retry") from None
+
+
+async def _together(first: Deferred[Any] | None, second: Deferred[_T], both: bool = False) -> Any:
+    """Two independent storage calls in flight at once (pull handlers): waits for both, then
+    fails as `_available` would on the first failure. Returns the second's result, or both
+    results with `both`."""
+    calls = [d for d in (first, second) if d is not None]
+    results = await DeferredList(calls, consumeErrors=True)
+    for ok, value in results:
+        if not ok:
+            await _available(fail(value))
+    if both:
+        return tuple(value for _, value in results)
+    return results[-1][1]
 
 
 class RequestError(Exception):
@@ -174,15 +191,33 @@ class ChatService:
 
     # ------------------------------------------------------------- offline sync
 
-    async def offline_pull(self, caller: Caller, req: OfflinePull) -> OfflinePage:
+    async def offline_pull(self, caller: Caller, req: OfflinePull) -> OfflinePage | bytes:
         limit = req.limit or OFFLINE_PAGE_DEFAULT
         user, device = caller.user_id, caller.device_id
+        moved: Deferred[int] | None = None
         if req.cursor == CURSOR_RESUME:
             start = await _available(self.inbox.position(user, device))
         else:
             start = req.cursor
             if start != 0:  # the client confirms it holds everything up to its cursor
-                await _available(self.inbox.advance(user, device, start))
+                moved = self.inbox.advance(user, device, start)
+        read = getattr(self.inbox, "page_records", None)
+        if read is None:  # a store without records: pages of Message objects
+            if moved is not None:
+                await _available(moved)
+            return await self._offline_page(caller, req, start, limit)
+        # The position and the page do not depend on each other: one round trip, not two.
+        page: InboxRecords = await _together(moved, read(user, start, limit))
+        n = records.fit(page.records, MAX_FRAME_LENGTH - _OFFLINE_OVERHEAD)
+        return records.offline_page(
+            req.request_id, user, page.cursors[n - 1] if n else page.start,
+            page.has_more or n < len(page.records), page.gap, list(page.records[:n]),
+        )  # fmt: skip
+
+    async def _offline_page(
+        self, caller: Caller, req: OfflinePull, start: int, limit: int
+    ) -> OfflinePage:
+        user = caller.user_id
         page = await _available(self.inbox.page(user, start, limit))
         messages = [m for _, m in page.entries]
         n = _fit(messages, MAX_FRAME_LENGTH - _OFFLINE_OVERHEAD)
@@ -208,17 +243,29 @@ class ChatService:
 
     # ------------------------------------------------------------------ history
 
-    async def history_pull(self, caller: Caller, req: HistoryPull) -> HistoryPage:
+    async def history_pull(self, caller: Caller, req: HistoryPull) -> HistoryPage | bytes:
         limit = req.limit or HISTORY_PAGE_DEFAULT
         if req.conv_kind == ConvKind.GROUP:
-            if await _available(self.groups.info(req.conv_id)) is None:
+            # Both lookups at once; a missing group still answers NOT_FOUND before FORBIDDEN.
+            info, since = await _together(
+                self.groups.info(req.conv_id), self.groups.since(req.conv_id, caller.user_id),
+                both=True,
+            )  # fmt: skip
+            if info is None:
                 raise RequestError(ErrorCode.NOT_FOUND, f"no group {req.conv_id}")
-            since = await _available(self.groups.since(req.conv_id, caller.user_id))
             if since is None:
                 raise RequestError(ErrorCode.FORBIDDEN, f"not a member of group {req.conv_id}")
             key, min_id = ConvKey.group(req.conv_id), since
         else:
             key, min_id = ConvKey.direct(caller.user_id, req.conv_id), 0
+        read = getattr(self.history, "page_records", None)
+        if read is not None:
+            raw: HistoryRecords = await _available(read(key, req.before_id, limit, min_id))
+            n = records.fit(raw.records, MAX_FRAME_LENGTH - _HISTORY_OVERHEAD)
+            return records.history_page(
+                req.request_id, req.conv_kind, req.conv_id,
+                raw.has_more or n < len(raw.records), list(raw.records[:n]),
+            )  # fmt: skip
         page = await _available(self.history.page(key, req.before_id, limit, min_id))
         messages = list(page.messages)
         n = _fit(messages, MAX_FRAME_LENGTH - _HISTORY_OVERHEAD)

@@ -229,9 +229,11 @@ class Session(Protocol):
 
     # ----------------------------------------------------------------- output
 
-    def send(self, frame: Frame) -> None:
+    def send(self, frame: Frame | bytes) -> None:
+        """Write a frame; bytes are a whole frame already encoded (the service's pages)."""
         if not self.closing:
-            self.transport.write(encode(frame))  # type: ignore[union-attr]
+            data = frame if isinstance(frame, bytes) else encode(frame)
+            self.transport.write(data)  # type: ignore[union-attr]
 
     def close(self, reason: CloseReason, text: str) -> None:
         """Send CLOSE, then close the connection (PROTOCOL.md CLOSE)."""

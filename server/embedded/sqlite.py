@@ -39,6 +39,7 @@ from improto.server.model import (
     PersistJob,
 )
 from improto.server.ports import BatchHandler
+from improto.server.records import HistoryRecords, InboxRecords, pack_record
 from improto.server.turn_batcher import TurnBatcher
 
 _log = Logger()
@@ -489,6 +490,12 @@ def _message(row: tuple[Any, ...]) -> Message:
     return Message(_u(mid), _u(st), _u(sender), device, kind, _u(conv), ctype, cmid, body)
 
 
+def _record(row: tuple[Any, ...]) -> bytes:
+    """The MESSAGE record (wire bytes) of the _MSG_COLS columns of a row."""
+    mid, st, sender, device, kind, conv, ctype, cmid, body = row
+    return pack_record(_u(mid), _u(st), _u(sender), device, kind, _u(conv), ctype, cmid, body)
+
+
 # --------------------------------------------------------------------------- inbox
 
 
@@ -505,6 +512,11 @@ class SQLiteInbox:
     def page(self, user_id: int, start: int, limit: int) -> Deferred[InboxPage]:
         cutoff = self._b.now_ms() - self._b.inbox_retention_ms
         return self._b._call(_inbox_page, user_id, start, limit, cutoff)
+
+    def page_records(self, user_id: int, start: int, limit: int) -> Deferred[InboxRecords]:
+        """`page` with MESSAGE records (server/records.py): what the pull handler sends."""
+        cutoff = self._b.now_ms() - self._b.inbox_retention_ms
+        return self._b._call(_inbox_records, user_id, start, limit, cutoff)
 
     def position(self, user_id: int, device_id: str) -> Deferred[int]:
         return self._b._call(_position, user_id, device_id)
@@ -542,9 +554,10 @@ def _inbox_append_many(db: sqlite3.Connection, jobs: list[PersistJob], now: int)
         _inbox_append(db, job, now)
 
 
-def _inbox_page(
+def _inbox_rows(
     db: sqlite3.Connection, user_id: int, start: int, limit: int, cutoff: int
-) -> InboxPage:
+) -> tuple[list[tuple[Any, ...]], int, bool, bool]:
+    """(cursor, *_MSG_COLS) rows of a page, the start used, has_more, gap."""
     user = _s(user_id)
     head, floor = _head_floor(db, user)
     start = min(start, head)  # also keeps a client's 2**64-1 out of the signed range
@@ -562,8 +575,24 @@ def _inbox_page(
         " ORDER BY i.cursor LIMIT ?",
         (user, start, cutoff, limit + 1),
     ).fetchall()
-    entries = tuple((r[0], _message(r[1:])) for r in rows[:limit])
-    return InboxPage(entries, start=start, has_more=len(rows) > limit, gap=floor > start)
+    return rows[:limit], start, len(rows) > limit, floor > start
+
+
+def _inbox_page(
+    db: sqlite3.Connection, user_id: int, start: int, limit: int, cutoff: int
+) -> InboxPage:
+    rows, start, has_more, gap = _inbox_rows(db, user_id, start, limit, cutoff)
+    entries = tuple((r[0], _message(r[1:])) for r in rows)
+    return InboxPage(entries, start=start, has_more=has_more, gap=gap)
+
+
+def _inbox_records(
+    db: sqlite3.Connection, user_id: int, start: int, limit: int, cutoff: int
+) -> InboxRecords:
+    rows, start, has_more, gap = _inbox_rows(db, user_id, start, limit, cutoff)
+    return InboxRecords(
+        tuple(r[0] for r in rows), tuple(_record(r[1:]) for r in rows), start, has_more, gap
+    )
 
 
 def _position(db: sqlite3.Connection, user_id: int, device_id: str) -> int:
@@ -602,6 +631,13 @@ class SQLiteHistory:
         cutoff = max(0, self._b.now_ms() - self._b.history_retention_ms)
         return self._b._call(_history_page, str(key), before_id, limit, min_id, cutoff)
 
+    def page_records(
+        self, key: ConvKey, before_id: int, limit: int, min_id: int
+    ) -> Deferred[HistoryRecords]:
+        """`page` with MESSAGE records (server/records.py): what the pull handler sends."""
+        cutoff = max(0, self._b.now_ms() - self._b.history_retention_ms)
+        return self._b._call(_history_records, str(key), before_id, limit, min_id, cutoff)
+
 
 def _history_append(db: sqlite3.Connection, conv: str, m: Message) -> None:
     _store_message(db, m)
@@ -615,9 +651,10 @@ def _history_append_many(db: sqlite3.Connection, items: list[tuple[str, Message]
         _history_append(db, conv, m)
 
 
-def _history_page(
+def _history_rows(
     db: sqlite3.Connection, conv: str, before_id: int, limit: int, min_id: int, cutoff: int
-) -> HistorySlice:
+) -> tuple[list[tuple[Any, ...]], bool]:
+    """_MSG_COLS rows of a page, newest first, and has_more."""
     limit = max(0, limit)
     hi = _s(before_id - 1 if before_id else U64_MAX)  # msg_id < before_id, inclusive form
     rows = db.execute(
@@ -626,7 +663,21 @@ def _history_page(
         " ORDER BY h.msg_id DESC LIMIT ?",
         (conv, _s(min_id), hi, _s(cutoff), limit + 1),
     ).fetchall()
-    return HistorySlice(tuple(_message(r) for r in rows[:limit]), has_more=len(rows) > limit)
+    return rows[:limit], len(rows) > limit
+
+
+def _history_page(
+    db: sqlite3.Connection, conv: str, before_id: int, limit: int, min_id: int, cutoff: int
+) -> HistorySlice:
+    rows, has_more = _history_rows(db, conv, before_id, limit, min_id, cutoff)
+    return HistorySlice(tuple(_message(r) for r in rows), has_more=has_more)
+
+
+def _history_records(
+    db: sqlite3.Connection, conv: str, before_id: int, limit: int, min_id: int, cutoff: int
+) -> HistoryRecords:
+    rows, has_more = _history_rows(db, conv, before_id, limit, min_id, cutoff)
+    return HistoryRecords(tuple(_record(r) for r in rows), has_more)
 
 
 # -------------------------------------------------------------------------- groups

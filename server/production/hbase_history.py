@@ -38,10 +38,9 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.python.threadpool import ThreadPool
 
-from improto.codec import COMPILED
-from improto.frames import Message, Push
 from improto.limits import U64_MAX
 from improto.server.model import ConvKey, HistorySlice, PersistJob
+from improto.server.records import CorruptRecord, HistoryRecords, message_of, record_of_push
 
 _log = Logger()
 
@@ -101,11 +100,17 @@ def _encode(job: PersistJob) -> dict[bytes, bytes]:
     return {COL_MESSAGE: job.push_payload, COL_TIME: _time_value(job.message.server_time)}
 
 
-def _decode(value: bytes) -> Message:
-    frame = COMPILED.decode_payload(value)
-    if not isinstance(frame, Push):
-        raise ValueError(f"history cell holds a {type(frame).__name__}, not a PUSH")
-    return frame.message
+def _record(value: bytes) -> bytes:
+    """The MESSAGE record of a stored PUSH payload."""
+    try:
+        return record_of_push(value)
+    except CorruptRecord as e:
+        raise ValueError(f"history cell: {e}") from None
+
+
+def _decoded(page: HistoryRecords) -> HistorySlice:
+    """The Message form of a page (strict codec)."""
+    return HistorySlice(tuple(map(message_of, page.records)), page.has_more)
 
 
 async def _all(ds: list[Deferred[None]]) -> None:
@@ -146,20 +151,38 @@ def _put_many(table: happybase.Table, rows: _PutsByTs) -> None:
 
 
 def _scan(
-    table: happybase.Table, start: bytes, stop: bytes, limit: int, filter_: bytes | None
-) -> HistorySlice:
-    rows = list(
-        table.scan(
-            row_start=start,
-            row_stop=stop,
-            columns=[COL_MESSAGE, COL_TIME],  # the filter needs m:t in the scan
-            filter=filter_,
-            limit=limit + 1,  # one more than asked: has_more
-            batch_size=min(limit + 1, _SCAN_CACHING),
-        )
+    table: happybase.Table,
+    start: bytes,
+    stop: bytes,
+    limit: int,
+    filter_: bytes | None,
+    deliver: Callable[[HistoryRecords], None] | None = None,
+) -> HistoryRecords:
+    """Up to `limit` records from `start` on, and has_more. `deliver` gets the result as soon
+    as it is known, before the scanner is closed: the close round trip is off the latency."""
+    scanner = table.scan(
+        row_start=start,
+        row_stop=stop,
+        columns=[COL_MESSAGE, COL_TIME],  # the filter needs m:t in the scan
+        filter=filter_,
+        limit=limit + 1,  # one more than asked: has_more
+        batch_size=min(limit + 1, _SCAN_CACHING),
     )
-    messages = tuple(_decode(data[COL_MESSAGE]) for _, data in rows[:limit])
-    return HistorySlice(messages, has_more=len(rows) > limit)
+    try:
+        rows = []
+        for row in scanner:
+            rows.append(row)
+            if len(rows) > limit:
+                break  # has_more is known: the generator's close() closes the scanner below
+        result = HistoryRecords(
+            tuple(_record(data[COL_MESSAGE]) for _, data in rows[:limit]),
+            has_more=len(rows) > limit,
+        )
+        if deliver is not None:
+            deliver(result)
+        return result
+    finally:
+        scanner.close()
 
 
 # -------------------------------------------------------------------------------- the store
@@ -341,6 +364,13 @@ class HBaseHistory:
         return Deferred.fromCoroutine(_all([self._call(_put_many, chunk) for chunk in chunks]))
 
     def page(self, key: ConvKey, before_id: int, limit: int, min_id: int) -> Deferred[HistorySlice]:
+        return self.page_records(key, before_id, limit, min_id).addCallback(_decoded)
+
+    def page_records(
+        self, key: ConvKey, before_id: int, limit: int, min_id: int
+    ) -> Deferred[HistoryRecords]:
+        """`page` with MESSAGE records (server/records.py): what the pull handler sends,
+        spliced from the stored PUSH payloads without decoding them."""
         limit = max(0, limit)
         try:
             prefix = conversation_prefix(key)
@@ -350,6 +380,25 @@ class HBaseHistory:
         except ValueError:
             return fail()
         if start >= stop:  # min_id >= before_id: nothing in range (HBase wants start < stop)
-            return succeed(HistorySlice((), False))
+            return succeed(HistoryRecords((), False))
         cutoff = max(0, self.now_ms() - self.retention_ms)
-        return self._call(_scan, start, stop, limit, _retention_filter(cutoff))
+        # The answer fires from the HBase thread as soon as the rows are in, while the thread
+        # goes on to close the scanner; a retry after that (the close failed on the
+        # transport) cannot fire it again.
+        result: Deferred[HistoryRecords] = Deferred()
+
+        def fire(outcome: HistoryRecords | Failure) -> None:
+            if not result.called:
+                if isinstance(outcome, Failure):
+                    result.errback(outcome)
+                else:
+                    result.callback(outcome)
+            elif isinstance(outcome, Failure):
+                _log.info("HBase scan failed after answering: {error}", error=outcome.value)
+
+        def early(page: HistoryRecords) -> None:
+            self._reactor.callFromThread(fire, page)
+
+        d = self._call(_scan, start, stop, limit, _retention_filter(cutoff), early)
+        d.addBoth(fire)
+        return result
