@@ -338,7 +338,8 @@ class Worker:
             if i < n:
                 await _sleep(max(0.0, min(0.002, t0 + mine[i] / rate - _mono())))
         sent_end = _mono()
-        deadline = sent_end + cmd["grace"]
+        # a worker with nothing to send (fan-out receivers) still listens for the whole step
+        deadline = max(sent_end, t0 + (count - 1) / rate) + cmd["grace"]
         while _mono() < deadline:
             got = sum(len(v) for v in rec.lat.values())
             want = expected * (count if fanout else 1)

@@ -180,38 +180,56 @@ class Run:
         self.workers.close()
 
 
+def wait_idle(handle: servers.ServerHandle, limit_s: float = 20.0) -> float:
+    """Wait until the server uses < 5% of a core (a backlog of the last step is done)."""
+    start = time.monotonic()
+    while time.monotonic() - start < limit_s:
+        c0 = handle.cpu_s()
+        time.sleep(0.25)
+        if handle.cpu_s() - c0 < 0.0125:
+            break
+    return round(time.monotonic() - start, 2)
+
+
 def ladder(run: Run, rates: list[float], seconds: float, grace: float,
            fixed: float | None, log: Any) -> dict[str, Any]:  # fmt: skip
-    """Offer rising rates until one fails, then one midpoint; plus the fixed-rate step."""
+    """Offer rising rates until one fails, then one midpoint; the fixed rate is one of the
+    steps (run after the ladder if the ladder stopped below it). Between steps the server
+    gets idle first, so a step never inherits the backlog of the one before."""
     steps: list[dict[str, Any]] = []
     best: dict[str, Any] | None = None
     failed: float | None = None
+    fixed_step: dict[str, Any] | None = None
 
     def do(rate: float) -> dict[str, Any]:
+        waited = wait_idle(run.handle)
         s = run.step(rate, seconds, grace)
+        s["idle_wait_s"] = waited
         steps.append(s)
         log(f"  {run.target} {run.scenario} {rate:>9.0f}/s ok={s['ok']} lost={s['lost']} "
             f"p50={s['p50_ms']} p99={s['p99_ms']} lag={s['send_lag_max_ms']} "
             f"cpu server={s['server_cpu_per_s']} gen={s['generator_cpu_per_s']}")  # fmt: skip
         return s
 
-    fixed_step = do(fixed) if fixed else None
-    for rate in rates:
+    ladder_rates = sorted(set(rates) | ({fixed} if fixed else set()))
+    for rate in ladder_rates:
         s = do(rate)
+        if rate == fixed:
+            fixed_step = s
         if s["ok"]:
             best = s
         else:
             failed = rate
             break
-        time.sleep(0.3)
     if failed is not None:
-        time.sleep(2.0)  # let a backlog drain before probing between pass and fail
         low = best["rate"] if best else 0
         mid = (low + failed) / 2
         if mid > low * 1.1:
             s = do(mid)
             if s["ok"]:
                 best = s
+    if fixed and fixed_step is None:
+        fixed_step = do(fixed)
     return {"max_sustained": best, "fixed": fixed_step, "saturated_at": failed, "steps": steps}
 
 
@@ -267,10 +285,10 @@ def run(target: str, scenario: str, *, storage: str = "memory", persistence: boo
 
 
 def _py_spy(pid: int, out: str) -> subprocess.Popen[bytes]:
-    """Sample the server (all threads, collapsed stacks) until interrupted."""
+    """Sample the server while it holds the GIL (its Python CPU), collapsed stacks."""
     exe = Path(sys.executable).parent / "py-spy"
     cmd = [str(exe) if exe.exists() else "py-spy", "record", "-p", str(pid), "--format", "raw",
-           "-o", out, "--threads", "--nonblocking"]  # fmt: skip
+           "-o", out, "--threads", "--nonblocking", "--gil"]  # fmt: skip
     p = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     time.sleep(1.0)
     return p
