@@ -31,6 +31,7 @@ from improto.frames import (
 )
 from improto.limits import MAX_FRAME_LENGTH
 from improto.server.config import Config
+from improto.server.eager_write import eager_writer
 from improto.server.hub import Hub, LocalRouter
 from improto.server.ports import PushRouter
 from improto.server.service import Caller, ChatService, RequestError
@@ -71,6 +72,9 @@ class Session(Protocol):
         self._login_deadline: IDelayedCall | None = None
         self._expiry: IDelayedCall | None = None
 
+    def _write(self, data: bytes) -> None:  # replaced by an eager writer once connected
+        self.transport.write(data)  # type: ignore[union-attr]
+
     @property
     def clock(self) -> IReactorTime:
         return self.factory.clock
@@ -78,6 +82,7 @@ class Session(Protocol):
     # ------------------------------------------------------------ connection
 
     def connectionMade(self) -> None:
+        self._write = eager_writer(self.transport)  # frames leave now, not next reactor turn
         timeout = self.factory.config.idle_timeout
         self._idle = self.clock.callLater(timeout, self._idle_out)
         # PINGs keep a connection alive but do not log it in: HELLO must succeed in time too.
@@ -219,13 +224,13 @@ class Session(Protocol):
             self.hint_pending = True  # the message waits in the inbox; hint once acks resume
             return
         self.unacked[msg_id] = None
-        self.transport.write(data)  # type: ignore[union-attr]
+        self._write(data)
 
     def _push_acked(self, msg_id: int) -> None:
         self.unacked.pop(msg_id, None)
         if self.hint_pending and len(self.unacked) < self.factory.config.max_unacked_pushes:
             self.hint_pending = False
-            self.transport.write(_SYNC_HINT)  # type: ignore[union-attr]
+            self._write(_SYNC_HINT)
 
     # ----------------------------------------------------------------- output
 
@@ -233,7 +238,7 @@ class Session(Protocol):
         """Write a frame; bytes are a whole frame already encoded (the service's pages)."""
         if not self.closing:
             data = frame if isinstance(frame, bytes) else encode(frame)
-            self.transport.write(data)  # type: ignore[union-attr]
+            self._write(data)
 
     def close(self, reason: CloseReason, text: str) -> None:
         """Send CLOSE, then close the connection (PROTOCOL.md CLOSE)."""
