@@ -208,7 +208,9 @@ def ladder(run: Run, rates: list[float], seconds: float, grace: float,
         steps.append(s)
         log(f"  {run.target} {run.scenario} {rate:>9.0f}/s ok={s['ok']} lost={s['lost']} "
             f"p50={s['p50_ms']} p99={s['p99_ms']} lag={s['send_lag_max_ms']} "
-            f"cpu server={s['server_cpu_per_s']} gen={s['generator_cpu_per_s']}")  # fmt: skip
+            f"cpu server={s['server_cpu_per_s']} gen={s['generator_cpu_per_s']}"
+            + ("" if s["ok"] else f" [dup={s['duplicates']} order={s['order_errors']} "
+               f"errors={s['errors']} acks={s['acks']}/{s['messages']}]"))  # fmt: skip
         return s
 
     ladder_rates = sorted(set(rates) | ({fixed} if fixed else set()))
