@@ -582,6 +582,8 @@ def section(results: dict[str, Any]) -> list[str]:
             "| checked | p99 < 10 ms |",
             "|---|---:|---:|---:|---:|---:|---|---|"]  # fmt: skip
     for name, r in results.items():
+        if name == "meta" or not isinstance(r, dict):  # bench/run.py adds its own "meta"
+            continue
         if "error" in r:
             drain.append(f"| {name} | failed: {r['error'][:200]} |||||||")
             continue
