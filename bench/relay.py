@@ -241,8 +241,8 @@ FANOUT_RATES = [5, 10, 20, 40, 80, 160, 320, 640, 1280]  # messages/s, each to 5
 
 
 def start(target: str, storage: str, persistence: bool) -> servers.ServerHandle:
-    if target == "improto":
-        return servers.start_improto(storage)
+    if target == "improto":  # production: a gateway process and a persister process
+        return servers.start_improto(storage, split=storage == "production")
     if target == "mosquitto":
         return servers.start_mosquitto(persistence)
     return servers.start_bare_relay()

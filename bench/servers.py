@@ -52,6 +52,8 @@ class ServerHandle:
     proc: subprocess.Popen[bytes] | None = field(default=None, repr=False)
     tmpdir: Path | None = field(default=None, repr=False)
     on_stop: list[Callable[[], object]] = field(default_factory=list, repr=False)
+    # more processes of the same server (improto's separate persister): counted in cpu_s()
+    helper_pids: list[int] = field(default_factory=list)
 
     def rss_kib(self) -> int:
         """VmRSS of the server process, KiB."""
@@ -61,9 +63,12 @@ class ServerHandle:
         raise ProcessLookupError(f"{self.name} pid {self.pid} has no VmRSS (exited?)")
 
     def cpu_s(self) -> float:
-        """utime + stime of the server process, seconds."""
-        fields = Path(f"/proc/{self.pid}/stat").read_text().rsplit(")", 1)[1].split()
-        return (int(fields[11]) + int(fields[12])) / _TICK
+        """utime + stime of the server process (and its helper processes), seconds."""
+        total = 0.0
+        for pid in [self.pid, *self.helper_pids]:
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+            total += (int(fields[11]) + int(fields[12])) / _TICK
+        return total
 
     def log_tail(self, lines: int = 30) -> str:
         if self.log is None:
@@ -168,9 +173,12 @@ def start_improto(
     extra: Sequence[str] = (),
     key_prefix: str | None = None,
     hbase_table: str | None = None,
+    split: bool = False,
 ) -> ServerHandle:
     """`imserver` with a temp data dir and a random secret. Production storage gets a fresh key
-    prefix and HBase table unless given; fresh ones are deleted from the services on stop."""
+    prefix and HBase table unless given; fresh ones are deleted from the services on stop.
+    `split` (production): a `--role gateway` process plus a `--role persister` process, as a
+    deployment runs them (one core each), instead of one `--role all` process."""
     tmpdir = Path(tempfile.mkdtemp(prefix="bench-improto-"))
     port, secret = free_port(), secrets.token_hex(16)
     cmd = [
@@ -187,10 +195,35 @@ def start_improto(
         cmd += ["--key-prefix", key_prefix, "--hbase-table", hbase_table]
         if fresh:
             purge = _purger(key_prefix, hbase_table, extra)
+    if split and storage == "production":
+        extra = [*extra, "--role", "gateway"]
     handle = _spawn("improto", [*cmd, *extra], tmpdir, port, secret=secret)
+    if split and storage == "production":
+        persister = _spawn_persister([*cmd, "--role", "persister"], tmpdir)
+        handle.helper_pids.append(persister.pid)
+        handle.on_stop.append(lambda: _terminate(persister))
     if purge is not None:
         handle.on_stop.append(purge)
     return handle
+
+
+def _spawn_persister(cmd: list[str], tmpdir: Path) -> subprocess.Popen[bytes]:
+    """The queue consumer: it listens on nothing, so there is no port to wait for."""
+    with open(tmpdir / "persister.log", "wb") as out:
+        return subprocess.Popen(
+            cmd, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+            preexec_fn=_child_setup, cwd=REPO,
+        )  # fmt: skip
+
+
+def _terminate(proc: subprocess.Popen[bytes]) -> None:
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(STOP_TIMEOUT_S)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
 
 
 def _purger(prefix: str, table: str, extra: Sequence[str]) -> Callable[[], object]:
