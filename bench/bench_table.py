@@ -46,6 +46,36 @@ def _relay_rows(res: dict[str, Any], unit: float, what: str) -> list[str]:
     return head + rows
 
 
+def _sync_section(res: dict[str, Any]) -> list[str]:
+    rows = res["summary"]
+    mosq = rows.get("mosquitto", {}).get("drain_total_s")
+    out = ["## 2-3. Offline drain (10,000 messages, pages of 200) and history (pages of 20)",
+           "Drain: connect + HELLO + the sync loop from cursor 0, best of 3 fresh devices; "
+           "Mosquitto: a persistent session (QoS 1) reconnecting, 200-message chunks. History: "
+           "500 pages on a 100,000-message conversation (walk back + random positions).", "",
+           "| target | drain total s | per-page p99 ms | vs Mosquitto | history p50 / p99 ms |",
+           "|---|---:|---:|---:|---:|"]  # fmt: skip
+    for name, r in rows.items():
+        if "error" in r:
+            out.append(f"| {name} | error: {r['error'][:80]} | | | |")
+            continue
+        out.append(f"| {name} | {_f(r['drain_total_s'], 3)} | {_f(r['drain_page_p99_ms'], 2)} | "
+                   f"{_ratio(r['drain_total_s'], mosq) if name != 'mosquitto' else '1.00x'} | "
+                   f"{_f(r['history_p50_ms'], 2)} / {_f(r['history_p99_ms'], 2)} |")  # fmt: skip
+    return [*out, ""]
+
+
+def _redis_section(res: dict[str, Any]) -> list[str]:
+    out = [f"## Physical limit: redis-benchmark (Redis {res.get('redis')}, "
+           f"{res.get('value_bytes')}-byte values, private server)", "",
+           "| run | test | requests/s | p50 ms | p99 ms |", "|---|---|---:|---:|---:|"]  # fmt: skip
+    for name, r in res["runs"].items():
+        for test, t in r["tests"].items():
+            out.append(f"| {name} | {test} | {_f(t['rps'], 0)} | {_f(t['p50_ms'], 3)} | "
+                       f"{_f(t['p99_ms'], 3)} |")  # fmt: skip
+    return [*out, ""]
+
+
 def render(report: dict[str, Any]) -> str:
     m = report["machine"]
     out = [

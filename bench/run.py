@@ -81,10 +81,10 @@ def scenario_sync(quick: bool) -> dict[str, Any]:
         cases.insert(1, ("improto", "memory"))
     out = {}
     for target, storage in cases:
-        name = f"{target}/{storage}" if storage else target
+        name = f"{target}-{storage}" if storage else target
         log(f"  sync: {name}")
         out[name] = sync_pull.run(target, storage, quick)
-    return out
+    return {"summary": sync_pull.summary(out), "results": out}
 
 
 def scenario_idle(quick: bool) -> dict[str, Any]:
