@@ -103,10 +103,3 @@ def render(report: dict[str, Any]) -> str:
     for name, err in report.get("failed", {}).items():
         out += [f"## {name}: FAILED", "", "```", err.strip()[-2000:], "```", ""]
     return "\n".join(out) + "\n"
-
-
-def _sync_section(res: dict[str, Any]) -> list[str]:
-    """Scenarios 2 and 3: rendered by their own module (bench/sync_pull.py)."""
-    import sync_pull
-
-    return sync_pull.section(res)

@@ -568,7 +568,10 @@ def _ms(p: dict[str, Any] | None) -> str:
 
 def section(results: dict[str, Any]) -> list[str]:
     """Markdown rows of scenarios 2 and 3 for the report table; `results` maps a target name
-    ("improto/embedded", "mosquitto", ...) to what `run` returned."""
+    ("improto/embedded", "mosquitto", ...) to what `run` returned, or is bench/run.py's
+    {"summary": ..., "results": that}."""
+    if isinstance(results.get("results"), dict):
+        results = results["results"]
     peer = ((results.get("mosquitto") or {}).get("offline_drain") or {}).get("best") or {}
     drain = ["## 2. Offline drain: N queued messages, synced in pages of 200", "",
              "Total: connect to the last message. Per page: improto request sent to whole page "
