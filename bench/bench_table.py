@@ -76,6 +76,24 @@ def _redis_section(res: dict[str, Any]) -> list[str]:
     return [*out, ""]
 
 
+def _headroom(res: dict[str, Any]) -> str:
+    """The generator check: it drove the bare relay at N x the best improto rate."""
+    bare = (res.get("bare", {}).get("max_sustained") or {}).get("rate")
+    ours = [
+        (r.get("max_sustained") or {}).get("rate") or 0
+        for name, r in res.items()
+        if name.startswith("improto")
+    ]
+    if not bare or not ours or not max(ours):
+        return "Generator headroom: not measured (no bare relay or no passing improto step)."
+    ratio = bare / max(ours)
+    verdict = "enough" if ratio >= 1.5 else "NOT enough: the generator may bound improto"
+    return (
+        f"Generator headroom: the same generator drove the bare relay at {bare:,.0f} msg/s, "
+        f"{ratio:.1f}x improto's best ({max(ours):,.0f}); 1.5x is needed: {verdict}."
+    )
+
+
 def render(report: dict[str, Any]) -> str:
     m = report["machine"]
     out = [
@@ -89,7 +107,8 @@ def render(report: dict[str, Any]) -> str:
     if "relay" in results:
         out += ["## 1. Online 1:1 relay, 1000 pairs, 150-byte messages",
                 "p99 under 50 ms, no loss, in order, every send acknowledged; fixed rate 5,000/s.",
-                "", *_relay_rows(results["relay"], 1, "msg/s"), ""]  # fmt: skip
+                "", *_relay_rows(results["relay"], 1, "msg/s"), "",
+                _headroom(results["relay"]), ""]  # fmt: skip
     if "fanout" in results:
         out += ["## 4. Group fan-out, 500 online members",
                 "Latency of a message = that of its last recipient; fixed rate 20 msg/s "
