@@ -9,39 +9,47 @@ skips all three; whatever the kernel does not take is queued the usual way.
 
 Only plain TCP transports qualify (TLS has its own buffering); anything else gets its own
 `write`. The check reads `tcp.Connection` attributes Twisted has kept since 2.x
-(`dataBuffer`, `_tempDataBuffer`, `socket`); if they ever change, `eager_writer` falls back.
+(`dataBuffer`, `_tempDataBuffer`, `socket`); if they ever change, `eagerly_writable` says
+no and the transport's own `write` is used.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from functools import partial
 from typing import Any
 
 from twisted.internet import tcp
 
 
+def eagerly_writable(transport: Any) -> bool:
+    """Whether `write_eagerly` may be used on `transport` (plain TCP with the expected state)."""
+    return isinstance(transport, tcp.Connection) and all(
+        hasattr(transport, a) for a in ("dataBuffer", "_tempDataBuffer", "socket")
+    )
+
+
+def write_eagerly(t: Any, data: bytes) -> None:
+    """Send `data` on an `eagerly_writable` transport now if nothing is queued, else queue it.
+
+    A module function, not a closure per connection: an idle connection costs no extra objects.
+    """
+    if t.dataBuffer or t._tempDataBuffer or not t.connected or t.disconnecting:
+        t.write(data)  # keep order behind queued bytes; closing: Twisted drops it
+        return
+    try:
+        sent = t.socket.send(data)
+    except BlockingIOError:
+        sent = 0
+    except OSError:
+        t.write(data)  # let Twisted meet the error on its write and close the connection
+        return
+    if sent < len(data):
+        t.write(data[sent:])
+
+
 def eager_writer(transport: Any) -> Callable[[bytes], None]:
     """A `write(data)` for `transport`: immediate when possible, else `transport.write`."""
-    if not isinstance(transport, tcp.Connection) or not all(
-        hasattr(transport, a) for a in ("dataBuffer", "_tempDataBuffer", "socket")
-    ):
+    if not eagerly_writable(transport):
         return transport.write  # type: ignore[no-any-return]
-    sock = transport.socket
-    queue = transport.write
-
-    def write(data: bytes) -> None:
-        t = transport
-        if t.dataBuffer or t._tempDataBuffer or not t.connected or t.disconnecting:
-            queue(data)  # keep order behind queued bytes; closing: Twisted drops it
-            return
-        try:
-            sent = sock.send(data)
-        except BlockingIOError:
-            sent = 0
-        except OSError:
-            queue(data)  # let Twisted meet the error on its write and close the connection
-            return
-        if sent < len(data):
-            queue(data[sent:])
-
-    return write
+    return partial(write_eagerly, transport)

@@ -31,7 +31,7 @@ from improto.frames import (
 )
 from improto.limits import MAX_FRAME_LENGTH
 from improto.server.config import Config
-from improto.server.eager_write import eager_writer
+from improto.server.eager_write import eagerly_writable, write_eagerly
 from improto.server.hub import Hub, LocalRouter
 from improto.server.ports import PushRouter
 from improto.server.service import Caller, ChatService, RequestError
@@ -40,6 +40,7 @@ from improto.tokens import TokenError, verify
 log = Logger()
 
 _SYNC_HINT = encode(SyncHint())
+_MIN_REARM_S = 0.001
 
 # Requests answered by ChatService, by the name of the method that answers them.
 _HANDLERS: dict[FrameType, str] = {
@@ -56,24 +57,52 @@ _HANDLERS: dict[FrameType, str] = {
 
 
 class Session(Protocol):
+    # Memory per idle connection (bench/idle.py): slots, containers made on first use, and one
+    # timer for the login deadline, the idle timeout and the token expiry together.
+    __slots__ = (
+        "_deadline",
+        "_eager",
+        "_early",
+        "_expires_at",
+        "_last_rx",
+        "caller",
+        "closing",
+        "connected",
+        "device_id",
+        "factory",
+        "hint_pending",
+        "presence",
+        "reader",
+        "registered",
+        "transport",
+        "unacked",
+        "user_id",
+    )
+
     def __init__(self, factory: SessionFactory) -> None:
         self.factory = factory
+        self.transport: Any = None  # set by makeConnection (slots hide Protocol's defaults)
+        self.connected = 0
         self.reader = FrameReader(MAX_FRAME_LENGTH)
         self.user_id = 0
         self.device_id = ""
         self.caller: Caller | None = None
         self.presence = ""  # this session's presence value (set by the push router)
         self.registered = False  # in the hub (from a valid HELLO until the connection ends)
-        self._early: list[tuple[int, bytes]] = []  # pushes that came before HELLO_OK was sent
+        self._early: list[tuple[int, bytes]] | None = None  # pushes that came before HELLO_OK
         self.closing = False
-        self.unacked: dict[int, None] = {}  # msg_ids pushed and not yet acknowledged
+        self.unacked: dict[int, None] | None = None  # msg_ids pushed, not yet acknowledged
         self.hint_pending = False
-        self._idle: IDelayedCall | None = None
-        self._login_deadline: IDelayedCall | None = None
-        self._expiry: IDelayedCall | None = None
+        self._eager = False  # plain TCP: frames are sent at once when nothing is queued
+        self._last_rx = 0.0  # when the last whole frame arrived
+        self._expires_at: float | None = None  # the token's expiry, once logged in
+        self._deadline: IDelayedCall | None = None
 
-    def _write(self, data: bytes) -> None:  # replaced by an eager writer once connected
-        self.transport.write(data)  # type: ignore[union-attr]
+    def _write(self, data: bytes) -> None:
+        if self._eager:
+            write_eagerly(self.transport, data)
+        else:
+            self.transport.write(data)
 
     @property
     def clock(self) -> IReactorTime:
@@ -82,17 +111,15 @@ class Session(Protocol):
     # ------------------------------------------------------------ connection
 
     def connectionMade(self) -> None:
-        self._write = eager_writer(self.transport)  # frames leave now, not next reactor turn
-        timeout = self.factory.config.idle_timeout
-        self._idle = self.clock.callLater(timeout, self._idle_out)
+        self._eager = eagerly_writable(self.transport)  # frames leave now, not next turn
+        self._last_rx = self.clock.seconds()
         # PINGs keep a connection alive but do not log it in: HELLO must succeed in time too.
-        self._login_deadline = self.clock.callLater(timeout, self._idle_out)
+        # Until it does, the timer is that login deadline (no frame can come due earlier).
+        self._deadline = self.clock.callLater(self.factory.config.idle_timeout, self._due)
 
     def connectionLost(self, reason: Failure = connectionDone) -> None:
         self.closing = True
-        for call in (self._idle, self._login_deadline, self._expiry):
-            if call is not None and call.active():
-                call.cancel()
+        self._cancel_deadline()
         self._gone()
 
     def dataReceived(self, data: bytes) -> None:
@@ -103,8 +130,8 @@ class Session(Protocol):
             payloads = self.reader.feed(data)
         except FrameTooLarge as e:
             payloads, too_large = e.frames, e  # serve the whole frames that came before it
-        if payloads and self._idle is not None and self._idle.active():
-            self._idle.reset(self.factory.config.idle_timeout)
+        if payloads:  # the timer reads this when it fires: no reschedule per frame
+            self._last_rx = self.clock.seconds()
         for payload in payloads:
             if self.closing:
                 return
@@ -172,8 +199,6 @@ class Session(Protocol):
             log.info("login refused from {peer}: {why}", peer=self._peer(), why=e)
             self._fatal(code, str(e), f.request_id)
             return
-        if self._login_deadline is not None and self._login_deadline.active():
-            self._login_deadline.cancel()
         self.user_id, self.device_id = ident.user_id, ident.device_id
         old = self.factory.hub.register(self)
         self.registered = True
@@ -192,10 +217,11 @@ class Session(Protocol):
             return
         config = self.factory.config
         self.caller = Caller(ident.user_id, ident.device_id, self)
-        self._expiry = self.clock.callLater(
-            max(0.0, ident.expires_at - self.clock.seconds()),
-            self.close, CloseReason.AUTH_EXPIRED, "token expired",
-        )  # fmt: skip
+        self._expires_at = ident.expires_at
+        timer = self._deadline
+        if timer is None or ident.expires_at < timer.getTime():  # due before the timer: earlier
+            self._cancel_deadline()
+            self._arm(ident.expires_at)
         ok = HelloOk(
             ident.user_id,
             self._now_ms(),
@@ -205,8 +231,8 @@ class Session(Protocol):
             request_id=f.request_id,
         )
         self.send(ok)
-        early, self._early = self._early, []
-        for msg_id, data in early:  # pushed while the login was being announced
+        early, self._early = self._early, None
+        for msg_id, data in early or ():  # pushed while the login was being announced
             self.push(msg_id, data)
 
     # ----------------------------------------------------------------- pushes
@@ -215,20 +241,28 @@ class Session(Protocol):
         if self.closing:
             return
         if self.caller is None:  # no PUSH before HELLO_OK: kept until it is sent
+            if self._early is None:
+                self._early = []
             if len(self._early) < self.factory.config.max_unacked_pushes:
                 self._early.append((msg_id, data))
             else:
                 self.hint_pending = True
             return
-        if len(self.unacked) >= self.factory.config.max_unacked_pushes:
+        unacked = self.unacked
+        if unacked is None:
+            unacked = self.unacked = {}
+        if len(unacked) >= self.factory.config.max_unacked_pushes:
             self.hint_pending = True  # the message waits in the inbox; hint once acks resume
             return
-        self.unacked[msg_id] = None
+        unacked[msg_id] = None
         self._write(data)
 
     def _push_acked(self, msg_id: int) -> None:
-        self.unacked.pop(msg_id, None)
-        if self.hint_pending and len(self.unacked) < self.factory.config.max_unacked_pushes:
+        unacked = self.unacked
+        if unacked is None:
+            return  # nothing pushed since login: no window to reopen
+        unacked.pop(msg_id, None)
+        if self.hint_pending and len(unacked) < self.factory.config.max_unacked_pushes:
             self.hint_pending = False
             self._write(_SYNC_HINT)
 
@@ -262,11 +296,42 @@ class Session(Protocol):
             d = self.factory.router.offline(self)
             d.addErrback(lambda f: log.failure("withdrawing presence failed", f))
 
+    # ---------------------------------------------------------------- timer
+
+    def _due(self) -> None:
+        """The timer fired: close for the deadline that has come, or re-arm for the next one.
+
+        Before a valid HELLO it is the login deadline; after, the earlier of the idle timeout
+        (the last frame + idle_timeout) and the token's expiry.
+        """
+        self._deadline = None
+        if not self.registered:
+            self._idle_out()
+            return
+        now = self.clock.seconds()
+        expires_at = self._expires_at
+        if expires_at is not None and now >= expires_at:
+            self.close(CloseReason.AUTH_EXPIRED, "token expired")
+            return
+        idle_at = self._last_rx + self.factory.config.idle_timeout
+        if now >= idle_at:
+            self._idle_out()
+            return
+        self._arm(idle_at if expires_at is None else min(idle_at, expires_at))
+
+    def _arm(self, when: float) -> None:
+        # At least 1 ms ahead: a deadline a rounding error away must not re-fire at once forever.
+        delay = max(when - self.clock.seconds(), _MIN_REARM_S)
+        self._deadline = self.clock.callLater(delay, self._due)
+
+    def _cancel_deadline(self) -> None:
+        timer, self._deadline = self._deadline, None
+        if timer is not None and timer.active():
+            timer.cancel()
+
     def _idle_out(self) -> None:
         log.info("closing idle connection {peer}", peer=self._peer())
-        for call in (self._idle, self._login_deadline):
-            if call is not None and call.active():
-                call.cancel()
+        self._cancel_deadline()
         self.close(CloseReason.IDLE_TIMEOUT, "no frame received, or no login, in time")
 
     def _now_ms(self) -> int:
