@@ -65,6 +65,20 @@ def _sync_section(res: dict[str, Any]) -> list[str]:
     return [*out, ""]
 
 
+def _idle_section(res: dict[str, Any]) -> list[str]:
+    me = res.get("improto", {}).get("bytes_per_conn")
+    out = ["## 5. Idle authenticated connections with heartbeats",
+           "Server RSS after all are logged in and held, minus RSS before (after a warm-up).", "",
+           "| target | connections | bytes each | connections per GiB | improto / this |",
+           "|---|---:|---:|---:|---:|"]  # fmt: skip
+    for name, r in res.items():
+        if name == "meta" or not isinstance(r, dict) or "bytes_per_conn" not in r:
+            continue
+        out.append(f"| {name} | {_f(r['alive_at_end'])} | {_f(r['bytes_per_conn'])} | "
+                   f"{_f(r['conns_per_gib'])} | {_ratio(me, r['bytes_per_conn'])} |")  # fmt: skip
+    return [*out, ""]
+
+
 def _redis_section(res: dict[str, Any]) -> list[str]:
     out = [f"## Physical limit: redis-benchmark (Redis {res.get('redis')}, "
            f"{res.get('value_bytes')}-byte values, private server)", "",
