@@ -10,7 +10,7 @@ from collections.abc import Awaitable
 from typing import Any
 
 from twisted.internet.defer import Deferred
-from twisted.internet.interfaces import IDelayedCall, IReactorTime
+from twisted.internet.interfaces import IReactorTime
 from twisted.internet.protocol import Factory, Protocol, connectionDone
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -31,6 +31,7 @@ from improto.frames import (
 )
 from improto.limits import MAX_FRAME_LENGTH
 from improto.server.config import Config
+from improto.server.deadlines import Deadlines
 from improto.server.eager_write import eagerly_writable, write_eagerly
 from improto.server.hub import Hub, LocalRouter
 from improto.server.ports import PushRouter
@@ -40,7 +41,6 @@ from improto.tokens import TokenError, verify
 log = Logger()
 
 _SYNC_HINT = encode(SyncHint())
-_MIN_REARM_S = 0.001
 
 # Requests answered by ChatService, by the name of the method that answers them.
 _HANDLERS: dict[FrameType, str] = {
@@ -58,9 +58,9 @@ _HANDLERS: dict[FrameType, str] = {
 
 class Session(Protocol):
     # Memory per idle connection (bench/idle.py): slots, containers made on first use, and one
-    # timer for the login deadline, the idle timeout and the token expiry together.
+    # deadline for the login, the idle timeout and the token expiry together, kept in the
+    # factory's Deadlines instead of a DelayedCall per timer.
     __slots__ = (
-        "_deadline",
         "_eager",
         "_early",
         "_expires_at",
@@ -68,6 +68,7 @@ class Session(Protocol):
         "caller",
         "closing",
         "connected",
+        "deadline",
         "device_id",
         "factory",
         "hint_pending",
@@ -96,7 +97,7 @@ class Session(Protocol):
         self._eager = False  # plain TCP: frames are sent at once when nothing is queued
         self._last_rx = 0.0  # when the last whole frame arrived
         self._expires_at: float | None = None  # the token's expiry, once logged in
-        self._deadline: IDelayedCall | None = None
+        self.deadline: float | None = None  # when the timer calls deadline_due (Deadlines)
 
     def _write(self, data: bytes) -> None:
         if self._eager:
@@ -114,8 +115,8 @@ class Session(Protocol):
         self._eager = eagerly_writable(self.transport)  # frames leave now, not next turn
         self._last_rx = self.clock.seconds()
         # PINGs keep a connection alive but do not log it in: HELLO must succeed in time too.
-        # Until it does, the timer is that login deadline (no frame can come due earlier).
-        self._deadline = self.clock.callLater(self.factory.config.idle_timeout, self._due)
+        # Until it does, the deadline is that login deadline (no frame can come due earlier).
+        self.factory.deadlines.set(self, self._last_rx + self.factory.config.idle_timeout)
 
     def connectionLost(self, reason: Failure = connectionDone) -> None:
         self.closing = True
@@ -218,10 +219,8 @@ class Session(Protocol):
         config = self.factory.config
         self.caller = Caller(ident.user_id, ident.device_id, self)
         self._expires_at = ident.expires_at
-        timer = self._deadline
-        if timer is None or ident.expires_at < timer.getTime():  # due before the timer: earlier
-            self._cancel_deadline()
-            self._arm(ident.expires_at)
+        if self.deadline is None or ident.expires_at < self.deadline:
+            self.factory.deadlines.set(self, ident.expires_at)  # due first: move it earlier
         ok = HelloOk(
             ident.user_id,
             self._now_ms(),
@@ -298,13 +297,12 @@ class Session(Protocol):
 
     # ---------------------------------------------------------------- timer
 
-    def _due(self) -> None:
-        """The timer fired: close for the deadline that has come, or re-arm for the next one.
+    def deadline_due(self) -> None:
+        """The deadline came: close for the one that has passed, or set the next one.
 
         Before a valid HELLO it is the login deadline; after, the earlier of the idle timeout
         (the last frame + idle_timeout) and the token's expiry.
         """
-        self._deadline = None
         if not self.registered:
             self._idle_out()
             return
@@ -317,17 +315,12 @@ class Session(Protocol):
         if now >= idle_at:
             self._idle_out()
             return
-        self._arm(idle_at if expires_at is None else min(idle_at, expires_at))
-
-    def _arm(self, when: float) -> None:
-        # At least 1 ms ahead: a deadline a rounding error away must not re-fire at once forever.
-        delay = max(when - self.clock.seconds(), _MIN_REARM_S)
-        self._deadline = self.clock.callLater(delay, self._due)
+        next_at = idle_at if expires_at is None else min(idle_at, expires_at)
+        self.factory.deadlines.set(self, next_at)
 
     def _cancel_deadline(self) -> None:
-        timer, self._deadline = self._deadline, None
-        if timer is not None and timer.active():
-            timer.cancel()
+        if self.deadline is not None:
+            self.factory.deadlines.set(self, None)
 
     def _idle_out(self) -> None:
         log.info("closing idle connection {peer}", peer=self._peer())
@@ -352,6 +345,7 @@ class SessionFactory(Factory):
         self.router: PushRouter = router or LocalRouter()
         self.clock = clock
         self.secret = secret
+        self.deadlines = Deadlines(clock)  # every session's timer, on one reactor timer
 
     def buildProtocol(self, addr: Any) -> Session:
         return Session(self)

@@ -1,0 +1,97 @@
+"""Deadlines: many owners' deadlines on one reactor timer (server/deadlines.py)."""
+
+from __future__ import annotations
+
+from twisted.internet.task import Clock
+
+from improto.server.deadlines import Deadlines
+
+
+class Owner:
+    def __init__(self, name: str, log: list[tuple[str, float]], clock: Clock) -> None:
+        self.name, self.log, self.clock = name, log, clock
+        self.deadline: float | None = None
+
+    def deadline_due(self) -> None:
+        assert self.deadline is None
+        self.log.append((self.name, self.clock.seconds()))
+
+
+def _setup() -> tuple[Clock, Deadlines, list[tuple[str, float]]]:
+    clock = Clock()
+    clock.advance(1_700_000_000.25)  # an epoch-sized time: float rounding is real
+    return clock, Deadlines(clock), []
+
+
+def test_deadlines_fire_in_order_at_their_time_on_one_timer() -> None:
+    clock, d, log = _setup()
+    now = clock.seconds()
+    owners = [Owner(n, log, clock) for n in "abc"]
+    for owner, delay in zip(owners, (30.0, 10.0, 20.0), strict=True):
+        d.set(owner, now + delay)
+    assert len(clock.getDelayedCalls()) == 1 and len(d) == 3
+    clock.advance(9.999)
+    assert log == []
+    clock.pump([0.001, 10, 10])
+    assert [n for n, _ in log] == ["b", "c", "a"]
+    assert [t - now for _, t in log] == [10.0, 20.0, 30.0]
+    assert clock.getDelayedCalls() == [] and len(d) == 0
+
+
+def test_a_replaced_or_cleared_deadline_does_not_fire() -> None:
+    clock, d, log = _setup()
+    now = clock.seconds()
+    a, b = Owner("a", log, clock), Owner("b", log, clock)
+    d.set(a, now + 10)
+    d.set(b, now + 10)
+    d.set(a, now + 5)  # earlier: the timer moves
+    d.set(b, None)
+    clock.advance(5)
+    assert log == [("a", now + 5)]
+    clock.advance(100)
+    assert log == [("a", now + 5)] and clock.getDelayedCalls() == []
+
+
+def test_an_owner_may_set_its_next_deadline_when_called() -> None:
+    clock, d, log = _setup()
+    now = clock.seconds()
+
+    class Again(Owner):
+        def deadline_due(self) -> None:
+            super().deadline_due()
+            if len(self.log) < 3:
+                d.set(self, self.clock.seconds() + 1)
+
+    d.set(Again("x", log, clock), now + 1)
+    clock.pump([1, 1, 1, 1])
+    assert [t - now for _, t in log] == [1, 2, 3]
+    assert clock.getDelayedCalls() == []
+
+
+def test_no_call_stays_pending_when_every_deadline_is_cleared() -> None:
+    clock, d, log = _setup()
+    owners = [Owner(str(i), log, clock) for i in range(500)]
+    for i, owner in enumerate(owners):
+        d.set(owner, clock.seconds() + 60 + i)
+    for owner in owners[:400]:
+        d.set(owner, None)
+    assert len(d) == 100 and len(d._heap) < 500  # stale entries were compacted
+    for owner in owners[400:]:
+        d.set(owner, None)
+    assert len(d) == 0 and d._heap == [] and clock.getDelayedCalls() == []
+    clock.advance(1000)
+    assert log == []
+
+
+def test_a_failing_owner_does_not_stop_the_others() -> None:
+    clock, d, log = _setup()
+    now = clock.seconds()
+
+    class Broken(Owner):
+        def deadline_due(self) -> None:
+            raise RuntimeError("boom")
+
+    d.set(Broken("x", log, clock), now + 1)
+    d.set(Owner("y", log, clock), now + 1)
+    clock.advance(1)
+    assert log == [("y", now + 1)]
