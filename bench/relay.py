@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 import servers
+from persist import service_cpu
 
 HERE = Path(__file__).resolve().parent
 P99_LIMIT_MS = 50.0
@@ -138,9 +139,16 @@ class Run:
             for w in range(self.nworkers)
         ]  # fmt: skip
         cpu0 = (self.handle.cpu_s(), _cpu(self.workers.pids()))
+        svc0 = service_cpu()
         replies = self.workers.all(cmds, timeout=seconds + grace + 60)
         cpu1 = (self.handle.cpu_s(), _cpu(self.workers.pids()))
-        return self._verdict(rate, count, replies, cpu0, cpu1, seconds)
+        svc1 = service_cpu()
+        verdict = self._verdict(rate, count, replies, cpu0, cpu1, seconds)
+        if self.target == "improto":  # Redis, RabbitMQ, HBase: used by production storage
+            verdict["services_cpu_us_per_msg"] = {
+                k: round((svc1[k] - svc0[k]) / count * 1e6, 1) for k in svc1
+            }
+        return verdict
 
     def _verdict(self, rate: float, count: int, replies: list[dict[str, Any]],
                  cpu0: tuple[float, float], cpu1: tuple[float, float],
@@ -171,8 +179,9 @@ class Run:
             "deliveries": deliveries,
             "p50_ms": percentile(lats, 50), "p99_ms": p99, "max_ms": percentile(lats, 100),
             "send_lag_max_ms": max(r["lag_max_ms"] for r in replies),
-            "server_cpu_per_s": round((cpu1[0] - cpu0[0]) / seconds, 3),
-            "generator_cpu_per_s": round((cpu1[1] - cpu0[1]) / seconds, 3),
+            # CPU over the whole step (its sends, the drain after, the verdict) per message
+            "server_cpu_us_per_msg": round((cpu1[0] - cpu0[0]) / count * 1e6, 1),
+            "generator_cpu_us_per_msg": round((cpu1[1] - cpu0[1]) / count * 1e6, 1),
             "error_frames": [e for r in replies for e in r["error_frames"]][:3],
         }  # fmt: skip
 
@@ -208,7 +217,9 @@ def ladder(run: Run, rates: list[float], seconds: float, grace: float,
         steps.append(s)
         log(f"  {run.target} {run.scenario} {rate:>9.0f}/s ok={s['ok']} lost={s['lost']} "
             f"p50={s['p50_ms']} p99={s['p99_ms']} lag={s['send_lag_max_ms']} "
-            f"cpu server={s['server_cpu_per_s']} gen={s['generator_cpu_per_s']}"
+            f"cpu us/msg server={s['server_cpu_us_per_msg']} gen={s['generator_cpu_us_per_msg']}"
+            + (f" services={s['services_cpu_us_per_msg']}" if "services_cpu_us_per_msg" in s
+               else "")
             + ("" if s["ok"] else f" [dup={s['duplicates']} order={s['order_errors']} "
                f"errors={s['errors']} acks={s['acks']}/{s['messages']}]"))  # fmt: skip
         return s
@@ -261,15 +272,17 @@ def run(target: str, scenario: str, *, storage: str = "memory", persistence: boo
         rss0 = handle.rss_kib()
         r = Run(handle, target, scenario, workers, pairs=1000, members=500)
         seconds, grace = (1.0, 1.0) if quick else (4.0, 2.0)
-        spy = _py_spy(handle.pid, profile) if profile else None
+        spies = [_py_spy(pid, f"{profile}.{i}") for i, pid in
+                 enumerate([handle.pid, *handle.helper_pids])] if profile else []  # fmt: skip
         if scenario == "relay":
             rates = rates or (RELAY_RATES[1::2] if quick else RELAY_RATES)
             result = ladder(r, rates, seconds, grace, 5000.0, log)
         else:
             rates = rates or (FANOUT_RATES[1::2] if quick else FANOUT_RATES)
             result = ladder(r, rates, seconds, grace, 20.0, log)
-        if spy is not None:
+        for spy in spies:
             spy.send_signal(2)  # SIGINT: py-spy writes its output and exits
+        for spy in spies:
             spy.wait(30)
         result.update({
             "target": target, "scenario": scenario,
@@ -304,7 +317,8 @@ def main() -> None:
     ap.add_argument("--persistence", action="store_true", help="mosquitto: persistence true")
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--quick", action="store_true")
-    ap.add_argument("--profile", metavar="FILE", help="py-spy the server (collapsed stacks)")
+    ap.add_argument("--profile", metavar="FILE",
+                    help="py-spy each server process: FILE.0, FILE.1 (raw stacks)")  # fmt: skip
     ap.add_argument("--rates", help="comma-separated ladder instead of the default")
     a = ap.parse_args()
     rates = [float(x) for x in a.rates.split(",")] if a.rates else None
