@@ -17,48 +17,89 @@ class Pushable(Protocol):
 
 
 class Hub:
-    """In-process presence registry. One connection per (user, device)."""
+    """In-process presence registry. One connection per (user, device).
+
+    A user with one device (the usual case) maps to the connection itself: no dict per
+    connection (~200 bytes of an idle connection's memory, bench/idle.py). A user with more
+    maps to a dict device -> connection, back to the connection when one is left.
+    """
 
     def __init__(self) -> None:
-        self._online: dict[int, dict[str, Pushable]] = {}
+        self._online: dict[int, Pushable | dict[str, Pushable]] = {}
 
     def register(self, conn: Pushable) -> Pushable | None:
         """Add `conn`; return the connection it replaces for the same device, if any."""
-        devices = self._online.setdefault(conn.user_id, {})
-        old = devices.get(conn.device_id)
-        devices[conn.device_id] = conn
-        return old if old is not conn else None
+        user, device = conn.user_id, conn.device_id
+        entry = self._online.get(user)
+        if entry is None:
+            self._online[user] = conn
+            return None
+        if type(entry) is dict:
+            old = entry.get(device)
+            entry[device] = conn
+            return old if old is not conn else None
+        assert not isinstance(entry, dict)
+        if entry.device_id == device:
+            self._online[user] = conn
+            return entry if entry is not conn else None
+        self._online[user] = {entry.device_id: entry, device: conn}
+        return None
 
     def unregister(self, conn: Pushable) -> None:
-        devices = self._online.get(conn.user_id)
-        if devices is not None and devices.get(conn.device_id) is conn:
-            del devices[conn.device_id]
-            if not devices:
-                del self._online[conn.user_id]
+        user = conn.user_id
+        entry = self._online.get(user)
+        if entry is conn:
+            del self._online[user]
+        elif type(entry) is dict and entry.get(conn.device_id) is conn:
+            del entry[conn.device_id]
+            if len(entry) == 1:
+                (self._online[user],) = entry.values()
 
     def all(self) -> list[Pushable]:
-        return [c for devices in self._online.values() for c in devices.values()]
+        out: list[Pushable] = []
+        for entry in self._online.values():
+            if type(entry) is dict:
+                out.extend(entry.values())
+            else:
+                out.append(entry)  # type: ignore[arg-type]
+        return out
 
     def devices(self, user_id: int) -> list[Pushable]:
-        return list(self._online.get(user_id, {}).values())
+        entry = self._online.get(user_id)
+        if entry is None:
+            return []
+        return list(entry.values()) if type(entry) is dict else [entry]  # type: ignore[list-item]
 
     def device(self, user_id: int, device_id: str) -> Pushable | None:
-        return self._online.get(user_id, {}).get(device_id)
+        entry = self._online.get(user_id)
+        if type(entry) is dict:
+            return entry.get(device_id)
+        if entry is not None and entry.device_id == device_id:  # type: ignore[union-attr]
+            return entry  # type: ignore[return-value]
+        return None
 
     def push(self, users: Iterable[int], msg_id: int, data: bytes,
              exclude: Pushable | None = None) -> int:  # fmt: skip
         """Push to every online device of `users` except `exclude`; returns the count."""
         sent = 0
+        online = self._online
         for user in users:
-            for conn in list(self._online.get(user, {}).values()):
-                if conn is not exclude:
-                    conn.push(msg_id, data)
-                    sent += 1
+            entry = online.get(user)
+            if entry is None:
+                continue
+            if type(entry) is dict:
+                for conn in list(entry.values()):  # a push may close and unregister one
+                    if conn is not exclude:
+                        conn.push(msg_id, data)
+                        sent += 1
+            elif entry is not exclude:
+                entry.push(msg_id, data)  # type: ignore[union-attr]
+                sent += 1
         return sent
 
     @property
     def connection_count(self) -> int:
-        return sum(len(d) for d in self._online.values())
+        return sum(len(e) if type(e) is dict else 1 for e in self._online.values())
 
 
 class LocalRouter:
