@@ -19,7 +19,8 @@ _R = TypeVar("_R")
 
 class TurnBatcher(Generic[_T, _R]):
     """`submit(item)` returns a Deferred of that item's result. Items submitted in one reactor
-    turn (or `max_size` of them, whichever comes first) go to `run(items)` together, in
+    turn, or within `window` seconds of the first when a window is set (or `max_size` of
+    them, whichever comes first) go to `run(items)` together, in
     submission order; `run` returns (a Deferred of) one result per item, in order. If it
     fails, every item of the batch fails with that error.
 
@@ -33,12 +34,14 @@ class TurnBatcher(Generic[_T, _R]):
         reactor: Any,
         run: Callable[[list[_T]], Deferred[Sequence[_R]] | Sequence[_R]],
         max_size: int,
+        window: float = 0.0,
     ) -> None:
         if max_size < 1:
             raise ValueError("max_size must be at least 1")
         self._reactor = reactor
         self._run = run
         self.max_size = max_size
+        self.window = window  # > 0: also gather the items of the next `window` seconds
         self._items: list[_T] = []
         self._waiters: list[Deferred[_R]] = []
         self._scheduled = False
@@ -53,7 +56,7 @@ class TurnBatcher(Generic[_T, _R]):
             self.flush()
         elif not self._scheduled:
             self._scheduled = True
-            self._reactor.callLater(0, self._on_turn)
+            self._reactor.callLater(self.window, self._on_turn)
         return d
 
     def _on_turn(self) -> None:

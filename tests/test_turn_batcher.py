@@ -46,6 +46,22 @@ def test_items_of_one_turn_run_as_one_batch_in_order():
     assert runs.batches[-1] == [7] and later == [14] and b.batches == 2
 
 
+def test_a_window_gathers_the_items_of_later_turns_too():
+    clock, runs = Clock(), Runs()
+    b = TurnBatcher(clock, runs.double, max_size=100, window=0.001)
+    first = results([b.submit(1)])
+    clock.advance(0.0005)  # later turns, still inside the window of the first item
+    second = results([b.submit(2)])
+    assert runs.batches == []
+    clock.advance(0.0005)
+    assert runs.batches == [[1, 2]] and first + second == [2, 4]
+    third = results([b.submit(3)])  # the next item opens a new window
+    clock.advance(0.0009)
+    assert runs.batches == [[1, 2]] and third == []
+    clock.advance(0.0001)
+    assert runs.batches[-1] == [3] and third == [6]
+
+
 def test_a_full_batch_runs_at_once_and_the_rest_waits_for_the_turn():
     clock, runs = Clock(), Runs()
     b = TurnBatcher(clock, runs.double, max_size=2)
