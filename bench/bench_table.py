@@ -49,10 +49,16 @@ def _relay_rows(res: dict[str, Any], unit: float, what: str) -> list[str]:
 def _sync_section(res: dict[str, Any]) -> list[str]:
     rows = res["summary"]
     mosq = rows.get("mosquitto", {}).get("drain_total_s")
-    out = ["## 2-3. Offline drain (10,000 messages, pages of 200) and history (pages of 20)",
+    sizes = next((r for r in res["results"].values() if r.get("history")), {})
+    drained = (sizes.get("offline_drain") or {}).get("messages")
+    hist = sizes.get("history") or {}
+    pages = (hist.get("page") or {}).get("n")
+    out = [f"## 2-3. Offline drain ({_f(drained)} messages, pages of 200) and history "
+           "(pages of 20)",
            "Drain: connect + HELLO + the sync loop from cursor 0, best of 3 fresh devices; "
            "Mosquitto: a persistent session (QoS 1) reconnecting, 200-message chunks. History: "
-           "500 pages on a 100,000-message conversation (walk back + random positions).", "",
+           f"{_f(pages)} pages on a {_f(hist.get('conversation_messages'))}-message "
+           "conversation (walk back + random positions).", "",
            "| target | drain total s | per-page p99 ms | vs Mosquitto | history p50 / p99 ms |",
            "|---|---:|---:|---:|---:|"]  # fmt: skip
     for name, r in rows.items():

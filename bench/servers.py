@@ -245,7 +245,10 @@ def _install_mosquitto() -> None:
     if not Path(MOSQUITTO).exists():
         env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
         cmd = ["apt-get", "install", "-y", "--no-install-recommends", "mosquitto"]
-        subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL, env=env)
+        if subprocess.run(cmd, stdout=subprocess.DEVNULL, env=env).returncode != 0:
+            # a fresh machine may have no package lists yet
+            subprocess.run(["apt-get", "update", "-qq"], check=True, env=env)
+            subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL, env=env)
 
 
 def mosquitto_config(port: int, persistence: bool, data_dir: Path) -> str:
