@@ -145,24 +145,42 @@ class ChatService:
         self.groups = groups
         self.hub = hub
         self.router: PushRouter = router or LocalRouter()
+        # per connection: fires once its latest SEND has taken its msg_id
+        self._id_gates: dict[object, Deferred[None]] = {}
 
     # ------------------------------------------------------------------ sending
 
     async def send(self, caller: Caller, req: Send) -> SendAck:
-        if req.conv_kind == ConvKind.GROUP:
-            info = await self._group_for_member(req.conv_id, caller.user_id)
-            receivers = info.members
-        else:
-            receivers = (caller.user_id, req.conv_id)
-        # The id is taken right before the queue gets the job, with no wait in between, so a
-        # gateway queues its messages in id order (the group lookups above can finish in any
-        # order): one conversation then enters every inbox in msg_id order.
-        msg_id, now = self.ids.next()
-        message = Message(
-            msg_id, now, caller.user_id, caller.device_id, req.conv_kind, req.conv_id,
-            req.content_type, req.client_msg_id, req.body,
-        )  # fmt: skip
-        accepted = await self._accept(message, receivers, req.client_msg_id)
+        # The SENDs of one connection take their ids in the order they arrived (spec 9.1),
+        # although their group lookups can finish in any order: each waits for the previous
+        # one's id before taking its own.
+        key = caller.connection if caller.connection is not None else caller
+        before = self._id_gates.get(key)
+        gate: Deferred[None] = Deferred()
+        self._id_gates[key] = gate
+        try:
+            if req.conv_kind == ConvKind.GROUP:
+                info = await self._group_for_member(req.conv_id, caller.user_id)
+                receivers = info.members
+            else:
+                receivers = (caller.user_id, req.conv_id)
+            if before is not None and not before.called:
+                await before
+            # The id is taken right before the queue gets the job, with no wait in between,
+            # so a gateway queues its messages in id order: one conversation then enters
+            # every inbox in msg_id order.
+            msg_id, now = self.ids.next()
+            message = Message(
+                msg_id, now, caller.user_id, caller.device_id, req.conv_kind, req.conv_id,
+                req.content_type, req.client_msg_id, req.body,
+            )  # fmt: skip
+            # runs up to the queue's submit before returning: queued before the next SEND
+            accepting = Deferred.fromCoroutine(self._accept(message, receivers, req.client_msg_id))
+        finally:
+            if self._id_gates.get(key) is gate:
+                del self._id_gates[key]
+            gate.callback(None)
+        accepted = await accepting
         if not accepted.duplicate:
             self._push(message, receivers, caller.connection)
         return SendAck(
