@@ -10,10 +10,11 @@ import json
 import uuid
 from collections.abc import Awaitable
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import Any, NoReturn, TypeVar
 
-from twisted.internet.defer import Deferred, DeferredList, fail
+from twisted.internet.defer import Deferred, DeferredList, fail, maybeDeferred
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 
 from improto.codec import encode
 from improto.enums import ContentType, ConvKind
@@ -113,6 +114,11 @@ class RequestError(Exception):
         self.text = text
 
 
+def _refused(failure: Failure, msg_id: int) -> NoReturn:
+    log.failure("persistence queue refused message {msg_id}", failure, msg_id=msg_id)
+    raise RequestError(ErrorCode.UNAVAILABLE, "message not stored; retry")
+
+
 @dataclass(frozen=True, slots=True)
 class Caller:
     user_id: int
@@ -174,8 +180,7 @@ class ChatService:
                 msg_id, now, caller.user_id, caller.device_id, req.conv_kind, req.conv_id,
                 req.content_type, req.client_msg_id, req.body,
             )  # fmt: skip
-            # runs up to the queue's submit before returning: queued before the next SEND
-            accepting = Deferred.fromCoroutine(self._accept(message, receivers, req.client_msg_id))
+            accepting = self._accept(message, receivers, req.client_msg_id)  # queued now
         finally:
             if self._id_gates.get(key) is gate:
                 del self._id_gates[key]
@@ -191,13 +196,15 @@ class ChatService:
             request_id=req.request_id,
         )
 
-    async def _accept(self, message: Message, receivers: tuple[int, ...], cmid: bytes) -> Accepted:
+    def _accept(
+        self, message: Message, receivers: tuple[int, ...], cmid: bytes
+    ) -> Deferred[Accepted]:
+        """Hand the job to the queue now (before returning: the caller's order is the queue's
+        order); a refusal becomes UNAVAILABLE."""
         job = PersistJob(message, tuple(sorted(set(receivers))))
-        try:
-            return await self.queue.accept(job, cmid)
-        except Exception:
-            log.failure("persistence queue refused message {msg_id}", msg_id=message.msg_id)
-            raise RequestError(ErrorCode.UNAVAILABLE, "message not stored; retry") from None
+        d: Deferred[Accepted] = maybeDeferred(self.queue.accept, job, cmid)
+        d.addErrback(_refused, message.msg_id)
+        return d
 
     def _push(self, message: Message, receivers: tuple[int, ...], exclude: Pushable | None) -> None:
         data = encode(Push(message))  # encoded once for every receiver

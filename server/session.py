@@ -141,6 +141,14 @@ class Session(Protocol):
             self._fatal(too_large.code, str(too_large), 0)
 
     def _frame_received(self, payload: bytes) -> None:
+        # PUSH_ACK, one per delivered message, has a fixed layout (header + msg_id): read it
+        # without the codec. Anything unusual (not logged in, msg_id 0) takes the full path.
+        if (len(payload) == 15 and payload[1] == 0x04 and payload[0] == 1
+                and self.caller is not None):  # fmt: skip
+            msg_id = int.from_bytes(payload[7:], "big")
+            if msg_id:
+                self._push_acked(msg_id)
+                return
         try:
             cls, request_id = check_header(payload)
             if not cls.TYPE.client_to_server:  # spec 13.2: the type is checked before the body

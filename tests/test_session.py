@@ -28,7 +28,7 @@ from improto.frames import (
     Send,
     SyncHint,
 )
-from improto.limits import MAX_FRAME_LENGTH
+from improto.limits import MAX_FRAME_LENGTH, U64_MAX
 from improto.server.config import Config
 from improto.server.hub import Hub
 from improto.server.session import Session, SessionFactory
@@ -251,6 +251,27 @@ def test_push_window_then_sync_hint(factory: SessionFactory) -> None:
     assert isinstance(hint, SyncHint) and hint.request_id == 0
     session.push(4, _push(4))  # window has room again
     assert [f.message.msg_id for f in peer.frames()] == [4]
+
+
+def test_push_ack_fast_path_matches_the_codec(factory: SessionFactory) -> None:
+    """PUSH_ACK is read without the codec when logged in; flags and request ids are carried
+    like any frame's, and msg_id 0 still gets the codec's INVALID_FIELD."""
+    peer = Peer(factory)
+    early = PushAck(5)
+    peer.send(early)  # before HELLO: the full path answers NOT_AUTHENTICATED
+    (err,) = peer.frames()
+    assert isinstance(err, Error) and err.code == ErrorCode.NOT_AUTHENTICATED
+    peer.login()
+    session: Session = peer.session
+    session.push(U64_MAX, _push(U64_MAX))
+    session.push(2, _push(2))
+    assert len(peer.frames()) == 2 and session.unacked is not None
+    peer.send(PushAck(U64_MAX, flags=0x80, request_id=0xFFFFFFFF))
+    assert peer.frames() == [] and list(session.unacked) == [2]
+    peer.transport.clear()
+    session.dataReceived(b"\x00\x00\x00\x0f\x01\x04\x00\x00\x00\x00\x07" + bytes(8))
+    (err,) = peer.frames()
+    assert isinstance(err, Error) and err.code == ErrorCode.INVALID_FIELD and err.request_id == 7
 
 
 def test_pings_do_not_extend_the_login_deadline(factory: SessionFactory, clock: Clock) -> None:
