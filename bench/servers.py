@@ -81,13 +81,8 @@ class ServerHandle:
     def stop(self) -> None:
         """SIGTERM, wait (SIGKILL after 10 s), run cleanups, delete the temp dir; idempotent."""
         proc, self.proc = self.proc, None
-        if proc is not None and proc.poll() is None:
-            proc.terminate()
-            try:
-                proc.wait(STOP_TIMEOUT_S)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+        if proc is not None:
+            _terminate(proc)
         cleanups, self.on_stop = self.on_stop, []
         for cleanup in cleanups:
             with contextlib.suppress(Exception):

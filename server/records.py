@@ -11,6 +11,7 @@ compares both. Records were validated by the strict codec when the message was a
 from __future__ import annotations
 
 import struct
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 from improto.codec import decode_payload
@@ -93,14 +94,19 @@ def message_of(record: bytes) -> Message:
     return frame.message
 
 
+def fit_sizes(sizes: Iterable[int], budget: int) -> int:
+    """How many leading items of these sizes fit in `budget` bytes (at least one, if any)."""
+    used = n = 0
+    for n, size in enumerate(sizes, 1):
+        used += size
+        if used > budget:
+            return max(n - 1, 1)
+    return n
+
+
 def fit(records: tuple[bytes, ...] | list[bytes], budget: int) -> int:
     """How many leading records fit in `budget` bytes (at least one, if any)."""
-    used = 0
-    for i, r in enumerate(records):
-        used += len(r)
-        if used > budget:
-            return max(i, 1)
-    return len(records)
+    return fit_sizes(map(len, records), budget)
 
 
 def _frame(kind: FrameType, request_id: int, parts: list[bytes]) -> bytes:

@@ -73,12 +73,7 @@ def record_size(m: Message) -> int:
 
 def _fit(messages: list[Message], budget: int) -> int:
     """How many leading messages fit in `budget` bytes (at least one, if any)."""
-    used = 0
-    for i, m in enumerate(messages):
-        used += record_size(m)
-        if used > budget:
-            return max(i, 1)
-    return len(messages)
+    return records.fit_sizes(map(record_size, messages), budget)
 
 
 async def _available(d: Awaitable[_T]) -> _T:
