@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import subprocess
 import sys
 import time
@@ -89,17 +88,6 @@ def percentile(sorted_values: list[float], q: float) -> float | None:
     return round(sorted_values[i], 3)
 
 
-def _cpu(pids: list[int]) -> float:
-    total = 0.0
-    for pid in pids:
-        try:
-            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-            total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-        except OSError:
-            pass
-    return total
-
-
 class Run:
     """One target, one scenario: the workers, the step ladder, the verdicts."""
 
@@ -138,10 +126,10 @@ class Run:
              "workers": self.nworkers, "index": w, "grace": grace}
             for w in range(self.nworkers)
         ]  # fmt: skip
-        cpu0 = (self.handle.cpu_s(), _cpu(self.workers.pids()))
+        cpu0 = (self.handle.cpu_s(), servers.cpu_seconds(self.workers.pids()))
         svc0 = service_cpu()
         replies = self.workers.all(cmds, timeout=seconds + grace + 60)
-        cpu1 = (self.handle.cpu_s(), _cpu(self.workers.pids()))
+        cpu1 = (self.handle.cpu_s(), servers.cpu_seconds(self.workers.pids()))
         svc1 = service_cpu()
         verdict = self._verdict(rate, count, replies, cpu0, cpu1, seconds)
         if self.target == "improto":  # Redis, RabbitMQ, HBase: used by production storage

@@ -41,6 +41,18 @@ _PR_SET_PDEATHSIG = 1
 _live: list[ServerHandle] = []
 
 
+def cpu_seconds(pids: Sequence[int]) -> float:
+    """utime + stime of these processes, seconds (one that has exited counts 0)."""
+    total = 0.0
+    for pid in pids:
+        try:
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        total += (int(fields[11]) + int(fields[12])) / _TICK
+    return total
+
+
 @dataclass
 class ServerHandle:
     name: str  # "improto" | "mosquitto" | "bare"
@@ -64,11 +76,7 @@ class ServerHandle:
 
     def cpu_s(self) -> float:
         """utime + stime of the server process (and its helper processes), seconds."""
-        total = 0.0
-        for pid in [self.pid, *self.helper_pids]:
-            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-            total += (int(fields[11]) + int(fields[12])) / _TICK
-        return total
+        return cpu_seconds([self.pid, *self.helper_pids])
 
     def log_tail(self, lines: int = 30) -> str:
         if self.log is None:
