@@ -2,7 +2,7 @@
 
     python bench/chaos.py [--quick] [--seconds N] [--seed S] [--keep]
 
-Starts 2 gateways and 2 persisters (`python -m improto.server --storage production --role
+Starts 2 gateways and 2 persisters (`python -m improto_server --storage production --role
 gateway|persister`) on 127.0.0.1 with a fresh key prefix, HBase table and JWT secret, simulates
 users with 1-3 devices each (one thread and one blocking `improto.conformance.conn.Conn` per
 device, each connection to a random gateway) chatting 1:1 and in groups, and meanwhile kills

@@ -46,7 +46,7 @@ def free_port() -> int:
 
 @dataclass
 class ServerProc:
-    """One `python -m improto.server` process; restartable with the same arguments/port."""
+    """One `python -m improto_server` process; restartable with the same arguments/port."""
 
     name: str
     role: str  # gateway | persister
@@ -63,7 +63,7 @@ class ServerProc:
             out.write(f"---- start {self.starts + 1} at {time.time():.3f}\n".encode())
             self._log_offset = out.tell()
             self.proc = subprocess.Popen(
-                [sys.executable, "-m", "improto.server", *self.args],
+                [sys.executable, "-m", "improto_server", *self.args],
                 stdout=out,
                 stderr=subprocess.STDOUT,
                 stdin=subprocess.DEVNULL,

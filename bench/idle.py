@@ -365,7 +365,7 @@ def _self_rss_kib() -> int:
 def improto_storage() -> str:
     """`memory` once the server offers it, else `embedded` (both: nothing external)."""
     out = subprocess.run(
-        [sys.executable, "-m", "improto.server", "--help"], capture_output=True, text=True
+        [sys.executable, "-m", "improto_server", "--help"], capture_output=True, text=True
     ).stdout
     return "memory" if "memory" in out else "embedded"
 

@@ -31,11 +31,11 @@ from twisted.internet.defer import Deferred
 
 from improto.enums import ContentType, ConvKind
 from improto.frames import Message
-from improto.server.app import make_backend
-from improto.server.config import Config
-from improto.server.ids import IdGenerator
-from improto.server.model import PersistJob
-from improto.server.persister import MAX_BATCH, Persister
+from improto_server.app import make_backend
+from improto_server.config import Config
+from improto_server.ids import IdGenerator
+from improto_server.model import PersistJob
+from improto_server.persister import MAX_BATCH, Persister
 
 _TICK = os.sysconf("SC_CLK_TCK")
 _SERVICES = {

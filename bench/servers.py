@@ -185,7 +185,7 @@ def start_improto(
     tmpdir = Path(tempfile.mkdtemp(prefix="bench-improto-"))
     port, secret = free_port(), secrets.token_hex(16)
     cmd = [
-        sys.executable, "-m", "improto.server",
+        sys.executable, "-m", "improto_server",
         "--listen", f"tcp:{port}:interface={HOST}",
         "--data-dir", str(tmpdir / "data"), "--jwt-secret", secret, "--storage", storage,
     ]  # fmt: skip

@@ -530,7 +530,7 @@ def run(target: str, storage: str | None, quick: bool) -> dict[str, Any]:
 def storages() -> list[str]:
     """The storages `imserver --help` lists (memory was added later than the others)."""
     help_text = subprocess.run(
-        [sys.executable, "-m", "improto.server", "--help"], capture_output=True, text=True
+        [sys.executable, "-m", "improto_server", "--help"], capture_output=True, text=True
     ).stdout
     return [s for s in ("embedded", "memory", "production") if s in help_text]
 

@@ -19,6 +19,6 @@ fi
 stamp=.venv/.improto-installed
 if [ ! -f "$stamp" ] || [ setup.cfg -nt "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
     .venv/bin/python -m pip install -q --upgrade pip 'setuptools>=70' wheel
-    .venv/bin/python -m pip install -q -e '.[test]'
+    .venv/bin/python -m pip install -q -e '.[production,test]'
     touch "$stamp"
 fi

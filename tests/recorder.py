@@ -6,7 +6,7 @@ from collections.abc import Sequence
 
 from twisted.internet.defer import Deferred, fail, succeed
 
-from improto.server.model import PersistJob
+from improto_server.model import PersistJob
 
 
 class Recorder:

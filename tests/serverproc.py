@@ -51,11 +51,11 @@ class ServerProcess:
 
 
 def start_server(tmp: Path, secret: str, *extra: str) -> ServerProcess:
-    """`python -m improto.server` on a free 127.0.0.1 port; waits until it accepts."""
+    """`python -m improto_server` on a free 127.0.0.1 port; waits until it accepts."""
     port = free_port()
     log = tmp / "server.log"
     cmd = [
-        sys.executable, "-m", "improto.server",
+        sys.executable, "-m", "improto_server",
         "--listen", f"tcp:{port}:interface=127.0.0.1",
         "--data-dir", str(tmp / "data"),
         "--jwt-secret", secret,

@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 
-from improto.server.production.redis_inbox import glob_escape
+from improto_server.production.redis_inbox import glob_escape
 
 REDIS = ("127.0.0.1", 6379)
 RABBITMQ = ("127.0.0.1", 5672)

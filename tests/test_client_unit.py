@@ -20,17 +20,6 @@ from twisted.internet.protocol import Protocol
 from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.python.failure import Failure
 
-from improto.clients.client import (
-    ClientState,
-    IMClient,
-    NotConnected,
-    ServerError,
-    SessionClosed,
-    StateMismatch,
-    conv_key,
-    message_conv,
-    parse_conv_key,
-)
 from improto.codec import FrameReader, decode_payload, encode
 from improto.enums import CloseReason, ConvKind
 from improto.errors import ErrorCode
@@ -59,6 +48,17 @@ from improto.frames import (
     SendAck,
     SyncHint,
     UnreadCount,
+)
+from improto_clients.client import (
+    ClientState,
+    IMClient,
+    NotConnected,
+    ServerError,
+    SessionClosed,
+    StateMismatch,
+    conv_key,
+    message_conv,
+    parse_conv_key,
 )
 
 ME = 1001

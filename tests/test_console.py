@@ -13,7 +13,7 @@ from typing import Any
 
 from serverproc import ServerProcess
 
-CLIENT = [sys.executable, "-m", "improto.clients.console"]
+CLIENT = [sys.executable, "-m", "improto_clients.console"]
 
 
 def run_script(server: ServerProcess, user: int, device: str, lines: list[str]) -> list[dict]:

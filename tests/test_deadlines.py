@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from twisted.internet.task import Clock
 
-from improto.server.deadlines import Deadlines
+from improto_server.deadlines import Deadlines
 
 
 class Owner:

@@ -9,7 +9,7 @@ from twisted.internet import defer, protocol, reactor
 from twisted.internet.task import deferLater
 from twisted.internet.testing import StringTransport
 
-from improto.server.eager_write import eager_writer
+from improto_server.eager_write import eager_writer
 
 
 class _Collect(protocol.Protocol):

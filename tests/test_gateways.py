@@ -22,9 +22,9 @@ from twisted.internet.task import deferLater
 from improto.conformance.conn import Conn, eventually, new_device, new_user
 from improto.enums import CloseReason, ConvKind
 from improto.frames import Close, GroupCreate, GroupCreated
-from improto.server.ids import NODE_BITS, SEQ_BITS
-from improto.server.production.presence import Presence
-from improto.server.production.redis_inbox import connect
+from improto_server.ids import NODE_BITS, SEQ_BITS
+from improto_server.production.presence import Presence
+from improto_server.production.redis_inbox import connect
 
 SECRET = "gateway-test-secret-0123456789abcdef0123456789abcdef"
 

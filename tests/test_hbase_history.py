@@ -29,9 +29,9 @@ from twisted.python.failure import Failure
 from improto.enums import ContentType, ConvKind
 from improto.frames import Message
 from improto.limits import U64_MAX
-from improto.server.model import ConvKey, PersistJob
-from improto.server.production import hbase_history
-from improto.server.production.hbase_history import (
+from improto_server.model import ConvKey, PersistJob
+from improto_server.production import hbase_history
+from improto_server.production.hbase_history import (
     RETRYABLE,
     HBaseHistory,
     conversation_prefix,

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from improto.server.hub import Hub
+from improto_server.hub import Hub
 
 
 class Conn:

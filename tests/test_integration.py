@@ -12,13 +12,13 @@ from twisted.internet import reactor
 from twisted.internet.defer import gatherResults
 from twisted.internet.task import deferLater
 
-from improto.clients.client import ClientState, IMClient, ServerError
 from improto.enums import ConvKind
 from improto.errors import ErrorCode
 from improto.frames import Message
-from improto.server.app import Server
-from improto.server.config import Config
 from improto.tokens import mint
+from improto_clients.client import ClientState, IMClient, ServerError
+from improto_server.app import Server
+from improto_server.config import Config
 
 SECRET = "integration-secret-integration-secret"
 USER, GROUP = ConvKind.USER, ConvKind.GROUP

@@ -10,8 +10,8 @@ from improto.codec import encode, encode_payload
 from improto.enums import ConvKind
 from improto.frames import HistoryPage, Message, OfflinePage, Push, UnreadCount
 from improto.limits import U64_MAX
-from improto.server import records
-from improto.server.service import peer_of
+from improto_server import records
+from improto_server.service import peer_of
 
 ME = 1001
 

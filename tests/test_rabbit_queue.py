@@ -33,8 +33,8 @@ from twisted.internet.task import deferLater
 
 from improto.enums import ContentType, ConvKind
 from improto.frames import Message
-from improto.server.model import Accepted, PersistJob
-from improto.server.production.rabbit_queue import (
+from improto_server.model import Accepted, PersistJob
+from improto_server.production.rabbit_queue import (
     BATCH_TYPE,
     JOB_TYPE,
     NotPublished,

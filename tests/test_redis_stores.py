@@ -26,14 +26,14 @@ from twisted.internet.task import deferLater
 from improto.enums import ContentType, ConvKind
 from improto.frames import Message
 from improto.limits import MAX_GROUPS_PER_USER, U64_MAX
-from improto.server.embedded.sqlite import SQLiteBackend
-from improto.server.model import LimitExceeded, PersistJob
-from improto.server.production import redis_inbox
-from improto.server.production.redis_groups import SCRIPTS as GROUP_SCRIPTS
-from improto.server.production.redis_groups import RedisGroups
-from improto.server.production.redis_inbox import SCRIPTS as INBOX_SCRIPTS
-from improto.server.production.redis_inbox import LuaScript, RedisInbox, connect, gather
-from improto.server.production.redis_slots import key_slot
+from improto_server.embedded.sqlite import SQLiteBackend
+from improto_server.model import LimitExceeded, PersistJob
+from improto_server.production import redis_inbox
+from improto_server.production.redis_groups import SCRIPTS as GROUP_SCRIPTS
+from improto_server.production.redis_groups import RedisGroups
+from improto_server.production.redis_inbox import SCRIPTS as INBOX_SCRIPTS
+from improto_server.production.redis_inbox import LuaScript, RedisInbox, connect, gather
+from improto_server.production.redis_slots import key_slot
 
 
 def _load_helpers() -> Any:

@@ -28,11 +28,11 @@ from improto.frames import (
     Send,
     SendAck,
 )
-from improto.server.cli import load_config, run_parser
-from improto.server.config import Config
 from improto.tokens import mint, verify
+from improto_server.cli import load_config, run_parser
+from improto_server.config import Config
 
-SERVER = [sys.executable, "-m", "improto.server"]
+SERVER = [sys.executable, "-m", "improto_server"]
 
 
 def test_help_explains_every_option() -> None:

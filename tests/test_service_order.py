@@ -17,11 +17,11 @@ from twisted.internet.task import deferLater
 from improto.enums import ContentType, ConvKind
 from improto.errors import ErrorCode
 from improto.frames import Send
-from improto.server.embedded.sqlite import SQLiteBackend
-from improto.server.hub import Hub
-from improto.server.ids import IdGenerator
-from improto.server.model import GroupInfo, PersistJob
-from improto.server.service import Caller, ChatService, RequestError
+from improto_server.embedded.sqlite import SQLiteBackend
+from improto_server.hub import Hub
+from improto_server.ids import IdGenerator
+from improto_server.model import GroupInfo, PersistJob
+from improto_server.service import Caller, ChatService, RequestError
 
 
 class HeldLookups:

@@ -29,10 +29,10 @@ from improto.frames import (
     SyncHint,
 )
 from improto.limits import MAX_FRAME_LENGTH, U64_MAX
-from improto.server.config import Config
-from improto.server.hub import Hub
-from improto.server.session import Session, SessionFactory
 from improto.tokens import mint
+from improto_server.config import Config
+from improto_server.hub import Hub
+from improto_server.session import Session, SessionFactory
 
 SECRET = "session-test-secret-0123456789abcdef"
 NOW = 1_800_000_000.0

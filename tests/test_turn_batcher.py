@@ -7,8 +7,8 @@ import pytest
 from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.task import Clock
 
-from improto.server.production.redis_slots import crc16, key_slot, slot_groups
-from improto.server.turn_batcher import TurnBatcher
+from improto_server.production.redis_slots import crc16, key_slot, slot_groups
+from improto_server.turn_batcher import TurnBatcher
 
 
 class Runs:

@@ -24,8 +24,8 @@ import pytest
 from twisted.internet.defer import Deferred
 from twisted.internet.threads import deferToThread
 
-from improto.server.embedded.sqlite import SQLiteBackend
-from improto.server.production.hbase_history import HBaseHistory
+from improto_server.embedded.sqlite import SQLiteBackend
+from improto_server.production.hbase_history import HBaseHistory
 
 HOST, _, _PORT = os.environ.get("IMPROTO_HBASE", "127.0.0.1:9090").rpartition(":")
 PORT = int(_PORT)

@@ -12,8 +12,8 @@ from typing import Any
 
 from services import cleanup, require_services
 
-from improto.server.config import Config
-from improto.server.production.backend import ProductionBackend
+from improto_server.config import Config
+from improto_server.production.backend import ProductionBackend
 
 DAY_MS = 86_400_000
 

@@ -27,8 +27,8 @@ from services import delete_redis_prefix
 
 from twisted.internet.defer import Deferred
 
-from improto.server.embedded.sqlite import SQLiteBackend
-from improto.server.production.rabbit_queue import RabbitQueue, queue_names
+from improto_server.embedded.sqlite import SQLiteBackend
+from improto_server.production.rabbit_queue import RabbitQueue, queue_names
 
 AMQP_HOST, AMQP_PORT = "127.0.0.1", 5672
 AMQP_URL = f"amqp://guest:guest@{AMQP_HOST}:{AMQP_PORT}/%2F"

@@ -24,9 +24,9 @@ from services import SyncRedis, delete_redis_prefix
 
 from twisted.internet.defer import Deferred
 
-from improto.server.embedded.sqlite import SQLiteBackend
-from improto.server.production.redis_groups import RedisGroups
-from improto.server.production.redis_inbox import RedisInbox, connect
+from improto_server.embedded.sqlite import SQLiteBackend
+from improto_server.production.redis_groups import RedisGroups
+from improto_server.production.redis_inbox import RedisInbox, connect
 
 HOST, PORT = "127.0.0.1", 6379
 DAY_MS = 86_400_000

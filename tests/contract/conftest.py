@@ -26,9 +26,9 @@ from twisted.internet.task import deferLater
 
 from improto.enums import ContentType, ConvKind
 from improto.frames import Message
-from improto.server.embedded.sqlite import SQLiteBackend
-from improto.server.model import PersistJob
-from improto.server.ports import GroupStore, HistoryStore, InboxStore, PersistQueue
+from improto_server.embedded.sqlite import SQLiteBackend
+from improto_server.model import PersistJob
+from improto_server.ports import GroupStore, HistoryStore, InboxStore, PersistQueue
 
 DAY_MS = 86_400_000
 INBOX_RETENTION_MS = 7 * DAY_MS

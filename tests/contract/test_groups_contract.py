@@ -6,7 +6,7 @@ import pytest
 import pytest_twisted
 
 from improto.limits import MAX_GROUP_MEMBERS, MAX_GROUPS_PER_USER, U64_MAX
-from improto.server.model import GroupInfo, LimitExceeded
+from improto_server.model import GroupInfo, LimitExceeded
 
 OWNER = 10
 

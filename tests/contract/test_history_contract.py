@@ -8,7 +8,7 @@ import pytest_twisted
 
 from improto.enums import ConvKind
 from improto.limits import U64_MAX
-from improto.server.model import ConvKey, HistorySlice, PersistJob
+from improto_server.model import ConvKey, HistorySlice, PersistJob
 
 DM = ConvKey.direct(1, 2)
 

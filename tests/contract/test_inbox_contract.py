@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest_twisted
 
 from improto.limits import U64_MAX
-from improto.server.model import InboxPage, PersistJob
+from improto_server.model import InboxPage, PersistJob
 
 ALICE, BOB, CAROL = 1, 2, 3
 BIG = U64_MAX  # user ids are u64: the largest must work like any other

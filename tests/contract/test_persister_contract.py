@@ -8,8 +8,8 @@ import pytest_twisted
 
 from twisted.internet.defer import Deferred
 
-from improto.server.model import ConvKey, PersistJob
-from improto.server.persister import Persister
+from improto_server.model import ConvKey, PersistJob
+from improto_server.persister import Persister
 
 
 class DiesAfterInbox(Persister):

@@ -10,8 +10,8 @@ from recorder import Recorder
 
 from twisted.internet.defer import Deferred, DeferredList
 
-from improto.server.model import Accepted, PersistJob
-from improto.server.ports import BatchHandler
+from improto_server.model import Accepted, PersistJob
+from improto_server.ports import BatchHandler
 
 CMID_A = b"A" * 16
 CMID_B = b"B" * 16

@@ -12,14 +12,14 @@ from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 
 from improto.enums import CloseReason
-from improto.server.config import Config
-from improto.server.embedded.sqlite import SQLiteBackend
-from improto.server.hub import Hub, LocalRouter
-from improto.server.ids import IdGenerator
-from improto.server.persister import Persister
-from improto.server.ports import Backend, PushRouter
-from improto.server.service import ChatService
-from improto.server.session import Session, SessionFactory
+from improto_server.config import Config
+from improto_server.embedded.sqlite import SQLiteBackend
+from improto_server.hub import Hub, LocalRouter
+from improto_server.ids import IdGenerator
+from improto_server.persister import Persister
+from improto_server.ports import Backend, PushRouter
+from improto_server.service import ChatService
+from improto_server.session import Session, SessionFactory
 
 log = Logger()
 
@@ -27,7 +27,7 @@ log = Logger()
 def make_backend(config: Config, reactor: Any) -> Backend:
     """The storage backend the configuration names (production modules load only if used)."""
     if config.storage == "production":
-        from improto.server.production.backend import ProductionBackend
+        from improto_server.production.backend import ProductionBackend
 
         return ProductionBackend(config, reactor)
     if config.storage == "memory":
@@ -49,9 +49,9 @@ def make_router(config: Config, backend: Backend, reactor: Any) -> PushRouter:
     can serve one user. Embedded: one gateway, the Hub is all there is."""
     if config.storage != "production":
         return LocalRouter()
-    from improto.server.production.backend import ProductionBackend
-    from improto.server.production.presence import Presence
-    from improto.server.production.push_router import AmqpPushRouter
+    from improto_server.production.backend import ProductionBackend
+    from improto_server.production.presence import Presence
+    from improto_server.production.push_router import AmqpPushRouter
 
     assert isinstance(backend, ProductionBackend)
     presence = Presence(

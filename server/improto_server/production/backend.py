@@ -15,12 +15,12 @@ from typing import Any
 
 from twisted.internet.defer import Deferred
 
-from improto.server.config import Config
-from improto.server.ids import wall_ms
-from improto.server.production.hbase_history import HBaseHistory
-from improto.server.production.rabbit_queue import RabbitQueue
-from improto.server.production.redis_groups import RedisGroups
-from improto.server.production.redis_inbox import RedisInbox, connect
+from improto_server.config import Config
+from improto_server.ids import wall_ms
+from improto_server.production.hbase_history import HBaseHistory
+from improto_server.production.rabbit_queue import RabbitQueue
+from improto_server.production.redis_groups import RedisGroups
+from improto_server.production.redis_inbox import RedisInbox, connect
 
 
 def _host_port(value: str, default_port: int) -> tuple[str, int]:

@@ -28,8 +28,8 @@ from twisted.python.threadpool import ThreadPool
 
 from improto.frames import Message
 from improto.limits import MAX_GROUP_MEMBERS, MAX_GROUPS_PER_USER, U64_MAX
-from improto.server.ids import wall_ms
-from improto.server.model import (
+from improto_server.ids import wall_ms
+from improto_server.model import (
     Accepted,
     ConvKey,
     GroupInfo,
@@ -38,9 +38,9 @@ from improto.server.model import (
     LimitExceeded,
     PersistJob,
 )
-from improto.server.ports import BatchHandler
-from improto.server.records import HistoryRecords, InboxRecords, pack_record
-from improto.server.turn_batcher import TurnBatcher
+from improto_server.ports import BatchHandler
+from improto_server.records import HistoryRecords, InboxRecords, pack_record
+from improto_server.turn_batcher import TurnBatcher
 
 _log = Logger()
 

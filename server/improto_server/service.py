@@ -50,12 +50,12 @@ from improto.limits import (
     OFFLINE_PAGE_DEFAULT,
     OFFLINE_PAGE_MAX,
 )
-from improto.server import records
-from improto.server.hub import Hub, LocalRouter, Pushable
-from improto.server.ids import IdGenerator
-from improto.server.model import Accepted, ConvKey, GroupInfo, LimitExceeded, PersistJob
-from improto.server.ports import GroupStore, HistoryStore, InboxStore, PersistQueue, PushRouter
-from improto.server.records import HistoryRecords, InboxRecords
+from improto_server import records
+from improto_server.hub import Hub, LocalRouter, Pushable
+from improto_server.ids import IdGenerator
+from improto_server.model import Accepted, ConvKey, GroupInfo, LimitExceeded, PersistJob
+from improto_server.ports import GroupStore, HistoryStore, InboxStore, PersistQueue, PushRouter
+from improto_server.records import HistoryRecords, InboxRecords
 
 log = Logger()
 _T = TypeVar("_T")

@@ -40,9 +40,9 @@ import txredisapi
 
 from twisted.internet.defer import Deferred, DeferredList
 
-from improto.server.model import InboxPage, PersistJob
-from improto.server.production.redis_slots import slot_groups
-from improto.server.records import CorruptRecord, InboxRecords, message_of, record_of_push
+from improto_server.model import InboxPage, PersistJob
+from improto_server.production.redis_slots import slot_groups
+from improto_server.records import CorruptRecord, InboxRecords, message_of, record_of_push
 
 DAY_MS = 86_400_000
 APPEND_WINDOW = 64  # append scripts in flight at once for one batch (pipelined)

@@ -6,8 +6,8 @@ from collections.abc import Sequence
 
 from twisted.internet.defer import Deferred, DeferredList
 
-from improto.server.model import PersistJob
-from improto.server.ports import HistoryStore, InboxStore, PersistQueue
+from improto_server.model import PersistJob
+from improto_server.ports import HistoryStore, InboxStore, PersistQueue
 
 # Jobs written per store round: one Redis script per inbox and a few HBase batches per round
 # instead of per job. Bounded so one round stays short (ack latency, redelivery on a crash).

@@ -31,10 +31,10 @@ from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 
 from improto.enums import CloseReason
-from improto.server.hub import Hub, Pushable
-from improto.server.production.presence import Presence, gateway_of
-from improto.server.production.rabbit_queue import RabbitQueue
-from improto.server.turn_batcher import TurnBatcher
+from improto_server.hub import Hub, Pushable
+from improto_server.production.presence import Presence, gateway_of
+from improto_server.production.rabbit_queue import RabbitQueue
+from improto_server.turn_batcher import TurnBatcher
 
 _log = Logger()
 

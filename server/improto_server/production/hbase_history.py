@@ -39,8 +39,8 @@ from twisted.python.failure import Failure
 from twisted.python.threadpool import ThreadPool
 
 from improto.limits import U64_MAX
-from improto.server.model import ConvKey, HistorySlice, PersistJob
-from improto.server.records import CorruptRecord, HistoryRecords, message_of, record_of_push
+from improto_server.model import ConvKey, HistorySlice, PersistJob
+from improto_server.records import CorruptRecord, HistoryRecords, message_of, record_of_push
 
 _log = Logger()
 

@@ -29,9 +29,9 @@ from twisted.internet.defer import Deferred
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 
-from improto.server.ids import MAX_NODE
-from improto.server.production.redis_inbox import LuaScript, gather
-from improto.server.production.redis_slots import slot_groups
+from improto_server.ids import MAX_NODE
+from improto_server.production.redis_inbox import LuaScript, gather
+from improto_server.production.redis_slots import slot_groups
 
 _log = Logger()
 

@@ -12,8 +12,8 @@ from typing import Protocol
 
 from twisted.internet.defer import Deferred
 
-from improto.server.hub import Hub, Pushable
-from improto.server.model import Accepted, ConvKey, GroupInfo, HistorySlice, InboxPage, PersistJob
+from improto_server.hub import Hub, Pushable
+from improto_server.model import Accepted, ConvKey, GroupInfo, HistorySlice, InboxPage, PersistJob
 
 BatchHandler = Callable[[Sequence[PersistJob]], Deferred[None]]
 

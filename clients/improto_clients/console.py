@@ -66,7 +66,12 @@ from twisted.protocols import basic
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from improto.clients.client import (
+from improto.enums import ClientKind, ContentType, ConvKind
+from improto.errors import ProtocolError
+from improto.frames import HistoryPage, Message, Send, SendAck
+from improto.limits import CURSOR_RESUME
+from improto.tokens import mint
+from improto_clients.client import (
     ClientState,
     IMClient,
     NotConnected,
@@ -75,11 +80,6 @@ from improto.clients.client import (
     SyncResult,
     conv_key,
 )
-from improto.enums import ClientKind, ContentType, ConvKind
-from improto.errors import ProtocolError
-from improto.frames import HistoryPage, Message, Send, SendAck
-from improto.limits import CURSOR_RESUME
-from improto.tokens import mint
 
 DEFAULT_SERVER = "tcp:host=127.0.0.1:port=5555"
 HELP = (__doc__ or "").partition("Commands:\n\n")[2].partition("\n\nWith --script")[0]
@@ -610,7 +610,7 @@ async def run(reactor: Any, args: argparse.Namespace) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    """Entry point of `imclient` (setup.cfg: imclient = improto.clients.console:main)."""
+    """Entry point of `imclient` (setup.cfg: imclient = improto_clients.console:main)."""
     from twisted.internet import task
 
     args = parse_args(argv)

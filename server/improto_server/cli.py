@@ -7,14 +7,15 @@ imserver token USER --device D          print a login token for USER on device D
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import sys
 from typing import Any
 
 from twisted.internet.defer import Deferred
 from twisted.logger import globalLogBeginner, textFileLogObserver
 
-from improto.server.config import Config
 from improto.tokens import mint
+from improto_server.config import Config
 
 DESCRIPTION = """\
 improto IM server. With no options it runs the embedded default: no external service,
@@ -138,6 +139,14 @@ def load_config(args: argparse.Namespace) -> Config:
     return config.merged(values)
 
 
+# The client libraries of the production stack, installed by the `production` extra.
+PRODUCTION_MODULES = ("txredisapi", "pika", "happybase")
+
+
+def missing_production_modules() -> list[str]:
+    return [name for name in PRODUCTION_MODULES if importlib.util.find_spec(name) is None]
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv and argv[0] == "token":
@@ -152,11 +161,16 @@ def main(argv: list[str] | None = None) -> int:
         config.check()
     except ValueError as e:
         parser.error(str(e))
+    if config.storage == "production" and (missing := missing_production_modules()):
+        parser.error(
+            f"--storage production needs {', '.join(missing)}: "
+            "pip install 'improto[production]'"
+        )
     globalLogBeginner.beginLoggingTo([textFileLogObserver(sys.stderr)])
 
     from twisted.internet import task
 
-    from improto.server.app import Server
+    from improto_server.app import Server
 
     async def serve(reactor: Any) -> None:
         server = Server(config, reactor)

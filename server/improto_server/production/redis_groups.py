@@ -32,8 +32,8 @@ import txredisapi
 from twisted.internet.defer import Deferred, fail
 
 from improto.limits import MAX_GROUP_MEMBERS, MAX_GROUPS_PER_USER
-from improto.server.model import GroupInfo, LimitExceeded
-from improto.server.production.redis_inbox import LuaScript, RedisClient, check_binary, gather
+from improto_server.model import GroupInfo, LimitExceeded
+from improto_server.production.redis_inbox import LuaScript, RedisClient, check_binary, gather
 
 # KEYS: seq, then the group sets of the users (owner first). ARGV: key base, name, since,
 # groups-per-user limit, the users. Returns the new group id.

@@ -30,13 +30,13 @@ from improto.frames import (
     SyncHint,
 )
 from improto.limits import MAX_FRAME_LENGTH
-from improto.server.config import Config
-from improto.server.deadlines import Deadlines
-from improto.server.eager_write import eagerly_writable, write_eagerly
-from improto.server.hub import Hub, LocalRouter
-from improto.server.ports import PushRouter
-from improto.server.service import Caller, ChatService, RequestError
 from improto.tokens import TokenError, verify
+from improto_server.config import Config
+from improto_server.deadlines import Deadlines
+from improto_server.eager_write import eagerly_writable, write_eagerly
+from improto_server.hub import Hub, LocalRouter
+from improto_server.ports import PushRouter
+from improto_server.service import Caller, ChatService, RequestError
 
 log = Logger()
 

@@ -124,12 +124,12 @@ from twisted.internet.protocol import Factory
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from improto.server.model import Accepted, ConvKey, PersistJob
-from improto.server.ports import BatchHandler
-from improto.server.production.redis_inbox import LuaScript, gather
-from improto.server.production.redis_inbox import connect as redis_connect
-from improto.server.production.redis_slots import slot_groups
-from improto.server.turn_batcher import TurnBatcher
+from improto_server.model import Accepted, ConvKey, PersistJob
+from improto_server.ports import BatchHandler
+from improto_server.production.redis_inbox import LuaScript, gather
+from improto_server.production.redis_inbox import connect as redis_connect
+from improto_server.production.redis_slots import slot_groups
+from improto_server.turn_batcher import TurnBatcher
 
 _log = Logger()
 _T = TypeVar("_T")

@@ -1,1 +1,0 @@
-"""improto.clients: the client library and the reference console client (`improto.clients`)."""

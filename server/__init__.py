@@ -1,1 +1,0 @@
-"""improto.server: the Twisted IM server (installed as `improto.server`)."""

@@ -1,3 +1,0 @@
-from improto.server.cli import main
-
-raise SystemExit(main())

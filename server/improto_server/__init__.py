@@ -1,0 +1,1 @@
+"""improto_server: the Twisted IM server (installed as `improto_server`)."""

@@ -1,0 +1,3 @@
+from improto_server.cli import main
+
+raise SystemExit(main())
