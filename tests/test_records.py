@@ -1,17 +1,22 @@
-"""Pages spliced from stored records (server/records.py) are byte for byte the codec's."""
+"""improto.records, the owner of the stored message layout, byte for byte against the codec:
+records, PUSH frames, the PUSH_ACK fast path, spliced pages, page overheads, and stored data
+and queued jobs of every storage format (the format-1 data written before formats were
+numbered stays readable)."""
 
 from __future__ import annotations
 
 import random
+import struct
 
 import pytest
 
-from improto.codec import encode, encode_payload
+from improto import records
+from improto.codec import COMPILED, decode_payload, encode, encode_payload
 from improto.enums import ConvKind
-from improto.frames import HistoryPage, Message, OfflinePage, Push, UnreadCount
-from improto.limits import U64_MAX
-from improto_server import records
-from improto_server.service import peer_of
+from improto.errors import ProtocolError
+from improto.frames import HistoryPage, Message, OfflinePage, Push, PushAck, UnreadCount
+from improto.limits import MAX_FRAME_LENGTH, OFFLINE_PAGE_MAX, U64_MAX
+from improto_server.model import PersistJob
 
 ME = 1001
 
@@ -29,8 +34,15 @@ def _messages(rng: random.Random, n: int) -> list[Message]:
     return out
 
 
-def _record(m: Message) -> bytes:
-    return records.record_of_push(encode_payload(Push(m)))
+def _codec_record(m: Message) -> bytes:
+    """The record as the codec encodes it: the body of a PUSH frame."""
+    return encode_payload(Push(m))[7:]
+
+
+def _peer(m: Message) -> tuple[int, int]:
+    if m.conv_kind == ConvKind.GROUP:
+        return ConvKind.GROUP, m.conv_id
+    return ConvKind.USER, m.sender_id
 
 
 @pytest.mark.parametrize("seed", range(20))
@@ -40,13 +52,12 @@ def test_offline_page_matches_codec(seed: int) -> None:
     counts: dict[tuple[int, int], int] = {}
     for m in msgs:
         if m.sender_id != ME:
-            key = peer_of(m, ME)
-            counts[key] = counts.get(key, 0) + 1
+            counts[_peer(m)] = counts.get(_peer(m), 0) + 1
     unread = tuple(UnreadCount(k, c, n) for (k, c), n in counts.items())
     cursor, more, gap, rid = rng.randrange(U64_MAX), rng.randrange(2), rng.randrange(2), seed
     want = encode(OfflinePage(cursor, more, gap, tuple(msgs), unread, request_id=rid))
-    got = records.offline_page(rid, ME, cursor, bool(more), bool(gap), [_record(m) for m in msgs])
-    assert got == want
+    recs = [records.record_of(m) for m in msgs]
+    assert records.offline_page(rid, ME, cursor, bool(more), bool(gap), recs) == want
 
 
 @pytest.mark.parametrize("seed", range(20))
@@ -54,18 +65,66 @@ def test_history_page_matches_codec(seed: int) -> None:
     rng = random.Random(seed)
     msgs = _messages(rng, rng.randrange(0, 101))
     want = encode(HistoryPage(ConvKind.GROUP, 5, 1, tuple(msgs), request_id=seed))
-    got = records.history_page(seed, ConvKind.GROUP, 5, True, [_record(m) for m in msgs])
+    got = records.history_page(seed, ConvKind.GROUP, 5, True, [records.record_of(m) for m in msgs])
     assert got == want
 
 
-def test_packed_columns_equal_the_codec_record() -> None:
-    for m in _messages(random.Random(1), 50):
-        packed = records.pack_record(
+def test_records_and_push_frames_equal_the_codec() -> None:
+    for m in _messages(random.Random(1), 200):
+        rec = records.record_of(m)
+        assert rec == _codec_record(m)
+        assert rec == records.pack_record(
             m.msg_id, m.server_time, m.sender_id, m.sender_device, m.conv_kind, m.conv_id,
             m.content_type, m.client_msg_id, m.body,
         )  # fmt: skip
-        assert packed == _record(m)
-        assert records.message_of(packed) == m
+        assert records.push_frame(rec) == encode(Push(m))
+        assert records.message_of(rec) == m
+        assert records.unpack_record(rec) == m
+        assert records.conversation_of(rec) == (m.sender_id, m.conv_kind, m.conv_id)
+
+
+def test_record_of_validates_like_the_codec() -> None:
+    good = _messages(random.Random(3), 1)[0]
+    bad = (
+        Message(0, 1, 2, "d", ConvKind.USER, 3, 1, b"x" * 16, b""),  # msg_id 0
+        Message(1, 1, 2, "d", 9, 3, 1, b"x" * 16, b""),  # unknown conv kind
+        Message(1, 1, 2, "d", ConvKind.USER, 3, 1, b"x" * 15, b""),  # short client_msg_id
+        Message(1, 1, 2, "d" * 256, ConvKind.USER, 3, 1, b"x" * 16, b""),  # device too long
+        Message(1, 1, 2, "d", ConvKind.USER, 3, 1, b"x" * 16, b"\xff"),  # text not UTF-8
+    )
+    records.record_of(good)
+    for m in bad:
+        with pytest.raises(ProtocolError):
+            COMPILED.encode_payload(Push(m))
+        with pytest.raises(ProtocolError):
+            records.record_of(m)
+
+
+def test_page_overheads_are_the_largest_non_record_bytes() -> None:
+    # An OFFLINE_PAGE of the most messages, each with its own unread entry (the worst case):
+    # everything but the records is exactly OFFLINE_OVERHEAD bytes of the frame.
+    msgs = [
+        Message(i + 1, 1, 2 + i, "", ConvKind.USER, ME, 1, b"x" * 16, b"")
+        for i in range(OFFLINE_PAGE_MAX)
+    ]
+    recs = [records.record_of(m) for m in msgs]
+    frame = records.offline_page(1, ME, 5, False, False, recs)
+    assert len(frame) - 4 - sum(map(len, recs)) == records.OFFLINE_OVERHEAD
+    frame = records.history_page(1, ConvKind.USER, 2, False, recs[:3])
+    assert len(frame) - 4 - sum(map(len, recs[:3])) == records.HISTORY_OVERHEAD
+    assert records.OFFLINE_OVERHEAD < MAX_FRAME_LENGTH
+
+
+def test_push_ack_fast_path_agrees_with_the_codec() -> None:
+    for msg_id in (1, 2, 255, 1 << 40, U64_MAX):
+        for flags in (0, 1, 0x80):
+            payload = encode_payload(PushAck(msg_id, request_id=7, flags=flags))
+            assert records.push_ack_msg_id(payload) == msg_id
+            frame = decode_payload(payload)
+            assert isinstance(frame, PushAck) and frame.msg_id == msg_id
+    ping = bytes((1, 0x01, 0, 0, 0, 0, 1)) + bytes(8)
+    for other in (ping, encode_payload(PushAck(1))[:-1], b"\x02" + encode_payload(PushAck(1))[1:]):
+        assert records.push_ack_msg_id(other) == 0
 
 
 def test_fit_counts_record_bytes() -> None:
@@ -76,10 +135,45 @@ def test_fit_counts_record_bytes() -> None:
     assert records.fit([], 5) == 0
 
 
-def test_broken_records_are_refused() -> None:
-    good = _record(_messages(random.Random(2), 1)[0])
+def test_stored_records_of_every_format_read_back() -> None:
+    for m in _messages(random.Random(4), 50):
+        rec = records.record_of(m)
+        now = records.stored(rec)
+        assert now[0] == records.STORE_FORMAT
+        assert records.record_of_stored(now) == rec
+        # format 1: the version-1 PUSH payload stores held before formats were numbered
+        legacy = encode_payload(Push(m))
+        assert legacy[0] == records.LEGACY_FORMAT
+        assert records.record_of_stored(legacy) == rec
+
+
+def test_broken_or_unknown_stored_records_are_refused() -> None:
+    good = records.record_of(_messages(random.Random(2), 1)[0])
     for bad in (good[:-1], good + b"x", good[:20]):
         with pytest.raises(records.CorruptRecord):
             records.conversation_of(bad)
+        with pytest.raises(records.CorruptRecord):
+            records.record_of_stored(records.stored(bad))
+        with pytest.raises(records.CorruptRecord):
+            records.unpack_record(bad)
+    for unknown in (b"\x03" + good, b"\x01\x85" + bytes(5) + good, b"", b"\x00"):
+        with pytest.raises(records.CorruptRecord):
+            records.record_of_stored(unknown)
+
+
+def test_jobs_of_every_format_read_back() -> None:
+    for m in _messages(random.Random(5), 30):
+        users = tuple(sorted({m.sender_id, 3, 4}))
+        job = PersistJob(m, users)
+        data = job.to_bytes()
+        assert data[0] == records.STORE_FORMAT
+        back = PersistJob.from_bytes(data)
+        assert back == job and back.record == records.record_of(m)
+        # format 1, as queues held it before: u32 count, u64 ids, a version-1 PUSH payload
+        legacy = struct.pack(f">I{len(users)}Q", len(users), *users) + encode_payload(Push(m))
+        old = PersistJob.from_bytes(legacy)
+        assert old == job and old.record == job.record
     with pytest.raises(records.CorruptRecord):
-        records.record_of_push(b"\x01\x85" + good)
+        PersistJob.from_bytes(data[:-1])
+    with pytest.raises(records.CorruptRecord):
+        PersistJob.from_bytes(data[:3])

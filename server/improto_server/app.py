@@ -7,6 +7,7 @@ from typing import Any
 
 from twisted.internet.defer import Deferred, DeferredList
 from twisted.internet.endpoints import serverFromString
+from twisted.internet.address import IPv4Address, IPv6Address
 from twisted.internet.interfaces import IListeningPort
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
@@ -14,17 +15,18 @@ from twisted.logger import Logger
 from improto.enums import CloseReason
 from improto_server.config import Config
 from improto_server.embedded.sqlite import SQLiteBackend
-from improto_server.hub import Hub, LocalRouter
+from improto_server.hub import Hub
 from improto_server.ids import IdGenerator
 from improto_server.persister import Persister
 from improto_server.ports import Backend, PushRouter
+from improto_server.reactor_types import IServerReactor
 from improto_server.service import ChatService
 from improto_server.session import Session, SessionFactory
 
 log = Logger()
 
 
-def make_backend(config: Config, reactor: Any) -> Backend:
+def make_backend(config: Config, reactor: IServerReactor) -> Backend:
     """The storage backend the configuration names (production modules load only if used)."""
     if config.storage == "production":
         from improto_server.production.backend import ProductionBackend
@@ -44,26 +46,10 @@ def make_backend(config: Config, reactor: Any) -> Backend:
     )
 
 
-def make_router(config: Config, backend: Backend, reactor: Any) -> PushRouter:
-    """Production: presence in Redis and pushes routed over RabbitMQ, so several gateways
-    can serve one user. Embedded: one gateway, the Hub is all there is."""
-    if config.storage != "production":
-        return LocalRouter()
-    from improto_server.production.backend import ProductionBackend
-    from improto_server.production.presence import Presence
-    from improto_server.production.push_router import AmqpPushRouter
-
-    assert isinstance(backend, ProductionBackend)
-    presence = Presence(
-        backend.redis, config.key_prefix, gateway_id=config.gateway_id, reactor=reactor
-    )
-    return AmqpPushRouter(backend.queue, presence, config.key_prefix, reactor)
-
-
 class Server:
     """One server process: storage backend, plus the gateway and/or the persister (--role)."""
 
-    def __init__(self, config: Config, reactor: Any) -> None:
+    def __init__(self, config: Config, reactor: IServerReactor) -> None:
         self.config = config
         self.reactor = reactor
         self.hub = Hub()
@@ -86,7 +72,7 @@ class Server:
         if config.role == "persister":
             log.info("persister running ({storage} storage)", storage=config.storage)
             return
-        self.router = make_router(config, b, self.reactor)
+        self.router = b.push_router()
         await self.router.start(self.hub)
         node = config.node_id if config.node_id is not None else (self.router.node or 0)
         log.info("gateway node {node}", node=node)
@@ -148,8 +134,12 @@ class Server:
             self.backend = None
 
     def bound_ports(self) -> list[int]:
-        return [p.getHost().port for p in self.ports]
+        """The TCP ports listened on (unix sockets have none)."""
+        hosts = (p.getHost() for p in self.ports)
+        return [h.port for h in hosts if isinstance(h, IPv4Address | IPv6Address)]
 
 
 async def _stop(port: IListeningPort) -> None:
-    await port.stopListening()
+    stopped = port.stopListening()
+    if stopped is not None:
+        await stopped

@@ -171,8 +171,9 @@ def main(argv: list[str] | None = None) -> int:
     from twisted.internet import task
 
     from improto_server.app import Server
+    from improto_server.reactor_types import IServerReactor
 
-    async def serve(reactor: Any) -> None:
+    async def serve(reactor: IServerReactor) -> None:
         server = Server(config, reactor)
         await server.start()
         reactor.addSystemEventTrigger(

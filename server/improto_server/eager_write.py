@@ -20,16 +20,17 @@ from functools import partial
 from typing import Any
 
 from twisted.internet import tcp
+from twisted.internet.interfaces import ITransport
 
 
-def eagerly_writable(transport: Any) -> bool:
+def eagerly_writable(transport: object) -> bool:
     """Whether `write_eagerly` may be used on `transport` (plain TCP with the expected state)."""
     return isinstance(transport, tcp.Connection) and all(
         hasattr(transport, a) for a in ("dataBuffer", "_tempDataBuffer", "socket")
     )
 
 
-def write_eagerly(t: Any, data: bytes) -> None:
+def write_eagerly(t: Any, data: bytes) -> None:  # Any: tcp.Connection's private state
     """Send `data` on an `eagerly_writable` transport now if nothing is queued, else queue it.
 
     A module function, not a closure per connection: an idle connection costs no extra objects.
@@ -48,8 +49,8 @@ def write_eagerly(t: Any, data: bytes) -> None:
         t.write(data[sent:])
 
 
-def eager_writer(transport: Any) -> Callable[[bytes], None]:
+def eager_writer(transport: ITransport) -> Callable[[bytes], None]:
     """A `write(data)` for `transport`: immediate when possible, else `transport.write`."""
     if not eagerly_writable(transport):
-        return transport.write  # type: ignore[no-any-return]
+        return transport.write
     return partial(write_eagerly, transport)

@@ -5,9 +5,9 @@ from __future__ import annotations
 import struct
 from dataclasses import dataclass, field
 
-from improto.codec import COMPILED
+from improto import records
 from improto.enums import ConvKind
-from improto.frames import Message, Push
+from improto.frames import Message
 
 
 @dataclass(frozen=True, slots=True, order=True)
@@ -37,42 +37,59 @@ class ConvKey:
         return f"u:{self.a}:{self.b}" if self.kind == ConvKind.USER else f"g:{self.a}"
 
 
+_JOB_HEAD = struct.Struct(">BI")  # storage format, receiver count
+_U32 = struct.Struct(">I")
+
+
 @dataclass(frozen=True, slots=True)
 class PersistJob:
     """One accepted message and where it must be written: every inbox, and its history."""
 
     message: Message
     inbox_users: tuple[int, ...]
-    # The message encoded as a PUSH payload: what the queue, the inbox records and the history
-    # cells store. Encoded once (or kept from decoding), never compared.
-    _payload: bytes | None = field(default=None, compare=False, repr=False)
+    # The message's MESSAGE record (improto.records): what the PUSH frame, the queue, the inbox
+    # entries and the history cells carry. Packed once (or kept from the job's bytes).
+    _record: bytes | None = field(default=None, compare=False, repr=False)
 
     @property
     def history_key(self) -> ConvKey:
         return ConvKey.of_message(self.message)
 
     @property
-    def push_payload(self) -> bytes:
-        """The PUSH payload of the message (validated by the strict codec when encoded)."""
-        if self._payload is None:
-            object.__setattr__(self, "_payload", COMPILED.encode_payload(Push(self.message)))
-        assert self._payload is not None
-        return self._payload
+    def record(self) -> bytes:
+        if self._record is None:
+            object.__setattr__(self, "_record", records.record_of(self.message))
+        assert self._record is not None
+        return self._record
 
-    # Wire form for queues: u32 user count, u64 user ids, then the PUSH payload of the message
-    # (the codec already validates it strictly, so a corrupt job fails loudly).
+    @property
+    def stored_record(self) -> bytes:
+        """The record as stores keep it (with its storage format)."""
+        return records.stored(self.record)
+
+    # Wire form for queues (storage format 2): u8 format, u32 user count, u64 user ids, then
+    # the record. Format 1 (before formats were numbered): u32 count, u64 ids, then a
+    # version-1 PUSH payload; `from_bytes` reads both.
     def to_bytes(self) -> bytes:
         n = len(self.inbox_users)
-        return struct.pack(f">I{n}Q", n, *self.inbox_users) + self.push_payload
+        head = _JOB_HEAD.pack(records.STORE_FORMAT, n)
+        return head + struct.pack(f">{n}Q", *self.inbox_users) + self.record
 
     @staticmethod
     def from_bytes(data: bytes) -> PersistJob:
-        (n,) = struct.unpack_from(">I", data)
-        users = struct.unpack_from(f">{n}Q", data, 4)
-        payload = data[4 + 8 * n :]
-        frame = COMPILED.decode_payload(payload)
-        assert isinstance(frame, Push)
-        return PersistJob(frame.message, users, payload)
+        try:
+            if data[0] == records.STORE_FORMAT:
+                _, n = _JOB_HEAD.unpack_from(data)
+                start = _JOB_HEAD.size
+            else:  # format 1: its u32 count's first byte is 0 (counts are far below 2**24)
+                (n,) = _U32.unpack_from(data)
+                start = _U32.size
+            users = struct.unpack_from(f">{n}Q", data, start)
+        except (IndexError, struct.error):
+            raise records.CorruptRecord("truncated persistence job") from None
+        rest = data[start + 8 * n :]
+        record = rest if data[0] == records.STORE_FORMAT else records.record_of_stored(rest)
+        return PersistJob(records.unpack_record(record), users, record)
 
 
 @dataclass(frozen=True, slots=True)
@@ -85,16 +102,21 @@ class Accepted:
 
 
 @dataclass(frozen=True, slots=True)
-class InboxPage:
-    entries: tuple[tuple[int, Message], ...]  # (cursor, message), ascending cursor
+class InboxRecords:
+    """A page of an offline inbox: MESSAGE records (improto.records) and their cursors."""
+
+    cursors: tuple[int, ...]  # ascending, one per record
+    records: tuple[bytes, ...]
     start: int  # the start S actually used (after clamping to the head)
     has_more: bool
     gap: bool
 
 
 @dataclass(frozen=True, slots=True)
-class HistorySlice:
-    messages: tuple[Message, ...]  # newest first
+class HistoryRecords:
+    """A page of a conversation's history: MESSAGE records, newest first."""
+
+    records: tuple[bytes, ...]
     has_more: bool
 
 
@@ -108,3 +130,11 @@ class GroupInfo:
 
 class LimitExceeded(Exception):
     """A group would exceed MAX_GROUP_MEMBERS, or a user MAX_GROUPS_PER_USER."""
+
+
+class GroupNotFound(LookupError):
+    """A group id that was never created (or was deleted): the GroupStore's typed miss."""
+
+    def __init__(self, group_id: int) -> None:
+        super().__init__(f"no group {group_id}")
+        self.group_id = group_id

@@ -5,7 +5,9 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from twisted.internet.defer import Deferred, DeferredList
+from twisted.python.failure import Failure
 
+from improto_server.deferreds import as_deferred
 from improto_server.model import PersistJob
 from improto_server.ports import HistoryStore, InboxStore, PersistQueue
 
@@ -42,10 +44,8 @@ class Persister:
     def start(self) -> None:
         self.queue.consume(self.handle, self.max_batch)
 
-    def handle(self, jobs: Sequence[PersistJob]) -> Deferred[None]:
-        return Deferred.fromCoroutine(self._write(jobs))
-
-    async def _write(self, jobs: Sequence[PersistJob]) -> None:
+    @as_deferred
+    async def handle(self, jobs: Sequence[PersistJob]) -> None:
         writes = [
             self.inbox.append_many(jobs),
             self.history.append_many([(job.history_key, job) for job in jobs]),
@@ -53,6 +53,7 @@ class Persister:
         # Wait for both before failing, so a retry never overlaps a write still running.
         for ok, value in await DeferredList(writes, consumeErrors=True):
             if not ok:
+                assert isinstance(value, Failure)
                 value.raiseException()
         self.persisted += len(jobs)
         self.batches += 1

@@ -13,7 +13,14 @@ from typing import Protocol
 from twisted.internet.defer import Deferred
 
 from improto_server.hub import Hub, Pushable
-from improto_server.model import Accepted, ConvKey, GroupInfo, HistorySlice, InboxPage, PersistJob
+from improto_server.model import (
+    Accepted,
+    ConvKey,
+    GroupInfo,
+    HistoryRecords,
+    InboxRecords,
+    PersistJob,
+)
 
 BatchHandler = Callable[[Sequence[PersistJob]], Deferred[None]]
 
@@ -53,8 +60,9 @@ class InboxStore(Protocol):
         """`append` of each job, in order: within one inbox, an earlier job's entry gets the
         lower cursor. Not atomic as a whole; each job's entries are idempotent as above."""
 
-    def page(self, user_id: int, start: int, limit: int) -> Deferred[InboxPage]:
-        """Up to `limit` retained entries with cursor > start (start clamped to the head).
+    def page(self, user_id: int, start: int, limit: int) -> Deferred[InboxRecords]:
+        """Up to `limit` retained entries with cursor > start (start clamped to the head), as
+        MESSAGE records: what the pull handler splices into OFFLINE_PAGE.
 
         Retention counts from when an entry was stored. `gap` is true when an entry with a
         cursor above `start` was removed by retention (the highest removed cursor > start)."""
@@ -74,9 +82,11 @@ class HistoryStore(Protocol):
     def append_many(self, items: Sequence[tuple[ConvKey, PersistJob]]) -> Deferred[None]:
         """`append` of every item (batched by the store); idempotent as `append`."""
 
-    def page(self, key: ConvKey, before_id: int, limit: int, min_id: int) -> Deferred[HistorySlice]:
+    def page(
+        self, key: ConvKey, before_id: int, limit: int, min_id: int
+    ) -> Deferred[HistoryRecords]:
         """Up to `limit` retained messages with min_id <= msg_id < before_id (0: no upper
-        bound), newest first; has_more if another such message exists."""
+        bound), newest first, as MESSAGE records; has_more if another such message exists."""
 
 
 class GroupStore(Protocol):
@@ -89,13 +99,13 @@ class GroupStore(Protocol):
         self, group_id: int, users: tuple[int, ...], since_id: int
     ) -> Deferred[tuple[int, ...]]:
         """Add the users not yet in the group; returns those added (ascending). Raises
-        LimitExceeded (nothing written) past the member or per-user group limits, KeyError
-        for a group that does not exist."""
+        LimitExceeded (nothing written) past the member or per-user group limits,
+        GroupNotFound for a group that does not exist."""
 
     def remove(self, group_id: int, users: tuple[int, ...]) -> Deferred[tuple[int, ...]]:
         """Remove the users that are members; returns those removed (ascending). If the owner
         leaves, the remaining member who joined first (lower id on a tie) becomes owner.
-        KeyError for a group that does not exist."""
+        GroupNotFound for a group that does not exist."""
 
     def info(self, group_id: int) -> Deferred[GroupInfo | None]: ...
 
@@ -109,7 +119,9 @@ class PushRouter(Protocol):
     """Live pushes to devices on other gateways, and presence (which gateway holds which
     device). Best effort: delivery is guaranteed by the inboxes, not by pushes."""
 
-    node: int | None  # a message-id node leased for this gateway, or None: use the configured
+    @property
+    def node(self) -> int | None:
+        """A message-id node leased for this gateway, or None: use the configured one."""
 
     def start(self, hub: Hub) -> Deferred[None]:
         """Announce this gateway; deliver pushes routed here to `hub`'s sessions."""
@@ -126,14 +138,27 @@ class PushRouter(Protocol):
 
 
 class Backend(Protocol):
-    """A storage backend: the four ports plus lifecycle and retention."""
+    """A storage backend: the four ports, the push router that fits it, lifecycle and
+    retention."""
 
-    queue: PersistQueue
-    inbox: InboxStore
-    history: HistoryStore
-    groups: GroupStore
+    # read-only members, so that a backend's more specific attribute types satisfy them
+    @property
+    def queue(self) -> PersistQueue: ...
+
+    @property
+    def inbox(self) -> InboxStore: ...
+
+    @property
+    def history(self) -> HistoryStore: ...
+
+    @property
+    def groups(self) -> GroupStore: ...
 
     def start(self) -> Deferred[None]: ...
+
+    def push_router(self) -> PushRouter:
+        """A new push router for a gateway on this backend (embedded: the local hub alone;
+        production: presence in Redis, pushes routed over RabbitMQ)."""
 
     def close(self) -> Deferred[None]: ...
 

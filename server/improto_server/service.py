@@ -16,7 +16,7 @@ from twisted.internet.defer import Deferred, DeferredList, fail, maybeDeferred
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from improto.codec import encode
+from improto import records
 from improto.enums import ContentType, ConvKind
 from improto.errors import ErrorCode
 from improto.frames import (
@@ -30,58 +30,46 @@ from improto.frames import (
     GroupRemove,
     GroupRemoveOk,
     GroupSummary,
-    HistoryPage,
     HistoryPull,
     Message,
     MyGroups,
     OfflineAck,
     OfflineAckOk,
-    OfflinePage,
     OfflinePull,
-    Push,
     Send,
     SendAck,
-    UnreadCount,
 )
 from improto.limits import (
     CURSOR_RESUME,
     HISTORY_PAGE_DEFAULT,
     MAX_FRAME_LENGTH,
     OFFLINE_PAGE_DEFAULT,
-    OFFLINE_PAGE_MAX,
 )
-from improto_server import records
 from improto_server.hub import Hub, LocalRouter, Pushable
 from improto_server.ids import IdGenerator
-from improto_server.model import Accepted, ConvKey, GroupInfo, LimitExceeded, PersistJob
+from improto_server.model import (
+    Accepted,
+    ConvKey,
+    GroupInfo,
+    GroupNotFound,
+    HistoryRecords,
+    InboxRecords,
+    LimitExceeded,
+    PersistJob,
+)
 from improto_server.ports import GroupStore, HistoryStore, InboxStore, PersistQueue, PushRouter
-from improto_server.records import HistoryRecords, InboxRecords
 
 log = Logger()
 _T = TypeVar("_T")
-
-# Bytes of a page frame that are not message records: header 7, fixed fields, list counts,
-# and the largest possible unread list (one 11-byte entry per message).
-_OFFLINE_OVERHEAD = 7 + 8 + 1 + 1 + 2 + 2 + 11 * OFFLINE_PAGE_MAX
-_HISTORY_OVERHEAD = 7 + 1 + 8 + 1 + 2
-
-
-def record_size(m: Message) -> int:
-    """Encoded size of a MESSAGE record (PROTOCOL.md section 6)."""
-    return 8 + 8 + 8 + 1 + len(m.sender_device.encode()) + 1 + 8 + 2 + 16 + 2 + len(m.body)
-
-
-def _fit(messages: list[Message], budget: int) -> int:
-    """How many leading messages fit in `budget` bytes (at least one, if any)."""
-    return records.fit_sizes(map(record_size, messages), budget)
-
 
 async def _available(d: Awaitable[_T]) -> _T:
     """A storage call whose failure (a service down or restarting) the client should retry:
     UNAVAILABLE, not INTERNAL. Errors the call raises on purpose pass through."""
     try:
         return await d
-    except (RequestError, LimitExceeded, KeyError):
+    except GroupNotFound as e:  # gone since the membership check
+        raise RequestError(ErrorCode.NOT_FOUND, str(e)) from None
+    except (RequestError, LimitExceeded):
         raise
     except Exception:
         log.failure("storage call failed")
@@ -119,13 +107,6 @@ class Caller:
     user_id: int
     device_id: str
     connection: Pushable | None = None  # the sending connection gets an ack, not a push
-
-
-def peer_of(m: Message, me: int) -> tuple[int, int]:
-    """The conversation as user `me` sees it (PROTOCOL.md section 6)."""
-    if m.conv_kind == ConvKind.GROUP:
-        return ConvKind.GROUP, m.conv_id
-    return ConvKind.USER, (m.conv_id if m.sender_id == me else m.sender_id)
 
 
 class ChatService:
@@ -175,14 +156,15 @@ class ChatService:
                 msg_id, now, caller.user_id, caller.device_id, req.conv_kind, req.conv_id,
                 req.content_type, req.client_msg_id, req.body,
             )  # fmt: skip
-            accepting = self._accept(message, receivers, req.client_msg_id)  # queued now
+            job = PersistJob(message, tuple(sorted(set(receivers))))
+            accepting = self._accept(job, req.client_msg_id)  # queued now
         finally:
             if self._id_gates.get(key) is gate:
                 del self._id_gates[key]
             gate.callback(None)
         accepted = await accepting
         if not accepted.duplicate:
-            self._push(message, receivers, caller.connection)
+            self._push(job, caller.connection)
         return SendAck(
             req.client_msg_id,
             accepted.msg_id,
@@ -191,27 +173,24 @@ class ChatService:
             request_id=req.request_id,
         )
 
-    def _accept(
-        self, message: Message, receivers: tuple[int, ...], cmid: bytes
-    ) -> Deferred[Accepted]:
+    def _accept(self, job: PersistJob, cmid: bytes) -> Deferred[Accepted]:
         """Hand the job to the queue now (before returning: the caller's order is the queue's
         order); a refusal becomes UNAVAILABLE."""
-        job = PersistJob(message, tuple(sorted(set(receivers))))
         d: Deferred[Accepted] = maybeDeferred(self.queue.accept, job, cmid)
-        d.addErrback(_refused, message.msg_id)
+        d.addErrback(_refused, job.message.msg_id)
         return d
 
-    def _push(self, message: Message, receivers: tuple[int, ...], exclude: Pushable | None) -> None:
-        data = encode(Push(message))  # encoded once for every receiver
-        users = set(receivers)
-        self.hub.push(users, message.msg_id, data, exclude)
-        d = self.router.route(users, message.msg_id, data)  # other gateways' devices
-        d.addErrback(lambda f: log.failure("routing push {msg_id} failed", f,
-                                           msg_id=message.msg_id))  # fmt: skip
+    def _push(self, job: PersistJob, exclude: Pushable | None) -> None:
+        data = records.push_frame(job.record)  # the job's record: one frame for every receiver
+        users = set(job.inbox_users)
+        msg_id = job.message.msg_id
+        self.hub.push(users, msg_id, data, exclude)
+        d = self.router.route(users, msg_id, data)  # other gateways' devices
+        d.addErrback(lambda f: log.failure("routing push {msg_id} failed", f, msg_id=msg_id))
 
     # ------------------------------------------------------------- offline sync
 
-    async def offline_pull(self, caller: Caller, req: OfflinePull) -> OfflinePage | bytes:
+    async def offline_pull(self, caller: Caller, req: OfflinePull) -> bytes:
         limit = req.limit or OFFLINE_PAGE_DEFAULT
         user, device = caller.user_id, caller.device_id
         moved: Deferred[int] | None = None
@@ -221,38 +200,12 @@ class ChatService:
             start = req.cursor
             if start != 0:  # the client confirms it holds everything up to its cursor
                 moved = self.inbox.advance(user, device, start)
-        read = getattr(self.inbox, "page_records", None)
-        if read is None:  # a store without records: pages of Message objects
-            if moved is not None:
-                await _available(moved)
-            return await self._offline_page(caller, req, start, limit)
         # The position and the page do not depend on each other: one round trip, not two.
-        page: InboxRecords = await _together(moved, read(user, start, limit))
-        n = records.fit(page.records, MAX_FRAME_LENGTH - _OFFLINE_OVERHEAD)
+        page: InboxRecords = await _together(moved, self.inbox.page(user, start, limit))
+        n = records.fit(page.records, MAX_FRAME_LENGTH - records.OFFLINE_OVERHEAD)
         return records.offline_page(
             req.request_id, user, page.cursors[n - 1] if n else page.start,
-            page.has_more or n < len(page.records), page.gap, list(page.records[:n]),
-        )  # fmt: skip
-
-    async def _offline_page(
-        self, caller: Caller, req: OfflinePull, start: int, limit: int
-    ) -> OfflinePage:
-        user = caller.user_id
-        page = await _available(self.inbox.page(user, start, limit))
-        messages = [m for _, m in page.entries]
-        n = _fit(messages, MAX_FRAME_LENGTH - _OFFLINE_OVERHEAD)
-        has_more = page.has_more or n < len(messages)
-        cursor = page.entries[n - 1][0] if n else page.start
-        messages = messages[:n]
-        counts: dict[tuple[int, int], int] = {}
-        for m in messages:
-            if m.sender_id != user:
-                key = peer_of(m, user)
-                counts[key] = counts.get(key, 0) + 1
-        unread = tuple(UnreadCount(k, c, n) for (k, c), n in counts.items())
-        return OfflinePage(
-            cursor, int(has_more), int(page.gap), tuple(messages), unread,
-            request_id=req.request_id,
+            page.has_more or n < len(page.records), page.gap, page.records[:n],
         )  # fmt: skip
 
     async def offline_ack(self, caller: Caller, req: OfflineAck) -> OfflineAckOk:
@@ -263,7 +216,7 @@ class ChatService:
 
     # ------------------------------------------------------------------ history
 
-    async def history_pull(self, caller: Caller, req: HistoryPull) -> HistoryPage | bytes:
+    async def history_pull(self, caller: Caller, req: HistoryPull) -> bytes:
         limit = req.limit or HISTORY_PAGE_DEFAULT
         if req.conv_kind == ConvKind.GROUP:
             # Both lookups at once; a missing group still answers NOT_FOUND before FORBIDDEN.
@@ -278,20 +231,13 @@ class ChatService:
             key, min_id = ConvKey.group(req.conv_id), since
         else:
             key, min_id = ConvKey.direct(caller.user_id, req.conv_id), 0
-        read = getattr(self.history, "page_records", None)
-        if read is not None:
-            raw: HistoryRecords = await _available(read(key, req.before_id, limit, min_id))
-            n = records.fit(raw.records, MAX_FRAME_LENGTH - _HISTORY_OVERHEAD)
-            return records.history_page(
-                req.request_id, req.conv_kind, req.conv_id,
-                raw.has_more or n < len(raw.records), list(raw.records[:n]),
-            )  # fmt: skip
-        page = await _available(self.history.page(key, req.before_id, limit, min_id))
-        messages = list(page.messages)
-        n = _fit(messages, MAX_FRAME_LENGTH - _HISTORY_OVERHEAD)
-        return HistoryPage(
-            req.conv_kind, req.conv_id, int(page.has_more or n < len(messages)),
-            tuple(messages[:n]), request_id=req.request_id,
+        raw: HistoryRecords = await _available(
+            self.history.page(key, req.before_id, limit, min_id)
+        )
+        n = records.fit(raw.records, MAX_FRAME_LENGTH - records.HISTORY_OVERHEAD)
+        return records.history_page(
+            req.request_id, req.conv_kind, req.conv_id,
+            raw.has_more or n < len(raw.records), raw.records[:n],
         )  # fmt: skip
 
     # ------------------------------------------------------------------- groups
@@ -319,11 +265,12 @@ class ChatService:
             msg_id, now, caller.user_id, caller.device_id, ConvKind.GROUP, group_id,
             ContentType.GROUP_EVENT, uuid.uuid4().bytes, body.encode(),
         )  # fmt: skip
+        job = PersistJob(message, tuple(sorted(set(receivers))))
         try:
-            await self._accept(message, receivers, message.client_msg_id)
+            await self._accept(job, message.client_msg_id)
         except RequestError:
             return  # logged in _accept; the membership change itself stands
-        self._push(message, receivers, caller.connection)
+        self._push(job, caller.connection)
 
     async def group_create(self, caller: Caller, req: GroupCreate) -> GroupCreated:
         members = tuple(sorted(set(req.members) - {caller.user_id}))

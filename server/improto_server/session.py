@@ -6,15 +6,16 @@ handed to ChatService; this module only speaks frames.
 
 from __future__ import annotations
 
-from collections.abc import Awaitable
+from collections.abc import Coroutine
 from typing import Any
 
 from twisted.internet.defer import Deferred
-from twisted.internet.interfaces import IReactorTime
+from twisted.internet.interfaces import IAddress, IReactorTime, ITransport
 from twisted.internet.protocol import Factory, Protocol, connectionDone
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
+from improto import records
 from improto.codec import FrameReader, check_header, decode_payload, encode
 from improto.enums import CloseReason, FrameType
 from improto.errors import ErrorCode, FrameTooLarge, ProtocolError
@@ -30,7 +31,7 @@ from improto.frames import (
     SyncHint,
 )
 from improto.limits import MAX_FRAME_LENGTH
-from improto.tokens import TokenError, verify
+from improto.tokens import Identity, TokenError, verify
 from improto_server.config import Config
 from improto_server.deadlines import Deadlines
 from improto_server.eager_write import eagerly_writable, write_eagerly
@@ -82,7 +83,8 @@ class Session(Protocol):
 
     def __init__(self, factory: SessionFactory) -> None:
         self.factory = factory
-        self.transport: Any = None  # set by makeConnection (slots hide Protocol's defaults)
+        self.transport: ITransport | None = None  # set by makeConnection (slots hide
+        # Protocol's defaults)
         self.connected = 0
         self.reader = FrameReader(MAX_FRAME_LENGTH)
         self.user_id = 0
@@ -100,10 +102,13 @@ class Session(Protocol):
         self.deadline: float | None = None  # when the timer calls deadline_due (Deadlines)
 
     def _write(self, data: bytes) -> None:
+        transport = self.transport
+        if transport is None:  # not connected yet or any more: nothing to write to
+            return
         if self._eager:
-            write_eagerly(self.transport, data)
+            write_eagerly(transport, data)
         else:
-            self.transport.write(data)
+            transport.write(data)
 
     @property
     def clock(self) -> IReactorTime:
@@ -141,14 +146,11 @@ class Session(Protocol):
             self._fatal(too_large.code, str(too_large), 0)
 
     def _frame_received(self, payload: bytes) -> None:
-        # PUSH_ACK, one per delivered message, has a fixed layout (header + msg_id): read it
-        # without the codec. Anything unusual (not logged in, msg_id 0) takes the full path.
-        if (len(payload) == 15 and payload[1] == 0x04 and payload[0] == 1
-                and self.caller is not None):  # fmt: skip
-            msg_id = int.from_bytes(payload[7:], "big")
-            if msg_id:
-                self._push_acked(msg_id)
-                return
+        # PUSH_ACK, one per delivered message, is read without the codec. Anything unusual
+        # (not logged in, msg_id 0, not a PUSH_ACK) takes the full path.
+        if self.caller is not None and (msg_id := records.push_ack_msg_id(payload)):
+            self._push_acked(msg_id)
+            return
         try:
             cls, request_id = check_header(payload)
             if not cls.TYPE.client_to_server:  # spec 13.2: the type is checked before the body
@@ -182,13 +184,13 @@ class Session(Protocol):
             method = getattr(self.factory.service, _HANDLERS[f.TYPE])
             self._run(f.request_id, method(self.caller, f))
 
-    def _run(self, request_id: int, work: Awaitable[Frame]) -> None:
-        d = Deferred.fromCoroutine(work)  # type: ignore[arg-type]
+    def _run(self, request_id: int, work: Coroutine[Any, Any, Frame | bytes]) -> None:
+        d = Deferred.fromCoroutine(work)
         d.addCallbacks(self.send, self._request_failed, errbackArgs=(request_id,))
 
     def _request_failed(self, failure: Failure, request_id: int) -> None:
-        if failure.check(RequestError):
-            err = failure.value
+        err = failure.value
+        if isinstance(err, RequestError):
             self.send(Error(err.code, err.text[:1024], request_id=request_id))
         else:
             log.failure("request {rid} failed", failure, rid=request_id)
@@ -219,7 +221,7 @@ class Session(Protocol):
         d.addErrback(lambda e: log.failure("announcing {peer} failed", e, peer=self._peer()))
         d.addCallback(lambda _: self._logged_in(f, ident))
 
-    def _logged_in(self, f: Hello, ident: Any) -> None:
+    def _logged_in(self, f: Hello, ident: Identity) -> None:
         if self.closing:  # gone while its presence was written: withdraw it again
             d = self.factory.router.offline(self)
             d.addErrback(lambda e: log.failure("withdrawing presence failed", e))
@@ -294,7 +296,8 @@ class Session(Protocol):
         if not self.closing:
             self.closing = True
             self._gone()
-            self.transport.loseConnection()  # type: ignore[union-attr]
+            if self.transport is not None:
+                self.transport.loseConnection()
 
     def _gone(self) -> None:
         """Leave the hub and the presence map (once)."""
@@ -339,11 +342,10 @@ class Session(Protocol):
         return int(self.clock.seconds() * 1000)
 
     def _peer(self) -> str:
-        return str(self.transport.getPeer()) if self.transport else "?"  # type: ignore[union-attr]
+        return str(self.transport.getPeer()) if self.transport else "?"
 
 
 class SessionFactory(Factory):
-    protocol = Session  # type: ignore[assignment]
 
     def __init__(self, config: Config, service: ChatService, hub: Hub, clock: IReactorTime,
                  secret: str, router: PushRouter | None = None) -> None:  # fmt: skip
@@ -355,5 +357,5 @@ class SessionFactory(Factory):
         self.secret = secret
         self.deadlines = Deadlines(clock)  # every session's timer, on one reactor timer
 
-    def buildProtocol(self, addr: Any) -> Session:
+    def buildProtocol(self, addr: IAddress | None) -> Session:
         return Session(self)

@@ -11,6 +11,7 @@ from collections.abc import Callable, Sequence
 from typing import Any, Generic, TypeVar
 
 from twisted.internet.defer import Deferred, maybeDeferred
+from twisted.internet.interfaces import IReactorTime
 from twisted.python.failure import Failure
 
 _T = TypeVar("_T")
@@ -31,8 +32,8 @@ class TurnBatcher(Generic[_T, _R]):
 
     def __init__(
         self,
-        reactor: Any,
-        run: Callable[[list[_T]], Deferred[Sequence[_R]] | Sequence[_R]],
+        reactor: IReactorTime,
+        run: Callable[[list[_T]], Deferred[list[_R]] | Sequence[_R]],
         max_size: int,
         window: float = 0.0,
     ) -> None:
@@ -71,7 +72,7 @@ class TurnBatcher(Generic[_T, _R]):
         self._items, self._waiters = [], []
         self.batches += 1
         d = maybeDeferred(self._run, items)
-        prev, mine = self._tail, Deferred()
+        prev, mine = self._tail, Deferred[None]()
         self._tail = mine
 
         def hand_out(result: Any) -> None:

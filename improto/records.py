@@ -1,0 +1,194 @@
+"""MESSAGE records as bytes: the one owner of the stored message layout and of the frames
+spliced from it.
+
+A MESSAGE record (PROTOCOL.md section 6) is exactly the body of a PUSH frame. A message is
+packed into a record once, with `struct` (no codec pass), when it is accepted; the PUSH frame,
+the queued job, the inbox entries and the history cells all carry those bytes, and the pull
+handlers splice stored records into OFFLINE_PAGE and HISTORY_PAGE frames without decoding them.
+Every builder here produces the bytes `improto.codec` would produce for the same frame
+(tests/test_pull_records.py compares them over generated messages).
+
+Stored records carry a storage format version (STORE_FORMAT) of their own, apart from the wire
+protocol's version, so that a later protocol version leaves stored inboxes, history cells and
+queued jobs readable: `record_of_stored` reads every format ever written.
+"""
+
+from __future__ import annotations
+
+import struct
+from collections.abc import Iterable, Sequence
+
+from improto.codec import decode_payload
+from improto.enums import ConvKind, FrameType
+from improto.errors import EncodeError
+from improto.frames import Message, Push
+from improto.limits import HEADER_SIZE, OFFLINE_PAGE_MAX, PROTOCOL_VERSION
+
+# Storage formats. 1: a protocol-version-1 PUSH payload (7-byte header, then the record), what
+# stores and queues held before formats were numbered; its first byte, the protocol version 1,
+# doubles as its format number. 2: the format byte, then the record.
+LEGACY_FORMAT = 1
+STORE_FORMAT = 2
+
+_LEN = struct.Struct(">I")
+_HEAD = struct.Struct(">BBBI")  # version, type, flags, request_id
+_U64 = struct.Struct(">Q")
+_IDS = struct.Struct(">QQQ")  # msg_id, server_time, sender_id
+_TAIL = struct.Struct(">BQH16sH")  # conv_kind, conv_id, content_type, client_msg_id, body len
+_UNREAD = struct.Struct(">BQH")
+_OFFLINE_FIXED = struct.Struct(">QBBH")  # cursor, has_more, gap, message count
+_HISTORY_FIXED = struct.Struct(">BQBH")  # conv_kind, conv_id, has_more, message count
+_COUNT = struct.Struct(">H")
+_PUSH_HEADER = _HEAD.pack(PROTOCOL_VERSION, FrameType.PUSH, 0, 0)
+_PUSH_ACK_SIZE = HEADER_SIZE + 8
+_STORE_TAG = bytes((STORE_FORMAT,))
+
+# Bytes of a page frame that are not message records: header, fixed fields, list counts, and
+# for OFFLINE_PAGE the largest possible unread list (one entry per message).
+OFFLINE_OVERHEAD = (
+    HEADER_SIZE + _OFFLINE_FIXED.size + _COUNT.size + _UNREAD.size * OFFLINE_PAGE_MAX
+)
+HISTORY_OVERHEAD = HEADER_SIZE + _HISTORY_FIXED.size
+
+
+class CorruptRecord(ValueError):
+    """Stored bytes that are not one whole MESSAGE record of a known storage format."""
+
+
+def pack_record(
+    msg_id: int, server_time: int, sender_id: int, sender_device: str, conv_kind: int,
+    conv_id: int, content_type: int, client_msg_id: bytes, body: bytes,
+) -> bytes:  # fmt: skip
+    """The MESSAGE record of a message given as fields (stores that keep columns)."""
+    device = sender_device.encode()
+    return b"".join((
+        _IDS.pack(msg_id, server_time, sender_id), bytes((len(device),)), device,
+        _TAIL.pack(conv_kind, conv_id, content_type, client_msg_id, len(body)), body,
+    ))  # fmt: skip
+
+
+def record_of(m: Message) -> bytes:
+    """The MESSAGE record of `m` (validated first, as the codec would)."""
+    m.validate()
+    if len(m.sender_device.encode()) > 255 or len(m.client_msg_id) != 16:
+        raise EncodeError("sender_device longer than 255 bytes or client_msg_id not 16 bytes")
+    return pack_record(
+        m.msg_id, m.server_time, m.sender_id, m.sender_device, m.conv_kind, m.conv_id,
+        m.content_type, m.client_msg_id, m.body,
+    )  # fmt: skip
+
+
+def stored(record: bytes) -> bytes:
+    """What a store or a queue keeps for a record: the storage format, then the record."""
+    return _STORE_TAG + record
+
+
+def record_of_stored(data: bytes) -> bytes:
+    """The record inside stored bytes of any storage format (checked whole)."""
+    fmt = data[:1]
+    if fmt == _STORE_TAG:
+        record = data[1:]
+    elif data[:2] == _PUSH_HEADER[:2]:  # LEGACY_FORMAT
+        record = data[HEADER_SIZE:]
+    else:
+        raise CorruptRecord(f"stored record of unknown format: {data[:7]!r}")
+    conversation_of(record)
+    return record
+
+
+def conversation_of(record: bytes) -> tuple[int, int, int]:
+    """(sender_id, conv_kind, conv_id) of a record; checks that the record is whole."""
+    try:
+        sender = _U64.unpack_from(record, 16)[0]
+        n = record[24]
+        kind, conv, _, _, size = _TAIL.unpack_from(record, 25 + n)
+    except (IndexError, struct.error):
+        raise CorruptRecord("truncated MESSAGE record") from None
+    if 25 + n + _TAIL.size + size != len(record):
+        raise CorruptRecord("MESSAGE record length does not match its fields")
+    return sender, kind, conv
+
+
+def unpack_record(record: bytes) -> Message:
+    """The Message of a record that was packed from a valid message (a queued job), with
+    `struct` only; a record that is not whole raises CorruptRecord."""
+    try:
+        msg_id, server_time, sender = _IDS.unpack_from(record, 0)
+        n = record[24]
+        device = record[25 : 25 + n].decode()
+        kind, conv, ctype, cmid, size = _TAIL.unpack_from(record, 25 + n)
+    except (IndexError, struct.error, UnicodeDecodeError):
+        raise CorruptRecord("truncated or malformed MESSAGE record") from None
+    start = 25 + n + _TAIL.size
+    if start + size != len(record):
+        raise CorruptRecord("MESSAGE record length does not match its fields")
+    return Message(msg_id, server_time, sender, device, kind, conv, ctype, cmid,
+                   record[start:])  # fmt: skip
+
+
+def message_of(record: bytes) -> Message:
+    """Decode a record with the strict codec (tests and tools; the server splices)."""
+    frame = decode_payload(_PUSH_HEADER + record)
+    assert isinstance(frame, Push)
+    return frame.message
+
+
+def push_frame(record: bytes) -> bytes:
+    """A whole PUSH frame (length prefix included) carrying `record`."""
+    return b"".join((_LEN.pack(HEADER_SIZE + len(record)), _PUSH_HEADER, record))
+
+
+def push_ack_msg_id(payload: bytes) -> int:
+    """The msg_id of a frame payload (length prefix removed) that is a whole version-1
+    PUSH_ACK (flags are ignored, PROTOCOL.md section 3), or 0 for anything else: the codec's
+    full path decides those."""
+    if len(payload) == _PUSH_ACK_SIZE and payload[1] == FrameType.PUSH_ACK and payload[0] == 1:
+        return int(_U64.unpack_from(payload, HEADER_SIZE)[0])
+    return 0
+
+
+def fit_sizes(sizes: Iterable[int], budget: int) -> int:
+    """How many leading items of these sizes fit in `budget` bytes (at least one, if any)."""
+    used = n = 0
+    for n, size in enumerate(sizes, 1):
+        used += size
+        if used > budget:
+            return max(n - 1, 1)
+    return n
+
+
+def fit(records: Sequence[bytes], budget: int) -> int:
+    """How many leading records fit in `budget` bytes (at least one, if any)."""
+    return fit_sizes(map(len, records), budget)
+
+
+def _frame(kind: FrameType, request_id: int, parts: list[bytes]) -> bytes:
+    size = HEADER_SIZE + sum(map(len, parts))
+    return b"".join((_LEN.pack(size), _HEAD.pack(PROTOCOL_VERSION, kind, 0, request_id), *parts))
+
+
+def offline_page(
+    request_id: int, me: int, cursor: int, has_more: bool, gap: bool, records: Sequence[bytes]
+) -> bytes:
+    """A whole OFFLINE_PAGE frame (length prefix included), with its unread counts: per
+    conversation as `me` sees it, messages from others, in order of first appearance."""
+    counts: dict[tuple[int, int], int] = {}
+    for r in records:
+        sender, kind, conv = conversation_of(r)
+        if sender != me:
+            key = (kind, conv) if kind == ConvKind.GROUP else (ConvKind.USER, sender)
+            counts[key] = counts.get(key, 0) + 1
+    unread = [_UNREAD.pack(k, c, n) for (k, c), n in counts.items()]
+    fixed = _OFFLINE_FIXED.pack(cursor, int(has_more), int(gap), len(records))
+    return _frame(FrameType.OFFLINE_PAGE, request_id,
+                  [fixed, *records, _COUNT.pack(len(unread)), *unread])  # fmt: skip
+
+
+def history_page(
+    request_id: int, conv_kind: int, conv_id: int, has_more: bool, records: Sequence[bytes]
+) -> bytes:
+    """A whole HISTORY_PAGE frame (length prefix included)."""
+    for r in records:
+        conversation_of(r)  # each record whole, as the codec would insist
+    fixed = _HISTORY_FIXED.pack(conv_kind, conv_id, int(has_more), len(records))
+    return _frame(FrameType.HISTORY_PAGE, request_id, [fixed, *records])
