@@ -1,7 +1,8 @@
 """Deadlines of many connections on one reactor timer.
 
-A DelayedCall per connection costs ~420 bytes (the object, its attribute values, three bound
-methods, its heap slot); an entry here is one tuple in a heap (~130 bytes). An entry is never
+A DelayedCall per connection costs an object, its attribute values, three bound methods and a
+heap slot; an entry here is one tuple in a heap (docs/BENCHMARKS.md, idle connections, has the
+memory per connection). An entry is never
 moved or removed: setting a new deadline adds an entry and leaves the old one stale, to be
 skipped when it comes up. Stale entries are compacted away when they pile up, as Twisted does
 with cancelled calls.

@@ -20,7 +20,7 @@ class Hub:
     """In-process presence registry. One connection per (user, device).
 
     A user with one device (the usual case) maps to the connection itself: no dict per
-    connection (~200 bytes of an idle connection's memory, bench/idle.py). A user with more
+    connection (memory per idle connection: docs/BENCHMARKS.md). A user with more
     maps to a dict device -> connection, back to the connection when one is left.
     """
 
