@@ -5,16 +5,16 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from twisted.internet.address import IPv4Address, IPv6Address
 from twisted.internet.defer import Deferred, DeferredList
 from twisted.internet.endpoints import serverFromString
-from twisted.internet.address import IPv4Address, IPv6Address
 from twisted.internet.interfaces import IListeningPort
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 
 from improto.enums import CloseReason
 from improto_server.config import Config
-from improto_server.embedded.sqlite import SQLiteBackend
+from improto_server.embedded.backend import SQLiteBackend
 from improto_server.hub import Hub
 from improto_server.ids import IdGenerator
 from improto_server.persister import Persister

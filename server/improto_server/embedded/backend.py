@@ -1,0 +1,125 @@
+"""The embedded backend: the four storage ports on one local SQLite database.
+
+    queue   SQLiteQueue    jobs and dedup tables, consumed in order by one in-process loop
+    inbox   SQLiteInbox    per-user inboxes, cursors and device positions
+    history SQLiteHistory  per-conversation history
+    groups  SQLiteGroups   groups and memberships
+
+All four share one Database (embedded/database.py): one connection on one thread, one
+transaction per call. Inbox entries and history rows refer to one shared `messages` row.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from twisted.internet.defer import Deferred
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+
+from improto_server.embedded.database import Database, Event, delete_unreferenced
+from improto_server.embedded.groups import SQLiteGroups
+from improto_server.embedded.history import SQLiteHistory, expire_history
+from improto_server.embedded.inbox import SQLiteInbox, expire_inbox
+from improto_server.embedded.queue import SQLiteQueue, expire_dedup
+from improto_server.hub import LocalRouter
+from improto_server.ids import wall_ms
+from improto_server.ports import PushRouter
+from improto_server.reactor_types import IServerReactor, server_reactor
+
+_log = Logger()
+
+DAY_MS = 86_400_000
+
+
+class SQLiteBackend:
+    """Owns the database and its thread; exposes the four ports as attributes."""
+
+    def __init__(
+        self,
+        path: str | Path,
+        *,
+        reactor: IServerReactor | None = None,
+        now_ms: Callable[[], int] | None = None,
+        inbox_retention_ms: int = 7 * DAY_MS,
+        history_retention_ms: int = 180 * DAY_MS,
+    ) -> None:
+        self._reactor = reactor if reactor is not None else server_reactor()
+        self.now_ms = now_ms or wall_ms
+        self.inbox_retention_ms = inbox_retention_ms
+        self.history_retention_ms = history_retention_ms
+        self.db = Database(path, self._reactor)
+        self._started = False
+        self._closed: Event | None = None
+        self._shutdown_trigger: Any = None  # what addSystemEventTrigger returned
+        self.queue = SQLiteQueue(self.db, self._reactor, self.now_ms)
+        self.inbox = SQLiteInbox(self.db, self.now_ms, inbox_retention_ms)
+        self.history = SQLiteHistory(self.db, self.now_ms, history_retention_ms)
+        self.groups = SQLiteGroups(self.db)
+
+    def push_router(self) -> PushRouter:
+        """One gateway per database: every device is in the local hub."""
+        return LocalRouter()
+
+    # ------------------------------------------------------------------ lifecycle
+
+    def start(self) -> Deferred[None]:
+        if self._started or self._closed is not None:
+            raise RuntimeError("SQLiteBackend can be started once, before close()")
+        self._started = True
+        d = self.db.open()
+        # The database thread is not a daemon: make sure reactor shutdown releases it.
+        self._shutdown_trigger = self._reactor.addSystemEventTrigger(
+            "before", "shutdown", self.close
+        )
+        d.addErrback(self._start_failed)
+        return d
+
+    def _start_failed(self, failure: Failure) -> Deferred[Failure]:
+        # Release the thread, then report the original error.
+        return self.close().addCallback(lambda _: failure)
+
+    def close(self) -> Deferred[None]:
+        """Stop the consumer (after its in-flight job), close the database, stop the thread."""
+        if self._closed is None:
+            self._closed = Event()
+            Deferred.fromCoroutine(self._close())
+        return self._closed.wait()
+
+    async def _close(self) -> None:
+        closed = self._closed
+        assert closed is not None
+        try:
+            if self._started:
+                try:
+                    await self.queue.close()  # an attribute: a test may have swapped the queue
+                finally:
+                    # Calls already queued on the thread still run before the database closes.
+                    await self.db.close()
+        except Exception:
+            _log.failure("closing the SQLite database failed")
+        finally:
+            if self._shutdown_trigger is not None:
+                self._reactor.removeSystemEventTrigger(self._shutdown_trigger)
+                self._shutdown_trigger = None
+            closed.set()
+
+    # ------------------------------------------------------------------ retention
+
+    def sweep(self) -> Deferred[dict[str, int]]:
+        """Delete what retention expired; returns how many rows of each kind went."""
+        now = self.now_ms()
+        return self.db.call(_sweep, now - self.inbox_retention_ms, now - self.history_retention_ms)
+
+
+def _sweep(db: sqlite3.Connection, inbox_cutoff: int, history_cutoff: int) -> dict[str, int]:
+    """Inbox entries (and dedup keys) stored before `inbox_cutoff`, and history sent before
+    `history_cutoff` (ms), in one transaction; then the messages nothing refers to any more."""
+    inbox = expire_inbox(db, inbox_cutoff)
+    history = expire_history(db, history_cutoff)
+    dedup = expire_dedup(db, inbox_cutoff)
+    messages = delete_unreferenced(db, {*inbox, *history})
+    return {"inbox": len(inbox), "history": len(history), "dedup": dedup, "messages": messages}

@@ -1,0 +1,300 @@
+"""The embedded backend's one SQLite database: its connection and thread, its schema, and the
+conventions every embedded store follows.
+
+One connection is used from a one-thread pool, so all database work is serialized: each
+operation is one transaction that sees no concurrent writer, and the reactor never blocks.
+`Database.call(fn, *args)` runs a plain function `fn(db, *args)` as one transaction on that
+thread (Synapse's runInteraction). Functions in embedded/ that take `db` run there;
+everything else runs on the reactor.
+
+SQLite integers are signed 64-bit. Every u64 that comes from the wire (user ids, msg_ids,
+since_ids, server_time) is stored as `signed(v) = v - 2**63`, an order-preserving bijection
+onto the signed range, so ORDER BY and range conditions compare like unsigned integers even
+near 2**64-1. Values the backend makes itself (inbox cursors, group ids, join sequence
+numbers, stored_ms) are small and stored as they are.
+
+Storage format. The tables keep messages as columns (not as stored records), so the schema
+version is the embedded store's storage format: `PRAGMA user_version` holds SCHEMA_VERSION.
+0 is a new, empty database, which gets the schema; a database of any other version (one a
+newer improto wrote, or not improto's) is refused with UnsupportedSchema before anything in it
+is read or written. A change to how rows are stored bumps SCHEMA_VERSION and adds the
+migration from the versions before it. (The queued jobs are PersistJob bytes, which carry a
+format of their own: see PersistJob.to_bytes.)
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+from collections.abc import Callable, Iterable, Sequence
+from pathlib import Path
+from typing import Any, TypeVar
+
+from twisted.internet.defer import Deferred, fail, succeed
+from twisted.internet.interfaces import IReactorFromThreads
+from twisted.internet.threads import deferToThreadPool
+from twisted.python.threadpool import ThreadPool
+
+from improto.frames import Message
+from improto.limits import U64_MAX
+from improto.records import pack_record
+from improto_server.deferreds import as_deferred
+
+_R = TypeVar("_R")
+
+SCHEMA_VERSION = 1
+
+_BIAS = 1 << 63
+SQLITE_MAX_INT = _BIAS - 1
+
+
+def signed(v: int) -> int:
+    """u64 -> stored signed value (order-preserving)."""
+    if not 0 <= v <= U64_MAX:
+        raise ValueError(f"{v} is not an unsigned 64-bit value")
+    return v - _BIAS
+
+
+def unsigned(v: int) -> int:
+    """Stored signed value -> u64."""
+    return v + _BIAS
+
+
+def id_list(ids: Iterable[int]) -> str:
+    """Stored ids as one JSON parameter, for `IN (SELECT value FROM json_each(?))`."""
+    return json.dumps(list(ids))
+
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS jobs (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT,
+    data BLOB NOT NULL
+);
+CREATE TABLE IF NOT EXISTS dedup (
+    sender_id INTEGER NOT NULL,
+    client_msg_id BLOB NOT NULL,
+    msg_id INTEGER NOT NULL,
+    server_time INTEGER NOT NULL,
+    stored_ms INTEGER NOT NULL,
+    PRIMARY KEY (sender_id, client_msg_id)
+) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS dedup_age ON dedup (stored_ms);
+
+-- One row per message, shared by every inbox entry and the history row that refer to it.
+CREATE TABLE IF NOT EXISTS messages (
+    msg_id INTEGER PRIMARY KEY,
+    server_time INTEGER NOT NULL,
+    sender_id INTEGER NOT NULL,
+    sender_device TEXT NOT NULL,
+    conv_kind INTEGER NOT NULL,
+    conv_id INTEGER NOT NULL,
+    content_type INTEGER NOT NULL,
+    client_msg_id BLOB NOT NULL,
+    body BLOB NOT NULL
+);
+
+-- head: the largest cursor ever assigned; floor: the largest cursor removed by retention.
+CREATE TABLE IF NOT EXISTS inbox_head (
+    user_id INTEGER PRIMARY KEY,
+    head INTEGER NOT NULL,
+    floor INTEGER NOT NULL DEFAULT 0
+);
+CREATE TABLE IF NOT EXISTS inbox (
+    user_id INTEGER NOT NULL,
+    cursor INTEGER NOT NULL,
+    msg_id INTEGER NOT NULL,
+    stored_ms INTEGER NOT NULL,
+    PRIMARY KEY (user_id, cursor)
+) WITHOUT ROWID;
+-- (msg_id, user_id): idempotent appends, and "is this message still referenced" in sweeps.
+CREATE UNIQUE INDEX IF NOT EXISTS inbox_msg ON inbox (msg_id, user_id);
+CREATE INDEX IF NOT EXISTS inbox_age ON inbox (user_id, stored_ms);
+CREATE TABLE IF NOT EXISTS positions (
+    user_id INTEGER NOT NULL,
+    device_id TEXT NOT NULL,
+    position INTEGER NOT NULL,
+    PRIMARY KEY (user_id, device_id)
+) WITHOUT ROWID;
+
+CREATE TABLE IF NOT EXISTS history (
+    conv TEXT NOT NULL,
+    msg_id INTEGER NOT NULL,
+    server_time INTEGER NOT NULL,
+    PRIMARY KEY (conv, msg_id)
+) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS history_age ON history (server_time);
+CREATE INDEX IF NOT EXISTS history_msg ON history (msg_id);
+
+-- AUTOINCREMENT: group ids and join sequence numbers are never reused.
+CREATE TABLE IF NOT EXISTS groups (
+    group_id INTEGER PRIMARY KEY AUTOINCREMENT,
+    name TEXT NOT NULL,
+    owner_id INTEGER NOT NULL
+);
+CREATE TABLE IF NOT EXISTS members (
+    join_seq INTEGER PRIMARY KEY AUTOINCREMENT,
+    group_id INTEGER NOT NULL,
+    user_id INTEGER NOT NULL,
+    since_id INTEGER NOT NULL
+);
+CREATE UNIQUE INDEX IF NOT EXISTS members_group ON members (group_id, user_id);
+CREATE INDEX IF NOT EXISTS members_user ON members (user_id, group_id);
+"""
+
+
+class UnsupportedSchema(RuntimeError):
+    """The database file has a schema version (storage format) this server cannot read."""
+
+
+class Database:
+    """The connection and the one thread it is used from."""
+
+    def __init__(self, path: str | Path, reactor: IReactorFromThreads) -> None:
+        self.path = str(path)
+        self._reactor = reactor
+        self._pool = ThreadPool(minthreads=1, maxthreads=1, name="improto-sqlite")
+        self._db: sqlite3.Connection | None = None
+        self._running = False  # accepting calls: between open() and close()
+
+    def open(self) -> Deferred[None]:
+        """Start the thread; open the file and create or check its schema there."""
+        self._running = True
+        self._pool.start()
+        return deferToThreadPool(self._reactor, self._pool, self._open)
+
+    @as_deferred
+    async def close(self) -> None:
+        """Close the database once the calls already queued have run; stop the thread."""
+        self._running = False
+        try:
+            await deferToThreadPool(self._reactor, self._pool, self._close_db)
+        finally:
+            self._pool.stop()  # the one worker is idle now, so this join is immediate
+
+    def call(self, fn: Callable[..., _R], *args: Any) -> Deferred[_R]:
+        """Run `fn(db, *args)` as one transaction on the database thread."""
+        if not self._running:
+            return fail(RuntimeError("the SQLite database is not open"))
+        return deferToThreadPool(self._reactor, self._pool, self._tx, fn, *args)
+
+    def _tx(self, fn: Callable[..., _R], *args: Any) -> _R:
+        db = self._db
+        assert db is not None, "database not open"
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            result = fn(db, *args)
+        except BaseException:
+            if db.in_transaction:  # some errors have already rolled SQLite back
+                db.execute("ROLLBACK")
+            raise
+        db.execute("COMMIT")
+        return result
+
+    def _open(self) -> None:
+        # Autocommit mode: transactions are explicit (see _tx). check_same_thread is off
+        # because exclusivity comes from the one-worker pool, not from a thread's identity.
+        db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
+        try:
+            db.execute("PRAGMA journal_mode=WAL")
+            db.execute("PRAGMA synchronous=FULL")  # a COMMIT is on disk when it returns
+            db.execute("PRAGMA busy_timeout=5000")  # e.g. someone inspecting the file
+            (version,) = db.execute("PRAGMA user_version").fetchone()
+            if version not in (0, SCHEMA_VERSION):
+                newer = " (a newer improto wrote it)" if version > SCHEMA_VERSION else ""
+                raise UnsupportedSchema(
+                    f"{self.path}: schema version {version} is not supported{newer}: this"
+                    f" server reads version {SCHEMA_VERSION} only"
+                )
+            db.executescript(f"BEGIN; {_SCHEMA} PRAGMA user_version={SCHEMA_VERSION}; COMMIT;")
+        except BaseException:
+            db.close()
+            raise
+        self._db = db
+
+    def _close_db(self) -> None:
+        if self._db is not None:
+            self._db.close()
+            self._db = None
+
+
+class RetainedStore:
+    """A store on the database whose entries are kept `retention_ms` by the clock `now_ms`."""
+
+    def __init__(self, db: Database, now_ms: Callable[[], int], retention_ms: int) -> None:
+        self._db = db
+        self._now_ms = now_ms
+        self._retention_ms = retention_ms
+
+    def _cutoff(self) -> int:
+        """Entries older than this (ms, may be negative) are past retention."""
+        return self._now_ms() - self._retention_ms
+
+
+# --------------------------------------------------------------- the messages table
+
+MSG_COLS = (
+    "m.msg_id, m.server_time, m.sender_id, m.sender_device, m.conv_kind, m.conv_id,"
+    " m.content_type, m.client_msg_id, m.body"
+)
+
+
+def store_message(db: sqlite3.Connection, m: Message) -> None:
+    """The message's row, unless it is there already (inbox entries and history share it)."""
+    db.execute(
+        "INSERT OR IGNORE INTO messages VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        (
+            signed(m.msg_id),
+            signed(m.server_time),
+            signed(m.sender_id),
+            m.sender_device,
+            m.conv_kind,
+            signed(m.conv_id),
+            m.content_type,
+            m.client_msg_id,
+            m.body,
+        ),
+    )
+
+
+def record_of_row(row: Sequence[Any]) -> bytes:
+    """The MESSAGE record (wire bytes) of the MSG_COLS columns of a row."""
+    mid, st, sender, device, kind, conv, ctype, cmid, body = row
+    return pack_record(
+        unsigned(mid), unsigned(st), unsigned(sender), device, kind, unsigned(conv), ctype,
+        cmid, body,
+    )  # fmt: skip
+
+
+def delete_unreferenced(db: sqlite3.Connection, msg_ids: Iterable[int]) -> int:
+    """Remove those of these (stored) messages that no inbox entry or history row refers to
+    any more; returns how many went."""
+    return db.execute(
+        "DELETE FROM messages WHERE msg_id IN (SELECT value FROM json_each(?))"
+        " AND NOT EXISTS (SELECT 1 FROM inbox i WHERE i.msg_id = messages.msg_id)"
+        " AND NOT EXISTS (SELECT 1 FROM history h WHERE h.msg_id = messages.msg_id)",
+        (id_list(msg_ids),),
+    ).rowcount
+
+
+# ------------------------------------------------------------------------ events
+
+
+class Event:
+    """Fires any number of waiters once something has finished (it never fails)."""
+
+    def __init__(self) -> None:
+        self.done = False
+        self._waiters: list[Deferred[None]] = []
+
+    def wait(self) -> Deferred[None]:
+        if self.done:
+            return succeed(None)
+        d: Deferred[None] = Deferred()
+        self._waiters.append(d)
+        return d
+
+    def set(self) -> None:
+        self.done = True
+        waiters, self._waiters = self._waiters, []
+        for d in waiters:
+            d.callback(None)

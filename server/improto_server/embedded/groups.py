@@ -1,0 +1,172 @@
+"""Groups and memberships in the embedded database (the GroupStore port).
+
+Group ids and join sequence numbers come from AUTOINCREMENT columns, so neither is ever
+reused; join_seq also orders members for ownership transfer. Every check and write of one
+call is one transaction, so the member and per-user limits hold exactly.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+
+from twisted.internet.defer import Deferred
+
+from improto.limits import MAX_GROUP_MEMBERS, MAX_GROUPS_PER_USER
+from improto_server.embedded.database import SQLITE_MAX_INT, Database, id_list, signed, unsigned
+from improto_server.model import GroupInfo, GroupNotFound, LimitExceeded
+
+
+class SQLiteGroups:
+    """GroupStore. add/remove raise GroupNotFound for a group id that was never created."""
+
+    def __init__(self, db: Database) -> None:
+        self._db = db
+
+    def create(
+        self, owner_id: int, name: str, members: tuple[int, ...], since_id: int
+    ) -> Deferred[int]:
+        return self._db.call(_create, owner_id, name, members, since_id)
+
+    def add(
+        self, group_id: int, users: tuple[int, ...], since_id: int
+    ) -> Deferred[tuple[int, ...]]:
+        return self._db.call(_add, group_id, users, since_id)
+
+    def remove(self, group_id: int, users: tuple[int, ...]) -> Deferred[tuple[int, ...]]:
+        return self._db.call(_remove, group_id, users)
+
+    def info(self, group_id: int) -> Deferred[GroupInfo | None]:
+        return self._db.call(_info, group_id)
+
+    def since(self, group_id: int, user_id: int) -> Deferred[int | None]:
+        return self._db.call(_since, group_id, user_id)
+
+    def groups_of(self, user_id: int) -> Deferred[tuple[tuple[int, str], ...]]:
+        return self._db.call(_groups_of, user_id)
+
+
+def _group_key(group_id: int) -> int | None:
+    """The stored group id, or None for a value no group can have."""
+    return group_id if 1 <= group_id <= SQLITE_MAX_INT else None
+
+
+def _check_user_limits(db: sqlite3.Connection, users: list[int]) -> None:
+    row = db.execute(
+        "SELECT user_id FROM members WHERE user_id IN (SELECT value FROM json_each(?))"
+        " GROUP BY user_id HAVING count(*) >= ? LIMIT 1",
+        (id_list(users), MAX_GROUPS_PER_USER),
+    ).fetchone()
+    if row is not None:
+        raise LimitExceeded(f"user {unsigned(row[0])} is in {MAX_GROUPS_PER_USER} groups")
+
+
+def _join(db: sqlite3.Connection, gid: int, users: list[int], since: int) -> None:
+    # Inserted in the given order: join_seq then ranks earlier joiners (and, within one
+    # request, lower user ids) first, which is the ownership-transfer order.
+    db.executemany(
+        "INSERT INTO members (group_id, user_id, since_id) VALUES (?, ?, ?)",
+        [(gid, u, since) for u in users],
+    )
+
+
+def _create(
+    db: sqlite3.Connection, owner_id: int, name: str, members: tuple[int, ...], since_id: int
+) -> int:
+    owner = signed(owner_id)
+    users = [owner, *sorted({signed(u) for u in members} - {owner})]
+    if len(users) > MAX_GROUP_MEMBERS:
+        raise LimitExceeded(f"a group has at most {MAX_GROUP_MEMBERS} members")
+    _check_user_limits(db, users)
+    gid = db.execute("INSERT INTO groups (name, owner_id) VALUES (?, ?)", (name, owner)).lastrowid
+    assert gid is not None
+    _join(db, gid, users, signed(since_id))
+    return gid
+
+
+def _require_group(db: sqlite3.Connection, group_id: int) -> tuple[int, int]:
+    """(stored group id, stored owner id); GroupNotFound if the group does not exist."""
+    gid = _group_key(group_id)
+    if gid is not None:
+        row = db.execute("SELECT owner_id FROM groups WHERE group_id = ?", (gid,)).fetchone()
+        if row is not None:
+            return gid, row[0]
+    raise GroupNotFound(group_id)
+
+
+def _current(db: sqlite3.Connection, gid: int, users: list[int]) -> list[int]:
+    """Which of `users` are members of the group, ascending."""
+    return [
+        u
+        for (u,) in db.execute(
+            "SELECT user_id FROM members WHERE group_id = ?"
+            " AND user_id IN (SELECT value FROM json_each(?)) ORDER BY user_id",
+            (gid, id_list(users)),
+        )
+    ]
+
+
+def _add(
+    db: sqlite3.Connection, group_id: int, users: tuple[int, ...], since_id: int
+) -> tuple[int, ...]:
+    gid, _ = _require_group(db, group_id)
+    wanted = sorted({signed(u) for u in users})
+    present = set(_current(db, gid, wanted))
+    new = [u for u in wanted if u not in present]
+    if not new:
+        return ()
+    (count,) = db.execute("SELECT count(*) FROM members WHERE group_id = ?", (gid,)).fetchone()
+    if count + len(new) > MAX_GROUP_MEMBERS:
+        raise LimitExceeded(f"a group has at most {MAX_GROUP_MEMBERS} members")
+    _check_user_limits(db, new)
+    _join(db, gid, new, signed(since_id))
+    return tuple(unsigned(u) for u in new)
+
+
+def _remove(db: sqlite3.Connection, group_id: int, users: tuple[int, ...]) -> tuple[int, ...]:
+    gid, owner = _require_group(db, group_id)
+    gone = _current(db, gid, sorted({signed(u) for u in users}))
+    if not gone:
+        return ()
+    db.execute(
+        "DELETE FROM members WHERE group_id = ? AND user_id IN (SELECT value FROM json_each(?))",
+        (gid, id_list(gone)),
+    )
+    if owner in gone:
+        row = db.execute(
+            "SELECT user_id FROM members WHERE group_id = ? ORDER BY join_seq LIMIT 1", (gid,)
+        ).fetchone()
+        new_owner = row[0] if row else signed(0)
+        db.execute("UPDATE groups SET owner_id = ? WHERE group_id = ?", (new_owner, gid))
+    return tuple(unsigned(u) for u in gone)
+
+
+def _info(db: sqlite3.Connection, group_id: int) -> GroupInfo | None:
+    gid = _group_key(group_id)
+    if gid is None:
+        return None
+    row = db.execute("SELECT name, owner_id FROM groups WHERE group_id = ?", (gid,)).fetchone()
+    if row is None:
+        return None
+    members = db.execute(
+        "SELECT user_id FROM members WHERE group_id = ? ORDER BY user_id", (gid,)
+    ).fetchall()
+    return GroupInfo(gid, row[0], unsigned(row[1]), tuple(unsigned(u) for (u,) in members))
+
+
+def _since(db: sqlite3.Connection, group_id: int, user_id: int) -> int | None:
+    gid = _group_key(group_id)
+    if gid is None:
+        return None
+    row = db.execute(
+        "SELECT since_id FROM members WHERE group_id = ? AND user_id = ?", (gid, signed(user_id))
+    ).fetchone()
+    return unsigned(row[0]) if row else None
+
+
+def _groups_of(db: sqlite3.Connection, user_id: int) -> tuple[tuple[int, str], ...]:
+    rows = db.execute(
+        "SELECT g.group_id, g.name FROM members m JOIN groups g ON g.group_id = m.group_id"
+        " WHERE m.user_id = ? ORDER BY g.group_id",
+        (signed(user_id),),
+    ).fetchall()
+    return tuple((gid, name) for gid, name in rows)

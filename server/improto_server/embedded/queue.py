@@ -1,0 +1,197 @@
+"""The embedded persist queue (the PersistQueue port): a jobs table in the embedded database,
+consumed in acceptance order by one in-process loop, and the dedup table of accepted
+(sender, client_msg_id) keys."""
+
+from __future__ import annotations
+
+import sqlite3
+from collections.abc import Callable
+from typing import Any
+
+from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import IDelayedCall, IReactorTime
+from twisted.logger import Logger
+
+from improto_server.embedded.database import Database, Event, signed, unsigned
+from improto_server.model import Accepted, PersistJob
+from improto_server.ports import BatchHandler
+from improto_server.turn_batcher import TurnBatcher
+
+_log = Logger()
+
+RETRY_DELAY_S = 0.5  # pause before redelivering a job whose handler failed
+FETCH_BATCH = 256  # jobs read per query by the consumer
+# Before reading a batch that would be small, the consumer waits this long for more jobs: a
+# read, a handler call and a delete cost about as much for one job as for many, so at low
+# rates this saves CPU per job. Only the stores lag (by <= this); the sender's ack and the
+# pushes do not wait for the consumer. Measurements: docs/BENCHMARKS.md.
+LINGER_S = 0.005
+# Group commit: the accepts of this long (not just those of one reactor turn) share one
+# transaction, one fsync: a little latency per SEND for less CPU per message.
+ACCEPT_WINDOW_S = 0.001
+ACCEPT_BATCH = 256  # accepts one transaction commits at most
+
+
+class SQLiteQueue:
+    """PersistQueue on a jobs table, consumed in order by one in-process loop."""
+
+    def __init__(self, db: Database, reactor: IReactorTime, now_ms: Callable[[], int]) -> None:
+        self._db = db
+        self._reactor = reactor
+        self._now_ms = now_ms
+        self._handler: BatchHandler | None = None
+        self._max_batch = 1
+        self._accepts: TurnBatcher[tuple[PersistJob, bytes], Any] = TurnBatcher(
+            reactor, self._accept_batch, ACCEPT_BATCH, ACCEPT_WINDOW_S
+        )
+        self._stopping = False
+        self._stopped = Event()
+        self._signalled = False  # a job was accepted since the consumer last looked
+        self._idle: Deferred[None] | None = None
+        self._sleep: tuple[Deferred[None], IDelayedCall] | None = None
+
+    def accept(self, job: PersistJob, client_msg_id: bytes) -> Deferred[Accepted]:
+        d = self._accepts.submit((job, client_msg_id))
+        d.addCallback(self._accepted)
+        return d
+
+    def _accept_batch(self, items: list[tuple[PersistJob, bytes]]) -> Deferred[list[Any]]:
+        return self._db.call(_accept_many, items, self._now_ms())
+
+    def _accepted(self, outcome: Accepted | Exception) -> Accepted:
+        if isinstance(outcome, Exception):
+            raise outcome
+        if not outcome.duplicate:
+            self._signalled = True
+            idle, self._idle = self._idle, None
+            if idle is not None:
+                idle.callback(None)
+        return outcome
+
+    def consume(self, handler: BatchHandler, max_batch: int = 1) -> None:
+        if self._handler is not None:
+            raise RuntimeError("consume() may be called once")
+        if self._stopping:
+            raise RuntimeError("queue is closed")
+        if max_batch < 1:
+            raise ValueError("max_batch must be at least 1")
+        self._handler = handler
+        self._max_batch = max_batch
+        Deferred.fromCoroutine(self._run())
+
+    def close(self) -> Deferred[None]:
+        """Stop consuming; fires once an in-flight handler call has finished."""
+        self._stopping = True
+        if self._handler is None:
+            self._stopped.set()
+        idle, self._idle = self._idle, None
+        if idle is not None:
+            idle.callback(None)
+        if self._sleep is not None:
+            d, call = self._sleep
+            self._sleep = None
+            call.cancel()
+            d.callback(None)
+        return self._stopped.wait()
+
+    async def _run(self) -> None:
+        try:
+            while not self._stopping:
+                self._signalled = False
+                try:
+                    batch = await self._db.call(_fetch_jobs, FETCH_BATCH)
+                except Exception:
+                    _log.failure("reading the persist queue failed; retrying")
+                    await self._pause()
+                    continue
+                if not batch and not self._signalled and not self._stopping:
+                    self._idle = Deferred()
+                    await self._idle  # woken by accept() or close()
+                    await self._pause(LINGER_S)  # more jobs join the first one
+                    continue
+                for i in range(0, len(batch), self._max_batch):
+                    rows = batch[i : i + self._max_batch]
+                    while not await self._deliver(rows):
+                        if self._stopping:
+                            return
+                        await self._pause()
+                    if self._stopping:
+                        return
+                if 0 < len(batch) < FETCH_BATCH:  # no backlog: let the next batch fill a bit
+                    await self._pause(LINGER_S)
+        finally:
+            self._stopped.set()
+
+    async def _deliver(self, rows: list[tuple[int, bytes]]) -> bool:
+        """Hand consecutive jobs to the handler as one batch; True once it succeeded (the
+        jobs are then deleted)."""
+        assert self._handler is not None
+        first, last = rows[0][0], rows[-1][0]
+        try:
+            await self._handler([PersistJob.from_bytes(data) for _, data in rows])
+        except Exception:
+            _log.failure("persisting queued jobs {first}..{last} failed; will retry",
+                         first=first, last=last)  # fmt: skip
+            return False
+        try:
+            await self._db.call(_delete_jobs, first, last)
+        except Exception:
+            # The jobs stay queued and are delivered again: handlers are idempotent.
+            _log.failure("removing persisted jobs {first}..{last} failed", first=first, last=last)
+        return True
+
+    async def _pause(self, seconds: float = RETRY_DELAY_S) -> None:
+        if self._stopping:
+            return
+        d: Deferred[None] = Deferred()
+        self._sleep = (d, self._reactor.callLater(seconds, d.callback, None))
+        try:
+            await d
+        finally:
+            self._sleep = None
+
+
+def _accept_many(
+    db: sqlite3.Connection, items: list[tuple[PersistJob, bytes]], now: int
+) -> list[Accepted | Exception]:
+    """Every accept in one transaction, in order; a job that does not encode gets its error
+    back and the others go on (a later duplicate of an earlier one in the batch is seen)."""
+    out: list[Accepted | Exception] = []
+    for job, client_msg_id in items:
+        try:
+            out.append(_accept(db, job, client_msg_id, now))
+        except sqlite3.Error:
+            raise  # the database itself failed: the whole batch fails
+        except Exception as e:  # this job (validated before any write) is refused alone
+            out.append(e)
+    return out
+
+
+def _accept(db: sqlite3.Connection, job: PersistJob, client_msg_id: bytes, now: int) -> Accepted:
+    m = job.message
+    row = db.execute(
+        "SELECT msg_id, server_time FROM dedup WHERE sender_id = ? AND client_msg_id = ?",
+        (signed(m.sender_id), client_msg_id),
+    ).fetchone()
+    if row is not None:
+        return Accepted(unsigned(row[0]), unsigned(row[1]), duplicate=True)
+    data = job.to_bytes()  # also validates the message before anything is written
+    db.execute(
+        "INSERT INTO dedup VALUES (?, ?, ?, ?, ?)",
+        (signed(m.sender_id), client_msg_id, signed(m.msg_id), signed(m.server_time), now),
+    )
+    db.execute("INSERT INTO jobs (data) VALUES (?)", (data,))
+    return Accepted(m.msg_id, m.server_time, duplicate=False)
+
+
+def _fetch_jobs(db: sqlite3.Connection, limit: int) -> list[tuple[int, bytes]]:
+    return db.execute("SELECT seq, data FROM jobs ORDER BY seq LIMIT ?", (limit,)).fetchall()
+
+
+def _delete_jobs(db: sqlite3.Connection, first: int, last: int) -> None:
+    db.execute("DELETE FROM jobs WHERE seq BETWEEN ? AND ?", (first, last))
+
+
+def expire_dedup(db: sqlite3.Connection, cutoff: int) -> int:
+    """Forget the dedup keys stored before `cutoff` (ms); returns how many went."""
+    return db.execute("DELETE FROM dedup WHERE stored_ms < ?", (cutoff,)).rowcount
