@@ -9,12 +9,12 @@ error code; a frame that decodes re-encodes to exactly the same bytes.
 from __future__ import annotations
 
 import struct
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import fields
 from io import BytesIO
-from typing import Any
+from typing import IO, Any, TypeAlias, TypeVar
 
-from construct import ConstructError
+from construct import ConstructError, Container
 
 from improto.enums import FrameType
 from improto.errors import (
@@ -33,21 +33,27 @@ _LENGTH = struct.Struct(">I")
 _REQUEST_ID = struct.Struct(">I")
 
 # Fields whose wire value is a list of records, and the record class of its entries.
-_RECORDS: dict[str, type] = {
+Record: TypeAlias = Message | UnreadCount | GroupSummary
+R = TypeVar("R", Message, UnreadCount, GroupSummary)
+
+# A parsed frame or record: field name -> value (construct's Container, or a plain dict).
+Wire: TypeAlias = Mapping[str, Any]
+
+_RECORDS: dict[str, type[Record]] = {
     "messages": Message,
     "unread": UnreadCount,
     "groups": GroupSummary,
 }
-_RECORD_FIELDS: dict[type, tuple[str, ...]] = {
+_RECORD_FIELDS: dict[type[Record], tuple[str, ...]] = {
     cls: tuple(f.name for f in fields(cls)) for cls in (Message, UnreadCount, GroupSummary)
 }
 
 
-def _record(cls: type, c: Any) -> Any:
+def _record(cls: type[R], c: Wire) -> R:
     return cls(*[c[n] for n in _RECORD_FIELDS[cls]])
 
 
-def _record_dict(rec: Any) -> dict[str, Any]:
+def _record_dict(rec: Record) -> dict[str, Any]:
     return {n: getattr(rec, n) for n in _RECORD_FIELDS[type(rec)]}
 
 
@@ -72,7 +78,7 @@ _CONVERTERS = {cls: _field_converters(cls) for cls in FRAME_CLASSES.values()}
 _BODY_FIELDS = {cls: tuple(n for n, _ in convs) for cls, convs in _CONVERTERS.items()}
 
 
-def _from_wire(cls: type[Frame], c: Any, request_id: int, flags: int) -> Frame:
+def _from_wire(cls: type[Frame], c: Wire, request_id: int, flags: int) -> Frame:
     if cls is Push:  # the record's fields are inline in PUSH
         return Push(_record(Message, c), request_id=request_id, flags=flags)
     kw = {n: (c[n] if conv is None else conv(c[n])) for n, conv in _CONVERTERS[cls]}
@@ -115,17 +121,21 @@ def _context() -> dict[str, Any]:
     return {"_params": None, "_index": None, "_": {}}
 
 
-def _direct_parser(parseall: Callable[[Any, Any], Any]) -> Callable[[bytes], Any]:
-    """Call the generated parser directly: Compiled.parse adds ~1 us of context set-up."""
+def _direct_parser(
+    parseall: Callable[[IO[bytes], dict[str, Any]], Container],
+) -> Callable[[bytes], Container]:
+    """Call the generated parser directly: Compiled.parse sets up a full context per call."""
 
-    def parse(payload: bytes) -> Any:
+    def parse(payload: bytes) -> Container:
         return parseall(BytesIO(payload), _context())
 
     return parse
 
 
-def _direct_builder(buildall: Callable[[Any, Any, Any], Any]) -> Callable[[Any], bytes]:
-    def build(obj: Any) -> bytes:
+def _direct_builder(
+    buildall: Callable[[Wire, IO[bytes], dict[str, Any]], object],
+) -> Callable[[Wire], bytes]:
+    def build(obj: Wire) -> bytes:
         out = BytesIO()
         buildall(obj, out, _context())
         return out.getvalue()
@@ -138,8 +148,8 @@ class Codec:
 
     def __init__(self, compiled: bool = True) -> None:
         self.compiled = compiled
-        self._parsers: dict[type[Frame], Callable[[bytes], Any]] = {}
-        self._builders: dict[type[Frame], Callable[[Any], bytes]] = {}
+        self._parsers: dict[type[Frame], Callable[[bytes], Container]] = {}
+        self._builders: dict[type[Frame], Callable[[Wire], bytes]] = {}
         for code, cls in FRAME_CLASSES.items():
             if compiled:
                 module = compiled_frame_struct(FrameType(code)).compile().module

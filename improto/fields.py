@@ -9,17 +9,35 @@ and the compiled code paths, and raise the typed errors of `improto.errors`.
 from __future__ import annotations
 
 import struct
-from typing import Any
+from collections.abc import Sequence
+from typing import IO, TYPE_CHECKING, Generic, TypeVar
 
-from construct import Construct, stream_read, stream_write
+from construct import CodeGen, Construct, Container, stream_read, stream_write
 
 from improto.errors import BadUtf8, EncodeError, InvalidField, MalformedFrame
 
 _PREFIX = {1: ">B", 2: ">H", 4: ">I"}
 _U16 = struct.Struct(">H")
 
+_V = TypeVar("_V")  # what a field parses into and builds from
+_P = TypeVar("_P")  # what a list element parses into
+_B = TypeVar("_B")  # what a list element builds from
 
-def read_exact(io: Any, n: int) -> bytes:
+if TYPE_CHECKING:
+    # The stubs (stubs/construct) make Construct generic in what it parses and builds.
+    _Construct = Construct
+else:
+
+    class _Unparameterised:
+        """At run time construct's classes are not generic: `_Construct[P, B]` is Construct."""
+
+        def __getitem__(self, params: object) -> type[Construct]:
+            return Construct
+
+    _Construct = _Unparameterised()
+
+
+def read_exact(io: IO[bytes], n: int) -> bytes:
     """Read exactly n bytes or raise MalformedFrame (used by generated code too)."""
     data = io.read(n)
     if len(data) != n:
@@ -27,7 +45,7 @@ def read_exact(io: Any, n: int) -> bytes:
     return data
 
 
-def check_end(io: Any) -> None:
+def check_end(io: IO[bytes]) -> None:
     if io.read(1):
         raise MalformedFrame("trailing bytes after the last field")
 
@@ -44,7 +62,7 @@ def _check_len(n: int, lo: int, hi: int, name: str, exc: type[InvalidField]) -> 
         raise exc(f"{name}: length {n} outside {lo}..{hi}")
 
 
-class _Prefixed(Construct):  # type: ignore[misc]
+class _Prefixed(_Construct[_V, _V], Generic[_V]):
     """Shared machinery of length-prefixed fields with a byte-length range."""
 
     def __init__(self, name: str, prefix_size: int, lo: int, hi: int) -> None:
@@ -54,17 +72,17 @@ class _Prefixed(Construct):  # type: ignore[misc]
         self.lo, self.hi = lo, hi
         assert hi < 256**prefix_size
 
-    def _read_raw(self, stream: Any, path: str) -> bytes:
+    def _read_raw(self, stream: IO[bytes], path: str) -> bytes:
         (n,) = self.prefix.unpack(stream_read(stream, self.prefix.size, path))
         _check_len(n, self.lo, self.hi, self.field_name, InvalidField)
-        return stream_read(stream, n, path)  # type: ignore[no-any-return]
+        return stream_read(stream, n, path)
 
-    def _write_raw(self, raw: bytes, stream: Any, path: str) -> None:
+    def _write_raw(self, raw: bytes, stream: IO[bytes], path: str) -> None:
         _check_len(len(raw), self.lo, self.hi, self.field_name, EncodeError)
         stream_write(stream, self.prefix.pack(len(raw)), self.prefix.size, path)
         stream_write(stream, raw, len(raw), path)
 
-    def _emit_common(self, code: Any) -> str:
+    def _emit_common(self, code: CodeGen) -> str:
         uid = code.allocateId()
         code.append(
             f"""
@@ -75,23 +93,23 @@ class _Prefixed(Construct):  # type: ignore[misc]
         )
         return str(uid)
 
-    def _sizeof(self, context: Any, path: str) -> int:
+    def _sizeof(self, context: Container, path: str) -> int:
         raise NotImplementedError
 
 
-class Utf8(_Prefixed):
+class Utf8(_Prefixed[str]):
     """A UTF-8 string behind a 1- or 2-byte length prefix counting bytes."""
 
-    def _parse(self, stream: Any, context: Any, path: str) -> str:
+    def _parse(self, stream: IO[bytes], context: Container, path: str) -> str:
         return _decode_utf8(self._read_raw(stream, path), self.field_name)
 
-    def _build(self, obj: Any, stream: Any, context: Any, path: str) -> str:
+    def _build(self, obj: object, stream: IO[bytes], context: Container, path: str) -> str:
         if not isinstance(obj, str):
             raise EncodeError(f"{self.field_name}: expected str, got {type(obj).__name__}")
         self._write_raw(obj.encode("utf-8"), stream, path)
         return obj
 
-    def _emitparse(self, code: Any) -> str:
+    def _emitparse(self, code: CodeGen) -> str:
         u = self._emit_common(code)
         name, lo, hi = self.field_name, self.lo, self.hi
         code.append(
@@ -104,7 +122,7 @@ class Utf8(_Prefixed):
         )
         return f"parse_utf8_{u}(io)"
 
-    def _emitbuild(self, code: Any) -> str:
+    def _emitbuild(self, code: CodeGen) -> str:
         u = self._emit_common(code)
         name, lo, hi = self.field_name, self.lo, self.hi
         code.append(
@@ -120,19 +138,19 @@ class Utf8(_Prefixed):
         return f"build_utf8_{u}(obj, io)"
 
 
-class Blob(_Prefixed):
+class Blob(_Prefixed[bytes]):
     """Opaque bytes behind a length prefix."""
 
-    def _parse(self, stream: Any, context: Any, path: str) -> bytes:
+    def _parse(self, stream: IO[bytes], context: Container, path: str) -> bytes:
         return self._read_raw(stream, path)
 
-    def _build(self, obj: Any, stream: Any, context: Any, path: str) -> bytes:
+    def _build(self, obj: object, stream: IO[bytes], context: Container, path: str) -> bytes:
         if not isinstance(obj, bytes):
             raise EncodeError(f"{self.field_name}: expected bytes, got {type(obj).__name__}")
         self._write_raw(obj, stream, path)
         return obj
 
-    def _emitparse(self, code: Any) -> str:
+    def _emitparse(self, code: CodeGen) -> str:
         u = self._emit_common(code)
         name, lo, hi = self.field_name, self.lo, self.hi
         code.append(
@@ -145,7 +163,7 @@ class Blob(_Prefixed):
         )
         return f"parse_blob_{u}(io)"
 
-    def _emitbuild(self, code: Any) -> str:
+    def _emitbuild(self, code: CodeGen) -> str:
         u = self._emit_common(code)
         name, lo, hi = self.field_name, self.lo, self.hi
         code.append(
@@ -162,31 +180,33 @@ class Blob(_Prefixed):
         return f"build_blob_{u}(obj, io)"
 
 
-class List16(Construct):  # type: ignore[misc]
+class List16(_Construct[list[_P], Sequence[_B]], Generic[_P, _B]):
     """u16 element count (checked against lo..hi at the prefix), then the elements."""
 
-    def __init__(self, name: str, subcon: Construct, lo: int, hi: int) -> None:
+    def __init__(self, name: str, subcon: Construct[_P, _B], lo: int, hi: int) -> None:
         super().__init__()
         self.field_name = name
         self.subcon = subcon
         self.lo, self.hi = lo, hi
 
-    def _parse(self, stream: Any, context: Any, path: str) -> list[Any]:
+    def _parse(self, stream: IO[bytes], context: Container, path: str) -> list[_P]:
         (n,) = _U16.unpack(stream_read(stream, 2, path))
         _check_len(n, self.lo, self.hi, self.field_name, InvalidField)
         return [self.subcon._parsereport(stream, context, path) for _ in range(n)]
 
-    def _build(self, obj: Any, stream: Any, context: Any, path: str) -> Any:
+    def _build(
+        self, obj: Sequence[_B], stream: IO[bytes], context: Container, path: str
+    ) -> Sequence[_B]:
         _check_len(len(obj), self.lo, self.hi, self.field_name, EncodeError)
         stream_write(stream, _U16.pack(len(obj)), 2, path)
         for item in obj:
             self.subcon._build(item, stream, context, path)
         return obj
 
-    def _sizeof(self, context: Any, path: str) -> int:
+    def _sizeof(self, context: Container, path: str) -> int:
         raise NotImplementedError
 
-    def _emitparse(self, code: Any) -> str:
+    def _emitparse(self, code: CodeGen) -> str:
         u = code.allocateId()
         name, lo, hi = self.field_name, self.lo, self.hi
         code.append(
@@ -201,7 +221,7 @@ class List16(Construct):  # type: ignore[misc]
         )
         return f"parse_list_{u}(io, this)"
 
-    def _emitbuild(self, code: Any) -> str:
+    def _emitbuild(self, code: CodeGen) -> str:
         u = code.allocateId()
         name, lo, hi = self.field_name, self.lo, self.hi
         code.append(
@@ -219,7 +239,7 @@ class List16(Construct):  # type: ignore[misc]
         return f"build_list_{u}(obj, io, this)"
 
 
-class FixedBytes(Construct):  # type: ignore[misc]
+class FixedBytes(_Construct[bytes, bytes]):
     """Exactly `size` opaque bytes, checked in both directions."""
 
     def __init__(self, name: str, size: int) -> None:
@@ -227,23 +247,23 @@ class FixedBytes(Construct):  # type: ignore[misc]
         self.field_name = name
         self.size = size
 
-    def _parse(self, stream: Any, context: Any, path: str) -> bytes:
-        return stream_read(stream, self.size, path)  # type: ignore[no-any-return]
+    def _parse(self, stream: IO[bytes], context: Container, path: str) -> bytes:
+        return stream_read(stream, self.size, path)
 
-    def _build(self, obj: Any, stream: Any, context: Any, path: str) -> bytes:
+    def _build(self, obj: object, stream: IO[bytes], context: Container, path: str) -> bytes:
         if not isinstance(obj, bytes) or len(obj) != self.size:
             raise EncodeError(f"{self.field_name}: expected exactly {self.size} bytes")
         stream_write(stream, obj, self.size, path)
         return obj
 
-    def _sizeof(self, context: Any, path: str) -> int:
+    def _sizeof(self, context: Container, path: str) -> int:
         return self.size
 
-    def _emitparse(self, code: Any) -> str:
+    def _emitparse(self, code: CodeGen) -> str:
         code.append("from improto.fields import read_exact")
         return f"read_exact(io, {self.size})"
 
-    def _emitbuild(self, code: Any) -> str:
+    def _emitbuild(self, code: CodeGen) -> str:
         uid = code.allocateId()
         code.append(
             f"""
@@ -258,31 +278,31 @@ class FixedBytes(Construct):  # type: ignore[misc]
         return f"build_fixed_{uid}(obj, io)"
 
 
-class End(Construct):  # type: ignore[misc]
+class End(_Construct[None, None]):
     """Asserts that the frame has no bytes after its last field (construct ignores them)."""
 
     def __init__(self) -> None:
         super().__init__()
         self.flagbuildnone = True
 
-    def _parse(self, stream: Any, context: Any, path: str) -> None:
+    def _parse(self, stream: IO[bytes], context: Container, path: str) -> None:
         check_end(stream)
 
-    def _build(self, obj: Any, stream: Any, context: Any, path: str) -> None:
+    def _build(self, obj: None, stream: IO[bytes], context: Container, path: str) -> None:
         return None
 
-    def _sizeof(self, context: Any, path: str) -> int:
+    def _sizeof(self, context: Container, path: str) -> int:
         return 0
 
-    def _emitparse(self, code: Any) -> str:
+    def _emitparse(self, code: CodeGen) -> str:
         code.append("from improto.fields import check_end")
         return "check_end(io)"
 
-    def _emitbuild(self, code: Any) -> str:
+    def _emitbuild(self, code: CodeGen) -> str:
         return "None"
 
 
-class PackedRun(Construct):  # type: ignore[misc]
+class PackedRun(_Construct[None, None]):
     """Several adjacent fixed-width integers read or written with one `struct` call.
 
     Only the compiled schema uses it (see `schema.merge_runs`): it is a nameless field
@@ -297,17 +317,17 @@ class PackedRun(Construct):  # type: ignore[misc]
         self.fmt = struct.Struct(">" + formats)
         self.flagbuildnone = True
 
-    def _parse(self, stream: Any, context: Any, path: str) -> None:
+    def _parse(self, stream: IO[bytes], context: Container, path: str) -> None:
         values = self.fmt.unpack(stream_read(stream, self.fmt.size, path))
         context.update(zip(self.names, values, strict=True))
 
-    def _build(self, obj: Any, stream: Any, context: Any, path: str) -> None:
+    def _build(self, obj: None, stream: IO[bytes], context: Container, path: str) -> None:
         stream_write(stream, self.fmt.pack(*[context[n] for n in self.names]), self.fmt.size, path)
 
-    def _sizeof(self, context: Any, path: str) -> int:
+    def _sizeof(self, context: Container, path: str) -> int:
         return self.fmt.size
 
-    def _emitparse(self, code: Any) -> str:
+    def _emitparse(self, code: CodeGen) -> str:
         u = code.allocateId()
         stores = "\n".join(
             f"                result[{n!r}] = this[{n!r}] = values[{i}]"
@@ -326,7 +346,7 @@ class PackedRun(Construct):  # type: ignore[misc]
         # are the Struct's locals (construct 2.10.x code generator).
         return f"parse_run_{u}(io, result, this)"
 
-    def _emitbuild(self, code: Any) -> str:
+    def _emitbuild(self, code: CodeGen) -> str:
         u = code.allocateId()
         args = ", ".join(f"objdict[{n!r}]" for n in self.names)
         code.append(

@@ -7,7 +7,7 @@ other integers are numbers, opaque bytes are lowercase hex, text is a JSON strin
 from __future__ import annotations
 
 from dataclasses import fields
-from typing import Any
+from typing import Any, TypeVar
 
 from improto.enums import FrameType
 from improto.frames import FRAME_CLASSES, Frame, GroupSummary, Message, Push, UnreadCount
@@ -19,9 +19,12 @@ U64_FIELDS = frozenset(
     }
 )  # fmt: skip
 _RECORD_OF = {"messages": Message, "unread": UnreadCount, "groups": GroupSummary}
+_Record = TypeVar("_Record", Message, UnreadCount, GroupSummary)
+
+# JSON values are typed Any: a JSON document is only known by what a reader expects of it.
 
 
-def _value_to_json(name: str, v: Any) -> Any:
+def _value_to_json(name: str, v: object) -> Any:
     if isinstance(v, bytes):
         return v.hex()
     if isinstance(v, str):
@@ -30,10 +33,11 @@ def _value_to_json(name: str, v: Any) -> Any:
         return str(v) if name in U64_FIELDS else int(v)
     if isinstance(v, tuple):
         return [_value_to_json(name, x) for x in v]
+    assert isinstance(v, Message | UnreadCount | GroupSummary)
     return record_to_json(v)
 
 
-def record_to_json(rec: Any) -> dict[str, Any]:
+def record_to_json(rec: Message | UnreadCount | GroupSummary) -> dict[str, Any]:
     return {f.name: _value_to_json(f.name, getattr(rec, f.name)) for f in fields(rec)}
 
 
@@ -51,7 +55,7 @@ def _value_from_json(name: str, annotation: str, v: Any) -> Any:
     return tuple(record_from_json(_RECORD_OF[name], x) for x in v)
 
 
-def record_from_json(cls: type, obj: dict[str, Any]) -> Any:
+def record_from_json(cls: type[_Record], obj: dict[str, Any]) -> _Record:
     kw = {f.name: _value_from_json(f.name, str(f.type), obj[f.name]) for f in fields(cls)}
     return cls(**kw)
 

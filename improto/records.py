@@ -45,9 +45,7 @@ _STORE_TAG = bytes((STORE_FORMAT,))
 
 # Bytes of a page frame that are not message records: header, fixed fields, list counts, and
 # for OFFLINE_PAGE the largest possible unread list (one entry per message).
-OFFLINE_OVERHEAD = (
-    HEADER_SIZE + _OFFLINE_FIXED.size + _COUNT.size + _UNREAD.size * OFFLINE_PAGE_MAX
-)
+OFFLINE_OVERHEAD = HEADER_SIZE + _OFFLINE_FIXED.size + _COUNT.size + _UNREAD.size * OFFLINE_PAGE_MAX
 HISTORY_OVERHEAD = HEADER_SIZE + _HISTORY_FIXED.size
 
 

@@ -9,6 +9,7 @@ Integers are unsigned big-endian. Strings and blobs carry a byte-length prefix.
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any, TypeAlias
 
 from construct import (
     Construct,
@@ -38,7 +39,10 @@ from improto.limits import (
     OFFLINE_PAGE_MAX,
 )
 
-HEADER: list[Construct] = [
+# One field of a layout: each parses into and builds from its own type (int, str, a list...).
+Field: TypeAlias = "Construct[Any, Any]"
+
+HEADER: list[Field] = [
     "version" / Int8ub,
     "type" / Int8ub,
     "flags" / Int8ub,
@@ -47,7 +51,7 @@ HEADER: list[Construct] = [
 
 # The message record. PUSH carries its fields inline (same bytes as a nested Struct, one
 # Container fewer per parse); pages carry arrays of it.
-MESSAGE_FIELDS: list[Construct] = [
+MESSAGE_FIELDS: list[Field] = [
     "msg_id" / Int64ub,
     "server_time" / Int64ub,
     "sender_id" / Int64ub,
@@ -58,22 +62,22 @@ MESSAGE_FIELDS: list[Construct] = [
     "client_msg_id" / FixedBytes("client_msg_id", 16),
     "body" / Blob("body", 2, 0, MAX_BODY),
 ]
-UNREAD_FIELDS: list[Construct] = ["conv_kind" / Int8ub, "conv_id" / Int64ub, "count" / Int16ub]
-GROUP_SUMMARY_FIELDS: list[Construct] = [
+UNREAD_FIELDS: list[Field] = ["conv_kind" / Int8ub, "conv_id" / Int64ub, "count" / Int16ub]
+GROUP_SUMMARY_FIELDS: list[Field] = [
     "group_id" / Int64ub,
     "name" / Utf8("name", 1, 1, MAX_GROUP_NAME),
 ]
 
 
-def _ids(lo: int, hi: int) -> Construct:
+def _ids(lo: int, hi: int) -> List16[int, int]:
     return List16("members", Int64ub, lo, hi)
 
 
-def _text() -> Construct:
+def _text() -> Utf8:
     return Utf8("text", 2, 0, MAX_TEXT)
 
 
-def _bodies(record: Callable[[list[Construct]], Construct]) -> dict[T, list[Construct]]:
+def _bodies(record: Callable[[list[Field]], Struct]) -> dict[T, list[Field]]:
     """The body layout of every frame type; `record` turns a record's fields into a Struct."""
     message, unread, group = (
         record(MESSAGE_FIELDS),
@@ -157,26 +161,27 @@ def _bodies(record: Callable[[list[Construct]], Construct]) -> dict[T, list[Cons
     }
 
 
-def _plain(fields: list[Construct]) -> Construct:
+def _plain(fields: list[Field]) -> Struct:
     return Struct(*fields)
 
 
-def merge_runs(fields: list[Construct]) -> list[Construct]:
+def merge_runs(fields: list[Field]) -> list[Field]:
     """Replace each run of 2+ adjacent named integer fields by one PackedRun (same bytes)."""
-    out: list[Construct] = []
-    run: list[Construct] = []
+    out: list[Field] = []
+    run: list[tuple[Field, str, FormatField[int, int]]] = []  # field, its name, its int
 
     def flush() -> None:
         if len(run) > 1:
-            fmts = "".join(f.subcon.fmtstr[1:] for f in run)
-            out.append(PackedRun([f.name for f in run], fmts))
+            fmts = "".join(sub.fmtstr[1:] for _, _, sub in run)
+            out.append(PackedRun([name for _, name, _ in run], fmts))
         else:
-            out.extend(run)
+            out.extend(f for f, _, _ in run)
         run.clear()
 
     for f in fields:
-        if f.name and isinstance(getattr(f, "subcon", None), FormatField):
-            run.append(f)
+        sub: object = getattr(f, "subcon", None)
+        if f.name and isinstance(sub, FormatField):
+            run.append((f, f.name, sub))
         else:
             flush()
             out.append(f)
@@ -184,7 +189,7 @@ def merge_runs(fields: list[Construct]) -> list[Construct]:
     return out
 
 
-def _merged(fields: list[Construct]) -> Construct:
+def _merged(fields: list[Field]) -> Struct:
     return Struct(*merge_runs(fields))
 
 

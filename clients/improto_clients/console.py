@@ -47,14 +47,14 @@ import argparse
 import json
 import sys
 import time
-from collections.abc import Callable, Coroutine
+from collections.abc import Awaitable, Callable
 from datetime import datetime
 from pathlib import Path
 from typing import Any, ClassVar
 
 from twisted.internet import defer, stdio
 from twisted.internet.defer import Deferred
-from twisted.internet.interfaces import IHalfCloseableProtocol
+from twisted.internet.interfaces import IHalfCloseableProtocol, IReactorFDSet
 from twisted.logger import (
     FilteringLogObserver,
     LogLevel,
@@ -68,7 +68,7 @@ from zope.interface import implementer
 
 from improto.enums import ClientKind, ContentType, ConvKind
 from improto.errors import ProtocolError
-from improto.frames import HistoryPage, Message, Send, SendAck
+from improto.frames import HelloOk, HistoryPage, Message, Send, SendAck
 from improto.limits import CURSOR_RESUME
 from improto.tokens import mint
 from improto_clients.client import (
@@ -80,11 +80,16 @@ from improto_clients.client import (
     SyncResult,
     conv_key,
 )
+from improto_clients.reactor_types import IClientReactor
 
 DEFAULT_SERVER = "tcp:host=127.0.0.1:port=5555"
 HELP = (__doc__ or "").partition("Commands:\n\n")[2].partition("\n\nWith --script")[0]
 
-Event = dict[str, Any]
+Event = dict[str, Any]  # a JSON object
+
+
+class IConsoleReactor(IClientReactor, IReactorFDSet):
+    """The client's reactor that also reads stdin and writes stdout (`stdio.StandardIO`)."""
 
 
 # ----------------------------------------------------------------------------- events
@@ -451,7 +456,7 @@ class Console:
         self._quit_command = True
         self.quit(0)
 
-    COMMANDS: ClassVar[dict[str, Callable[[Console, list[str]], Coroutine[Any, Any, None]]]] = {
+    COMMANDS: ClassVar[dict[str, Callable[[Console, list[str]], Awaitable[None]]]] = {
         "/to": cmd_to,
         "/sync": cmd_sync,
         "/history": cmd_history,
@@ -464,7 +469,7 @@ class Console:
 
     # --- client events
 
-    def _on_login(self, ok: Any) -> None:
+    def _on_login(self, ok: HelloOk) -> None:
         self.emit(
             {
                 "event": "connected",
@@ -572,7 +577,7 @@ def _start_logging() -> None:
     globalLogBeginner.beginLoggingTo([observer], redirectStandardIO=False)
 
 
-async def run(reactor: Any, args: argparse.Namespace) -> None:
+async def run(reactor: IConsoleReactor, args: argparse.Namespace) -> None:
     _start_logging()
     if args.token is not None:
         token: str | Callable[[], str] = args.token

@@ -174,7 +174,7 @@ def token_not_hs256(env: Env) -> None:
     claims = {"sub": str(user), "dev": dev, "exp": int(time.time()) + 600}
     tokens = {
         "garbage": "not-a-jwt",
-        "alg none": jwt.encode(claims, None, algorithm="none"),
+        "alg none": jwt.encode(claims, "", algorithm="none"),  # PyJWT: "" is no key
         "HS512": jwt.encode(claims, env.secret, algorithm="HS512"),
     }
     for what, token in tokens.items():

@@ -17,7 +17,7 @@ import socket
 import struct
 import time
 from collections.abc import Callable
-from typing import Any, TypeVar
+from typing import TypeVar
 
 from improto.codec import FrameReader, decode_payload, encode
 from improto.enums import ClientKind, ContentType, ConvKind
@@ -270,7 +270,7 @@ class Env:
     def __init__(self, host: str, port: int, secret: str, timeout: float = 5.0) -> None:
         self.host, self.port, self.secret, self.timeout = host, port, secret, timeout
         self.conns: list[Conn] = []
-        self.info: dict[str, Any] = {}  # filled by the first login: HELLO_OK values
+        self.info: dict[str, int] = {}  # filled by the first login: HELLO_OK values
 
     def connect(self, label: str = "") -> Conn:
         c = Conn(self.host, self.port, self.timeout, label)

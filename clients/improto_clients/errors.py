@@ -1,0 +1,62 @@
+"""The exceptions of the client library: server refusals, a closed session, no connection."""
+
+from __future__ import annotations
+
+from improto.enums import CloseReason
+from improto.errors import FATAL_CODES, ErrorCode
+
+
+class ServerError(Exception):
+    """An ERROR frame answering a request (or unsolicited, request_id 0)."""
+
+    def __init__(self, code: int, text: str = "", request_id: int = 0) -> None:
+        self.code = code
+        self.text = text
+        self.request_id = request_id
+        super().__init__(f"{self.name} ({code}): {text}" if text else f"{self.name} ({code})")
+
+    @property
+    def name(self) -> str:
+        """The code's name; an unknown code is named by its hundred (section 13.2)."""
+        try:
+            return ErrorCode(self.code).name
+        except ValueError:
+            return f"{self.code // 100}xx"
+
+    @property
+    def fatal(self) -> bool:
+        """The server closes the connection after this error (section 13.1)."""
+        return self.code in FATAL_CODES
+
+    @property
+    def retriable(self) -> bool:
+        """5xx: nothing happened, retry later (a SEND with the same client_msg_id)."""
+        return self.code // 100 == 5
+
+
+class SessionClosed(Exception):
+    """The connection ended; `reason` is the CLOSE reason if the server sent one."""
+
+    def __init__(self, reason: int | None = None, text: str = "",
+                 error: ServerError | None = None) -> None:  # fmt: skip
+        self.reason = reason
+        self.text = text
+        self.error = error  # the fatal ERROR that ended the session, if any
+        super().__init__(f"connection closed: {self.reason_name}" + (f" ({text})" if text else ""))
+
+    @property
+    def reason_name(self) -> str | None:
+        if self.reason is None:
+            return self.error.name if self.error else None
+        try:
+            return CloseReason(self.reason).name
+        except ValueError:
+            return f"UNKNOWN_{self.reason}"
+
+
+class NotConnected(Exception):
+    """No logged-in connection; a SEND stays in the outbox and goes out after the next login."""
+
+
+class StateMismatch(Exception):
+    """The ClientState belongs to another user than the token logged in as."""

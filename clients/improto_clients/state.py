@@ -1,0 +1,136 @@
+"""The local device state: offline cursor, messages per conversation, outbox of SENDs.
+
+Kept between sessions, optionally persisted as one JSON file (`ClientState.load`/`save`).
+"""
+
+from __future__ import annotations
+
+import bisect
+import json
+import os
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+from improto.frames import Message, Send
+from improto.jsonform import frame_from_json, frame_to_json, record_from_json, record_to_json
+from improto_clients.conv_keys import message_conv
+from improto_clients.errors import StateMismatch
+
+STATE_FORMAT = 1
+
+
+@dataclass
+class ClientState:
+    """One device's local store. `path` set: `save()` rewrites that JSON file atomically.
+
+    The offline `cursor` is opaque: it only ever takes values from OFFLINE_PAGE.cursor (or 0 on
+    a fresh install, or 2^64-1 "resume" for a client that keeps nothing between launches).
+    """
+
+    path: str | None = None
+    user_id: int | None = None
+    cursor: int = 0
+    conversations: dict[str, list[Message]] = field(default_factory=dict)
+    outbox: dict[bytes, Send] = field(default_factory=dict)  # client_msg_id -> unacked SEND
+    _ids: set[int] = field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        self._ids = {m.msg_id for msgs in self.conversations.values() for m in msgs}
+
+    def bind(self, user_id: int) -> None:
+        """Attach the state to the logged-in user; a state file is never shared by users."""
+        if self.user_id is not None and self.user_id != user_id:
+            raise StateMismatch(f"state belongs to user {self.user_id}, not {user_id}")
+        self.user_id = user_id
+
+    def has(self, msg_id: int) -> bool:
+        return msg_id in self._ids
+
+    def add(self, m: Message) -> bool:
+        """Store a message unless its msg_id is already held; True if it was new."""
+        if m.msg_id in self._ids:
+            return False
+        if self.user_id is None:
+            raise RuntimeError("the state has no user yet (store messages after HELLO_OK)")
+        msgs = self.conversations.setdefault(message_conv(self.user_id, m), [])
+        bisect.insort(msgs, m, key=lambda x: x.msg_id)  # a conversation shows in msg_id order
+        self._ids.add(m.msg_id)
+        return True
+
+    def store_page(self, messages: Iterable[Message], cursor: int) -> list[Message]:
+        """Store a page's messages, then move the cursor and persist (section 10.2).
+
+        If saving fails the in-memory cursor goes back, so the next pull asks for the same page
+        again: the cursor must never claim messages that were not stored.
+        """
+        new = [m for m in messages if self.add(m)]
+        previous, self.cursor = self.cursor, cursor
+        try:
+            self.save()
+        except BaseException:
+            self.cursor = previous
+            raise
+        return new
+
+    def messages(self, key: str) -> list[Message]:
+        return list(self.conversations.get(key, ()))
+
+    # --- persistence
+
+    def to_json(self) -> dict[str, Any]:
+        # Messages are written before the cursor; the file is replaced whole (see save()).
+        return {
+            "format": STATE_FORMAT,
+            "user_id": None if self.user_id is None else str(self.user_id),
+            "conversations": {
+                k: [record_to_json(m) for m in msgs] for k, msgs in self.conversations.items()
+            },
+            "outbox": [frame_to_json(f) for f in self.outbox.values()],
+            "cursor": str(self.cursor),
+        }
+
+    @classmethod
+    def from_json(cls, obj: dict[str, Any], path: str | None = None) -> ClientState:
+        if obj.get("format") != STATE_FORMAT:
+            raise ValueError(f"unsupported state format {obj.get('format')!r}")
+        outbox: dict[bytes, Send] = {}
+        for f in obj["outbox"]:
+            frame = frame_from_json(f)
+            assert isinstance(frame, Send)
+            outbox[frame.client_msg_id] = frame
+        return cls(
+            path=path,
+            user_id=None if obj["user_id"] is None else int(obj["user_id"]),
+            cursor=int(obj["cursor"]),
+            conversations={
+                k: [record_from_json(Message, m) for m in msgs]
+                for k, msgs in obj["conversations"].items()
+            },
+            outbox=outbox,
+        )
+
+    def save(self) -> None:
+        """Write the whole state to `path` (no-op without one).
+
+        Write-to-temp + rename: the file always holds a cursor together with every message
+        stored before it, never a cursor ahead of its messages. The write is synchronous; the
+        file is small for a console client.
+        """
+        if self.path is None:
+            return
+        tmp = f"{self.path}.tmp"
+        with open(tmp, "w", encoding="utf-8") as f:
+            json.dump(self.to_json(), f, separators=(",", ":"))
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, self.path)
+
+    @classmethod
+    def load(cls, path: str) -> ClientState:
+        """The state saved at `path`, or a fresh one (cursor 0) that will be saved there."""
+        try:
+            with open(path, encoding="utf-8") as f:
+                return cls.from_json(json.load(f), path)
+        except FileNotFoundError:
+            return cls(path=path)

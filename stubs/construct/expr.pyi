@@ -1,0 +1,13 @@
+from collections.abc import Mapping
+from typing import Any
+
+class ExprMixin: ...
+
+class Path(ExprMixin):
+    """`this.field`: a lambda over the context that reads `field` from it."""
+
+    def __init__(self, name: str, field: str | None = None, parent: Path | None = None) -> None: ...
+    def __call__(self, obj: Mapping[str, Any], *args: object) -> Any: ...
+    def __getattr__(self, name: str) -> Path: ...
+
+this: Path

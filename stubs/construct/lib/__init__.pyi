@@ -1,0 +1,1 @@
+from construct.lib.containers import Container as Container

@@ -1,0 +1,3 @@
+version: tuple[int, int, int]
+version_string: str
+release_date: str
