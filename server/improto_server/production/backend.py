@@ -5,22 +5,29 @@
     groups  RedisGroups   groups and memberships (one {groups} slot: limits are atomic)
     history HBaseHistory  per-conversation history (happybase on its own thread pool)
 
-One txredisapi pool serves the inbox, the groups and the queue's dedup keys.
+One txredisapi pool serves the inbox, the groups, the queue's dedup keys and the presence of
+the push routers; the push routers share the queue's AMQP connection.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
+
+import txredisapi
 
 from twisted.internet.defer import Deferred
 
 from improto_server.config import Config
+from improto_server.deferreds import as_deferred
 from improto_server.ids import wall_ms
 from improto_server.production.hbase_history import HBaseHistory
+from improto_server.production.presence import Presence
+from improto_server.production.push_router import AmqpPushRouter
 from improto_server.production.rabbit_queue import RabbitQueue
+from improto_server.production.redis_connection import connect
 from improto_server.production.redis_groups import RedisGroups
-from improto_server.production.redis_inbox import RedisInbox, connect
+from improto_server.production.redis_inbox import RedisInbox
+from improto_server.reactor_types import IServerReactor, server_reactor
 
 
 def _host_port(value: str, default_port: int) -> tuple[str, int]:
@@ -32,15 +39,16 @@ class ProductionBackend:
     def __init__(
         self,
         config: Config,
-        reactor: Any,
+        reactor: IServerReactor | None = None,
         now_ms: Callable[[], int] = wall_ms,
         *,
         hbase_family_ttl: bool = True,  # off only for tests whose clock is not wall time
     ) -> None:
         self.config = config
+        self._reactor = reactor = reactor or server_reactor()
         redis_host, redis_port = _host_port(config.redis, 6379)
         hbase_host, hbase_port = _host_port(config.hbase, 9090)
-        self.redis = connect(redis_host, redis_port)
+        self.redis: txredisapi.ConnectionHandler = connect(redis_host, redis_port)
         prefix = config.key_prefix
         self.inbox = RedisInbox(self.redis, prefix, now_ms, config.inbox_retention_ms)
         self.groups = RedisGroups(self.redis, prefix)
@@ -63,19 +71,24 @@ class ProductionBackend:
             family_ttl=hbase_family_ttl,
         )
 
-    def start(self) -> Deferred[None]:
-        return Deferred.fromCoroutine(self._start())
-
-    async def _start(self) -> None:
+    @as_deferred
+    async def start(self) -> None:
         await self.inbox.start()
         await self.groups.start()
         await self.history.start()
         await self.queue.start()
 
-    def close(self) -> Deferred[None]:
-        return Deferred.fromCoroutine(self._close())
+    def push_router(self) -> AmqpPushRouter:
+        """A push router for a gateway: presence in this backend's Redis, pushes over the
+        queue's AMQP connection (`start(hub)` it)."""
+        config = self.config
+        presence = Presence(
+            self.redis, config.key_prefix, gateway_id=config.gateway_id, reactor=self._reactor
+        )
+        return AmqpPushRouter(self.queue, presence, config.key_prefix, self._reactor)
 
-    async def _close(self) -> None:
+    @as_deferred
+    async def close(self) -> None:
         await self.queue.close()  # stop consuming first: handlers still use the stores
         await self.history.close()
         await self.redis.disconnect()
@@ -83,5 +96,4 @@ class ProductionBackend:
     def sweep(self) -> Deferred[dict[str, int]]:
         """Trim expired inbox entries (Redis TTLs and HBase's family TTL do the rest)."""
         d = self.inbox.sweep()
-        d.addCallback(lambda n: {"inbox": n})
-        return d
+        return d.addCallback(lambda n: {"inbox": n})

@@ -9,12 +9,13 @@ Row key: ``salt ‖ conversation ‖ 0x00 ‖ be64(2**64-1 - msg_id)``.
 * The inverted big-endian id makes a forward scan from the conversation prefix return the
   newest message first, and byte order equals unsigned order, so ids near 2**64-1 sort right.
 
-One row per message: column ``m:v`` holds the PUSH payload of the message (the wire codec,
-which validates strictly), ``m:t`` its server_time as 16 hex digits, whose byte order is its
-numeric order, so a server-side SingleColumnValueFilter skips rows past retention. Cells are
-written with timestamp = server_time, so the family TTL (the retention) removes them
-physically relative to HBase's wall clock; reads still filter by the injected clock, which is
-what the contract defines retention against.
+One row per message: column ``m:v`` holds its stored record (improto.records: a storage
+format byte, then the MESSAGE record; cells written before formats were numbered hold a PUSH
+payload), ``m:t`` its server_time as 16 hex digits, whose byte order is its numeric order,
+so a server-side SingleColumnValueFilter skips rows past retention. Cells are written with
+their server_time (rounded down to the second) as timestamp, so the family TTL (the
+retention) removes them physically relative to HBase's wall clock; reads still filter by the
+injected clock, which is what the contract defines retention against.
 
 happybase blocks, so every call runs on a dedicated thread pool as large as the happybase
 connection pool (a worker never waits for a connection). The Thrift server drops connections
@@ -24,6 +25,7 @@ transport is retried once, on a freshly opened connection; every operation is id
 
 from __future__ import annotations
 
+import functools
 import threading
 import zlib
 from collections.abc import Callable, Iterable
@@ -39,8 +41,11 @@ from twisted.python.failure import Failure
 from twisted.python.threadpool import ThreadPool
 
 from improto.limits import U64_MAX
-from improto_server.model import ConvKey, HistorySlice, PersistJob
-from improto_server.records import CorruptRecord, HistoryRecords, message_of, record_of_push
+from improto.records import CorruptRecord, record_of_stored
+from improto_server.deferreds import as_deferred
+from improto_server.model import ConvKey, HistoryRecords, PersistJob
+from improto_server.production.once import Once
+from improto_server.reactor_types import IServerReactor, server_reactor
 
 _log = Logger()
 
@@ -91,9 +96,9 @@ CELL_TS_GRAIN_MS = 1000
 def _cell_ts(server_time: int) -> int:
     """The HBase cell timestamp (what the family TTL expires by): server_time rounded down to
     the second. Thrift1 takes one timestamp per mutateRowsTs call, so a batch costs one call
-    per distinct timestamp: per millisecond, a 20 ms batch was ~20 calls (and WAL syncs); per
-    second it is one or two. Expiry up to 1 s early on a 180-day retention does not matter,
-    and reads filter on the exact server_time (column m:t)."""
+    (and WAL sync) per distinct timestamp, and a batch spans few seconds but many
+    milliseconds (docs/BENCHMARKS.md, "Optimisations"). Expiry up to 1 s early does not
+    matter next to a retention of days, and reads filter on the exact server_time (m:t)."""
     return min(server_time - server_time % CELL_TS_GRAIN_MS, _MAX_CELL_TS)
 
 
@@ -105,26 +110,23 @@ def _retention_filter(cutoff: int) -> bytes | None:
 
 
 def _encode(job: PersistJob) -> dict[bytes, bytes]:
-    return {COL_MESSAGE: job.push_payload, COL_TIME: _time_value(job.message.server_time)}
+    return {COL_MESSAGE: job.stored_record, COL_TIME: _time_value(job.message.server_time)}
 
 
 def _record(value: bytes) -> bytes:
-    """The MESSAGE record of a stored PUSH payload."""
+    """The MESSAGE record of a history cell (any storage format)."""
     try:
-        return record_of_push(value)
+        return record_of_stored(value)
     except CorruptRecord as e:
         raise ValueError(f"history cell: {e}") from None
 
 
-def _decoded(page: HistoryRecords) -> HistorySlice:
-    """The Message form of a page (strict codec)."""
-    return HistorySlice(tuple(map(message_of, page.records)), page.has_more)
-
-
+@as_deferred
 async def _all(ds: list[Deferred[None]]) -> None:
     """Wait for every one (none left running), then raise the first failure."""
     for ok, value in await DeferredList(ds, consumeErrors=True):
         if not ok:
+            assert isinstance(value, Failure)
             value.raiseException()
 
 
@@ -150,7 +152,7 @@ def _put(table: happybase.Table, row: bytes, data: dict[bytes, bytes], ts: int) 
 
 
 def _put_many(table: happybase.Table, rows: _PutsByTs) -> None:
-    # Thrift1 carries one timestamp per mutateRowsTs call: one batch per distinct server_time.
+    # Thrift1 carries one timestamp per mutateRowsTs call: one batch per cell timestamp.
     for ts, puts in rows.items():
         batch = table.batch(timestamp=ts)
         for row, data in puts:
@@ -208,33 +210,31 @@ class HBaseHistory:
         now_ms: Callable[[], int],
         retention_ms: int,
         pool_size: int = 4,
-        reactor: Any = None,
+        reactor: IServerReactor | None = None,
         family_ttl: bool = True,
         timeout_ms: int | None = 30_000,
     ) -> None:
         """`family_ttl=False` creates the table without a TTL: for a clock that is not wall
         time (tests' fake clock), where cells stamped with server_time would be expired by
         HBase at once. `timeout_ms` bounds each socket read, so close() cannot hang forever."""
-        if reactor is None:
-            from twisted.internet import reactor as default_reactor
-
-            reactor = default_reactor
-        self.host = host
-        self.port = port
+        # The pool's constructor connects its first connection at once (blocking): opened on
+        # an HBase thread, by start().
+        self._open_pool = functools.partial(
+            happybase.ConnectionPool, pool_size, host=host, port=port, timeout=timeout_ms
+        )
         self.table_name = table
         self.now_ms = now_ms
         self.retention_ms = retention_ms
         self.pool_size = pool_size
-        self._reactor = reactor
+        self._reactor = reactor or server_reactor()
         self._family_ttl = family_ttl
-        self._timeout_ms = timeout_ms
         self._threads = ThreadPool(minthreads=pool_size, maxthreads=pool_size, name="improto-hbase")
         self._pool: happybase.ConnectionPool | None = None
         self._started = False
         self._running = False  # accepting calls: after start() succeeded, before close()
-        self._closed: Deferred[None] | None = None
+        self._closing = Once(self._close)
         self._in_flight: set[Deferred[None]] = set()
-        self._shutdown_trigger: Any = None
+        self._shutdown_trigger: object = None
         self._retry_lock = threading.Lock()
         self.retries = 0  # operations retried after a transport error (for tests and metrics)
 
@@ -242,7 +242,7 @@ class HBaseHistory:
 
     def start(self) -> Deferred[None]:
         """Connect, and create the table if it is missing."""
-        if self._started or self._closed is not None:
+        if self._started or self._closing.started:
             raise RuntimeError("HBaseHistory can be started once, before close()")
         self._started = True
         self._threads.start()
@@ -255,17 +255,16 @@ class HBaseHistory:
         return d
 
     def _opened(self, _: None) -> None:
-        if self._closed is None:
+        if not self._closing.started:
             self._running = True
 
-    def _start_failed(self, failure: Failure) -> Deferred[Failure]:
-        return self.close().addCallback(lambda _: failure)
+    @as_deferred
+    async def _start_failed(self, failure: Failure) -> None:
+        await self.close()
+        failure.raiseException()
 
     def _open(self) -> None:
-        # The constructor connects its first connection at once (blocking): on this thread.
-        self._pool = happybase.ConnectionPool(
-            size=self.pool_size, host=self.host, port=self.port, timeout=self._timeout_ms
-        )
+        self._pool = self._open_pool()
         options: dict[str, Any] = {"max_versions": 1}
         if self._family_ttl:
             # HBase TTLs are whole seconds: round up so HBase never hides a message that the
@@ -275,17 +274,9 @@ class HBaseHistory:
 
     def close(self) -> Deferred[None]:
         """Stop taking calls, let the running ones finish, then stop the threads."""
-        if self._closed is None:
-            self._closed = Deferred.fromCoroutine(self._close())
-        d: Deferred[None] = Deferred()
+        return self._closing()
 
-        def notify(result: Any) -> Any:
-            d.callback(None)
-            return result
-
-        self._closed.addBoth(notify)  # a fresh Deferred per caller: none can alter the others
-        return d
-
+    @as_deferred
     async def _close(self) -> None:
         self._running = False
         try:
@@ -369,16 +360,13 @@ class HBaseHistory:
         stamps = list(by_ts.items())
         n = min(self.pool_size, len(stamps))
         chunks = [dict(stamps[i::n]) for i in range(n)]
-        return Deferred.fromCoroutine(_all([self._call(_put_many, chunk) for chunk in chunks]))
+        return _all([self._call(_put_many, chunk) for chunk in chunks])
 
-    def page(self, key: ConvKey, before_id: int, limit: int, min_id: int) -> Deferred[HistorySlice]:
-        return self.page_records(key, before_id, limit, min_id).addCallback(_decoded)
-
-    def page_records(
+    def page(
         self, key: ConvKey, before_id: int, limit: int, min_id: int
     ) -> Deferred[HistoryRecords]:
-        """`page` with MESSAGE records (server/records.py): what the pull handler sends,
-        spliced from the stored PUSH payloads without decoding them."""
+        """The MESSAGE records of the messages, taken from the cells without decoding them:
+        what the pull handler splices into HISTORY_PAGE."""
         limit = max(0, limit)
         try:
             prefix = conversation_prefix(key)

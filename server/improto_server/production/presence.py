@@ -23,15 +23,23 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import Callable, Iterable
-from typing import Any
 
 from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import IReactorTime
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 
+from improto_server.deferreds import as_deferred
 from improto_server.ids import MAX_NODE
-from improto_server.production.redis_inbox import LuaScript, gather
+from improto_server.production.redis_connection import (
+    LuaScript,
+    RedisClient,
+    gather,
+    load_scripts,
+    text,
+)
 from improto_server.production.redis_slots import slot_groups
+from improto_server.reactor_types import server_reactor
 
 _log = Logger()
 
@@ -104,25 +112,21 @@ class Presence:
 
     def __init__(
         self,
-        redis: Any,
+        redis: RedisClient,
         prefix: str,
         *,
         gateway_id: str | None = None,
-        reactor: Any = None,
+        reactor: IReactorTime | None = None,
         cluster: bool = False,
         heartbeat_s: float = HEARTBEAT_S,
         dead_after_ms: int = DEAD_AFTER_MS,
     ) -> None:
-        if reactor is None:
-            from twisted.internet import reactor as default_reactor
-
-            reactor = default_reactor
         self._redis = redis
         self._prefix = prefix
         self.gateway_id = gateway_id or uuid.uuid4().hex[:12]
         if "/" in self.gateway_id:
             raise ValueError("a gateway id cannot contain '/'")
-        self._reactor = reactor
+        self._reactor = reactor or server_reactor()
         self._cluster = cluster
         self._heartbeat_s = heartbeat_s
         self._dead_after_ms = dead_after_ms
@@ -150,13 +154,11 @@ class Presence:
 
     # ------------------------------------------------------------- lifecycle
 
-    def start(self, *, lease_node: bool = True) -> Deferred[None]:
+    @as_deferred
+    async def start(self, *, lease_node: bool = True) -> None:
         """Load the scripts, lease a node id (if asked), announce this gateway, and start
         heartbeating (which also cleans up after dead gateways)."""
-        return Deferred.fromCoroutine(self._start(lease_node))
-
-    async def _start(self, lease_node: bool) -> None:
-        await gather(script.load(self._redis) for script in SCRIPTS)
+        await load_scripts(self._redis, SCRIPTS)
         if lease_node:
             self.node = await self._lease_any()
         await self._heartbeat()
@@ -174,10 +176,11 @@ class Presence:
         raise RuntimeError(f"all {MAX_NODE + 1} message-id nodes are leased")
 
     def _tick(self) -> Deferred[None]:
-        d = Deferred.fromCoroutine(self._heartbeat())
+        d = self._heartbeat()
         d.addErrback(lambda f: _log.failure("presence heartbeat failed", f))
         return d
 
+    @as_deferred
     async def _heartbeat(self) -> None:
         now = await self._now_ms()
         added = await self._redis.execute_command("ZADD", self._gateways_key, now, self.gateway_id)
@@ -195,8 +198,7 @@ class Presence:
         dead = await self._redis.execute_command(
             "ZRANGEBYSCORE", self._gateways_key, "-inf", now - self._dead_after_ms
         )
-        for gid in dead:
-            gid = gid.decode() if isinstance(gid, bytes) else str(gid)
+        for gid in map(text, dead):
             if gid != self.gateway_id and int(
                 await self._redis.execute_command("ZREM", self._gateways_key, gid)
             ):
@@ -206,14 +208,14 @@ class Presence:
         sec, usec = await self._redis.execute_command("TIME")
         return int(sec) * 1000 + int(usec) // 1000
 
+    @as_deferred
     async def forget_gateway(self, gateway_id: str) -> int:
         """Remove every presence entry that still names `gateway_id`; returns how many."""
         devices_key = self._devices_key(gateway_id)
         members = await self._redis.execute_command("SMEMBERS", devices_key)
         removed = 0
         for member in members:
-            text = member.decode() if isinstance(member, bytes) else str(member)
-            user, _, device = text.partition("/")
+            user, _, device = text(member).partition("/")
             removed += int(
                 await _FORGET(
                     self._redis, [self.presence_key(int(user))], [device, gateway_id + "/"]
@@ -225,11 +227,9 @@ class Presence:
                   n=removed)  # fmt: skip
         return removed
 
-    def close(self) -> Deferred[None]:
+    @as_deferred
+    async def close(self) -> None:
         """Stop heartbeating and withdraw this gateway's entries and lease."""
-        return Deferred.fromCoroutine(self._close())
-
-    async def _close(self) -> None:
         if self._beat is not None and self._beat.running:
             self._beat.stop()
         try:
@@ -247,6 +247,7 @@ class Presence:
         self._sessions += 1
         return f"{self.gateway_id}/{self._sessions}"
 
+    @as_deferred
     async def claim(self, user_id: int, device_id: str, session: str) -> str | None:
         """Record that `session` holds the device; returns the session it replaced."""
         # The gateway's own index first: a janitor can then never miss the entry.
@@ -256,11 +257,13 @@ class Presence:
         old = await _CLAIM(self._redis, [self.presence_key(user_id)], [device_id, session])
         if old is None or old is False:
             return None
-        return old.decode() if isinstance(old, bytes) else str(old)
+        return text(old)
 
+    @as_deferred
     async def release(self, user_id: int, device_id: str, session: str) -> None:
         await _RELEASE(self._redis, [self.presence_key(user_id)], [device_id, session])
 
+    @as_deferred
     async def lookup(self, users: Iterable[int]) -> dict[int, dict[str, str]]:
         """user -> {device: session} for every user with a presence entry."""
         users = list(dict.fromkeys(users))
@@ -272,13 +275,9 @@ class Presence:
         for group, reply in zip(groups, replies, strict=True):
             for user, flat in zip(group, reply, strict=True):
                 if flat:
-                    out[user] = {_text(flat[i]): _text(flat[i + 1]) for i in range(0, len(flat), 2)}
+                    out[user] = {text(flat[i]): text(flat[i + 1]) for i in range(0, len(flat), 2)}
         return out
 
 
 def gateway_of(session: str) -> str:
     return session.partition("/")[0]
-
-
-def _text(value: Any) -> str:
-    return value.decode() if isinstance(value, bytes) else str(value)

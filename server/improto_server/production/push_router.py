@@ -23,17 +23,21 @@ from __future__ import annotations
 
 import struct
 from collections.abc import Iterable
-from typing import Any
 
 import pika
+from pika.adapters.twisted_connection import ClosableDeferredQueue, TwistedChannel
 
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, succeed
+from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
 from improto.enums import CloseReason
+from improto_server.deferreds import as_deferred
 from improto_server.hub import Hub, Pushable
+from improto_server.production.amqp_connection import AmqpProtocol
 from improto_server.production.presence import Presence, gateway_of
 from improto_server.production.rabbit_queue import RabbitQueue
+from improto_server.reactor_types import server_reactor
 from improto_server.turn_batcher import TurnBatcher
 
 _log = Logger()
@@ -77,22 +81,22 @@ class AmqpPushRouter:
     """PushRouter over Presence (Redis) and the queue's AMQP connection."""
 
     def __init__(
-        self, queue: RabbitQueue, presence: Presence, prefix: str, reactor: Any = None
+        self,
+        queue: RabbitQueue,
+        presence: Presence,
+        prefix: str,
+        reactor: IReactorTime | None = None,
     ) -> None:
-        if reactor is None:
-            from twisted.internet import reactor as default_reactor
-
-            reactor = default_reactor
-        self._queue = queue
-        self.presence = presence
         self.exchange = f"{prefix}.push"
         self.gateway_id = presence.gateway_id
         self.queue_name = f"{prefix}.push.{self.gateway_id}"
+        self._queue = queue
+        self.presence = presence
         self._hub: Hub | None = None
-        self._channel: Any = None
+        self._channel: TwistedChannel | None = None
         self.routed_out = 0  # messages published to other gateways
         self._routes: TurnBatcher[tuple[list[int], int, bytes], None] = TurnBatcher(
-            reactor, self._route_batch, ROUTE_BATCH
+            reactor or server_reactor(), self._route_batch, ROUTE_BATCH
         )
         self.delivered_in = 0  # pushes written to local sessions from other gateways
 
@@ -100,25 +104,25 @@ class AmqpPushRouter:
     def node(self) -> int | None:
         return self.presence.node
 
-    def start(self, hub: Hub) -> Deferred[None]:
-        return Deferred.fromCoroutine(self._start(hub))
-
-    async def _start(self, hub: Hub) -> None:
+    @as_deferred
+    async def start(self, hub: Hub) -> None:
         self._hub = hub
         self.presence.on_revived = self._reannounce
         await self.presence.start()
         ready: Deferred[None] = Deferred()
 
-        def connected(proto: Any) -> Deferred[None]:
-            d = Deferred.fromCoroutine(self._setup(proto))
+        def set_up(_: None) -> None:
             if not ready.called:
-                d.addCallback(lambda _: ready.called or ready.callback(None))
-            return d
+                ready.callback(None)
+
+        def connected(proto: AmqpProtocol) -> Deferred[None]:
+            return self._setup(proto).addCallback(set_up)
 
         self._queue.on_connected(connected)
         await ready
 
-    async def _setup(self, proto: Any) -> None:
+    @as_deferred
+    async def _setup(self, proto: AmqpProtocol) -> None:
         ch = await proto.channel()
         await ch.exchange_declare(self.exchange, exchange_type="direct", durable=True)
         await ch.queue_declare(
@@ -130,9 +134,10 @@ class AmqpPushRouter:
         await ch.queue_bind(self.queue_name, self.exchange, routing_key=self.gateway_id)
         deliveries, _tag = await ch.basic_consume(queue=self.queue_name, auto_ack=True)
         self._channel = ch
-        Deferred.fromCoroutine(self._receive(deliveries))
+        self._receive(deliveries)
 
-    async def _receive(self, deliveries: Any) -> None:
+    @as_deferred
+    async def _receive(self, deliveries: ClosableDeferredQueue) -> None:
         while True:
             try:
                 msg = await deliveries.get()
@@ -163,11 +168,12 @@ class AmqpPushRouter:
     # ------------------------------------------------------------- sessions
 
     def online(self, conn: Pushable) -> Deferred[None]:
-        conn.presence = self.presence.new_session()  # type: ignore[attr-defined]
-        return Deferred.fromCoroutine(self._online(conn))
+        session = self.presence.new_session()
+        conn.presence = session  # type: ignore[attr-defined]
+        return self._claim(conn, session)
 
-    async def _online(self, conn: Pushable) -> None:
-        session = conn.presence  # type: ignore[attr-defined]
+    @as_deferred
+    async def _claim(self, conn: Pushable, session: str) -> None:
         old = await self.presence.claim(conn.user_id, conn.device_id, session)
         if old is not None and gateway_of(old) != self.gateway_id:
             self._publish(
@@ -177,17 +183,15 @@ class AmqpPushRouter:
     def offline(self, conn: Pushable) -> Deferred[None]:
         session = getattr(conn, "presence", None)
         if not session:
-            return Deferred.fromCoroutine(_nothing())
-        return Deferred.fromCoroutine(self.presence.release(conn.user_id, conn.device_id, session))
+            return succeed(None)
+        return self.presence.release(conn.user_id, conn.device_id, session)
 
     def _reannounce(self) -> None:
         assert self._hub is not None
         for conn in self._hub.all():
             session = getattr(conn, "presence", None)
             if session:
-                d = Deferred.fromCoroutine(
-                    self.presence.claim(conn.user_id, conn.device_id, session)
-                )
+                d = self.presence.claim(conn.user_id, conn.device_id, session)
                 d.addErrback(lambda f: _log.failure("re-announcing a session failed", f))
 
     # ---------------------------------------------------------------- pushes
@@ -198,10 +202,8 @@ class AmqpPushRouter:
         lookup."""
         return self._routes.submit((list(users), msg_id, data))
 
-    def _route_batch(self, pushes: list[tuple[list[int], int, bytes]]) -> Deferred[list[None]]:
-        return Deferred.fromCoroutine(self._route_all(pushes))
-
-    async def _route_all(self, pushes: list[tuple[list[int], int, bytes]]) -> list[None]:
+    @as_deferred
+    async def _route_batch(self, pushes: list[tuple[list[int], int, bytes]]) -> list[None]:
         found = await self.presence.lookup(u for users, _, _ in pushes for u in users)
         for users, msg_id, data in pushes:
             by_gateway: dict[str, list[Target]] = {}
@@ -226,7 +228,3 @@ class AmqpPushRouter:
             self.routed_out += 1
         except Exception:
             _log.failure("routing a push to gateway {gid} failed", gid=gateway_id)
-
-
-async def _nothing() -> None:
-    return None

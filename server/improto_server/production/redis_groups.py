@@ -30,10 +30,23 @@ from typing import Any
 import txredisapi
 
 from twisted.internet.defer import Deferred, fail
+from twisted.python.failure import Failure
 
 from improto.limits import MAX_GROUP_MEMBERS, MAX_GROUPS_PER_USER
-from improto_server.model import GroupInfo, LimitExceeded
-from improto_server.production.redis_inbox import LuaScript, RedisClient, check_binary, gather
+from improto_server.model import GroupInfo, GroupNotFound, LimitExceeded
+from improto_server.production.redis_connection import (
+    LuaScript,
+    RedisClient,
+    check_binary,
+    load_scripts,
+)
+
+# The first lines of a script on an existing group (KEYS[1], its hash): refuse a missing one.
+_GROUP_EXISTS = """
+if redis.call('EXISTS', KEYS[1]) == 0 then
+  return redis.error_reply('NOGROUP no such group')
+end
+"""
 
 # KEYS: seq, then the group sets of the users (owner first). ARGV: key base, name, since,
 # groups-per-user limit, the users. Returns the new group id.
@@ -59,10 +72,9 @@ return gid
 
 # KEYS: group, since, joined, then the group sets of the users. ARGV: gid, since, member
 # limit, groups-per-user limit, the users (ascending). Returns the users added.
-_ADD = LuaScript("""
-if redis.call('EXISTS', KEYS[1]) == 0 then
-  return redis.error_reply('NOGROUP no such group')
-end
+_ADD = LuaScript(
+    _GROUP_EXISTS
+    + """
 local gid, since, maxm, cap = ARGV[1], ARGV[2], tonumber(ARGV[3]), tonumber(ARGV[4])
 local new = {}
 for i = 5, #ARGV do
@@ -90,14 +102,14 @@ for _, i in ipairs(new) do
   out[#out + 1] = u
 end
 return out
-""")
+"""
+)
 
 # KEYS: group, since, joined, then the group sets of the users. ARGV: gid, the users
 # (ascending). Returns the users removed.
-_REMOVE = LuaScript("""
-if redis.call('EXISTS', KEYS[1]) == 0 then
-  return redis.error_reply('NOGROUP no such group')
-end
+_REMOVE = LuaScript(
+    _GROUP_EXISTS
+    + """
 local owner = redis.call('HGET', KEYS[1], 'owner')
 local out, owner_left = {}, false
 for i = 2, #ARGV do
@@ -116,7 +128,8 @@ if owner_left then
   redis.call('HSET', KEYS[1], 'owner', first[1] or '0')
 end
 return out
-""")
+"""
+)
 
 # KEYS: group, since. Returns nil for an unknown group, else {name, owner, {members}}: one
 # script so that owner and members are read from the same state.
@@ -141,12 +154,12 @@ return out
 SCRIPTS = (_CREATE, _ADD, _REMOVE, _INFO, _GROUPS_OF)
 
 
-def _translate(failure: Any, group_id: int) -> Any:
+def _translate(failure: Failure, group_id: int) -> Failure:
     """Script refusals (nothing was written) -> the port's exceptions."""
     failure.trap(txredisapi.ResponseError)
     text = str(failure.value)
     if text.startswith("NOGROUP"):
-        raise KeyError(group_id)
+        raise GroupNotFound(group_id)
     if text.startswith("LIMIT "):
         raise LimitExceeded(text.removeprefix("LIMIT "))
     return failure
@@ -166,10 +179,7 @@ class RedisGroups:
 
     def start(self) -> Deferred[None]:
         """Load the scripts (optional: an unknown script falls back to EVAL)."""
-        return Deferred.fromCoroutine(self._load())
-
-    async def _load(self) -> None:
-        await gather(script.load(self._redis) for script in SCRIPTS)
+        return load_scripts(self._redis, SCRIPTS)
 
     def _group_keys(self, group_id: int) -> list[str]:
         g = f"{self._base}g:{group_id}"

@@ -12,7 +12,9 @@ split by slot first, so no script ever spans two slots:
     P:inbox:{u<id>}:ent   zset  msg_id -> cursor. Cursor-ordered reads, and the (user, msg_id)
                                 dedup of redelivered jobs, in one key.
     P:inbox:{u<id>}:age   zset  msg_id -> stored_ms (from the injected clock).
-    P:inbox:{u<id>}:rec   hash  msg_id -> the message, encoded as a PUSH payload.
+    P:inbox:{u<id>}:rec   hash  msg_id -> the message's stored record (improto.records:
+                                a storage format byte, then the MESSAGE record; entries
+                                written before formats were numbered hold a PUSH payload).
 
 Scores are doubles, exact only up to 2**53: cursors (a per-user count) and milliseconds fit,
 so they are scores; msg_ids and user ids (u64) are only ever members, fields or key names, and
@@ -32,17 +34,23 @@ clock, and an entry set that vanished means every cursor up to seq was removed (
 
 from __future__ import annotations
 
-import hashlib
-from collections.abc import Callable, Iterable, Sequence
-from typing import Any, Protocol
+from collections.abc import Callable, Sequence
+from typing import Any
 
-import txredisapi
+from twisted.internet.defer import Deferred
 
-from twisted.internet.defer import Deferred, DeferredList
-
-from improto_server.model import InboxPage, PersistJob
+from improto.records import CorruptRecord, record_of_stored
+from improto_server.deferreds import as_deferred
+from improto_server.model import InboxRecords, PersistJob
+from improto_server.production.redis_connection import (
+    LuaScript,
+    RedisClient,
+    check_binary,
+    gather,
+    glob_escape,
+    load_scripts,
+)
 from improto_server.production.redis_slots import slot_groups
-from improto_server.records import CorruptRecord, InboxRecords, message_of, record_of_push
 
 DAY_MS = 86_400_000
 APPEND_WINDOW = 64  # append scripts in flight at once for one batch (pipelined)
@@ -50,98 +58,6 @@ APPEND_ENTRIES = 2048  # inbox entries one append script writes at most: bounds 
 APPEND_TRIM = 64  # expired entries an append removes in passing: keeps busy inboxes bounded
 PAGE_TRIM = 1000  # expired entries one script call removes: bounds the time Redis is blocked
 MAX_PAGE = 10_000  # entries one page returns at most ("up to limit"; has_more stays exact)
-
-
-class RedisClient(Protocol):
-    """The part of a txredisapi connection or pool (charset=None) used here."""
-
-    def execute_command(self, *args: Any, **kwargs: Any) -> Deferred[Any]: ...
-
-
-def connect(
-    host: str = "127.0.0.1", port: int = 6379, *, poolsize: int = 4, reply_timeout: float = 10
-) -> Any:
-    """A lazy txredisapi pool as these stores need it: bytes in and out (charset=None), and
-    integer replies left as Redis sent them. The caller owns it (`disconnect()`)."""
-    pool = txredisapi.lazyConnectionPool(
-        host,
-        port,
-        poolsize=poolsize,
-        charset=None,
-        convertNumbers=False,
-        replyTimeout=reply_timeout,
-    )
-    # The pool connects later (from the reactor), so its protocol class can still be swapped.
-    pool._factory.protocol = _NoDelayRedis
-    return pool
-
-
-class _NoDelayRedis(txredisapi.RedisProtocol):
-    """Commands leave at once: with Nagle on, a command written while an earlier one is
-    unacknowledged waits for the server's delayed ACK (up to ~40 ms)."""
-
-    def connectionMade(self) -> Any:
-        set_nodelay = getattr(self.transport, "setTcpNoDelay", None)
-        if set_nodelay is not None:
-            set_nodelay(True)
-        return super().connectionMade()
-
-
-def check_binary(redis: Any) -> None:
-    """Refuse a txredisapi handler that decodes replies: message bodies are binary."""
-    # A pool's handler forwards unknown attributes as commands: read its factory's setting.
-    owner = redis if isinstance(redis, txredisapi.BaseRedisProtocol) else None
-    owner = owner or getattr(redis, "_factory", None)
-    if owner is not None and getattr(owner, "charset", None) is not None:
-        raise ValueError("the Redis connection must be made with charset=None")
-
-
-class LuaScript:
-    """A script run by its SHA1 (EVALSHA); EVAL when the server does not know it (a restart,
-    a failover, SCRIPT FLUSH, another cluster node), which also caches it there again.
-
-    txredisapi's own `eval` remembers hashes per pooled connection and so sends the whole
-    source once per connection; here it is loaded once, at start."""
-
-    def __init__(self, source: str) -> None:
-        self.source = source.encode()
-        self.sha = hashlib.sha1(self.source).hexdigest()
-
-    def load(self, redis: RedisClient) -> Deferred[None]:
-        def check(sha: bytes) -> None:
-            if sha.decode() != self.sha:
-                raise RuntimeError(f"SCRIPT LOAD returned {sha!r}, expected {self.sha}")
-
-        return redis.execute_command("SCRIPT", "LOAD", self.source).addCallback(check)
-
-    def __call__(
-        self, redis: RedisClient, keys: Sequence[str], args: Sequence[Any]
-    ) -> Deferred[Any]:
-        d = redis.execute_command("EVALSHA", self.sha, len(keys), *keys, *args)
-        d.addErrback(self._noscript, redis, keys, args)
-        return d
-
-    def _noscript(
-        self, failure: Any, redis: RedisClient, keys: Sequence[str], args: Sequence[Any]
-    ) -> Any:
-        failure.trap(txredisapi.ResponseError)
-        if not str(failure.value).startswith("NOSCRIPT"):
-            return failure
-        return redis.execute_command("EVAL", self.source, len(keys), *keys, *args)
-
-
-async def gather(ds: Iterable[Deferred[Any]]) -> list[Any]:
-    """Wait for all (nothing left in flight), then raise the first failure as it was."""
-    results = await DeferredList(list(ds), consumeErrors=True)
-    for ok, value in results:
-        if not ok:
-            value.raiseException()
-    return [value for _, value in results]
-
-
-def glob_escape(text: str) -> str:
-    """`text` as a literal in a SCAN MATCH pattern."""
-    return "".join("\\" + c if c in "*?[]\\" else c for c in text)
 
 
 # --------------------------------------------------------------------------- scripts
@@ -185,6 +101,15 @@ local function trim(meta, ent, age, rec, floor, cutoff, max)
   return floor, n, #old > max
 end
 """
+
+# The start of a script on one user's inbox (KEYS: meta, ent, age, rec): its head and floor.
+_ONE_USER = (
+    _STATE
+    + """
+local meta, ent, age, rec = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
+local head, floor = state(meta, ent)
+"""
+)
 
 # KEYS: meta, ent, age, rec of each user (4 per user). ARGV: now_ms, cutoff_ms, ttl_ms, trim
 # max, the number of messages M, then M (msg_id, record) pairs, then for each user: a count k
@@ -258,10 +183,8 @@ return added
 # entries was removed and more remain (call again: each call is bounded), else
 # {start used, has_more, gap, cursor1, record1, cursor2, record2, ...}.
 _PAGE = LuaScript(
-    _STATE
+    _ONE_USER
     + """
-local meta, ent, age, rec = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
-local head, floor = state(meta, ent)
 local start = tonumber(ARGV[1])  -- inexact above 2**53, but then it is clamped to the head
 if start > head then
   start = head
@@ -302,10 +225,8 @@ return out
 
 # ARGV: cutoff_ms, trim max. Returns {removed, 1 if expired entries remain}.
 _TRIM = LuaScript(
-    _STATE
+    _ONE_USER
     + """
-local meta, ent, age, rec = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
-local head, floor = state(meta, ent)
 local n, more
 floor, n, more = trim(meta, ent, age, rec, floor, ARGV[1], tonumber(ARGV[2]))
 return {n, more and 1 or 0}
@@ -363,10 +284,7 @@ class RedisInbox:
 
     def start(self) -> Deferred[None]:
         """Load the scripts (optional: an unknown script falls back to EVAL)."""
-        return Deferred.fromCoroutine(self._load())
-
-    async def _load(self) -> None:
-        await gather(script.load(self._redis) for script in SCRIPTS)
+        return load_scripts(self._redis, SCRIPTS)
 
     def keys(self, user_id: int) -> list[str]:
         """meta, ent, age, rec, pos of one user: one hash tag, hence one cluster slot."""
@@ -381,15 +299,13 @@ class RedisInbox:
     def append(self, job: PersistJob) -> Deferred[None]:
         return self.append_many([job])
 
-    def append_many(self, jobs: Sequence[PersistJob]) -> Deferred[None]:
-        return Deferred.fromCoroutine(self._append_many(jobs))
-
-    async def _append_many(self, jobs: Sequence[PersistJob]) -> None:
+    @as_deferred
+    async def append_many(self, jobs: Sequence[PersistJob]) -> None:
         records: list[tuple[int, bytes]] = []
         entries: dict[int, list[int]] = {}  # user -> indexes into records, in job order
         for job in jobs:
             m = job.message
-            records.append((m.msg_id, job.push_payload))  # validated when encoded
+            records.append((m.msg_id, job.stored_record))  # validated when packed
             for user in set(job.inbox_users):
                 entries.setdefault(user, []).append(len(records) - 1)
         if not entries:
@@ -435,16 +351,10 @@ class RedisInbox:
     def _slot_key(self, user_id: int) -> str:
         return self.keys(user_id)[0]
 
-    def page(self, user_id: int, start: int, limit: int) -> Deferred[InboxPage]:
-        d = self.page_records(user_id, start, limit)
-        return d.addCallback(_decoded)
-
-    def page_records(self, user_id: int, start: int, limit: int) -> Deferred[InboxRecords]:
-        """`page` with MESSAGE records (server/records.py): what the pull handler sends,
-        spliced from the stored PUSH payloads without decoding them."""
-        return Deferred.fromCoroutine(self._page(user_id, start, limit))
-
-    async def _page(self, user_id: int, start: int, limit: int) -> InboxRecords:
+    @as_deferred
+    async def page(self, user_id: int, start: int, limit: int) -> InboxRecords:
+        """The MESSAGE records of the entries, taken from the stored records without decoding
+        them: what the pull handler splices into OFFLINE_PAGE."""
         keys = self.keys(user_id)[:4]
         args = [start, min(max(0, limit), MAX_PAGE), self._cutoff(), PAGE_TRIM]
         while True:
@@ -469,14 +379,12 @@ class RedisInbox:
 
     # ------------------------------------------------------------------ retention
 
-    def sweep(self) -> Deferred[int]:
+    @as_deferred
+    async def sweep(self) -> int:
         """Remove every expired entry of every inbox under the prefix; returns how many.
 
         Optional: pages never serve expired entries and appends trim in passing. SCAN sees
         one node: on Redis Cluster run it against each master."""
-        return Deferred.fromCoroutine(self._sweep())
-
-    async def _sweep(self) -> int:
         cutoff = self._cutoff()
         pattern = glob_escape(f"{self._prefix}:inbox:{{u") + "*}:age"
         removed = 0
@@ -497,17 +405,11 @@ class RedisInbox:
                 return removed
 
 
-def _record(payload: bytes | None, user_id: int) -> bytes:
-    """The MESSAGE record of a stored PUSH payload."""
-    if payload is None:
+def _record(stored: bytes | None, user_id: int) -> bytes:
+    """The MESSAGE record of an entry's stored record (any storage format)."""
+    if stored is None:
         raise RuntimeError(f"inbox of user {user_id}: an entry has no record")
     try:
-        return record_of_push(payload)
+        return record_of_stored(stored)
     except CorruptRecord as e:
         raise RuntimeError(f"inbox of user {user_id}: {e}") from None
-
-
-def _decoded(page: InboxRecords) -> InboxPage:
-    """The Message form of a page (strict codec)."""
-    entries = tuple(zip(page.cursors, map(message_of, page.records), strict=True))
-    return InboxPage(entries, start=page.start, has_more=page.has_more, gap=page.gap)

@@ -1,0 +1,77 @@
+"""Persistence jobs as AMQP messages: message types and bodies, and the partition queues.
+
+A message of type BATCH_TYPE carries one or more jobs (`pack_jobs`: each PersistJob's bytes
+behind a big-endian u32 length); one of type JOB_TYPE, or of no type (what older versions
+published), carries exactly one. A job's own bytes are `PersistJob.to_bytes()`, which is
+versioned (its storage format) and reads older formats too.
+
+Broker layout (P = the prefix), declared by RabbitQueue:
+
+    P.persist.<i>     durable classic queue, i in 0..partitions-1; arguments
+                      x-single-active-consumer (one persister at a time per queue, the others
+                      stand by) and x-dead-letter-exchange = P.persist.dlx.
+    P.persist.dlx     durable fanout exchange, bound to P.persist.dead: jobs that cannot even
+                      be decoded are dead-lettered there and kept for inspection.
+"""
+
+from __future__ import annotations
+
+import zlib
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from improto_server.model import ConvKey, PersistJob
+
+JOB_TYPE = "improto.persist.v1"  # the body is one PersistJob
+BATCH_TYPE = "improto.persist.v2"  # the body is pack_jobs() of one or more PersistJobs
+_LEN = 4  # bytes of a job's length in a batch body
+
+
+@dataclass(frozen=True, slots=True)
+class QueueNames:
+    partitions: tuple[str, ...]
+    dead_exchange: str
+    dead_queue: str
+
+
+def queue_names(prefix: str, partitions: int) -> QueueNames:
+    """The broker objects `RabbitQueue(prefix=prefix, partitions=partitions)` declares."""
+    return QueueNames(
+        tuple(f"{prefix}.persist.{i}" for i in range(partitions)),
+        f"{prefix}.persist.dlx",
+        f"{prefix}.persist.dead",
+    )
+
+
+def partition_of(key: ConvKey | str, partitions: int) -> int:
+    """The queue index of a conversation: a hash that is the same in every process."""
+    return zlib.crc32(str(key).encode()) % partitions
+
+
+def pack_jobs(jobs: Sequence[bytes]) -> bytes:
+    """A batch message body: each job's bytes behind a big-endian u32 length."""
+    return b"".join(len(job).to_bytes(_LEN, "big") + job for job in jobs)
+
+
+def unpack_jobs(body: bytes) -> list[PersistJob]:
+    """The jobs of a pack_jobs() body; ValueError unless it splits exactly."""
+    jobs, pos = [], 0
+    while pos < len(body):
+        if pos + _LEN > len(body):
+            raise ValueError("truncated job length")
+        n = int.from_bytes(body[pos : pos + _LEN], "big")
+        pos += _LEN
+        if n == 0 or pos + n > len(body):
+            raise ValueError(f"job of {n} bytes at {pos} does not fit the body")
+        jobs.append(PersistJob.from_bytes(body[pos : pos + n]))
+        pos += n
+    if not jobs:
+        raise ValueError("empty batch")
+    return jobs
+
+
+def decode_message(msg_type: str | None, body: bytes) -> list[PersistJob]:
+    """The jobs of a message of `msg_type`; ValueError (CorruptRecord included) if malformed."""
+    if msg_type == BATCH_TYPE:
+        return unpack_jobs(body)
+    return [PersistJob.from_bytes(body)]
