@@ -7,7 +7,6 @@ under the run's own key prefix, queue names and HBase table.
 
 from __future__ import annotations
 
-import contextlib
 import queue
 import random
 import signal
@@ -20,13 +19,16 @@ from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any
+
+import servers
+
+from tests.support import services
+from tests.support.server import terminate
 
 START_TIMEOUT_S = 30.0
-HOST = "127.0.0.1"
-REDIS = (HOST, 6379)
-RABBITMQ = (HOST, 5672)
-HBASE = (HOST, 9090)
+HOST = servers.HOST
+free_port = servers.free_port
 
 # Fault kinds injected (the keys of the report's "faults" dict). The service crashes are a
 # `kill -9` of the service process and a restart, by `scripts/services crash`.
@@ -36,12 +38,6 @@ FAULTS = (
 )  # fmt: skip
 SERVICES_SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "services"
 SERVICE_CRASH_TIMEOUT_S = 180.0
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind((HOST, 0))
-        return int(s.getsockname()[1])
 
 
 @dataclass
@@ -104,13 +100,8 @@ class ServerProc:
 
     def stop(self) -> None:
         """SIGTERM (graceful), SIGKILL after 10 s."""
-        if self.proc is None or self.proc.poll() is not None:
-            return
-        self.proc.send_signal(signal.SIGTERM)
-        try:
-            self.proc.wait(10)
-        except subprocess.TimeoutExpired:
-            self.kill9()
+        if self.proc is not None:
+            terminate(self.proc)
 
     def log_problems(self) -> tuple[Counter[str], list[str]]:
         """Counts of error-level lines and tracebacks in this process' log, with examples."""
@@ -159,6 +150,7 @@ class Cluster:
             "--storage", "production", "--key-prefix", self.prefix,
             "--hbase-table", self.table, "--jwt-secret", self.secret,
             "--queue-partitions", str(self.partitions), "--data-dir", str(data),
+            *services.server_flags(),
         ]  # fmt: skip
 
     def start(self) -> None:
@@ -333,98 +325,25 @@ class Injector(threading.Thread):
 # ------------------------------------------------------------------- service data
 
 
-def _redis(sock: socket.socket, f: BinaryIO, *args: str | bytes) -> Any:
-    """One Redis command over RESP (enough for SCAN and DEL)."""
-    out = [b"*%d\r\n" % len(args)]
-    for a in args:
-        data = a if isinstance(a, bytes) else a.encode()
-        out.append(b"$%d\r\n%s\r\n" % (len(data), data))
-    sock.sendall(b"".join(out))
-    return _redis_reply(f)
-
-
-def _redis_reply(f: BinaryIO) -> Any:
-    line = f.readline()
-    kind, rest = line[:1], line[1:-2]
-    if kind == b"-":
-        raise RuntimeError(rest.decode(errors="replace"))
-    if kind == b"+":
-        return rest
-    if kind == b":":
-        return int(rest)
-    if kind == b"$":
-        n = int(rest)
-        return None if n < 0 else f.read(n + 2)[:-2]
-    if kind == b"*":
-        return [_redis_reply(f) for _ in range(int(rest))]
-    raise RuntimeError(f"unexpected Redis reply {line!r}")
-
-
 def delete_redis_prefix(prefix: str) -> int:
     """SCAN + DEL of `prefix:*` only (the prefix is alphanumeric: no glob escaping needed)."""
     if not prefix.isalnum():
         raise ValueError("refusing a non-alphanumeric prefix")
-    deleted = 0
-    with socket.create_connection(REDIS, timeout=5) as sock, sock.makefile("rb") as f:
-        cursor = b"0"
-        while True:
-            cursor, keys = _redis(sock, f, "SCAN", cursor, "MATCH", f"{prefix}:*", "COUNT", "1000")
-            if keys:
-                deleted += _redis(sock, f, "DEL", *keys)
-            if cursor == b"0":
-                return deleted
-
-
-def _message_count(queues: list[str]) -> int:
-    import pika
-
-    conn = pika.BlockingConnection(pika.ConnectionParameters(*RABBITMQ))
-    try:
-        ch = conn.channel()
-        return sum(ch.queue_declare(q, passive=True).method.message_count for q in queues)
-    finally:
-        with contextlib.suppress(Exception):
-            conn.close()
+    return services.delete_redis_prefix(prefix)
 
 
 def queue_backlog(prefix: str, partitions: int) -> int:
     """Ready jobs in the run's persist queues (deliveries being written not included)."""
-    return _message_count([f"{prefix}.persist.{i}" for i in range(partitions)])
+    return services.queued_messages([f"{prefix}.persist.{i}" for i in range(partitions)])
 
 
 def dead_letters(prefix: str) -> int:
     """Jobs the persisters could not decode (dead-lettered): should stay 0."""
-    return _message_count([f"{prefix}.persist.dead"])
+    return services.queued_messages([f"{prefix}.persist.dead"])
 
 
 def purge(prefix: str, table: str, partitions: int) -> dict[str, Any]:
-    """Delete the run's Redis keys, queues, exchange and HBase table (best effort each)."""
-    out: dict[str, Any] = {}
-    try:
-        out["redis_keys"] = delete_redis_prefix(prefix)
-    except Exception as e:
-        out["redis_error"] = repr(e)
-    try:
-        import pika
-
-        conn = pika.BlockingConnection(pika.ConnectionParameters(*RABBITMQ))
-        ch = conn.channel()
-        for i in range(partitions):
-            ch.queue_delete(f"{prefix}.persist.{i}")
-        ch.queue_delete(f"{prefix}.persist.dead")
-        ch.exchange_delete(f"{prefix}.persist.dlx")
-        conn.close()
-        out["queues"] = partitions + 1
-    except Exception as e:
-        out["rabbitmq_error"] = repr(e)
-    try:
-        import happybase
-
-        hb = happybase.Connection(*HBASE)
-        if table.encode() in hb.tables():
-            hb.delete_table(table, disable=True)
-            out["hbase_table"] = table
-        hb.close()
-    except Exception as e:
-        out["hbase_error"] = repr(e)
-    return out
+    """Delete the run's Redis keys, queues, exchanges and HBase table (best effort each)."""
+    if not prefix.isalnum():
+        raise ValueError("refusing a non-alphanumeric prefix")
+    return services.purge(prefix, table, partitions)

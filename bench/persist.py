@@ -26,6 +26,8 @@ from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
+import servers  # noqa: F401  (first: puts the repository root on sys.path)
+
 from twisted.internet import defer, protocol, task, threads
 from twisted.internet.defer import Deferred
 
@@ -36,6 +38,7 @@ from improto_server.config import Config
 from improto_server.ids import IdGenerator
 from improto_server.model import PersistJob
 from improto_server.persister import MAX_BATCH, Persister
+from tests.support import services
 
 _TICK = os.sysconf("SC_CLK_TCK")
 _SERVICES = {
@@ -288,6 +291,7 @@ def main() -> None:
                     key_prefix=f"{prefix}{name}",
                     hbase_table=f"{prefix}_{name}",
                     queue_partitions=args.partitions,
+                    **services.config_fields(),
                 )
                 results[name] = await run_case(
                     reactor, config, size, count, args.pairs, args.in_flight, args.max_batch

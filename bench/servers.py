@@ -3,115 +3,41 @@
     improto (our server), mosquitto (the MQTT peer, run from a temp config, not the system
     service) and the bare relay (bench/bare_relay.py, the physical limit).
 
-Every child gets a high RLIMIT_NOFILE and PR_SET_PDEATHSIG(SIGKILL), so it dies with the bench
-process even on a crash; handles still open at exit are stopped by an atexit hook. The death
-signal follows the *thread* that started the child: start servers from the main thread.
+The process handle, free ports and the service addresses are the tests' (tests/support, one
+copy for both). Imports: bench scripts run as `python bench/x.py` (bench/ first on sys.path)
+and import this module first; it puts the repository root on sys.path once, so tests.support
+(and improto's packages) import as normal packages. Every child gets a high RLIMIT_NOFILE and
+PR_SET_PDEATHSIG(SIGKILL), so it dies with the bench process even on a crash; handles still
+open at exit are stopped by an atexit hook. The death signal follows the *thread* that
+started the child: start servers from the main thread.
 """
 
 from __future__ import annotations
 
-import atexit
 import contextlib
-import ctypes
 import os
 import resource
-import secrets
-import shutil
-import signal
-import socket
 import subprocess
 import sys
 import tempfile
-import time
-import uuid
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Sequence
 from pathlib import Path
 
-HOST = "127.0.0.1"
-START_TIMEOUT_S = 30.0
-STOP_TIMEOUT_S = 10.0
+BENCH_DIR = Path(__file__).resolve().parent
+REPO = BENCH_DIR.parent
+if str(REPO) not in sys.path:
+    sys.path.insert(1, str(REPO))  # after bench/: bench's own modules come first
+
+from tests.support import server  # noqa: E402
+from tests.support.ports import LOOPBACK as HOST  # noqa: E402
+from tests.support.ports import free_port  # noqa: E402
+from tests.support.server import ServerHandle, cpu_seconds, die_with_parent, spawn  # noqa: E402
+
+__all__ = ["HOST", "ServerHandle", "cpu_seconds", "free_port"]
+
 NOFILE = 1_048_576
 MOSQUITTO = "/usr/sbin/mosquitto"
 MOSQUITTO_QUEUE = 200_000  # max_queued_messages: per-client queue limit, raised from 1000
-BENCH_DIR = Path(__file__).resolve().parent
-REPO = BENCH_DIR.parent
-_TICK = os.sysconf("SC_CLK_TCK")
-_PR_SET_PDEATHSIG = 1
-_live: list[ServerHandle] = []
-
-
-def cpu_seconds(pids: Sequence[int]) -> float:
-    """utime + stime of these processes, seconds (one that has exited counts 0)."""
-    total = 0.0
-    for pid in pids:
-        try:
-            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        total += (int(fields[11]) + int(fields[12])) / _TICK
-    return total
-
-
-@dataclass
-class ServerHandle:
-    name: str  # "improto" | "mosquitto" | "bare"
-    host: str
-    port: int
-    pid: int
-    secret: str | None = None  # improto: the JWT secret to mint tokens with
-    log: Path | None = None
-    proc: subprocess.Popen[bytes] | None = field(default=None, repr=False)
-    tmpdir: Path | None = field(default=None, repr=False)
-    on_stop: list[Callable[[], object]] = field(default_factory=list, repr=False)
-    # more processes of the same server (improto's separate persister): counted in cpu_s()
-    helper_pids: list[int] = field(default_factory=list)
-
-    def rss_kib(self) -> int:
-        """VmRSS of the server process, KiB."""
-        for line in Path(f"/proc/{self.pid}/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1])
-        raise ProcessLookupError(f"{self.name} pid {self.pid} has no VmRSS (exited?)")
-
-    def cpu_s(self) -> float:
-        """utime + stime of the server process (and its helper processes), seconds."""
-        return cpu_seconds([self.pid, *self.helper_pids])
-
-    def log_tail(self, lines: int = 30) -> str:
-        if self.log is None:
-            return ""
-        try:
-            return "\n".join(self.log.read_text(errors="replace").splitlines()[-lines:])
-        except OSError:
-            return "(no log)"
-
-    def stop(self) -> None:
-        """SIGTERM, wait (SIGKILL after 10 s), run cleanups, delete the temp dir; idempotent."""
-        proc, self.proc = self.proc, None
-        if proc is not None:
-            _terminate(proc)
-        cleanups, self.on_stop = self.on_stop, []
-        for cleanup in cleanups:
-            with contextlib.suppress(Exception):
-                cleanup()
-        if self.tmpdir is not None:
-            shutil.rmtree(self.tmpdir, ignore_errors=True)
-            self.tmpdir = None
-        if self in _live:
-            _live.remove(self)
-
-
-@atexit.register
-def _stop_all() -> None:
-    for handle in list(_live):
-        handle.stop()
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind((HOST, 0))
-        return int(s.getsockname()[1])
 
 
 def raise_nofile(n: int = NOFILE) -> int:
@@ -131,43 +57,7 @@ def raise_nofile(n: int = NOFILE) -> int:
 def _child_setup() -> None:
     """In the child before exec: many sockets allowed, and die with the parent."""
     raise_nofile()
-    with contextlib.suppress(OSError, AttributeError):
-        ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
-
-
-def _wait_listening(handle: ServerHandle, timeout: float = START_TIMEOUT_S) -> None:
-    deadline = time.monotonic() + timeout
-    while True:
-        proc = handle.proc
-        if proc is not None and proc.poll() is not None:
-            code = proc.returncode
-            handle.stop()
-            raise RuntimeError(f"{handle.name} exited with {code}:\n{handle.log_tail()}")
-        try:
-            socket.create_connection((HOST, handle.port), timeout=0.5).close()
-            return
-        except OSError:
-            if time.monotonic() > deadline:
-                tail = handle.log_tail()
-                handle.stop()
-                raise RuntimeError(
-                    f"{handle.name} not accepting on {handle.port} after {timeout:.0f}s:\n{tail}"
-                ) from None
-            time.sleep(0.05)
-
-
-def _spawn(name: str, cmd: list[str], tmpdir: Path, port: int, **kw: object) -> ServerHandle:
-    """Run cmd with output to tmpdir/server.log, register it, wait for the port."""
-    log = tmpdir / "server.log"
-    with open(log, "wb") as out:
-        proc = subprocess.Popen(
-            cmd, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-            preexec_fn=_child_setup, cwd=REPO,
-        )  # fmt: skip
-    handle = ServerHandle(name, HOST, port, proc.pid, log=log, proc=proc, tmpdir=tmpdir, **kw)
-    _live.append(handle)
-    _wait_listening(handle)
-    return handle
+    die_with_parent()
 
 
 def start_improto(
@@ -178,70 +68,12 @@ def start_improto(
     hbase_table: str | None = None,
     split: bool = False,
 ) -> ServerHandle:
-    """`imserver` with a temp data dir and a random secret. Production storage gets a fresh key
-    prefix and HBase table unless given; fresh ones are deleted from the services on stop.
-    `split` (production): a `--role gateway` process plus a `--role persister` process, as a
-    deployment runs them (one core each), instead of one `--role all` process."""
-    tmpdir = Path(tempfile.mkdtemp(prefix="bench-improto-"))
-    port, secret = free_port(), secrets.token_hex(16)
-    cmd = [
-        sys.executable, "-m", "improto_server",
-        "--listen", f"tcp:{port}:interface={HOST}",
-        "--data-dir", str(tmpdir / "data"), "--jwt-secret", secret, "--storage", storage,
-    ]  # fmt: skip
-    purge: Callable[[], object] | None = None
-    if storage == "production":
-        run_id = uuid.uuid4().hex[:12]
-        fresh = key_prefix is None and hbase_table is None
-        key_prefix = key_prefix or f"bench{run_id}"
-        hbase_table = hbase_table or f"bench_{run_id}_history"
-        cmd += ["--key-prefix", key_prefix, "--hbase-table", hbase_table]
-        if fresh:
-            purge = _purger(key_prefix, hbase_table, extra)
-    if split and storage == "production":
-        extra = [*extra, "--role", "gateway"]
-    handle = _spawn("improto", [*cmd, *extra], tmpdir, port, secret=secret)
-    if split and storage == "production":
-        persister = _spawn_persister([*cmd, "--role", "persister"], tmpdir)
-        handle.helper_pids.append(persister.pid)
-        handle.on_stop.append(lambda: _terminate(persister))
-    if purge is not None:
-        handle.on_stop.append(purge)
-    return handle
-
-
-def _spawn_persister(cmd: list[str], tmpdir: Path) -> subprocess.Popen[bytes]:
-    """The queue consumer: it listens on nothing, so there is no port to wait for."""
-    with open(tmpdir / "persister.log", "wb") as out:
-        return subprocess.Popen(
-            cmd, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-            preexec_fn=_child_setup, cwd=REPO,
-        )  # fmt: skip
-
-
-def _terminate(proc: subprocess.Popen[bytes]) -> None:
-    if proc.poll() is None:
-        proc.terminate()
-        try:
-            proc.wait(STOP_TIMEOUT_S)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-
-
-def _purger(prefix: str, table: str, extra: Sequence[str]) -> Callable[[], object]:
-    """Deletes a run's Redis keys, queues and HBase table (bench/chaos_faults.py's purge)."""
-    args = list(extra)
-    partitions = 1
-    if "--queue-partitions" in args:
-        partitions = int(args[args.index("--queue-partitions") + 1])
-
-    def purge() -> object:
-        import chaos_faults
-
-        return chaos_faults.purge(prefix, table, partitions)
-
-    return purge
+    """`imserver` with a temp data dir and a random secret (tests.support.server.start_improto:
+    fresh production names unless given, `split` gateway + persister processes)."""
+    return server.start_improto(
+        *extra, storage=storage, key_prefix=key_prefix, hbase_table=hbase_table, split=split,
+        preexec=_child_setup,
+    )  # fmt: skip
 
 
 def _install_mosquitto() -> None:
@@ -289,6 +121,10 @@ def start_bare_relay() -> ServerHandle:
     port = free_port()
     cmd = [sys.executable, str(BENCH_DIR / "bare_relay.py"), "--port", str(port)]
     return _spawn("bare", cmd, tmpdir, port)
+
+
+def _spawn(name: str, cmd: list[str], tmpdir: Path, port: int) -> ServerHandle:
+    return spawn(name, cmd, tmpdir, port, own_workdir=True, preexec=_child_setup)
 
 
 def mint_token(secret: str, user_id: int, device: str) -> str:

@@ -3,17 +3,13 @@
 from __future__ import annotations
 
 import struct
-import sys
-from pathlib import Path
 
 import pytest
 
 from twisted.internet.testing import StringTransport
 
-sys.path.append(str(Path(__file__).resolve().parents[1] / "bench"))  # after tests/: no shadowing
-
-import bare_relay
-import mqtt_wire as m
+from bench import bare_relay
+from bench import mqtt_wire as m
 
 # --- mqtt_wire
 

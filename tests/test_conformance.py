@@ -10,15 +10,18 @@ import uuid
 from collections.abc import Iterator
 
 import pytest
-from serverproc import free_port, start_server
-from services import cleanup, require_services
 
 from improto.conformance.runner import load_checks, run
+from tests.support import services
+from tests.support.ports import LOOPBACK, free_port
+from tests.support.server import start_server
 
 SECRET = "conformance-test-secret-0123456789abcdef0123456789"
 
 
-@pytest.fixture(scope="module", params=["embedded", "production"])
+@pytest.fixture(
+    scope="module", params=["embedded", pytest.param("production", marks=pytest.mark.services)]
+)
 def server(
     request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[tuple[str, int]]:
@@ -27,15 +30,14 @@ def server(
     flags = ["--idle-timeout", "5", "--heartbeat", "2"]
     prefix = table = ""
     if request.param == "production":
-        require_services()
         run = uuid.uuid4().hex[:10]
         prefix, table = f"conformance{run}", f"conformance_{run}"
         flags += ["--storage", "production", "--key-prefix", prefix, "--hbase-table", table]
     proc = start_server(tmp_path_factory.mktemp("imserver"), SECRET, *flags)
-    yield "127.0.0.1", proc.port
+    yield LOOPBACK, proc.port
     proc.stop()
     if prefix:
-        cleanup(prefix, table)
+        services.purge(prefix, table)
 
 
 def test_suite_passes(server: tuple[str, int]) -> None:
@@ -84,7 +86,7 @@ def test_cli_failure_exit_code(server: tuple[str, int]) -> None:
 def test_cli_usage_and_unreachable() -> None:
     assert _cli().returncode == 2  # --server and --jwt-secret missing
     assert _cli("--server", "nohostport", "--jwt-secret", "s").returncode == 2
-    r = _cli("--server", f"127.0.0.1:{free_port()}", "--jwt-secret", "s", timeout=30)
+    r = _cli("--server", f"{LOOPBACK}:{free_port()}", "--jwt-secret", "s", timeout=30)
     assert r.returncode == 2 and "cannot connect" in r.stderr
     listed = _cli("--list")
     assert listed.returncode == 0

@@ -11,12 +11,12 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from serverproc import ServerProcess
+from tests.support.server import ServerHandle
 
 CLIENT = [sys.executable, "-m", "improto_clients.console"]
 
 
-def run_script(server: ServerProcess, user: int, device: str, lines: list[str]) -> list[dict]:
+def run_script(server: ServerHandle, user: int, device: str, lines: list[str]) -> list[dict]:
     """Run imclient --script to completion; return its JSON events."""
     proc = subprocess.run(
         [*CLIENT, "--server", server.endpoint, "--user", str(user), "--device", device,
@@ -30,7 +30,7 @@ def run_script(server: ServerProcess, user: int, device: str, lines: list[str]) 
 class LiveClient:
     """An imclient --script kept running (stdin open) to watch pushes arrive."""
 
-    def __init__(self, server: ServerProcess, user: int, device: str) -> None:
+    def __init__(self, server: ServerHandle, user: int, device: str) -> None:
         self.proc = subprocess.Popen(
             [*CLIENT, "--server", server.endpoint, "--user", str(user), "--device", device,
              "--jwt-secret", server.secret, "--script"],
@@ -63,7 +63,7 @@ class LiveClient:
         return self.proc.wait(15)
 
 
-def test_two_clients_chat_offline_and_history(server_process: Callable[..., ServerProcess]) -> None:
+def test_two_clients_chat_offline_and_history(server_process: Callable[..., ServerHandle]) -> None:
     server = server_process()
     bob = LiveClient(server, 2, "bob-phone")
     bob.wait_for(lambda e: e["event"] == "connected")
@@ -88,7 +88,7 @@ def test_two_clients_chat_offline_and_history(server_process: Callable[..., Serv
     assert {"hi bob, lunch?", "one", "two", "three"} <= set(shown)
 
 
-def test_group_commands_and_errors(server_process: Callable[..., ServerProcess]) -> None:
+def test_group_commands_and_errors(server_process: Callable[..., ServerHandle]) -> None:
     server = server_process()
     events = run_script(server, 1, "a", ["/group create lunch 2 3", "/groups"])
     created = next(e for e in events if e["event"] == "group" and e["op"] == "create")

@@ -5,7 +5,6 @@ killed gateway is cleaned up. Real processes, real services."""
 from __future__ import annotations
 
 import signal
-import time
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -13,38 +12,36 @@ from pathlib import Path
 
 import pytest
 import pytest_twisted
-from serverproc import ServerProcess, start_server
-from services import SyncRedis, cleanup, delete_redis_prefix, require_services
-
-from twisted.internet import reactor
-from twisted.internet.task import deferLater
 
 from improto.conformance.conn import Conn, eventually, new_device, new_user
 from improto.enums import CloseReason, ConvKind
 from improto.frames import Close, GroupCreate, GroupCreated
 from improto_server.ids import NODE_BITS, SEQ_BITS
 from improto_server.production.presence import Presence
-from improto_server.production.redis_inbox import connect
+from improto_server.production.redis_connection import connect
+from tests.support import services, waiting
+from tests.support.server import ServerHandle, start_server
+from tests.support.services import SyncRedis, delete_redis_prefix, needs
 
 SECRET = "gateway-test-secret-0123456789abcdef0123456789abcdef"
 
 
 @dataclass
 class Stack:
-    a: ServerProcess  # --role all (gateway + persister)
-    b: ServerProcess  # --role gateway
+    a: ServerHandle  # --role all (gateway + persister)
+    b: ServerHandle  # --role gateway
     b_id: str
     prefix: str
 
-    def login(self, gw: ServerProcess, user: int, device: str | None = None) -> Conn:
+    def login(self, gw: ServerHandle, user: int, device: str | None = None) -> Conn:
         c = Conn("127.0.0.1", gw.port, 5.0)
         c.login(SECRET, user, device or new_device())
         return c
 
 
 @pytest.fixture(scope="module")
+@needs()
 def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
-    require_services()
     run = uuid.uuid4().hex[:10]
     prefix, table = f"gateways{run}", f"gateways_{run}"
     common = ["--storage", "production", "--key-prefix", prefix, "--hbase-table", table]
@@ -58,7 +55,7 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     finally:
         for proc in (a, b):
             proc.stop()
-        cleanup(prefix, table)
+        services.purge(prefix, table)
 
 
 def node_of(msg_id: int) -> int:
@@ -139,11 +136,11 @@ def test_presence_of_a_killed_gateway_is_cleaned_up(stack: Stack, tmp_path: Path
         redis.close()
 
 
+@pytest.mark.services("redis")
 @pytest_twisted.ensureDeferred
 async def test_a_gateway_presumed_dead_is_cleaned_and_reannounces_when_it_returns():
-    require_services()
     prefix = f"presence{uuid.uuid4().hex[:10]}"
-    redis = connect()
+    redis = connect(services.REDIS.host, services.REDIS.port)
     fast = {"heartbeat_s": 0.05, "dead_after_ms": 300}
     alive, paused = Presence(redis, prefix, **fast), Presence(redis, prefix, **fast)
     revived: list[bool] = []
@@ -157,10 +154,10 @@ async def test_a_gateway_presumed_dead_is_cleaned_and_reannounces_when_it_return
         assert await alive.lookup([5, 6]) == {5: {"phone": session}}
         assert paused._beat is not None
         paused._beat.stop()  # a long pause: no heartbeat
-        await until(lambda: paused.gateway_id in alive.cleaned)
+        await waiting.eventually(lambda: paused.gateway_id in alive.cleaned)
         assert await alive.lookup([5]) == {}
         paused._beat.start(0.05, now=True)  # back: it learns it was declared dead
-        await until(lambda: bool(revived))
+        await waiting.eventually(lambda: bool(revived))
         # A newer session elsewhere is never removed by the old one's release.
         newer = alive.new_session()
         assert await alive.claim(5, "phone", newer) is None
@@ -171,10 +168,3 @@ async def test_a_gateway_presumed_dead_is_cleaned_and_reannounces_when_it_return
         await alive.close()
         await redis.disconnect()
         delete_redis_prefix(prefix)
-
-
-async def until(check, timeout: float = 10.0) -> None:  # type: ignore[no-untyped-def]
-    deadline = time.monotonic() + timeout
-    while not check():
-        assert time.monotonic() < deadline, "condition not met in time"
-        await deferLater(reactor, 0.02, lambda: None)

@@ -1,17 +1,14 @@
 """HBaseHistory beyond the contract suite: row-key order, the reconnect path, threading,
 idempotency, and retention by the injected clock and by the family TTL.
 
-Needs HBase's Thrift1 server (IMPROTO_HBASE, default 127.0.0.1:9090): skips without it,
-except under CI (CI set), where it fails. Every test uses its own `improto_test_*` table and
+Needs HBase's Thrift1 server (tests/support/services.py): skips without it, except under CI
+(CI set), where it fails. Every test uses its own `improto_test_*` table and
 drops it afterwards. The row-key tests need no server.
 """
 
 from __future__ import annotations
 
-import os
-import socket
 import threading
-import time
 import uuid
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -22,13 +19,13 @@ import pytest_twisted
 
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred
-from twisted.internet.task import deferLater
 from twisted.protocols import portforward
 from twisted.python.failure import Failure
 
 from improto.enums import ContentType, ConvKind
 from improto.frames import Message
 from improto.limits import U64_MAX
+from improto.records import message_of
 from improto_server.model import ConvKey, PersistJob
 from improto_server.production import hbase_history
 from improto_server.production.hbase_history import (
@@ -38,23 +35,14 @@ from improto_server.production.hbase_history import (
     msg_id_of,
     row_key,
 )
+from tests.support import services
+from tests.support.clock import DAY_MS, FakeClock, wall_ms
+from tests.support.ports import free_port
+from tests.support.services import needs
+from tests.support.waiting import eventually
 
-HOST, _, _PORT = os.environ.get("IMPROTO_HBASE", "127.0.0.1:9090").rpartition(":")
-PORT = int(_PORT)
-DAY_MS = 86_400_000
+HOST, PORT = services.HBASE.host, services.HBASE.port
 DM = ConvKey.direct(1, 2)
-
-
-def wall_ms() -> int:
-    return time.time_ns() // 1_000_000
-
-
-class Clock:
-    def __init__(self, now: int) -> None:
-        self.now = now
-
-    def __call__(self) -> int:
-        return self.now
 
 
 def message(msg_id: int, server_time: int, key: ConvKey = DM, body: bytes = b"hi") -> Message:
@@ -69,15 +57,12 @@ def job(msg_id: int, server_time: int, key: ConvKey = DM) -> PersistJob:
     return PersistJob(message(msg_id, server_time, key), ())
 
 
-def ids(messages: tuple[Message, ...]) -> list[int]:
-    return [m.msg_id for m in messages]
+def messages(records: tuple[bytes, ...]) -> tuple[Message, ...]:
+    return tuple(map(message_of, records))
 
 
-async def eventually(check: Callable[[], bool], timeout: float = 5.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not check():
-        assert time.monotonic() < deadline, "condition not met in time"
-        await deferLater(reactor, 0.01, lambda: None)
+def ids(records: tuple[bytes, ...]) -> list[int]:
+    return [m.msg_id for m in messages(records)]
 
 
 # ----------------------------------------------------------------------- row keys (no HBase)
@@ -117,21 +102,11 @@ def test_conversations_with_one_salt_stay_contiguous() -> None:
 # ------------------------------------------------------------------------------- with HBase
 
 
-def _require_hbase() -> None:
-    try:
-        socket.create_connection((HOST, PORT), timeout=2).close()
-    except OSError:
-        message = f"HBase Thrift server not reachable at {HOST}:{PORT}"
-        if os.environ.get("CI"):
-            pytest.fail(message)
-        pytest.skip(message)
-
-
 @pytest.fixture
+@needs("hbase")
 def hbase() -> Iterator[happybase.Connection]:
     """A direct connection for inspecting tables; drops the test's tables afterwards."""
-    _require_hbase()
-    conn = happybase.Connection(HOST, PORT, timeout=60_000)
+    conn = services.hbase_connection()
     yield conn
     conn.close()
 
@@ -144,7 +119,7 @@ def make_history(hbase: happybase.Connection) -> Iterator[Callable[..., HBaseHis
     def make(**kw: Any) -> HBaseHistory:
         kw.setdefault("host", HOST)
         kw.setdefault("port", PORT)
-        kw.setdefault("now_ms", Clock(wall_ms()))
+        kw.setdefault("now_ms", FakeClock(wall_ms()))
         kw.setdefault("retention_ms", 180 * DAY_MS)
         table = kw.pop("table", None) or f"improto_test_{uuid.uuid4().hex[:12]}"
         history = HBaseHistory(table=table, **kw)
@@ -180,10 +155,10 @@ async def test_ids_near_u64_max_and_same_salt_conversations(history, hbase):
         await history.append(b, job(i, now, b))
     newest_first = sorted(TOP, reverse=True)
     page = await history.page(a, 0, 100, 0)
-    assert ids(page.messages) == newest_first and not page.has_more
-    assert ids((await history.page(b, 0, 100, 0)).messages) == newest_first
-    assert ids((await history.page(a, U64_MAX, 2, 2**63)).messages) == [U64_MAX - 1, 2**63 + 1]
-    assert ids((await history.page(a, 2**63, 100, 1)).messages) == [2**63 - 1, 2**32, 2, 1]
+    assert ids(page.records) == newest_first and not page.has_more
+    assert ids((await history.page(b, 0, 100, 0)).records) == newest_first
+    assert ids((await history.page(a, U64_MAX, 2, 2**63)).records) == [U64_MAX - 1, 2**63 + 1]
+    assert ids((await history.page(a, 2**63, 100, 1)).records) == [2**63 - 1, 2**32, 2, 1]
     # In the table, one salt bucket holds both conversations, each contiguous, newest first.
     rows = raw_rows(hbase, history, conversation_prefix(a)[:1])
     mine = [r for r in rows if r.startswith(conversation_prefix(a))]
@@ -202,7 +177,7 @@ async def test_appending_twice_leaves_one_row_and_one_version(history, hbase):
     )
     # stamped with server_time rounded down to the second (one Thrift call per second)
     assert len(cells) == 1 and cells[0][1] == j.message.server_time // 1000 * 1000
-    assert (await history.page(DM, 0, 10, 0)).messages == (j.message,)
+    assert messages((await history.page(DM, 0, 10, 0)).records) == (j.message,)
 
 
 @pytest_twisted.ensureDeferred
@@ -213,9 +188,10 @@ async def test_append_many_batches_across_times_and_conversations(history):
     items += [(other, job(i, now, other)) for i in range(100, 110)]
     await history.append_many(items)
     page = await history.page(DM, 0, 100, 0)
-    assert ids(page.messages) == list(range(30, 0, -1))
-    assert [m.server_time for m in page.messages] == [now + i % 3 for i in range(30, 0, -1)]
-    assert ids((await history.page(other, 0, 100, 0)).messages) == list(range(109, 99, -1))
+    assert ids(page.records) == list(range(30, 0, -1))
+    times = [m.server_time for m in messages(page.records)]
+    assert times == [now + i % 3 for i in range(30, 0, -1)]
+    assert ids((await history.page(other, 0, 100, 0)).records) == list(range(109, 99, -1))
 
 
 @pytest_twisted.ensureDeferred
@@ -240,7 +216,7 @@ async def test_blocking_calls_run_on_the_pool_threads(make_history, monkeypatch)
     await h.start()
     await h.append(DM, job(1, h.now_ms()))
     await h.append_many([(DM, job(2, h.now_ms()))])
-    assert ids((await h.page(DM, 0, 10, 0)).messages) == [2, 1]
+    assert ids((await h.page(DM, 0, 10, 0)).records) == [2, 1]
     assert {name for name, _ in seen} == {"__init__", "tables", "put", "scan", "batch"}
     for _, thread in seen:
         assert thread is not threading.main_thread()
@@ -304,7 +280,7 @@ async def test_a_dropped_idle_connection_is_retried_once_on_a_fresh_one(make_his
     factory.drop_all()  # the server side closes the idle connection
     await eventually(lambda: not factory.live)
     page = await h.page(DM, 0, 10, 0)
-    assert ids(page.messages) == [1]
+    assert ids(page.records) == [1]
     assert h.retries == 1  # the first attempt failed on the dead socket, the retry worked
     assert len(factory.live) == 1  # the retry's connection, now open and reusable
     await h.append(DM, job(2, h.now_ms()))
@@ -333,16 +309,13 @@ async def test_the_retry_happens_once_only(make_history, proxy, monkeypatch):
 
     factory.refuse = False  # the server is back: the pool recovers without a restart
     attempts.clear()
-    assert (await h.page(DM, 0, 10, 0)).messages == ()
+    assert (await h.page(DM, 0, 10, 0)).records == ()
     assert len(attempts) <= 2
 
 
 @pytest_twisted.ensureDeferred
 async def test_start_fails_cleanly_without_a_server(make_history):
-    probe = socket.socket()
-    probe.bind(("127.0.0.1", 0))
-    dead_port = probe.getsockname()[1]
-    probe.close()  # nothing listens there now
+    dead_port = free_port()  # nothing listens there now
     h = make_history(port=dead_port, timeout_ms=2000)
     with pytest.raises(RETRYABLE):
         await h.start()
@@ -356,7 +329,7 @@ async def test_close_waits_for_calls_in_flight(history):
     await history.append(DM, job(1, history.now_ms()))
     page: Deferred[Any] = history.page(DM, 0, 10, 0)
     closed = history.close()
-    assert ids((await page).messages) == [1]
+    assert ids((await page).records) == [1]
     await closed
     with pytest.raises(RuntimeError):
         await history.append(DM, job(2, history.now_ms()))
@@ -367,7 +340,7 @@ async def test_close_waits_for_calls_in_flight(history):
 
 @pytest_twisted.ensureDeferred
 async def test_retention_follows_the_injected_clock(make_history, hbase):
-    clock = Clock(wall_ms())
+    clock = FakeClock(wall_ms())
     retention = 10 * DAY_MS
     h = make_history(now_ms=clock, retention_ms=retention)
     await h.start()
@@ -377,16 +350,16 @@ async def test_retention_follows_the_injected_clock(make_history, hbase):
         await h.append(DM, job(mid, st))
 
     clock.now = t0 + retention  # t0 is exactly `retention` old: still served
-    assert ids((await h.page(DM, 0, 10, 0)).messages) == [5, 4, 3, 2, 1]
+    assert ids((await h.page(DM, 0, 10, 0)).records) == [5, 4, 3, 2, 1]
 
     clock.now += 1
     page = await h.page(DM, 0, 10, 0)
-    assert ids(page.messages) == [5, 3] and not page.has_more
+    assert ids(page.records) == [5, 3] and not page.has_more
     first = await h.page(DM, 0, 1, 0)
-    assert ids(first.messages) == [5] and first.has_more  # 4 is expired: it does not count
+    assert ids(first.records) == [5] and first.has_more  # 4 is expired: it does not count
     last = await h.page(DM, 5, 1, 0)
-    assert ids(last.messages) == [3] and not last.has_more  # nor do 2 and 1
-    assert (await h.page(DM, 3, 10, 0)).messages == ()
+    assert ids(last.records) == [3] and not last.has_more  # nor do 2 and 1
+    assert (await h.page(DM, 3, 10, 0)).records == ()
     # HBase's own clock has not moved: the rows are all still stored.
     assert len(raw_rows(hbase, h, conversation_prefix(DM))) == 5
 
@@ -403,4 +376,4 @@ async def test_the_family_ttl_expires_cells_by_server_time(make_history, hbase):
     await h.append(DM, job(2, now - 60_000))
     # HBase itself hides the old cell: a raw scan, without the store's filter, misses it.
     assert [msg_id_of(r) for r in raw_rows(hbase, h, conversation_prefix(DM))] == [2]
-    assert ids((await h.page(DM, 0, 10, 0)).messages) == [2]
+    assert ids((await h.page(DM, 0, 10, 0)).records) == [2]

@@ -2,20 +2,18 @@
 consumer dying mid-job, dedup (resend, concurrent resend, stale/failed pending keys),
 reconnection after the TCP connection drops, poison messages, partitions.
 
-Needs RabbitMQ on 127.0.0.1:5672 and Redis on 127.0.0.1:6379 (skipped if absent, failing
-under CI). Each test uses its own prefix; its queues, exchange and Redis keys are deleted
+Needs RabbitMQ and Redis (tests/support/services.py: skipped if absent, failing under
+CI). Each test uses its own prefix; its queues, exchange and Redis keys are deleted
 afterwards. Only this test's own connection is ever dropped.
 """
 
 from __future__ import annotations
 
-import importlib.util
 import itertools
 import time
 import uuid
 from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
-from pathlib import Path
 from typing import Any
 
 import pika
@@ -24,41 +22,29 @@ import pytest_twisted
 import txredisapi
 from pika.adapters.twisted_connection import TwistedChannel
 from pika.exceptions import AMQPError, ChannelWrongStateError, NackError
-from recorder import Recorder
 
-from twisted.internet import reactor
 from twisted.internet.defer import Deferred, DeferredList
 from twisted.internet.error import ConnectionAborted
-from twisted.internet.task import deferLater
 
 from improto.enums import ContentType, ConvKind
 from improto.frames import Message
 from improto_server.model import Accepted, PersistJob
-from improto_server.production.rabbit_queue import (
+from improto_server.production.amqp_jobs import (
     BATCH_TYPE,
     JOB_TYPE,
-    NotPublished,
-    RabbitQueue,
     decode_message,
     pack_jobs,
     partition_of,
     queue_names,
 )
+from improto_server.production.rabbit_queue import NotPublished, RabbitQueue
+from tests.support import services
+from tests.support.clock import START_MS
+from tests.support.recorder import Recorder
+from tests.support.services import needs
+from tests.support.waiting import eventually, sleep
 
-
-def _load_helpers() -> Any:
-    """The contract backend module: its service probe (skip / fail under CI) and cleanup."""
-    path = Path(__file__).parent / "contract" / "backend_rabbit.py"
-    spec = importlib.util.spec_from_file_location("rabbit_backend_helpers", path)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-helpers = _load_helpers()
 _ids = itertools.count(5_000_000)
-START_MS = 1_750_000_000_000
 
 
 def job(
@@ -81,29 +67,18 @@ def accept(q: RabbitQueue, j: PersistJob) -> Deferred[Accepted]:
     return q.accept(j, j.message.client_msg_id)
 
 
-async def eventually(check: Callable[[], bool], timeout: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not check():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"condition not met within {timeout} s")
-        await deferLater(reactor, 0.01, lambda: None)
-
-
-def sleep(seconds: float) -> Deferred[None]:
-    return deferLater(reactor, seconds, lambda: None)
-
-
 @pytest.fixture
+@needs("rabbitmq", "redis")
 def make_queue() -> Iterator[Callable[..., RabbitQueue]]:
     """`make_queue(prefix=None, **kw)`: an unstarted RabbitQueue (a fresh prefix unless one is
     given); every queue made is closed, and every prefix cleaned, afterwards."""
-    helpers.require_services()
     made: list[RabbitQueue] = []
     prefixes: dict[str, int] = {}
 
     def make(prefix: str | None = None, **kw: Any) -> RabbitQueue:
         prefix = prefix or f"improto-rabbit-test-{uuid.uuid4().hex[:12]}"
-        q = RabbitQueue(helpers.AMQP_URL, prefix=prefix, **kw)
+        kw = {"redis_host": services.REDIS.host, "redis_port": services.REDIS.port, **kw}
+        q = RabbitQueue(services.AMQP_URL, prefix=prefix, **kw)
         prefixes[prefix] = max(prefixes.get(prefix, 1), q.partitions)
         made.append(q)
         return q
@@ -114,13 +89,14 @@ def make_queue() -> Iterator[Callable[..., RabbitQueue]]:
         for q in made:
             pytest_twisted.blockon(q.close())
         for prefix, partitions in prefixes.items():
-            helpers.delete_prefix(prefix, partitions)
+            services.delete_queue_prefix(prefix, partitions)
 
 
 @pytest.fixture
+@needs("redis")
 def redis() -> Iterator[Any]:
     client = txredisapi.lazyConnectionPool(
-        helpers.REDIS_HOST, helpers.REDIS_PORT, poolsize=1, charset=None, convertNumbers=False
+        services.REDIS.host, services.REDIS.port, poolsize=1, charset=None, convertNumbers=False
     )
     yield client
     pytest_twisted.blockon(client.disconnect())

@@ -2,13 +2,12 @@
 hash tags, expiry of the keys, binary safety, bounded trimming, and differential runs
 against the embedded SQLite stores.
 
-Needs Redis on 127.0.0.1:6379 (skipped if absent, failing under CI). Each test uses its own
-key prefix and deletes its keys afterwards.
+Needs Redis (tests/support/services.py: skipped if absent, failing under CI). Each test uses
+its own key prefix and deletes its keys afterwards.
 """
 
 from __future__ import annotations
 
-import importlib.util
 import random
 import uuid
 from collections.abc import Iterator
@@ -26,76 +25,44 @@ from twisted.internet.task import deferLater
 from improto.enums import ContentType, ConvKind
 from improto.frames import Message
 from improto.limits import MAX_GROUPS_PER_USER, U64_MAX
-from improto_server.embedded.sqlite import SQLiteBackend
+from improto.records import message_of
+from improto_server.embedded.backend import SQLiteBackend
 from improto_server.model import LimitExceeded, PersistJob
 from improto_server.production import redis_inbox
+from improto_server.production.redis_connection import LuaScript, connect, gather
 from improto_server.production.redis_groups import SCRIPTS as GROUP_SCRIPTS
 from improto_server.production.redis_groups import RedisGroups
 from improto_server.production.redis_inbox import SCRIPTS as INBOX_SCRIPTS
-from improto_server.production.redis_inbox import LuaScript, RedisInbox, connect, gather
+from improto_server.production.redis_inbox import RedisInbox
 from improto_server.production.redis_slots import key_slot
+from tests.support import services
+from tests.support.clock import DAY_MS, INBOX_RETENTION_MS, START_MS, FakeClock
+from tests.support.services import needs
 
-
-def _load_helpers() -> Any:
-    """The contract backend module: its Redis probe (skip / fail under CI) and cleanup."""
-    path = Path(__file__).parent / "contract" / "backend_redis.py"
-    spec = importlib.util.spec_from_file_location("redis_contract_backend", path)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-helpers = _load_helpers()
-
-DAY_MS = 86_400_000
-RETENTION_MS = 7 * DAY_MS
-START_MS = 1_750_000_000_000
-
-
-class Clock:
-    def __init__(self) -> None:
-        self.now = START_MS
-
-    def __call__(self) -> int:
-        return self.now
+RETENTION_MS = INBOX_RETENTION_MS
 
 
 @dataclass
 class Env:
     redis: Any
     prefix: str
-    clock: Clock
+    clock: FakeClock
     inbox: RedisInbox
     groups: RedisGroups
 
     def keys(self) -> list[bytes]:
-        return sorted(_scan(self.prefix))
+        return sorted(services.redis_keys(self.prefix))
 
     def command(self, *args: Any) -> Deferred[Any]:
         return self.redis.execute_command(*args)
 
 
-def _scan(prefix: str) -> list[bytes]:
-    client = helpers.SyncRedis()
-    try:
-        found: list[bytes] = []
-        cursor = b"0"
-        while True:
-            cursor, keys = client("SCAN", cursor, "MATCH", prefix + ":*", "COUNT", 1000)
-            found.extend(keys)
-            if cursor == b"0":
-                return found
-    finally:
-        client.close()
-
-
 @pytest.fixture
+@needs("redis")
 def env() -> Iterator[Env]:
-    helpers.require_redis()
     prefix = f"improto-test-stores:{uuid.uuid4().hex}"
-    redis = connect()
-    clock = Clock()
+    redis = connect(services.REDIS.host, services.REDIS.port)
+    clock = FakeClock()
     inbox = RedisInbox(redis, prefix, clock, RETENTION_MS)
     groups = RedisGroups(redis, prefix)
     pytest_twisted.blockon(inbox.start())
@@ -104,7 +71,7 @@ def env() -> Iterator[Env]:
         yield Env(redis, prefix, clock, inbox, groups)
     finally:
         pytest_twisted.blockon(redis.disconnect())
-        helpers.delete_prefix(prefix)
+        services.delete_redis_prefix(prefix)
 
 
 @pytest.fixture
@@ -147,7 +114,7 @@ def job(*users: int, **kw: Any) -> PersistJob:
 async def entries(inbox: Any, user: int) -> list[tuple[int, int]]:
     page = await inbox.page(user, 0, 1000)
     assert not page.has_more
-    return [(c, m.msg_id) for c, m in page.entries]
+    return [(c, message_of(r).msg_id) for c, r in zip(page.cursors, page.records, strict=True)]
 
 
 # --------------------------------------------------------------------------- inbox
@@ -275,7 +242,7 @@ async def test_cursors_continue_after_the_inbox_keys_expired(env):
     new = job(4)
     await inbox.append(new)
     page = await inbox.page(4, 0, 10)
-    assert [(c, m.msg_id) for c, m in page.entries] == [(4, new.message.msg_id)]
+    assert page.cursors == (4,) and message_of(page.records[0]) == new.message
     assert page.gap and not (await inbox.page(4, 3, 10)).gap
     assert await inbox.position(4, "phone") == 2  # positions do not expire
 
@@ -297,7 +264,7 @@ async def test_binary_and_unicode_fields_round_trip(env):
     for j in jobs:
         await env.inbox.append(j)
     page = await env.inbox.page(3, 0, 100)
-    assert [m for _, m in page.entries] == [j.message for j in jobs]
+    assert [message_of(r) for r in page.records] == [j.message for j in jobs]
 
     name = "\u00e9quipe \u2713 \U0001f600"
     gid = await env.groups.create(U64_MAX, name, (2**63,), U64_MAX)
@@ -322,7 +289,7 @@ async def test_an_expired_backlog_is_trimmed_in_bounded_steps(env, monkeypatch):
     assert await env.command("ZCARD", age) == 10
 
     page = await env.inbox.page(6, 0, 10)  # three bounded script calls, then the page
-    assert [m.msg_id for _, m in page.entries] == [j.message.msg_id for j in new]
+    assert [message_of(r).msg_id for r in page.records] == [j.message.msg_id for j in new]
     assert page.gap and not page.has_more
     assert (await env.inbox.page(6, 9, 10)).gap and not (await env.inbox.page(6, 10, 10)).gap
     for key in (ent, age):
@@ -345,7 +312,7 @@ async def test_sweep_trims_every_inbox_under_the_prefix_only(env):
         assert not await env.command("EXISTS", ent)
         assert await other.sweep() == 1
     finally:
-        helpers.delete_prefix(env.prefix + "-other")
+        services.delete_redis_prefix(env.prefix + "-other")
 
 
 @pytest_twisted.ensureDeferred
@@ -364,10 +331,12 @@ async def test_an_unknown_script_falls_back_to_eval(env):
 async def test_a_decoding_connection_is_refused():
     import txredisapi
 
-    pool = txredisapi.lazyConnectionPool("127.0.0.1", 6379, poolsize=1)  # charset utf-8
+    pool = txredisapi.lazyConnectionPool(
+        services.REDIS.host, services.REDIS.port, poolsize=1
+    )  # charset utf-8
     try:
         with pytest.raises(ValueError, match="charset=None"):
-            RedisInbox(pool, "improto-test-stores:unused", Clock(), RETENTION_MS)
+            RedisInbox(pool, "improto-test-stores:unused", FakeClock(), RETENTION_MS)
         with pytest.raises(ValueError, match="charset=None"):
             RedisGroups(pool, "improto-test-stores:unused")
     finally:
@@ -435,7 +404,7 @@ async def test_groups_match_the_embedded_store(env, sqlite):
         for store in stores:
             try:
                 results.append(("ok", await getattr(store, name)(*args)))
-            except (KeyError, LimitExceeded) as e:
+            except (LookupError, LimitExceeded) as e:  # GroupNotFound
                 results.append(("raised", type(e)))
         assert results[0] == results[1], (name, args)
         return results[0][1]

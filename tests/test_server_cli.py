@@ -15,7 +15,6 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
-from serverproc import start_server
 
 from improto.codec import FrameReader, decode_payload, encode
 from improto.frames import (
@@ -31,6 +30,8 @@ from improto.frames import (
 from improto.tokens import mint, verify
 from improto_server.cli import load_config, run_parser
 from improto_server.config import Config
+from tests.support.ports import free_port
+from tests.support.server import start_server
 
 SERVER = [sys.executable, "-m", "improto_server"]
 
@@ -91,15 +92,9 @@ def _self_signed(tmp_path: Path) -> tuple[Path, Path]:
     return key_path, cert_path
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def test_tls_listener_serves_the_protocol(tmp_path: Path) -> None:
     key, cert = _self_signed(tmp_path)
-    port = _free_port()
+    port = free_port()
     secret = "tls-test-secret-tls-test-secret-0000"
     proc = subprocess.Popen(
         [*SERVER, "--listen", f"ssl:{port}:interface=127.0.0.1:privateKey={key}:certKey={cert}",

@@ -17,7 +17,7 @@ from twisted.internet.task import deferLater
 from improto.enums import ContentType, ConvKind
 from improto.errors import ErrorCode
 from improto.frames import Send
-from improto_server.embedded.sqlite import SQLiteBackend
+from improto_server.embedded.backend import SQLiteBackend
 from improto_server.hub import Hub
 from improto_server.ids import IdGenerator
 from improto_server.model import GroupInfo, PersistJob

@@ -163,8 +163,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(str(e))
     if config.storage == "production" and (missing := missing_production_modules()):
         parser.error(
-            f"--storage production needs {', '.join(missing)}: "
-            "pip install 'improto[production]'"
+            f"--storage production needs {', '.join(missing)}: pip install 'improto[production]'"
         )
     globalLogBeginner.beginLoggingTo([textFileLogObserver(sys.stderr)])
 

@@ -62,6 +62,7 @@ from improto_server.ports import GroupStore, HistoryStore, InboxStore, PersistQu
 log = Logger()
 _T = TypeVar("_T")
 
+
 async def _available(d: Awaitable[_T]) -> _T:
     """A storage call whose failure (a service down or restarting) the client should retry:
     UNAVAILABLE, not INTERNAL. Errors the call raises on purpose pass through."""
@@ -231,9 +232,7 @@ class ChatService:
             key, min_id = ConvKey.group(req.conv_id), since
         else:
             key, min_id = ConvKey.direct(caller.user_id, req.conv_id), 0
-        raw: HistoryRecords = await _available(
-            self.history.page(key, req.before_id, limit, min_id)
-        )
+        raw: HistoryRecords = await _available(self.history.page(key, req.before_id, limit, min_id))
         n = records.fit(raw.records, MAX_FRAME_LENGTH - records.HISTORY_OVERHEAD)
         return records.history_page(
             req.request_id, req.conv_kind, req.conv_id,

@@ -346,7 +346,6 @@ class Session(Protocol):
 
 
 class SessionFactory(Factory):
-
     def __init__(self, config: Config, service: ChatService, hub: Hub, clock: IReactorTime,
                  secret: str, router: PushRouter | None = None) -> None:  # fmt: skip
         self.config = config

@@ -1,17 +1,14 @@
-"""Fixtures for the storage contract suite, run once per backend in `BACKENDS`.
+"""Fixtures for the storage contract suite.
 
-To add a backend, register a factory: it gets a per-test data directory and the fake clock
-and returns an unstarted object with `start()`, `close()`, `sweep()` and the four ports
-(`queue`, `inbox`, `history`, `groups`). Calling the factory again with the same directory
-must reach the same data (the restart tests rely on it), and the backend must read time
-only from the clock it was given, with the retentions below.
+Each test module names the port it checks (`PORT = "inbox"`, ...); its tests run once per row
+of that port in backends.ROWS: the SQLite adapter, the port's service adapter (the other
+ports on SQLite), and the production composition. So each (port, backend) pair runs once.
+A row on services carries the `services` marker: skipped without them, failed under CI.
 """
 
 from __future__ import annotations
 
-import importlib.util
 import itertools
-import time
 from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,33 +17,15 @@ from typing import Any, Protocol
 import pytest
 import pytest_twisted
 
-from twisted.internet import reactor
 from twisted.internet.defer import Deferred
-from twisted.internet.task import deferLater
 
 from improto.enums import ContentType, ConvKind
 from improto.frames import Message
-from improto_server.embedded.sqlite import SQLiteBackend
 from improto_server.model import PersistJob
 from improto_server.ports import GroupStore, HistoryStore, InboxStore, PersistQueue
-
-DAY_MS = 86_400_000
-INBOX_RETENTION_MS = 7 * DAY_MS
-HISTORY_RETENTION_MS = 180 * DAY_MS
-START_MS = 1_750_000_000_000  # the fake clock's start: a plausible wall-clock time
-
-
-class FakeClock:
-    """A millisecond clock that moves only when a test says so."""
-
-    def __init__(self, now: int = START_MS) -> None:
-        self.now = now
-
-    def __call__(self) -> int:
-        return self.now
-
-    def advance(self, ms: int) -> None:
-        self.now += ms
+from tests.contract.backends import FACTORIES, NEEDS, ROWS, Factory
+from tests.support.clock import HISTORY_RETENTION_MS, INBOX_RETENTION_MS, FakeClock
+from tests.support.waiting import eventually
 
 
 class Backend(Protocol):
@@ -60,28 +39,15 @@ class Backend(Protocol):
     def sweep(self) -> Deferred[dict[str, int]]: ...
 
 
-BackendFactory = Callable[[Path, FakeClock], Backend]
-
-
-def _sqlite(data_dir: Path, clock: FakeClock) -> Backend:
-    return SQLiteBackend(
-        data_dir / "improto.sqlite3",
-        now_ms=clock,
-        inbox_retention_ms=INBOX_RETENTION_MS,
-        history_retention_ms=HISTORY_RETENTION_MS,
-    )
-
-
-BACKENDS: dict[str, BackendFactory] = {"sqlite": _sqlite}
-
-# Other backends live in backend_*.py beside this file, each with `register(BACKENDS)`; a
-# backend whose services are not reachable skips, except under CI (CI set), where it fails.
-for _path in sorted(Path(__file__).parent.glob("backend_*.py")):
-    _spec = importlib.util.spec_from_file_location(f"contract_{_path.stem}", _path)
-    assert _spec is not None and _spec.loader is not None
-    _module = importlib.util.module_from_spec(_spec)
-    _spec.loader.exec_module(_module)
-    _module.register(BACKENDS)
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    if "backend" not in metafunc.fixturenames:
+        return
+    port = metafunc.module.PORT
+    rows = [
+        pytest.param(row, id=row, marks=[pytest.mark.services(*NEEDS[row])] if NEEDS[row] else [])
+        for row in ROWS[port]
+    ]
+    metafunc.parametrize("backend", rows, indirect=True)
 
 
 class Harness:
@@ -91,27 +57,16 @@ class Harness:
     inbox_retention_ms = INBOX_RETENTION_MS
     history_retention_ms = HISTORY_RETENTION_MS
 
-    def __init__(self, factory: BackendFactory, data_dir: Path, clock: FakeClock) -> None:
+    def __init__(self, factory: Factory, data_dir: Path, clock: FakeClock) -> None:
         self._factory = factory
         self._data_dir = data_dir
         self.clock = clock
-        self.current = factory(data_dir, clock)
+        self.current: Backend = factory(data_dir, clock)
 
-    @property
-    def queue(self) -> PersistQueue:
-        return self.current.queue
-
-    @property
-    def inbox(self) -> InboxStore:
-        return self.current.inbox
-
-    @property
-    def history(self) -> HistoryStore:
-        return self.current.history
-
-    @property
-    def groups(self) -> GroupStore:
-        return self.current.groups
+    queue = property(lambda self: self.current.queue)
+    inbox = property(lambda self: self.current.inbox)
+    history = property(lambda self: self.current.history)
+    groups = property(lambda self: self.current.groups)
 
     def sweep(self) -> Deferred[dict[str, int]]:
         return self.current.sweep()
@@ -129,9 +84,9 @@ class Harness:
         await self.current.start()
 
 
-@pytest.fixture(params=sorted(BACKENDS))
+@pytest.fixture
 def backend(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Harness]:
-    harness = Harness(BACKENDS[request.param], tmp_path, FakeClock())
+    harness = Harness(FACTORIES[request.param], tmp_path, FakeClock())
     pytest_twisted.blockon(harness.current.start())
     try:
         yield harness
@@ -182,15 +137,6 @@ class Jobs:
 def jobs(backend: Harness) -> Jobs:
     """Message/job builder whose server_time follows the backend's fake clock."""
     return Jobs(backend.clock, itertools.count(1_000_000))
-
-
-async def eventually(check: Callable[[], bool], timeout: float = 5.0) -> None:
-    """Wait (on the real reactor) until `check()` holds; fail after `timeout` seconds."""
-    deadline = time.monotonic() + timeout
-    while not check():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"condition not met within {timeout} s")
-        await deferLater(reactor, 0.005, lambda: None)
 
 
 @pytest.fixture

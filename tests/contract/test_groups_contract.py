@@ -6,7 +6,9 @@ import pytest
 import pytest_twisted
 
 from improto.limits import MAX_GROUP_MEMBERS, MAX_GROUPS_PER_USER, U64_MAX
-from improto_server.model import GroupInfo, LimitExceeded
+from improto_server.model import GroupInfo, GroupNotFound, LimitExceeded
+
+PORT = "groups"
 
 OWNER = 10
 
@@ -38,8 +40,8 @@ async def test_unknown_groups(backend):
     for gid in (1, 12345, 2**63, U64_MAX):
         assert await g.info(gid) is None
         assert await g.since(gid, OWNER) is None
-        await raises(KeyError, g.add(gid, (1,), 5))
-        await raises(KeyError, g.remove(gid, (1,)))
+        await raises(GroupNotFound, g.add(gid, (1,), 5))
+        await raises(GroupNotFound, g.remove(gid, (1,)))
 
 
 @pytest_twisted.ensureDeferred

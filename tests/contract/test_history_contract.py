@@ -8,13 +8,11 @@ import pytest_twisted
 
 from improto.enums import ConvKind
 from improto.limits import U64_MAX
-from improto_server.model import ConvKey, HistorySlice, PersistJob
+from improto_server.model import ConvKey, HistoryRecords, PersistJob
+from tests.contract.pages import ids, messages
 
+PORT = "history"
 DM = ConvKey.direct(1, 2)
-
-
-def ids(page: HistorySlice) -> list[int]:
-    return [m.msg_id for m in page.messages]
 
 
 async def fill(backend, jobs, key: ConvKey, msg_ids) -> list:
@@ -28,7 +26,7 @@ async def fill(backend, jobs, key: ConvKey, msg_ids) -> list:
 
 @pytest_twisted.ensureDeferred
 async def test_empty_conversation(backend):
-    assert await backend.history.page(DM, 0, 20, 0) == HistorySlice((), False)
+    assert await backend.history.page(DM, 0, 20, 0) == HistoryRecords((), False)
 
 
 @pytest_twisted.ensureDeferred
@@ -36,19 +34,19 @@ async def test_pages_newest_first_with_before_id(backend, jobs):
     appended = await fill(backend, jobs, DM, range(101, 126))  # 25 messages, one millisecond
     first = await backend.history.page(DM, 0, 10, 0)
     assert ids(first) == list(range(125, 115, -1)) and first.has_more
-    assert list(first.messages) == [j.message for j in reversed(appended[15:])]  # whole records
+    assert messages(first) == [j.message for j in reversed(appended[15:])]  # whole records
     second = await backend.history.page(DM, ids(first)[-1], 10, 0)
     assert ids(second) == list(range(115, 105, -1)) and second.has_more
     third = await backend.history.page(DM, ids(second)[-1], 10, 0)
     assert ids(third) == list(range(105, 100, -1)) and not third.has_more
-    assert await backend.history.page(DM, 101, 10, 0) == HistorySlice((), False)
+    assert await backend.history.page(DM, 101, 10, 0) == HistoryRecords((), False)
 
 
 @pytest_twisted.ensureDeferred
 async def test_has_more_is_exact_at_the_boundary(backend, jobs):
     await fill(backend, jobs, DM, range(1, 11))
     exactly = await backend.history.page(DM, 0, 10, 0)
-    assert len(exactly.messages) == 10 and not exactly.has_more
+    assert len(exactly.records) == 10 and not exactly.has_more
     short = await backend.history.page(DM, 0, 9, 0)
     assert ids(short) == list(range(10, 1, -1)) and short.has_more
     bounded = await backend.history.page(DM, 6, 5, 0)  # exactly 1..5 remain below 6
@@ -64,7 +62,7 @@ async def test_min_id_is_an_inclusive_lower_bound(backend, jobs):
     assert ids(page) == [17, 16] and page.has_more  # 15 is still in range
     page = await backend.history.page(DM, 16, 2, 15)
     assert ids(page) == [15] and not page.has_more  # 14 and below are not
-    assert await backend.history.page(DM, 10, 5, 15) == HistorySlice((), False)
+    assert await backend.history.page(DM, 10, 5, 15) == HistoryRecords((), False)
 
 
 @pytest_twisted.ensureDeferred
@@ -86,7 +84,7 @@ async def test_append_is_idempotent(backend, jobs):
     for _ in range(3):
         await backend.history.append(DM, job)
     page = await backend.history.page(DM, 0, 10, 0)
-    assert list(page.messages) == [job.message] and not page.has_more
+    assert messages(page) == [job.message] and not page.has_more
 
 
 @pytest_twisted.ensureDeferred
@@ -99,7 +97,7 @@ async def test_ids_near_the_top_of_u64_order_as_unsigned(backend, jobs):
 
     page = await backend.history.page(DM, 0, 100, 0)
     assert ids(page) == newest_first
-    assert list(page.messages) == [appended[i] for i in newest_first]
+    assert messages(page) == [appended[i] for i in newest_first]
     assert ids(await backend.history.page(DM, U64_MAX, 3, 0)) == [U64_MAX - 1, 2**63 + 1, 2**63]
     assert ids(await backend.history.page(DM, 2**63, 10, 0)) == [2**63 - 1, 2**62, 1]
     assert ids(await backend.history.page(DM, 0, 10, 2**63)) == newest_first[:4]
@@ -122,7 +120,7 @@ async def test_records_keep_every_field(backend, jobs):
     key = ConvKey.of_message(msg)
     await backend.history.append(key, PersistJob(msg, ()))
     page = await backend.history.page(key, 0, 10, 0)
-    assert page.messages == (msg,)
+    assert messages(page) == [msg]
 
 
 @pytest_twisted.ensureDeferred
@@ -141,7 +139,7 @@ async def test_messages_older_than_the_retention_are_not_served(backend, jobs):
         assert ids(page) == [5, 4] and not page.has_more, phase
         short = await backend.history.page(DM, 0, 1, 0)
         assert ids(short) == [5] and short.has_more, phase
-        assert await backend.history.page(DM, 4, 10, 0) == HistorySlice((), False), phase
+        assert await backend.history.page(DM, 4, 10, 0) == HistoryRecords((), False), phase
 
 
 @pytest_twisted.ensureDeferred
@@ -166,4 +164,4 @@ async def test_append_many_stores_each_once_across_conversations(backend, jobs):
     for key in (DM, group):
         page = await backend.history.page(key, 0, 100, 0)
         expected = [j.message for k, j in batch if k == key][::-1]
-        assert list(page.messages) == expected and not page.has_more
+        assert messages(page) == expected and not page.has_more

@@ -5,35 +5,34 @@ from __future__ import annotations
 import pytest_twisted
 
 from improto.limits import U64_MAX
-from improto_server.model import InboxPage, PersistJob
+from improto_server.model import InboxRecords, PersistJob
+from tests.contract.pages import ids, messages
+
+PORT = "inbox"
 
 ALICE, BOB, CAROL = 1, 2, 3
 BIG = U64_MAX  # user ids are u64: the largest must work like any other
 
 
-async def pull_all(inbox, user: int, limit: int, start: int = 0) -> list[InboxPage]:
+async def pull_all(inbox, user: int, limit: int, start: int = 0) -> list[InboxRecords]:
     """Run the client's sync loop (spec 10.2) and return every page."""
     pages = []
     cursor = start
     while True:
         page = await inbox.page(user, cursor, limit)
         pages.append(page)
-        cursor = page.entries[-1][0] if page.entries else page.start
+        cursor = page.cursors[-1] if page.cursors else page.start
         if not page.has_more:
             return pages
 
 
-def ids(page: InboxPage) -> list[int]:
-    return [m.msg_id for _, m in page.entries]
-
-
-def cursors(page: InboxPage) -> list[int]:
-    return [c for c, _ in page.entries]
+def cursors(page: InboxRecords) -> list[int]:
+    return list(page.cursors)
 
 
 @pytest_twisted.ensureDeferred
 async def test_empty_inbox(backend):
-    assert await backend.inbox.page(ALICE, 0, 10) == InboxPage((), 0, False, False)
+    assert await backend.inbox.page(ALICE, 0, 10) == InboxRecords((), (), 0, False, False)
 
 
 @pytest_twisted.ensureDeferred
@@ -50,7 +49,7 @@ async def test_cursors_strictly_increase_and_are_unique_per_user(backend, jobs):
     for user in (ALICE, BOB, CAROL, BIG):
         page = await backend.inbox.page(user, 0, 100)
         expected = [j.message for j in appended if user in j.inbox_users]
-        assert [m for _, m in page.entries] == expected  # full records, in append order
+        assert messages(page) == expected  # full records, in append order
         cs = cursors(page)
         assert cs == sorted(set(cs))  # strictly increasing
         assert cs[0] >= 1  # 0 means "from the beginning" and is never an entry's cursor
@@ -95,7 +94,7 @@ async def test_paging_through_equal_millisecond_messages(backend, jobs):
         await backend.inbox.append(job)
 
     pages = await pull_all(backend.inbox, ALICE, limit=10)
-    assert [len(p.entries) for p in pages] == [10, 10, 5]
+    assert [len(p.records) for p in pages] == [10, 10, 5]
     assert [p.has_more for p in pages] == [True, True, False]
     seen = [mid for p in pages for mid in ids(p)]
     assert seen == [j.message.msg_id for j in appended]  # no gap, no repeat, in order
@@ -109,13 +108,13 @@ async def test_has_more_is_exact_at_the_boundary(backend, jobs):
     for _ in range(10):
         await backend.inbox.append(jobs.job(ALICE))
     exactly = await backend.inbox.page(ALICE, 0, 10)
-    assert len(exactly.entries) == 10 and not exactly.has_more
+    assert len(exactly.records) == 10 and not exactly.has_more
     short = await backend.inbox.page(ALICE, 0, 9)
-    assert len(short.entries) == 9 and short.has_more
+    assert len(short.records) == 9 and short.has_more
     last = await backend.inbox.page(ALICE, cursors(short)[-1], 9)
     assert ids(last) == ids(exactly)[9:] and not last.has_more
     after = await backend.inbox.page(ALICE, cursors(exactly)[-1], 9)
-    assert after == InboxPage((), cursors(exactly)[-1], False, False)
+    assert after == InboxRecords((), (), cursors(exactly)[-1], False, False)
 
 
 @pytest_twisted.ensureDeferred
@@ -125,7 +124,7 @@ async def test_start_beyond_the_head_is_clamped(backend, jobs):
     head = cursors(await backend.inbox.page(ALICE, 0, 10))[-1]
     for start in (head + 1, head + 1000, 2**63, U64_MAX):
         page = await backend.inbox.page(ALICE, start, 10)
-        assert page == InboxPage((), head, False, False)
+        assert page == InboxRecords((), (), head, False, False)
     # Following the clamped start, the next message is not missed.
     new = jobs.job(ALICE)
     await backend.inbox.append(new)
@@ -191,7 +190,7 @@ async def test_sweep_keeps_shared_messages_other_inboxes_still_use(backend, jobs
     await backend.sweep()
     assert ids(await backend.inbox.page(ALICE, 0, 10)) == []
     page = await backend.inbox.page(CAROL, 0, 10)
-    assert [m for _, m in page.entries] == [early.message]
+    assert messages(page) == [early.message]
 
 
 @pytest_twisted.ensureDeferred
@@ -237,11 +236,11 @@ async def test_append_many_keeps_batch_order_and_is_idempotent(backend, jobs):
     for user in (ALICE, BOB, CAROL, BIG):
         page = await backend.inbox.page(user, 0, 100)
         expected = [j.message for j in first + second if user in j.inbox_users]
-        assert [m for _, m in page.entries] == expected  # once each, in batch order
+        assert messages(page) == expected  # once each, in batch order
         cs = cursors(page)
         assert cs == list(range(cs[0], cs[0] + len(cs)))  # consecutive: no cursor burnt
     await backend.inbox.append_many([])  # an empty batch is a no-op
-    assert len((await backend.inbox.page(ALICE, 0, 100)).entries) == 3
+    assert len((await backend.inbox.page(ALICE, 0, 100)).records) == 3
 
 
 @pytest_twisted.ensureDeferred

@@ -10,6 +10,9 @@ from twisted.internet.defer import Deferred
 
 from improto_server.model import ConvKey, PersistJob
 from improto_server.persister import Persister
+from tests.contract.pages import ids as page_ids
+
+PORT = "persister"  # all of queue, inbox and history at once
 
 
 class DiesAfterInbox(Persister):
@@ -29,7 +32,7 @@ class DiesAfterInbox(Persister):
             self.crashed.update(fresh)
             await self.inbox.append_many(jobs)
             raise RuntimeError("persister died after the inbox write (on purpose)")
-        await self._write(jobs)
+        await super().handle(jobs)
 
 
 @pytest_twisted.ensureDeferred
@@ -44,7 +47,7 @@ async def test_redelivery_after_a_crash_writes_nothing_twice(backend, jobs, wait
     ids = [j.message.msg_id for j in sent]
     for user in (1, 2):
         page = await backend.inbox.page(user, 0, 200)
-        assert [m.msg_id for _, m in page.entries] == ids  # once each, in order
+        assert page_ids(page) == ids  # once each, in order
     history = await backend.history.page(ConvKey.direct(1, 2), 0, 100, 0)
-    assert [m.msg_id for m in history.messages] == ids[::-1]
+    assert page_ids(history) == ids[::-1]
     assert persister.crashed == set(ids)

@@ -6,12 +6,14 @@ import time
 from collections.abc import Sequence
 
 import pytest_twisted
-from recorder import Recorder
 
 from twisted.internet.defer import Deferred, DeferredList
 
 from improto_server.model import Accepted, PersistJob
 from improto_server.ports import BatchHandler
+from tests.support.recorder import Recorder
+
+PORT = "queue"
 
 CMID_A = b"A" * 16
 CMID_B = b"B" * 16

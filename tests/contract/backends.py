@@ -1,0 +1,244 @@
+"""The backends of the contract suite: what each row of a port's tests runs on.
+
+    sqlite      the embedded SQLiteBackend: every port
+    redis       RedisInbox and RedisGroups (the rest SQLite)       inbox, groups
+    hbase       HBaseHistory (the rest SQLite)                     history
+    rabbitmq    RabbitQueue, its dedup keys in Redis (rest SQLite)  queue
+    production  ProductionBackend, as `imserver --storage production` runs it: every port
+
+A factory takes the test's data directory and the fake clock and returns an unstarted backend
+(`start()`, `close()`, `sweep()`, `destroy()` and the four ports). Called again with the same
+directory it reaches the same data (the restart tests rely on that). Names on the services
+(key prefixes, queues, tables) derive from the directory; a name is emptied before its first
+use in this process (a killed run may have left data under it) and by `destroy()`, which the
+fixture calls at the end of the test. Service addresses: tests.support.services.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+from twisted.internet.defer import Deferred
+
+from improto_server.config import Config
+from improto_server.embedded.backend import SQLiteBackend
+from tests.support import services
+from tests.support.clock import DAY_MS, HISTORY_RETENTION_MS, INBOX_RETENTION_MS, FakeClock
+
+Factory = Callable[[Path, FakeClock], Any]
+_emptied: set[str] = set()  # names emptied before their first use in this process
+
+
+def _name(data_dir: Path, root: str) -> str:
+    """A name for this test's data on a service, the same for every restart."""
+    digest = hashlib.sha1(str(Path(data_dir).resolve()).encode()).hexdigest()[:16]
+    return f"{root}{digest}"
+
+
+def _fresh(name: str, empty: Callable[[], object]) -> None:
+    if name not in _emptied:
+        _emptied.add(name)
+        empty()
+
+
+def _sqlite(data_dir: Path, clock: FakeClock) -> SQLiteBackend:
+    return SQLiteBackend(
+        data_dir / "improto.sqlite3",
+        now_ms=clock,
+        inbox_retention_ms=INBOX_RETENTION_MS,
+        history_retention_ms=HISTORY_RETENTION_MS,
+    )
+
+
+class Composed:
+    """The SQLite backend with some of its ports on services' adapters.
+
+    Starts the adapters' `opens`, then SQLite; closes SQLite first (its queue consumer, which
+    may be writing inboxes or history, stops there), then the adapters' `closes`."""
+
+    def __init__(
+        self,
+        sqlite: SQLiteBackend,
+        ports: dict[str, Any],
+        *,
+        opens: list[Callable[[], Awaitable[object]]],
+        closes: list[Callable[[], Awaitable[object]]],
+        destroy: Callable[[], object],
+    ) -> None:
+        self._sqlite = sqlite
+        self.queue, self.inbox = sqlite.queue, sqlite.inbox
+        self.history, self.groups = sqlite.history, sqlite.groups
+        for port, adapter in ports.items():
+            setattr(self, port, adapter)
+            if port == "queue":  # SQLiteBackend.close() stops its queue first: keep it so
+                sqlite.queue = adapter
+        self._opens, self._closes, self._destroy = opens, closes, destroy
+        self._closing: Deferred[None] | None = None
+
+    def start(self) -> Deferred[None]:
+        return Deferred.fromCoroutine(self._start())
+
+    async def _start(self) -> None:
+        try:
+            for step in self._opens:
+                await step()
+            await self._sqlite.start()
+        except BaseException:
+            await self.close()
+            raise
+
+    def close(self) -> Deferred[None]:
+        """Stop both. A second call waits for the first close (whose caller sees errors)."""
+        if self._closing is None:
+            self._closing = Deferred.fromCoroutine(self._close())
+            return self._closing
+        waiter: Deferred[None] = Deferred()
+
+        def fire(result: object) -> object:
+            waiter.callback(None)
+            return result
+
+        self._closing.addBoth(fire)
+        return waiter
+
+    async def _close(self) -> None:
+        try:
+            await self._sqlite.close()
+        finally:
+            for step in self._closes:
+                await step()
+
+    def sweep(self) -> Deferred[dict[str, int]]:
+        return Deferred.fromCoroutine(self._sweep())
+
+    async def _sweep(self) -> dict[str, int]:
+        counts = await self._sqlite.sweep()
+        if self.inbox is not self._sqlite.inbox:
+            counts["inbox"] = counts.get("inbox", 0) + await self.inbox.sweep()
+        # History on HBase: retention is the read-side filter (and the family TTL in
+        # production), nothing to sweep.
+        return counts
+
+    def destroy(self) -> None:
+        self._destroy()
+
+
+# The service adapters are imported by their factories: the SQLite rows need none of them.
+
+
+def _redis(data_dir: Path, clock: FakeClock) -> Composed:
+    from improto_server.production.redis_connection import connect
+    from improto_server.production.redis_groups import RedisGroups
+    from improto_server.production.redis_inbox import RedisInbox
+
+    prefix = _name(data_dir, "improto-contract:")
+    _fresh(prefix, lambda: services.delete_redis_prefix(prefix))
+    redis = connect(services.REDIS.host, services.REDIS.port)
+    inbox = RedisInbox(redis, prefix, clock, INBOX_RETENTION_MS)
+    groups = RedisGroups(redis, prefix)
+
+    async def ping() -> None:
+        await redis.execute_command("PING")
+
+    return Composed(
+        _sqlite(data_dir, clock),
+        {"inbox": inbox, "groups": groups},
+        opens=[ping, inbox.start, groups.start],
+        closes=[redis.disconnect],
+        destroy=lambda: services.delete_redis_prefix(prefix),
+    )
+
+
+def _rabbitmq(data_dir: Path, clock: FakeClock) -> Composed:
+    from improto_server.production.rabbit_queue import RabbitQueue
+
+    prefix = _name(data_dir, "improto-rabbit-contract-")
+    _fresh(prefix, lambda: services.delete_queue_prefix(prefix))
+    queue = RabbitQueue(
+        services.AMQP_URL,
+        redis_host=services.REDIS.host,
+        redis_port=services.REDIS.port,
+        prefix=prefix,
+        partitions=1,  # the contract expects one global acceptance order
+        now_ms=clock,
+    )
+    return Composed(
+        _sqlite(data_dir, clock),
+        {"queue": queue},
+        opens=[queue.start],
+        closes=[queue.close],  # closed by SQLiteBackend.close() already; idempotent
+        destroy=lambda: services.delete_queue_prefix(prefix),
+    )
+
+
+def _hbase(data_dir: Path, clock: FakeClock) -> Composed:
+    from improto_server.production.hbase_history import HBaseHistory
+
+    table = _name(data_dir, "improto_test_")
+    _fresh(table, lambda: services.drop_hbase_tables([table]))
+    history = HBaseHistory(
+        services.HBASE.host,
+        services.HBASE.port,
+        table,
+        now_ms=clock,
+        retention_ms=HISTORY_RETENTION_MS,
+        # The fake clock starts in 2025 and jumps days ahead: cells stamped with its times
+        # would be expired by a TTL on HBase's real clock. Retention is the read filter here.
+        family_ttl=False,
+    )
+    return Composed(
+        _sqlite(data_dir, clock),
+        {"history": history},
+        opens=[history.start],
+        closes=[history.close],
+        destroy=lambda: services.drop_hbase_tables([table]),
+    )
+
+
+def _production(data_dir: Path, clock: FakeClock) -> Any:
+    from improto_server.production.backend import ProductionBackend
+
+    class ContractProduction(ProductionBackend):
+        def destroy(self) -> None:
+            services.purge(self.config.key_prefix, self.config.hbase_table)
+
+    prefix = _name(data_dir, "contract")
+    config = Config(
+        storage="production",
+        key_prefix=prefix,
+        hbase_table=prefix.replace("contract", "contract_"),
+        inbox_retention_days=INBOX_RETENTION_MS // DAY_MS,
+        history_retention_days=HISTORY_RETENTION_MS // DAY_MS,
+        **services.config_fields(),
+    )
+    _fresh(prefix, lambda: services.purge(config.key_prefix, config.hbase_table))
+    # The fake clock is far from wall time: HBase's own TTL would hide every cell.
+    return ContractProduction(config, None, now_ms=clock, hbase_family_ttl=False)
+
+
+FACTORIES: dict[str, Factory] = {
+    "sqlite": _sqlite,
+    "redis": _redis,
+    "hbase": _hbase,
+    "rabbitmq": _rabbitmq,
+    "production": _production,
+}
+# The services each backend needs (the `services` marker of its rows).
+NEEDS: dict[str, tuple[str, ...]] = {
+    "sqlite": (),
+    "redis": ("redis",),
+    "hbase": ("hbase",),
+    "rabbitmq": ("rabbitmq", "redis"),
+    "production": services.NAMES,
+}
+# The rows of each port's contract: each adapter once, and the production composition.
+ROWS: dict[str, tuple[str, ...]] = {
+    "queue": ("sqlite", "rabbitmq", "production"),
+    "inbox": ("sqlite", "redis", "production"),
+    "history": ("sqlite", "hbase", "production"),
+    "groups": ("sqlite", "redis", "production"),
+    "persister": ("sqlite", "production"),  # all ports at once: SQLite's, production's
+}
