@@ -9,7 +9,7 @@ import pytest_twisted
 from improto.enums import ConvKind
 from improto.limits import U64_MAX
 from improto_server.model import ConvKey, HistoryRecords, PersistJob
-from tests.contract.pages import ids, messages
+from tests.contract.pages import format_one, ids, messages
 
 PORT = "history"
 DM = ConvKey.direct(1, 2)
@@ -165,3 +165,14 @@ async def test_append_many_stores_each_once_across_conversations(backend, jobs):
         page = await backend.history.page(key, 0, 100, 0)
         expected = [j.message for k, j in batch if k == key][::-1]
         assert messages(page) == expected and not page.has_more
+
+
+@pytest_twisted.ensureDeferred
+async def test_messages_stored_in_an_older_format_read_back(backend, jobs):
+    # Cells an older server wrote (storage format 1) next to new ones (format 2).
+    old, new = jobs.job(msg_id=21), jobs.job(msg_id=22)
+    await backend.history.append(DM, format_one(old))
+    await backend.history.append_many([(DM, new)])
+    page = await backend.history.page(DM, 0, 20, 0)
+    assert messages(page) == [new.message, old.message]
+    assert list(page.records) == [new.record, old.record]

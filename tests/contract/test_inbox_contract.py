@@ -6,7 +6,7 @@ import pytest_twisted
 
 from improto.limits import U64_MAX
 from improto_server.model import InboxRecords, PersistJob
-from tests.contract.pages import ids, messages
+from tests.contract.pages import format_one, ids, messages
 
 PORT = "inbox"
 
@@ -252,3 +252,15 @@ async def test_a_job_twice_in_one_batch_is_written_once(backend, jobs):
     assert ids(page) == [j.message.msg_id, other.message.msg_id]
     assert cursors(page) == [cursors(page)[0], cursors(page)[0] + 1]
     assert ids(await backend.inbox.page(BOB, 0, 100)) == [j.message.msg_id]
+
+
+@pytest_twisted.ensureDeferred
+async def test_entries_stored_in_an_older_format_read_back(backend, jobs):
+    # Entries an older server wrote (storage format 1) next to new ones (format 2): one page,
+    # in cursor order, every record whole.
+    old, new = jobs.job(ALICE, BOB, msg_id=11), jobs.job(ALICE, BOB, msg_id=12)
+    await backend.inbox.append(format_one(old))
+    await backend.inbox.append(new)
+    page = await backend.inbox.page(BOB, 0, 10)
+    assert messages(page) == [old.message, new.message]
+    assert list(page.records) == [old.record, new.record]
