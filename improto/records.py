@@ -6,7 +6,7 @@ packed into a record once, with `struct` (no codec pass), when it is accepted; t
 the queued job, the inbox entries and the history cells all carry those bytes, and the pull
 handlers splice stored records into OFFLINE_PAGE and HISTORY_PAGE frames without decoding them.
 Every builder here produces the bytes `improto.codec` would produce for the same frame
-(tests/test_pull_records.py compares them over generated messages).
+(tests/test_records.py compares them over generated messages).
 
 Stored records carry a storage format version (STORE_FORMAT) of their own, apart from the wire
 protocol's version, so that a later protocol version leaves stored inboxes, history cells and
