@@ -57,6 +57,13 @@ def _decode_utf8(raw: bytes, name: str) -> str:
         raise BadUtf8(f"{name}: invalid UTF-8 at byte {e.start}") from None
 
 
+def _expect_bytes(obj: object, name: str) -> bytes:
+    """The compiled Blob builder's type check (`bytes` exactly, not a subclass)."""
+    if type(obj) is not bytes:
+        raise EncodeError(name + ": expected bytes")
+    return obj
+
+
 def _check_len(n: int, lo: int, hi: int, name: str, exc: type[InvalidField]) -> None:
     if not lo <= n <= hi:
         raise exc(f"{name}: length {n} outside {lo}..{hi}")
@@ -86,12 +93,45 @@ class _Prefixed(_Construct[_V, _V], Generic[_V]):
         uid = code.allocateId()
         code.append(
             f"""
-            from improto.fields import read_exact, _decode_utf8, _check_len
+            from improto.fields import read_exact, _decode_utf8, _check_len, _expect_bytes
             from improto.errors import InvalidField, EncodeError
             prefix_{uid} = struct.Struct({self.prefix.format!r})
             """
         )
         return str(uid)
+
+    def _emit_parser(self, code: CodeGen, kind: str, value: str) -> str:
+        """Generate `parse_<kind>_<id>(io)`: read the prefix, check it, read that many bytes
+        into `raw` and return the expression `value` (written in terms of `raw`)."""
+        u = self._emit_common(code)
+        name, lo, hi = self.field_name, self.lo, self.hi
+        code.append(
+            f"""
+            def parse_{kind}_{u}(io):
+                n = prefix_{u}.unpack(read_exact(io, {self.prefix.size}))[0]
+                _check_len(n, {lo}, {hi}, {name!r}, InvalidField)
+                raw = read_exact(io, n)
+                return {value}
+            """
+        )
+        return f"parse_{kind}_{u}(io)"
+
+    def _emit_builder(self, code: CodeGen, kind: str, to_bytes: str) -> str:
+        """Generate `build_<kind>_<id>(obj, io)`: turn `obj` into bytes by the expression
+        `to_bytes`, check their length, write the prefix and the bytes, return `obj`."""
+        u = self._emit_common(code)
+        name, lo, hi = self.field_name, self.lo, self.hi
+        code.append(
+            f"""
+            def build_{kind}_{u}(obj, io):
+                raw = {to_bytes}
+                _check_len(len(raw), {lo}, {hi}, {name!r}, EncodeError)
+                io.write(prefix_{u}.pack(len(raw)))
+                io.write(raw)
+                return obj
+            """
+        )
+        return f"build_{kind}_{u}(obj, io)"
 
     def _sizeof(self, context: Container, path: str) -> int:
         raise NotImplementedError
@@ -110,32 +150,10 @@ class Utf8(_Prefixed[str]):
         return obj
 
     def _emitparse(self, code: CodeGen) -> str:
-        u = self._emit_common(code)
-        name, lo, hi = self.field_name, self.lo, self.hi
-        code.append(
-            f"""
-            def parse_utf8_{u}(io):
-                n = prefix_{u}.unpack(read_exact(io, {self.prefix.size}))[0]
-                _check_len(n, {lo}, {hi}, {name!r}, InvalidField)
-                return _decode_utf8(read_exact(io, n), {name!r})
-            """
-        )
-        return f"parse_utf8_{u}(io)"
+        return self._emit_parser(code, "utf8", f"_decode_utf8(raw, {self.field_name!r})")
 
     def _emitbuild(self, code: CodeGen) -> str:
-        u = self._emit_common(code)
-        name, lo, hi = self.field_name, self.lo, self.hi
-        code.append(
-            f"""
-            def build_utf8_{u}(obj, io):
-                raw = obj.encode('utf-8')
-                _check_len(len(raw), {lo}, {hi}, {name!r}, EncodeError)
-                io.write(prefix_{u}.pack(len(raw)))
-                io.write(raw)
-                return obj
-            """
-        )
-        return f"build_utf8_{u}(obj, io)"
+        return self._emit_builder(code, "utf8", "obj.encode('utf-8')")
 
 
 class Blob(_Prefixed[bytes]):
@@ -151,33 +169,10 @@ class Blob(_Prefixed[bytes]):
         return obj
 
     def _emitparse(self, code: CodeGen) -> str:
-        u = self._emit_common(code)
-        name, lo, hi = self.field_name, self.lo, self.hi
-        code.append(
-            f"""
-            def parse_blob_{u}(io):
-                n = prefix_{u}.unpack(read_exact(io, {self.prefix.size}))[0]
-                _check_len(n, {lo}, {hi}, {name!r}, InvalidField)
-                return read_exact(io, n)
-            """
-        )
-        return f"parse_blob_{u}(io)"
+        return self._emit_parser(code, "blob", "raw")
 
     def _emitbuild(self, code: CodeGen) -> str:
-        u = self._emit_common(code)
-        name, lo, hi = self.field_name, self.lo, self.hi
-        code.append(
-            f"""
-            def build_blob_{u}(obj, io):
-                if type(obj) is not bytes:
-                    raise EncodeError({name!r} + ': expected bytes')
-                _check_len(len(obj), {lo}, {hi}, {name!r}, EncodeError)
-                io.write(prefix_{u}.pack(len(obj)))
-                io.write(obj)
-                return obj
-            """
-        )
-        return f"build_blob_{u}(obj, io)"
+        return self._emit_builder(code, "blob", f"_expect_bytes(obj, {self.field_name!r})")
 
 
 class List16(_Construct[list[_P], Sequence[_B]], Generic[_P, _B]):

@@ -300,63 +300,61 @@ class GroupCreate(Frame):
 
 
 @dataclass(frozen=True, slots=True)
-class GroupCreated(Frame):
+class _GroupFrame(Frame):
+    """Frames whose body starts with group_id: GROUP_CREATED, GROUP_MEMBERS, the bases below."""
+
+    group_id: int
+
+    def validate(self) -> None:
+        _check_id(self.group_id, "group_id")
+
+
+@dataclass(frozen=True, slots=True)
+class _GroupChange(_GroupFrame):
+    """GROUP_ADD and GROUP_REMOVE: a group and the 1..1000 users to add or remove."""
+
+    members: tuple[int, ...]
+
+    def validate(self) -> None:
+        _check_id(self.group_id, "group_id")
+        _check_ids(self.members, 1, MAX_IDS_PER_REQUEST, "members")
+
+
+@dataclass(frozen=True, slots=True)
+class _GroupChangeOk(_GroupFrame):
+    """GROUP_ADD_OK and GROUP_REMOVE_OK: how many users were added or removed."""
+
+    count: int
+
+
+@dataclass(frozen=True, slots=True)
+class GroupCreated(_GroupFrame):
     TYPE = FrameType.GROUP_CREATED
-    group_id: int
-
-    def validate(self) -> None:
-        _check_id(self.group_id, "group_id")
 
 
 @dataclass(frozen=True, slots=True)
-class GroupAdd(Frame):
+class GroupAdd(_GroupChange):
     TYPE = FrameType.GROUP_ADD
-    group_id: int
-    members: tuple[int, ...]
-
-    def validate(self) -> None:
-        _check_id(self.group_id, "group_id")
-        _check_ids(self.members, 1, MAX_IDS_PER_REQUEST, "members")
 
 
 @dataclass(frozen=True, slots=True)
-class GroupAddOk(Frame):
+class GroupAddOk(_GroupChangeOk):
     TYPE = FrameType.GROUP_ADD_OK
-    group_id: int
-    count: int
-
-    def validate(self) -> None:
-        _check_id(self.group_id, "group_id")
 
 
 @dataclass(frozen=True, slots=True)
-class GroupRemove(Frame):
+class GroupRemove(_GroupChange):
     TYPE = FrameType.GROUP_REMOVE
-    group_id: int
-    members: tuple[int, ...]
-
-    def validate(self) -> None:
-        _check_id(self.group_id, "group_id")
-        _check_ids(self.members, 1, MAX_IDS_PER_REQUEST, "members")
 
 
 @dataclass(frozen=True, slots=True)
-class GroupRemoveOk(Frame):
+class GroupRemoveOk(_GroupChangeOk):
     TYPE = FrameType.GROUP_REMOVE_OK
-    group_id: int
-    count: int
-
-    def validate(self) -> None:
-        _check_id(self.group_id, "group_id")
 
 
 @dataclass(frozen=True, slots=True)
-class GroupMembers(Frame):
+class GroupMembers(_GroupFrame):
     TYPE = FrameType.GROUP_MEMBERS
-    group_id: int
-
-    def validate(self) -> None:
-        _check_id(self.group_id, "group_id")
 
 
 @dataclass(frozen=True, slots=True)

@@ -167,32 +167,43 @@ def valid_frames() -> list[tuple[str, str, Frame]]:
 # ---------------------------------------------------------------- invalid, by hand
 
 
-def _frame(ftype: int, body: bytes, *, version: int = 1, flags: int = 0, rid: int = 1) -> bytes:
+def raw_frame(
+    ftype: int, body: bytes = b"", rid: int = 0, version: int = 1, flags: int = 0
+) -> bytes:
+    """Hand-built frame bytes (length prefix included), for values the codec refuses.
+
+    Also the conformance suite's way to send such frames (`improto.conformance.conn`).
+    """
     payload = struct.pack(">BBBI", version, ftype, flags, rid) + body
     return struct.pack(">I", len(payload)) + payload
 
 
-def _s8(raw: bytes) -> bytes:
-    return struct.pack(">B", len(raw)) + raw
+def str8(s: bytes) -> bytes:
+    return struct.pack(">B", len(s)) + s
 
 
-def _s16(raw: bytes) -> bytes:
-    return struct.pack(">H", len(raw)) + raw
+def str16(s: bytes) -> bytes:
+    return struct.pack(">H", len(s)) + s
+
+
+def _frame(ftype: int, body: bytes, *, version: int = 1, flags: int = 0, rid: int = 1) -> bytes:
+    """`raw_frame` with the invalid vectors' default request_id, 1."""
+    return raw_frame(ftype, body, rid, version, flags)
 
 
 def _hello(device: bytes = b"ios-3f9a2c", token: bytes = b"tok", version: int = 1,
            kind: int = 1) -> bytes:  # fmt: skip
-    return struct.pack(">BB", version, kind) + _s8(device) + _s16(token)
+    return struct.pack(">BB", version, kind) + str8(device) + str16(token)
 
 
 def _send(conv_kind: int = 1, conv_id: int = 1002, ctype: int = 1, body: bytes = b"hi") -> bytes:
-    return CMID + struct.pack(">BQH", conv_kind, conv_id, ctype) + _s16(body)
+    return CMID + struct.pack(">BQH", conv_kind, conv_id, ctype) + str16(body)
 
 
 def _record(msg_id: int = 77, body: bytes = b"hi", conv_kind: int = 1, ctype: int = 1) -> bytes:
     return (
-        struct.pack(">QQQ", msg_id, T0, 1001) + _s8(b"ios")
-        + struct.pack(">BQH", conv_kind, 1002, ctype) + CMID + _s16(body)
+        struct.pack(">QQQ", msg_id, T0, 1001) + str8(b"ios")
+        + struct.pack(">BQH", conv_kind, 1002, ctype) + CMID + str16(body)
     )  # fmt: skip
 
 
@@ -241,7 +252,7 @@ def invalid_frames() -> list[tuple[str, str, bytes, ErrorCode]]:
         ("push_body_bad_utf8", "PUSH of a TEXT message whose body is not UTF-8",
          _frame(FrameType.PUSH, _record(body=b"\xfe"), rid=0), B),
         ("error_text_bad_utf8", "ERROR text with 0xc3 at the end",
-         _frame(FrameType.ERROR, struct.pack(">H", 300) + _s16(b"oops\xc3")), B),
+         _frame(FrameType.ERROR, struct.pack(">H", 300) + str16(b"oops\xc3")), B),
         ("conv_kind_3", "conversation kind 3 is not defined",
          _frame(FrameType.SEND, _send(conv_kind=3)), I),
         ("conv_id_0", "conversation id 0", _frame(FrameType.SEND, _send(conv_id=0)), I),
@@ -269,7 +280,7 @@ def invalid_frames() -> list[tuple[str, str, bytes, ErrorCode]]:
         ("group_add_member_0", "user id 0 in a member list",
          _frame(FrameType.GROUP_ADD, struct.pack(">QHQ", 5001, 1, 0)), I),
         ("group_name_empty", "GROUP_CREATE with an empty name",
-         _frame(FrameType.GROUP_CREATE, _s8(b"") + struct.pack(">H", 0)), I),
+         _frame(FrameType.GROUP_CREATE, str8(b"") + struct.pack(">H", 0)), I),
         ("token_too_long", "HELLO token of 4097 bytes",
          _frame(FrameType.HELLO, _hello(token=b"t" * 4097)), I),
         ("text_body_above_u10ffff", "TEXT body with F4 90 80 80 (above U+10FFFF)",
@@ -285,13 +296,13 @@ def invalid_frames() -> list[tuple[str, str, bytes, ErrorCode]]:
         ("group_add_1001_members", "GROUP_ADD with 1001 ids (count checked at the prefix)",
          _frame(FrameType.GROUP_ADD, struct.pack(">QH", 5001, 1001) + b"\x00" * 8), I),
         ("members_count_over_max", "GROUP_MEMBER_LIST declaring 10001 members (no ids follow)",
-         _frame(FrameType.GROUP_MEMBER_LIST, struct.pack(">QQ", 5001, 1001) + _s8(b"g")
+         _frame(FrameType.GROUP_MEMBER_LIST, struct.pack(">QQ", 5001, 1001) + str8(b"g")
                 + struct.pack(">H", 10001)), I),
         ("owner_id_0", "GROUP_MEMBER_LIST with owner 0",
-         _frame(FrameType.GROUP_MEMBER_LIST, struct.pack(">QQ", 5001, 0) + _s8(b"g")
+         _frame(FrameType.GROUP_MEMBER_LIST, struct.pack(">QQ", 5001, 0) + str8(b"g")
                 + struct.pack(">H", 0)), I),
         ("error_text_too_long", "ERROR text of 1025 bytes",
-         _frame(FrameType.ERROR, struct.pack(">H", 300) + _s16(b"e" * 1025)), I),
+         _frame(FrameType.ERROR, struct.pack(">H", 300) + str16(b"e" * 1025)), I),
     ]  # fmt: skip
 
 

@@ -65,6 +65,14 @@ def _expect_reply_error(c: Conn, rid: int, code: int, what: str) -> Error:
     return got
 
 
+def _expect_next_pong(c: Conn, rid: int, what: str) -> None:
+    """The very next frame is the PONG with request_id `rid`: nothing else came first."""
+    got = c.next_frame()
+    assert isinstance(got, Pong) and got.request_id == rid, (
+        f"{what}: next frame is {describe(got)}, not the PONG with request_id {rid:#x}"
+    )
+
+
 def _expect_fatal_raw(c: Conn, data: bytes, code: int, rid: int, what: str) -> None:
     c.send_raw(data)
     _expect_reply_error(c, rid, code, what)
@@ -291,10 +299,7 @@ def request_id_echo(env: Env) -> None:
     c = env.connect()
     for rid in (0xFFFFFFFF, 0x80000000, 0, 1):
         c.send(Ping(), rid=rid)
-        got = c.next_frame()
-        assert isinstance(got, Pong) and got.request_id == rid, (
-            f"PING request_id {rid:#x} answered by {describe(got)}"
-        )
+        _expect_next_pong(c, rid, f"PING with request_id {rid:#x}")
 
 
 @check("framing.push_ack_no_answer")
@@ -304,10 +309,7 @@ def push_ack_no_answer(env: Env) -> None:
     c.send_raw(raw_frame(FrameType.PUSH_ACK, u64(huge_id()), rid=0))
     c.send_raw(raw_frame(FrameType.PUSH_ACK, u64(huge_id()), rid=55))
     rid = c.send(Ping())
-    got = c.next_frame()
-    assert isinstance(got, Pong) and got.request_id == rid, (
-        f"after two PUSH_ACKs for unknown msg_ids the next frame is {describe(got)}, not the PONG"
-    )
+    _expect_next_pong(c, rid, "two PUSH_ACKs for unknown msg_ids, then a PING")
 
 
 @check("framing.push_ack_zero_id")
@@ -319,9 +321,13 @@ def push_ack_zero_id(env: Env) -> None:
     c.ping()
 
 
+def _raw_send(conv_kind: int, conv_id: int, content_type: int, body: bytes) -> bytes:
+    """A SEND by hand, with a fresh client_msg_id; `body` is the body field as sent."""
+    head = os.urandom(16) + bytes([conv_kind]) + u64(conv_id) + struct.pack(">H", content_type)
+    return raw_frame(FrameType.SEND, head + body)
+
+
 def _cases(user: int) -> list[tuple[str, bytes, int]]:
-    cmid = os.urandom(16)
-    send = FrameType.SEND
     return [
         ("GROUP_CREATE name of 129 bytes",
          raw_frame(FrameType.GROUP_CREATE, str8(b"n" * 129) + ids16([])),
@@ -344,15 +350,11 @@ def _cases(user: int) -> list[tuple[str, bytes, int]]:
         ("HISTORY_PULL conv_id 0",
          raw_frame(FrameType.HISTORY_PULL, bytes([1]) + u64(0) + u64(0) + bytes([0])),
          ErrorCode.INVALID_FIELD),
-        ("SEND conv_kind 0",
-         raw_frame(send, cmid + bytes([0]) + u64(user) + b"\x00\x01" + str16(b"x")),
-         ErrorCode.INVALID_FIELD),
+        ("SEND conv_kind 0", _raw_send(0, user, 1, str16(b"x")), ErrorCode.INVALID_FIELD),
         ("SEND text body with a code point above U+10FFFF",
-         raw_frame(send, cmid + bytes([1]) + u64(user) + b"\x00\x01" + str16(b"\xf4\x90\x80\x80")),
-         ErrorCode.BAD_UTF8),
+         _raw_send(1, user, 1, str16(b"\xf4\x90\x80\x80")), ErrorCode.BAD_UTF8),
         ("SEND body prefix 5 with 4 bytes",
-         raw_frame(send, cmid + bytes([1]) + u64(user) + b"\x00\x02" + b"\x00\x05abcd"),
-         ErrorCode.MALFORMED_FRAME),
+         _raw_send(1, user, 2, b"\x00\x05abcd"), ErrorCode.MALFORMED_FRAME),
         ("OFFLINE_ACK without its cursor", raw_frame(FrameType.OFFLINE_ACK, b"\x00" * 7),
          ErrorCode.MALFORMED_FRAME),
         ("MY_GROUPS with a body byte", raw_frame(FrameType.MY_GROUPS, b"\x00"),
@@ -381,19 +383,14 @@ def field_ranges(env: Env) -> None:
 def check_order(env: Env) -> None:
     """13.2: body and value errors are reported before the session state and before meaning."""
     c = env.connect()  # not authenticated: the body errors must still win
-    cmid = os.urandom(16)
-    send = FrameType.SEND
     user = new_user()
     cases = [
         ("padded SEND before HELLO",
-         raw_frame(send, cmid + bytes([1]) + u64(user) + b"\x00\x01" + str16(b"x") + b"\x00"),
-         ErrorCode.MALFORMED_FRAME),
+         _raw_send(1, user, 1, str16(b"x") + b"\x00"), ErrorCode.MALFORMED_FRAME),
         ("SEND conv_kind 3 before HELLO",
-         raw_frame(send, cmid + bytes([3]) + u64(user) + b"\x00\x01" + str16(b"x")),
-         ErrorCode.INVALID_FIELD),
+         _raw_send(3, user, 1, str16(b"x")), ErrorCode.INVALID_FIELD),
         ("SEND bad UTF-8 text before HELLO",
-         raw_frame(send, cmid + bytes([1]) + u64(user) + b"\x00\x01" + str16(b"\xc3")),
-         ErrorCode.BAD_UTF8),
+         _raw_send(1, user, 1, str16(b"\xc3")), ErrorCode.BAD_UTF8),
         ("HELLO device_id not UTF-8 and client_kind 9 (text before value)",
          raw_frame(FrameType.HELLO, bytes([1, 9]) + str8(b"\xff") + str16(b"t")),
          ErrorCode.BAD_UTF8),

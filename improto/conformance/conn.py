@@ -43,6 +43,11 @@ from improto.frames import (
 from improto.limits import MAX_FRAME_LENGTH
 from improto.tokens import mint
 
+# Hand-built frame bytes for the checks, shared with the invalid test vectors.
+from improto.vectors import raw_frame as raw_frame
+from improto.vectors import str8 as str8
+from improto.vectors import str16 as str16
+
 F = TypeVar("F", bound=Frame)
 T = TypeVar("T")
 
@@ -307,22 +312,6 @@ def new_device() -> str:
 def huge_id() -> int:
     """An id no real server has assigned yet (for NOT_FOUND checks)."""
     return random.randrange(1 << 62, (1 << 64) - 1)
-
-
-def raw_frame(
-    ftype: int, body: bytes = b"", rid: int = 0, version: int = 1, flags: int = 0
-) -> bytes:
-    """Hand-built frame bytes (length prefix included), for values the codec refuses."""
-    payload = struct.pack(">BBBI", version, ftype, flags, rid) + body
-    return struct.pack(">I", len(payload)) + payload
-
-
-def str8(s: bytes) -> bytes:
-    return struct.pack(">B", len(s)) + s
-
-
-def str16(s: bytes) -> bytes:
-    return struct.pack(">H", len(s)) + s
 
 
 def u64(v: int) -> bytes:
