@@ -34,7 +34,7 @@ import subprocess
 import sys
 import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -283,18 +283,15 @@ def _bodies(n: int) -> list[bytes]:
 
 def offline_drain(h: servers.ServerHandle, n: int, window: int) -> dict[str, Any]:
     sender, receiver = _user(), _user()
-    t = time.perf_counter()
-    expected = prefill(h, sender, receiver, n, window)
-    prefill_s = time.perf_counter() - t
-    wait_s = wait_inbox(h, receiver, n, timeout=max(30.0, n / 500))
+    expected, timing = prefill_and_wait(
+        h, sender, receiver, n, window, lambda _: wait_inbox(h, receiver, n, max(30.0, n / 500))
+    )
     runs = [drain_once(h, receiver, expected) for _ in range(DRAIN_RUNS)]
     best = min(runs, key=lambda r: r["total_s"])
     return {
         "messages": n,
         "page_limit": PAGE_LIMIT,
-        "prefill_s": round(prefill_s, 3),
-        "prefill_msg_s": round(n / prefill_s),
-        "persist_wait_s": round(wait_s, 3),
+        **timing,
         "runs": runs,
         "best": best,
         "ok": all(r["ok"] for r in runs),
@@ -303,6 +300,27 @@ def offline_drain(h: servers.ServerHandle, n: int, window: int) -> dict[str, Any
 
 def _user() -> int:
     return random.randrange(1 << 32, 1 << 48)
+
+
+def prefill_and_wait(
+    h: servers.ServerHandle,
+    sender: int,
+    receiver: int,
+    n: int,
+    window: int,
+    wait: Callable[[list[int]], float],
+) -> tuple[list[int], dict[str, Any]]:
+    """Prefill n messages from sender to receiver, then `wait(sent)` until they are persisted
+    (it returns the seconds waited): the msg_ids sent, and the timings for the report."""
+    t = time.perf_counter()
+    sent = prefill(h, sender, receiver, n, window)
+    prefill_s = time.perf_counter() - t
+    wait_s = wait(sent)
+    return sent, {
+        "prefill_s": round(prefill_s, 3),
+        "prefill_msg_s": round(n / prefill_s),
+        "persist_wait_s": round(wait_s, 3),
+    }
 
 
 # ------------------------------------------------------------------------------ history
@@ -339,11 +357,10 @@ def wait_history(
 
 def history(h: servers.ServerHandle, n: int, pages: int, window: int) -> dict[str, Any]:
     a, b = _user(), _user()
-    t = time.perf_counter()
-    sent = prefill(h, a, b, n, window)
-    prefill_s = time.perf_counter() - t
+    sent, timing = prefill_and_wait(
+        h, a, b, n, window, lambda ids: wait_history(h, b, a, sorted(ids), max(60.0, n / 1000))
+    )
     ids = sorted(sent)  # history order is msg_id order
-    wait_s = wait_history(h, b, a, ids, timeout=max(60.0, n / 1000))
     index = {m: i for i, m in enumerate(ids)}
     rng = random.Random(n)
     w = login(h, b, device())
@@ -368,9 +385,7 @@ def history(h: servers.ServerHandle, n: int, pages: int, window: int) -> dict[st
     return {
         "conversation_messages": n,
         "page_limit": HISTORY_LIMIT,
-        "prefill_s": round(prefill_s, 3),
-        "prefill_msg_s": round(n / prefill_s),
-        "persist_wait_s": round(wait_s, 3),
+        **timing,
         "page": percentiles(walk + rand),
         "walk": percentiles(walk),
         "random": percentiles(rand),

@@ -102,6 +102,17 @@ def redis() -> Iterator[Any]:
     pytest_twisted.blockon(client.disconnect())
 
 
+async def consuming_one(q: RabbitQueue) -> tuple[Recorder, PersistJob]:
+    """Start `q` consuming into a Recorder and see one job through: (the recorder, the job)."""
+    await q.start()
+    rec = Recorder()
+    q.consume(rec)
+    first = job()
+    await accept(q, first)
+    await eventually(lambda: rec.done == [first])
+    return rec, first
+
+
 async def redis_now_ms(redis: Any) -> int:
     sec, usec = await redis.execute_command("TIME")
     return int(sec) * 1000 + int(usec) // 1000
@@ -371,12 +382,7 @@ async def test_a_publish_never_sent_frees_the_key_for_a_fresh_accept(
 @pytest_twisted.ensureDeferred
 async def test_accepts_and_consumption_resume_after_the_connection_drops(make_queue, monkeypatch):
     q = make_queue(partitions=2, publish_batch=4)  # 50 accepts: 13 or more messages
-    await q.start()
-    rec = Recorder()
-    q.consume(rec)
-    before = job()
-    await accept(q, before)
-    await eventually(lambda: rec.done == [before])
+    rec, before = await consuming_one(q)
 
     # Drop our own TCP connection right after the 10th publish (of 50 concurrent accepts,
     # coalesced 4 at most per message) was handed to pika: it and those handed over before
@@ -443,12 +449,7 @@ async def test_accepts_and_consumption_resume_after_the_connection_drops(make_qu
 @pytest_twisted.ensureDeferred
 async def test_a_queue_deleted_under_the_consumer_is_declared_again(make_queue):
     q = make_queue()
-    await q.start()
-    rec = Recorder()
-    q.consume(rec)
-    first = job()
-    await accept(q, first)
-    await eventually(lambda: rec.done == [first])
+    rec, first = await consuming_one(q)
     old = q.connection
     assert old is not None
     ch = await old.channel()
