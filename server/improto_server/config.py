@@ -36,6 +36,30 @@ class Config:
     key_prefix: str = "im"  # Redis keys, queue names: lets deployments share services
     queue_partitions: int = 1
 
+    # Limits (docs/GUARANTEES.md, "Limits and abuse"; spec section 16). TOML keys; the
+    # defaults fit a phone app. Each group is owned by the module that enforces it.
+    # -- connections (session.py, app.py)
+    login_timeout_s: float = 10.0  # HELLO_OK must come this soon after connecting
+    output_high_water_bytes: int = 256 * 1024  # queued output: stop pushing, stop reading
+    output_hard_limit_bytes: int = 8 * 1024 * 1024  # queued output: disconnect
+    slow_reader_timeout_s: float = 30.0  # above the high-water mark this long: disconnect
+    max_requests_in_flight: int = 32  # per connection; more are read only as others finish
+    max_connections_per_address: int = 4096
+    max_prelogin_per_address: int = 64  # connections of one address not yet logged in
+    listen_backlog: int = 1024  # for tcp/ssl endpoints that do not set backlog= themselves
+    # -- rates per user (rate_limits.py): token buckets, refilled per second
+    send_rate: float = 20.0  # SENDs per second (a group SEND weighs 1 + members / 100)
+    send_burst: float = 100.0
+    send_bytes_rate: float = 1024 * 1024  # body bytes x receivers per second
+    send_bytes_burst: float = 4 * 1024 * 1024
+    group_op_rate: float = 0.5  # GROUP_CREATE / ADD / REMOVE per second
+    group_op_burst: float = 20.0
+    added_by_others_per_day: int = 100  # groups others may add one user to, per day
+    # -- storage (stores)
+    inbox_max_entries: int = 20_000  # per user; the oldest are trimmed like expired ones
+    inbox_max_bytes: int = 32 * 1024 * 1024  # per user, record bytes
+    max_devices_per_user: int = 16  # online at once; positions kept for the latest 64
+
     def check(self) -> None:
         """Refuse combinations that cannot work, before anything starts."""
         if self.storage not in ("embedded", "memory", "production"):
