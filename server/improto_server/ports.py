@@ -60,9 +60,14 @@ class InboxStore(Protocol):
         """`append` of each job, in order: within one inbox, an earlier job's entry gets the
         lower cursor. Not atomic as a whole; each job's entries are idempotent as above."""
 
-    def page(self, user_id: int, start: int, limit: int) -> Deferred[InboxRecords]:
+    def page(
+        self, user_id: int, start: int, limit: int, max_bytes: int
+    ) -> Deferred[InboxRecords]:
         """Up to `limit` retained entries with cursor > start (start clamped to the head), as
-        MESSAGE records: what the pull handler splices into OFFLINE_PAGE.
+        MESSAGE records: what the pull handler splices into OFFLINE_PAGE. The records' sizes
+        sum to at most `max_bytes` (but at least one record is returned if any is due), and the
+        store reads no more than that: has_more says whether entries remain after the last
+        one returned.
 
         Retention counts from when an entry was stored. `gap` is true when an entry with a
         cursor above `start` was removed by retention (the highest removed cursor > start)."""
@@ -83,10 +88,11 @@ class HistoryStore(Protocol):
         """`append` of every item (batched by the store); idempotent as `append`."""
 
     def page(
-        self, key: ConvKey, before_id: int, limit: int, min_id: int
+        self, key: ConvKey, before_id: int, limit: int, min_id: int, max_bytes: int
     ) -> Deferred[HistoryRecords]:
         """Up to `limit` retained messages with min_id <= msg_id < before_id (0: no upper
-        bound), newest first, as MESSAGE records; has_more if another such message exists."""
+        bound), newest first, as MESSAGE records summing to at most `max_bytes` (at least one
+        if any), read no further than that; has_more if another such message exists."""
 
 
 class GroupStore(Protocol):
