@@ -22,7 +22,7 @@ from improto.codec import decode_payload
 from improto.enums import ConvKind, FrameType
 from improto.errors import EncodeError
 from improto.frames import Message, Push
-from improto.limits import HEADER_SIZE, OFFLINE_PAGE_MAX, PROTOCOL_VERSION
+from improto.limits import HEADER_SIZE, MAX_FRAME_LENGTH, OFFLINE_PAGE_MAX, PROTOCOL_VERSION
 
 # Storage formats. 1: a protocol-version-1 PUSH payload (7-byte header, then the record), what
 # stores and queues held before formats were numbered; its first byte, the protocol version 1,
@@ -43,10 +43,15 @@ _PUSH_HEADER = _HEAD.pack(PROTOCOL_VERSION, FrameType.PUSH, 0, 0)
 _PUSH_ACK_SIZE = HEADER_SIZE + 8
 _STORE_TAG = bytes((STORE_FORMAT,))
 
-# Bytes of a page frame that are not message records: header, fixed fields, list counts, and
-# for OFFLINE_PAGE the largest possible unread list (one entry per message).
-OFFLINE_OVERHEAD = HEADER_SIZE + _OFFLINE_FIXED.size + _COUNT.size + _UNREAD.size * OFFLINE_PAGE_MAX
+# Bytes of a page frame's `length` that are not message records: header, fixed fields, list
+# counts; OFFLINE_PAGE adds one UNREAD per conversation (OFFLINE_OVERHEAD: the most it can be,
+# one per message). The *_RECORD_BYTES are the most record bytes a page can hold (an offline
+# page whose messages are all the puller's own has no UNREAD): the budget a store reads.
+OFFLINE_FIXED = HEADER_SIZE + _OFFLINE_FIXED.size + _COUNT.size
+OFFLINE_OVERHEAD = OFFLINE_FIXED + _UNREAD.size * OFFLINE_PAGE_MAX
 HISTORY_OVERHEAD = HEADER_SIZE + _HISTORY_FIXED.size
+OFFLINE_RECORD_BYTES = MAX_FRAME_LENGTH - OFFLINE_FIXED
+HISTORY_RECORD_BYTES = MAX_FRAME_LENGTH - HISTORY_OVERHEAD
 
 
 class CorruptRecord(ValueError):
@@ -160,6 +165,33 @@ def fit(records: Sequence[bytes], budget: int) -> int:
     return fit_sizes(map(len, records), budget)
 
 
+def _unread_key(me: int, record: bytes) -> tuple[int, int] | None:
+    """The conversation a record counts as unread in for `me` (as `me` sees it), or None for
+    `me`'s own message."""
+    sender, kind, conv = conversation_of(record)
+    if sender == me:
+        return None
+    return (kind, conv) if kind == ConvKind.GROUP else (ConvKind.USER, sender)
+
+
+def offline_fit(me: int, records: Sequence[bytes], max_length: int = MAX_FRAME_LENGTH) -> int:
+    """How many leading records the fullest OFFLINE_PAGE for `me` of length <= `max_length`
+    holds (PROTOCOL.md 10.3), counting the unread list those records really need: the largest
+    n whose page fits (at least one, if any). Page lengths grow with n, so the first record
+    that overflows ends the page."""
+    length = OFFLINE_FIXED
+    seen: set[tuple[int, int]] = set()
+    for n, r in enumerate(records):
+        length += len(r)
+        key = _unread_key(me, r)
+        if key is not None and key not in seen:
+            seen.add(key)
+            length += _UNREAD.size
+        if length > max_length:
+            return max(n, 1)
+    return len(records)
+
+
 def _frame(kind: FrameType, request_id: int, parts: list[bytes]) -> bytes:
     size = HEADER_SIZE + sum(map(len, parts))
     return b"".join((_LEN.pack(size), _HEAD.pack(PROTOCOL_VERSION, kind, 0, request_id), *parts))
@@ -172,9 +204,7 @@ def offline_page(
     conversation as `me` sees it, messages from others, in order of first appearance."""
     counts: dict[tuple[int, int], int] = {}
     for r in records:
-        sender, kind, conv = conversation_of(r)
-        if sender != me:
-            key = (kind, conv) if kind == ConvKind.GROUP else (ConvKind.USER, sender)
+        if (key := _unread_key(me, r)) is not None:
             counts[key] = counts.get(key, 0) + 1
     unread = [_UNREAD.pack(k, c, n) for (k, c), n in counts.items()]
     fixed = _OFFLINE_FIXED.pack(cursor, int(has_more), int(gap), len(records))

@@ -87,7 +87,7 @@ def valid_frames() -> list[tuple[str, str, Frame]]:
         1001,
         G,
         5001,
-        b'{"event":"created","name":"Lunch","members":["1001","1002","1003"]}',
+        b'{"event":"created","group_id":"5001","name":"Lunch","members":["1001","1002","1003"]}',
         content_type=ContentType.GROUP_EVENT,
     )
     big = _msg(U64_MAX, U64_MAX, U, U64_MAX, b"x", server_time=U64_MAX,

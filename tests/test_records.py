@@ -5,20 +5,23 @@ numbered stays readable)."""
 
 from __future__ import annotations
 
+import json
 import random
 import struct
+from pathlib import Path
 
 import pytest
 
 from improto import records
 from improto.codec import COMPILED, decode_payload, encode, encode_payload
 from improto.enums import ConvKind
-from improto.errors import ProtocolError
+from improto.errors import EncodeError, ProtocolError
 from improto.frames import HistoryPage, Message, OfflinePage, Push, PushAck, UnreadCount
 from improto.limits import MAX_FRAME_LENGTH, OFFLINE_PAGE_MAX, U64_MAX
 from improto_server.model import PersistJob
 
 ME = 1001
+REPO = Path(__file__).resolve().parents[1]
 
 
 def _messages(rng: random.Random, n: int) -> list[Message]:
@@ -177,3 +180,95 @@ def test_jobs_of_every_format_read_back() -> None:
         PersistJob.from_bytes(data[:-1])
     with pytest.raises(records.CorruptRecord):
         PersistJob.from_bytes(data[:3])
+
+
+# ------------------------------------------------------------- page fill (PROTOCOL.md 10.3)
+
+
+def _codec_offline_page(msgs: list[Message], me: int = ME) -> bytes:
+    """The OFFLINE_PAGE the codec encodes for these messages, with their unread list (10.3)."""
+    counts: dict[tuple[int, int], int] = {}
+    for m in msgs:
+        if m.sender_id != me:
+            counts[_peer(m)] = counts.get(_peer(m), 0) + 1
+    unread = tuple(UnreadCount(k, c, n) for (k, c), n in counts.items())
+    return encode(OfflinePage(77, 1, 0, tuple(msgs), unread, request_id=25))
+
+
+def _big_messages(rng: random.Random, n: int) -> list[Message]:
+    """Messages large enough that a page holds a few, from several senders and conversations,
+    some sized to land within an UNREAD entry (11 bytes) of the frame limit."""
+    out = _messages(rng, n)
+    for i, m in enumerate(out):
+        size = rng.choice((rng.randrange(20_000, 65_536), rng.randrange(100), 65_535))
+        out[i] = Message(m.msg_id, m.server_time, m.sender_id, m.sender_device, m.conv_kind,
+                         m.conv_id, 2, m.client_msg_id, bytes(size))  # fmt: skip
+    return out
+
+
+@pytest.mark.parametrize("seed", range(40))
+def test_offline_fit_is_the_fullest_page_the_codec_allows(seed: int) -> None:
+    rng = random.Random(seed)
+    msgs = _big_messages(rng, rng.randrange(1, 12))
+    recs = [records.record_of(m) for m in msgs]
+    n = records.offline_fit(ME, recs)
+    assert 1 <= n <= len(msgs)
+    page = _codec_offline_page(msgs[:n])
+    assert len(page) - 4 <= MAX_FRAME_LENGTH
+    assert records.offline_page(25, ME, 77, True, False, recs[:n]) == page
+    if n < len(msgs):  # one more entry would not fit, with the unread list it would need
+        with pytest.raises(EncodeError, match="exceed 131072"):
+            _codec_offline_page(msgs[: n + 1])
+    assert sum(map(len, recs[:n])) <= records.OFFLINE_RECORD_BYTES  # what a store is asked for
+
+
+def _msg(msg_id: int, sender: int, conv: int, size: int) -> Message:
+    return Message(msg_id, 5, sender, "d", ConvKind.USER, conv, 2, b"k" * 16, bytes(size))
+
+
+def test_offline_fit_counts_only_the_unread_entries_the_page_needs() -> None:
+    # Two of my own messages (no UNREAD): 65,535 + 65,406 body bytes fill 131072 exactly.
+    own = [_msg(101, ME, 1002, 65_535), _msg(102, ME, 1002, 65_406)]
+    recs = [records.record_of(m) for m in own]
+    assert records.offline_fit(ME, recs) == 2
+    assert len(records.offline_page(25, ME, 77, True, False, recs)) - 4 == MAX_FRAME_LENGTH
+    assert records.offline_fit(ME, [*recs[:1], records.record_of(_msg(102, ME, 1002, 65_407))]) == 1
+    # From someone else: one UNREAD (11 bytes) for both, so 65,535 + 65,395 is the fullest.
+    theirs = [_msg(101, 1002, ME, 65_535), _msg(102, 1002, ME, 65_395)]
+    recs = [records.record_of(m) for m in theirs]
+    assert records.offline_fit(ME, recs) == 2
+    assert len(records.offline_page(25, ME, 77, True, False, recs)) - 4 == MAX_FRAME_LENGTH
+    # The same sizes from a second sender need a second UNREAD: the second message waits.
+    other = [theirs[0], _msg(102, 1003, ME, 65_395)]
+    assert records.offline_fit(ME, [records.record_of(m) for m in other]) == 1
+    with pytest.raises(EncodeError, match="exceed 131072"):
+        _codec_offline_page(other)
+    # An entry that fits by its record bytes but not with the UNREAD it adds ends the page.
+    mixed = [_msg(101, ME, 1002, 65_535), _msg(102, 1002, ME, 65_406 - 5)]
+    recs = [records.record_of(m) for m in mixed]
+    assert sum(map(len, recs)) <= records.OFFLINE_RECORD_BYTES
+    assert records.offline_fit(ME, recs) == 1
+    assert records.offline_fit(ME, []) == 0
+
+
+def test_offline_fit_builds_the_max_frame_vector() -> None:
+    vectors = json.loads((REPO / "spec" / "vectors" / "valid.json").read_text())
+    vector = next(v for v in vectors if v["name"] == "offline_page_max_frame")
+    frame = decode_payload(bytes.fromhex(vector["hex"])[4:])
+    assert isinstance(frame, OfflinePage)
+    recs = [records.record_of(m) for m in frame.messages]
+    me = frame.messages[0].sender_id  # the vector's page has no unread: the puller's own messages
+    assert records.offline_fit(me, recs) == len(recs) == 2
+    built = records.offline_page(frame.request_id, me, frame.cursor, True, False, recs)
+    assert built.hex() == vector["hex"]
+    assert struct.unpack(">I", built[:4])[0] == MAX_FRAME_LENGTH
+
+
+def test_history_record_budget_fills_a_history_page_exactly() -> None:
+    msgs = [_msg(102, ME, 1002, 65_535), _msg(101, 1002, ME, 65_535 - 127)]
+    recs = [records.record_of(m) for m in msgs]
+    assert sum(map(len, recs)) == records.HISTORY_RECORD_BYTES
+    assert records.fit(recs, records.HISTORY_RECORD_BYTES) == 2
+    page = records.history_page(1, ConvKind.USER, 1002, False, recs)
+    assert len(page) - 4 == MAX_FRAME_LENGTH
+    assert page == encode(HistoryPage(ConvKind.USER, 1002, 0, tuple(msgs), request_id=1))

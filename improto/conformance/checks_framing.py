@@ -409,3 +409,30 @@ def check_order(env: Env) -> None:
     # Version is checked before the type: header version 2 with an undefined type.
     _expect_fatal_raw(c, raw_frame(0x7E, b"", rid=8, version=2), ErrorCode.UNSUPPORTED_VERSION, 8,
                       "version 2 header with type 0x7e")  # fmt: skip
+
+
+@check("framing.error_request_id")
+def error_request_id(env: Env) -> None:
+    """3/7 ERROR: an ERROR for a readable header carries its request_id whatever the body; 0
+    only when no header could be read (length below 7)."""
+    c = env.login()
+    user = new_user()
+    cases = [
+        ("truncated SEND", _raw_send(1, user, 1, str16(b"abc"))[:-2], ErrorCode.MALFORMED_FRAME),
+        ("padded PING", raw_frame(FrameType.PING, b"\x00"), ErrorCode.MALFORMED_FRAME),
+        ("SEND conv_kind 9", _raw_send(9, user, 1, str16(b"x")), ErrorCode.INVALID_FIELD),
+        ("SEND text not UTF-8", _raw_send(1, user, 1, str16(b"\xff")), ErrorCode.BAD_UTF8),
+        ("OFFLINE_PULL limit 201", raw_frame(FrameType.OFFLINE_PULL, u64(0) + b"\x00\xc9"),
+         ErrorCode.INVALID_FIELD),
+        ("PUSH_ACK msg_id 0", raw_frame(FrameType.PUSH_ACK, u64(0)), ErrorCode.INVALID_FIELD),
+    ]  # fmt: skip
+    for what, data, code in cases:
+        rid = random.randrange(1, 1 << 31)
+        # the length prefix is recomputed: a truncated body is short, not a short stream
+        payload = data[4:7] + struct.pack(">I", rid) + data[11:]
+        c.send_raw(struct.pack(">I", len(payload)) + payload)
+        _expect_reply_error(c, rid, code, f"{what} with request_id {rid}")
+    c.send_raw(struct.pack(">I", 5) + b"\x01\x02\x00\x00\x07")  # no header: request_id unknown
+    got = _expect_reply_error(c, 0, ErrorCode.MALFORMED_FRAME, "a frame of length 5")
+    assert got.request_id == 0
+    c.ping()

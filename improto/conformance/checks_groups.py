@@ -335,3 +335,32 @@ def limit_members_per_group(env: Env) -> None:
     ml = members_of(a, gid)
     assert len(ml.members) == 10_000, f"{len(ml.members)} members, want exactly 10000"
     a.expect_error(GroupAdd(gid, (over[999],)), ErrorCode.LIMIT_EXCEEDED)
+
+
+@check("groups.event_members_ascending")
+def event_members_ascending(env: Env) -> None:
+    """12.3: event `members` are ascending user ids (unsigned, creator included in 'created'),
+    each once, with the group_id key; client_msg_id is the server's own for each event."""
+    low, mid = new_user(), new_user()
+    top = (1 << 64) - 1 - random.randrange(1 << 20)  # above 2^63: ordered as unsigned
+    actor = env.login(max(low, mid) + 1 + random.randrange(1 << 20))  # creator: not the lowest
+    a2 = env.login(actor.user_id)  # gets the events as PUSHes (the actor gets replies)
+    gid = create(actor, (top, mid, low, mid), "order")
+    wide, half = top - 1 - random.randrange(1 << 20), (1 << 63) + random.randrange(1 << 20)
+    assert actor.call(GroupAdd(gid, (wide, half, wide)), GroupAddOk).count == 2
+    assert actor.call(GroupRemove(gid, (top, low, half)), GroupRemoveOk).count == 3
+    want = {
+        "created": sorted({actor.user_id, low, mid, top}),
+        "added": sorted({wide, half}),
+        "removed": sorted({top, low, half}),
+    }
+    cmids = set()
+    for event, users in want.items():
+        m = event_push(a2, gid, event)
+        check_event(m, gid, actor, event, set(users), "order" if event == "created" else None)
+        got = json.loads(m.body)["members"]
+        assert got == [str(u) for u in users], (
+            f"{event!r} event members {got}, want ascending unsigned order {users} (12.3)"
+        )
+        cmids.add(m.client_msg_id)
+    assert len(cmids) == 3, "two group events share a client_msg_id"

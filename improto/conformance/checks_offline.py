@@ -32,7 +32,7 @@ from improto.frames import (
     SendAck,
     UnreadCount,
 )
-from improto.limits import CURSOR_RESUME, MAX_BODY, U64_MAX
+from improto.limits import CURSOR_RESUME, MAX_BODY, MAX_FRAME_LENGTH, U64_MAX
 
 BURST = 450
 
@@ -391,3 +391,65 @@ def page_size_cap(env: Env) -> str:
     for a in acks[:3]:
         assert len(by_id[a.msg_id].body) == MAX_BODY, "a 65535-byte body came back altered"
     return f"page sizes {[len(pg.messages) for pg in r.pages]}"
+
+
+@check("offline.never_used_inbox_clamps_to_0")
+def never_used_inbox_clamps_to_0(env: Env) -> None:
+    """10.3/10.4: an inbox that never had an entry clamps every cursor (pull and ACK) to 0."""
+    c = env.login()
+    for cursor in (1, 12_345, U64_MAX - 1):
+        page = pull(c, cursor)
+        assert (page.cursor, page.has_more, page.gap, page.messages) == (0, 0, 0, ()), (
+            f"never-used inbox, cursor {cursor}: {describe(page)} cursor {page.cursor} (want 0)"
+        )
+    for cursor in (12_345, U64_MAX, 0):
+        assert offline_ack(c, cursor) == 0, f"OFFLINE_ACK({cursor}) on a never-used inbox not 0"
+
+
+@check("offline.ack_max_takes_everything_so_far")
+def ack_max_takes_everything_so_far(env: Env) -> None:
+    """7/10.4: OFFLINE_ACK(2^64-1) sets the position to the largest cursor (no 'resume'
+    meaning); OFFLINE_ACK(0) then reads it; resume serves only what came after."""
+    me, _ = _inbox_of(env, 3)
+    c = env.login(me)
+    last = sync(c).cursor
+    assert offline_ack(c, 0) == 0, "a fresh device's position is not 0"
+    assert offline_ack(c, U64_MAX) == last, (
+        f"OFFLINE_ACK(2^64-1) did not set the position to the largest cursor {last}"
+    )
+    assert offline_ack(c, 0) == last, "OFFLINE_ACK(0) changed or did not report the position"
+    assert not pull(c, CURSOR_RESUME).messages, "resume after OFFLINE_ACK(2^64-1) is not empty"
+    later = env.login().send_msg(me, b"after the ack")
+    wait_inbox(c, {later.msg_id})
+    got = [m.msg_id for m in pull(c, CURSOR_RESUME).messages]
+    assert got == [later.msg_id], f"resume after OFFLINE_ACK(2^64-1) returned {len(got)} messages"
+
+
+def _record_size(device: str, body: int) -> int:
+    """Bytes of a MESSAGE record (6) with this sender_device and body length."""
+    return 8 + 8 + 8 + 1 + len(device.encode()) + 1 + 8 + 2 + 16 + 2 + body
+
+
+@check("offline.page_fills_to_131072")
+def page_fills_to_131072(env: Env) -> None:
+    """10.3: a page holds every entry that fits: two large messages whose page is exactly
+    131072 bytes long come in one page, with only the unread list they need."""
+    for own in (True, False):
+        me = new_user()
+        sender = env.login(me if own else None)
+        dev = sender.device_id
+        # OFFLINE_PAGE: 7 header + 12 fixed + 2 unread count, + one UNREAD (11) from a peer.
+        room = MAX_FRAME_LENGTH - 21 - (0 if own else 11)
+        second = room - _record_size(dev, MAX_BODY) - _record_size(dev, 0)
+        acks = [sender.send_msg(me, bytes(n), content_type=0x8001) for n in (MAX_BODY, second)]
+        acks.append(sender.send_msg(me, b"next page"))
+        c = env.login(me)
+        wait_inbox(c, {a.msg_id for a in acks}, timeout=10.0)
+        page = pull(c, 0)
+        got = [m.msg_id for m in page.messages]
+        who = "own messages" if own else "a peer's messages"
+        assert got == [a.msg_id for a in acks[:2]] and page.has_more == 1, (
+            f"{who}: a page of exactly 131072 bytes was split: first page has {len(got)} of "
+            f"the 2 messages that fit (10.3)"
+        )
+        assert len(encode(page)) - 4 == MAX_FRAME_LENGTH, "page length not 131072"
