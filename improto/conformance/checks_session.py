@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import base64
+import hashlib
+import hmac
 import time
 
 import jwt
@@ -52,6 +55,21 @@ def expect_fatal(c: Conn, code: int, rid: int, what: str) -> None:
         f"{what}: ERROR {ErrorCode(code).name} is fatal but the connection stayed open "
         f"{CLOSE_WAIT}s (13.1)"
     )
+
+
+_HS256_HEADER = b'{"alg":"HS256","typ":"JWT"}'
+
+
+def _b64(raw: bytes) -> str:
+    return base64.urlsafe_b64encode(raw).rstrip(b"=").decode("ascii")
+
+
+def hand_signed(secret: str, payload: str) -> str:
+    """An HS256 JWT over `payload` taken verbatim: JSON encoders refuse NaN, 1e400 or a
+    duplicate claim, which the checks must be able to send."""
+    signing_input = f"{_b64(_HS256_HEADER)}.{_b64(payload.encode())}"
+    mac = hmac.new(secret.encode(), signing_input.encode("ascii"), hashlib.sha256).digest()
+    return f"{signing_input}.{_b64(mac)}"
 
 
 def hello_with(env: Env, token: str, device: str, code: int, what: str) -> None:
@@ -165,6 +183,43 @@ def token_bad_sub(env: Env) -> None:
         claims = {"sub": sub, "dev": dev, "exp": int(time.time()) + 600}
         token = jwt.encode(claims, env.secret, algorithm="HS256")
         hello_with(env, token, dev, ErrorCode.AUTH_FAILED, f"HELLO with sub={sub!r}")
+
+
+@check("session.token_sub_ascii_digits")
+def token_sub_ascii_digits(env: Env) -> None:
+    """8.2: sub is ASCII [1-9][0-9]* (no other Unicode digits, sign or leading zero), and a
+    JSON string -> else AUTH_FAILED (an ERROR, not a dropped connection), then close."""
+    dev = new_device()
+    exp = int(time.time()) + 600
+    subs = ["\uff15", "\u0665", "\u00b2", "0", "-1", "+5", "05", " 5", "18446744073709551616"]
+    for sub in subs:
+        payload = f'{{"sub":"{sub}","dev":"{dev}","exp":{exp}}}'
+        token = hand_signed(env.secret, payload)
+        hello_with(env, token, dev, ErrorCode.AUTH_FAILED, f"HELLO with sub={sub!r}")
+    for sub in ("5", "5.0", "true"):  # a number, not a string
+        token = hand_signed(env.secret, f'{{"sub":{sub},"dev":"{dev}","exp":{exp}}}')
+        hello_with(env, token, dev, ErrorCode.AUTH_FAILED, f"HELLO with sub {sub} (no string)")
+    user = new_user()
+    token = hand_signed(env.secret, f'{{"sub":"{user}","dev":"{dev}","exp":{exp}}}')
+    ok = env.connect().call(Hello(1, ClientKind.IOS, dev, token), HelloOk)
+    assert ok.user_id == user, f"HELLO_OK user_id {ok.user_id}, token sub {user}"
+
+
+@check("session.token_exp_finite_integer")
+def token_exp_finite_integer(env: Env) -> None:
+    """8.2: exp is a JSON integer within the maximum lifetime; NaN, Infinity, 1e400, 10^400,
+    a fraction, a string or a bool -> AUTH_FAILED (not TOKEN_EXPIRED, not a drop), close."""
+    user, dev = new_user(), new_device()
+    soon = int(time.time()) + 600
+    far = int(time.time()) + 400 * 86400  # beyond the 30-day maximum lifetime
+    for exp in ("NaN", "Infinity", "-Infinity", "1e400", "-1e400", "1" + "0" * 400,
+                f"{soon}.5", f"{soon}.0", f'"{soon}"', "true", "null", str(far)):  # fmt: skip
+        token = hand_signed(env.secret, f'{{"sub":"{user}","dev":"{dev}","exp":{exp}}}')
+        hello_with(env, token, dev, ErrorCode.AUTH_FAILED, f"HELLO with exp {exp[:24]}")
+    # The same hand-built token with a sound exp logs in: the refusals above were the exp.
+    token = hand_signed(env.secret, f'{{"sub":"{user}","dev":"{dev}","exp":{soon}}}')
+    ok = env.connect().call(Hello(1, ClientKind.IOS, dev, token), HelloOk)
+    assert ok.user_id == user, f"HELLO_OK user_id {ok.user_id}, token sub {user}"
 
 
 @check("session.token_not_hs256")

@@ -25,6 +25,7 @@ CHECK_MODULES = (
     "checks_offline",
     "checks_history",
     "checks_groups",
+    "checks_ids",
 )
 
 

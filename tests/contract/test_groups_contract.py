@@ -1,6 +1,11 @@
-"""GroupStore contract: membership, ownership transfer, since ids, limits, id allocation."""
+"""GroupStore contract: membership, ownership transfer, since ids, limits, id allocation.
+
+Group ids are random (spec section 5), so no test assumes an order between two new ids. A
+store draws candidates from its `new_id` attribute; tests replace it to force collisions."""
 
 from __future__ import annotations
+
+import itertools
 
 import pytest
 import pytest_twisted
@@ -50,11 +55,14 @@ async def test_groups_of_lists_current_groups_by_ascending_id(backend):
     a = await g.create(OWNER, "a", (), 1)
     b = await g.create(20, "b", (OWNER,), 2)
     c = await g.create(OWNER, "c", (20,), 3)
-    assert a < b < c
-    assert await g.groups_of(OWNER) == ((a, "a"), (b, "b"), (c, "c"))
+    assert await g.groups_of(OWNER) == tuple(sorted([(a, "a"), (b, "b"), (c, "c")]))
     assert await g.remove(b, (OWNER,)) == (OWNER,)
-    assert await g.groups_of(OWNER) == ((a, "a"), (c, "c"))
-    assert await g.groups_of(20) == ((b, "b"), (c, "c"))
+    assert await g.groups_of(OWNER) == tuple(sorted([(a, "a"), (c, "c")]))
+    assert await g.groups_of(20) == tuple(sorted([(b, "b"), (c, "c")]))
+    # Ascending as unsigned ids, also far apart.
+    g.new_id = iter([2**63 - 1, 3]).__next__
+    top, low = await g.create(20, "top", (), 4), await g.create(20, "low", (), 5)
+    assert await g.groups_of(20) == tuple(sorted([(b, "b"), (c, "c"), (top, "top"), (low, "low")]))
 
 
 @pytest_twisted.ensureDeferred
@@ -129,7 +137,6 @@ async def test_group_ids_are_never_reused(backend):
     await backend.restart()
     fourth = await backend.groups.create(OWNER, "d", (), 1)
     assert len({first, second, third, fourth}) == 4
-    assert first < second < third < fourth
     assert await backend.groups.info(second) == GroupInfo(second, "b", 0, ())
     assert await backend.groups.info(third) == GroupInfo(third, "c", OWNER, (OWNER,))
 
@@ -155,8 +162,11 @@ async def test_groups_per_user_limit(backend):
     await g.remove(made[0], (user,))
     assert await g.add(theirs, (bystander, user), 9) == (user, bystander)
     await raises(LimitExceeded, g.create(user, "again too many", (), 9))
-    # The refused creates left no group behind: the next id follows the last real one.
-    assert await g.create(bystander, "next", (), 9) == theirs + 1
+    # The refused creates left no group behind: the id they drew is still free.
+    g.new_id = lambda: 4242
+    await raises(LimitExceeded, g.create(user, "refused", (bystander,), 9))
+    assert await g.info(4242) is None
+    assert await g.create(bystander, "next", (), 9) == 4242
 
 
 @pytest_twisted.ensureDeferred
@@ -178,3 +188,48 @@ async def test_group_member_limit(backend):
     assert await g.groups_of(50_000) == ()
     exact = await g.create(OWNER, "exact", too_big[1:], 5)
     assert len((await g.info(exact)).members) == MAX_GROUP_MEMBERS
+
+
+@pytest_twisted.ensureDeferred
+async def test_group_ids_are_random_and_unique(backend):
+    """Spec section 5: ids reveal neither how many groups exist nor a neighbour to probe."""
+    g = backend.groups
+    ids = [await g.create(1000 + i, f"g{i}", (), i) for i in range(200)]
+    assert len(set(ids)) == len(ids)
+    assert all(1 <= gid <= 2**63 - 1 for gid in ids)
+    ordered = sorted(ids)
+    # Random 63-bit ids: neither in creation order nor adjacent, and spread over the range
+    # (each of these fails for uniform draws with a probability below 2^-40).
+    assert ids != ordered
+    assert all(b - a > 1 for a, b in itertools.pairwise(ordered))
+    assert ordered[-1] > 2**61
+    assert ordered[0] < 2**62
+    for gid in ids[:5]:  # the neighbours of a real id are not groups
+        for probe in (gid - 1, gid + 1):
+            assert await g.info(probe) is None
+
+
+@pytest_twisted.ensureDeferred
+async def test_create_draws_again_on_a_collision(backend):
+    g = backend.groups
+    taken = await g.create(OWNER, "first", (20,), 1)
+    draws = iter([taken, taken, 77_000])
+    g.new_id = draws.__next__
+    assert await g.create(30, "second", (OWNER,), 2) == 77_000
+    assert await g.info(taken) == GroupInfo(taken, "first", OWNER, (OWNER, 20))
+    assert await g.info(77_000) == GroupInfo(77_000, "second", 30, (OWNER, 30))
+    assert await g.groups_of(OWNER) == tuple(sorted([(taken, "first"), (77_000, "second")]))
+    # Only colliding draws: the create fails (an internal error, not a refusal) and writes
+    # nothing.
+    g.new_id = lambda: taken
+    try:
+        await g.create(40, "never", (50,), 3)
+    except (LimitExceeded, GroupNotFound) as e:  # pragma: no cover - the wrong failure
+        pytest.fail(f"a create that found no free id raised {e!r}")
+    except Exception:
+        pass
+    else:  # pragma: no cover
+        pytest.fail("a create whose every draw collided succeeded")
+    assert await g.groups_of(40) == ()
+    assert await g.groups_of(50) == ()
+    assert await g.info(taken) == GroupInfo(taken, "first", OWNER, (OWNER, 20))

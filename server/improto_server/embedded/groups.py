@@ -1,13 +1,19 @@
 """Groups and memberships in the embedded database (the GroupStore port).
 
-Group ids and join sequence numbers come from AUTOINCREMENT columns, so neither is ever
-reused; join_seq also orders members for ownership transfer. Every check and write of one
-call is one transaction, so the member and per-user limits hold exactly.
+Group ids are random in 1..2^63-1 (spec section 5: they reveal neither how many groups exist
+nor where to probe for one), chosen inside the create transaction and drawn again on the
+rare collision; a group row is never deleted, so an id is never reused. 2^63-1 is the
+largest value the INTEGER PRIMARY KEY holds as itself (group ids are stored unbiased), and
+the same range as the Redis store's. Join sequence numbers come from an AUTOINCREMENT column
+and order members for ownership transfer. Every check and write of one call is one
+transaction, so the member and per-user limits hold exactly.
 """
 
 from __future__ import annotations
 
+import secrets
 import sqlite3
+from collections.abc import Callable
 
 from twisted.internet.defer import Deferred
 
@@ -15,17 +21,30 @@ from improto.limits import MAX_GROUP_MEMBERS, MAX_GROUPS_PER_USER
 from improto_server.embedded.database import SQLITE_MAX_INT, Database, id_list, signed, unsigned
 from improto_server.model import GroupInfo, GroupNotFound, LimitExceeded
 
+GROUP_ID_MAX = SQLITE_MAX_INT  # 2^63-1
+# Draws before giving up: one draw collides with probability (groups so far) / 2^63.
+CREATE_ATTEMPTS = 8
+
+
+def random_group_id() -> int:
+    """A uniformly random group id in 1..GROUP_ID_MAX (cryptographic: not predictable)."""
+    return secrets.randbelow(GROUP_ID_MAX) + 1
+
 
 class SQLiteGroups:
-    """GroupStore. add/remove raise GroupNotFound for a group id that was never created."""
+    """GroupStore. add/remove raise GroupNotFound for a group id that was never created.
+
+    `new_id` draws candidate group ids; tests replace it to force collisions or to give two
+    stores the same ids."""
 
     def __init__(self, db: Database) -> None:
         self._db = db
+        self.new_id: Callable[[], int] = random_group_id
 
     def create(
         self, owner_id: int, name: str, members: tuple[int, ...], since_id: int
     ) -> Deferred[int]:
-        return self._db.call(_create, owner_id, name, members, since_id)
+        return self._db.call(_create, owner_id, name, members, since_id, self.new_id)
 
     def add(
         self, group_id: int, users: tuple[int, ...], since_id: int
@@ -70,17 +89,33 @@ def _join(db: sqlite3.Connection, gid: int, users: list[int], since: int) -> Non
 
 
 def _create(
-    db: sqlite3.Connection, owner_id: int, name: str, members: tuple[int, ...], since_id: int
+    db: sqlite3.Connection,
+    owner_id: int,
+    name: str,
+    members: tuple[int, ...],
+    since_id: int,
+    new_id: Callable[[], int],
 ) -> int:
     owner = signed(owner_id)
     users = [owner, *sorted({signed(u) for u in members} - {owner})]
     if len(users) > MAX_GROUP_MEMBERS:
         raise LimitExceeded(f"a group has at most {MAX_GROUP_MEMBERS} members")
     _check_user_limits(db, users)
-    gid = db.execute("INSERT INTO groups (name, owner_id) VALUES (?, ?)", (name, owner)).lastrowid
-    assert gid is not None
+    gid = _free_group_id(db, new_id)
+    db.execute("INSERT INTO groups (group_id, name, owner_id) VALUES (?, ?, ?)", (gid, name, owner))
     _join(db, gid, users, signed(since_id))
     return gid
+
+
+def _free_group_id(db: sqlite3.Connection, new_id: Callable[[], int]) -> int:
+    """A random id no group has (this runs inside the create transaction, so it stays free)."""
+    for _ in range(CREATE_ATTEMPTS):
+        gid = new_id()
+        if not 1 <= gid <= GROUP_ID_MAX:
+            raise ValueError(f"group id {gid} outside 1..{GROUP_ID_MAX}")
+        if db.execute("SELECT 1 FROM groups WHERE group_id = ?", (gid,)).fetchone() is None:
+            return gid
+    raise RuntimeError(f"no free group id in {CREATE_ATTEMPTS} random draws")
 
 
 def _require_group(db: sqlite3.Connection, group_id: int) -> tuple[int, int]:

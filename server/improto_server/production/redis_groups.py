@@ -2,9 +2,9 @@
 
 Key layout (P = the prefix):
 
-    P:{groups}:seq              string  the last group id allocated (INCR; ids never reused)
     P:{groups}:g:<gid>          hash    name, owner (0: nobody), joins (the join counter).
-                                        Exists exactly when the group was created.
+                                        Exists exactly when the group was created, and
+                                        for ever (so an id is never reused).
     P:{groups}:g:<gid>:since    hash    member -> since_id: the member list
     P:{groups}:g:<gid>:joined   zset    member -> join number (small, exact as a score): the
                                         earliest joiner inherits the group
@@ -20,11 +20,21 @@ plus replicas for reads) is the simple correct choice. Some scripts build key na
 data (the new group id, the ids in a user's set): all share the tag, so they stay in the slot.
 
 User ids, since ids and group ids are u64: the scripts keep them as decimal strings and never
-turn them into Lua numbers (doubles).
+turn them into Lua numbers (doubles) or sorted-set scores (doubles, exact only to 2^53).
+
+Group ids are random in 1..2^63-1 (spec section 5: they reveal neither how many groups exist
+nor where to probe for one); the range is the embedded store's, whose INTEGER key holds no
+more. Python draws the candidate and the create script refuses one that a group already has
+(checked and written in the same script, so two creates cannot take the same id); a refused
+candidate is replaced by a new draw. Deployments from before random ids may hold a
+`P:{groups}:seq` counter: it is no longer read or written, and the sequential ids it gave out
+are still refused as candidates because their groups exist.
 """
 
 from __future__ import annotations
 
+import secrets
+from collections.abc import Callable
 from typing import Any
 
 import txredisapi
@@ -48,24 +58,28 @@ if redis.call('EXISTS', KEYS[1]) == 0 then
 end
 """
 
-# KEYS: seq, then the group sets of the users (owner first). ARGV: key base, name, since,
-# groups-per-user limit, the users. Returns the new group id.
+# KEYS: the group sets of the users (owner first). ARGV: key base, name, since,
+# groups-per-user limit, the candidate group id, the users. Returns the new group id; TAKEN
+# (nothing written) if a group has the candidate id. The limits are checked first, so a
+# refusal for them does not depend on the draw.
 _CREATE = LuaScript("""
-local base, name, since, cap = ARGV[1], ARGV[2], ARGV[3], tonumber(ARGV[4])
-local n = #KEYS - 1
+local base, name, since, cap, gid = ARGV[1], ARGV[2], ARGV[3], tonumber(ARGV[4]), ARGV[5]
+local n = #KEYS
 for i = 1, n do
-  if redis.call('SCARD', KEYS[i + 1]) >= cap then
-    return redis.error_reply('LIMIT user ' .. ARGV[4 + i] .. ' is in ' .. ARGV[4] .. ' groups')
+  if redis.call('SCARD', KEYS[i]) >= cap then
+    return redis.error_reply('LIMIT user ' .. ARGV[5 + i] .. ' is in ' .. ARGV[4] .. ' groups')
   end
 end
-local gid = redis.call('INCR', KEYS[1])
 local g = base .. 'g:' .. gid
-redis.call('HSET', g, 'name', name, 'owner', ARGV[5], 'joins', n)
+if redis.call('EXISTS', g) == 1 then
+  return redis.error_reply('TAKEN group id in use')
+end
+redis.call('HSET', g, 'name', name, 'owner', ARGV[6], 'joins', n)
 for i = 1, n do
-  local u = ARGV[4 + i]
+  local u = ARGV[5 + i]
   redis.call('HSET', g .. ':since', u, since)
   redis.call('ZADD', g .. ':joined', i, u)  -- in the given order: owner, then ascending ids
-  redis.call('SADD', KEYS[i + 1], gid)
+  redis.call('SADD', KEYS[i], gid)
 end
 return gid
 """)
@@ -153,6 +167,15 @@ return out
 
 SCRIPTS = (_CREATE, _ADD, _REMOVE, _INFO, _GROUPS_OF)
 
+GROUP_ID_MAX = 2**63 - 1  # the embedded store's range (see the module docstring)
+# Draws before giving up: one draw collides with probability (groups so far) / 2^63.
+CREATE_ATTEMPTS = 8
+
+
+def random_group_id() -> int:
+    """A uniformly random group id in 1..GROUP_ID_MAX (cryptographic: not predictable)."""
+    return secrets.randbelow(GROUP_ID_MAX) + 1
+
 
 def _translate(failure: Failure, group_id: int) -> Failure:
     """Script refusals (nothing was written) -> the port's exceptions."""
@@ -176,6 +199,9 @@ class RedisGroups:
         check_binary(redis)
         self._redis = redis
         self._base = f"{prefix}:{{groups}}:"
+        # Draws candidate group ids; tests replace it to force collisions or to give two
+        # stores the same ids.
+        self.new_id: Callable[[], int] = random_group_id
 
     def start(self) -> Deferred[None]:
         """Load the scripts (optional: an unknown script falls back to EVAL)."""
@@ -196,10 +222,23 @@ class RedisGroups:
         users = [owner_id, *sorted(set(members) - {owner_id})]
         if len(users) > MAX_GROUP_MEMBERS:
             return fail(LimitExceeded(f"a group has at most {MAX_GROUP_MEMBERS} members"))
-        keys = [self._base + "seq", *map(self._user_key, users)]
-        args = [self._base, name.encode(), since_id, MAX_GROUPS_PER_USER, *users]
-        d = _CREATE(self._redis, keys, args)
-        return d.addCallbacks(int, _translate, errbackArgs=(0,))
+        keys = list(map(self._user_key, users))
+
+        def attempt(tries: int) -> Deferred[bytes]:
+            gid = self.new_id()
+            if not 1 <= gid <= GROUP_ID_MAX:
+                return fail(ValueError(f"group id {gid} outside 1..{GROUP_ID_MAX}"))
+            args = [self._base, name.encode(), since_id, MAX_GROUPS_PER_USER, gid, *users]
+            d = _CREATE(self._redis, keys, args)
+            return d.addErrback(taken, tries)
+
+        def taken(failure: Failure, tries: int) -> Deferred[bytes]:
+            if failure.check(txredisapi.ResponseError) and tries > 1:
+                if str(failure.value).startswith("TAKEN"):
+                    return attempt(tries - 1)
+            return fail(failure)
+
+        return attempt(CREATE_ATTEMPTS).addCallbacks(int, _translate, errbackArgs=(0,))
 
     def add(
         self, group_id: int, users: tuple[int, ...], since_id: int
