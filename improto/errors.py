@@ -27,6 +27,7 @@ class ErrorCode(IntEnum):
     LIMIT_EXCEEDED = 302
     INTERNAL = 500
     UNAVAILABLE = 503
+    RATE_LIMITED = 504  # 5xx: a client that does not know it retries later (spec 13.2)
 
 
 # Codes after which the server closes the connection (spec: "Fatal errors").

@@ -2,13 +2,68 @@
 
 from __future__ import annotations
 
+import math
 import secrets
 import tomllib
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+from improto.limits import MAX_FRAME_LENGTH
+
 DAY_MS = 86_400_000
+_ONE_FRAME = 4 + 131_072  # a whole largest frame: length prefix + MAX_FRAME_LENGTH
+_MAX_BODY = 65_535
+_SECOND_DAYS = 1 / 86_400
+
+# Valid ranges (inclusive) that check() enforces at start: (type, lowest, highest). int
+# settings must be integers; float ones any finite number. 0 is refused wherever it would
+# switch a mechanism off or make it refuse everything (a timeout, a rate, a burst, a cap);
+# the upper bounds only catch typos (a value in ms or bytes where days or KiB were meant).
+_RANGES: dict[str, tuple[type, float, float]] = {
+    "heartbeat": (int, 1, 65_535),  # u16 seconds in HELLO_OK
+    "idle_timeout": (int, 1, 65_535),
+    # days, fractions allowed; at least one second, at most 100 years (spec 10.1, 11)
+    "inbox_retention_days": (float, _SECOND_DAYS, 36_500),
+    "history_retention_days": (float, _SECOND_DAYS, 36_500),
+    "max_unacked_pushes": (int, 1, 1000),  # spec 9.3: at most 1000
+    "sweep_interval_s": (float, 0.01, 86_400),
+    "queue_partitions": (int, 1, 4096),
+    # Limits
+    "login_timeout_s": (float, 0.01, 3600),
+    "output_high_water_bytes": (int, 1, 2**31),
+    "output_hard_limit_bytes": (int, 1, 2**33),
+    "slow_reader_timeout_s": (float, 0.01, 3600),
+    "max_requests_in_flight": (int, 1, 65_536),
+    "max_connections_per_address": (int, 1, 10**7),
+    "max_prelogin_per_address": (int, 1, 10**7),
+    "listen_backlog": (int, 1, 65_535),
+    "send_rate": (float, 0.001, 10**6),
+    "send_burst": (float, 1, 10**9),  # below 1 no SEND could ever pass
+    "send_bytes_rate": (float, 1, 10**12),
+    "send_bytes_burst": (float, _MAX_BODY, 10**12),  # a largest body must be able to pass
+    "group_op_rate": (float, 0.0001, 10**6),
+    "group_op_burst": (float, 1, 10**9),
+    "added_by_others_per_day": (int, 1, 10**6),
+    "inbox_max_entries": (int, 1, 10**9),
+    "inbox_max_bytes": (int, _ONE_FRAME, 2**40),  # room for a largest message
+    "max_devices_per_user": (int, 1, 1024),
+}
+
+
+def _check_range(name: str, value: object, kind: type, lo: float, hi: float) -> None:
+    # bool is an int to Python, never a count or a duration here; NaN fails every comparison
+    typed = isinstance(value, int) or (kind is float and isinstance(value, float))
+    if not (
+        typed
+        and not isinstance(value, bool)
+        and isinstance(value, int | float)
+        and math.isfinite(value)
+        and lo <= value <= hi
+    ):
+        what = "an integer" if kind is int else "a number"
+        low = "1/86400 (one second)" if lo == _SECOND_DAYS else f"{lo:g}"
+        raise ValueError(f"{name} must be {what} in {low}..{hi:g}, not {value!r}")
 
 
 @dataclass
@@ -47,13 +102,15 @@ class Config:
     max_connections_per_address: int = 4096
     max_prelogin_per_address: int = 64  # connections of one address not yet logged in
     listen_backlog: int = 1024  # for tcp/ssl endpoints that do not set backlog= themselves
-    # -- rates per user (rate_limits.py): token buckets, refilled per second
+    # -- rates per user (rate_limits.py): token buckets, refilled per second. Per gateway
+    # process: a user on N gateways gets up to N times these.
     send_rate: float = 20.0  # SENDs per second (a group SEND weighs 1 + members / 100)
-    send_burst: float = 100.0
+    # an outbox flushed after a long time offline: up to a push window (1000) of messages
+    send_burst: float = 2000.0
     send_bytes_rate: float = 1024 * 1024  # body bytes x receivers per second
     send_bytes_burst: float = 4 * 1024 * 1024
     group_op_rate: float = 0.5  # GROUP_CREATE / ADD / REMOVE per second
-    group_op_burst: float = 20.0
+    group_op_burst: float = 600.0  # joining all of one's 500 groups at once (an import)
     added_by_others_per_day: int = 100  # groups others may add one user to, per day
     # -- storage (stores)
     inbox_max_entries: int = 20_000  # per user; the oldest are trimmed like expired ones
@@ -70,6 +127,20 @@ class Config:
             raise ValueError(f"role must be all, gateway or persister, not {self.role!r}")
         if self.role != "all" and self.storage != "production":
             raise ValueError("separate gateway/persister roles need storage = production")
+        for name, (kind, lo, hi) in _RANGES.items():
+            _check_range(name, getattr(self, name), kind, lo, hi)
+        if self.node_id is not None:
+            _check_range("node_id", self.node_id, int, 0, 1023)
+        if self.idle_timeout <= self.heartbeat:
+            raise ValueError(
+                f"idle_timeout ({self.idle_timeout}) must exceed heartbeat ({self.heartbeat}):"
+                " clients PING every heartbeat seconds"
+            )
+        if self.output_hard_limit_bytes < max(self.output_high_water_bytes, _ONE_FRAME):
+            raise ValueError(
+                "output_hard_limit_bytes must be at least output_high_water_bytes and one whole"
+                f" frame ({_ONE_FRAME} bytes)"
+            )
 
     @classmethod
     def from_file(cls, path: str | Path) -> Config:
@@ -90,6 +161,10 @@ class Config:
         return out
 
     @property
+    def inbox_caps(self) -> InboxCaps:
+        return InboxCaps(self.inbox_max_entries, self.inbox_max_bytes)
+
+    @property
     def inbox_retention_ms(self) -> int:
         return int(self.inbox_retention_days * DAY_MS)
 
@@ -107,3 +182,19 @@ class Config:
             path.write_text(secrets.token_hex(32) + "\n")
             path.chmod(0o600)
         return path.read_text().strip()
+
+
+@dataclass(frozen=True, slots=True)
+class InboxCaps:
+    """The per-user inbox bounds the inbox stores enforce (inbox_max_entries, _bytes)."""
+
+    max_entries: int = Config.inbox_max_entries
+    max_bytes: int = Config.inbox_max_bytes
+
+    def __post_init__(self) -> None:
+        # Below one largest record (one frame), a cap would trim the entry just written.
+        if self.max_entries < 1 or self.max_bytes < MAX_FRAME_LENGTH:
+            raise ValueError(
+                "inbox_max_entries must be at least 1 and inbox_max_bytes at least"
+                f" {MAX_FRAME_LENGTH}, not {self.max_entries} and {self.max_bytes}"
+            )

@@ -7,12 +7,14 @@ frame, or raises RequestError with a wire error code.
 from __future__ import annotations
 
 import json
+import math
 import uuid
 from collections.abc import Awaitable
 from dataclasses import dataclass
-from typing import Any, NoReturn, TypeVar
+from typing import Any, NoReturn, TypeVar, cast
 
 from twisted.internet.defer import Deferred, DeferredList, fail, maybeDeferred
+from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
@@ -42,9 +44,9 @@ from improto.frames import (
 from improto.limits import (
     CURSOR_RESUME,
     HISTORY_PAGE_DEFAULT,
-    MAX_FRAME_LENGTH,
     OFFLINE_PAGE_DEFAULT,
 )
+from improto_server.config import Config
 from improto_server.hub import Hub, LocalRouter, Pushable
 from improto_server.ids import IdGenerator
 from improto_server.model import (
@@ -58,6 +60,7 @@ from improto_server.model import (
     PersistJob,
 )
 from improto_server.ports import GroupStore, HistoryStore, InboxStore, PersistQueue, PushRouter
+from improto_server.rate_limits import RateLimits
 
 log = Logger()
 _T = TypeVar("_T")
@@ -91,11 +94,23 @@ async def _together(first: Deferred[Any] | None, second: Deferred[_T], both: boo
     return results[-1][1]
 
 
+def _member_list(users: tuple[int, ...]) -> list[str]:
+    """A group event's `members` (PROTOCOL.md 12.3): decimal strings, ascending user id."""
+    return [str(u) for u in sorted(set(users))]
+
+
 class RequestError(Exception):
     def __init__(self, code: ErrorCode, text: str = "") -> None:
         super().__init__(f"{code.name}: {text}")
         self.code = code
         self.text = text
+
+
+def _check_rate(wait_s: float, what: str) -> None:
+    """RATE_LIMITED, its retry-after first in the text as PROTOCOL.md 9.4 says, if wait_s > 0."""
+    if wait_s > 0.0:
+        ms = max(1, math.ceil(wait_s * 1000))
+        raise RequestError(ErrorCode.RATE_LIMITED, f"retry_after_ms={ms} {what}")
 
 
 def _refused(failure: Failure, msg_id: int) -> NoReturn:
@@ -120,6 +135,7 @@ class ChatService:
         groups: GroupStore,
         hub: Hub,
         router: PushRouter | None = None,
+        limits: RateLimits | None = None,
     ) -> None:
         self.ids = ids
         self.queue = queue
@@ -128,6 +144,11 @@ class ChatService:
         self.groups = groups
         self.hub = hub
         self.router: PushRouter = router or LocalRouter()
+        if limits is None:  # the default settings, on the global reactor's clock
+            from twisted.internet import reactor
+
+            limits = RateLimits(Config(), cast(IReactorTime, reactor))
+        self.limits = limits
         # per connection: fires once its latest SEND has taken its msg_id
         self._id_gates: dict[object, Deferred[None]] = {}
 
@@ -142,11 +163,17 @@ class ChatService:
         gate: Deferred[None] = Deferred()
         self._id_gates[key] = gate
         try:
+            members: int | None = None
             if req.conv_kind == ConvKind.GROUP:
                 info = await self._group_for_member(req.conv_id, caller.user_id)
-                receivers = info.members
+                receivers, members = info.members, len(info.members)
             else:
                 receivers = (caller.user_id, req.conv_id)
+            inbox_users = tuple(sorted(set(receivers)))
+            # Before the id and the queue: a refused SEND leaves nothing behind, so the
+            # client's retry with the same client_msg_id is a first attempt.
+            wait = self.limits.send(caller.user_id, members, len(inbox_users), len(req.body))
+            _check_rate(wait, "sending too fast")
             if before is not None and not before.called:
                 await before
             # The id is taken right before the queue gets the job, with no wait in between,
@@ -157,7 +184,7 @@ class ChatService:
                 msg_id, now, caller.user_id, caller.device_id, req.conv_kind, req.conv_id,
                 req.content_type, req.client_msg_id, req.body,
             )  # fmt: skip
-            job = PersistJob(message, tuple(sorted(set(receivers))))
+            job = PersistJob(message, inbox_users)
             accepting = self._accept(job, req.client_msg_id)  # queued now
         finally:
             if self._id_gates.get(key) is gate:
@@ -202,8 +229,13 @@ class ChatService:
             if start != 0:  # the client confirms it holds everything up to its cursor
                 moved = self.inbox.advance(user, device, start)
         # The position and the page do not depend on each other: one round trip, not two.
-        page: InboxRecords = await _together(moved, self.inbox.page(user, start, limit))
-        n = records.fit(page.records, MAX_FRAME_LENGTH - records.OFFLINE_OVERHEAD)
+        # The store reads what the fullest page could hold (no UNREAD entries: all the
+        # puller's own messages); the kept prefix is then exact for its real unread list, so
+        # the page is as full as 10.3 allows and never above 131072.
+        page: InboxRecords = await _together(
+            moved, self.inbox.page(user, start, limit, records.OFFLINE_RECORD_BYTES)
+        )
+        n = records.offline_fit(user, page.records)
         return records.offline_page(
             req.request_id, user, page.cursors[n - 1] if n else page.start,
             page.has_more or n < len(page.records), page.gap, page.records[:n],
@@ -232,8 +264,10 @@ class ChatService:
             key, min_id = ConvKey.group(req.conv_id), since
         else:
             key, min_id = ConvKey.direct(caller.user_id, req.conv_id), 0
-        raw: HistoryRecords = await _available(self.history.page(key, req.before_id, limit, min_id))
-        n = records.fit(raw.records, MAX_FRAME_LENGTH - records.HISTORY_OVERHEAD)
+        raw: HistoryRecords = await _available(
+            self.history.page(key, req.before_id, limit, min_id, records.HISTORY_RECORD_BYTES)
+        )
+        n = records.fit(raw.records, records.HISTORY_RECORD_BYTES)  # a store's excess, if any
         return records.history_page(
             req.request_id, req.conv_kind, req.conv_id,
             raw.has_more or n < len(raw.records), raw.records[:n],
@@ -259,7 +293,10 @@ class ChatService:
     ) -> None:
         """Deliver a group event message (PROTOCOL.md 12.3) like any group message."""
         msg_id, now = msg
-        body = json.dumps({"group_id": str(group_id), **event}, separators=(",", ":"))
+        # Keys in the order of the 12.3 table, compact: every server emits the same bytes.
+        fields: dict[str, object] = {"event": event["event"], "group_id": str(group_id)}
+        fields.update((k, v) for k, v in event.items() if k != "event")
+        body = json.dumps(fields, separators=(",", ":"))
         message = Message(
             msg_id, now, caller.user_id, caller.device_id, ConvKind.GROUP, group_id,
             ContentType.GROUP_EVENT, uuid.uuid4().bytes, body.encode(),
@@ -271,35 +308,58 @@ class ChatService:
             return  # logged in _accept; the membership change itself stands
         self._push(job, caller.connection)
 
+    def _adding_others(self, users: tuple[int, ...]) -> None:
+        """Count the groups others add `users` to (PROTOCOL.md 9.4): LIMIT_EXCEEDED, nothing
+        counted, if one of them has been added to too many today."""
+        full = self.limits.add_others(users)
+        if full is not None:
+            raise RequestError(
+                ErrorCode.LIMIT_EXCEEDED, f"user {full} was added to too many groups today"
+            )
+
     async def group_create(self, caller: Caller, req: GroupCreate) -> GroupCreated:
         members = tuple(sorted(set(req.members) - {caller.user_id}))
+        _check_rate(self.limits.group_op(caller.user_id), "too many group changes")
+        self._adding_others(members)
         event_id = self.ids.next()
         try:
             gid = await _available(
                 self.groups.create(caller.user_id, req.name, members, event_id[0])
             )
         except LimitExceeded as e:
+            self.limits.not_added(members)
             raise RequestError(ErrorCode.LIMIT_EXCEEDED, str(e)) from None
+        except BaseException:
+            self.limits.not_added(members)
+            raise
         everyone = (caller.user_id, *members)
         await self._group_event(
             caller, gid, event_id, everyone,
-            {"event": "created", "name": req.name, "members": [str(u) for u in everyone]},
+            {"event": "created", "name": req.name, "members": _member_list(everyone)},
         )  # fmt: skip
         return GroupCreated(gid, request_id=req.request_id)
 
     async def group_add(self, caller: Caller, req: GroupAdd) -> GroupAddOk:
         info = await self._group_for_member(req.group_id, caller.user_id)
+        _check_rate(self.limits.group_op(caller.user_id), "too many group changes")
+        newcomers = tuple(set(req.members) - set(info.members) - {caller.user_id})
+        self._adding_others(newcomers)
         event_id = self.ids.next()
         try:
             added = await _available(
                 self.groups.add(req.group_id, tuple(set(req.members)), event_id[0])
             )
         except LimitExceeded as e:
+            self.limits.not_added(newcomers)
             raise RequestError(ErrorCode.LIMIT_EXCEEDED, str(e)) from None
+        except BaseException:
+            self.limits.not_added(newcomers)
+            raise
+        self.limits.not_added(set(newcomers) - set(added))  # joined meanwhile
         if added:
             await self._group_event(
                 caller, req.group_id, event_id, (*info.members, *added),
-                {"event": "added", "members": [str(u) for u in added]},
+                {"event": "added", "members": _member_list(added)},
             )  # fmt: skip
         return GroupAddOk(req.group_id, len(added), request_id=req.request_id)
 
@@ -308,12 +368,14 @@ class ChatService:
         targets = set(req.members)
         if caller.user_id != info.owner_id and targets != {caller.user_id}:
             raise RequestError(ErrorCode.FORBIDDEN, "only the owner removes other members")
+        if targets != {caller.user_id}:  # leaving is free: one can only leave what one joined
+            _check_rate(self.limits.group_op(caller.user_id), "too many group changes")
         event_id = self.ids.next()
         removed = await _available(self.groups.remove(req.group_id, tuple(targets)))
         if removed:
             await self._group_event(
                 caller, req.group_id, event_id, info.members,  # includes the removed users
-                {"event": "removed", "members": [str(u) for u in removed]},
+                {"event": "removed", "members": _member_list(removed)},
             )  # fmt: skip
         return GroupRemoveOk(req.group_id, len(removed), request_id=req.request_id)
 
