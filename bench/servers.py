@@ -37,6 +37,7 @@ __all__ = ["HOST", "ServerHandle", "cpu_seconds", "free_port"]
 
 NOFILE = 1_048_576
 MOSQUITTO = "/usr/sbin/mosquitto"
+UNLIMITED = BENCH_DIR / "unlimited.toml"  # rates raised: benchmarks measure speed
 MOSQUITTO_QUEUE = 200_000  # max_queued_messages: per-client queue limit, raised from 1000
 
 
@@ -69,7 +70,10 @@ def start_improto(
     split: bool = False,
 ) -> ServerHandle:
     """`imserver` with a temp data dir and a random secret (tests.support.server.start_improto:
-    fresh production names unless given, `split` gateway + persister processes)."""
+    fresh production names unless given, `split` gateway + persister processes), with the
+    rate limits of bench/unlimited.toml unless `extra` names a --config."""
+    if "--config" not in extra:
+        extra = ["--config", str(UNLIMITED), *extra]
     return server.start_improto(
         *extra, storage=storage, key_prefix=key_prefix, hbase_table=hbase_table, split=split,
         preexec=_child_setup,
