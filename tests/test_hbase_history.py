@@ -35,6 +35,7 @@ from improto_server.production.hbase_history import (
     msg_id_of,
     row_key,
 )
+from tests.contract.pages import ANY_SIZE
 from tests.support import services
 from tests.support.clock import DAY_MS, FakeClock, wall_ms
 from tests.support.ports import free_port
@@ -154,11 +155,12 @@ async def test_ids_near_u64_max_and_same_salt_conversations(history, hbase):
         await history.append(a, job(i, now, a))
         await history.append(b, job(i, now, b))
     newest_first = sorted(TOP, reverse=True)
-    page = await history.page(a, 0, 100, 0)
+    page = await history.page(a, 0, 100, 0, ANY_SIZE)
     assert ids(page.records) == newest_first and not page.has_more
-    assert ids((await history.page(b, 0, 100, 0)).records) == newest_first
-    assert ids((await history.page(a, U64_MAX, 2, 2**63)).records) == [U64_MAX - 1, 2**63 + 1]
-    assert ids((await history.page(a, 2**63, 100, 1)).records) == [2**63 - 1, 2**32, 2, 1]
+    assert ids((await history.page(b, 0, 100, 0, ANY_SIZE)).records) == newest_first
+    top = await history.page(a, U64_MAX, 2, 2**63, ANY_SIZE)
+    assert ids(top.records) == [U64_MAX - 1, 2**63 + 1]
+    assert ids((await history.page(a, 2**63, 100, 1, ANY_SIZE)).records) == [2**63 - 1, 2**32, 2, 1]
     # In the table, one salt bucket holds both conversations, each contiguous, newest first.
     rows = raw_rows(hbase, history, conversation_prefix(a)[:1])
     mine = [r for r in rows if r.startswith(conversation_prefix(a))]
@@ -177,7 +179,7 @@ async def test_appending_twice_leaves_one_row_and_one_version(history, hbase):
     )
     # stamped with server_time rounded down to the second (one Thrift call per second)
     assert len(cells) == 1 and cells[0][1] == j.message.server_time // 1000 * 1000
-    assert messages((await history.page(DM, 0, 10, 0)).records) == (j.message,)
+    assert messages((await history.page(DM, 0, 10, 0, ANY_SIZE)).records) == (j.message,)
 
 
 @pytest_twisted.ensureDeferred
@@ -187,11 +189,11 @@ async def test_append_many_batches_across_times_and_conversations(history):
     items = [(DM, job(i, now + i % 3)) for i in range(1, 31)]
     items += [(other, job(i, now, other)) for i in range(100, 110)]
     await history.append_many(items)
-    page = await history.page(DM, 0, 100, 0)
+    page = await history.page(DM, 0, 100, 0, ANY_SIZE)
     assert ids(page.records) == list(range(30, 0, -1))
     times = [m.server_time for m in messages(page.records)]
     assert times == [now + i % 3 for i in range(30, 0, -1)]
-    assert ids((await history.page(other, 0, 100, 0)).records) == list(range(109, 99, -1))
+    assert ids((await history.page(other, 0, 100, 0, ANY_SIZE)).records) == list(range(109, 99, -1))
 
 
 @pytest_twisted.ensureDeferred
@@ -216,7 +218,7 @@ async def test_blocking_calls_run_on_the_pool_threads(make_history, monkeypatch)
     await h.start()
     await h.append(DM, job(1, h.now_ms()))
     await h.append_many([(DM, job(2, h.now_ms()))])
-    assert ids((await h.page(DM, 0, 10, 0)).records) == [2, 1]
+    assert ids((await h.page(DM, 0, 10, 0, ANY_SIZE)).records) == [2, 1]
     assert {name for name, _ in seen} == {"__init__", "tables", "put", "scan", "batch"}
     for _, thread in seen:
         assert thread is not threading.main_thread()
@@ -279,7 +281,7 @@ async def test_a_dropped_idle_connection_is_retried_once_on_a_fresh_one(make_his
 
     factory.drop_all()  # the server side closes the idle connection
     await eventually(lambda: not factory.live)
-    page = await h.page(DM, 0, 10, 0)
+    page = await h.page(DM, 0, 10, 0, ANY_SIZE)
     assert ids(page.records) == [1]
     assert h.retries == 1  # the first attempt failed on the dead socket, the retry worked
     assert len(factory.live) == 1  # the retry's connection, now open and reusable
@@ -304,12 +306,12 @@ async def test_the_retry_happens_once_only(make_history, proxy, monkeypatch):
     factory.drop_all()
     await eventually(lambda: not factory.live)
     with pytest.raises(RETRYABLE):
-        await h.page(DM, 0, 10, 0)
+        await h.page(DM, 0, 10, 0, ANY_SIZE)
     assert len(attempts) == 2 and h.retries == 1
 
     factory.refuse = False  # the server is back: the pool recovers without a restart
     attempts.clear()
-    assert (await h.page(DM, 0, 10, 0)).records == ()
+    assert (await h.page(DM, 0, 10, 0, ANY_SIZE)).records == ()
     assert len(attempts) <= 2
 
 
@@ -321,13 +323,13 @@ async def test_start_fails_cleanly_without_a_server(make_history):
         await h.start()
     assert h._threads.joined  # the threads were released
     with pytest.raises(RuntimeError):
-        await h.page(DM, 0, 10, 0)
+        await h.page(DM, 0, 10, 0, ANY_SIZE)
 
 
 @pytest_twisted.ensureDeferred
 async def test_close_waits_for_calls_in_flight(history):
     await history.append(DM, job(1, history.now_ms()))
-    page: Deferred[Any] = history.page(DM, 0, 10, 0)
+    page: Deferred[Any] = history.page(DM, 0, 10, 0, ANY_SIZE)
     closed = history.close()
     assert ids((await page).records) == [1]
     await closed
@@ -350,16 +352,16 @@ async def test_retention_follows_the_injected_clock(make_history, hbase):
         await h.append(DM, job(mid, st))
 
     clock.now = t0 + retention  # t0 is exactly `retention` old: still served
-    assert ids((await h.page(DM, 0, 10, 0)).records) == [5, 4, 3, 2, 1]
+    assert ids((await h.page(DM, 0, 10, 0, ANY_SIZE)).records) == [5, 4, 3, 2, 1]
 
     clock.now += 1
-    page = await h.page(DM, 0, 10, 0)
+    page = await h.page(DM, 0, 10, 0, ANY_SIZE)
     assert ids(page.records) == [5, 3] and not page.has_more
-    first = await h.page(DM, 0, 1, 0)
+    first = await h.page(DM, 0, 1, 0, ANY_SIZE)
     assert ids(first.records) == [5] and first.has_more  # 4 is expired: it does not count
-    last = await h.page(DM, 5, 1, 0)
+    last = await h.page(DM, 5, 1, 0, ANY_SIZE)
     assert ids(last.records) == [3] and not last.has_more  # nor do 2 and 1
-    assert (await h.page(DM, 3, 10, 0)).records == ()
+    assert (await h.page(DM, 3, 10, 0, ANY_SIZE)).records == ()
     # HBase's own clock has not moved: the rows are all still stored.
     assert len(raw_rows(hbase, h, conversation_prefix(DM))) == 5
 
@@ -376,4 +378,33 @@ async def test_the_family_ttl_expires_cells_by_server_time(make_history, hbase):
     await h.append(DM, job(2, now - 60_000))
     # HBase itself hides the old cell: a raw scan, without the store's filter, misses it.
     assert [msg_id_of(r) for r in raw_rows(hbase, h, conversation_prefix(DM))] == [2]
-    assert ids((await h.page(DM, 0, 10, 0)).records) == [2]
+    assert ids((await h.page(DM, 0, 10, 0, ANY_SIZE)).records) == [2]
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_page_reads_only_the_records_it_returns(history, hbase, monkeypatch):
+    now = history.now_ms()
+    big = [PersistJob(message(i, now, body=bytes([i]) * 60_000), ()) for i in range(1, 6)]
+    await history.append_many([(DM, j) for j in big])
+    # A row as servers wrote it before sizes were stored (no m:s), the newest of them.
+    legacy = PersistJob(message(6, now, body=b"L" * 60_000), ())
+    hbase.table(history.table_name).put(
+        row_key(DM, 6),
+        {b"m:v": legacy.stored_record, b"m:t": b"%016x" % now},
+        timestamp=hbase_history._cell_ts(now),
+    )
+    read: list[int] = []
+    real = hbase_history._record
+
+    def counting(value: bytes) -> bytes:
+        read.append(len(value))
+        return real(value)
+
+    monkeypatch.setattr(hbase_history, "_record", counting)
+    budget = 2 * len(big[0].record) + 10  # two of these records fit, not three
+    page = await history.page(DM, 0, 100, 0, budget)
+    assert ids(page.records) == [6, 5] and page.has_more
+    assert len(read) == 2  # the legacy row (read to learn its size) and message 5: no more
+    read.clear()
+    page = await history.page(DM, 5, 100, 0, budget)
+    assert ids(page.records) == [4, 3] and page.has_more and len(read) == 2

@@ -8,6 +8,7 @@ its own key prefix and deletes its keys afterwards.
 
 from __future__ import annotations
 
+import functools
 import random
 import uuid
 from collections.abc import Iterator
@@ -26,6 +27,7 @@ from improto.enums import ContentType, ConvKind
 from improto.frames import Message
 from improto.limits import MAX_GROUPS_PER_USER, U64_MAX
 from improto.records import message_of
+from improto_server.config import InboxCaps
 from improto_server.embedded.backend import SQLiteBackend
 from improto_server.model import LimitExceeded, PersistJob
 from improto_server.production import redis_inbox
@@ -35,6 +37,7 @@ from improto_server.production.redis_groups import RedisGroups
 from improto_server.production.redis_inbox import SCRIPTS as INBOX_SCRIPTS
 from improto_server.production.redis_inbox import RedisInbox
 from improto_server.production.redis_slots import key_slot
+from tests.contract.pages import ANY_SIZE
 from tests.support import services
 from tests.support.clock import DAY_MS, INBOX_RETENTION_MS, START_MS, FakeClock
 from tests.support.services import needs
@@ -112,7 +115,7 @@ def job(*users: int, **kw: Any) -> PersistJob:
 
 
 async def entries(inbox: Any, user: int) -> list[tuple[int, int]]:
-    page = await inbox.page(user, 0, 1000)
+    page = await inbox.page(user, 0, 1000, ANY_SIZE)
     assert not page.has_more
     return [(c, message_of(r).msg_id) for c, r in zip(page.cursors, page.records, strict=True)]
 
@@ -191,7 +194,7 @@ async def test_keys_of_one_user_share_one_hash_tag(env):
     await env.inbox.append(job(*users))  # trims in passing, too
     for user in users:
         await env.inbox.advance(user, "phone", 1)
-        await env.inbox.page(user, 0, 10)
+        await env.inbox.page(user, 0, 10, ANY_SIZE)
     gid = await env.groups.create(7, "team", users, 1)
     await env.groups.remove(gid, (2**63,))
 
@@ -202,20 +205,19 @@ async def test_keys_of_one_user_share_one_hash_tag(env):
     assert set(by_tag) == {b"u%d" % u for u in users} | {b"groups"}
     for user in users:
         names = {k.rsplit(b":", 1)[1] for k in by_tag[b"u%d" % user]}
-        assert names == {b"meta", b"ent", b"age", b"rec", b"pos"}
+        assert names == {b"meta", b"ent", b"age", b"rec", b"pos", b"dev"}
     for keys in by_tag.values():
         assert len({key_slot(k) for k in keys}) == 1  # one cluster slot per user / for groups
 
 
 @pytest_twisted.ensureDeferred
-async def test_only_entry_keys_expire(env):
+async def test_only_the_cursor_counter_never_expires(env):
     await env.inbox.append(job(9))
     await env.inbox.advance(9, "phone", 1)
-    meta, ent, age, rec, pos = env.inbox.keys(9)
-    for key in (meta, pos):
-        assert await env.command("PTTL", key) == -1  # never expires
+    meta, ent, age, rec, pos, dev = env.inbox.keys(9)
+    assert await env.command("PTTL", meta) == -1  # cursors must never go back
     ttl = RETENTION_MS + redis_inbox.DAY_MS
-    for key in (ent, age, rec):
+    for key in (ent, age, rec, pos, dev):
         assert ttl - 60_000 < await env.command("PTTL", key) <= ttl
 
 
@@ -238,13 +240,15 @@ async def test_cursors_continue_after_the_inbox_keys_expired(env):
     assert await env.command("HGET", meta, "seq") == b"3"
 
     # Nothing is served, everything counts as removed, and the counter went on.
-    assert (await inbox.page(4, 0, 10)).gap
+    assert (await inbox.page(4, 0, 10, ANY_SIZE)).gap
     new = job(4)
     await inbox.append(new)
-    page = await inbox.page(4, 0, 10)
+    page = await inbox.page(4, 0, 10, ANY_SIZE)
     assert page.cursors == (4,) and message_of(page.records[0]) == new.message
-    assert page.gap and not (await inbox.page(4, 3, 10)).gap
-    assert await inbox.position(4, "phone") == 2  # positions do not expire
+    assert page.gap and not (await inbox.page(4, 3, 10, ANY_SIZE)).gap
+    # The position expired with the entries it covered: a RESUME pull starts at 0 and misses
+    # nothing (cursors 1..3 are gone), it only sees the gap.
+    assert await inbox.position(4, "phone") == 0
 
 
 @pytest_twisted.ensureDeferred
@@ -263,7 +267,7 @@ async def test_binary_and_unicode_fields_round_trip(env):
     jobs.append(job(3, client_msg_id=b"\x00\r\n*$-+:" + bytes(8), sender_id=U64_MAX))
     for j in jobs:
         await env.inbox.append(j)
-    page = await env.inbox.page(3, 0, 100)
+    page = await env.inbox.page(3, 0, 100, ANY_SIZE)
     assert [message_of(r) for r in page.records] == [j.message for j in jobs]
 
     name = "\u00e9quipe \u2713 \U0001f600"
@@ -285,13 +289,14 @@ async def test_an_expired_backlog_is_trimmed_in_bounded_steps(env, monkeypatch):
     new = [job(6) for _ in range(2)]
     for j in new:
         await env.inbox.append(j)  # each removes one expired entry in passing
-    _, ent, age, rec, _ = env.inbox.keys(6)
+    _, ent, age, rec, *_ = env.inbox.keys(6)
     assert await env.command("ZCARD", age) == 10
 
-    page = await env.inbox.page(6, 0, 10)  # three bounded script calls, then the page
+    page = await env.inbox.page(6, 0, 10, ANY_SIZE)  # three bounded script calls, then the page
     assert [message_of(r).msg_id for r in page.records] == [j.message.msg_id for j in new]
     assert page.gap and not page.has_more
-    assert (await env.inbox.page(6, 9, 10)).gap and not (await env.inbox.page(6, 10, 10)).gap
+    assert (await env.inbox.page(6, 9, 10, ANY_SIZE)).gap
+    assert not (await env.inbox.page(6, 10, 10, ANY_SIZE)).gap
     for key in (ent, age):
         assert await env.command("ZCARD", key) == 2
     assert await env.command("HLEN", rec) == 2
@@ -388,7 +393,7 @@ async def test_inbox_matches_the_embedded_store(env, sqlite):
             user = rng.choice(users)
             start = rng.choice([0, rng.randint(0, 40), 2**63, U64_MAX])
             limit = rng.choice([0, 1, 3, 10, 200])
-            redis_page, sqlite_page = [await s.page(user, start, limit) for s in stores]
+            redis_page, sqlite_page = [await s.page(user, start, limit, ANY_SIZE) for s in stores]
             assert redis_page == sqlite_page, step
 
 
@@ -398,6 +403,8 @@ async def test_groups_match_the_embedded_store(env, sqlite):
     people = (1, 2, 3, 4, 5, 2**63, U64_MAX)
     gids: list[int] = []
     stores = (env.groups, sqlite.groups)
+    for store in stores:  # group ids are random: the same draws in both, so they agree
+        store.new_id = functools.partial(random.Random(7).randint, 1, 2**63 - 1)
 
     async def both(name: str, *args: Any) -> Any:
         results = []
@@ -453,3 +460,43 @@ async def _outcome(d: Deferred[Any]) -> Any:
         return await d
     except LimitExceeded:
         return LimitExceeded
+
+
+@pytest_twisted.ensureDeferred
+async def test_caps_and_byte_budgets_match_the_embedded_store(env, sqlite):
+    """Random appends of assorted sizes under small caps, pages on assorted byte budgets, and
+    device positions past the per-user bound: Redis answers as SQLite does."""
+    rng = random.Random(12)
+    caps = InboxCaps(max_entries=30, max_bytes=200_000)
+    stores = (env.inbox, sqlite.inbox)
+    for store in stores:
+        store.caps = caps
+    users = (1, 2, 3)
+    for step in range(300):
+        op = rng.random()
+        if op < 0.45:
+            body = b"b" * rng.choice([0, 100, 5000, 30_000, 65_535])
+            j = job(*rng.sample(users, rng.randint(1, 3)), body=body)
+            batch = [j] + [job(rng.choice(users)) for _ in range(rng.choice([0, 0, 0, 8]))]
+            for store in stores:
+                await store.append_many(batch)
+        elif op < 0.52:
+            env.clock.now += rng.choice([1000, DAY_MS, RETENTION_MS // 2])
+        elif op < 0.55:
+            await env.inbox.sweep()
+            await sqlite.sweep()
+        elif op < 0.70:
+            user, device = rng.choice(users), f"d{rng.randint(0, 70)}"
+            cursor = rng.choice([1, rng.randint(0, 400), U64_MAX])
+            got = [await s.advance(user, device, cursor) for s in stores]
+            assert got[0] == got[1], step
+            got = [await s.position(user, device) for s in stores]
+            assert got[0] == got[1], step
+        else:
+            user = rng.choice(users)
+            start = rng.choice([0, rng.randint(0, 400), U64_MAX])
+            limit = rng.choice([1, 3, 200])
+            budget = rng.choice([1, 6000, 70_000, 131_072 - 4000, ANY_SIZE])
+            pages = [await s.page(user, start, limit, budget) for s in stores]
+            assert pages[0] == pages[1], step
+            assert len(pages[0].records) <= 1 or sum(map(len, pages[0].records)) <= budget

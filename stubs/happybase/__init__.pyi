@@ -44,6 +44,20 @@ class Table:
         transaction: bool = False,
         wal: bool = True,
     ) -> Batch: ...
+    def row(
+        self,
+        row: bytes,
+        columns: Iterable[bytes] | None = None,
+        timestamp: int | None = None,
+        include_timestamp: bool = False,
+    ) -> Row: ...
+    def rows(
+        self,
+        rows: Iterable[bytes],
+        columns: Iterable[bytes] | None = None,
+        timestamp: int | None = None,
+        include_timestamp: bool = False,
+    ) -> list[tuple[bytes, Row]]: ...
     def scan(
         self,
         row_start: bytes | None = None,

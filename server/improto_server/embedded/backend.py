@@ -20,6 +20,7 @@ from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
+from improto_server.config import InboxCaps
 from improto_server.embedded.database import Database, Event, delete_unreferenced
 from improto_server.embedded.groups import SQLiteGroups
 from improto_server.embedded.history import SQLiteHistory, expire_history
@@ -46,7 +47,9 @@ class SQLiteBackend:
         now_ms: Callable[[], int] | None = None,
         inbox_retention_ms: int = 7 * DAY_MS,
         history_retention_ms: int = 180 * DAY_MS,
+        inbox_caps: InboxCaps | None = None,
     ) -> None:
+        """`inbox_caps`: Config.inbox_caps (None: the defaults)."""
         self._reactor = reactor if reactor is not None else server_reactor()
         self.now_ms = now_ms or wall_ms
         self.inbox_retention_ms = inbox_retention_ms
@@ -56,7 +59,7 @@ class SQLiteBackend:
         self._closed: Event | None = None
         self._shutdown_trigger: Any = None  # what addSystemEventTrigger returned
         self.queue = SQLiteQueue(self.db, self._reactor, self.now_ms)
-        self.inbox = SQLiteInbox(self.db, self.now_ms, inbox_retention_ms)
+        self.inbox = SQLiteInbox(self.db, self.now_ms, inbox_retention_ms, caps=inbox_caps)
         self.history = SQLiteHistory(self.db, self.now_ms, history_retention_ms)
         self.groups = SQLiteGroups(self.db)
 

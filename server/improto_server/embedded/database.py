@@ -15,11 +15,12 @@ numbers, stored_ms) are small and stored as they are.
 
 Storage format. The tables keep messages as columns (not as stored records), so the schema
 version is the embedded store's storage format: `PRAGMA user_version` holds SCHEMA_VERSION.
-0 is a new, empty database, which gets the schema; a database of any other version (one a
-newer improto wrote, or not improto's) is refused with UnsupportedSchema before anything in it
+0 is a new, empty database, which gets the schema; an older version is migrated in the same
+transaction (MIGRATIONS); a database of any other version (one a newer improto wrote, or not
+improto's) is refused with UnsupportedSchema before anything in it
 is read or written. A change to how rows are stored bumps SCHEMA_VERSION and adds the
-migration from the versions before it. (The queued jobs are PersistJob bytes, which carry a
-format of their own: see PersistJob.to_bytes.)
+migration from the version before it. (The queued jobs are PersistJob bytes,
+which carry a format of their own: see PersistJob.to_bytes.)
 """
 
 from __future__ import annotations
@@ -42,7 +43,7 @@ from improto_server.deferreds import as_deferred
 
 _R = TypeVar("_R")
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: inbox sizes and byte totals, positions' last use
 
 _BIAS = 1 << 63
 SQLITE_MAX_INT = _BIAS - 1
@@ -93,26 +94,32 @@ CREATE TABLE IF NOT EXISTS messages (
     body BLOB NOT NULL
 );
 
--- head: the largest cursor ever assigned; floor: the largest cursor removed by retention.
+-- head: the largest cursor ever assigned; floor: the largest cursor removed by retention or
+-- by the inbox caps; bytes: the sum of the sizes of the user's inbox rows.
 CREATE TABLE IF NOT EXISTS inbox_head (
     user_id INTEGER PRIMARY KEY,
     head INTEGER NOT NULL,
-    floor INTEGER NOT NULL DEFAULT 0
+    floor INTEGER NOT NULL DEFAULT 0,
+    bytes INTEGER NOT NULL DEFAULT 0
 );
+-- size: the entry's MESSAGE record length, so caps and page budgets need no message row.
 CREATE TABLE IF NOT EXISTS inbox (
     user_id INTEGER NOT NULL,
     cursor INTEGER NOT NULL,
     msg_id INTEGER NOT NULL,
     stored_ms INTEGER NOT NULL,
+    size INTEGER NOT NULL DEFAULT 0,
     PRIMARY KEY (user_id, cursor)
 ) WITHOUT ROWID;
 -- (msg_id, user_id): idempotent appends, and "is this message still referenced" in sweeps.
 CREATE UNIQUE INDEX IF NOT EXISTS inbox_msg ON inbox (msg_id, user_id);
 CREATE INDEX IF NOT EXISTS inbox_age ON inbox (user_id, stored_ms);
+-- used: the user's advance counter at the device's last advance (the least recent go first).
 CREATE TABLE IF NOT EXISTS positions (
     user_id INTEGER NOT NULL,
     device_id TEXT NOT NULL,
     position INTEGER NOT NULL,
+    used INTEGER NOT NULL DEFAULT 0,
     PRIMARY KEY (user_id, device_id)
 ) WITHOUT ROWID;
 
@@ -140,6 +147,30 @@ CREATE TABLE IF NOT EXISTS members (
 CREATE UNIQUE INDEX IF NOT EXISTS members_group ON members (group_id, user_id);
 CREATE INDEX IF NOT EXISTS members_user ON members (user_id, group_id);
 """
+
+
+# The bytes of a MESSAGE record besides its sender_device and body (improto.records).
+RECORD_FIXED = len(pack_record(0, 0, 0, "", 0, 0, 0, bytes(16), b""))
+
+
+def record_size_sql(alias: str) -> str:
+    """SQL for the MESSAGE record length of messages row `alias`. length() of a BLOB reads
+    only the row header (SQLite does not load the content), so no body is read."""
+    return f"({RECORD_FIXED} + length(CAST({alias}.sender_device AS BLOB)) + length({alias}.body))"
+
+
+# version -> the statements that bring a database of that version to the next one.
+MIGRATIONS: dict[int, str] = {
+    1: f"""
+ALTER TABLE inbox ADD COLUMN size INTEGER NOT NULL DEFAULT 0;
+UPDATE inbox SET size = coalesce((SELECT {record_size_sql("m")} FROM messages m
+                                  WHERE m.msg_id = inbox.msg_id), 0);
+ALTER TABLE inbox_head ADD COLUMN bytes INTEGER NOT NULL DEFAULT 0;
+UPDATE inbox_head SET bytes = (SELECT total(size) FROM inbox i
+                               WHERE i.user_id = inbox_head.user_id);
+ALTER TABLE positions ADD COLUMN used INTEGER NOT NULL DEFAULT 0;
+""",
+}
 
 
 class UnsupportedSchema(RuntimeError):
@@ -199,13 +230,16 @@ class Database:
             db.execute("PRAGMA synchronous=FULL")  # a COMMIT is on disk when it returns
             db.execute("PRAGMA busy_timeout=5000")  # e.g. someone inspecting the file
             (version,) = db.execute("PRAGMA user_version").fetchone()
-            if version not in (0, SCHEMA_VERSION):
+            if not 0 <= version <= SCHEMA_VERSION:
                 newer = " (a newer improto wrote it)" if version > SCHEMA_VERSION else ""
                 raise UnsupportedSchema(
                     f"{self.path}: schema version {version} is not supported{newer}: this"
-                    f" server reads version {SCHEMA_VERSION} only"
+                    f" server reads versions 1 to {SCHEMA_VERSION}"
                 )
-            db.executescript(f"BEGIN; {_SCHEMA} PRAGMA user_version={SCHEMA_VERSION}; COMMIT;")
+            steps = [MIGRATIONS[v] for v in range(version, SCHEMA_VERSION)] if version else []
+            db.executescript(
+                f"BEGIN; {''.join(steps)} {_SCHEMA} PRAGMA user_version={SCHEMA_VERSION}; COMMIT;"
+            )
         except BaseException:
             db.close()
             raise

@@ -10,10 +10,12 @@ from twisted.internet.defer import Deferred
 
 from improto.frames import Message
 from improto.limits import U64_MAX
+from improto.records import fit_sizes
 from improto_server.embedded.database import (
     MSG_COLS,
     RetainedStore,
     record_of_row,
+    record_size_sql,
     signed,
     store_message,
 )
@@ -30,10 +32,10 @@ class SQLiteHistory(RetainedStore):
         return self._db.call(_append_many, [(str(k), j.message) for k, j in items])
 
     def page(
-        self, key: ConvKey, before_id: int, limit: int, min_id: int
+        self, key: ConvKey, before_id: int, limit: int, min_id: int, max_bytes: int
     ) -> Deferred[HistoryRecords]:
         cutoff = max(0, self._cutoff())
-        return self._db.call(_page, str(key), before_id, limit, min_id, cutoff)
+        return self._db.call(_page, str(key), before_id, limit, min_id, max_bytes, cutoff)
 
 
 def _append(db: sqlite3.Connection, conv: str, m: Message) -> None:
@@ -50,17 +52,33 @@ def _append_many(db: sqlite3.Connection, items: list[tuple[str, Message]]) -> No
 
 
 def _page(
-    db: sqlite3.Connection, conv: str, before_id: int, limit: int, min_id: int, cutoff: int
+    db: sqlite3.Connection,
+    conv: str,
+    before_id: int,
+    limit: int,
+    min_id: int,
+    max_bytes: int,
+    cutoff: int,
 ) -> HistoryRecords:
     limit = max(0, limit)
     hi = signed(before_id - 1 if before_id else U64_MAX)  # msg_id < before_id, inclusive form
-    rows = db.execute(
-        f"SELECT {MSG_COLS} FROM history h JOIN messages m ON m.msg_id = h.msg_id"
-        " WHERE h.conv = ? AND h.msg_id BETWEEN ? AND ? AND +h.server_time >= ?"
+    where = "h.conv = ? AND h.msg_id BETWEEN ? AND ? AND +h.server_time >= ?"
+    # Record sizes first (no body is read: see record_size_sql), then the rows that fit.
+    sizes = db.execute(
+        f"SELECT h.msg_id, {record_size_sql('m')} FROM history h"
+        f" JOIN messages m ON m.msg_id = h.msg_id WHERE {where}"
         " ORDER BY h.msg_id DESC LIMIT ?",
         (conv, signed(min_id), hi, signed(cutoff), limit + 1),
     ).fetchall()
-    return HistoryRecords(tuple(record_of_row(r) for r in rows[:limit]), len(rows) > limit)
+    n = fit_sizes((s for _, s in sizes[:limit]), max_bytes)
+    rows = []
+    if n:
+        rows = db.execute(
+            f"SELECT {MSG_COLS} FROM history h JOIN messages m ON m.msg_id = h.msg_id"
+            f" WHERE {where} ORDER BY h.msg_id DESC",
+            (conv, sizes[n - 1][0], hi, signed(cutoff)),
+        ).fetchall()
+    return HistoryRecords(tuple(record_of_row(r) for r in rows), len(sizes) > n)
 
 
 def expire_history(db: sqlite3.Connection, cutoff: int) -> list[int]:

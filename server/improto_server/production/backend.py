@@ -50,7 +50,9 @@ class ProductionBackend:
         hbase_host, hbase_port = _host_port(config.hbase, 9090)
         self.redis: txredisapi.ConnectionHandler = connect(redis_host, redis_port)
         prefix = config.key_prefix
-        self.inbox = RedisInbox(self.redis, prefix, now_ms, config.inbox_retention_ms)
+        self.inbox = RedisInbox(
+            self.redis, prefix, now_ms, config.inbox_retention_ms, caps=config.inbox_caps
+        )
         self.groups = RedisGroups(self.redis, prefix)
         self.queue = RabbitQueue(
             config.amqp,

@@ -12,7 +12,11 @@ Row key: ``salt ‖ conversation ‖ 0x00 ‖ be64(2**64-1 - msg_id)``.
 One row per message: column ``m:v`` holds its stored record (improto.records: a storage
 format byte, then the MESSAGE record; cells written before formats were numbered hold a PUSH
 payload), ``m:t`` its server_time as 16 hex digits, whose byte order is its numeric order,
-so a server-side SingleColumnValueFilter skips rows past retention. Cells are written with
+so a server-side SingleColumnValueFilter skips rows past retention, and ``m:s`` the length of
+its MESSAGE record (decimal). A page reads no more than its byte budget: it scans ``m:s`` and
+``m:t`` only, picks the rows whose records fit, then reads just those rows' ``m:v`` (one
+getRows call). Rows written before ``m:s`` existed are read one by one as the page reaches
+them, so at most one record that does not fit is read. Cells are written with
 their server_time (rounded down to the second) as timestamp, so the family TTL (the
 retention) removes them physically relative to HBase's wall clock; reads still filter by the
 injected clock, which is what the contract defines retention against.
@@ -54,6 +58,7 @@ _R = TypeVar("_R")
 FAMILY = "m"
 COL_MESSAGE = b"m:v"
 COL_TIME = b"m:t"
+COL_SIZE = b"m:s"
 SALT_BUCKETS = 16
 _SEPARATOR = b"\x00"
 # A put with Long.MAX_VALUE as timestamp means "now" to HBase, and Thrift's i64 cannot carry
@@ -110,7 +115,11 @@ def _retention_filter(cutoff: int) -> bytes | None:
 
 
 def _encode(job: PersistJob) -> dict[bytes, bytes]:
-    return {COL_MESSAGE: job.stored_record, COL_TIME: _time_value(job.message.server_time)}
+    return {
+        COL_MESSAGE: job.stored_record,
+        COL_TIME: _time_value(job.message.server_time),
+        COL_SIZE: b"%d" % len(job.record),
+    }
 
 
 def _record(value: bytes) -> bytes:
@@ -165,15 +174,17 @@ def _scan(
     start: bytes,
     stop: bytes,
     limit: int,
+    max_bytes: int,
     filter_: bytes | None,
     deliver: Callable[[HistoryRecords], None] | None = None,
 ) -> HistoryRecords:
-    """Up to `limit` records from `start` on, and has_more. `deliver` gets the result as soon
-    as it is known, before the scanner is closed: the close round trip is off the latency."""
+    """Up to `limit` records from `start` on whose sizes sum to at most `max_bytes` (at least
+    one), and has_more. `deliver` gets the result as soon as it is known, before the scanner
+    is closed: the close round trip is off the latency."""
     scanner = table.scan(
         row_start=start,
         row_stop=stop,
-        columns=[COL_MESSAGE, COL_TIME],  # the filter needs m:t in the scan
+        columns=[COL_SIZE, COL_TIME],  # sizes, not records; the filter needs m:t in the scan
         filter=filter_,
         limit=limit + 1,  # one more than asked: has_more
         batch_size=min(limit + 1, _SCAN_CACHING),
@@ -184,9 +195,30 @@ def _scan(
             rows.append(row)
             if len(rows) > limit:
                 break  # has_more is known: the generator's close() closes the scanner below
+        keys: list[bytes] = []
+        read: dict[bytes, bytes] = {}  # records already read (rows without m:s)
+        used = 0
+        for key, data in rows[:limit]:
+            size_cell = data.get(COL_SIZE)
+            if size_cell is not None:
+                size = int(size_cell)
+            else:
+                cells = table.row(key, columns=[COL_MESSAGE])
+                if COL_MESSAGE not in cells:
+                    continue  # gone since the scan (the family TTL)
+                read[key] = _record(cells[COL_MESSAGE])
+                size = len(read[key])
+            if keys and used + size > max_bytes:
+                break
+            keys.append(key)
+            used += size
+        todo = [k for k in keys if k not in read]
+        if todo:
+            for key, cells in table.rows(todo, columns=[COL_MESSAGE]):
+                read[key] = _record(cells[COL_MESSAGE])
         result = HistoryRecords(
-            tuple(_record(data[COL_MESSAGE]) for _, data in rows[:limit]),
-            has_more=len(rows) > limit,
+            tuple(read[k] for k in keys if k in read),  # a row gone meanwhile is left out
+            has_more=len(rows) > len(keys),
         )
         if deliver is not None:
             deliver(result)
@@ -363,7 +395,7 @@ class HBaseHistory:
         return _all([self._call(_put_many, chunk) for chunk in chunks])
 
     def page(
-        self, key: ConvKey, before_id: int, limit: int, min_id: int
+        self, key: ConvKey, before_id: int, limit: int, min_id: int, max_bytes: int
     ) -> Deferred[HistoryRecords]:
         """The MESSAGE records of the messages, taken from the cells without decoding them:
         what the pull handler splices into HISTORY_PAGE."""
@@ -395,6 +427,6 @@ class HBaseHistory:
         def early(page: HistoryRecords) -> None:
             self._reactor.callFromThread(fire, page)
 
-        d = self._call(_scan, start, stop, limit, _retention_filter(cutoff), early)
+        d = self._call(_scan, start, stop, limit, max_bytes, _retention_filter(cutoff), early)
         d.addBoth(fire)
         return result

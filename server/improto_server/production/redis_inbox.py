@@ -5,10 +5,18 @@ Redis Cluster a user's inbox lives in one slot. A batch append writes many users
 one script call (one round trip per batch, not per entry); with `cluster=True` the users are
 split by slot first, so no script ever spans two slots:
 
-    P:inbox:{u<id>}:meta  hash  seq: the last cursor assigned; floor: the highest
-                                cursor removed by retention. Never expires: cursors must not go
-                                back even after the entries expired.
-    P:inbox:{u<id>}:pos   hash  device id -> position. Never expires (as in the embedded store).
+    P:inbox:{u<id>}:meta  hash  seq: the last cursor assigned; floor: the highest cursor
+                                removed (retention or caps); bytes: the entries' sizes. No
+                                TTL: cursors must never go back (a new entry after a reset
+                                would get a cursor at or below one a client holds, and that
+                                client would skip it), and it stays three small integers.
+    P:inbox:{u<id>}:pos   hash  device id -> position.
+    P:inbox:{u<id>}:dev   zset  device id -> the user's advance count at its last advance:
+                                at most MAX_DEVICE_POSITIONS devices keep a position, the
+                                least recently advanced are dropped (position 0 again: a
+                                RESUME pull then starts from the oldest retained entry).
+                                pos and dev expire retention + margin after the last advance:
+                                by then every entry up to the position has expired.
     P:inbox:{u<id>}:ent   zset  msg_id -> cursor. Cursor-ordered reads, and the (user, msg_id)
                                 dedup of redelivered jobs, in one key.
     P:inbox:{u<id>}:age   zset  msg_id -> stored_ms (from the injected clock).
@@ -27,6 +35,14 @@ until nothing expired is left; then all that remains is retained and the floor i
 Appends remove up to APPEND_TRIM expired entries in passing, so the inbox of a user who never
 pulls stays bounded.
 
+Caps (InboxCaps): beyond max_entries entries (cursors at or below head - max_entries: cursors
+are consecutive) or max_bytes record bytes, the oldest entries are removed like expired ones
+(the floor rises, so a reader below them gets `gap`). An append removes as many as it added
+plus APPEND_TRIM; a page first removes whatever is still beyond the caps, PAGE_TRIM per call.
+
+A page reads no more than its byte budget: it takes each entry's stored length (HSTRLEN)
+before reading the record, so a record that cannot fit is never read (nor sent to the server).
+
 ent/age/rec expire retention + a margin after the last append. That TTL only collects idle
 inboxes; what is served never depends on it: the scripts compare stored_ms with the injected
 clock, and an entry set that vanished means every cursor up to seq was removed (floor = seq).
@@ -39,7 +55,8 @@ from typing import Any
 
 from twisted.internet.defer import Deferred
 
-from improto.records import CorruptRecord, record_of_stored
+from improto.records import STORE_FORMAT, CorruptRecord, record_of_stored
+from improto_server.config import InboxCaps
 from improto_server.deferreds import as_deferred
 from improto_server.model import InboxRecords, PersistJob
 from improto_server.production.redis_connection import (
@@ -58,47 +75,105 @@ APPEND_ENTRIES = 2048  # inbox entries one append script writes at most: bounds 
 APPEND_TRIM = 64  # expired entries an append removes in passing: keeps busy inboxes bounded
 PAGE_TRIM = 1000  # expired entries one script call removes: bounds the time Redis is blocked
 MAX_PAGE = 10_000  # entries one page returns at most ("up to limit"; has_more stays exact)
+MAX_DEVICE_POSITIONS = 64  # device positions kept per user (the least recently advanced go)
 
 
 # --------------------------------------------------------------------------- scripts
 # The scripts take the keys of one user: meta, ent, age, rec (advance: meta, pos).
 
-# head: the last cursor assigned; floor: the highest cursor removed by retention. When the
-# entry keys are gone although cursors were assigned, every one of them was removed (by
-# trimming, or by the TTL of an idle inbox), so the floor is the head.
+# head: the last cursor assigned; floor: the highest cursor removed (by retention or a cap);
+# bytes: the sum of the entries' sizes (a stored record's length - 1: its MESSAGE record for
+# storage format 2). When the entry keys are gone although cursors were assigned, every one of
+# them was removed (by trimming, or by the TTL of an idle inbox), so the floor is the head.
 _STATE = """
 local function state(meta, ent)
   local v = redis.call('HMGET', meta, 'seq', 'floor')
   local head, floor = tonumber(v[1]) or 0, tonumber(v[2]) or 0
   if floor < head and redis.call('EXISTS', ent) == 0 then
     floor = head
-    redis.call('HSET', meta, 'floor', head)
+    redis.call('HSET', meta, 'floor', head, 'bytes', 0)
   end
   return head, floor
 end
 
--- Remove up to `max` entries stored before `cutoff` (oldest first), raising the floor to the
--- highest cursor removed. Returns the floor, how many went, and whether expired ones remain.
-local function trim(meta, ent, age, rec, floor, cutoff, max)
-  local old = redis.call('ZRANGEBYSCORE', age, '-inf', '(' .. cutoff, 'LIMIT', 0, max + 1)
-  local n = math.min(#old, max)
-  if n == 0 then
-    return floor, 0, false
+-- One command per key, not per entry; at most 1000 arguments per unpack().
+local function bulk(cmd, key, t, first, last)
+  for i = first or 1, last or #t, 1000 do
+    redis.call(cmd, key, unpack(t, i, math.min(i + 999, last or #t)))
   end
-  local ids = {}
-  for i = 1, n do
-    ids[i] = old[i]
-    local c = tonumber(redis.call('ZSCORE', ent, old[i]))
+end
+
+-- Remove entries `ids` (msg ids, all present), raising the floor to the highest cursor
+-- removed and taking their sizes off the byte total. Returns the floor.
+local function remove(meta, ent, age, rec, floor, ids)
+  if #ids == 0 then
+    return floor
+  end
+  local freed = 0
+  for i = 1, #ids do
+    local c = tonumber(redis.call('ZSCORE', ent, ids[i]))
     if c and c > floor then
       floor = c
     end
+    freed = freed + math.max(0, redis.call('HSTRLEN', rec, ids[i]) - 1)
   end
-  redis.call('ZREM', ent, unpack(ids))
-  redis.call('HDEL', rec, unpack(ids))
-  -- the n oldest of `age` are exactly the ones listed above
-  redis.call('ZREMRANGEBYRANK', age, 0, n - 1)
+  bulk('ZREM', ent, ids)
+  bulk('ZREM', age, ids)
+  bulk('HDEL', rec, ids)
+  -- Entries stored before totals were kept count 0: never let the total go below 0.
+  if redis.call('HINCRBY', meta, 'bytes', -freed) < 0 then
+    redis.call('HSET', meta, 'bytes', 0)
+  end
   redis.call('HSET', meta, 'floor', floor)
-  return floor, n, #old > max
+  return floor
+end
+
+-- Remove up to `max` entries stored before `cutoff` (oldest first). Returns the floor, how
+-- many went, and whether expired ones remain.
+local function trim(meta, ent, age, rec, floor, cutoff, max)
+  local old = redis.call('ZRANGEBYSCORE', age, '-inf', '(' .. cutoff, 'LIMIT', 0, max + 1)
+  local n = math.min(#old, max)
+  local ids = {unpack(old, 1, n)}
+  return remove(meta, ent, age, rec, floor, ids), n, #old > max
+end
+
+-- Remove up to `max` of the oldest entries (lowest cursors) beyond the caps: cursors up to
+-- head - max_entries (cursors are consecutive), then while the byte total exceeds max_bytes.
+-- Returns the floor, how many went, and whether some beyond the caps remain.
+local function cap(meta, ent, age, rec, head, floor, max_entries, max_bytes, max)
+  local n = 0
+  if head > max_entries then
+    local old = redis.call('ZRANGEBYSCORE', ent, '-inf', head - max_entries,
+      'LIMIT', 0, max + 1)
+    n = math.min(#old, max)
+    floor = remove(meta, ent, age, rec, floor, {unpack(old, 1, n)})
+    if #old > max then
+      return floor, n, true
+    end
+  end
+  local bytes = tonumber(redis.call('HGET', meta, 'bytes')) or 0
+  if bytes <= max_bytes then
+    return floor, n, false
+  end
+  local ids, rank = {}, 0
+  while bytes > max_bytes and n + #ids < max do
+    local chunk = redis.call('ZRANGE', ent, rank, rank + 63)
+    if #chunk == 0 then  -- nothing left to remove: the total was off
+      redis.call('HSET', meta, 'bytes', 0)
+      break
+    end
+    for i = 1, #chunk do
+      if bytes <= max_bytes or n + #ids >= max then
+        break
+      end
+      bytes = bytes - math.max(0, redis.call('HSTRLEN', rec, chunk[i]) - 1)
+      ids[#ids + 1] = chunk[i]
+    end
+    rank = rank + 64
+  end
+  floor = remove(meta, ent, age, rec, floor, ids)
+  n = n + #ids
+  return floor, n, bytes > max_bytes and redis.call('EXISTS', ent) == 1
 end
 """
 
@@ -112,26 +187,23 @@ local head, floor = state(meta, ent)
 )
 
 # KEYS: meta, ent, age, rec of each user (4 per user). ARGV: now_ms, cutoff_ms, ttl_ms, trim
-# max, the number of messages M, then M (msg_id, record) pairs, then for each user: a count k
-# and k message indexes (1-based, in the order the entries must get their cursors). An entry
-# already in its inbox (a redelivered job) is skipped. Returns the number of entries added.
+# max, max_entries, max_bytes, the number of messages M, then M (msg_id, record) pairs, then
+# for each user: a count k and k message indexes (1-based, in the order the entries must get
+# their cursors). An entry already in its inbox (a redelivered job) is skipped. Beyond the
+# caps, the oldest entries go: as many as were added plus the trim max, so the work stays
+# bounded (a page removes whatever is left first). Returns the number of entries added.
 _APPEND = LuaScript(
     _STATE
     + """
 local now, cutoff, ttl, trimmax = ARGV[1], ARGV[2], ARGV[3], tonumber(ARGV[4])
-local base = 5
+local max_entries, max_bytes = tonumber(ARGV[5]), tonumber(ARGV[6])
+local base = 7
 local pos = base + 1 + 2 * tonumber(ARGV[base])
 local added = 0
--- One command per key and user, not per entry; at most 1000 arguments per unpack().
-local function bulk(cmd, key, t)
-  for i = 1, #t, 1000 do
-    redis.call(cmd, key, unpack(t, i, math.min(i + 999, #t)))
-  end
-end
 for u = 0, #KEYS / 4 - 1 do
   local meta, ent, age, rec = KEYS[4 * u + 1], KEYS[4 * u + 2], KEYS[4 * u + 3], KEYS[4 * u + 4]
   local head, floor = state(meta, ent)
-  trim(meta, ent, age, rec, floor, cutoff, trimmax)
+  floor = trim(meta, ent, age, rec, floor, cutoff, trimmax)
   local k = tonumber(ARGV[pos])
   local ats, ids = {}, {}
   for i = pos + 1, pos + k do
@@ -149,7 +221,7 @@ for u = 0, #KEYS / 4 - 1 do
       end
     end
   end
-  local seq = head
+  local seq, size = head, 0
   local zent, zage, hrec = {}, {}, {}
   for i = 1, #ids do
     local id = ids[i]
@@ -162,6 +234,7 @@ for u = 0, #KEYS / 4 - 1 do
       zage[#zage + 1] = id
       hrec[#hrec + 1] = id
       hrec[#hrec + 1] = ARGV[ats[i] + 1]
+      size = size + #ARGV[ats[i] + 1] - 1
     end
   end
   if seq > head then
@@ -169,19 +242,23 @@ for u = 0, #KEYS / 4 - 1 do
     bulk('ZADD', age, zage)
     bulk('HSET', rec, hrec)
     redis.call('HSET', meta, 'seq', seq)
+    redis.call('HINCRBY', meta, 'bytes', size)
     redis.call('PEXPIRE', ent, ttl)
     redis.call('PEXPIRE', age, ttl)
     redis.call('PEXPIRE', rec, ttl)
     added = added + seq - head
+    cap(meta, ent, age, rec, seq, floor, max_entries, max_bytes, seq - head + trimmax)
   end
 end
 return added
 """
 )
 
-# ARGV: start (u64, decimal), limit, cutoff_ms, trim max. Returns {-1} when a batch of expired
-# entries was removed and more remain (call again: each call is bounded), else
-# {start used, has_more, gap, cursor1, record1, cursor2, record2, ...}.
+# ARGV: start (u64, decimal), limit, cutoff_ms, trim max, max_bytes (the page's budget),
+# max_entries, inbox max_bytes. Returns {-1} when a batch of expired entries or of entries
+# beyond the caps was removed and more remain (call again: each call is bounded), else
+# {start used, has_more, gap, cursor1, record1, cursor2, record2, ...}: records while their
+# sizes sum to at most the budget (at least one), read no further than that.
 _PAGE = LuaScript(
     _ONE_USER
     + """
@@ -194,33 +271,43 @@ floor, n, more = trim(meta, ent, age, rec, floor, ARGV[3], tonumber(ARGV[4]))
 if more then
   return {-1}
 end
+floor, n, more = cap(meta, ent, age, rec, head, floor, tonumber(ARGV[6]), tonumber(ARGV[7]),
+  tonumber(ARGV[4]))
+if more then
+  return {-1}
+end
 -- Everything left is retained now, so read from start itself (not from the floor): with a
 -- clock that stepped back, a retained entry can sit below a removed one, as in the embedded
 -- store.
-local limit = tonumber(ARGV[2])
+local limit, budget = tonumber(ARGV[2]), tonumber(ARGV[5])
 local rows = redis.call('ZRANGEBYSCORE', ent, string.format('(%d', start), '+inf',
   'WITHSCORES', 'LIMIT', 0, limit + 1)
 local count = #rows / 2
-local out = {start, count > limit and 1 or 0, floor > start and 1 or 0}
-local n = math.min(count, limit)
-if n == 0 then
-  return out
-end
--- The records by HMGET, one call per 1000 (unpack() limit), not one HGET per entry.
-for first = 1, n, 1000 do
-  local last = math.min(first + 999, n)
-  local ids = {}
-  for i = first, last do
-    ids[#ids + 1] = rows[2 * i - 1]
+local out = {start, 0, floor > start and 1 or 0}
+local used, taken = 0, 0
+for i = 1, math.min(count, limit) do
+  local id = rows[2 * i - 1]
+  -- A stored record is its MESSAGE record after a 1-byte (format 2) or 7-byte (format 1)
+  -- head: read it only if it can fit, then decide on its exact size.
+  local stored = redis.call('HSTRLEN', rec, id)
+  if taken > 0 and used + stored - 7 > budget then
+    break
   end
-  local recs = redis.call('HMGET', rec, unpack(ids))
-  for i = first, last do
-    out[#out + 1] = tonumber(rows[2 * i])
-    out[#out + 1] = recs[i - first + 1]
+  local v = redis.call('HGET', rec, id)
+  local size = 0
+  if v then
+    size = #v - (string.byte(v, 1) == STORE_FORMAT and 1 or 7)
   end
+  if taken > 0 and used + size > budget then
+    break
+  end
+  used, taken = used + size, taken + 1
+  out[#out + 1] = tonumber(rows[2 * i])
+  out[#out + 1] = v
 end
+out[2] = count > taken and 1 or 0
 return out
-"""
+""".replace("STORE_FORMAT", str(STORE_FORMAT))
 )
 
 # ARGV: cutoff_ms, trim max. Returns {removed, 1 if expired entries remain}.
@@ -233,10 +320,14 @@ return {n, more and 1 or 0}
 """
 )
 
-# KEYS: meta, pos. ARGV: device id, cursor (u64, decimal).
+# KEYS: meta, pos, dev. ARGV: device id, cursor (u64, decimal), ttl_ms, max devices. `dev`
+# orders the devices by their last advance (score: a per-user counter); beyond max devices,
+# the least recently advanced lose their position. Both keys expire ttl_ms after the last
+# advance: a device silent that long holds no entry that is still retained.
 _ADVANCE = LuaScript(
     """
-local head = tonumber(redis.call('HGET', KEYS[1], 'seq')) or 0
+local meta, pos, dev = KEYS[1], KEYS[2], KEYS[3]
+local head = tonumber(redis.call('HGET', meta, 'seq')) or 0
 local c = tonumber(ARGV[2])
 if c > head then
   c = head
@@ -244,11 +335,29 @@ end
 if c < 0 then
   c = 0
 end
-local p = tonumber(redis.call('HGET', KEYS[2], ARGV[1])) or 0
+local p = tonumber(redis.call('HGET', pos, ARGV[1])) or 0
 if c > p then
-  redis.call('HSET', KEYS[2], ARGV[1], c)
+  redis.call('HSET', pos, ARGV[1], c)
   p = c
 end
+local last = redis.call('ZREVRANGE', dev, 0, 0, 'WITHSCORES')
+redis.call('ZADD', dev, (tonumber(last[2]) or 0) + 1, ARGV[1])
+local max = tonumber(ARGV[4])
+if redis.call('HLEN', pos) > redis.call('ZCARD', dev) then
+  -- positions written before devices were ordered: the least recent of all
+  local fields = redis.call('HKEYS', pos)
+  for i = 1, #fields do
+    redis.call('ZADD', dev, 'NX', 0, fields[i])
+  end
+end
+local extra = redis.call('ZCARD', dev) - max
+if extra > 0 then
+  local old = redis.call('ZRANGE', dev, 0, extra - 1)
+  redis.call('ZREM', dev, unpack(old))
+  redis.call('HDEL', pos, unpack(old))
+end
+redis.call('PEXPIRE', pos, ARGV[3])
+redis.call('PEXPIRE', dev, ARGV[3])
 return p
 """
 )
@@ -270,9 +379,14 @@ class RedisInbox:
         *,
         ttl_margin_ms: int = DAY_MS,
         cluster: bool = False,
+        caps: InboxCaps | None = None,
+        max_devices: int = MAX_DEVICE_POSITIONS,
     ) -> None:
-        """`cluster`: split multi-user scripts by slot (needed on Redis Cluster only)."""
+        """`cluster`: split multi-user scripts by slot (needed on Redis Cluster only);
+        `caps`: Config.inbox_caps (None: the defaults)."""
         check_binary(redis)
+        self.caps = caps or InboxCaps()
+        self.max_devices = max_devices
         self._cluster = cluster
         self._redis = redis
         self._prefix = prefix
@@ -287,9 +401,9 @@ class RedisInbox:
         return load_scripts(self._redis, SCRIPTS)
 
     def keys(self, user_id: int) -> list[str]:
-        """meta, ent, age, rec, pos of one user: one hash tag, hence one cluster slot."""
+        """meta, ent, age, rec, pos, dev of one user: one hash tag, hence one cluster slot."""
         base = f"{self._prefix}:inbox:{{u{user_id}}}:"
-        return [base + name for name in ("meta", "ent", "age", "rec", "pos")]
+        return [base + name for name in ("meta", "ent", "age", "rec", "pos", "dev")]
 
     def _cutoff(self) -> int:
         return self._now_ms() - self.retention_ms
@@ -311,7 +425,8 @@ class RedisInbox:
         if not entries:
             return
         now = self._now_ms()
-        head = [now, now - self.retention_ms, self._ttl_ms, APPEND_TRIM]
+        caps = self.caps
+        head = [now, now - self.retention_ms, self._ttl_ms, APPEND_TRIM, *caps_args(caps)]
         # Many users per script call (one round trip and one Python call chain for a whole
         # batch), at most APPEND_ENTRIES entries per call, split by slot on Redis Cluster.
         calls: list[list[int]] = []
@@ -352,11 +467,12 @@ class RedisInbox:
         return self.keys(user_id)[0]
 
     @as_deferred
-    async def page(self, user_id: int, start: int, limit: int) -> InboxRecords:
+    async def page(self, user_id: int, start: int, limit: int, max_bytes: int) -> InboxRecords:
         """The MESSAGE records of the entries, taken from the stored records without decoding
         them: what the pull handler splices into OFFLINE_PAGE."""
         keys = self.keys(user_id)[:4]
-        args = [start, min(max(0, limit), MAX_PAGE), self._cutoff(), PAGE_TRIM]
+        limit = min(max(0, limit), MAX_PAGE)
+        args = [start, limit, self._cutoff(), PAGE_TRIM, max_bytes, *caps_args(self.caps)]
         while True:
             reply = await _PAGE(self._redis, keys, args)
             if reply[0] != -1:
@@ -373,8 +489,9 @@ class RedisInbox:
         return d.addCallback(lambda v: 0 if v is None else int(v))
 
     def advance(self, user_id: int, device_id: str, cursor: int) -> Deferred[int]:
-        meta, pos = self.keys(user_id)[0], self.keys(user_id)[4]
-        d = _ADVANCE(self._redis, [meta, pos], [device_id.encode(), cursor])
+        meta, *_, pos, dev = self.keys(user_id)
+        args = [device_id.encode(), cursor, self._ttl_ms, self.max_devices]
+        d = _ADVANCE(self._redis, [meta, pos, dev], args)
         return d.addCallback(int)
 
     # ------------------------------------------------------------------ retention
@@ -403,6 +520,10 @@ class RedisInbox:
                         break
             if cursor == b"0":
                 return removed
+
+
+def caps_args(caps: InboxCaps) -> list[int]:
+    return [caps.max_entries, caps.max_bytes]
 
 
 def _record(stored: bytes | None, user_id: int) -> bytes:

@@ -1,0 +1,264 @@
+"""Redis at its memory limit (maxmemory + noeviction, as scripts/services runs it): a write
+Redis refuses fails whole and visibly, so nothing acknowledged is lost and nothing is half
+written; once memory is free again the same writes succeed.
+
+Each test runs a private redis-server (real Redis, real OOM errors) on a free port with a
+tiny maxmemory, started and stopped here; RabbitMQ is the shared one.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import shutil
+import sqlite3
+import subprocess
+import time
+import uuid
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+import pytest
+import pytest_twisted
+
+from twisted.internet import reactor
+from twisted.internet.defer import Deferred
+from twisted.internet.task import deferLater
+
+from improto.enums import ContentType, ConvKind
+from improto.frames import Message
+from improto_server.config import InboxCaps
+from improto_server.embedded.backend import SQLiteBackend
+from improto_server.model import PersistJob
+from improto_server.persister import Persister
+from improto_server.production.redis_connection import connect
+from improto_server.production.redis_inbox import RedisInbox
+from tests.contract.pages import ANY_SIZE, ids
+from tests.support import services
+from tests.support.clock import INBOX_RETENTION_MS, FakeClock
+from tests.support.ports import LOOPBACK, free_port
+from tests.support.services import Address, needs
+from tests.support.waiting import eventually
+
+MAXMEMORY = "2mb"
+
+
+@contextlib.contextmanager
+def private(addr: Address) -> Iterator[services.SyncRedis]:
+    client = services.SyncRedis(addr)
+    try:
+        yield client
+    finally:
+        client.close()
+
+
+@pytest.fixture
+def tiny_redis(tmp_path: Path) -> Iterator[Address]:
+    """A redis-server of our own with maxmemory 2 MB and noeviction."""
+    binary = shutil.which("redis-server")
+    if binary is None:
+        pytest.skip("redis-server is not installed")
+    port = free_port()
+    proc = subprocess.Popen(
+        [binary, "--port", str(port), "--bind", LOOPBACK, "--dir", str(tmp_path),
+         "--maxmemory", MAXMEMORY, "--maxmemory-policy", "noeviction", "--save", "",
+         "--appendonly", "no"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    addr = Address(LOOPBACK, port)
+    try:
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                with private(addr) as client:
+                    if client("PING") == b"PONG":
+                        break
+            except OSError:
+                pass
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise AssertionError("the private redis-server did not start")
+            time.sleep(0.05)
+        yield addr
+    finally:
+        proc.terminate()
+        proc.wait(10)
+
+
+def _used_memory(client: services.SyncRedis) -> int:
+    info = client("INFO", "memory").decode()
+    return int(info.split("used_memory:")[1].split()[0])
+
+
+def fill(addr: Address) -> int:
+    """Write filler keys until Redis refuses one with OOM; returns how many went in. Used
+    memory then hovers around the limit (buffers come and go), so the limit is also lowered a
+    little below it: every write is refused until free()."""
+    n = 0
+    with private(addr) as client:
+        for _ in range(1000):
+            try:
+                client("SET", f"filler:{n}", b"f" * 65_536)
+            except RuntimeError as e:
+                assert "OOM" in str(e), e
+                break
+            n += 1
+        client("CONFIG", "SET", "maxmemory", _used_memory(client) - 256 * 1024)
+        with pytest.raises(RuntimeError, match="OOM"):
+            client("SET", "probe", "x")
+    return n
+
+
+def free(addr: Address, n: int) -> None:
+    with private(addr) as client:
+        for i in range(n):
+            client("DEL", f"filler:{i}")
+        client("CONFIG", "SET", "maxmemory", MAXMEMORY)
+
+
+_ids = iter(range(5_000_000, 10**9))
+
+
+def job(*users: int, body: bytes = b"x" * 20_000) -> PersistJob:
+    mid = next(_ids)
+    m = Message(
+        mid, 1_000, 1, "phone", ConvKind.USER, 2, ContentType.TEXT, mid.to_bytes(16, "big"), body
+    )
+    return PersistJob(m, users)
+
+
+@pytest_twisted.ensureDeferred
+async def test_an_append_redis_refuses_writes_nothing_and_succeeds_later(tiny_redis):
+    redis = connect(tiny_redis.host, tiny_redis.port)
+    inbox = RedisInbox(redis, "oom", FakeClock(), INBOX_RETENTION_MS)
+    try:
+        await inbox.start()
+        before = [job(1, 2) for _ in range(3)]
+        await inbox.append_many(before)
+        page = await inbox.page(1, 0, 100, ANY_SIZE)
+        filled = fill(tiny_redis)
+
+        refused = [job(1, 2, 3) for _ in range(2)]
+        with pytest.raises(Exception, match="OOM"):
+            await inbox.append_many(refused)
+        # Nothing of the refused batch is there: entries, cursors, byte totals as before.
+        assert await inbox.page(1, 0, 100, ANY_SIZE) == page
+        assert await redis.execute_command("HGET", inbox.keys(1)[0], "seq") == b"3"
+        assert await redis.execute_command("EXISTS", *inbox.keys(3)) == 0
+        # Reads still work at the limit.
+        assert ids(await inbox.page(2, 0, 100, ANY_SIZE)) == ids(page)
+
+        free(tiny_redis, filled)
+        await inbox.append_many(refused)  # the persister's retry
+        for user in (1, 2):
+            after = await inbox.page(user, 0, 100, ANY_SIZE)
+            assert ids(after) == [j.message.msg_id for j in before + refused]
+            assert list(after.cursors) == [1, 2, 3, 4, 5]
+        assert ids(await inbox.page(3, 0, 100, ANY_SIZE)) == [j.message.msg_id for j in refused]
+    finally:
+        await redis.disconnect()
+
+
+class CountingInbox(RedisInbox):
+    calls = 0
+
+    def append_many(self, jobs: Sequence[PersistJob]) -> Deferred[None]:
+        self.calls += 1
+        return super().append_many(jobs)
+
+
+@pytest_twisted.ensureDeferred
+async def test_the_persister_retries_until_redis_has_room(tiny_redis, tmp_path):
+    clock = FakeClock()
+    sqlite = SQLiteBackend(tmp_path / "q.sqlite3", now_ms=clock)
+    redis = connect(tiny_redis.host, tiny_redis.port)
+    inbox = CountingInbox(redis, "oom", clock, INBOX_RETENTION_MS)
+    await sqlite.start()
+    try:
+        await inbox.start()
+        filled = fill(tiny_redis)
+        jobs = [job(7, 8) for _ in range(5)]
+        for j in jobs:
+            await sqlite.queue.accept(j, j.message.client_msg_id)  # acknowledged to the sender
+        persister = Persister(sqlite.queue, inbox, sqlite.history)
+        persister.start()
+        await eventually(lambda: inbox.calls >= 2, timeout=10)  # tried, and tried again
+        assert (await inbox.page(7, 0, 100, ANY_SIZE)).records == ()
+
+        free(tiny_redis, filled)
+        expected = [j.message.msg_id for j in jobs]
+        deadline = time.monotonic() + 15
+        while (got := ids(await inbox.page(8, 0, 100, ANY_SIZE))) != expected:
+            assert time.monotonic() < deadline, got
+            await deferLater(reactor, 0.05, lambda: None)
+        assert got == expected  # every acknowledged message, once, in order
+        assert ids(await inbox.page(7, 0, 100, ANY_SIZE)) == expected
+    finally:
+        await sqlite.close()
+        await redis.disconnect()
+
+
+@pytest.fixture
+@needs("rabbitmq")
+def queue_prefix() -> Iterator[str]:
+    prefix = f"improto-oom-{uuid.uuid4().hex[:12]}"
+    yield prefix
+    services.delete_queues(prefix, 1)
+
+
+@pytest_twisted.ensureDeferred
+async def test_an_accept_redis_refuses_is_not_acknowledged(tiny_redis, queue_prefix):
+    from improto_server.production.rabbit_queue import RabbitQueue
+
+    queue = RabbitQueue(
+        services.AMQP_URL, redis_host=tiny_redis.host, redis_port=tiny_redis.port,
+        prefix=queue_prefix, partitions=1,
+    )  # fmt: skip
+    await queue.start()
+    try:
+        filled = fill(tiny_redis)
+        j = job(1, 2, body=b"hello")
+        cmid = j.message.client_msg_id
+        with pytest.raises(Exception, match="OOM"):
+            await queue.accept(j, cmid)  # the SEND gets an error, not a SEND_ACK
+        with private(tiny_redis) as client:
+            assert client.scan(queue_prefix) == []  # no dedup key half-written
+        assert services.queued_messages([f"{queue_prefix}.persist.0"]) == 0
+
+        free(tiny_redis, filled)
+        accepted = await queue.accept(j, cmid)  # the client's resend
+        assert accepted.msg_id == j.message.msg_id and not accepted.duplicate
+        await eventually(
+            lambda: services.queued_messages([f"{queue_prefix}.persist.0"]) == 1, timeout=10
+        )
+    finally:
+        await queue.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_version_1_database_gets_sizes_and_totals(tmp_path):
+    """Schema 2 adds inbox sizes, byte totals and device order; a version-1 file migrates."""
+    path = tmp_path / "old.sqlite3"
+    backend = SQLiteBackend(path, now_ms=FakeClock())
+    await backend.start()
+    jobs = [job(1, body=b"y" * 50_000) for _ in range(3)]
+    await backend.inbox.append_many(jobs)
+    await backend.inbox.advance(1, "phone", 1)
+    await backend.close()
+    with sqlite3.connect(path) as db:  # back to what a version-1 server wrote
+        for table, column in (("inbox", "size"), ("inbox_head", "bytes"), ("positions", "used")):
+            db.execute(f"ALTER TABLE {table} DROP COLUMN {column}")
+        db.execute("PRAGMA user_version = 1")
+
+    backend = SQLiteBackend(path, now_ms=FakeClock(), inbox_caps=InboxCaps(max_bytes=131_072))
+    await backend.start()
+    try:
+        with sqlite3.connect(path) as db:
+            assert db.execute("PRAGMA user_version").fetchone() == (2,)
+            (total,) = db.execute("SELECT bytes FROM inbox_head").fetchone()
+        assert total == 3 * len(jobs[0].record)
+        # The migrated total counts: the cap trims the oldest, the budget sees the sizes.
+        page = await backend.inbox.page(1, 0, 10, ANY_SIZE)
+        assert ids(page) == [j.message.msg_id for j in jobs[1:]] and page.gap
+        assert len((await backend.inbox.page(1, 0, 10, len(jobs[0].record))).records) == 1
+        assert await backend.inbox.position(1, "phone") == 1
+    finally:
+        await backend.close()
