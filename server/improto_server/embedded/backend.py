@@ -115,7 +115,8 @@ class SQLiteBackend:
     def sweep(self) -> Deferred[dict[str, int]]:
         """Delete what retention expired; returns how many rows of each kind went."""
         now = self.now_ms()
-        return self.db.call(_sweep, now - self.inbox_retention_ms, now - self.history_retention_ms)
+        inbox_cutoff = now - self.inbox_retention_ms
+        return self.db.call_background(_sweep, inbox_cutoff, now - self.history_retention_ms)
 
 
 def _sweep(db: sqlite3.Connection, inbox_cutoff: int, history_cutoff: int) -> dict[str, int]:

@@ -4,8 +4,9 @@ conventions every embedded store follows.
 One connection is used from a one-thread pool, so all database work is serialized: each
 operation is one transaction that sees no concurrent writer, and the reactor never blocks.
 `Database.call(fn, *args)` runs a plain function `fn(db, *args)` as one transaction on that
-thread (Synapse's runInteraction). Functions in embedded/ that take `db` run there;
-everything else runs on the reactor.
+thread (Synapse's runInteraction); `call_background` does the same for persister and
+retention work, which waits while any `call` is due, so clients never queue behind it.
+Functions in embedded/ that take `db` run there; everything else runs on the reactor.
 
 SQLite integers are signed 64-bit. Every u64 that comes from the wire (user ids, msg_ids,
 since_ids, server_time) is stored as `signed(v) = v - 2**63`, an order-preserving bijection
@@ -27,6 +28,7 @@ from __future__ import annotations
 
 import json
 import sqlite3
+from collections import deque
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
@@ -34,6 +36,7 @@ from typing import Any, TypeVar
 from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.interfaces import IReactorFromThreads
 from twisted.internet.threads import deferToThreadPool
+from twisted.python.failure import Failure
 from twisted.python.threadpool import ThreadPool
 
 from improto.frames import Message
@@ -42,6 +45,7 @@ from improto.records import pack_record
 from improto_server.deferreds import as_deferred
 
 _R = TypeVar("_R")
+_Call = tuple[Callable[..., Any], tuple[Any, ...], "Deferred[Any]"]
 
 SCHEMA_VERSION = 2  # 2: inbox sizes and byte totals, positions' last use
 
@@ -186,6 +190,10 @@ class Database:
         self._pool = ThreadPool(minthreads=1, maxthreads=1, name="improto-sqlite")
         self._db: sqlite3.Connection | None = None
         self._running = False  # accepting calls: between open() and close()
+        # Calls waiting for the thread (appended on the reactor, popped on the thread: deque
+        # appends and pops are atomic). Every call has a pool task queued for it.
+        self._urgent: deque[_Call] = deque()
+        self._background: deque[_Call] = deque()
 
     def open(self) -> Deferred[None]:
         """Start the thread; open the file and create or check its schema there."""
@@ -203,10 +211,37 @@ class Database:
             self._pool.stop()  # the one worker is idle now, so this join is immediate
 
     def call(self, fn: Callable[..., _R], *args: Any) -> Deferred[_R]:
-        """Run `fn(db, *args)` as one transaction on the database thread."""
+        """Run `fn(db, *args)` as one transaction on the database thread, ahead of every
+        background call that is still waiting."""
+        return self._submit(self._urgent, fn, args)
+
+    def call_background(self, fn: Callable[..., _R], *args: Any) -> Deferred[_R]:
+        """`call` for work nobody waits on interactively (persister writes, the queue's
+        consumer, retention): it runs when no `call` is waiting, so a client's accept or
+        page waits for at most the one transaction already running, never for a backlog of
+        persister rounds."""
+        return self._submit(self._background, fn, args)
+
+    def _submit(
+        self, lane: deque[_Call], fn: Callable[..., Any], args: tuple[Any, ...]
+    ) -> Deferred[Any]:
         if not self._running:
             return fail(RuntimeError("the SQLite database is not open"))
-        return deferToThreadPool(self._reactor, self._pool, self._tx, fn, *args)
+        d: Deferred[Any] = Deferred()
+        lane.append((fn, args, d))
+        # One pool task per call; each task runs whichever call is due first when the
+        # thread gets to it, so priority costs no extra thread hop.
+        self._pool.callInThread(self._run_next)
+        return d
+
+    def _run_next(self) -> None:
+        fn, args, d = self._urgent.popleft() if self._urgent else self._background.popleft()
+        try:
+            result = self._tx(fn, *args)
+        except BaseException:
+            self._reactor.callFromThread(d.errback, Failure())
+        else:
+            self._reactor.callFromThread(d.callback, result)
 
     def _tx(self, fn: Callable[..., _R], *args: Any) -> _R:
         db = self._db

@@ -26,10 +26,10 @@ class SQLiteHistory(RetainedStore):
     """HistoryStore: messages expire `retention_ms` after their server_time."""
 
     def append(self, key: ConvKey, job: PersistJob) -> Deferred[None]:
-        return self._db.call(_append, str(key), job.message)
+        return self._db.call_background(_append, str(key), job.message)
 
     def append_many(self, items: Sequence[tuple[ConvKey, PersistJob]]) -> Deferred[None]:
-        return self._db.call(_append_many, [(str(k), j.message) for k, j in items])
+        return self._db.call_background(_append_many, [(str(k), j.message) for k, j in items])
 
     def page(
         self, key: ConvKey, before_id: int, limit: int, min_id: int, max_bytes: int

@@ -54,10 +54,10 @@ class SQLiteInbox(RetainedStore):
         self.max_devices = max_devices
 
     def append(self, job: PersistJob) -> Deferred[None]:
-        return self._db.call(_append_many, [job], self._now_ms(), self.caps)
+        return self._db.call_background(_append_many, [job], self._now_ms(), self.caps)
 
     def append_many(self, jobs: Sequence[PersistJob]) -> Deferred[None]:
-        return self._db.call(_append_many, list(jobs), self._now_ms(), self.caps)
+        return self._db.call_background(_append_many, list(jobs), self._now_ms(), self.caps)
 
     def page(self, user_id: int, start: int, limit: int, max_bytes: int) -> Deferred[InboxRecords]:
         return self._db.call(_page, user_id, start, limit, max_bytes, self._cutoff(), self.caps)

@@ -99,7 +99,7 @@ class SQLiteQueue:
             while not self._stopping:
                 self._signalled = False
                 try:
-                    batch = await self._db.call(_fetch_jobs, FETCH_BATCH)
+                    batch = await self._db.call_background(_fetch_jobs, FETCH_BATCH)
                 except Exception:
                     _log.failure("reading the persist queue failed; retrying")
                     await self._pause()
@@ -134,7 +134,7 @@ class SQLiteQueue:
                          first=first, last=last)  # fmt: skip
             return False
         try:
-            await self._db.call(_delete_jobs, first, last)
+            await self._db.call_background(_delete_jobs, first, last)
         except Exception:
             # The jobs stay queued and are delivered again: handlers are idempotent.
             _log.failure("removing persisted jobs {first}..{last} failed", first=first, last=last)
