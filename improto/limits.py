@@ -15,6 +15,9 @@ MAX_TEXT = 1024  # ERROR and CLOSE texts
 MAX_IDS_PER_REQUEST = 1000  # GROUP_CREATE / GROUP_ADD / GROUP_REMOVE member lists
 MAX_GROUP_MEMBERS = 10_000
 MAX_GROUPS_PER_USER = 500
+# The largest HELLO: header, protocol_version, client_kind, device_id str8[1..64] and token
+# str16[1..4096]. Until HELLO_OK the server refuses a longer length prefix (spec 8.1, 16).
+MAX_HELLO_FRAME = HEADER_SIZE + 1 + 1 + (1 + MAX_DEVICE_ID) + (2 + MAX_TOKEN)
 
 OFFLINE_PAGE_DEFAULT = 200
 OFFLINE_PAGE_MAX = 200

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import gc
+import weakref
+
 from twisted.internet.task import Clock
 
 from improto_server.deadlines import Deadlines
@@ -62,7 +65,8 @@ def test_an_owner_may_set_its_next_deadline_when_called() -> None:
             if len(self.log) < 3:
                 d.set(self, self.clock.seconds() + 1)
 
-    d.set(Again("x", log, clock), now + 1)
+    again = Again("x", log, clock)  # the owner's holder keeps it: entries hold it weakly
+    d.set(again, now + 1)
     clock.pump([1, 1, 1, 1])
     assert [t - now for _, t in log] == [1, 2, 3]
     assert clock.getDelayedCalls() == []
@@ -91,7 +95,28 @@ def test_a_failing_owner_does_not_stop_the_others() -> None:
         def deadline_due(self) -> None:
             raise RuntimeError("boom")
 
-    d.set(Broken("x", log, clock), now + 1)
-    d.set(Owner("y", log, clock), now + 1)
+    broken, fine = Broken("x", log, clock), Owner("y", log, clock)
+    d.set(broken, now + 1)
+    d.set(fine, now + 1)
     clock.advance(1)
     assert log == [("y", now + 1)]
+
+
+def test_an_entry_does_not_keep_its_owner_alive() -> None:
+    # A closed connection must be freed by reference counting alone, its stale entry with it.
+    clock, d, log = _setup()
+    now = clock.seconds()
+    kept, dropped, cancelled = (Owner(n, log, clock) for n in "kdc")
+    for owner in (kept, dropped, cancelled):
+        d.set(owner, now + 10)
+    d.set(cancelled, None)
+    refs = weakref.ref(dropped), weakref.ref(cancelled)
+    gc.disable()
+    try:
+        del dropped, cancelled, owner  # (the loop variable held the last one)
+        assert [r() for r in refs] == [None, None]
+    finally:
+        gc.enable()
+    clock.advance(10)
+    assert log == [("k", now + 10)]
+    assert len(d) == 0 and d._heap == [] and clock.getDelayedCalls() == []

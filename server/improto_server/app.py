@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+import resource
 from pathlib import Path
 from typing import Any
 
@@ -82,7 +84,9 @@ class Server:
         self.factory = SessionFactory(
             config, self.service, self.hub, self.reactor, config.secret(), self.router
         )
+        raise_open_file_limit()
         for desc in config.listen:
+            desc = with_backlog(desc, config.listen_backlog)
             port = await serverFromString(self.reactor, desc).listen(self.factory)
             self.ports.append(port)
             log.info("listening on {desc} ({addr})", desc=desc, addr=port.getHost())
@@ -137,6 +141,29 @@ class Server:
         """The TCP ports listened on (unix sockets have none)."""
         hosts = (p.getHost() for p in self.ports)
         return [h.port for h in hosts if isinstance(h, IPv4Address | IPv6Address)]
+
+
+def with_backlog(desc: str, backlog: int) -> str:
+    """A tcp/ssl endpoint description with `backlog=` added unless it sets its own (Twisted's
+    default, 50, drops SYNs when many clients connect at once)."""
+    parts = re.split(r"(?<!\\):", desc)
+    if parts[0] not in ("tcp", "tcp6", "ssl") or any(p.startswith("backlog=") for p in parts):
+        return desc
+    return f"{desc}:backlog={backlog}"
+
+
+def raise_open_file_limit() -> int:
+    """Raise the soft RLIMIT_NOFILE to the hard limit (each connection is a descriptor) and
+    log what it got; returns the soft limit now in force."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard != resource.RLIM_INFINITY and soft != resource.RLIM_INFINITY and soft < hard:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+            soft = hard
+        except (OSError, ValueError) as e:
+            log.warn("could not raise the open-file limit to {hard}: {e}", hard=hard, e=e)
+    log.info("open-file limit: {soft} (hard {hard})", soft=soft, hard=hard)
+    return soft
 
 
 async def _stop(port: IListeningPort) -> None:

@@ -6,12 +6,17 @@ memory per connection). An entry is never
 moved or removed: setting a new deadline adds an entry and leaves the old one stale, to be
 skipped when it comes up. Stale entries are compacted away when they pile up, as Twisted does
 with cancelled calls.
+
+Entries hold their owner by weak reference: a stale entry must not keep a closed connection
+(and whatever it still references) alive until its time comes. A reference without callback
+is one object per owner, shared by all its entries (CPython reuses it).
 """
 
 from __future__ import annotations
 
 import heapq
 import itertools
+import weakref
 from typing import Protocol
 
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
@@ -35,7 +40,7 @@ class Timed(Protocol):
 class Deadlines:
     def __init__(self, clock: IReactorTime) -> None:
         self._clock = clock
-        self._heap: list[tuple[float, int, Timed]] = []
+        self._heap: list[tuple[float, int, weakref.ref[Timed]]] = []
         self._seq = itertools.count()  # ties: entries never compare owners
         self._timer: IDelayedCall | None = None
         self._timer_at = 0.0
@@ -48,7 +53,7 @@ class Deadlines:
             self._stale += 1
         owner.deadline = when
         if when is not None:
-            heapq.heappush(self._heap, (when, next(self._seq), owner))
+            heapq.heappush(self._heap, (when, next(self._seq), weakref.ref(owner)))
             if not self._firing and (self._timer is None or when < self._timer_at):
                 self._schedule(when)
         if not self._firing:
@@ -76,7 +81,12 @@ class Deadlines:
         self._firing = True
         try:
             while heap and heap[0][0] <= now:
-                when, _, owner = heapq.heappop(heap)
+                when, _, ref = heapq.heappop(heap)
+                owner = ref()
+                if owner is None:  # gone: stale if it cancelled first; never overcount
+                    if self._stale:
+                        self._stale -= 1
+                    continue
                 if owner.deadline != when:
                     self._stale -= 1
                     continue
@@ -100,11 +110,11 @@ class Deadlines:
             self._stale = 0
             self._cancel_timer()
         elif stale > _COMPACT_MIN and stale > len(heap) >> 1:
-            live: list[tuple[float, int, Timed]] = []
+            live: list[tuple[float, int, weakref.ref[Timed]]] = []
             seen: set[int] = set()
             for entry in heap:  # an owner's current entry, once (a deadline set twice alike)
-                owner = entry[2]
-                if owner.deadline == entry[0] and id(owner) not in seen:
+                owner = entry[2]()
+                if owner is not None and owner.deadline == entry[0] and id(owner) not in seen:
                     seen.add(id(owner))
                     live.append(entry)
             heapq.heapify(live)

@@ -70,6 +70,13 @@ class Hub:
             return []
         return list(entry.values()) if type(entry) is dict else [entry]  # type: ignore[list-item]
 
+    def device_count(self, user_id: int) -> int:
+        """How many devices of `user_id` are online here."""
+        entry = self._online.get(user_id)
+        if entry is None:
+            return 0
+        return len(entry) if type(entry) is dict else 1
+
     def device(self, user_id: int, device_id: str) -> Pushable | None:
         entry = self._online.get(user_id)
         if type(entry) is dict:

@@ -1,14 +1,26 @@
-"""One client connection: framing, the session state machine, timers and push flow control.
+"""One client connection: framing, the session state machine, timers and flow control.
 
 UNAUTHENTICATED --HELLO ok--> AUTHENTICATED --> closed (PROTOCOL.md section 8). Requests are
 handed to ChatService; this module only speaks frames.
+
+Memory per connection is bounded whatever the peer does (PROTOCOL.md 9.3, 16). The session is
+a push producer registered with its transport: when the transport says its buffer is full,
+the queued bytes are watched; above `output_high_water_bytes` pushes stop (the inbox keeps
+them: SYNC_HINT once drained) and requests are no longer read; above
+`output_hard_limit_bytes`, or above the high-water mark for `slow_reader_timeout_s`, the
+connection is dropped. At most `max_requests_in_flight` requests await their reply: frames
+after that wait, and reading stops, until one finishes. Before HELLO_OK a frame may be no
+longer than the largest HELLO.
 """
 
 from __future__ import annotations
 
-from collections.abc import Coroutine
+from collections import deque
+from collections.abc import Coroutine, Iterable
 from typing import Any
 
+from twisted.internet import abstract
+from twisted.internet.address import IPv4Address, IPv6Address
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IAddress, IReactorTime, ITransport
 from twisted.internet.protocol import Factory, Protocol, connectionDone
@@ -30,7 +42,7 @@ from improto.frames import (
     PushAck,
     SyncHint,
 )
-from improto.limits import MAX_FRAME_LENGTH
+from improto.limits import MAX_FRAME_LENGTH, MAX_HELLO_FRAME
 from improto.tokens import Identity, TokenError, verify
 from improto_server.config import Config
 from improto_server.deadlines import Deadlines
@@ -57,15 +69,42 @@ _HANDLERS: dict[FrameType, str] = {
 }
 
 
+def _queued(transport: object) -> int | None:
+    """Bytes written to `transport` that the kernel has not taken yet, where the transport
+    tells (TCP or unix sockets, and TLS over them); None where it does not."""
+    try:
+        if isinstance(transport, abstract.FileDescriptor):
+            t: Any = transport  # its buffer is private state, kept since Twisted 2.x
+            return len(t.dataBuffer) - t.offset + t._tempDataLen
+        inner: Any = getattr(transport, "transport", None)  # TLS: the socket under it
+        if isinstance(inner, abstract.FileDescriptor):
+            app = getattr(transport, "_appSendBuffer", ())  # written before the handshake
+            return len(inner.dataBuffer) - inner.offset + inner._tempDataLen + sum(map(len, app))
+    except (AttributeError, TypeError):
+        pass
+    return None
+
+
 class Session(Protocol):
     # Memory per idle connection (bench/idle.py): slots, containers made on first use, and one
-    # deadline for the login, the idle timeout and the token expiry together, kept in the
-    # factory's Deadlines instead of a DelayedCall per timer.
+    # deadline for the login, the idle timeout, the token expiry and a stalled output together,
+    # kept in the factory's Deadlines instead of a DelayedCall per timer.
     __slots__ = (
+        "_addr",
+        "_born",
         "_eager",
         "_early",
+        "_early_bytes",
         "_expires_at",
+        "_in_flight",
         "_last_rx",
+        "_pending",
+        "_prelogin",
+        "_rx_paused",
+        "_serving",
+        "_since_pause",
+        "_stalled_since",
+        "_tx_paused",
         "caller",
         "closing",
         "connected",
@@ -86,18 +125,29 @@ class Session(Protocol):
         self.transport: ITransport | None = None  # set by makeConnection (slots hide
         # Protocol's defaults)
         self.connected = 0
-        self.reader = FrameReader(MAX_FRAME_LENGTH)
+        self.reader = FrameReader(MAX_HELLO_FRAME)  # MAX_FRAME_LENGTH once logged in
         self.user_id = 0
         self.device_id = ""
         self.caller: Caller | None = None
         self.presence = ""  # this session's presence value (set by the push router)
         self.registered = False  # in the hub (from a valid HELLO until the connection ends)
         self._early: list[tuple[int, bytes]] | None = None  # pushes that came before HELLO_OK
+        self._early_bytes = 0
         self.closing = False
         self.unacked: dict[int, None] | None = None  # msg_ids pushed, not yet acknowledged
         self.hint_pending = False
         self._eager = False  # plain TCP: frames are sent at once when nothing is queued
         self._last_rx = 0.0  # when the last whole frame arrived
+        self._born = 0.0  # when the connection was made (the login deadline counts from it)
+        self._addr: str | None = None  # the peer's host, counted in the factory's caps
+        self._prelogin = False  # counted among the address's connections not logged in
+        self._in_flight = 0  # requests awaiting their reply
+        self._pending: deque[bytes | FrameTooLarge] | None = None  # read, not yet served
+        self._serving = False  # serving frames now (a reply finishing does not serve more)
+        self._rx_paused = False  # transport.pauseProducing() called: not reading
+        self._tx_paused = False  # the transport said its buffer is full (pauseProducing)
+        self._since_pause = 0  # bytes written since then (the count where it tells none)
+        self._stalled_since: float | None = None  # queued output above the high-water mark
         self._expires_at: float | None = None  # the token's expiry, once logged in
         self.deadline: float | None = None  # when the timer calls deadline_due (Deadlines)
 
@@ -106,9 +156,12 @@ class Session(Protocol):
         if transport is None:  # not connected yet or any more: nothing to write to
             return
         if self._eager:
-            write_eagerly(transport, data)
+            write_eagerly(transport, data)  # whatever the socket does not take is queued
         else:
             transport.write(data)
+        if self._tx_paused:  # the transport's buffer is full: watch what it holds
+            self._since_pause += len(data)
+            self._check_output()
 
     @property
     def clock(self) -> IReactorTime:
@@ -117,33 +170,99 @@ class Session(Protocol):
     # ------------------------------------------------------------ connection
 
     def connectionMade(self) -> None:
-        self._eager = eagerly_writable(self.transport)  # frames leave now, not next turn
-        self._last_rx = self.clock.seconds()
+        transport = self.transport
+        assert transport is not None
+        self._eager = eagerly_writable(transport)  # frames leave now, not next turn
+        self._last_rx = self._born = self.clock.seconds()
+        peer = transport.getPeer()
+        if isinstance(peer, IPv4Address | IPv6Address):  # unix sockets: no address to cap
+            if not self.factory.admit(peer.host):
+                self.closing = True  # refused: nothing was read, nothing is sent
+                _abort(transport)
+                return
+            self._addr, self._prelogin = peer.host, True
+        # IConsumer: pauseProducing when its buffer is full, resumeProducing once drained
+        transport.registerProducer(self, True)  # type: ignore[attr-defined]
         # PINGs keep a connection alive but do not log it in: HELLO must succeed in time too.
         # Until it does, the deadline is that login deadline (no frame can come due earlier).
-        self.factory.deadlines.set(self, self._last_rx + self.factory.config.idle_timeout)
+        self.factory.deadlines.set(self, self._login_at())
 
     def connectionLost(self, reason: Failure = connectionDone) -> None:
         self.closing = True
         self._cancel_deadline()
         self._gone()
+        self._uncount()
+        # Let go of everything at once: a request still running may hold this session a
+        # little longer, and nothing must keep the unsent bytes (the transport's buffer),
+        # the push window or the frames read but not served. Caller.connection is this
+        # session: dropping the caller breaks that cycle, so reference counting frees it.
+        self.transport = None
+        self.caller = None
+        self.unacked = None
+        self._early = None
+        self._pending = None
+        self.reader = _CLOSED_READER
 
     def dataReceived(self, data: bytes) -> None:
         if self.closing:
             return
-        too_large: FrameTooLarge | None = None
+        items: list[bytes | FrameTooLarge]
         try:
             payloads = self.reader.feed(data)
-        except FrameTooLarge as e:
-            payloads, too_large = e.frames, e  # serve the whole frames that came before it
+            items = list(payloads)
+        except FrameTooLarge as e:  # serve the whole frames that came before it, then refuse
+            payloads = e.frames
+            items = [*payloads, e]
         if payloads:  # the timer reads this when it fires: no reschedule per frame
             self._last_rx = self.clock.seconds()
-        for payload in payloads:
-            if self.closing:
-                return
-            self._frame_received(payload)
-        if too_large is not None:
-            self._fatal(too_large.code, str(too_large), 0)
+        if not items:
+            return
+        if self._pending:  # reading is paused; what a read brought waits its turn
+            self._pending.extend(items)
+            return
+        self._serve(items)
+
+    def _serve(self, items: Iterable[bytes | FrameTooLarge]) -> None:
+        """Serve frames in order until done, closed, or reading is blocked (the rest wait in
+        `_pending`: no more than one read brought, since reading is paused then)."""
+        self._serving = True
+        try:
+            it = iter(items)
+            for item in it:
+                if self.closing:
+                    return
+                if self._rx_blocked():
+                    self._pending = deque((item, *it))
+                    return
+                if isinstance(item, FrameTooLarge):
+                    self._fatal(item.code, str(item), 0)
+                    return
+                self._frame_received(item)
+        finally:
+            self._serving = False
+
+    def _rx_blocked(self) -> bool:
+        return (
+            self._stalled_since is not None
+            or self._in_flight >= self.factory.config.max_requests_in_flight
+        )
+
+    def _update_reading(self) -> None:
+        """Pause or resume reading as the output and the requests in flight allow; serve the
+        frames that waited once allowed."""
+        transport = self.transport
+        if self.closing or transport is None:
+            return
+        blocked = self._rx_blocked()
+        if blocked != self._rx_paused:
+            self._rx_paused = blocked
+            if blocked:
+                transport.pauseProducing()  # type: ignore[attr-defined]
+            else:
+                transport.resumeProducing()  # type: ignore[attr-defined]
+        if not blocked and self._pending and not self._serving:
+            pending, self._pending = self._pending, None
+            self._serve(pending)
 
     def _frame_received(self, payload: bytes) -> None:
         # PUSH_ACK, one per delivered message, is read without the codec. Anything unusual
@@ -185,8 +304,19 @@ class Session(Protocol):
             self._run(f.request_id, method(self.caller, f))
 
     def _run(self, request_id: int, work: Coroutine[Any, Any, Frame | bytes]) -> None:
+        self._in_flight += 1
         d = Deferred.fromCoroutine(work)
         d.addCallbacks(self.send, self._request_failed, errbackArgs=(request_id,))
+        d.addBoth(self._request_done)
+        if self._in_flight >= self.factory.config.max_requests_in_flight:
+            self._update_reading()  # the cap: read no more until one finishes
+
+    def _request_done(self, result: object) -> None:
+        if isinstance(result, Failure):
+            log.failure("writing the reply failed", result)
+        self._in_flight -= 1
+        if self._rx_paused or self._pending:
+            self._update_reading()
 
     def _request_failed(self, failure: Failure, request_id: int) -> None:
         err = failure.value
@@ -210,6 +340,15 @@ class Session(Protocol):
             log.info("login refused from {peer}: {why}", peer=self._peer(), why=e)
             self._fatal(code, str(e), f.request_id)
             return
+        hub, most = self.factory.hub, self.factory.config.max_devices_per_user
+        if hub.device(ident.user_id, ident.device_id) is None and (
+            hub.device_count(ident.user_id) >= most
+        ):  # not fatal (spec 8.3): a HELLO may succeed once one of them has gone
+            log.info("login refused from {peer}: user {user} has {n} devices online",
+                     peer=self._peer(), user=ident.user_id, n=most)  # fmt: skip
+            self.send(Error(ErrorCode.LIMIT_EXCEEDED, f"{most} devices online already",
+                            request_id=f.request_id))  # fmt: skip
+            return
         self.user_id, self.device_id = ident.user_id, ident.device_id
         old = self.factory.hub.register(self)
         self.registered = True
@@ -229,8 +368,11 @@ class Session(Protocol):
         config = self.factory.config
         self.caller = Caller(ident.user_id, ident.device_id, self)
         self._expires_at = ident.expires_at
-        if self.deadline is None or ident.expires_at < self.deadline:
-            self.factory.deadlines.set(self, ident.expires_at)  # due first: move it earlier
+        self.reader.max_length = MAX_FRAME_LENGTH
+        if self._prelogin:
+            self._prelogin = False
+            self.factory.logged_in(self._addr)
+        self._rearm(self.clock.seconds())  # the login deadline is over: idle and expiry now
         ok = HelloOk(
             ident.user_id,
             self._now_ms(),
@@ -250,18 +392,26 @@ class Session(Protocol):
         if self.closing:
             return
         if self.caller is None:  # no PUSH before HELLO_OK: kept until it is sent
+            config = self.factory.config
             if self._early is None:
                 self._early = []
-            if len(self._early) < self.factory.config.max_unacked_pushes:
+            if (
+                len(self._early) < config.max_unacked_pushes
+                and self._early_bytes + len(data) <= config.output_high_water_bytes
+            ):
                 self._early.append((msg_id, data))
+                self._early_bytes += len(data)
             else:
                 self.hint_pending = True
             return
         unacked = self.unacked
         if unacked is None:
             unacked = self.unacked = {}
-        if len(unacked) >= self.factory.config.max_unacked_pushes:
-            self.hint_pending = True  # the message waits in the inbox; hint once acks resume
+        if (
+            len(unacked) >= self.factory.config.max_unacked_pushes
+            or self._stalled_since is not None
+        ):  # the message waits in the inbox: hint once acks resume and the output drained
+            self.hint_pending = True
             return
         unacked[msg_id] = None
         self._write(data)
@@ -271,9 +421,60 @@ class Session(Protocol):
         if unacked is None:
             return  # nothing pushed since login: no window to reopen
         unacked.pop(msg_id, None)
-        if self.hint_pending and len(unacked) < self.factory.config.max_unacked_pushes:
+        if self.hint_pending:
+            self._maybe_hint()
+
+    def _maybe_hint(self) -> None:
+        """SYNC_HINT for the pushes skipped, once the window has room and output flows."""
+        unacked = self.unacked
+        if (
+            self.hint_pending
+            and self.caller is not None
+            and self._stalled_since is None
+            and (unacked is None or len(unacked) < self.factory.config.max_unacked_pushes)
+        ):
             self.hint_pending = False
             self._write(_SYNC_HINT)
+
+    # ------------------------------------------------------- output flow control
+
+    def pauseProducing(self) -> None:
+        """The transport's buffer is full (IPushProducer): from now on watch its size."""
+        if self.closing or self._tx_paused:
+            return
+        self._tx_paused = True
+        self._since_pause = 0
+        self._check_output()
+
+    def resumeProducing(self) -> None:
+        """The transport's buffer is empty again: push, read and hint as before."""
+        if self.closing:
+            return
+        self._tx_paused = False
+        self._since_pause = 0
+        if self._stalled_since is not None:
+            self._stalled_since = None  # the deadline, when it fires, finds no stall
+            self._maybe_hint()
+            self._update_reading()
+
+    def stopProducing(self) -> None:
+        """The transport is going away; connectionLost follows and releases everything."""
+        self.closing = True
+
+    def _check_output(self) -> None:
+        config = self.factory.config
+        queued = _queued(self.transport)
+        if queued is None:  # the transport's own threshold, unknown here, has been passed
+            over, queued = True, self._since_pause
+        else:
+            over = queued > config.output_high_water_bytes
+        if queued > config.output_hard_limit_bytes:
+            self._drop(f"{queued} bytes of output queued, over the hard limit")
+        elif over and self._stalled_since is None:
+            now = self.clock.seconds()
+            self._stalled_since = now  # stop pushing and reading until it drains
+            self._arm(now + config.slow_reader_timeout_s)
+            self._update_reading()
 
     # ----------------------------------------------------------------- output
 
@@ -292,12 +493,31 @@ class Session(Protocol):
         self.send(Error(code, text[:1024], request_id=request_id))
         self._shut()
 
-    def _shut(self) -> None:
+    def _shut(self, abort: bool = False) -> None:
         if not self.closing:
             self.closing = True
             self._gone()
-            if self.transport is not None:
-                self.transport.loseConnection()
+            transport = self.transport
+            if transport is not None:
+                # A registered producer keeps a TCP transport from closing once it drained.
+                transport.unregisterProducer()  # type: ignore[attr-defined]
+                if abort or self._tx_paused:  # a peer that does not read would hold it open
+                    _abort(transport)
+                else:
+                    transport.loseConnection()
+
+    def _drop(self, why: str) -> None:
+        """Close without CLOSE: the peer does not read it (no accepted message is lost: acks
+        follow durability, pushes are backed by inboxes)."""
+        log.info("dropping {peer}: {why}", peer=self._peer(), why=why)
+        self._shut(abort=True)
+
+    def _uncount(self) -> None:
+        """Leave the factory's per-address counts (once)."""
+        addr, self._addr = self._addr, None
+        if addr is not None:
+            self.factory.release(addr, self._prelogin)
+            self._prelogin = False
 
     def _gone(self) -> None:
         """Leave the hub and the presence map (once)."""
@@ -311,38 +531,83 @@ class Session(Protocol):
     def deadline_due(self) -> None:
         """The deadline came: close for the one that has passed, or set the next one.
 
-        Before a valid HELLO it is the login deadline; after, the earlier of the idle timeout
-        (the last frame + idle_timeout) and the token's expiry.
+        Until HELLO_OK it is the login deadline (`_login_at`); after, the
+        earlier of the idle timeout (the last frame + idle_timeout) and the token's expiry;
+        and, while the output is above its high-water mark, slow_reader_timeout_s after that.
         """
-        if not self.registered:
-            self._idle_out()
+        if self.closing:
             return
         now = self.clock.seconds()
-        expires_at = self._expires_at
-        if expires_at is not None and now >= expires_at:
-            self.close(CloseReason.AUTH_EXPIRED, "token expired")
-            return
-        idle_at = self._last_rx + self.factory.config.idle_timeout
-        if now >= idle_at:
-            self._idle_out()
-            return
-        next_at = idle_at if expires_at is None else min(idle_at, expires_at)
-        self.factory.deadlines.set(self, next_at)
+        config = self.factory.config
+        stalled = self._stalled_since
+        if stalled is not None and now >= stalled + config.slow_reader_timeout_s:
+            queued = _queued(self.transport)
+            if queued is None or queued > config.output_high_water_bytes:
+                self._drop(f"output above the high-water mark for {config.slow_reader_timeout_s}s")
+                return
+            self._stalled_since = None  # it reads, if slowly: push and read again
+            self._maybe_hint()
+            self._update_reading()
+            if self.closing:
+                return
+        if self.caller is None:
+            if now >= self._login_at():
+                log.info("closing {peer}: no login in time", peer=self._peer())
+                self.close(CloseReason.IDLE_TIMEOUT, "no login in time")
+                return
+        else:
+            expires_at = self._expires_at
+            if expires_at is not None and now >= expires_at:
+                self.close(CloseReason.AUTH_EXPIRED, "token expired")
+                return
+            if now >= self._last_rx + config.idle_timeout:
+                log.info("closing idle connection {peer}", peer=self._peer())
+                self.close(CloseReason.IDLE_TIMEOUT, "no frame received in time")
+                return
+        self._rearm(now)
+
+    def _rearm(self, now: float) -> None:
+        """Set the deadline to the earliest one that applies now."""
+        config = self.factory.config
+        if self.caller is None:
+            at = self._login_at()
+        else:
+            at = self._last_rx + config.idle_timeout
+            if self._expires_at is not None:
+                at = min(at, self._expires_at)
+        if self._stalled_since is not None:
+            at = min(at, self._stalled_since + config.slow_reader_timeout_s)
+        self.factory.deadlines.set(self, at)
+
+    def _login_at(self) -> float:
+        """HELLO_OK is due login_timeout_s after connecting, and never later than the idle
+        timeout (spec 8.1: a client may count on idle_timeout_s as the bound)."""
+        config = self.factory.config
+        return self._born + min(config.login_timeout_s, config.idle_timeout)
+
+    def _arm(self, at: float) -> None:
+        """Make the deadline no later than `at`."""
+        if self.deadline is None or at < self.deadline:
+            self.factory.deadlines.set(self, at)
 
     def _cancel_deadline(self) -> None:
         if self.deadline is not None:
             self.factory.deadlines.set(self, None)
-
-    def _idle_out(self) -> None:
-        log.info("closing idle connection {peer}", peer=self._peer())
-        self._cancel_deadline()
-        self.close(CloseReason.IDLE_TIMEOUT, "no frame received, or no login, in time")
 
     def _now_ms(self) -> int:
         return int(self.clock.seconds() * 1000)
 
     def _peer(self) -> str:
         return str(self.transport.getPeer()) if self.transport else "?"
+
+
+def _abort(transport: ITransport) -> None:
+    """Close now, dropping what is queued (ITCPTransport.abortConnection where there is one)."""
+    getattr(transport, "abortConnection", transport.loseConnection)()
+
+
+_CLOSED_READER = FrameReader(0)  # a closed session's: its buffer is released, it reads nothing
+_REFUSAL_LOG_S = 10.0  # at most one line per this many seconds about refused connections
 
 
 class SessionFactory(Factory):
@@ -355,6 +620,51 @@ class SessionFactory(Factory):
         self.clock = clock
         self.secret = secret
         self.deadlines = Deadlines(clock)  # every session's timer, on one reactor timer
+        self.connections: dict[str, int] = {}  # peer host -> its connections
+        self.prelogin: dict[str, int] = {}  # peer host -> its connections not logged in
+        self.refused = 0  # connections refused over the per-address caps, ever
+        self._refused_logged = 0  # ... of which a log line told
+        self._refusal_log_at = float("-inf")
 
     def buildProtocol(self, addr: IAddress | None) -> Session:
         return Session(self)
+
+    def admit(self, host: str) -> bool:
+        """Count a new connection from `host`, or refuse it over the per-address caps."""
+        config = self.config
+        n, pre = self.connections.get(host, 0), self.prelogin.get(host, 0)
+        if n >= config.max_connections_per_address or pre >= config.max_prelogin_per_address:
+            self.refused += 1
+            now = self.clock.seconds()
+            if now >= self._refusal_log_at:  # a flood of refusals must not flood the log
+                self._refusal_log_at = now + _REFUSAL_LOG_S
+                log.warn(
+                    "refused {n} connection(s) over the per-address caps (last from {host}: "
+                    "{conns} connections, {pre} not logged in)",
+                    n=self.refused - self._refused_logged,
+                    host=host,
+                    conns=n,
+                    pre=pre,
+                )
+                self._refused_logged = self.refused
+            return False
+        self.connections[host] = n + 1
+        self.prelogin[host] = pre + 1
+        return True
+
+    def logged_in(self, host: str | None) -> None:
+        if host is not None:
+            _decrement(self.prelogin, host)
+
+    def release(self, host: str, prelogin: bool) -> None:
+        _decrement(self.connections, host)
+        if prelogin:
+            _decrement(self.prelogin, host)
+
+
+def _decrement(counts: dict[str, int], key: str) -> None:
+    n = counts.get(key, 0) - 1
+    if n > 0:
+        counts[key] = n
+    else:
+        counts.pop(key, None)

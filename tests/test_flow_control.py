@@ -1,0 +1,351 @@
+"""Output counted in bytes, requests in flight capped, a closed session released (session.py).
+
+Unit tests drive the producer calls a transport makes (pauseProducing / resumeProducing) on a
+StringTransport; one test over real loopback TCP has a receiver that never reads.
+"""
+
+from __future__ import annotations
+
+import gc
+import socket
+import weakref
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import pytest_twisted
+
+from twisted.internet import defer, protocol, reactor
+from twisted.internet.defer import Deferred, gatherResults
+from twisted.internet.task import Clock, deferLater
+from twisted.internet.testing import StringTransport
+
+from improto.codec import FrameReader, decode_payload, encode
+from improto.enums import ConvKind
+from improto.frames import (
+    Frame,
+    Hello,
+    HelloOk,
+    HistoryPage,
+    HistoryPull,
+    Message,
+    Ping,
+    Pong,
+    Push,
+    PushAck,
+    SyncHint,
+)
+from improto.tokens import mint
+from improto_clients.client import IMClient
+from improto_clients.conv_keys import conv_key
+from improto_server.app import Server
+from improto_server.config import Config
+from improto_server.hub import Hub
+from improto_server.session import Session, SessionFactory
+
+SECRET = "flow-control-secret-0123456789abcdef"
+NOW = 1_800_000_000.0
+
+
+class SlowService:
+    """HISTORY_PULLs answered only when the test says so (other requests never come)."""
+
+    def __init__(self) -> None:
+        self.waiting: list[tuple[int, Deferred[None]]] = []
+
+    async def history_pull(self, caller: Any, f: HistoryPull) -> Frame | bytes:
+        d: Deferred[None] = Deferred()
+        self.waiting.append((f.request_id, d))
+        await d
+        return HistoryPage(ConvKind.USER, 8, 0, (), request_id=f.request_id)
+
+    def finish(self, n: int = 1) -> list[int]:
+        done, self.waiting = self.waiting[:n], self.waiting[n:]
+        for _, d in done:
+            d.callback(None)
+        return [rid for rid, _ in done]
+
+
+class Peer:
+    def __init__(self, factory: SessionFactory) -> None:
+        self.session: Session = factory.buildProtocol(None)
+        self.transport = StringTransport()
+        self.session.makeConnection(self.transport)
+        self.reader = FrameReader()
+
+    def send(self, *frames: Frame) -> None:
+        self.session.dataReceived(b"".join(encode(f) for f in frames))
+
+    def frames(self) -> list[Frame]:
+        data = self.transport.value()
+        self.transport.clear()
+        return [decode_payload(p) for p in self.reader.feed(data)]
+
+    def login(self, user: int = 7, device: str = "phone") -> None:
+        self.send(Hello(1, 1, device, mint(SECRET, user, device, ttl_s=3600, now=NOW)))
+        (ok,) = self.frames()
+        assert isinstance(ok, HelloOk), ok
+
+    @property
+    def reading(self) -> bool:
+        return self.transport.producerState == "producing"
+
+
+@pytest.fixture
+def clock() -> Clock:
+    c = Clock()
+    c.advance(NOW)
+    return c
+
+
+@pytest.fixture
+def service() -> SlowService:
+    return SlowService()
+
+
+@pytest.fixture
+def factory(clock: Clock, service: SlowService) -> SessionFactory:
+    config = Config(idle_timeout=600, heartbeat=20, max_unacked_pushes=5,
+                    max_requests_in_flight=2, output_hard_limit_bytes=1000,
+                    slow_reader_timeout_s=30)  # fmt: skip
+    return SessionFactory(config, service, Hub(), clock, SECRET)  # type: ignore[arg-type]
+
+
+def _push(msg_id: int, body: bytes = b"x") -> bytes:
+    return encode(Push(Message(msg_id, 1, 8, "d", ConvKind.USER, 7, 1, b"c" * 16, body)))
+
+
+def test_the_session_is_a_streaming_producer_of_its_transport(factory: SessionFactory) -> None:
+    peer = Peer(factory)
+    assert peer.transport.producer is peer.session and peer.transport.streaming
+
+
+def test_a_full_transport_stops_pushes_and_reading_then_sync_hint(
+    factory: SessionFactory,
+) -> None:
+    peer = Peer(factory)
+    peer.login()
+    session = peer.session
+    session.push(1, _push(1))
+    session.pauseProducing()  # what Twisted calls when the transport's buffer is full
+    assert not peer.reading  # requests are no longer read
+    session.push(2, _push(2))  # not written: the inbox keeps it, a SYNC_HINT tells later
+    peer.send(Ping(request_id=5), PushAck(1))  # one read's frames wait their turn
+    assert [type(f) for f in peer.frames()] == [Push]
+    assert session.hint_pending and list(session.unacked or ()) == [1]
+    session.resumeProducing()  # drained
+    hint, pong = peer.frames()
+    assert isinstance(hint, SyncHint) and hint.request_id == 0
+    assert isinstance(pong, Pong) and pong.request_id == 5
+    assert peer.reading and not session.hint_pending and list(session.unacked or ()) == []
+    session.push(3, _push(3))  # pushes flow again
+    assert [f.message.msg_id for f in peer.frames() if isinstance(f, Push)] == [3]
+
+
+def test_the_push_window_and_the_output_both_hold_the_hint(factory: SessionFactory) -> None:
+    peer = Peer(factory)
+    peer.login()
+    session = peer.session
+    for msg_id in range(1, 7):  # window 5: the sixth waits in the inbox
+        session.push(msg_id, _push(msg_id))
+    assert len(peer.frames()) == 5 and session.hint_pending
+    session.pauseProducing()
+    peer.send(PushAck(1))  # window has room, but the output is stalled: no hint yet...
+    assert peer.frames() == [] and session.hint_pending
+    session.resumeProducing()  # ...until it drains (the ack was read meanwhile)
+    assert [type(f) for f in peer.frames()] == [SyncHint]
+
+
+def test_past_the_hard_limit_the_connection_is_dropped_without_close(
+    factory: SessionFactory, service: SlowService
+) -> None:
+    peer = Peer(factory)
+    peer.login()
+    session = peer.session
+    peer.send(HistoryPull(ConvKind.USER, 8, 0, 10, request_id=1),
+              HistoryPull(ConvKind.USER, 8, 0, 10, request_id=2))  # fmt: skip
+    session.pauseProducing()
+    for _ in range(60):  # replies still go out (bytes the transport queues)...
+        session.send(_push(9, b"y" * 10))
+        if session.closing:
+            break
+    assert session.closing and peer.transport.disconnected  # ...up to the hard limit
+    before = peer.transport.value()
+    service.finish(2)  # a reply finishing after the drop writes nothing
+    assert peer.transport.value() == before
+    assert all(isinstance(f, Push) for f in peer.frames())  # no CLOSE to a peer not reading
+    assert factory.hub.devices(7) == []
+
+
+def test_above_the_high_water_mark_too_long_the_connection_is_dropped(
+    factory: SessionFactory, clock: Clock
+) -> None:
+    peer = Peer(factory)
+    peer.login()
+    peer.session.pauseProducing()
+    clock.advance(29.9)
+    assert not peer.transport.disconnecting
+    clock.advance(0.1)
+    assert peer.transport.disconnected and peer.frames() == []
+    assert factory.hub.devices(7) == []
+
+
+def test_a_reader_that_drains_in_time_is_kept(factory: SessionFactory, clock: Clock) -> None:
+    peer = Peer(factory)
+    peer.login()
+    peer.session.pauseProducing()
+    clock.advance(20)
+    peer.session.resumeProducing()
+    clock.advance(20)  # past the first stall's timeout: that stall is over
+    peer.session.pauseProducing()
+    clock.advance(29)
+    assert not peer.transport.disconnecting and peer.reading is False
+    peer.session.resumeProducing()
+    clock.advance(100)
+    assert not peer.transport.disconnecting and peer.reading
+
+
+def test_requests_in_flight_are_capped(factory: SessionFactory, service: SlowService) -> None:
+    peer = Peer(factory)
+    peer.login()
+    pulls = [HistoryPull(ConvKind.USER, 8, 0, 10, request_id=rid) for rid in (1, 2, 3, 4)]
+    peer.send(*pulls, Ping(request_id=9))  # all in one read
+    assert [rid for rid, _ in service.waiting] == [1, 2] and not peer.reading
+    assert peer.frames() == []  # the PING waits behind the capped requests
+    assert service.finish() == [1]
+    assert [rid for rid, _ in service.waiting] == [2, 3] and not peer.reading
+    assert service.finish(2) == [2, 3]
+    assert [rid for rid, _ in service.waiting] == [4]
+    assert peer.reading  # one in flight, below the cap: reading again, the PING answered
+    assert [(type(f), f.request_id) for f in peer.frames()] == [
+        (HistoryPage, 1), (HistoryPage, 2), (HistoryPage, 3), (Pong, 9),
+    ]  # fmt: skip
+    service.finish()
+    assert [(type(f), f.request_id) for f in peer.frames()] == [(HistoryPage, 4)]
+
+
+def test_early_pushes_are_bounded_in_bytes(clock: Clock) -> None:
+    config = Config(output_high_water_bytes=1000)
+    factory = SessionFactory(config, None, Hub(), clock, SECRET)  # type: ignore[arg-type]
+    session = Peer(factory).session
+    for msg_id in range(1, 6):  # before HELLO_OK: kept until it is sent, 400 bytes each
+        session.push(msg_id, _push(msg_id, b"z" * 300))
+    assert session._early is not None and len(session._early) == 2 and session.hint_pending
+
+
+def test_a_closed_session_is_freed_by_reference_counting(
+    factory: SessionFactory, service: SlowService
+) -> None:
+    peer = Peer(factory)
+    peer.login()
+    session = peer.session
+    for msg_id in (1, 2, 3):
+        session.push(msg_id, _push(msg_id, b"b" * 60_000))  # unacked, unsent
+    session.pauseProducing()
+    session.push(4, _push(4))
+    peer.send(Ping(request_id=1))  # a frame read and not served
+    assert session.unacked and session._pending and session.deadline is not None
+    ref = weakref.ref(session)
+    gc.collect()
+    gc.disable()  # no cycle collector: reference counting alone must free it
+    try:
+        session.connectionLost()
+        del session, peer
+        assert ref() is None
+    finally:
+        gc.enable()
+    assert len(factory.deadlines) == 0 and factory.hub.devices(7) == []
+
+
+# ------------------------------------------------------------------ real loopback TCP
+
+BODY = 30_000
+COUNT = 40  # 1.2 MB: well past the high-water mark and the (shrunk) socket buffers
+
+
+class NeverReads(protocol.Protocol):
+    """Logs in, then never reads another byte."""
+
+    def __init__(self, token: str) -> None:
+        self.token = token
+        self.lost: Deferred[None] = Deferred()
+
+    def connectionMade(self) -> None:
+        sock = self.transport.getHandle()  # type: ignore[attr-defined]
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        self.transport.write(encode(Hello(1, 1, "slow", self.token, request_id=1)))
+        self.transport.pauseProducing()  # type: ignore[attr-defined]
+
+    def connectionLost(self, reason: Any = None) -> None:
+        self.lost.callback(None)
+
+
+async def _until(check: Any, what: str, timeout: float = 30.0) -> None:
+    for _ in range(int(timeout / 0.02)):
+        if check():
+            return
+        await deferLater(reactor, 0.02, lambda: None)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+async def _within(d: Deferred[Any], what: str, timeout: float = 30.0) -> Any:
+    d.addTimeout(timeout, reactor)
+    try:
+        return await d
+    except defer.TimeoutError:
+        raise AssertionError(f"timed out waiting for {what}") from None
+
+
+@pytest_twisted.async_yield_fixture()
+async def server(tmp_path: Path) -> AsyncIterator[Server]:
+    config = Config(
+        listen=["tcp:0:interface=127.0.0.1"], data_dir=str(tmp_path), jwt_secret=SECRET,
+        storage="memory", slow_reader_timeout_s=1.0, output_high_water_bytes=256 * 1024,
+        send_rate=1e6, send_burst=1e6, send_bytes_rate=1e12, send_bytes_burst=1e12,
+    )  # fmt: skip
+    s = Server(config, reactor)
+    await s.start()
+    yield s
+    await s.stop()
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_receiver_that_never_reads_is_dropped_and_loses_nothing(server: Server) -> None:
+    port = server.bound_ports()[0]
+    slow = NeverReads(mint(SECRET, 2, "slow"))
+    await protocol.ClientCreator(reactor, lambda: slow).connectTCP("127.0.0.1", port)
+    await _until(lambda: (s := server.hub.device(2, "slow")) is not None and s.caller, "login")
+    session = server.hub.device(2, "slow")
+    assert isinstance(session, Session) and session.transport is not None
+    # A small kernel send buffer (no autotuning): the bytes it cannot take queue in the process.
+    server_sock = session.transport.getHandle()  # type: ignore[attr-defined]
+    server_sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+    sender = IMClient(f"tcp:host=127.0.0.1:port={port}", mint(SECRET, 1, "pc"), "pc",
+                      reactor=reactor)  # fmt: skip
+    await sender.connect()
+    try:
+        sends = [
+            sender.send(ConvKind.USER, 2, b"%06d" % i + b"m" * (BODY - 6), timeout=60)
+            for i in range(COUNT)
+        ]
+        await _within(gatherResults(sends), "the acks")  # every message acknowledged: durable
+        await _until(lambda: session._stalled_since is not None or session.closing, "a stall")
+        pushed = len(session.unacked or ())
+        assert 0 < pushed < COUNT  # it stopped pushing: the rest waits in the inbox
+        # dropped after slow_reader_timeout_s (the peer that does not read sees it once it does)
+        await _until(lambda: session.transport is None, "the drop")
+        assert server.hub.device(2, "slow") is None and not slow.lost.called
+        slow.transport.resumeProducing()  # type: ignore[attr-defined]
+        await _within(slow.lost, "the peer to see the drop")
+    finally:
+        await sender.close()
+    receiver = IMClient(f"tcp:host=127.0.0.1:port={port}", mint(SECRET, 2, "slow"), "slow",
+                        reactor=reactor)  # fmt: skip
+    await receiver.connect()
+    try:
+        await receiver.drain()  # the login sync
+        got = [m.body for m in receiver.state.messages(conv_key(ConvKind.USER, 1))]
+    finally:
+        await receiver.close()
+    assert sorted(b[:6] for b in got) == [b"%06d" % i for i in range(COUNT)]  # none lost
