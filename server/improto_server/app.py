@@ -21,6 +21,7 @@ from improto_server.hub import Hub
 from improto_server.ids import IdGenerator
 from improto_server.persister import Persister
 from improto_server.ports import Backend, PushRouter
+from improto_server.rate_limits import RateLimits
 from improto_server.reactor_types import IServerReactor
 from improto_server.service import ChatService
 from improto_server.session import Session, SessionFactory
@@ -45,6 +46,7 @@ def make_backend(config: Config, reactor: IServerReactor) -> Backend:
         reactor=reactor,
         inbox_retention_ms=config.inbox_retention_ms,
         history_retention_ms=config.history_retention_ms,
+        inbox_caps=config.inbox_caps,
     )
 
 
@@ -79,8 +81,9 @@ class Server:
         node = config.node_id if config.node_id is not None else (self.router.node or 0)
         log.info("gateway node {node}", node=node)
         self.service = ChatService(
-            IdGenerator(node), b.queue, b.inbox, b.history, b.groups, self.hub, self.router
-        )
+            IdGenerator(node), b.queue, b.inbox, b.history, b.groups, self.hub, self.router,
+            limits=RateLimits(config, self.reactor),
+        )  # fmt: skip
         self.factory = SessionFactory(
             config, self.service, self.hub, self.reactor, config.secret(), self.router
         )

@@ -60,9 +60,7 @@ class InboxStore(Protocol):
         """`append` of each job, in order: within one inbox, an earlier job's entry gets the
         lower cursor. Not atomic as a whole; each job's entries are idempotent as above."""
 
-    def page(
-        self, user_id: int, start: int, limit: int, max_bytes: int
-    ) -> Deferred[InboxRecords]:
+    def page(self, user_id: int, start: int, limit: int, max_bytes: int) -> Deferred[InboxRecords]:
         """Up to `limit` retained entries with cursor > start (start clamped to the head), as
         MESSAGE records: what the pull handler splices into OFFLINE_PAGE. The records' sizes
         sum to at most `max_bytes` (but at least one record is returned if any is due), and the
