@@ -14,7 +14,7 @@ from typing import Any
 from twisted.internet.defer import Deferred
 from twisted.logger import globalLogBeginner, textFileLogObserver
 
-from improto.tokens import mint
+from improto.tokens import MAX_TOKEN_LIFETIME_S, mint
 from improto_server.config import Config
 
 DESCRIPTION = """\
@@ -152,6 +152,8 @@ def main(argv: list[str] | None = None) -> int:
     if argv and argv[0] == "token":
         args = token_parser().parse_args(argv[1:])
         config = load_config(args)
+        if not 0 < args.ttl <= MAX_TOKEN_LIFETIME_S:  # the server refuses longer lifetimes
+            token_parser().error(f"--ttl must be in 1..{MAX_TOKEN_LIFETIME_S} seconds")
         print(mint(config.secret(), args.user, args.device, ttl_s=args.ttl))
         return 0
     parser = run_parser()
