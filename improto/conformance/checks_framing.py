@@ -52,7 +52,7 @@ from improto.frames import (
     SendAck,
     SyncHint,
 )
-from improto.limits import MAX_FRAME_LENGTH
+from improto.limits import MAX_FRAME_LENGTH, MAX_HELLO_FRAME
 
 VECTORS = Path(__file__).resolve().parents[2] / "spec" / "vectors" / "invalid.json"
 
@@ -172,6 +172,26 @@ def oversize_prefix_only(env: Env) -> None:
         f"after a bare 131073 length prefix got {describe(got)}, expected FRAME_TOO_LARGE"
     )
     assert got.request_id == 0, f"FRAME_TOO_LARGE carries request_id {got.request_id}, not 0"
+    assert c.closed_within(CLOSE_WAIT), "connection still open after FRAME_TOO_LARGE (fatal)"
+
+
+@check("framing.prelogin_frame_limit")
+def prelogin_frame_limit(env: Env) -> None:
+    """2/8.1: before HELLO_OK a length above the largest HELLO is FRAME_TOO_LARGE and fatal,
+    while a frame of exactly that length is read (and answered as a malformed HELLO)."""
+    c = env.connect("prelogin-limit")
+    c.send_raw(raw_frame(FrameType.HELLO, bytes(MAX_HELLO_FRAME - 7), rid=77))
+    got = c.next_frame()
+    assert isinstance(got, Error) and got.code != ErrorCode.FRAME_TOO_LARGE, (
+        f"a {MAX_HELLO_FRAME}-byte HELLO before login got {describe(got)}: it fits the limit"
+    )
+    c = env.connect("prelogin-over")
+    c.send_raw(struct.pack(">I", MAX_HELLO_FRAME + 1))  # and nothing else
+    got = c.next_frame()
+    assert isinstance(got, Error) and got.code == ErrorCode.FRAME_TOO_LARGE, (
+        f"a {MAX_HELLO_FRAME + 1} length prefix before login got {describe(got)}, "
+        "expected FRAME_TOO_LARGE"
+    )
     assert c.closed_within(CLOSE_WAIT), "connection still open after FRAME_TOO_LARGE (fatal)"
 
 
