@@ -1,5 +1,5 @@
 """Before HELLO_OK: the HELLO-sized frame limit, the login deadline, per-address caps; devices
-per user; the listen backlog and the open-file limit (session.py, app.py)."""
+per user; the listen backlog and the open-file limit (session.py, admission.py, app.py)."""
 
 from __future__ import annotations
 
@@ -135,18 +135,18 @@ def test_prelogin_connections_per_address_are_capped(factory: SessionFactory) ->
     first, second = Peer(factory), Peer(factory)
     third = Peer(factory)  # a third not logged in from the same address: refused at once
     assert third.transport.disconnected and third.transport.value() == b""
-    assert third.transport.producer is None and factory.refused == 1
+    assert third.transport.producer is None and factory.admission.refused == 1
     other = Peer(factory, host="192.0.2.2")  # another address has its own count
     assert not other.closed
     first.login(device="a")
     fourth = Peer(factory)  # one logged in: room again
-    assert not fourth.closed and factory.prelogin["192.0.2.1"] == 2
-    assert factory.connections["192.0.2.1"] == 3
+    assert not fourth.closed and factory.admission.prelogin["192.0.2.1"] == 2
+    assert factory.admission.connections["192.0.2.1"] == 3
     fifth = Peer(factory)  # 3 connections from the address: refused
-    assert fifth.transport.disconnected and factory.refused == 2
+    assert fifth.transport.disconnected and factory.admission.refused == 2
     for peer in (first, second, third, fourth, fifth, other):
         peer.session.connectionLost()
-    assert factory.connections == {} and factory.prelogin == {}
+    assert factory.admission.connections == {} and factory.admission.prelogin == {}
 
 
 def test_devices_per_user_are_bounded(factory: SessionFactory) -> None:

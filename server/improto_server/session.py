@@ -19,7 +19,6 @@ from collections import deque
 from collections.abc import Coroutine, Iterable
 from typing import Any
 
-from twisted.internet import abstract
 from twisted.internet.address import IPv4Address, IPv6Address
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IAddress, IReactorTime, ITransport
@@ -44,12 +43,14 @@ from improto.frames import (
 )
 from improto.limits import MAX_FRAME_LENGTH, MAX_HELLO_FRAME
 from improto.tokens import Identity, TokenError, verify
+from improto_server.admission import Admission
 from improto_server.config import Config
 from improto_server.deadlines import Deadlines
 from improto_server.eager_write import eagerly_writable, write_eagerly
 from improto_server.hub import Hub, LocalRouter
 from improto_server.ports import PushRouter
 from improto_server.service import Caller, ChatService, RequestError
+from improto_server.transport_buffer import abort_transport, queued_bytes
 
 log = Logger()
 
@@ -67,22 +68,6 @@ _HANDLERS: dict[FrameType, str] = {
     FrameType.GROUP_MEMBERS: "group_members",
     FrameType.MY_GROUPS: "my_groups",
 }
-
-
-def _queued(transport: object) -> int | None:
-    """Bytes written to `transport` that the kernel has not taken yet, where the transport
-    tells (TCP or unix sockets, and TLS over them); None where it does not."""
-    try:
-        if isinstance(transport, abstract.FileDescriptor):
-            t: Any = transport  # its buffer is private state, kept since Twisted 2.x
-            return len(t.dataBuffer) - t.offset + t._tempDataLen
-        inner: Any = getattr(transport, "transport", None)  # TLS: the socket under it
-        if isinstance(inner, abstract.FileDescriptor):
-            app = getattr(transport, "_appSendBuffer", ())  # written before the handshake
-            return len(inner.dataBuffer) - inner.offset + inner._tempDataLen + sum(map(len, app))
-    except (AttributeError, TypeError):
-        pass
-    return None
 
 
 class Session(Protocol):
@@ -176,9 +161,9 @@ class Session(Protocol):
         self._last_rx = self._born = self.clock.seconds()
         peer = transport.getPeer()
         if isinstance(peer, IPv4Address | IPv6Address):  # unix sockets: no address to cap
-            if not self.factory.admit(peer.host):
+            if not self.factory.admission.admit(peer.host):
                 self.closing = True  # refused: nothing was read, nothing is sent
-                _abort(transport)
+                abort_transport(transport)
                 return
             self._addr, self._prelogin = peer.host, True
         # IConsumer: pauseProducing when its buffer is full, resumeProducing once drained
@@ -371,7 +356,7 @@ class Session(Protocol):
         self.reader.max_length = MAX_FRAME_LENGTH
         if self._prelogin:
             self._prelogin = False
-            self.factory.logged_in(self._addr)
+            self.factory.admission.logged_in(self._addr)
         self._rearm(self.clock.seconds())  # the login deadline is over: idle and expiry now
         ok = HelloOk(
             ident.user_id,
@@ -463,7 +448,7 @@ class Session(Protocol):
 
     def _check_output(self) -> None:
         config = self.factory.config
-        queued = _queued(self.transport)
+        queued = queued_bytes(self.transport)
         if queued is None:  # the transport's own threshold, unknown here, has been passed
             over, queued = True, self._since_pause
         else:
@@ -502,7 +487,7 @@ class Session(Protocol):
                 # A registered producer keeps a TCP transport from closing once it drained.
                 transport.unregisterProducer()  # type: ignore[attr-defined]
                 if abort or self._tx_paused:  # a peer that does not read would hold it open
-                    _abort(transport)
+                    abort_transport(transport)
                 else:
                     transport.loseConnection()
 
@@ -516,7 +501,7 @@ class Session(Protocol):
         """Leave the factory's per-address counts (once)."""
         addr, self._addr = self._addr, None
         if addr is not None:
-            self.factory.release(addr, self._prelogin)
+            self.factory.admission.release(addr, self._prelogin)
             self._prelogin = False
 
     def _gone(self) -> None:
@@ -541,7 +526,7 @@ class Session(Protocol):
         config = self.factory.config
         stalled = self._stalled_since
         if stalled is not None and now >= stalled + config.slow_reader_timeout_s:
-            queued = _queued(self.transport)
+            queued = queued_bytes(self.transport)
             if queued is None or queued > config.output_high_water_bytes:
                 self._drop(f"output above the high-water mark for {config.slow_reader_timeout_s}s")
                 return
@@ -601,13 +586,7 @@ class Session(Protocol):
         return str(self.transport.getPeer()) if self.transport else "?"
 
 
-def _abort(transport: ITransport) -> None:
-    """Close now, dropping what is queued (ITCPTransport.abortConnection where there is one)."""
-    getattr(transport, "abortConnection", transport.loseConnection)()
-
-
 _CLOSED_READER = FrameReader(0)  # a closed session's: its buffer is released, it reads nothing
-_REFUSAL_LOG_S = 10.0  # at most one line per this many seconds about refused connections
 
 
 class SessionFactory(Factory):
@@ -620,51 +599,7 @@ class SessionFactory(Factory):
         self.clock = clock
         self.secret = secret
         self.deadlines = Deadlines(clock)  # every session's timer, on one reactor timer
-        self.connections: dict[str, int] = {}  # peer host -> its connections
-        self.prelogin: dict[str, int] = {}  # peer host -> its connections not logged in
-        self.refused = 0  # connections refused over the per-address caps, ever
-        self._refused_logged = 0  # ... of which a log line told
-        self._refusal_log_at = float("-inf")
+        self.admission = Admission(config, clock)  # the per-address connection caps
 
     def buildProtocol(self, addr: IAddress | None) -> Session:
         return Session(self)
-
-    def admit(self, host: str) -> bool:
-        """Count a new connection from `host`, or refuse it over the per-address caps."""
-        config = self.config
-        n, pre = self.connections.get(host, 0), self.prelogin.get(host, 0)
-        if n >= config.max_connections_per_address or pre >= config.max_prelogin_per_address:
-            self.refused += 1
-            now = self.clock.seconds()
-            if now >= self._refusal_log_at:  # a flood of refusals must not flood the log
-                self._refusal_log_at = now + _REFUSAL_LOG_S
-                log.warn(
-                    "refused {n} connection(s) over the per-address caps (last from {host}: "
-                    "{conns} connections, {pre} not logged in)",
-                    n=self.refused - self._refused_logged,
-                    host=host,
-                    conns=n,
-                    pre=pre,
-                )
-                self._refused_logged = self.refused
-            return False
-        self.connections[host] = n + 1
-        self.prelogin[host] = pre + 1
-        return True
-
-    def logged_in(self, host: str | None) -> None:
-        if host is not None:
-            _decrement(self.prelogin, host)
-
-    def release(self, host: str, prelogin: bool) -> None:
-        _decrement(self.connections, host)
-        if prelogin:
-            _decrement(self.prelogin, host)
-
-
-def _decrement(counts: dict[str, int], key: str) -> None:
-    n = counts.get(key, 0) - 1
-    if n > 0:
-        counts[key] = n
-    else:
-        counts.pop(key, None)
