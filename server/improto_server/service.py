@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import math
 import uuid
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Iterable
 from dataclasses import dataclass
 from typing import Any, NoReturn, TypeVar, cast
 
@@ -322,16 +322,9 @@ class ChatService:
         _check_rate(self.limits.group_op(caller.user_id), "too many group changes")
         self._adding_others(members)
         event_id = self.ids.next()
-        try:
-            gid = await _available(
-                self.groups.create(caller.user_id, req.name, members, event_id[0])
-            )
-        except LimitExceeded as e:
-            self.limits.not_added(members)
-            raise RequestError(ErrorCode.LIMIT_EXCEEDED, str(e)) from None
-        except BaseException:
-            self.limits.not_added(members)
-            raise
+        gid = await self._adding(
+            members, self.groups.create(caller.user_id, req.name, members, event_id[0])
+        )
         everyone = (caller.user_id, *members)
         await self._group_event(
             caller, gid, event_id, everyone,
@@ -339,22 +332,27 @@ class ChatService:
         )  # fmt: skip
         return GroupCreated(gid, request_id=req.request_id)
 
+    async def _adding(self, users: Iterable[int], write: Deferred[_T]) -> _T:
+        """A group store write that adds `users`; if it fails, their allowance of additions
+        by others is given back."""
+        try:
+            return await _available(write)
+        except LimitExceeded as e:
+            self.limits.not_added(users)
+            raise RequestError(ErrorCode.LIMIT_EXCEEDED, str(e)) from None
+        except BaseException:
+            self.limits.not_added(users)
+            raise
+
     async def group_add(self, caller: Caller, req: GroupAdd) -> GroupAddOk:
         info = await self._group_for_member(req.group_id, caller.user_id)
         _check_rate(self.limits.group_op(caller.user_id), "too many group changes")
         newcomers = tuple(set(req.members) - set(info.members) - {caller.user_id})
         self._adding_others(newcomers)
         event_id = self.ids.next()
-        try:
-            added = await _available(
-                self.groups.add(req.group_id, tuple(set(req.members)), event_id[0])
-            )
-        except LimitExceeded as e:
-            self.limits.not_added(newcomers)
-            raise RequestError(ErrorCode.LIMIT_EXCEEDED, str(e)) from None
-        except BaseException:
-            self.limits.not_added(newcomers)
-            raise
+        added = await self._adding(
+            newcomers, self.groups.add(req.group_id, tuple(set(req.members)), event_id[0])
+        )
         self.limits.not_added(set(newcomers) - set(added))  # joined meanwhile
         if added:
             await self._group_event(
