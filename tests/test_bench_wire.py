@@ -1,15 +1,20 @@
-"""Unit tests of the benchmark wire modules: bench/mqtt_wire.py and bench/bare_relay.py."""
+"""Unit tests of the benchmark wire modules: bench/mqtt_wire.py, bench/bare_relay.py and
+bench/abuse_wire.py."""
 
 from __future__ import annotations
 
 import struct
+import time
 
 import pytest
 
 from twisted.internet.testing import StringTransport
 
+from bench import abuse_wire as aw
 from bench import bare_relay
 from bench import mqtt_wire as m
+from improto.codec import encode
+from improto.frames import Ping
 
 # --- mqtt_wire
 
@@ -198,3 +203,42 @@ def test_disconnect_unregisters() -> None:
     assert bob_t.value() == b""
     assert relay.factory.users.keys() == {1}
     assert relay.factory.groups == {7: {alice}}
+
+
+# --- abuse_wire (bench/abuse.py's helpers)
+
+
+def test_abuse_odd_token_is_genuinely_signed() -> None:
+    """The suite's hand-made tokens carry a valid signature: a refusal is about the claims."""
+    from improto.tokens import TokenError, verify
+
+    claims = f'{{"sub":"5","dev":"d1","exp":{int(time.time()) + 3600}}}'
+    assert verify("s3cret", aw.odd_token("s3cret", claims), "d1").user_id == 5
+    with pytest.raises(TokenError):  # another secret: the signature is wrong
+        verify("other", aw.odd_token("s3cret", claims), "d1")
+
+
+def test_abuse_split_frames_at_every_byte() -> None:
+    frames = [encode(Ping(request_id=i)) for i in range(1, 4)]
+    stream = b"".join(frames)
+    for cut in range(len(stream) + 1):
+        buf = bytearray(stream[:cut])
+        got = aw.split_frames(buf)
+        buf += stream[cut:]
+        got += aw.split_frames(buf)
+        assert [struct.pack(">I", len(p)) + p for p in got] == frames
+        assert not buf
+
+
+def test_abuse_percentiles_nearest_rank() -> None:
+    assert aw.percentiles([]) == {"n": 0, "p50": 0.0, "p99": 0.0, "max": 0.0}
+    p = aw.percentiles([float(x) for x in range(100, 0, -1)])
+    assert (p["n"], p["p50"], p["p99"], p["max"]) == (100, 50.0, 99.0, 100.0)
+
+
+def test_abuse_source_addresses_distinct_and_not_the_bystanders() -> None:
+    per = 50
+    addrs = [aw.source_address(i * per, per) for i in range(600)]
+    assert len(set(addrs)) == 600 and "127.0.0.1" not in addrs
+    assert all(a.startswith("127.") and 0 <= int(a.rsplit(".", 1)[1]) <= 255 for a in addrs)
+    assert aw.source_address(per - 1, per) == aw.source_address(0, per)
