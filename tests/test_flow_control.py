@@ -1,4 +1,5 @@
-"""Output counted in bytes, requests in flight capped, a closed session released (session.py).
+"""Output counted in bytes, requests in flight capped, a closed session released, reading
+shared fairly between connections and held for a rate-limited peer (session.py).
 
 Unit tests drive the producer calls a transport makes (pauseProducing / resumeProducing) on a
 StringTransport; one test over real loopback TCP has a receiver that never reads.
@@ -23,7 +24,9 @@ from twisted.internet.testing import StringTransport
 
 from improto.codec import FrameReader, decode_payload, encode
 from improto.enums import ConvKind
+from improto.errors import ErrorCode
 from improto.frames import (
+    Error,
     Frame,
     Hello,
     HelloOk,
@@ -34,6 +37,8 @@ from improto.frames import (
     Pong,
     Push,
     PushAck,
+    Send,
+    SendAck,
     SyncHint,
 )
 from improto.tokens import mint
@@ -42,7 +47,16 @@ from improto_clients.conv_keys import conv_key
 from improto_server.app import Server
 from improto_server.config import Config
 from improto_server.hub import Hub
-from improto_server.session import Session, SessionFactory
+from improto_server.service import RequestError
+from improto_server.session import (
+    FRAMES_PER_TURN,
+    MAX_RATE_HOLD_S,
+    PRELOGIN_BURST,
+    PRELOGIN_FRAMES_PER_TURN,
+    PRELOGIN_RATE,
+    Session,
+    SessionFactory,
+)
 
 SECRET = "flow-control-secret-0123456789abcdef"
 NOW = 1_800_000_000.0
@@ -256,6 +270,181 @@ def test_a_closed_session_is_freed_by_reference_counting(
     finally:
         gc.enable()
     assert len(factory.deadlines) == 0 and factory.hub.devices(7) == []
+
+
+# ------------------------------------------------------------ fair reading, rate holds
+
+
+def _answers(peer: Peer) -> list[tuple[type, int]]:
+    return [(type(f), f.request_id) for f in peer.frames()]
+
+
+def _woken_calls(clock: Clock) -> list[Any]:
+    """The clock's pending calls that resume a session's reading."""
+    return [c for c in clock.getDelayedCalls() if getattr(c.func, "__name__", "") == "_woken"]
+
+
+def _next_turn(clock: Clock) -> bool:
+    """One reactor turn: run the wake-ups due now, not those they schedule (the reactor runs
+    those a turn later; task.Clock.advance(0) would run them at once). False if none."""
+    due = [c for c in _woken_calls(clock) if c.getTime() <= clock.seconds()]
+    for call in due:
+        func, args, kw = call.func, call.args, call.kw
+        call.cancel()  # out of the clock, then run as the reactor would have
+        func(*args, **kw)
+    return bool(due)
+
+
+def test_frames_beyond_the_per_turn_share_are_served_next_turn_in_order(
+    factory: SessionFactory, clock: Clock
+) -> None:
+    peer = Peer(factory)
+    peer.login()
+    n = 2 * FRAMES_PER_TURN + 5
+    peer.send(*(Ping(request_id=rid) for rid in range(1, n + 1)))  # all in one read
+    got = _answers(peer)
+    assert got == [(Pong, rid) for rid in range(1, FRAMES_PER_TURN + 1)]
+    assert not peer.reading and len(_woken_calls(clock)) == 1  # one call, the next turn
+    peer.send(Ping(request_id=n + 1))  # read meanwhile (a transport may): waits behind
+    assert _next_turn(clock)
+    assert got + _answers(peer) == [(Pong, rid) for rid in range(1, 2 * FRAMES_PER_TURN + 1)]
+    assert not peer.reading
+    assert _next_turn(clock)  # the last five, then the frame read meanwhile
+    assert _answers(peer) == [(Pong, rid) for rid in range(2 * FRAMES_PER_TURN + 1, n + 2)]
+    assert not _next_turn(clock) and peer.reading
+    assert peer.session._wake is None and peer.session._pending is None  # idle: nothing kept
+
+
+def test_the_per_turn_share_and_the_in_flight_cap_keep_the_order(
+    factory: SessionFactory, clock: Clock, service: SlowService
+) -> None:
+    peer = Peer(factory)
+    peer.login()
+    pings = [Ping(request_id=rid) for rid in range(100, 100 + FRAMES_PER_TURN + 3)]
+    pulls = [HistoryPull(ConvKind.USER, 8, 0, 10, request_id=rid) for rid in (1, 2, 3)]
+    peer.send(*pings, *pulls)
+    clock.advance(0)  # the rest of the PINGs, then two pulls: the cap (2)
+    assert [rid for rid, _ in service.waiting] == [1, 2] and not peer.reading
+    service.finish(2)
+    assert [rid for rid, _ in service.waiting] == [3]
+    service.finish()
+    assert _answers(peer) == [
+        *((Pong, p.request_id) for p in pings), (HistoryPage, 1), (HistoryPage, 2),
+        (HistoryPage, 3),
+    ]  # fmt: skip
+    assert peer.reading and not _woken_calls(clock)
+
+
+def test_a_pending_turn_is_cancelled_when_the_connection_is_lost(
+    factory: SessionFactory, clock: Clock
+) -> None:
+    peer = Peer(factory)
+    peer.login()
+    peer.send(*(Ping(request_id=rid) for rid in range(1, 2 * FRAMES_PER_TURN)))
+    assert len(_woken_calls(clock)) == 1
+    peer.session.connectionLost()
+    assert not _woken_calls(clock) and peer.session._wake is None
+
+
+def test_before_hello_ok_a_few_frames_per_turn_and_a_budget_per_second(
+    factory: SessionFactory, clock: Clock
+) -> None:
+    peer = Peer(factory)
+    n = PRELOGIN_BURST + 3
+    peer.send(*(Ping(request_id=rid) for rid in range(1, n + 1)))
+    assert _answers(peer) == [(Pong, rid) for rid in range(1, PRELOGIN_FRAMES_PER_TURN + 1)]
+    for _ in range(2 * PRELOGIN_BURST):  # turns at the same instant: the burst, no more
+        clock.advance(0)
+    assert len(peer.frames()) == PRELOGIN_BURST - PRELOGIN_FRAMES_PER_TURN
+    assert not peer.reading and len(_woken_calls(clock)) == 1  # waits for the budget
+    clock.advance(1 / PRELOGIN_RATE)
+    assert _answers(peer) == [(Pong, PRELOGIN_BURST + 1)]  # one more per 1/rate seconds
+    clock.advance(2 / PRELOGIN_RATE)
+    assert _answers(peer) == [(Pong, PRELOGIN_BURST + 2), (Pong, PRELOGIN_BURST + 3)]
+    assert peer.reading and not _woken_calls(clock)
+    token = mint(SECRET, 7, "phone", ttl_s=3600, now=NOW)
+    peer.send(Hello(1, 1, "phone", token))  # the budget is spent: the HELLO waits for it too
+    assert peer.frames() == []
+    clock.advance(1 / PRELOGIN_RATE)
+    assert [type(f) for f in peer.frames()] == [HelloOk]  # then logs in, with a larger share
+    peer.send(*(Ping(request_id=rid) for rid in range(1, FRAMES_PER_TURN + 1)))
+    assert len(peer.frames()) == FRAMES_PER_TURN
+
+
+def test_a_client_that_pings_before_its_hello_is_served_at_once(factory: SessionFactory) -> None:
+    peer = Peer(factory)
+    token = mint(SECRET, 7, "phone", ttl_s=3600, now=NOW)
+    peer.session.dataReceived(encode(Ping(request_id=1)) + encode(Hello(1, 1, "phone", token,
+                                                                        request_id=2)))  # fmt: skip
+    assert [type(f) for f in peer.frames()] == [Pong, HelloOk]
+
+
+class RateLimitedService:
+    """SENDs refused RATE_LIMITED with the given retry-afters, in turn, then accepted."""
+
+    def __init__(self, *retry_after_s: float) -> None:
+        self.refusals = list(retry_after_s)
+        self.calls: list[int] = []
+
+    async def send(self, caller: Any, f: Send) -> Frame | bytes:
+        self.calls.append(f.request_id)
+        if self.refusals:
+            wait = self.refusals.pop(0)
+            ms = round(wait * 1000)
+            raise RequestError(ErrorCode.RATE_LIMITED, f"retry_after_ms={ms} too many",
+                               retry_after_s=wait)  # fmt: skip
+        return SendAck(f.client_msg_id, f.request_id, int(NOW * 1000), 0, request_id=f.request_id)
+
+
+def _rate_limited_peer(clock: Clock, *retry_after_s: float) -> tuple[Peer, RateLimitedService]:
+    service = RateLimitedService(*retry_after_s)
+    config = Config(idle_timeout=600, heartbeat=20)
+    factory = SessionFactory(config, service, Hub(), clock, SECRET)  # type: ignore[arg-type]
+    peer = Peer(factory)
+    peer.login()
+    return peer, service
+
+
+def _send(rid: int) -> Send:
+    return Send(rid.to_bytes(16, "big"), ConvKind.USER, 8, 1, b"hi", request_id=rid)
+
+
+def test_a_rate_limited_connection_is_not_read_for_the_retry_after(clock: Clock) -> None:
+    peer, service = _rate_limited_peer(clock, 0.25)
+    peer.send(_send(1), _send(2), Ping(request_id=3), _send(4))  # pipelined, one read
+    (err,) = peer.frames()  # one refusal; the rest waits, unread
+    assert isinstance(err, Error) and err.code == ErrorCode.RATE_LIMITED and err.request_id == 1
+    assert service.calls == [1] and not peer.reading
+    clock.advance(0.2)
+    assert peer.frames() == [] and service.calls == [1]
+    clock.advance(0.05)  # the retry-after has passed: served in order, reading again
+    assert _answers(peer) == [(SendAck, 2), (Pong, 3), (SendAck, 4)]
+    assert service.calls == [1, 2, 4] and peer.reading and not _woken_calls(clock)
+
+
+def test_the_rate_limit_hold_is_capped_and_does_not_shorten(clock: Clock) -> None:
+    peer, _ = _rate_limited_peer(clock, 30.0)
+    peer.send(_send(1), _send(2))
+    assert [type(f) for f in peer.frames()] == [Error] and not peer.reading
+    session = peer.session
+    session._hold(0.0)  # a shorter hold meanwhile (the next turn) keeps the longer one
+    (call,) = _woken_calls(clock)
+    assert call.getTime() == pytest.approx(clock.seconds() + MAX_RATE_HOLD_S)
+    clock.advance(MAX_RATE_HOLD_S)
+    assert _answers(peer) == [(SendAck, 2)] and peer.reading
+
+
+def test_other_errors_do_not_hold_reading(clock: Clock) -> None:
+    class Refuses(RateLimitedService):
+        async def send(self, caller: Any, f: Send) -> Frame | bytes:
+            raise RequestError(ErrorCode.FORBIDDEN, "no")
+
+    config = Config(idle_timeout=600, heartbeat=20)
+    factory = SessionFactory(config, Refuses(), Hub(), clock, SECRET)  # type: ignore[arg-type]
+    peer = Peer(factory)
+    peer.login()
+    peer.send(_send(1), _send(2))
+    assert _answers(peer) == [(Error, 1), (Error, 2)] and peer.reading
 
 
 # ------------------------------------------------------------------ real loopback TCP

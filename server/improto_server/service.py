@@ -100,17 +100,20 @@ def _member_list(users: tuple[int, ...]) -> list[str]:
 
 
 class RequestError(Exception):
-    def __init__(self, code: ErrorCode, text: str = "") -> None:
+    def __init__(self, code: ErrorCode, text: str = "", *, retry_after_s: float = 0.0) -> None:
         super().__init__(f"{code.name}: {text}")
         self.code = code
         self.text = text
+        self.retry_after_s = retry_after_s  # RATE_LIMITED: the wait its text announces
 
 
 def _check_rate(wait_s: float, what: str) -> None:
     """RATE_LIMITED, its retry-after first in the text as PROTOCOL.md 9.4 says, if wait_s > 0."""
     if wait_s > 0.0:
         ms = max(1, math.ceil(wait_s * 1000))
-        raise RequestError(ErrorCode.RATE_LIMITED, f"retry_after_ms={ms} {what}")
+        raise RequestError(
+            ErrorCode.RATE_LIMITED, f"retry_after_ms={ms} {what}", retry_after_s=ms / 1000
+        )
 
 
 def _refused(failure: Failure, msg_id: int) -> NoReturn:

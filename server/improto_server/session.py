@@ -11,17 +11,25 @@ them: SYNC_HINT once drained) and requests are no longer read; above
 connection is dropped. At most `max_requests_in_flight` requests await their reply: frames
 after that wait, and reading stops, until one finishes. Before HELLO_OK a frame may be no
 longer than the largest HELLO.
+
+One peer cannot hold the one reactor thread for long (fair reading): a connection serves at
+most `FRAMES_PER_TURN` frames per reactor turn (`PRELOGIN_FRAMES_PER_TURN` before HELLO_OK,
+and then no more than `PRELOGIN_BURST` at once and `PRELOGIN_RATE` per second); the rest of
+what it read waits, its transport paused, until the next turn, so the other connections'
+frames are served in between. A request refused RATE_LIMITED pauses reading for its
+retry-after (at most `MAX_RATE_HOLD_S`): a pipelining flooder costs one refusal per pause.
+Nothing is refused or reordered for any of this: frames wait, in order.
 """
 
 from __future__ import annotations
 
 from collections import deque
-from collections.abc import Coroutine, Iterable
+from collections.abc import Coroutine
 from typing import Any
 
 from twisted.internet.address import IPv4Address, IPv6Address
 from twisted.internet.defer import Deferred
-from twisted.internet.interfaces import IAddress, IReactorTime, ITransport
+from twisted.internet.interfaces import IAddress, IDelayedCall, IReactorTime, ITransport
 from twisted.internet.protocol import Factory, Protocol, connectionDone
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -56,6 +64,25 @@ log = Logger()
 
 _SYNC_HINT = encode(SyncHint())
 
+# Fair reading. One reactor thread serves every connection, and one read brings up to 64 KiB:
+# ~6,000 PINGs or ~500 small SENDs, tens of milliseconds of decoding and replies that every
+# other connection would wait behind. So a connection serves at most this many frames per
+# reactor turn; the rest waits (reading paused) for the next turn (callLater(0): the timed
+# calls run after every ready connection's read of this turn). 32 covers a normal client's
+# pipelines (a reconnect's pulls, a burst of PUSH_ACKs) in a few turns at ~0.5 ms each.
+FRAMES_PER_TURN = 32
+# Before HELLO_OK a client sends a HELLO and perhaps a PING or a few requests (spec 8.1:
+# PONG, NOT_AUTHENTICATED): fewer frames per turn, and a budget of PRELOGIN_BURST frames at
+# once refilled at PRELOGIN_RATE per second (GCRA in one float, `_budget_at`). Past it the
+# frames wait and reading pauses until the budget has one again; none is refused.
+PRELOGIN_FRAMES_PER_TURN = 4
+PRELOGIN_BURST = 16
+PRELOGIN_RATE = 4.0  # frames per second
+# A request refused RATE_LIMITED (spec 9.4) pauses reading that connection for its
+# retry-after, at most this long: the client may not retry sooner anyway, and a pipelining
+# flooder costs one refusal per pause instead of one per frame it manages to write.
+MAX_RATE_HOLD_S = 1.0
+
 # Requests answered by ChatService, by the name of the method that answers them.
 _HANDLERS: dict[FrameType, str] = {
     FrameType.SEND: "send",
@@ -77,6 +104,7 @@ class Session(Protocol):
     __slots__ = (
         "_addr",
         "_born",
+        "_budget_at",
         "_eager",
         "_early",
         "_early_bytes",
@@ -90,6 +118,7 @@ class Session(Protocol):
         "_since_pause",
         "_stalled_since",
         "_tx_paused",
+        "_wake",
         "caller",
         "closing",
         "connected",
@@ -135,6 +164,9 @@ class Session(Protocol):
         self._stalled_since: float | None = None  # queued output above the high-water mark
         self._expires_at: float | None = None  # the token's expiry, once logged in
         self.deadline: float | None = None  # when the timer calls deadline_due (Deadlines)
+        # reading held until the next turn or a retry-after: the call that resumes it
+        self._wake: IDelayedCall | None = None
+        self._budget_at = 0.0  # before HELLO_OK: when the frame budget is whole again
 
     def _write(self, data: bytes) -> None:
         transport = self.transport
@@ -175,6 +207,9 @@ class Session(Protocol):
     def connectionLost(self, reason: Failure = connectionDone) -> None:
         self.closing = True
         self._cancel_deadline()
+        wake, self._wake = self._wake, None
+        if wake is not None and wake.active():
+            wake.cancel()  # the reactor's reference to this session goes with it
         self._gone()
         self._uncount()
         # Let go of everything at once: a request still running may hold this session a
@@ -205,49 +240,92 @@ class Session(Protocol):
         if self._pending:  # reading is paused; what a read brought waits its turn
             self._pending.extend(items)
             return
-        self._serve(items)
+        self._serve(deque(items))
 
-    def _serve(self, items: Iterable[bytes | FrameTooLarge]) -> None:
-        """Serve frames in order until done, closed, or reading is blocked (the rest wait in
-        `_pending`: no more than one read brought, since reading is paused then)."""
+    def _serve(self, items: deque[bytes | FrameTooLarge]) -> None:
+        """Serve frames from the left of `items`, in order, until none is left, the session
+        closes, reading is blocked, or this turn's share is served; the rest wait in
+        `_pending` (no more than one read brought: reading is paused meanwhile)."""
         self._serving = True
         try:
-            it = iter(items)
-            for item in it:
+            served = 0
+            share = FRAMES_PER_TURN if self.caller is not None else PRELOGIN_FRAMES_PER_TURN
+            while items:
                 if self.closing:
                     return
                 if self._rx_blocked():
-                    self._pending = deque((item, *it))
-                    return
+                    break
+                if served >= share:
+                    self._hold(0.0)  # the rest next turn: other connections' frames first
+                    break
+                if self.caller is None and (wait := self._prelogin_wait()) > 0.0:
+                    self._hold(wait)
+                    break
+                item = items.popleft()
+                served += 1
                 if isinstance(item, FrameTooLarge):
                     self._fatal(item.code, str(item), 0)
                     return
                 self._frame_received(item)
         finally:
             self._serving = False
+        if items and not self.closing:
+            self._pending = items
+
+    def _prelogin_wait(self) -> float:
+        """Before HELLO_OK: take one frame from the budget and return 0.0, or return the
+        seconds until the budget has one (taking nothing)."""
+        now = self.clock.seconds()
+        full_at = max(self._budget_at, now)
+        wait = full_at - now - (PRELOGIN_BURST - 1) / PRELOGIN_RATE
+        if wait > 0.0:
+            return wait
+        self._budget_at = full_at + 1.0 / PRELOGIN_RATE
+        return 0.0
 
     def _rx_blocked(self) -> bool:
         return (
             self._stalled_since is not None
+            or self._wake is not None
             or self._in_flight >= self.factory.config.max_requests_in_flight
         )
 
     def _update_reading(self) -> None:
-        """Pause or resume reading as the output and the requests in flight allow; serve the
-        frames that waited once allowed."""
+        """Serve the frames that waited once allowed, then pause or resume reading: paused
+        while blocked or while frames wait (no more is read than one read brought)."""
+        if self.closing or self.transport is None:
+            return
+        if self._pending and not self._serving and not self._rx_blocked():
+            pending, self._pending = self._pending, None
+            self._serve(pending)
         transport = self.transport
         if self.closing or transport is None:
             return
-        blocked = self._rx_blocked()
-        if blocked != self._rx_paused:
-            self._rx_paused = blocked
-            if blocked:
+        paused = self._rx_blocked() or bool(self._pending)
+        if paused != self._rx_paused:
+            self._rx_paused = paused
+            if paused:
                 transport.pauseProducing()  # type: ignore[attr-defined]
             else:
                 transport.resumeProducing()  # type: ignore[attr-defined]
-        if not blocked and self._pending and not self._serving:
-            pending, self._pending = self._pending, None
-            self._serve(pending)
+
+    def _hold(self, seconds: float) -> None:
+        """Serve and read nothing more for `seconds` (0.0: until the next reactor turn).
+        One pending call per session at most: the later wake-up wins."""
+        if self.closing:
+            return
+        clock = self.clock
+        wake = self._wake
+        if wake is not None:
+            if wake.getTime() >= clock.seconds() + seconds:
+                return  # held at least that long already
+            wake.cancel()
+        self._wake = clock.callLater(seconds, self._woken)
+        self._update_reading()
+
+    def _woken(self) -> None:
+        self._wake = None
+        self._update_reading()
 
     def _frame_received(self, payload: bytes) -> None:
         # PUSH_ACK, one per delivered message, is read without the codec. Anything unusual
@@ -307,6 +385,9 @@ class Session(Protocol):
         err = failure.value
         if isinstance(err, RequestError):
             self.send(Error(err.code, err.text[:1024], request_id=request_id))
+            if err.code == ErrorCode.RATE_LIMITED and err.retry_after_s > 0.0:
+                # the peer may not retry sooner: read its next frames no sooner either
+                self._hold(min(err.retry_after_s, MAX_RATE_HOLD_S))
         else:
             log.failure("request {rid} failed", failure, rid=request_id)
             self.send(Error(ErrorCode.INTERNAL, "internal error", request_id=request_id))
@@ -354,6 +435,7 @@ class Session(Protocol):
         self.caller = Caller(ident.user_id, ident.device_id, self)
         self._expires_at = ident.expires_at
         self.reader.max_length = MAX_FRAME_LENGTH
+        self._budget_at = 0.0  # no budget once logged in (and no float kept per connection)
         if self._prelogin:
             self._prelogin = False
             self.factory.admission.logged_in(self._addr)

@@ -205,6 +205,26 @@ def _flag(args: Sequence[str], name: str) -> str | None:
     return args[args.index(name) + 1] if name in args[:-1] else None
 
 
+# Flags of one process that a split run's persister must not share with its gateway: the
+# gateway's own (--role, and --listen, which cmd has already), and the names that identify a
+# process (its gateway id, its node id for ids).
+_GATEWAY_ONLY = ("--listen", "--role", "--gateway-id", "--node-id")
+
+
+def _without(args: Sequence[str], names: Sequence[str]) -> list[str]:
+    """args minus the flags `names` and their values (`--flag value` or `--flag=value`)."""
+    out: list[str] = []
+    skip = False
+    for arg in args:
+        if skip:
+            skip = False
+        elif arg in names:
+            skip = True
+        elif not any(arg.startswith(f"{name}=") for name in names):
+            out.append(arg)
+    return out
+
+
 def start_improto(
     *extra: str,
     workdir: Path | None = None,
@@ -254,7 +274,9 @@ def start_improto(
         secret=secret, data_dir=workdir / "data",
     )  # fmt: skip
     if gateway:
-        persister = popen([*cmd, "--role", "persister"], workdir / "persister.log", preexec)
+        # the same settings (a --config, limits, retention) as the gateway, but its own role
+        own_flags = [*cmd, *_without(extra, _GATEWAY_ONLY), "--role", "persister"]
+        persister = popen(own_flags, workdir / "persister.log", preexec)
         handle.helper_pids.append(persister.pid)
         handle.on_stop.append(lambda: terminate(persister))
     if purge is not None:
