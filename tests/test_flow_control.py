@@ -50,6 +50,7 @@ from improto_server.hub import Hub
 from improto_server.service import RequestError
 from improto_server.session import (
     FRAMES_PER_TURN,
+    MAX_PULLS_IN_FLIGHT,
     MAX_RATE_HOLD_S,
     PRELOGIN_BURST,
     PRELOGIN_FRAMES_PER_TURN,
@@ -237,6 +238,24 @@ def test_requests_in_flight_are_capped(factory: SessionFactory, service: SlowSer
     ]  # fmt: skip
     service.finish()
     assert [(type(f), f.request_id) for f in peer.frames()] == [(HistoryPage, 4)]
+
+
+def test_page_requests_in_flight_are_capped_lower(clock: Clock, service: SlowService) -> None:
+    # Page requests are capped at MAX_PULLS_IN_FLIGHT even below max_requests_in_flight.
+    config = Config(idle_timeout=600, heartbeat=20, max_requests_in_flight=32)
+    factory = SessionFactory(config, service, Hub(), clock, SECRET)  # type: ignore[arg-type]
+    peer = Peer(factory)
+    peer.login()
+    n = MAX_PULLS_IN_FLIGHT + 2
+    peer.send(*(HistoryPull(ConvKind.USER, 8, 0, 10, request_id=r) for r in range(1, n + 1)))
+    assert [rid for rid, _ in service.waiting] == list(range(1, MAX_PULLS_IN_FLIGHT + 1))
+    assert not peer.reading
+    service.finish()
+    assert len(service.waiting) == MAX_PULLS_IN_FLIGHT and not peer.reading
+    service.finish(MAX_PULLS_IN_FLIGHT)
+    assert [rid for rid, _ in service.waiting] == [n] and peer.reading
+    service.finish()
+    assert [f.request_id for f in peer.frames()] == list(range(1, n + 1))  # in order
 
 
 def test_early_pushes_are_bounded_in_bytes(clock: Clock) -> None:

@@ -71,6 +71,11 @@ _SYNC_HINT = encode(SyncHint())
 # calls run after every ready connection's read of this turn). 32 covers a normal client's
 # pipelines (a reconnect's pulls, a burst of PUSH_ACKs) in a few turns at ~0.5 ms each.
 FRAMES_PER_TURN = 32
+# Page requests awaiting their reply per connection before reading pauses: each builds up to
+# 128 KiB from storage, and a client's sync loop needs one at a time (history paging of
+# several conversations, two), so a pipelining peer cannot queue the store's work.
+MAX_PULLS_IN_FLIGHT = 2
+_PAGE_REQUESTS = frozenset({FrameType.OFFLINE_PULL, FrameType.HISTORY_PULL})
 # Before HELLO_OK a client sends a HELLO and perhaps a PING or a few requests (spec 8.1:
 # PONG, NOT_AUTHENTICATED): fewer frames per turn, and a budget of PRELOGIN_BURST frames at
 # once refilled at PRELOGIN_RATE per second (GCRA in one float, `_budget_at`). Past it the
@@ -113,6 +118,7 @@ class Session(Protocol):
         "_last_rx",
         "_pending",
         "_prelogin",
+        "_pulls",
         "_rx_paused",
         "_serving",
         "_since_pause",
@@ -156,6 +162,7 @@ class Session(Protocol):
         self._addr: str | None = None  # the peer's host, counted in the factory's caps
         self._prelogin = False  # counted among the address's connections not logged in
         self._in_flight = 0  # requests awaiting their reply
+        self._pulls = 0  # of them, page requests (OFFLINE_PULL, HISTORY_PULL)
         self._pending: deque[bytes | FrameTooLarge] | None = None  # read, not yet served
         self._serving = False  # serving frames now (a reply finishing does not serve more)
         self._rx_paused = False  # transport.pauseProducing() called: not reading
@@ -288,6 +295,7 @@ class Session(Protocol):
             self._stalled_since is not None
             or self._wake is not None
             or self._in_flight >= self.factory.config.max_requests_in_flight
+            or self._pulls >= MAX_PULLS_IN_FLIGHT
         )
 
     def _update_reading(self) -> None:
@@ -364,15 +372,22 @@ class Session(Protocol):
             self._push_acked(f.msg_id)
         else:
             method = getattr(self.factory.service, _HANDLERS[f.TYPE])
-            self._run(f.request_id, method(self.caller, f))
+            self._run(f.request_id, method(self.caller, f), f.TYPE in _PAGE_REQUESTS)
 
-    def _run(self, request_id: int, work: Coroutine[Any, Any, Frame | bytes]) -> None:
+    def _run(
+        self, request_id: int, work: Coroutine[Any, Any, Frame | bytes], pull: bool = False
+    ) -> None:
         self._in_flight += 1
+        self._pulls += pull
         d = Deferred.fromCoroutine(work)
         d.addCallbacks(self.send, self._request_failed, errbackArgs=(request_id,))
-        d.addBoth(self._request_done)
-        if self._in_flight >= self.factory.config.max_requests_in_flight:
-            self._update_reading()  # the cap: read no more until one finishes
+        d.addBoth(self._pull_done if pull else self._request_done)
+        if self._rx_blocked():
+            self._update_reading()  # a cap: read no more until one finishes
+
+    def _pull_done(self, result: object) -> None:
+        self._pulls -= 1
+        self._request_done(result)
 
     def _request_done(self, result: object) -> None:
         if isinstance(result, Failure):
