@@ -331,10 +331,12 @@ def login_works(ctx: Ctx) -> bool:
 
 
 def pipeline_flood(c: Client, seconds: float, make: Callable[[int], bytes], out: Outcome,
-                   max_requests: int = 10**9) -> Drained:  # fmt: skip
+                   max_requests: int = 10**9, drain_s: float = 30.0) -> Drained:  # fmt: skip
     """Write requests from make(rid) as fast as the server reads them for `seconds` (at most
-    `max_requests`), reading its answers at the same time; then wait for the answers still
-    due. Returns what came."""
+    `max_requests`), reading its answers at the same time; then wait up to `drain_s` for the
+    answers still due (a server that holds a rate-limited peer answers them slowly: the
+    attacker gives up, and what was never answered was never acknowledged). Returns what
+    came."""
     sock = c.sock
     sock.setblocking(False)
     d = Drained()
@@ -368,7 +370,8 @@ def pipeline_flood(c: Client, seconds: float, make: Callable[[int], bytes], out:
     out.info["requests_written"] = sent
     sock.setblocking(True)
     if not closed:
-        drain(sock, 30.0, quiet_s=5.0, out=d, expect_acks=max(0, sent - answered))
+        drain(sock, drain_s, quiet_s=min(5.0, drain_s), out=d,
+              expect_acks=max(0, sent - answered))  # fmt: skip
     merge(out.errors, d.errors)
     return d
 
@@ -597,6 +600,7 @@ def a07_send_flood(ctx: Ctx) -> Outcome:
         lambda rid: send_frame(receiver, body, rid),
         out,
         max_requests=ctx.q(50_000, 500_000),
+        drain_s=ctx.q(3.0, 30.0),
     )
     elapsed = time.monotonic() - t0  # writing, then the answers still due
     ctx_ledger_add(out, receiver, 1, a.user, d.acks)
@@ -637,6 +641,7 @@ def a08_group_flood(ctx: Ctx) -> Outcome:
         lambda r: group_send_frame(group, body, r + 10),
         out,
         max_requests=ctx.q(2000, 20000),
+        drain_s=ctx.q(3.0, 30.0),
     )
     elapsed = time.monotonic() - t0
     ctx_ledger_add(out, owner.user, 2, group, d.acks)
