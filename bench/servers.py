@@ -37,7 +37,7 @@ __all__ = ["HOST", "ServerHandle", "cpu_seconds", "free_port"]
 
 NOFILE = 1_048_576
 MOSQUITTO = "/usr/sbin/mosquitto"
-UNLIMITED = BENCH_DIR / "unlimited.toml"  # rates raised: benchmarks measure speed
+UNLIMITED = BENCH_DIR / "unlimited.toml"  # limits raised: benchmarks measure speed
 MOSQUITTO_QUEUE = 200_000  # max_queued_messages: per-client queue limit, raised from 1000
 
 
