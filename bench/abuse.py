@@ -48,11 +48,7 @@ from typing import Any
 import servers
 from abuse_wire import (
     BODY_64K,
-    T_CLOSE,
     T_ERROR,
-    T_PUSH,
-    T_SEND_ACK,
-    T_SYNC_HINT,
     Client,
     Drained,
     ProcStats,
@@ -195,6 +191,11 @@ class Outcome:
     checks: dict[str, bool] = field(default_factory=dict)
     peak_bound: int | None = None  # bytes the RSS may rise during the attack (None: no check)
     after_bound: int | None = None  # bytes the RSS may stay above "before" once it ended
+
+    def bound(self, peak: int) -> None:
+        """The RSS may rise by `peak` bytes (plus SLACK) during the attack, SLACK after it."""
+        self.peak_bound = peak + SLACK
+        self.after_bound = SLACK
 
 
 def merge(into: dict[int, int], more: dict[int, int]) -> None:
@@ -397,20 +398,7 @@ def _read_into(sock: socket.socket, buf: bytearray, d: Drained) -> int:
         if not chunk:
             d.closed = True
             return answered
-        d.bytes += len(chunk)
-        buf += chunk
-        for p in split_frames(buf):
-            t = p[1]
-            d.frames[t] = d.frames.get(t, 0) + 1
-            if t == T_ERROR:
-                code = struct.unpack_from(">H", p, 7)[0]
-                d.errors[code] = d.errors.get(code, 0) + 1
-                answered += 1
-            elif t == T_SEND_ACK:
-                d.acks.append(struct.unpack_from(">Q", p, 7 + 16)[0])
-                answered += 1
-            elif t not in (T_PUSH, T_SYNC_HINT, T_CLOSE):
-                answered += 1
+        answered += d.feed(buf, chunk, any_rid=True)
 
 
 def data_dir_bytes(ctx: Ctx) -> int:
@@ -440,8 +428,7 @@ def a01_push_window_cycle(ctx: Ctx) -> Outcome:
         hold(0.5)
         rss.append(ctx.stats.rss_kib())
     out.info.update(cycles=cycles, pushes_per_cycle=per_cycle, rss_after_each_cycle_kib=rss)
-    out.peak_bound = 2 * per_connection_bound(ctx.cfg) + SLACK  # the victim and one sender
-    out.after_bound = SLACK
+    out.bound(2 * per_connection_bound(ctx.cfg))  # the victim and one sender
     return out
 
 
@@ -472,8 +459,7 @@ def a02_pull_pipeline(ctx: Ctx) -> Outcome:
     hold(ctx.q(1.0, 3.0) + ctx.cfg.slow_reader_timeout_s)
     out.disconnected = is_closed(a.sock, 1.0)
     a.close(reset=True)
-    out.peak_bound = per_connection_bound(ctx.cfg) + SLACK
-    out.after_bound = SLACK
+    out.bound(per_connection_bound(ctx.cfg))
     return out
 
 
@@ -489,8 +475,7 @@ def a03_slow_receiver(ctx: Ctx) -> Outcome:
     out.disconnected = is_closed(v.sock, 1.0)
     v.close(reset=True)
     out.info.update(pushes=count)
-    out.peak_bound = 2 * per_connection_bound(ctx.cfg) + SLACK
-    out.after_bound = SLACK
+    out.bound(2 * per_connection_bound(ctx.cfg))
     out.checks["slow_reader_disconnected"] = bool(out.disconnected)
     return out
 
@@ -522,8 +507,7 @@ def a04_prelogin_partial(ctx: Ctx) -> Outcome:
                     still_open_after_hold=still)  # fmt: skip
     out.disconnected = still == 0
     close_all(socks)
-    out.peak_bound = n * PRELOGIN_CONN + SLACK
-    out.after_bound = SLACK
+    out.bound(n * PRELOGIN_CONN)
     return out
 
 
@@ -551,8 +535,7 @@ def a05_prelogin_idle(ctx: Ctx) -> Outcome:
     out.checks["closed_at_login_deadline"] = still == 0
     out.checks["per_address_cap"] = one_open <= cfg.max_prelogin_per_address
     out.checks["logins_still_work"] = works_during and works_after
-    out.peak_bound = (n + one_n) * PRELOGIN_CONN + SLACK
-    out.after_bound = SLACK
+    out.bound((n + one_n) * PRELOGIN_CONN)
     return out
 
 
@@ -579,8 +562,7 @@ def a06_ping_flood(ctx: Ctx) -> Outcome:
     out.disconnected = reconnects > 0 or is_closed(c.sock, 0.5)
     for s in socks:
         s.close(reset=True)
-    out.peak_bound = per_connection_bound(ctx.cfg) + SLACK
-    out.after_bound = SLACK
+    out.bound(per_connection_bound(ctx.cfg))
     return out
 
 
@@ -683,8 +665,7 @@ def a09_big_inflight(ctx: Ctx) -> Outcome:
     a.close(reset=True)
     out.info.update(sends=n, written=written, server_stopped_reading=stalled_once,
                     acked=len(d.acks))  # fmt: skip
-    out.peak_bound = per_connection_bound(ctx.cfg) + SLACK
-    out.after_bound = SLACK
+    out.bound(per_connection_bound(ctx.cfg))
     return out
 
 

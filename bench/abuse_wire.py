@@ -201,6 +201,27 @@ class Drained:
     acks: list[int] = field(default_factory=list)  # msg_ids of SEND_ACKs
     closed: bool = False
 
+    def feed(self, buf: bytearray, chunk: bytes, any_rid: bool = False) -> int:
+        """Count `chunk` and the whole frames it completes in `buf` (taken out of it); return
+        how many answer a request: ERRORs, SEND_ACKs and the other frames but pushes, hints
+        and CLOSE that carry a request_id (or any, with `any_rid`)."""
+        self.bytes += len(chunk)
+        buf += chunk
+        answered = 0
+        for p in split_frames(buf):
+            t = p[1]
+            self.frames[t] = self.frames.get(t, 0) + 1
+            if t == T_ERROR:
+                code = struct.unpack_from(">H", p, 7)[0]
+                self.errors[code] = self.errors.get(code, 0) + 1
+                answered += 1
+            elif t == T_SEND_ACK:
+                self.acks.append(struct.unpack_from(">Q", p, 7 + 16)[0])
+                answered += 1
+            elif t not in (T_PUSH, T_SYNC_HINT, T_CLOSE):
+                answered += 1 if any_rid or _RID.unpack_from(p, 3)[0] else 0
+        return answered
+
 
 def drain(sock: socket.socket, seconds: float, quiet_s: float = 1.0, out: Drained | None = None,
           expect_acks: int = 0) -> Drained:  # fmt: skip
@@ -222,20 +243,7 @@ def drain(sock: socket.socket, seconds: float, quiet_s: float = 1.0, out: Draine
         if not chunk:
             d.closed = True
             break
-        d.bytes += len(chunk)
-        buf += chunk
-        for p in split_frames(buf):
-            t = p[1]
-            d.frames[t] = d.frames.get(t, 0) + 1
-            if t == T_ERROR:
-                code = struct.unpack_from(">H", p, 7)[0]
-                d.errors[code] = d.errors.get(code, 0) + 1
-                answered += 1
-            elif t == T_SEND_ACK:
-                d.acks.append(struct.unpack_from(">Q", p, 7 + 16)[0])
-                answered += 1
-            elif t not in (T_PUSH, T_SYNC_HINT, T_CLOSE) and _RID.unpack_from(p, 3)[0]:
-                answered += 1
+        answered += d.feed(buf, chunk)
         if expect_acks and answered >= expect_acks:
             break
     return d

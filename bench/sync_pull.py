@@ -39,6 +39,7 @@ from pathlib import Path
 from typing import Any
 
 import servers
+from abuse_wire import split_frames
 
 from improto.codec import decode_payload, encode
 from improto.enums import ConvKind
@@ -115,25 +116,13 @@ class Wire:
     def frames(self) -> list[bytes]:
         """Every whole frame buffered, reading until there is at least one."""
         while True:
-            out = self._split()
+            out = split_frames(self.buf)
             if out:
                 return out
             chunk = self.sock.recv(RECV_SIZE)
             if not chunk:
                 raise ConnectionError("server closed the connection")
             self.buf += chunk
-
-    def _split(self) -> list[bytes]:
-        buf, off, out = self.buf, 0, []
-        while len(buf) - off >= 4:
-            (n,) = _LEN.unpack_from(buf, off)
-            if len(buf) - off - 4 < n:
-                break
-            out.append(bytes(buf[off + 4 : off + 4 + n]))
-            off += 4 + n
-        if off:
-            del buf[:off]
-        return out
 
     def reply(self, rid: int, typ: int) -> bytes:
         """The next frame answering request `rid` (pushes and hints in between are skipped)."""

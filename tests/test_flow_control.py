@@ -20,9 +20,8 @@ import pytest_twisted
 from twisted.internet import defer, protocol, reactor
 from twisted.internet.defer import Deferred, gatherResults
 from twisted.internet.task import Clock, deferLater
-from twisted.internet.testing import StringTransport
 
-from improto.codec import FrameReader, decode_payload, encode
+from improto.codec import encode
 from improto.enums import ConvKind
 from improto.errors import ErrorCode
 from improto.frames import (
@@ -46,7 +45,6 @@ from improto_clients.client import IMClient
 from improto_clients.conv_keys import conv_key
 from improto_server.app import Server
 from improto_server.config import Config
-from improto_server.hub import Hub
 from improto_server.service import RequestError
 from improto_server.session import (
     FRAMES_PER_TURN,
@@ -58,9 +56,9 @@ from improto_server.session import (
     Session,
     SessionFactory,
 )
+from tests.support.sessions import NOW, Peer, fake_clock, logged_in, session_factory
 
 SECRET = "flow-control-secret-0123456789abcdef"
-NOW = 1_800_000_000.0
 
 
 class SlowService:
@@ -82,36 +80,9 @@ class SlowService:
         return [rid for rid, _ in done]
 
 
-class Peer:
-    def __init__(self, factory: SessionFactory) -> None:
-        self.session: Session = factory.buildProtocol(None)
-        self.transport = StringTransport()
-        self.session.makeConnection(self.transport)
-        self.reader = FrameReader()
-
-    def send(self, *frames: Frame) -> None:
-        self.session.dataReceived(b"".join(encode(f) for f in frames))
-
-    def frames(self) -> list[Frame]:
-        data = self.transport.value()
-        self.transport.clear()
-        return [decode_payload(p) for p in self.reader.feed(data)]
-
-    def login(self, user: int = 7, device: str = "phone") -> None:
-        self.send(Hello(1, 1, device, mint(SECRET, user, device, ttl_s=3600, now=NOW)))
-        (ok,) = self.frames()
-        assert isinstance(ok, HelloOk), ok
-
-    @property
-    def reading(self) -> bool:
-        return self.transport.producerState == "producing"
-
-
 @pytest.fixture
 def clock() -> Clock:
-    c = Clock()
-    c.advance(NOW)
-    return c
+    return fake_clock()
 
 
 @pytest.fixture
@@ -124,7 +95,7 @@ def factory(clock: Clock, service: SlowService) -> SessionFactory:
     config = Config(idle_timeout=600, heartbeat=20, max_unacked_pushes=5,
                     max_requests_in_flight=2, output_hard_limit_bytes=1000,
                     slow_reader_timeout_s=30)  # fmt: skip
-    return SessionFactory(config, service, Hub(), clock, SECRET)  # type: ignore[arg-type]
+    return session_factory(config, clock, SECRET, service)
 
 
 def _push(msg_id: int, body: bytes = b"x") -> bytes:
@@ -139,8 +110,7 @@ def test_the_session_is_a_streaming_producer_of_its_transport(factory: SessionFa
 def test_a_full_transport_stops_pushes_and_reading_then_sync_hint(
     factory: SessionFactory,
 ) -> None:
-    peer = Peer(factory)
-    peer.login()
+    peer = logged_in(factory)
     session = peer.session
     session.push(1, _push(1))
     session.pauseProducing()  # what Twisted calls when the transport's buffer is full
@@ -159,8 +129,7 @@ def test_a_full_transport_stops_pushes_and_reading_then_sync_hint(
 
 
 def test_the_push_window_and_the_output_both_hold_the_hint(factory: SessionFactory) -> None:
-    peer = Peer(factory)
-    peer.login()
+    peer = logged_in(factory)
     session = peer.session
     for msg_id in range(1, 7):  # window 5: the sixth waits in the inbox
         session.push(msg_id, _push(msg_id))
@@ -175,8 +144,7 @@ def test_the_push_window_and_the_output_both_hold_the_hint(factory: SessionFacto
 def test_past_the_hard_limit_the_connection_is_dropped_without_close(
     factory: SessionFactory, service: SlowService
 ) -> None:
-    peer = Peer(factory)
-    peer.login()
+    peer = logged_in(factory)
     session = peer.session
     peer.send(HistoryPull(ConvKind.USER, 8, 0, 10, request_id=1),
               HistoryPull(ConvKind.USER, 8, 0, 10, request_id=2))  # fmt: skip
@@ -196,8 +164,7 @@ def test_past_the_hard_limit_the_connection_is_dropped_without_close(
 def test_above_the_high_water_mark_too_long_the_connection_is_dropped(
     factory: SessionFactory, clock: Clock
 ) -> None:
-    peer = Peer(factory)
-    peer.login()
+    peer = logged_in(factory)
     peer.session.pauseProducing()
     clock.advance(29.9)
     assert not peer.transport.disconnecting
@@ -207,8 +174,7 @@ def test_above_the_high_water_mark_too_long_the_connection_is_dropped(
 
 
 def test_a_reader_that_drains_in_time_is_kept(factory: SessionFactory, clock: Clock) -> None:
-    peer = Peer(factory)
-    peer.login()
+    peer = logged_in(factory)
     peer.session.pauseProducing()
     clock.advance(20)
     peer.session.resumeProducing()
@@ -222,8 +188,7 @@ def test_a_reader_that_drains_in_time_is_kept(factory: SessionFactory, clock: Cl
 
 
 def test_requests_in_flight_are_capped(factory: SessionFactory, service: SlowService) -> None:
-    peer = Peer(factory)
-    peer.login()
+    peer = logged_in(factory)
     pulls = [HistoryPull(ConvKind.USER, 8, 0, 10, request_id=rid) for rid in (1, 2, 3, 4)]
     peer.send(*pulls, Ping(request_id=9))  # all in one read
     assert [rid for rid, _ in service.waiting] == [1, 2] and not peer.reading
@@ -243,9 +208,8 @@ def test_requests_in_flight_are_capped(factory: SessionFactory, service: SlowSer
 def test_page_requests_in_flight_are_capped_lower(clock: Clock, service: SlowService) -> None:
     # Page requests are capped at MAX_PULLS_IN_FLIGHT even below max_requests_in_flight.
     config = Config(idle_timeout=600, heartbeat=20, max_requests_in_flight=32)
-    factory = SessionFactory(config, service, Hub(), clock, SECRET)  # type: ignore[arg-type]
-    peer = Peer(factory)
-    peer.login()
+    factory = session_factory(config, clock, SECRET, service)
+    peer = logged_in(factory)
     n = MAX_PULLS_IN_FLIGHT + 2
     peer.send(*(HistoryPull(ConvKind.USER, 8, 0, 10, request_id=r) for r in range(1, n + 1)))
     assert [rid for rid, _ in service.waiting] == list(range(1, MAX_PULLS_IN_FLIGHT + 1))
@@ -260,7 +224,7 @@ def test_page_requests_in_flight_are_capped_lower(clock: Clock, service: SlowSer
 
 def test_early_pushes_are_bounded_in_bytes(clock: Clock) -> None:
     config = Config(output_high_water_bytes=1000)
-    factory = SessionFactory(config, None, Hub(), clock, SECRET)  # type: ignore[arg-type]
+    factory = session_factory(config, clock, SECRET)
     session = Peer(factory).session
     for msg_id in range(1, 6):  # before HELLO_OK: kept until it is sent, 400 bytes each
         session.push(msg_id, _push(msg_id, b"z" * 300))
@@ -270,8 +234,7 @@ def test_early_pushes_are_bounded_in_bytes(clock: Clock) -> None:
 def test_a_closed_session_is_freed_by_reference_counting(
     factory: SessionFactory, service: SlowService
 ) -> None:
-    peer = Peer(factory)
-    peer.login()
+    peer = logged_in(factory)
     session = peer.session
     for msg_id in (1, 2, 3):
         session.push(msg_id, _push(msg_id, b"b" * 60_000))  # unacked, unsent
@@ -317,8 +280,7 @@ def _next_turn(clock: Clock) -> bool:
 def test_frames_beyond_the_per_turn_share_are_served_next_turn_in_order(
     factory: SessionFactory, clock: Clock
 ) -> None:
-    peer = Peer(factory)
-    peer.login()
+    peer = logged_in(factory)
     n = 2 * FRAMES_PER_TURN + 5
     peer.send(*(Ping(request_id=rid) for rid in range(1, n + 1)))  # all in one read
     got = _answers(peer)
@@ -337,8 +299,7 @@ def test_frames_beyond_the_per_turn_share_are_served_next_turn_in_order(
 def test_the_per_turn_share_and_the_in_flight_cap_keep_the_order(
     factory: SessionFactory, clock: Clock, service: SlowService
 ) -> None:
-    peer = Peer(factory)
-    peer.login()
+    peer = logged_in(factory)
     pings = [Ping(request_id=rid) for rid in range(100, 100 + FRAMES_PER_TURN + 3)]
     pulls = [HistoryPull(ConvKind.USER, 8, 0, 10, request_id=rid) for rid in (1, 2, 3)]
     peer.send(*pings, *pulls)
@@ -357,8 +318,7 @@ def test_the_per_turn_share_and_the_in_flight_cap_keep_the_order(
 def test_a_pending_turn_is_cancelled_when_the_connection_is_lost(
     factory: SessionFactory, clock: Clock
 ) -> None:
-    peer = Peer(factory)
-    peer.login()
+    peer = logged_in(factory)
     peer.send(*(Ping(request_id=rid) for rid in range(1, 2 * FRAMES_PER_TURN)))
     assert len(_woken_calls(clock)) == 1
     peer.session.connectionLost()
@@ -418,9 +378,8 @@ class RateLimitedService:
 def _rate_limited_peer(clock: Clock, *retry_after_s: float) -> tuple[Peer, RateLimitedService]:
     service = RateLimitedService(*retry_after_s)
     config = Config(idle_timeout=600, heartbeat=20)
-    factory = SessionFactory(config, service, Hub(), clock, SECRET)  # type: ignore[arg-type]
-    peer = Peer(factory)
-    peer.login()
+    factory = session_factory(config, clock, SECRET, service)
+    peer = logged_in(factory)
     return peer, service
 
 
@@ -459,9 +418,8 @@ def test_other_errors_do_not_hold_reading(clock: Clock) -> None:
             raise RequestError(ErrorCode.FORBIDDEN, "no")
 
     config = Config(idle_timeout=600, heartbeat=20)
-    factory = SessionFactory(config, Refuses(), Hub(), clock, SECRET)  # type: ignore[arg-type]
-    peer = Peer(factory)
-    peer.login()
+    factory = session_factory(config, clock, SECRET, Refuses())
+    peer = logged_in(factory)
     peer.send(_send(1), _send(2))
     assert _answers(peer) == [(Error, 1), (Error, 2)] and peer.reading
 

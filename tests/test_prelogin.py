@@ -8,59 +8,24 @@ import struct
 
 import pytest
 
-from twisted.internet.address import IPv4Address
 from twisted.internet.task import Clock
-from twisted.internet.testing import StringTransport
 
-from improto.codec import FrameReader, decode_payload, encode
+from improto.codec import encode
 from improto.enums import CloseReason, FrameType
 from improto.errors import ErrorCode
-from improto.frames import Close, Error, Frame, Hello, HelloOk, Ping, Pong
+from improto.frames import Close, Error, Hello, Ping, Pong
 from improto.limits import MAX_DEVICE_ID, MAX_FRAME_LENGTH, MAX_HELLO_FRAME, MAX_TOKEN
-from improto.tokens import mint
 from improto_server.app import raise_open_file_limit, with_backlog
 from improto_server.config import Config
-from improto_server.hub import Hub
 from improto_server.session import SessionFactory
+from tests.support.sessions import Peer, fake_clock, logged_in, session_factory
 
 SECRET = "prelogin-secret-0123456789abcdef0123"
-NOW = 1_800_000_000.0
-
-
-class Peer:
-    def __init__(self, factory: SessionFactory, host: str = "192.0.2.1") -> None:
-        self.session = factory.buildProtocol(None)
-        self.transport = StringTransport(peerAddress=IPv4Address("TCP", host, 40000))
-        self.session.makeConnection(self.transport)
-        self.reader = FrameReader()
-
-    def send(self, data: Frame | bytes) -> None:
-        self.session.dataReceived(data if isinstance(data, bytes) else encode(data))
-
-    def frames(self) -> list[Frame]:
-        data = self.transport.value()
-        self.transport.clear()
-        return [decode_payload(p) for p in self.reader.feed(data)]
-
-    def hello(self, user: int = 7, device: str = "phone") -> list[Frame]:
-        self.send(Hello(1, 1, device, mint(SECRET, user, device, ttl_s=3600, now=NOW),
-                        request_id=1))  # fmt: skip
-        return self.frames()
-
-    def login(self, user: int = 7, device: str = "phone") -> None:
-        (ok,) = self.hello(user, device)
-        assert isinstance(ok, HelloOk), ok
-
-    @property
-    def closed(self) -> bool:
-        return bool(self.transport.disconnecting)
 
 
 @pytest.fixture
 def clock() -> Clock:
-    c = Clock()
-    c.advance(NOW)
-    return c
+    return fake_clock()
 
 
 @pytest.fixture
@@ -68,7 +33,7 @@ def factory(clock: Clock) -> SessionFactory:
     config = Config(idle_timeout=60, heartbeat=20, login_timeout_s=10,
                     max_connections_per_address=3, max_prelogin_per_address=2,
                     max_devices_per_user=2)  # fmt: skip
-    return SessionFactory(config, None, Hub(), clock, SECRET)  # type: ignore[arg-type]
+    return session_factory(config, clock, SECRET)
 
 
 def _padded_ping(length: int) -> bytes:
@@ -98,8 +63,7 @@ def test_a_longer_prefix_before_login_is_fatal_before_its_body(factory: SessionF
 
 
 def test_after_hello_ok_the_normal_frame_limit_applies(factory: SessionFactory) -> None:
-    peer = Peer(factory)
-    peer.login()
+    peer = logged_in(factory)
     peer.send(_padded_ping(MAX_HELLO_FRAME + 1000))
     (err,) = peer.frames()
     assert isinstance(err, Error) and err.code == ErrorCode.MALFORMED_FRAME and not peer.closed

@@ -120,6 +120,15 @@ async def entries(inbox: Any, user: int) -> list[tuple[int, int]]:
     return [(c, message_of(r).msg_id) for c, r in zip(page.cursors, page.records, strict=True)]
 
 
+async def same_position(stores: tuple[Any, Any], user: int, device: str, cursor: int,
+                        step: int) -> None:  # fmt: skip
+    """Both inboxes (Redis, SQLite) advance one device's position, and read it back, alike."""
+    got = [await s.advance(user, device, cursor) for s in stores]
+    assert got[0] == got[1], step
+    got = [await s.position(user, device) for s in stores]
+    assert got[0] == got[1], step
+
+
 # --------------------------------------------------------------------------- inbox
 
 
@@ -385,10 +394,7 @@ async def test_inbox_matches_the_embedded_store(env, sqlite):
         elif op < 0.70:
             user, device = rng.choice(users), rng.choice(["a", "b"])
             cursor = rng.choice([0, 1, rng.randint(0, 40), 10**6, U64_MAX])
-            got = [await s.advance(user, device, cursor) for s in stores]
-            assert got[0] == got[1], step
-            got = [await s.position(user, device) for s in stores]
-            assert got[0] == got[1], step
+            await same_position(stores, user, device, cursor, step)
         else:
             user = rng.choice(users)
             start = rng.choice([0, rng.randint(0, 40), 2**63, U64_MAX])
@@ -488,10 +494,7 @@ async def test_caps_and_byte_budgets_match_the_embedded_store(env, sqlite):
         elif op < 0.70:
             user, device = rng.choice(users), f"d{rng.randint(0, 70)}"
             cursor = rng.choice([1, rng.randint(0, 400), U64_MAX])
-            got = [await s.advance(user, device, cursor) for s in stores]
-            assert got[0] == got[1], step
-            got = [await s.position(user, device) for s in stores]
-            assert got[0] == got[1], step
+            await same_position(stores, user, device, cursor, step)
         else:
             user = rng.choice(users)
             start = rng.choice([0, rng.randint(0, 400), U64_MAX])

@@ -9,15 +9,13 @@ import pytest
 
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.task import Clock
-from twisted.internet.testing import StringTransport
 
-from improto.codec import FrameReader, decode_payload, encode
+from improto.codec import encode
 from improto.enums import CloseReason, ConvKind, FrameType
 from improto.errors import ErrorCode
 from improto.frames import (
     Close,
     Error,
-    Frame,
     Hello,
     HelloOk,
     Message,
@@ -33,53 +31,21 @@ from improto.tokens import mint
 from improto_server.config import Config
 from improto_server.hub import Hub
 from improto_server.session import Session, SessionFactory
+from tests.support.sessions import NOW, Peer, fake_clock, logged_in, session_factory
 
 SECRET = "session-test-secret-0123456789abcdef"
-NOW = 1_800_000_000.0
-
-
-class Peer:
-    """One connection: a Session on a StringTransport, with helpers to talk to it."""
-
-    def __init__(self, factory: SessionFactory) -> None:
-        self.session = factory.buildProtocol(None)
-        self.transport = StringTransport()
-        self.session.makeConnection(self.transport)
-        self.reader = FrameReader()
-
-    def send(self, frame: Frame | bytes) -> None:
-        self.session.dataReceived(frame if isinstance(frame, bytes) else encode(frame))
-
-    def frames(self) -> list[Frame]:
-        data = self.transport.value()
-        self.transport.clear()
-        return [decode_payload(p) for p in self.reader.feed(data)]
-
-    def login(self, user: int = 7, device: str = "phone", ttl: float = 3600) -> HelloOk:
-        token = mint(SECRET, user, device, ttl_s=ttl, now=NOW)
-        self.send(Hello(1, 1, device, token, request_id=1))
-        (ok,) = self.frames()
-        assert isinstance(ok, HelloOk), ok
-        return ok
-
-    @property
-    def closed(self) -> bool:
-        return bool(self.transport.disconnecting)
 
 
 @pytest.fixture
 def clock() -> Clock:
-    c = Clock()
-    c.advance(NOW)
-    return c
+    return fake_clock()
 
 
 @pytest.fixture
 def factory(clock: Clock) -> SessionFactory:
     config = Config(idle_timeout=60, heartbeat=20, max_unacked_pushes=2)
     # These tests never reach the service: requests that need storage are not sent.
-    service: Any = None
-    return SessionFactory(config, service, Hub(), clock, SECRET)
+    return session_factory(config, clock, SECRET)
 
 
 def test_hello_ok_and_registration(factory: SessionFactory) -> None:
@@ -128,8 +94,7 @@ def test_only_hello_and_ping_before_login(factory: SessionFactory) -> None:
 
 
 def test_second_hello_is_refused(factory: SessionFactory) -> None:
-    peer = Peer(factory)
-    peer.login()
+    peer = logged_in(factory)
     peer.send(Hello(1, 1, "phone", mint(SECRET, 7, "phone", now=NOW), request_id=2))
     (err,) = peer.frames()
     assert isinstance(err, Error) and err.code == ErrorCode.ALREADY_AUTHENTICATED
@@ -137,8 +102,7 @@ def test_second_hello_is_refused(factory: SessionFactory) -> None:
 
 
 def test_unknown_and_server_types_keep_the_connection(factory: SessionFactory) -> None:
-    peer = Peer(factory)
-    peer.login()
+    peer = logged_in(factory)
     peer.send(struct.pack(">IBBBI", 7, 1, 0x7E, 0, 11))
     peer.send(encode(SyncHint(request_id=12)))
     peer.send(Ping(request_id=13))
@@ -186,8 +150,7 @@ def test_frames_split_byte_by_byte(factory: SessionFactory) -> None:
 
 
 def test_idle_timeout_and_activity(factory: SessionFactory, clock: Clock) -> None:
-    peer = Peer(factory)
-    peer.login()
+    peer = logged_in(factory)
     clock.advance(59)
     peer.send(Ping(request_id=1))  # resets the timer
     clock.advance(59)
@@ -208,8 +171,7 @@ def test_idle_timeout_applies_before_login(factory: SessionFactory, clock: Clock
 
 def test_token_expiry_closes_the_session(factory: SessionFactory, clock: Clock) -> None:
     factory.config.idle_timeout = 10_000
-    peer = Peer(factory)
-    peer.login(ttl=100)
+    peer = logged_in(factory, ttl=100)
     clock.advance(99)
     assert not peer.closed
     clock.advance(1)
@@ -221,8 +183,7 @@ def test_token_expiry_closes_the_session(factory: SessionFactory, clock: Clock) 
 def test_same_device_login_replaces_the_old_connection(factory: SessionFactory) -> None:
     old, new = Peer(factory), Peer(factory)
     old.login(device="phone")
-    other = Peer(factory)
-    other.login(device="tablet")
+    other = logged_in(factory, device="tablet")
     new.login(device="phone")
     (close,) = old.frames()
     assert isinstance(close, Close) and close.reason == CloseReason.REPLACED
@@ -238,8 +199,7 @@ def _push(msg_id: int) -> bytes:
 
 
 def test_push_window_then_sync_hint(factory: SessionFactory) -> None:
-    peer = Peer(factory)
-    peer.login()
+    peer = logged_in(factory)
     session: Session = peer.session
     for msg_id in (1, 2, 3):  # window is 2: the third is not written
         session.push(msg_id, _push(msg_id))
@@ -295,8 +255,7 @@ def test_login_cancels_the_login_deadline(factory: SessionFactory, clock: Clock)
 
 
 def test_server_type_is_refused_before_its_body(factory: SessionFactory) -> None:
-    peer = Peer(factory)
-    peer.login()
+    peer = logged_in(factory)
     # A HISTORY_PAGE (server-to-client) whose has_more is 2: the type is the first problem.
     peer.send(struct.pack(">IBBBIBQBH", 7 + 12, 1, FrameType.HISTORY_PAGE, 0, 31, 1, 1002, 2, 0))
     (err,) = peer.frames()

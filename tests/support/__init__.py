@@ -7,6 +7,8 @@
     clock     the fake millisecond clock and the retention constants
     waiting   polling a condition on the running reactor
     recorder  a PersistQueue batch handler that records its deliveries
+    sessions  a Session over a StringTransport (Peer, logged_in), its factory, the fake reactor
+              clock (session, prelogin and flow-control tests)
 
 Imports: the repository root is the import root of tests and benchmarks, so this package is
 `tests.support` everywhere, imported normally. pytest puts the root on sys.path
