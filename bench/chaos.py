@@ -1,6 +1,6 @@
 """Chaos run of production mode, judged from the clients' own view.
 
-    python bench/chaos.py [--quick] [--seconds N] [--seed S] [--keep]
+    python bench/chaos.py [--quick] [--seconds N] [--seed S] [--keep] [--sync-state]
 
 Starts 2 gateways and 2 persisters (`python -m improto_server --storage production --role
 gateway|persister`) on 127.0.0.1 with a fresh key prefix, HBase table and JWT secret, simulates
@@ -14,6 +14,8 @@ It starts the services first (`scripts/services start`, which reuses running one
 faults need services that script started). `--quick` takes about a minute; the default chats
 10 minutes.
 The seed fixes the plan (users, groups, conversations, fault choices); thread timing is real.
+`--sync-state`: about half the devices use the post-v1 features (WIRE_ONCE, CONVERSATIONS,
+READ_RECEIPTS) and bench/chaos_state.py adds its checks (wire-once, read positions, lists).
 
 Clients follow spec/PROTOCOL.md: every SEND has a fresh client_msg_id and stays in the
 device's outbox until a SEND_ACK; after every (re)connect the device runs the offline sync loop
@@ -85,6 +87,7 @@ from pathlib import Path
 from typing import Any
 
 import chaos_faults as cf
+import chaos_state as cs
 
 from improto.codec import encode
 from improto.conformance.conn import Conn, describe
@@ -99,6 +102,7 @@ from improto.frames import (
     GroupCreated,
     HistoryPage,
     HistoryPull,
+    InboxNotice,
     Message,
     OfflineAck,
     OfflineAckOk,
@@ -106,6 +110,7 @@ from improto.frames import (
     OfflinePull,
     Push,
     PushAck,
+    ReadUpdate,
     Send,
     SendAck,
     SyncHint,
@@ -156,6 +161,7 @@ class Plan:
     flush_s: float
     settle_s: float
     partitions: int
+    sync_state: bool = False  # chaos_state: post-v1 devices and their checks
 
     @classmethod
     def from_args(cls, a: argparse.Namespace) -> Plan:
@@ -174,6 +180,7 @@ class Plan:
             flush_s=30.0 if q else 60.0,
             settle_s=30.0 if q else 90.0,
             partitions=a.partitions,
+            sync_state=a.sync_state,
         )
 
 
@@ -263,6 +270,7 @@ class Device(threading.Thread):
         self.bursts_due: list[tuple[float, int, int]] = []  # (when, conv_kind, conv_id)
         self.backoff = 0.1
         self.seq = 0
+        self.state = cs.new_state(self.rng, sim.plan.sync_state)
 
     # --- thread
 
@@ -290,6 +298,7 @@ class Device(threading.Thread):
         self.pump(self.rng.uniform(0.05, 0.3))
         if self.need_sync or now >= self.next_sync:
             self.sync()
+        cs.step(self, now)
         if self.outbox and now >= self.retry_at:
             self.send_frames(list(self.outbox.values()))
         if self.bursts_due and now >= self.bursts_due[0][0]:
@@ -325,6 +334,7 @@ class Device(threading.Thread):
         self.conn = Conn(HOST, port, REQUEST_TIMEOUT_S, self.device_id)
         self.conn.login(self.sim.secret, self.user, self.device_id)
         self.stats["logins"] += 1
+        cs.on_login(self)
         self.sync()  # section 17: on HELLO_OK sync first, then resend unacknowledged SENDs
         if resend and self.outbox:
             self.stats["outbox_resends"] += len(self.outbox)
@@ -372,7 +382,12 @@ class Device(threading.Thread):
                 self.on_push(c, f.message)
             elif isinstance(f, SyncHint):
                 self.need_sync = True
+                self.state.phase = "hint"
                 self.stats["sync_hints"] += 1
+            elif isinstance(f, InboxNotice):
+                cs.on_notice(self, f)
+            elif isinstance(f, ReadUpdate):
+                cs.on_read_update(self, f)
             elif isinstance(f, Close):
                 closed = f
             elif isinstance(f, SendAck) and f.client_msg_id in self.outbox:
@@ -384,6 +399,7 @@ class Device(threading.Thread):
             raise ConnLost(describe(closed))
 
     def on_push(self, c: Conn, m: Message) -> None:
+        cs.arrival(self, m)
         if time.monotonic() < self.drop_pushes_until:
             # A push lost after the transport (the app died before storing it): acked, never
             # recorded. The message must still come in an offline page.
@@ -425,7 +441,10 @@ class Device(threading.Thread):
         if ok.cursor < self.cursor:
             self.sim.problem("anomalies", f"{self.device_id}: position {ok.cursor} < {self.cursor}")
         self.need_sync = False
-        self.next_sync = time.monotonic() + self.rng.uniform(2.0, 5.0)
+        self.state.phase = "online"
+        # a wire-once device syncs only when told to (SYNC_HINT, a notice it cannot apply)
+        self.next_sync = float("inf") if self.state.ext else (
+            time.monotonic() + self.rng.uniform(2.0, 5.0))  # fmt: skip
         self.stats["syncs"] += 1
         self.stats["pages"] += pages
         self.stats["multi_page_syncs"] += pages > 1
@@ -442,6 +461,7 @@ class Device(threading.Thread):
             self.sim.problem("anomalies", f"{self.device_id}: gap=1")
         for m in page.messages:
             self.page_hits[m.msg_id] += 1
+            cs.arrival(self, m)
             self.note(m)
             peer = m.conv_id if m.sender_id == self.user else m.sender_id
             conv = (m.conv_kind, m.conv_id if m.conv_kind == ConvKind.GROUP else peer)
@@ -541,6 +561,7 @@ class Device(threading.Thread):
             self.sim.problem("anomalies", f"{self.device_id}: SEND_ACK for another cmid")
             return
         self.outbox.pop(frame.client_msg_id, None)
+        self.state.sent_ids.add(ack.msg_id)
         self.sim.ledger.acked(self.user, ack)
 
     # --- the verdict's sync (main thread, after the device threads ended)
@@ -553,6 +574,8 @@ class Device(threading.Thread):
             try:
                 self.connect(resend=False)
                 self.pump(0.0)
+                if self.state.ext:
+                    cs.refresh(self)
                 break
             except LOST as e:
                 self.disconnect()
@@ -600,6 +623,10 @@ class Sim:
         self.counts: Counter[str] = Counter()
         self.harness_errors: list[str] = []
         self.injector: cf.Injector | None = None
+        # chaos_state: read marks per (user, conversation), and the history read at the end
+        self.marks_sent: dict[tuple[int, tuple[int, int]], set[int]] = defaultdict(set)
+        self.marks_acked: dict[tuple[int, tuple[int, int]], int] = {}
+        self.history: dict[tuple[int, int, int], list[Message]] = {}
 
     # --- bookkeeping
 
@@ -608,6 +635,14 @@ class Sim:
             self.counts[kind] += 1
             if len(self.problems[kind]) < EXAMPLES:
                 self.problems[kind].append(example)
+
+    def mark_sent(self, user: int, conv: tuple[int, int], msg_id: int) -> None:
+        with self.lock:
+            self.marks_sent[(user, conv)].add(msg_id)
+
+    def mark_acked(self, user: int, conv: tuple[int, int], msg_id: int) -> None:
+        with self.lock:
+            self.marks_acked[(user, conv)] = max(self.marks_acked.get((user, conv), 0), msg_id)
 
     def count_drop(self, mode: str, device: str) -> None:
         with self.lock:
@@ -764,15 +799,16 @@ class Sim:
             for u in s.receivers:
                 expected[u].add(msg_id)
         for d in self.devices:
-            seen = d.page_hits.keys() | d.push_hits.keys()
+            entries = d.page_hits + d.state.notice_hits  # an INBOX_NOTICE lists entries
+            seen = entries.keys() | d.push_hits.keys()
             for msg_id in expected[d.user]:
                 if msg_id not in seen:
                     self.problem("lost", f"{d.device_id} lacks {msg_id} ({acked[msg_id].device})")
-                elif msg_id not in d.page_hits:
+                elif msg_id not in entries:
                     self.problem("offline_missing", f"{d.device_id}: {msg_id} only pushed")
-            for msg_id, n in d.page_hits.items():
+            for msg_id, n in entries.items():
                 for _ in range(n - 1):
-                    self.problem("duplicated", f"{d.device_id}: {msg_id} in {n} page entries")
+                    self.problem("duplicated", f"{d.device_id}: {msg_id} in {n} inbox entries")
             self.counts["push_repeats"] += sum(n - 1 for n in d.push_hits.values())
             self.check_records(d.device_id, d.user, list(d.info.values()), None)
 
@@ -823,12 +859,13 @@ class Sim:
                     got[(m.conv_id, self.group_event(m))].add(m.msg_id)
             for g in self.groups.values():
                 for event, receivers in g.events.items():
-                    ids = got[(g.gid, event)] & (d.page_hits.keys() | d.push_hits.keys())
+                    entries = d.page_hits.keys() | d.state.notice_hits.keys()
+                    ids = got[(g.gid, event)] & (entries | d.push_hits.keys())
                     if d.user not in receivers:
                         continue
                     if not ids:
                         self.problem("lost", f"{d.device_id} lacks the {event} event of {g.gid}")
-                    elif not ids & d.page_hits.keys():
+                    elif not ids & entries:
                         self.problem("offline_missing", f"{d.device_id}: {event} event of "
                                                         f"{g.gid} only pushed")  # fmt: skip
 
@@ -865,6 +902,7 @@ class Sim:
                         break
                     time.sleep(1.0 + attempt)
                 where = f"history {conv_name(kind, cid)} (viewer {viewer})"
+                self.history[(viewer, kind, cid)] = msgs
                 for msg_id in sorted(missing):
                     self.problem("lost", f"{where} lacks {msg_id}")
                 for example in order:
@@ -943,6 +981,7 @@ def run(plan: Plan, keep: bool) -> int:
         sim.verify_devices()
         sim.verify_group_events()
         history_pages = sim.verify_history()
+        sync_state = cs.verify(sim, sim.history) if plan.sync_state else None
         dead = cf.dead_letters(sim.prefix)
         if sim.ledger.ack_conflicts:
             for ex in sim.ledger.ack_conflicts:
@@ -977,6 +1016,8 @@ def run(plan: Plan, keep: bool) -> int:
             "unacked": unacked,
             "pushes": pushes,
         }
+        if sync_state is not None:
+            report.update({k: c[k] for k in cs.PROBLEMS})
         details = {
             "prefix": sim.prefix,
             "workdir": str(workdir),
@@ -1000,8 +1041,10 @@ def run(plan: Plan, keep: bool) -> int:
             "examples": {k: v for k, v in sim.problems.items() if v},
             "harness_errors": sim.harness_errors,
         }
-        bad = any(report[k] for k in ("lost", "duplicated", "out_of_order", "unexpected",
-                                      "offline_missing"))  # fmt: skip
+        if sync_state is not None:
+            details["sync_state"] = sync_state
+        bad = any(report.get(k) for k in ("lost", "duplicated", "out_of_order", "unexpected",
+                                          "offline_missing", *cs.PROBLEMS))  # fmt: skip
         failed = bad or bool(sim.harness_errors) or bool(injector.errors)
         code = 2 if sim.harness_errors or injector.errors else int(bad)
     except (HarnessError, RuntimeError, OSError) as e:
@@ -1036,6 +1079,11 @@ def main() -> None:
     p.add_argument("--users", type=int, help="simulated users (default 40; quick 12)")
     p.add_argument("--rate", type=float, help="messages per second overall (bursts apart)")
     p.add_argument("--partitions", type=int, default=2, help="persist queues (default 2)")
+    p.add_argument(
+        "--sync-state",
+        action="store_true",
+        help="half the devices use WIRE_ONCE and CONVERSATIONS (bench/chaos_state.py)",
+    )
     p.add_argument("--keep", action="store_true", help="keep logs and service data")
     p.add_argument("--purge", metavar="PREFIX", help="delete a kept run's service data, exit")
     args = p.parse_args()

@@ -1,15 +1,19 @@
-"""Persistence path throughput: accept -> queue -> persister -> inbox + history, no clients.
+"""Persistence path throughput: accept -> queue -> persister -> inbox + history + conversation
+lists, no clients.
 
     python bench/persist.py [--storage embedded|production] [--messages N] [--quick]
+                            [--no-conversations]
 
 For 1:1 messages (spread over --pairs conversations) and for a 100-member group, three
 phases of N messages each: `accept` (jobs accepted through the queue, many in flight as
 gateways do, nothing consuming), `drain` (the persister, in this process, starts on that full
-queue: the persistence path alone, until every job is in both stores), `end_to_end` (accept
-and persist at once, as one `--role all` process does). Reports messages/s, inbox entries/s,
-and CPU microseconds per message of this process and of the storage services (Redis,
-RabbitMQ, HBase JVMs, read from /proc). Prints a final JSON line. Production storage needs
-`scripts/services start` first.
+queue: the persistence path alone, until every job is in the inboxes, the history and the
+conversation lists), `end_to_end` (accept and persist at once, as one `--role all` process
+does). Reports messages/s, inbox entries/s, and CPU microseconds per message of this process
+and of the storage services (Redis, RabbitMQ, HBase JVMs, read from /proc). Prints a final
+JSON line. `--no-conversations` leaves the conversation lists out (the persister as it was
+before them: the before/after comparison of issue 13); the JSON says which ran. Production
+storage needs `scripts/services start` first.
 """
 
 from __future__ import annotations
@@ -123,13 +127,19 @@ async def wait_persisted(reactor: Any, persister: Persister, target: int) -> Non
         await task.deferLater(reactor, 0.005, lambda: None)
 
 
+def make_persister(backend: Any, max_batch: int, conversations: bool) -> Persister:
+    lists = backend.conversations if conversations else None
+    return Persister(backend.queue, backend.inbox, backend.history, lists, max_batch=max_batch)
+
+
 async def run_case(reactor: Any, config: Config, group_size: int, n: int, pairs: int,
-                   in_flight: int, max_batch: int) -> dict[str, Any]:  # fmt: skip
+                   in_flight: int, max_batch: int, conversations: bool
+                   ) -> dict[str, Any]:  # fmt: skip
     """Three phases of n messages: accept alone (nothing consumes), drain alone (the
     persister starts on the full queue), then both at once (as `--role all` runs)."""
     backend = make_backend(config, reactor)
     await backend.start()
-    persister = Persister(backend.queue, backend.inbox, backend.history, max_batch=max_batch)
+    persister = make_persister(backend, max_batch, conversations)
     load = Load(group_size, pairs)
     sem = defer.DeferredSemaphore(in_flight)
 
@@ -186,14 +196,16 @@ class _Child(protocol.ProcessProtocol):
 
 
 async def run_split(reactor: Any, config: Config, group_size: int, n: int, pairs: int,
-                    in_flight: int, max_batch: int) -> dict[str, Any]:  # fmt: skip
+                    in_flight: int, max_batch: int, conversations: bool
+                    ) -> dict[str, Any]:  # fmt: skip
     """Accept in this process while a persister process writes (as separate --role gateway
     and --role persister processes run): two Python processes, one per core."""
     backend = make_backend(config, reactor)
     await backend.start()
     child = _Child()
     args = [sys.executable, __file__, "--worker", json.dumps(
-        {"config": asdict(config), "n": n, "max_batch": max_batch}
+        {"config": asdict(config), "n": n, "max_batch": max_batch,
+         "conversations": conversations}
     )]  # fmt: skip
     reactor.spawnProcess(child, sys.executable, args, env=os.environ)
     await child.ready
@@ -216,8 +228,7 @@ async def worker(reactor: Any, spec: dict[str, Any]) -> None:
     config = Config(**spec["config"])
     backend = make_backend(config, reactor)
     await backend.start()
-    persister = Persister(backend.queue, backend.inbox, backend.history,
-                          max_batch=spec["max_batch"])  # fmt: skip
+    persister = make_persister(backend, spec["max_batch"], spec["conversations"])
     persister.start()
     cpu0 = own_cpu()
     print("ready", flush=True)
@@ -272,6 +283,11 @@ def main() -> None:
     p.add_argument("--max-batch", type=int, default=MAX_BATCH, help="persister batch size")
     p.add_argument("--partitions", type=int, default=1, help="persist queues (production)")
     p.add_argument("--quick", action="store_true", help="small counts, for smoke runs")
+    p.add_argument(
+        "--no-conversations",
+        action="store_true",
+        help="do not write the conversation lists (the persister before them)",
+    )
     p.add_argument("--worker", help=argparse.SUPPRESS)  # internal: the persister process
     args = p.parse_args()
     if args.worker:
@@ -279,6 +295,7 @@ def main() -> None:
         task.react(lambda r: Deferred.fromCoroutine(worker(r, spec)))
         return
     n = args.messages or (2000 if args.quick else 20000)
+    conversations = not args.no_conversations
 
     async def run(reactor: Any) -> None:
         results: dict[str, Any] = {}
@@ -294,16 +311,18 @@ def main() -> None:
                     **services.config_fields(),
                 )
                 results[name] = await run_case(
-                    reactor, config, size, count, args.pairs, args.in_flight, args.max_batch
-                )
+                    reactor, config, size, count, args.pairs, args.in_flight, args.max_batch,
+                    conversations,
+                )  # fmt: skip
                 if args.storage == "production":
                     split = replace(
                         config, key_prefix=config.key_prefix + "s",
                         hbase_table=config.hbase_table + "_s",
                     )  # fmt: skip
                     results[name]["two_processes"] = await run_split(
-                        reactor, split, size, count, args.pairs, args.in_flight, args.max_batch
-                    )
+                        reactor, split, size, count, args.pairs, args.in_flight,
+                        args.max_batch, conversations,
+                    )  # fmt: skip
                 print(json.dumps({name: results[name]}), file=sys.stderr)
         summary = {
             "bench": "persist",
@@ -312,6 +331,7 @@ def main() -> None:
             "pairs": args.pairs,
             "max_batch": args.max_batch,
             "partitions": args.partitions,
+            "conversations": conversations,
             "python": platform.python_version(),
             "cpus": os.cpu_count(),
             **results,

@@ -1,4 +1,5 @@
-"""Pure encode/decode of v1 frames: bytes in, typed frames out, no I/O.
+"""Pure encode/decode of frames (v1 and the post-v1 frames of spec 18): bytes in, typed
+frames out, no I/O.
 
 Decoding checks, in this order: length prefix, header length, version, frame type, body
 layout (truncation, trailing bytes, string bounds, UTF-8), then the spec's value ranges
@@ -25,7 +26,15 @@ from improto.errors import (
     UnknownFrameType,
     UnsupportedVersion,
 )
-from improto.frames import FRAME_CLASSES, Frame, GroupSummary, Message, Push, UnreadCount
+from improto.frames import (
+    FRAME_CLASSES,
+    ConvEntry,
+    Frame,
+    GroupSummary,
+    Message,
+    Push,
+    UnreadCount,
+)
 from improto.limits import HEADER_SIZE, LENGTH_PREFIX_SIZE, MAX_FRAME_LENGTH, PROTOCOL_VERSION
 from improto.schema import FRAME, compiled_frame_struct, frame_struct
 
@@ -33,8 +42,8 @@ _LENGTH = struct.Struct(">I")
 _REQUEST_ID = struct.Struct(">I")
 
 # Fields whose wire value is a list of records, and the record class of its entries.
-Record: TypeAlias = Message | UnreadCount | GroupSummary
-R = TypeVar("R", Message, UnreadCount, GroupSummary)
+Record: TypeAlias = Message | UnreadCount | GroupSummary | ConvEntry
+R = TypeVar("R", Message, UnreadCount, GroupSummary, ConvEntry)
 
 # A parsed frame or record: field name -> value (construct's Container, or a plain dict).
 Wire: TypeAlias = Mapping[str, Any]
@@ -43,18 +52,28 @@ _RECORDS: dict[str, type[Record]] = {
     "messages": Message,
     "unread": UnreadCount,
     "groups": GroupSummary,
+    "convs": ConvEntry,
 }
 _RECORD_FIELDS: dict[type[Record], tuple[str, ...]] = {
-    cls: tuple(f.name for f in fields(cls)) for cls in (Message, UnreadCount, GroupSummary)
+    cls: tuple(f.name for f in fields(cls))
+    for cls in (Message, UnreadCount, GroupSummary, ConvEntry)
 }
+# Plain lists of integers: the dataclasses hold them as tuples.
+_INT_LISTS = frozenset({"members", "features", "msg_ids"})
 
 
 def _record(cls: type[R], c: Wire) -> R:
-    return cls(*[c[n] for n in _RECORD_FIELDS[cls]])
+    values = [c[n] for n in _RECORD_FIELDS[cls]]
+    if cls is ConvEntry:  # the one record holding records: its `last` message
+        values[-1] = tuple([_record(Message, m) for m in values[-1]])
+    return cls(*values)
 
 
 def _record_dict(rec: Record) -> dict[str, Any]:
-    return {n: getattr(rec, n) for n in _RECORD_FIELDS[type(rec)]}
+    d = {n: getattr(rec, n) for n in _RECORD_FIELDS[type(rec)]}
+    if isinstance(rec, ConvEntry):
+        d["last"] = [_record_dict(m) for m in rec.last]
+    return d
 
 
 def _field_converters(cls: type[Frame]) -> tuple[tuple[str, Callable[[Any], Any] | None], ...]:
@@ -68,7 +87,7 @@ def _field_converters(cls: type[Frame]) -> tuple[tuple[str, Callable[[Any], Any]
         if name in _RECORDS:
             rcls = _RECORDS[name]
             conv = lambda v, rcls=rcls: tuple([_record(rcls, x) for x in v])  # noqa: E731
-        elif name == "members":
+        elif name in _INT_LISTS:
             conv = tuple
         out.append((name, conv))
     return tuple(out)

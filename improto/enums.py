@@ -19,6 +19,13 @@ class FrameType(IntEnum):
     GROUP_REMOVE = 0x12
     GROUP_MEMBERS = 0x13
     MY_GROUPS = 0x14
+    # client -> server, post-v1 (spec section 18): FEATURES always, the others only on a
+    # connection that enabled CONVERSATIONS (otherwise UNKNOWN_FRAME_TYPE, as in version 1)
+    FEATURES = 0x30
+    CONV_LIST = 0x31
+    CONV_CHANGES = 0x32
+    READ_MARK = 0x33
+    CONV_HIDE = 0x34
     # server -> client: replies are the request type | 0x80
     HELLO_OK = 0x81
     PONG = 0x82
@@ -31,10 +38,17 @@ class FrameType(IntEnum):
     GROUP_REMOVE_OK = 0x92
     GROUP_MEMBER_LIST = 0x93
     GROUP_LIST = 0x94
+    FEATURES_OK = 0xB0
+    CONV_PAGE = 0xB1
+    CONV_CHANGES_PAGE = 0xB2
+    READ_MARK_OK = 0xB3
+    CONV_HIDE_OK = 0xB4
     # server -> client, unsolicited (request_id 0)
     PUSH = 0xA0
     CLOSE = 0xA1
     SYNC_HINT = 0xA2
+    INBOX_NOTICE = 0xA3  # post-v1: only to a connection that enabled WIRE_ONCE
+    READ_UPDATE = 0xA4  # post-v1: only to a connection that enabled CONVERSATIONS
     ERROR = 0xFF
 
     @property
@@ -68,3 +82,17 @@ class CloseReason(IntEnum):
     AUTH_EXPIRED = 3
     IDLE_TIMEOUT = 4
     KICKED = 5
+
+
+class Feature(IntEnum):
+    """Post-v1 features a client enables with FEATURES (spec section 18)."""
+
+    WIRE_ONCE = 1  # INBOX_NOTICE: the offline cursor follows what was pushed
+    CONVERSATIONS = 2  # CONV_LIST, CONV_CHANGES, READ_MARK, CONV_HIDE, READ_UPDATE
+    READ_RECEIPTS = 3  # READ_UPDATE also when a 1:1 peer reads one's messages
+
+
+# Frame types that exist only after FEATURES enabled their feature on the connection.
+POST_V1_REQUESTS = frozenset(
+    {FrameType.CONV_LIST, FrameType.CONV_CHANGES, FrameType.READ_MARK, FrameType.CONV_HIDE}
+)

@@ -13,10 +13,13 @@ from typing import ClassVar
 from improto.enums import ClientKind, ContentType, ConvKind, FrameType
 from improto.errors import BadUtf8, InvalidField, UnsupportedVersion
 from improto.limits import (
+    CONV_PAGE_MAX,
     HISTORY_PAGE_MAX,
+    MAX_FEATURES,
     MAX_GROUP_MEMBERS,
     MAX_GROUPS_PER_USER,
     MAX_IDS_PER_REQUEST,
+    NOTICE_MAX_IDS,
     OFFLINE_PAGE_MAX,
     PROTOCOL_VERSION,
     U64_MAX,
@@ -111,6 +114,37 @@ class GroupSummary:
 
     def validate(self) -> None:
         _check_id(self.group_id, "group_id")
+
+
+@dataclass(frozen=True, slots=True)
+class ConvEntry:
+    """The CONV record of CONV_PAGE and CONV_CHANGES_PAGE (spec 18.3): one conversation as the
+    receiving user sees it (1:1: conv_id is the peer), with its newest message, if any."""
+
+    conv_kind: int
+    conv_id: int
+    version: int
+    hidden: int
+    read_id: int
+    peer_read_id: int
+    unread: int
+    last: tuple[Message, ...]
+
+    def validate(self) -> None:
+        _check_conv(self.conv_kind, self.conv_id)
+        _check_id(self.version, "version")
+        _check_bool(self.hidden, "hidden")
+        if self.conv_kind == ConvKind.GROUP and self.peer_read_id:
+            raise _bad("peer_read_id: must be 0 for a group")
+        _check_count(self.last, 0, 1, "last")
+        for m in self.last:
+            m.validate()
+            # 1:1: the user's own message names the peer, the peer's names the user.
+            mine = m.conv_id == self.conv_id or (
+                self.conv_kind == ConvKind.USER and m.sender_id == self.conv_id
+            )
+            if m.conv_kind != self.conv_kind or not mine:
+                raise _bad("last: message of another conversation")
 
 
 # ----------------------------------------------------------------------------- frames
@@ -406,6 +440,157 @@ class Error(Frame):
     text: str = ""
 
 
+# ------------------------------------------------------------- post-v1 (spec section 18)
+
+
+def _check_features(features: tuple[int, ...]) -> None:
+    # Unknown numbers are allowed: each side ignores what it does not know.
+    _check_count(features, 0, MAX_FEATURES, "features")
+
+
+def _check_limit(limit: int) -> None:
+    if limit > CONV_PAGE_MAX:
+        raise _bad(f"limit: {limit} exceeds {CONV_PAGE_MAX}")
+
+
+@dataclass(frozen=True, slots=True)
+class Features(Frame):
+    TYPE = FrameType.FEATURES
+    features: tuple[int, ...]
+
+    def validate(self) -> None:
+        _check_features(self.features)
+
+
+@dataclass(frozen=True, slots=True)
+class FeaturesOk(Frame):
+    TYPE = FrameType.FEATURES_OK
+    features: tuple[int, ...]
+
+    def validate(self) -> None:
+        _check_features(self.features)
+
+
+@dataclass(frozen=True, slots=True)
+class ConvList(Frame):
+    TYPE = FrameType.CONV_LIST
+    before_id: int = 0
+    limit: int = 0
+
+    def validate(self) -> None:
+        _check_limit(self.limit)
+
+
+@dataclass(frozen=True, slots=True)
+class ConvChanges(Frame):
+    TYPE = FrameType.CONV_CHANGES
+    since_version: int = 0
+    limit: int = 0
+
+    def validate(self) -> None:
+        _check_limit(self.limit)
+
+
+@dataclass(frozen=True, slots=True)
+class _ConvPageBase(Frame):
+    """CONV_PAGE and CONV_CHANGES_PAGE share one layout. The list version is `list_version`
+    (the header's protocol version is the flat wire layout's `version`)."""
+
+    list_version: int
+    has_more: int
+    total_unread: int
+    convs: tuple[ConvEntry, ...]
+
+    def validate(self) -> None:
+        _check_bool(self.has_more, "has_more")
+        _check_count(self.convs, 0, CONV_PAGE_MAX, "convs")
+        for c in self.convs:
+            c.validate()
+
+
+@dataclass(frozen=True, slots=True)
+class ConvPage(_ConvPageBase):
+    TYPE = FrameType.CONV_PAGE
+
+
+@dataclass(frozen=True, slots=True)
+class ConvChangesPage(_ConvPageBase):
+    TYPE = FrameType.CONV_CHANGES_PAGE
+
+
+@dataclass(frozen=True, slots=True)
+class _ReadPosition(Frame):
+    """READ_MARK and READ_MARK_OK: a conversation and a read position in it."""
+
+    conv_kind: int
+    conv_id: int
+    msg_id: int
+
+    def validate(self) -> None:
+        _check_conv(self.conv_kind, self.conv_id)
+        _check_id(self.msg_id, "msg_id")
+
+
+@dataclass(frozen=True, slots=True)
+class ReadMark(_ReadPosition):
+    TYPE = FrameType.READ_MARK
+
+
+@dataclass(frozen=True, slots=True)
+class ReadMarkOk(_ReadPosition):
+    TYPE = FrameType.READ_MARK_OK
+
+
+@dataclass(frozen=True, slots=True)
+class _ConvRef(Frame):
+    """CONV_HIDE and CONV_HIDE_OK: one conversation."""
+
+    conv_kind: int
+    conv_id: int
+
+    def validate(self) -> None:
+        _check_conv(self.conv_kind, self.conv_id)
+
+
+@dataclass(frozen=True, slots=True)
+class ConvHide(_ConvRef):
+    TYPE = FrameType.CONV_HIDE
+
+
+@dataclass(frozen=True, slots=True)
+class ConvHideOk(_ConvRef):
+    TYPE = FrameType.CONV_HIDE_OK
+
+
+@dataclass(frozen=True, slots=True)
+class InboxNotice(Frame):
+    """The inbox entries in (from_cursor, to_cursor] are these messages, in cursor order."""
+
+    TYPE = FrameType.INBOX_NOTICE
+    from_cursor: int
+    to_cursor: int
+    msg_ids: tuple[int, ...]
+
+    def validate(self) -> None:
+        if self.to_cursor <= self.from_cursor:
+            raise _bad(f"to_cursor: {self.to_cursor} is not above from_cursor {self.from_cursor}")
+        _check_ids(self.msg_ids, 1, NOTICE_MAX_IDS, "msg_ids")
+
+
+@dataclass(frozen=True, slots=True)
+class ReadUpdate(Frame):
+    TYPE = FrameType.READ_UPDATE
+    reader_id: int
+    conv_kind: int
+    conv_id: int
+    msg_id: int
+
+    def validate(self) -> None:
+        _check_id(self.reader_id, "reader_id")
+        _check_conv(self.conv_kind, self.conv_id)
+        _check_id(self.msg_id, "msg_id")
+
+
 FRAME_CLASSES: dict[int, type[Frame]] = {
     cls.TYPE.value: cls
     for cls in (
@@ -413,5 +598,7 @@ FRAME_CLASSES: dict[int, type[Frame]] = {
         OfflineAck, OfflineAckOk, HistoryPull, HistoryPage, GroupCreate, GroupCreated,
         GroupAdd, GroupAddOk, GroupRemove, GroupRemoveOk, GroupMembers, GroupMemberList,
         MyGroups, GroupList, Close, SyncHint, Error,
+        Features, FeaturesOk, ConvList, ConvChanges, ConvPage, ConvChangesPage, ReadMark,
+        ReadMarkOk, ConvHide, ConvHideOk, InboxNotice, ReadUpdate,
     )
 }  # fmt: skip

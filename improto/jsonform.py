@@ -10,16 +10,33 @@ from dataclasses import fields
 from typing import Any, TypeVar
 
 from improto.enums import FrameType
-from improto.frames import FRAME_CLASSES, Frame, GroupSummary, Message, Push, UnreadCount
+from improto.frames import (
+    FRAME_CLASSES,
+    ConvEntry,
+    Frame,
+    GroupSummary,
+    Message,
+    Push,
+    UnreadCount,
+)
 
 U64_FIELDS = frozenset(
     {
         "msg_id", "server_time", "sender_id", "conv_id", "user_id", "cursor", "before_id",
         "group_id", "owner_id", "members",
+        # post-v1 (spec section 18)
+        "since_version", "list_version", "version", "read_id", "peer_read_id", "from_cursor",
+        "to_cursor", "msg_ids", "reader_id",
     }
 )  # fmt: skip
-_RECORD_OF = {"messages": Message, "unread": UnreadCount, "groups": GroupSummary}
-_Record = TypeVar("_Record", Message, UnreadCount, GroupSummary)
+_RECORD_OF = {
+    "messages": Message,
+    "unread": UnreadCount,
+    "groups": GroupSummary,
+    "convs": ConvEntry,
+    "last": Message,
+}
+_Record = TypeVar("_Record", Message, UnreadCount, GroupSummary, ConvEntry)
 
 # JSON values are typed Any: a JSON document is only known by what a reader expects of it.
 
@@ -33,11 +50,11 @@ def _value_to_json(name: str, v: object) -> Any:
         return str(v) if name in U64_FIELDS else int(v)
     if isinstance(v, tuple):
         return [_value_to_json(name, x) for x in v]
-    assert isinstance(v, Message | UnreadCount | GroupSummary)
+    assert isinstance(v, Message | UnreadCount | GroupSummary | ConvEntry)
     return record_to_json(v)
 
 
-def record_to_json(rec: Message | UnreadCount | GroupSummary) -> dict[str, Any]:
+def record_to_json(rec: Message | UnreadCount | GroupSummary | ConvEntry) -> dict[str, Any]:
     return {f.name: _value_to_json(f.name, getattr(rec, f.name)) for f in fields(rec)}
 
 

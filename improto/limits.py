@@ -1,4 +1,5 @@
-"""Numeric limits of protocol v1. spec/PROTOCOL.md is normative; these mirror it."""
+"""Numeric limits of protocol v1 and of the post-v1 frames (spec section 18).
+spec/PROTOCOL.md is normative; these mirror it."""
 
 PROTOCOL_VERSION = 1
 
@@ -23,6 +24,12 @@ OFFLINE_PAGE_DEFAULT = 200
 OFFLINE_PAGE_MAX = 200
 HISTORY_PAGE_DEFAULT = 20
 HISTORY_PAGE_MAX = 100
+
+# Post-v1 (spec section 18).
+MAX_FEATURES = 32  # FEATURES / FEATURES_OK list entries
+CONV_PAGE_DEFAULT = 50
+CONV_PAGE_MAX = 100
+NOTICE_MAX_IDS = 200  # INBOX_NOTICE msg_ids
 
 U64_MAX = 2**64 - 1
 # OFFLINE_PULL cursor value meaning "start after the position the server stored for this device".

@@ -16,7 +16,7 @@ queued jobs readable: `record_of_stored` reads every format ever written.
 from __future__ import annotations
 
 import struct
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 
 from improto.codec import decode_payload
 from improto.enums import ConvKind, FrameType
@@ -39,6 +39,11 @@ _UNREAD = struct.Struct(">BQH")
 _OFFLINE_FIXED = struct.Struct(">QBBH")  # cursor, has_more, gap, message count
 _HISTORY_FIXED = struct.Struct(">BQBH")  # conv_kind, conv_id, has_more, message count
 _COUNT = struct.Struct(">H")
+_CONV_FIXED = struct.Struct(">QBIH")  # version, has_more, total_unread, conv count
+_CONV_HEAD = struct.Struct(">BQQBQQIH")  # a CONV record up to its `last` count
+_NOTICE_FIXED = struct.Struct(">QQH")  # from_cursor, to_cursor, msg_id count
+_READ_UPDATE = struct.Struct(">QBQQ")  # reader_id, conv_kind, conv_id, msg_id
+_U32_MAX = 0xFFFFFFFF
 _PUSH_HEADER = _HEAD.pack(PROTOCOL_VERSION, FrameType.PUSH, 0, 0)
 _PUSH_ACK_SIZE = HEADER_SIZE + 8
 _STORE_TAG = bytes((STORE_FORMAT,))
@@ -52,6 +57,16 @@ OFFLINE_OVERHEAD = OFFLINE_FIXED + _UNREAD.size * OFFLINE_PAGE_MAX
 HISTORY_OVERHEAD = HEADER_SIZE + _HISTORY_FIXED.size
 OFFLINE_RECORD_BYTES = MAX_FRAME_LENGTH - OFFLINE_FIXED
 HISTORY_RECORD_BYTES = MAX_FRAME_LENGTH - HISTORY_OVERHEAD
+# CONV_PAGE / CONV_CHANGES_PAGE (spec 18): version u64, has_more, total_unread u32, count u16;
+# a CONV record is CONV_OVERHEAD bytes plus its last message's MESSAGE record, if any.
+CONV_PAGE_FIXED = HEADER_SIZE + 8 + 1 + 4 + 2
+CONV_OVERHEAD = 1 + 8 + 8 + 1 + 8 + 8 + 4 + 2  # kind, id, version, hidden, read, peer, unread, n
+CONV_RECORD_BYTES = MAX_FRAME_LENGTH - CONV_PAGE_FIXED
+
+
+def conv_size(last: bytes | None) -> int:
+    """The bytes of one CONV record whose last message is `last` (a MESSAGE record)."""
+    return CONV_OVERHEAD + (len(last) if last else 0)
 
 
 class CorruptRecord(ValueError):
@@ -165,25 +180,38 @@ def fit(records: Sequence[bytes], budget: int) -> int:
     return fit_sizes(map(len, records), budget)
 
 
-def _unread_key(me: int, record: bytes) -> tuple[int, int] | None:
+# A user's read position per conversation (kind, id as the user sees it): msg_id, 0 = none.
+ReadIds = Mapping[tuple[int, int], int]
+
+
+def _unread_key(me: int, record: bytes, read_ids: ReadIds | None = None) -> tuple[int, int] | None:
     """The conversation a record counts as unread in for `me` (as `me` sees it), or None for
-    `me`'s own message."""
+    `me`'s own message and, given `me`'s read positions (CONVERSATIONS, spec 18.4), for a
+    message at or below the read position of its conversation."""
     sender, kind, conv = conversation_of(record)
     if sender == me:
         return None
-    return (kind, conv) if kind == ConvKind.GROUP else (ConvKind.USER, sender)
+    key = (kind, conv) if kind == ConvKind.GROUP else (ConvKind.USER, sender)
+    if read_ids is not None and _U64.unpack_from(record)[0] <= read_ids.get(key, 0):
+        return None
+    return key
 
 
-def offline_fit(me: int, records: Sequence[bytes], max_length: int = MAX_FRAME_LENGTH) -> int:
+def offline_fit(
+    me: int,
+    records: Sequence[bytes],
+    max_length: int = MAX_FRAME_LENGTH,
+    read_ids: ReadIds | None = None,
+) -> int:
     """How many leading records the fullest OFFLINE_PAGE for `me` of length <= `max_length`
     holds (PROTOCOL.md 10.3), counting the unread list those records really need: the largest
     n whose page fits (at least one, if any). Page lengths grow with n, so the first record
-    that overflows ends the page."""
+    that overflows ends the page. `read_ids` as for `offline_page`."""
     length = OFFLINE_FIXED
     seen: set[tuple[int, int]] = set()
     for n, r in enumerate(records):
         length += len(r)
-        key = _unread_key(me, r)
+        key = _unread_key(me, r, read_ids)
         if key is not None and key not in seen:
             seen.add(key)
             length += _UNREAD.size
@@ -198,13 +226,21 @@ def _frame(kind: FrameType, request_id: int, parts: list[bytes]) -> bytes:
 
 
 def offline_page(
-    request_id: int, me: int, cursor: int, has_more: bool, gap: bool, records: Sequence[bytes]
+    request_id: int,
+    me: int,
+    cursor: int,
+    has_more: bool,
+    gap: bool,
+    records: Sequence[bytes],
+    read_ids: ReadIds | None = None,
 ) -> bytes:
     """A whole OFFLINE_PAGE frame (length prefix included), with its unread counts: per
-    conversation as `me` sees it, messages from others, in order of first appearance."""
+    conversation as `me` sees it, messages from others, in order of first appearance. Given
+    `read_ids` (the connection enabled CONVERSATIONS), only messages above `me`'s read
+    position of their conversation count, and a conversation with none is left out."""
     counts: dict[tuple[int, int], int] = {}
     for r in records:
-        if (key := _unread_key(me, r)) is not None:
+        if (key := _unread_key(me, r, read_ids)) is not None:
             counts[key] = counts.get(key, 0) + 1
     unread = [_UNREAD.pack(k, c, n) for (k, c), n in counts.items()]
     fixed = _OFFLINE_FIXED.pack(cursor, int(has_more), int(gap), len(records))
@@ -220,3 +256,59 @@ def history_page(
         conversation_of(r)  # each record whole, as the codec would insist
     fixed = _HISTORY_FIXED.pack(conv_kind, conv_id, int(has_more), len(records))
     return _frame(FrameType.HISTORY_PAGE, request_id, [fixed, *records])
+
+
+# ---------------------------------------------------------------- post-v1 (spec 18)
+
+# One conversation of a CONV_PAGE / CONV_CHANGES_PAGE as a store returns it: conv_kind,
+# conv_id (as the user sees it), version, hidden, read_id, peer_read_id, unread, and the
+# MESSAGE record of its last message or None.
+ConvRow = tuple[int, int, int, bool | int, int, int, int, bytes | None]
+
+
+def conv_fit(lasts: Iterable[bytes | None], budget: int = CONV_RECORD_BYTES) -> int:
+    """How many leading CONV records with these last messages fit in `budget` record bytes
+    (at least one, if any): with the default, the fullest page a frame holds."""
+    return fit_sizes(map(conv_size, lasts), budget)
+
+
+def conv_page(
+    frame_type: FrameType,
+    request_id: int,
+    version: int,
+    has_more: bool,
+    total_unread: int,
+    rows: Sequence[ConvRow],
+) -> bytes:
+    """A whole CONV_PAGE or CONV_CHANGES_PAGE frame (length prefix included), the stored last
+    messages spliced in. Counts above 2^32-1 saturate, as the spec says of total_unread."""
+    if frame_type not in (FrameType.CONV_PAGE, FrameType.CONV_CHANGES_PAGE):
+        raise ValueError(f"{frame_type!r} is not a conversation page")
+    parts = [_CONV_FIXED.pack(version, int(has_more), min(total_unread, _U32_MAX), len(rows))]
+    for kind, conv, row_version, hidden, read_id, peer_read_id, unread, last in rows:
+        if last is not None:
+            conversation_of(last)  # whole, as the codec would insist
+        n_last = 0 if last is None else 1
+        head = (kind, conv, row_version, int(hidden), read_id, peer_read_id)
+        parts.append(_CONV_HEAD.pack(*head, min(unread, _U32_MAX), n_last))
+        if last is not None:
+            parts.append(last)
+    frame = _frame(frame_type, request_id, parts)
+    if len(frame) - _LEN.size > MAX_FRAME_LENGTH:
+        raise EncodeError(
+            f"{frame_type.name}: {len(frame) - _LEN.size} bytes exceed the frame limit"
+        )
+    return frame
+
+
+def inbox_notice(from_cursor: int, to_cursor: int, msg_ids: Sequence[int]) -> bytes:
+    """A whole INBOX_NOTICE frame (request_id 0): the entries in (from, to] are `msg_ids`."""
+    fixed = _NOTICE_FIXED.pack(from_cursor, to_cursor, len(msg_ids))
+    return _frame(FrameType.INBOX_NOTICE, 0, [fixed, struct.pack(f">{len(msg_ids)}Q", *msg_ids)])
+
+
+def read_update(reader_id: int, conv_kind: int, conv_id: int, msg_id: int) -> bytes:
+    """A whole READ_UPDATE frame (request_id 0)."""
+    return _frame(
+        FrameType.READ_UPDATE, 0, [_READ_UPDATE.pack(reader_id, conv_kind, conv_id, msg_id)]
+    )

@@ -27,15 +27,18 @@ from construct import (
 from improto.enums import FrameType as T
 from improto.fields import Blob, End, FixedBytes, List16, PackedRun, Utf8
 from improto.limits import (
+    CONV_PAGE_MAX,
     HISTORY_PAGE_MAX,
     MAX_BODY,
     MAX_DEVICE_ID,
+    MAX_FEATURES,
     MAX_GROUP_MEMBERS,
     MAX_GROUP_NAME,
     MAX_GROUPS_PER_USER,
     MAX_IDS_PER_REQUEST,
     MAX_TEXT,
     MAX_TOKEN,
+    NOTICE_MAX_IDS,
     OFFLINE_PAGE_MAX,
 )
 
@@ -69,6 +72,20 @@ GROUP_SUMMARY_FIELDS: list[Field] = [
 ]
 
 
+def conv_fields(message: Struct) -> list[Field]:
+    """The CONV record (spec 18.3); `message` is the MESSAGE record's Struct."""
+    return [
+        "conv_kind" / Int8ub,
+        "conv_id" / Int64ub,
+        "version" / Int64ub,
+        "hidden" / Int8ub,
+        "read_id" / Int64ub,
+        "peer_read_id" / Int64ub,
+        "unread" / Int32ub,
+        "last" / List16("last", message, 0, 1),
+    ]
+
+
 def _ids(lo: int, hi: int) -> List16[int, int]:
     return List16("members", Int64ub, lo, hi)
 
@@ -84,6 +101,16 @@ def _bodies(record: Callable[[list[Field]], Struct]) -> dict[T, list[Field]]:
         record(UNREAD_FIELDS),
         record(GROUP_SUMMARY_FIELDS),
     )
+    conv = record(conv_fields(message))
+    features: list[Field] = ["features" / List16("features", Int16ub, 0, MAX_FEATURES)]
+    conv_page: list[Field] = [
+        "list_version" / Int64ub,  # not "version": the header already has that name
+        "has_more" / Int8ub,
+        "total_unread" / Int32ub,
+        "convs" / List16("convs", conv, 0, CONV_PAGE_MAX),
+    ]
+    position: list[Field] = ["conv_kind" / Int8ub, "conv_id" / Int64ub, "msg_id" / Int64ub]
+    conv_ref: list[Field] = ["conv_kind" / Int8ub, "conv_id" / Int64ub]
     return {
         T.HELLO: [
             "protocol_version" / Int8ub,
@@ -158,6 +185,28 @@ def _bodies(record: Callable[[list[Field]], Struct]) -> dict[T, list[Field]]:
         T.CLOSE: ["reason" / Int8ub, "text" / _text()],
         T.SYNC_HINT: [],
         T.ERROR: ["code" / Int16ub, "text" / _text()],
+        # post-v1 (spec section 18)
+        T.FEATURES: features,
+        T.FEATURES_OK: features,
+        T.CONV_LIST: ["before_id" / Int64ub, "limit" / Int8ub],
+        T.CONV_CHANGES: ["since_version" / Int64ub, "limit" / Int8ub],
+        T.CONV_PAGE: conv_page,
+        T.CONV_CHANGES_PAGE: conv_page,
+        T.READ_MARK: position,
+        T.READ_MARK_OK: position,
+        T.CONV_HIDE: conv_ref,
+        T.CONV_HIDE_OK: conv_ref,
+        T.INBOX_NOTICE: [
+            "from_cursor" / Int64ub,
+            "to_cursor" / Int64ub,
+            "msg_ids" / List16("msg_ids", Int64ub, 1, NOTICE_MAX_IDS),
+        ],
+        T.READ_UPDATE: [
+            "reader_id" / Int64ub,
+            "conv_kind" / Int8ub,
+            "conv_id" / Int64ub,
+            "msg_id" / Int64ub,
+        ],
     }
 
 

@@ -1,4 +1,5 @@
-"""Generates spec/vectors/valid.json and invalid.json: `python -m improto.vectors [DIR]`.
+"""Generates spec/vectors/valid.json and invalid.json (version 1) and ext-valid.json and
+ext-invalid.json (the post-v1 frames of spec section 18): `python -m improto.vectors [DIR]`.
 
 Valid vectors are frame objects encoded by the codec; the test suite re-checks them against
 an independent `struct`-based reader written from spec/PROTOCOL.md. Invalid vectors are raw
@@ -14,11 +15,20 @@ from pathlib import Path
 from typing import Any
 
 from improto.codec import encode
-from improto.enums import ClientKind, CloseReason, ContentType, ConvKind, FrameType
+from improto.enums import ClientKind, CloseReason, ContentType, ConvKind, Feature, FrameType
 from improto.errors import ErrorCode
 from improto.frames import (
     Close,
+    ConvChanges,
+    ConvChangesPage,
+    ConvEntry,
+    ConvHide,
+    ConvHideOk,
+    ConvList,
+    ConvPage,
     Error,
+    Features,
+    FeaturesOk,
     Frame,
     GroupAdd,
     GroupAddOk,
@@ -34,6 +44,7 @@ from improto.frames import (
     HelloOk,
     HistoryPage,
     HistoryPull,
+    InboxNotice,
     Message,
     MyGroups,
     OfflineAck,
@@ -44,6 +55,9 @@ from improto.frames import (
     Pong,
     Push,
     PushAck,
+    ReadMark,
+    ReadMarkOk,
+    ReadUpdate,
     Send,
     SendAck,
     SyncHint,
@@ -78,10 +92,20 @@ def _msg(msg_id: int, sender: int, conv_kind: int, conv_id: int, body: bytes, **
     return Message(**base)
 
 
+def _m1() -> Message:
+    return _msg(7_301_234_567_890_123_456, 1001, U, 1002, TEXT)
+
+
+def _m2() -> Message:
+    return _msg(7_301_234_567_890_123_457, 1002, U, 1001, "好的\uff0c中午见 👍".encode())
+
+
+def _mg() -> Message:
+    return _msg(7_301_234_567_890_123_460, 1003, G, 5001, "Ça marche — à demain".encode())
+
+
 def valid_frames() -> list[tuple[str, str, Frame]]:
-    m1 = _msg(7_301_234_567_890_123_456, 1001, U, 1002, TEXT)
-    m2 = _msg(7_301_234_567_890_123_457, 1002, U, 1001, "好的\uff0c中午见 👍".encode())
-    mg = _msg(7_301_234_567_890_123_460, 1003, G, 5001, "Ça marche — à demain".encode())
+    m1, m2, mg = _m1(), _m2(), _mg()
     event = _msg(
         7_301_234_567_890_123_400,
         1001,
@@ -306,9 +330,165 @@ def invalid_frames() -> list[tuple[str, str, bytes, ErrorCode]]:
     ]  # fmt: skip
 
 
-def build() -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+# ------------------------------------------------------------- post-v1 (spec 18)
+
+WIRE_ONCE, CONVERSATIONS, READ_RECEIPTS = (
+    Feature.WIRE_ONCE,
+    Feature.CONVERSATIONS,
+    Feature.READ_RECEIPTS,
+)
+# User 1001's conversation list: 1:1 with 1002 (1001 sent m1, then read it as the sender; 1002
+# read m1 and answered m2, unread), group 5001 (mg unread) and 1:1 with 1004, whose messages
+# are past the history retention (a row without a last message).
+_ROW_USER = ConvEntry(U, 1002, 41, 0, _m1().msg_id, _m1().msg_id, 1, (_m2(),))
+_ROW_GROUP = ConvEntry(G, 5001, 42, 0, 7_301_234_567_890_123_400, 0, 1, (_mg(),))
+_ROW_EMPTY = ConvEntry(U, 1004, 7, 0, 0, 0, 0, ())
+
+
+def ext_valid_frames() -> list[tuple[str, str, Frame]]:
+    m1, m2 = _m1(), _m2()
+    read_all = ConvEntry(U, 1002, 43, 0, m2.msg_id, m1.msg_id, 0, (m2,))
+    hidden = ConvEntry(G, 5001, 44, 1, _ROW_GROUP.read_id, 0, 1, (_mg(),))
+    notice_ids = tuple(7_301_234_567_890_124_000 + i for i in range(200))
+    return [
+        ("features", "enable all three features",
+         Features((WIRE_ONCE, CONVERSATIONS, READ_RECEIPTS), request_id=2)),
+        ("features_unknown", "unknown numbers and duplicates, in any order: ignored by the server",
+         Features((READ_RECEIPTS, 77, WIRE_ONCE, 0xFFFF, WIRE_ONCE), request_id=3)),
+        ("features_none", "an empty set: back to version-1 behaviour", Features((), request_id=4)),
+        ("features_ok", "all three enabled, ascending",
+         FeaturesOk((WIRE_ONCE, CONVERSATIONS, READ_RECEIPTS), request_id=2)),
+        ("features_ok_receipts_off", "the server's read_receipts setting is off",
+         FeaturesOk((WIRE_ONCE, CONVERSATIONS), request_id=3)),
+        ("features_ok_none", "nothing enabled", FeaturesOk((), request_id=4)),
+        ("conv_list_first", "first page, newest activity first, default size",
+         ConvList(0, 0, request_id=50)),
+        ("conv_list_before", "next page: before the last row's last msg_id, 100 rows",
+         ConvList(m2.msg_id, 100, request_id=51)),
+        ("conv_changes_all", "every row, ascending version, default size",
+         ConvChanges(0, 0, request_id=52)),
+        ("conv_changes_since", "rows changed after version 42, at most 20",
+         ConvChanges(42, 20, request_id=53)),
+        ("conv_page", "three rows: a group with its last message, a 1:1 with the peer's read "
+         "position, one without a message; more to pull",
+         ConvPage(44, 1, 2, (_ROW_GROUP, _ROW_USER, _ROW_EMPTY), request_id=50)),
+        ("conv_page_empty", "a user with no conversations", ConvPage(0, 0, 0, (), request_id=51)),
+        ("conv_changes_page", "a read mark and a hide since version 42, oldest change first",
+         ConvChangesPage(44, 0, 1, (read_all, hidden), request_id=53)),
+        ("conv_changes_page_empty", "nothing changed: the newest version is 44",
+         ConvChangesPage(44, 0, 1, (), request_id=54)),
+        ("read_mark", "mark the 1:1 with 1002 read up to m2",
+         ReadMark(U, 1002, m2.msg_id, request_id=60)),
+        ("read_mark_ok", "the position recorded (clamped to the newest assigned id)",
+         ReadMarkOk(U, 1002, m2.msg_id, request_id=60)),
+        ("conv_hide", "hide the group from the list (its history stays)",
+         ConvHide(G, 5001, request_id=61)),
+        ("conv_hide_ok", "hidden until a newer message arrives",
+         ConvHideOk(G, 5001, request_id=61)),
+        ("inbox_notice_one", "inbox entry 1043 is m2, already pushed and acknowledged",
+         InboxNotice(1042, 1043, (m2.msg_id,))),
+        ("inbox_notice_200", "the largest notice: entries 2001..2200",
+         InboxNotice(2000, 2200, notice_ids)),
+        ("read_update_own", "user 1001 read the 1:1 with 1002 on another device",
+         ReadUpdate(1001, U, 1002, m2.msg_id)),
+        ("read_update_receipt", "to 1002: user 1001 read 1002's messages up to m2",
+         ReadUpdate(1001, U, 1001, m2.msg_id)),
+    ]  # fmt: skip
+
+
+def _conv_row(
+    kind: int = 1, conv: int = 1002, version: int = 9, hidden: int = 0, peer: int = 0,
+    last: tuple[bytes, ...] = (),
+) -> bytes:  # fmt: skip
+    """A CONV record by hand; `last` are MESSAGE records (from `_record`, conversation 1002)."""
+    return struct.pack(">BQQBQQIH", kind, conv, version, hidden, 5, peer, 0, len(last)) + b"".join(
+        last
+    )
+
+
+def _conv_page(*rows: bytes, ftype: int = FrameType.CONV_PAGE, count: int | None = None) -> bytes:
+    n = len(rows) if count is None else count
+    return _frame(ftype, struct.pack(">QBIH", 9, 0, 0, n) + b"".join(rows))
+
+
+def ext_invalid_frames() -> list[tuple[str, str, bytes, ErrorCode]]:
+    M, UT, I = ErrorCode.MALFORMED_FRAME, ErrorCode.UNKNOWN_FRAME_TYPE, ErrorCode.INVALID_FIELD  # noqa: E741
+    B = ErrorCode.BAD_UTF8
+    notice = FrameType.INBOX_NOTICE
+    read_update = struct.pack(">QBQQ", 1001, 1, 1002, 77)
+    return [
+        ("unknown_type_0x35", "frame type 0x35 is not defined (post-v1 types are 0x30..0x34)",
+         _frame(0x35, b""), UT),
+        ("conv_list_limit_101", "conversation page size above 100",
+         _frame(FrameType.CONV_LIST, struct.pack(">QB", 0, 101)), I),
+        ("conv_changes_limit_255", "conversation page size 255",
+         _frame(FrameType.CONV_CHANGES, struct.pack(">QB", 0, 255)), I),
+        ("conv_list_truncated", "CONV_LIST without its limit byte",
+         _frame(FrameType.CONV_LIST, struct.pack(">Q", 0)), M),
+        ("features_33", "33 features (count checked at the prefix)",
+         _frame(FrameType.FEATURES, struct.pack(">H", 33) + b"\x00\x01" * 33), I),
+        ("features_odd_byte", "FEATURES whose last entry is 1 byte",
+         _frame(FrameType.FEATURES, struct.pack(">HHB", 2, 1, 0)), M),
+        ("features_ok_padded", "FEATURES_OK with a byte after its list",
+         _frame(FrameType.FEATURES_OK, struct.pack(">HH", 1, 1) + b"\x00"), M),
+        ("notice_to_equals_from", "INBOX_NOTICE whose to is not above from",
+         _frame(notice, struct.pack(">QQHQ", 1042, 1042, 1, 77), rid=0), I),
+        ("notice_to_below_from", "INBOX_NOTICE with to < from",
+         _frame(notice, struct.pack(">QQHQ", 1042, 1000, 1, 77), rid=0), I),
+        ("notice_no_ids", "INBOX_NOTICE with no ids",
+         _frame(notice, struct.pack(">QQH", 1042, 1043, 0), rid=0), I),
+        ("notice_201_ids", "INBOX_NOTICE declaring 201 ids (count checked at the prefix)",
+         _frame(notice, struct.pack(">QQH", 0, 201, 201), rid=0), I),
+        ("notice_msg_id_0", "INBOX_NOTICE listing msg_id 0",
+         _frame(notice, struct.pack(">QQHQ", 1042, 1043, 1, 0), rid=0), I),
+        ("notice_ids_short", "INBOX_NOTICE says 2 ids but holds 1",
+         _frame(notice, struct.pack(">QQHQ", 1042, 1044, 2, 77), rid=0), M),
+        ("read_mark_conv_kind_3", "READ_MARK with conversation kind 3",
+         _frame(FrameType.READ_MARK, struct.pack(">BQQ", 3, 1002, 77)), I),
+        ("read_mark_msg_id_0", "READ_MARK at msg_id 0",
+         _frame(FrameType.READ_MARK, struct.pack(">BQQ", 1, 1002, 0)), I),
+        ("read_mark_ok_conv_id_0", "READ_MARK_OK for conversation 0",
+         _frame(FrameType.READ_MARK_OK, struct.pack(">BQQ", 1, 0, 77)), I),
+        ("conv_hide_conv_kind_0", "CONV_HIDE with conversation kind 0",
+         _frame(FrameType.CONV_HIDE, struct.pack(">BQ", 0, 1002)), I),
+        ("conv_hide_padded", "CONV_HIDE with a byte after conv_id",
+         _frame(FrameType.CONV_HIDE, struct.pack(">BQB", 1, 1002, 0)), M),
+        ("conv_hide_ok_truncated", "CONV_HIDE_OK with a 7-byte conv_id",
+         _frame(FrameType.CONV_HIDE_OK, b"\x01" + b"\x00" * 7), M),
+        ("read_update_reader_0", "READ_UPDATE from reader 0",
+         _frame(FrameType.READ_UPDATE, struct.pack(">QBQQ", 0, 1, 1002, 77), rid=0), I),
+        ("read_update_truncated", "READ_UPDATE without the last byte of msg_id",
+         _frame(FrameType.READ_UPDATE, read_update[:-1], rid=0), M),
+        ("conv_hidden_2", "a CONV record with hidden = 2", _conv_page(_conv_row(hidden=2)), I),
+        ("conv_row_kind_3", "a CONV record with conversation kind 3",
+         _conv_page(_conv_row(kind=3)), I),
+        ("conv_version_0", "a CONV record with version 0 (row versions start at 1)",
+         _conv_page(_conv_row(version=0)), I),
+        ("conv_group_peer_read", "a group's CONV record with a peer read position",
+         _conv_page(_conv_row(kind=2, conv=5001, peer=5)), I),
+        ("conv_last_2_messages", "a CONV record with 2 last messages",
+         _conv_page(_conv_row(last=(_record(77), _record(78)))), I),
+        ("conv_last_elsewhere", "a CONV record whose last message belongs to another conversation",
+         _conv_page(_conv_row(conv=1003, last=(_record(77),))), I),
+        ("conv_last_bad_utf8", "a CONV record whose last TEXT message is not UTF-8",
+         _conv_page(_conv_row(last=(_record(77, body=b"\xff"),))), B),
+        ("conv_page_101_convs", "CONV_PAGE declaring 101 rows (count checked at the prefix)",
+         _conv_page(count=101), I),
+        ("conv_page_rows_short", "CONV_CHANGES_PAGE says 2 rows but holds 1",
+         _conv_page(_conv_row(), ftype=FrameType.CONV_CHANGES_PAGE, count=2), M),
+        ("conv_page_has_more_2", "CONV_PAGE with has_more = 2",
+         _frame(FrameType.CONV_PAGE, struct.pack(">QBIH", 9, 2, 0, 0)), I),
+        ("conv_page_padded", "CONV_PAGE with a byte after its rows",
+         _frame(FrameType.CONV_PAGE, struct.pack(">QBIHB", 9, 0, 0, 0, 0)), M),
+    ]  # fmt: skip
+
+
+def _documents(
+    valid_frames: list[tuple[str, str, Frame]],
+    invalid_frames: list[tuple[str, str, bytes, ErrorCode]],
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     valid = []
-    for name, description, frame in valid_frames():
+    for name, description, frame in valid_frames:
         entry = {"name": name, "description": description, "hex": encode(frame).hex()}
         entry.update(frame_to_json(frame))
         valid.append(entry)
@@ -320,18 +500,28 @@ def build() -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
             "error": code.name,
             "error_code": code.value,
         }
-        for name, description, data, code in invalid_frames()
+        for name, description, data, code in invalid_frames
     ]
     return valid, invalid
+
+
+def build() -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """The version-1 vectors (valid.json, invalid.json)."""
+    return _documents(valid_frames(), invalid_frames())
+
+
+def build_ext() -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """The post-v1 vectors (ext-valid.json, ext-invalid.json)."""
+    return _documents(ext_valid_frames(), ext_invalid_frames())
 
 
 def main(argv: list[str] | None = None) -> int:
     args = sys.argv[1:] if argv is None else argv
     out = Path(args[0] if args else "spec/vectors")
-    valid, invalid = build()
-    for fname, doc in (("valid.json", valid), ("invalid.json", invalid)):
-        (out / fname).write_text(json.dumps(doc, indent=1, ensure_ascii=False) + "\n")
-    print(f"wrote {len(valid)} valid and {len(invalid)} invalid vectors to {out}")
+    for prefix, (valid, invalid) in (("", build()), ("ext-", build_ext())):
+        for fname, doc in ((f"{prefix}valid.json", valid), (f"{prefix}invalid.json", invalid)):
+            (out / fname).write_text(json.dumps(doc, indent=1, ensure_ascii=False) + "\n")
+        print(f"wrote {len(valid)} valid and {len(invalid)} invalid {prefix}vectors to {out}")
     return 0
 
 

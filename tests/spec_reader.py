@@ -1,4 +1,5 @@
-"""Independent reader/writer for improto v1 frames, written from spec/PROTOCOL.md alone.
+"""Independent reader/writer for improto frames (version 1 and the post-v1 frames of section
+18), written from spec/PROTOCOL.md alone.
 
 Only the standard library (``struct``) is used; nothing is imported from the project.
 
@@ -71,7 +72,10 @@ class SpecError(Exception):
 #   "raw16"                     bytes[16], lowercase hex
 #   "str8"/"str16", lo, hi      length-prefixed UTF-8 text, byte count in lo..hi
 #   "body"                      bytes16[0..65535], hex; must be UTF-8 if content_type is 0 or 1
-#   "list", elem, lo, hi        list16 with element count in lo..hi; elem is "id" or a record
+#   "list", elem, lo, hi        list16 with element count in lo..hi; elem is "id", "u16" or
+#                               a record
+#   "rule", check               no bytes: check(fields read so far) -> problem text or None,
+#                               a value rule across fields (INVALID_FIELD)
 # ---------------------------------------------------------------------------------------------
 
 CONV_KINDS = frozenset({1, 2})  # 1 user, 2 group
@@ -101,6 +105,47 @@ GROUP = (
     ("group_id", "id"),
     ("name", "str8", 1, 128),
 )
+
+
+def _conv_rule(f: dict) -> str | None:
+    """Section 18.6, CONV: groups have no peer read position; `last` is this conversation's."""
+    if f["conv_kind"] == 2 and f["peer_read_id"] != "0":
+        return "peer_read_id of a group"
+    for m in f["last"]:
+        ours = m["conv_id"] == f["conv_id"] or (
+            f["conv_kind"] == 1 and m["sender_id"] == f["conv_id"]
+        )
+        if m["conv_kind"] != f["conv_kind"] or not ours:
+            return "last message of another conversation"
+    return None
+
+
+def _notice_rule(f: dict) -> str | None:
+    """Section 18.6, INBOX_NOTICE: to_cursor > from_cursor."""
+    return None if int(f["to_cursor"]) > int(f["from_cursor"]) else "to_cursor <= from_cursor"
+
+
+# Section 18.6.
+CONV = (
+    ("conv_kind", "enum8", CONV_KINDS),
+    ("conv_id", "id"),
+    ("version", "id"),
+    ("hidden", "bool"),
+    ("read_id", "u64"),
+    ("peer_read_id", "u64"),
+    ("unread", "u32"),
+    ("last", "list", MESSAGE, 0, 1),
+    ("", "rule", _conv_rule),
+)
+FEATURES = (("features", "list", "u16", 0, 32),)
+CONV_PAGE = (
+    ("list_version", "u64"),
+    ("has_more", "bool"),
+    ("total_unread", "u32"),
+    ("convs", "list", CONV, 0, 100),
+)
+READ_POSITION = (("conv_kind", "enum8", CONV_KINDS), ("conv_id", "id"), ("msg_id", "id"))
+CONV_REF = (("conv_kind", "enum8", CONV_KINDS), ("conv_id", "id"))
 
 # Section 7: type code -> (name, body layout).
 TYPES: dict[int, tuple[str, tuple]] = {
@@ -201,6 +246,35 @@ TYPES: dict[int, tuple[str, tuple]] = {
     0xA2: ("SYNC_HINT", ()),
     # ERROR code: unknown codes are treated by their hundred, so no value is refused.
     0xFF: ("ERROR", (("code", "u16"), ("text", "str16", 0, 1024))),
+    # Section 18.6 (post-v1).
+    0x30: ("FEATURES", FEATURES),
+    0xB0: ("FEATURES_OK", FEATURES),
+    0x31: ("CONV_LIST", (("before_id", "u64"), ("limit", "range8", 0, 100))),
+    0x32: ("CONV_CHANGES", (("since_version", "u64"), ("limit", "range8", 0, 100))),
+    0xB1: ("CONV_PAGE", CONV_PAGE),
+    0xB2: ("CONV_CHANGES_PAGE", CONV_PAGE),
+    0x33: ("READ_MARK", READ_POSITION),
+    0xB3: ("READ_MARK_OK", READ_POSITION),
+    0x34: ("CONV_HIDE", CONV_REF),
+    0xB4: ("CONV_HIDE_OK", CONV_REF),
+    0xA3: (
+        "INBOX_NOTICE",
+        (
+            ("from_cursor", "u64"),
+            ("to_cursor", "u64"),
+            ("msg_ids", "list", "id", 1, 200),
+            ("", "rule", _notice_rule),
+        ),
+    ),
+    0xA4: (
+        "READ_UPDATE",
+        (
+            ("reader_id", "id"),
+            ("conv_kind", "enum8", CONV_KINDS),
+            ("conv_id", "id"),
+            ("msg_id", "id"),
+        ),
+    ),
 }
 TYPE_CODES = {name: code for code, (name, _layout) in TYPES.items()}
 
@@ -291,9 +365,15 @@ class _Reader:
                         value = self.unpack(">Q", f"{what}[{i}]")
                         self.check_int("id", (), value, f"{what}[{i}]")
                         items.append(str(value))
+                    elif elem == "u16":
+                        items.append(self.unpack(">H", f"{what}[{i}]"))
                     else:
                         items.append(self.record(elem, f"{what}[{i}]."))
                 out[name] = items
+            elif kind == "rule":
+                problem = params[0](out)
+                if problem is not None:
+                    self.value_problem("INVALID_FIELD", f"{where}{problem}")
             else:  # pragma: no cover - layout table error
                 raise AssertionError(kind)
         return out
@@ -390,12 +470,14 @@ def _encode_hex(value: object, what: str) -> bytes:
 def _encode_record(layout: tuple, values: dict, where: str) -> bytes:
     if not isinstance(values, dict):
         raise SpecError("INVALID_FIELD", f"{where}: not an object")
-    expected = {spec[0] for spec in layout}
+    expected = {spec[0] for spec in layout if spec[1] != "rule"}
     if set(values) != expected:
         raise SpecError("INVALID_FIELD", f"{where}: fields {sorted(values)} != {sorted(expected)}")
     out = bytearray()
     for spec in layout:
         name, kind, *params = spec
+        if kind == "rule":  # checked by decode() at the end of encode()
+            continue
         what = f"{where}{name}"
         value = values[name]
         if kind in _U64_KINDS:
@@ -422,6 +504,8 @@ def _encode_record(layout: tuple, values: dict, where: str) -> bytes:
             for i, item in enumerate(value):
                 if elem == "id":
                     out += _pack_int(">Q", _u64_from_json(item, f"{what}[{i}]"), what)
+                elif elem == "u16":
+                    out += _pack_int(">H", item, f"{what}[{i}]")
                 else:
                     out += _encode_record(elem, item, f"{what}[{i}].")
         else:  # pragma: no cover - layout table error

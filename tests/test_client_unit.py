@@ -100,6 +100,7 @@ class Harness:
     def __init__(self, state: ClientState | None = None, **kw: Any) -> None:
         self.reactor = MemoryReactorClock()
         kw.setdefault("push_sync_delay", None)
+        kw.setdefault("features", ())  # a version-1 client unless a test asks for features
         self.client = IMClient(SERVER, "tok", "laptop", state=state, reactor=self.reactor, **kw)
         self.messages: list[tuple[str, Message]] = []
         self.closes: list[SessionClosed] = []
@@ -268,9 +269,9 @@ def test_unknown_frame_types_are_skipped(h: Harness) -> None:
     h.login()
     d = h.client.group_members(7)
     (req,) = h.sent()
-    # An undefined type (0xB0) with a body, a client-to-server type carrying the pending
+    # An undefined type (0xBF) with a body, a client-to-server type carrying the pending
     # request's id (section 7: ignored like an unknown type), then the real reply, in one read.
-    unknown = bytes([0, 0, 0, 11, 1, 0xB0, 0, 0, 0, 0, 0, 1, 2, 3, 4])
+    unknown = bytes([0, 0, 0, 11, 1, 0xBF, 0, 0, 0, 0, 0, 1, 2, 3, 4])
     wrong_way = encode(Ping(request_id=req.request_id))
     reply = encode(GroupMemberList(7, ME, "team", (ME, BOB), request_id=req.request_id))
     h.feed_bytes(unknown + wrong_way)

@@ -21,7 +21,16 @@ from improto.errors import MalformedFrame, ProtocolError
 from improto.frames import (
     FRAME_CLASSES,
     Close,
+    ConvChanges,
+    ConvChangesPage,
+    ConvEntry,
+    ConvHide,
+    ConvHideOk,
+    ConvList,
+    ConvPage,
     Error,
+    Features,
+    FeaturesOk,
     Frame,
     GroupAdd,
     GroupAddOk,
@@ -37,6 +46,7 @@ from improto.frames import (
     HelloOk,
     HistoryPage,
     HistoryPull,
+    InboxNotice,
     Message,
     MyGroups,
     OfflineAck,
@@ -47,17 +57,22 @@ from improto.frames import (
     Pong,
     Push,
     PushAck,
+    ReadMark,
+    ReadMarkOk,
+    ReadUpdate,
     Send,
     SendAck,
     SyncHint,
     UnreadCount,
 )
 from improto.limits import (
+    CONV_PAGE_MAX,
     HEADER_SIZE,
     HISTORY_PAGE_MAX,
     LENGTH_PREFIX_SIZE,
     MAX_BODY,
     MAX_DEVICE_ID,
+    MAX_FEATURES,
     MAX_FRAME_LENGTH,
     MAX_GROUP_MEMBERS,
     MAX_GROUP_NAME,
@@ -65,6 +80,7 @@ from improto.limits import (
     MAX_IDS_PER_REQUEST,
     MAX_TEXT,
     MAX_TOKEN,
+    NOTICE_MAX_IDS,
     OFFLINE_PAGE_MAX,
     PROTOCOL_VERSION,
     U64_MAX,
@@ -146,6 +162,32 @@ def _lists(elements: st.SearchStrategy[Any], lo: int = 0, hi: int = 5) -> Any:
 unread_counts = st.builds(UnreadCount, conv_kinds, ids, st.integers(1, 0xFFFF))
 group_summaries = st.builds(GroupSummary, ids, utf8(1, MAX_GROUP_NAME))
 
+
+@st.composite
+def conv_entries(draw: st.DrawFn) -> ConvEntry:
+    last = draw(_lists(messages(), hi=1))
+    if last:  # the conversation is the last message's, as the receiver sees it
+        kind = last[0].conv_kind
+        conv = last[0].conv_id if kind == 2 else draw(st.sampled_from(
+            [last[0].conv_id, last[0].sender_id]))  # fmt: skip
+    else:
+        kind, conv = draw(conv_kinds), draw(ids)
+    peer = 0 if kind == 2 else draw(u64)
+    return ConvEntry(kind, conv, draw(ids), draw(bools), draw(u64), peer, draw(u32), last)
+
+
+@st.composite
+def inbox_notices(draw: st.DrawFn) -> InboxNotice:
+    start = draw(st.integers(0, U64_MAX - 1))
+    return InboxNotice(
+        start, draw(st.integers(start + 1, U64_MAX)), draw(_lists(ids, lo=1)),
+        request_id=draw(u32), flags=draw(u8),
+    )  # fmt: skip
+
+
+features = _lists(u16, hi=MAX_FEATURES)
+conv_limits = st.integers(0, CONV_PAGE_MAX)
+
 FRAME_STRATEGIES: dict[FrameType, st.SearchStrategy[Frame]] = {
     FrameType.HELLO: st.builds(
         Hello, st.just(PROTOCOL_VERSION), client_kinds, utf8(1, MAX_DEVICE_ID),
@@ -191,6 +233,22 @@ FRAME_STRATEGIES: dict[FrameType, st.SearchStrategy[Frame]] = {
     FrameType.CLOSE: st.builds(Close, u8, utf8(0, MAX_TEXT), **header),
     FrameType.SYNC_HINT: st.builds(SyncHint, **header),
     FrameType.ERROR: st.builds(Error, u16, utf8(0, MAX_TEXT), **header),
+    FrameType.FEATURES: st.builds(Features, features, **header),
+    FrameType.FEATURES_OK: st.builds(FeaturesOk, features, **header),
+    FrameType.CONV_LIST: st.builds(ConvList, u64, conv_limits, **header),
+    FrameType.CONV_CHANGES: st.builds(ConvChanges, u64, conv_limits, **header),
+    FrameType.CONV_PAGE: st.builds(
+        ConvPage, u64, bools, u32, _lists(conv_entries(), hi=3), **header
+    ),
+    FrameType.CONV_CHANGES_PAGE: st.builds(
+        ConvChangesPage, u64, bools, u32, _lists(conv_entries(), hi=3), **header
+    ),
+    FrameType.READ_MARK: st.builds(ReadMark, conv_kinds, ids, ids, **header),
+    FrameType.READ_MARK_OK: st.builds(ReadMarkOk, conv_kinds, ids, ids, **header),
+    FrameType.CONV_HIDE: st.builds(ConvHide, conv_kinds, ids, **header),
+    FrameType.CONV_HIDE_OK: st.builds(ConvHideOk, conv_kinds, ids, **header),
+    FrameType.INBOX_NOTICE: inbox_notices(),
+    FrameType.READ_UPDATE: st.builds(ReadUpdate, ids, conv_kinds, ids, ids, **header),
 }  # fmt: skip
 
 frames = st.one_of(*FRAME_STRATEGIES.values())
@@ -232,6 +290,11 @@ MAX_FRAMES: list[tuple[str, Frame]] = [
                                    for i in range(MAX_GROUPS_PER_USER)))),
     ("close", Close(0xFF, "c" * MAX_TEXT)),
     ("error", Error(0xFFFF, "€" * (MAX_TEXT // 3) + "e")),
+    ("features", Features(tuple(range(0xFFFF - MAX_FEATURES + 1, 0x10000)))),
+    ("conv_page", ConvPage(U64_MAX, 1, 0xFFFFFFFF, tuple(
+        ConvEntry(2, U64_MAX, U64_MAX, 1, U64_MAX, 0, 0xFFFFFFFF, (_max_message(b"c" * 1150),))
+        for _ in range(CONV_PAGE_MAX)))),
+    ("inbox_notice", InboxNotice(0, U64_MAX, (U64_MAX,) * NOTICE_MAX_IDS)),
 ]  # fmt: skip
 
 

@@ -25,8 +25,13 @@ def _load(name: str) -> list[dict[str, Any]]:
     return doc
 
 
-VALID = _load("valid.json")
-INVALID = _load("invalid.json")
+V1_VALID = _load("valid.json")
+V1_INVALID = _load("invalid.json")
+# The post-v1 frames (spec section 18) have files of their own: the v1 files stay as they were.
+EXT_VALID = _load("ext-valid.json")
+EXT_INVALID = _load("ext-invalid.json")
+VALID = V1_VALID + EXT_VALID
+INVALID = V1_INVALID + EXT_INVALID
 JSON_KEYS = ("type", "type_code", "request_id", "flags", "fields")
 
 CODECS = [pytest.param(COMPILED, id="compiled"), pytest.param(INTERPRETED, id="interpreted")]
@@ -45,6 +50,12 @@ def test_vector_files_are_not_empty_and_names_are_unique() -> None:
 def test_every_frame_type_has_a_valid_vector() -> None:
     assert {v["type"] for v in VALID} == set(FrameType.__members__)
     assert {v["type_code"] for v in VALID} == set(FRAME_CLASSES)
+
+
+def test_v1_files_hold_only_v1_frame_types() -> None:
+    post_v1 = {t for t in FrameType if 0x30 <= t <= 0x34 or 0xA3 <= t <= 0xB4}
+    assert {FrameType(v["type_code"]) for v in V1_VALID}.isdisjoint(post_v1)
+    assert {FrameType(v["type_code"]) for v in EXT_VALID} == post_v1
 
 
 # ------------------------------------------------------------------------------ valid
@@ -134,8 +145,11 @@ def _normalise(doc: Any) -> Any:
 
 def test_committed_vectors_match_the_generator() -> None:
     valid, invalid = vectors.build()
-    assert _normalise(valid) == VALID
-    assert _normalise(invalid) == INVALID
+    assert _normalise(valid) == V1_VALID
+    assert _normalise(invalid) == V1_INVALID
+    ext_valid, ext_invalid = vectors.build_ext()
+    assert _normalise(ext_valid) == EXT_VALID
+    assert _normalise(ext_invalid) == EXT_INVALID
 
 
 def test_generator_writes_the_committed_files_byte_for_byte(
@@ -143,5 +157,5 @@ def test_generator_writes_the_committed_files_byte_for_byte(
 ) -> None:
     assert vectors.main([str(tmp_path)]) == 0
     capsys.readouterr()
-    for name in ("valid.json", "invalid.json"):
+    for name in ("valid.json", "invalid.json", "ext-valid.json", "ext-invalid.json"):
         assert (tmp_path / name).read_bytes() == (VECTOR_DIR / name).read_bytes(), name

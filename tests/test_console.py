@@ -57,6 +57,11 @@ class LiveClient:
                 self.buf += chunk
         raise AssertionError("event did not arrive")
 
+    def send(self, *lines: str) -> None:
+        assert self.proc.stdin is not None
+        self.proc.stdin.write("".join(f"{line}\n" for line in lines).encode())
+        self.proc.stdin.flush()
+
     def quit(self) -> int:
         assert self.proc.stdin is not None
         self.proc.stdin.close()
@@ -97,3 +102,79 @@ def test_group_commands_and_errors(server_process: Callable[..., ServerHandle]) 
     events = run_script(server, 4, "x", [f"/to group {created['group_id']}", "let me in"])
     (err,) = [e for e in events if e["event"] == "error"]
     assert (err["code"], err["name"]) == (300, "FORBIDDEN")
+
+
+def test_conversations_read_markers_and_receipts(
+    server_process: Callable[..., ServerHandle],
+) -> None:
+    server = server_process()
+    alice = LiveClient(server, 1, "alice-laptop")
+    hello = alice.wait_for(lambda e: e["event"] == "connected")
+    assert hello["features"] == ["CONVERSATIONS", "READ_RECEIPTS", "WIRE_ONCE"]
+    bob = LiveClient(server, 2, "bob-phone")
+    bob.wait_for(lambda e: e["event"] == "connected")
+
+    # Bob writes to alice twice; she is online but looking elsewhere: two unread.
+    bob.send("/to user 1", "lunch?", "noon?")
+    acks = [bob.wait_for(lambda e: e["event"] == "ack") for _ in range(2)]
+    for ack in acks:
+        alice.wait_for(lambda e, a=ack: e["event"] == "message" and e["msg_id"] == a["msg_id"])
+    alice.send("/convs")
+    convs = alice.wait_for(lambda e: e["event"] == "convs")
+    assert convs["total_unread"] == 2
+    (row,) = convs["convs"]
+    assert (row["conv"], row["unread"], row["last"]["text"]) == ("user:2", 2, "noon?")
+
+    # Viewing the conversation marks it read; bob sees the receipt on his two messages.
+    alice.send("/to user 2")
+    marked = alice.wait_for(lambda e: e["event"] == "marked")
+    assert (marked["conv"], marked["msg_id"]) == ("user:2", acks[-1]["msg_id"])
+    assert marked["total_unread"] == 0
+    receipt = bob.wait_for(lambda e: e["event"] == "read")
+    assert receipt["receipt"] and receipt["reader"] == "1" and receipt["conv"] == "user:1"
+    assert receipt["mine"] == [a["msg_id"] for a in acks]
+    bob.send("/convs")
+    listed = bob.wait_for(lambda e: e["event"] == "convs")
+    (row,) = listed["convs"]
+    assert row["last"]["text"] == "noon?" and row["last"]["read"] is True
+    assert listed["total_unread"] == 0  # his own messages are not unread for him
+
+    # Hidden from alice's list, on the server too (a fresh device of hers agrees).
+    alice.send("/hide")
+    alice.wait_for(lambda e: e["event"] == "hidden")
+    alice.send("/convs")
+    assert alice.wait_for(lambda e: e["event"] == "convs")["convs"] == []
+    assert alice.quit() == 0
+
+    def fresh_list() -> list[dict]:
+        events = run_script(server, 1, "alice-phone", ["/convs"])
+        return next(e for e in events if e["event"] == "convs")["convs"]
+
+    _until(lambda: fresh_list() == [])
+    assert bob.quit() == 0
+
+
+def test_an_online_console_downloads_nothing_again(
+    server_process: Callable[..., ServerHandle],
+) -> None:
+    server = server_process()
+    bob = LiveClient(server, 2, "bob-phone")
+    bob.wait_for(lambda e: e["event"] == "connected")
+    events = run_script(server, 1, "alice-laptop", ["/to user 2", "one", "two", "three"])
+    assert len([e for e in events if e["event"] == "ack"]) == 3
+    for text in ("one", "two", "three"):
+        bob.wait_for(lambda e, t=text: e["event"] == "message" and e["text"] == t)
+    time.sleep(0.5)  # the inbox notices follow the pushes within milliseconds
+    assert bob.quit() == 0  # closing acknowledges the cursor the notices moved
+    # Without --state it resumes from the position the server stored: nothing to download.
+    events = run_script(server, 2, "bob-phone", ["/sync"])
+    syncs = [e for e in events if e["event"] == "sync"]
+    assert syncs and all(s["messages"] == 0 for s in syncs)
+    assert not [e for e in events if e["event"] == "message"]
+
+
+def _until(check: Callable[[], bool], timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not check():
+        assert time.monotonic() < deadline, "condition not reached in time"
+        time.sleep(0.2)

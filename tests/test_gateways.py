@@ -14,10 +14,20 @@ import pytest
 import pytest_twisted
 
 from improto.conformance.conn import Conn, eventually, new_device, new_user
-from improto.enums import CloseReason, ConvKind
-from improto.frames import Close, GroupCreate, GroupCreated
+from improto.enums import CloseReason, ConvKind, Feature
+from improto.frames import (
+    Close,
+    Features,
+    FeaturesOk,
+    GroupCreate,
+    GroupCreated,
+    ReadMark,
+    ReadMarkOk,
+    ReadUpdate,
+)
 from improto_server.ids import NODE_BITS, SEQ_BITS
 from improto_server.production.presence import Presence
+from improto_server.production.push_router import NOTIFY, PUSH, pack_routed, unpack_routed
 from improto_server.production.redis_connection import connect
 from tests.support import services, waiting
 from tests.support.server import ServerHandle, start_server
@@ -107,6 +117,35 @@ def test_a_device_logging_in_on_another_gateway_replaces_its_session(stack: Stac
     # The device's pushes now go to its new session only.
     ack = stack.login(stack.b, new_user()).send_msg(bob, b"to the new session")
     assert new.push_for(ack.msg_id).body == b"to the new session"
+
+
+def test_read_updates_cross_gateways_to_devices_with_the_feature(stack: Stack) -> None:
+    alice, bob = new_user(), new_user()
+    bob_a = stack.login(stack.a, bob)
+    bob_b = stack.login(stack.b, bob)  # the reader's other device, on the other gateway
+    bob_v1 = stack.login(stack.b, bob)  # version 1: told nothing
+    alice_b = stack.login(stack.b, alice)
+    for conn, features in ((bob_a, (Feature.CONVERSATIONS,)), (bob_b, (Feature.CONVERSATIONS,)),
+                           (alice_b, tuple(Feature))):  # fmt: skip
+        conn.call(Features(features), FeaturesOk)
+    ack = alice_b.send_msg(bob, b"read me")
+    ok = bob_a.call(ReadMark(ConvKind.USER, alice, ack.msg_id), ReadMarkOk)
+    assert ok.msg_id == ack.msg_id
+    mine = bob_b.wait_for(lambda f: isinstance(f, ReadUpdate), 5.0, "READ_UPDATE")
+    assert mine == ReadUpdate(bob, ConvKind.USER, alice, ack.msg_id)
+    receipt = alice_b.wait_for(lambda f: isinstance(f, ReadUpdate), 5.0, "READ_UPDATE")
+    assert receipt == ReadUpdate(bob, ConvKind.USER, bob, ack.msg_id)  # as alice sees it
+    bob_v1.drain(0.3)
+    assert not [f for f in bob_v1.queue if isinstance(f, ReadUpdate)]
+
+
+def test_routed_notify_carries_its_feature_and_pushes_read_as_before() -> None:
+    targets = [(5, "phone", "gw/s1"), (6, "tablet", "gw/s2")]
+    body = pack_routed(NOTIFY, Feature.READ_RECEIPTS, targets, b"frame")
+    assert unpack_routed(body) == (NOTIFY, Feature.READ_RECEIPTS, targets, b"frame")
+    push = pack_routed(PUSH, 77, targets[:1], b"push")
+    assert push[:9] == bytes([1]) + (77).to_bytes(8, "big")  # kinds 1 and 2 unchanged
+    assert unpack_routed(push) == (PUSH, 77, targets[:1], b"push")
 
 
 def test_presence_of_a_killed_gateway_is_cleaned_up(stack: Stack, tmp_path: Path) -> None:

@@ -23,15 +23,16 @@ import txredisapi
 from pika.adapters.twisted_connection import TwistedChannel
 from pika.exceptions import AMQPError, ChannelWrongStateError, NackError
 
-from twisted.internet.defer import Deferred, DeferredList
+from twisted.internet.defer import Deferred, DeferredList, succeed
 from twisted.internet.error import ConnectionAborted
 
 from improto.enums import ContentType, ConvKind
 from improto.frames import Message
-from improto_server.model import Accepted, PersistJob
+from improto_server.model import Accepted, PersistJob, QueuedJob, StateJob
 from improto_server.production.amqp_jobs import (
     BATCH_TYPE,
     JOB_TYPE,
+    MIXED_TYPE,
     decode_message,
     pack_jobs,
     partition_of,
@@ -159,6 +160,59 @@ async def test_partitions_keep_each_conversation_in_order(make_queue):
     for conv in range(10, 16):
         mine = [j.message.msg_id for j in sent if j.message.conv_id == conv]
         assert [m for m in rec.done_ids() if m in set(mine)] == mine
+
+
+def mark(user: int, peer: int, msg_id: int) -> StateJob:
+    return StateJob(StateJob.MARK, user, ConvKind.USER, peer, msg_id, "phone")
+
+
+@pytest_twisted.ensureDeferred
+async def test_state_jobs_go_to_their_conversations_partition_in_order(make_queue):
+    q = make_queue(partitions=4)
+    await q.start()
+    sent: list[QueuedJob] = []
+    for i in range(36):  # a message from the peer, then user 1 marks it read
+        m = job(sender=10 + i % 6, conv=1)
+        await accept(q, m)
+        read = mark(1, 10 + i % 6, m.message.msg_id)
+        await q.accept_state(read)
+        assert q.partition(read) == q.partition(m)
+        sent += [m, read]
+    assert len({q.partition(j) for j in sent}) > 1
+
+    got: list[QueuedJob] = []
+
+    def handler(batch: Sequence[QueuedJob]) -> Deferred[None]:
+        got.extend(batch)
+        return succeed(None)
+
+    q.consume(handler, max_batch=10)
+    await eventually(lambda: len(got) >= len(sent))
+    for peer in range(10, 16):
+        mine = [j for j in sent if j.history_key.b == peer]
+        assert [j for j in got if j.history_key.b == peer] == mine
+
+
+@pytest_twisted.ensureDeferred
+async def test_only_a_batch_with_a_state_job_gets_the_new_message_type(make_queue):
+    """Messages alone keep the type every earlier version reads (BATCH_TYPE)."""
+    q = make_queue()
+    await q.start()
+    plain = job()
+    await accept(q, plain)
+    # Accepted in one reactor turn: one message (a message's accept reaches the publisher
+    # only after its Redis claim, so it would not share the state jobs' turn).
+    marks = [mark(1, 2, 7), mark(2, 1, 8)]
+    await DeferredList([q.accept_state(j) for j in marks], fireOnOneErrback=True)
+    conn = q.connection
+    assert conn is not None
+    ch = await conn.channel()
+    got = []
+    for _ in range(2):
+        msg = await ch.basic_get(q.names.partitions[0], auto_ack=True)
+        got.append((msg.properties.type, decode_message(msg.properties.type, msg.body)))
+    ch.close()
+    assert got == [(BATCH_TYPE, [plain]), (MIXED_TYPE, marks)]
 
 
 # --------------------------------------------------------------------- redelivery
@@ -506,6 +560,10 @@ def test_a_batch_body_carries_its_jobs_in_order_and_bad_bodies_are_refused():
     for bad in (b"", body[:-1], body + b"\x00", b"\x00\x00\x00\x00" + body, body[:3]):
         with pytest.raises(ValueError):
             decode_message(BATCH_TYPE, bad)
+    mixed: list[QueuedJob] = [jobs[0], mark(1, 2, 5), jobs[1]]
+    assert decode_message(MIXED_TYPE, pack_jobs([j.to_bytes() for j in mixed])) == mixed
+    with pytest.raises(ValueError):
+        decode_message(MIXED_TYPE, pack_jobs([mark(1, 2, 5).to_bytes()[:-1]]))
 
 
 @pytest_twisted.ensureDeferred

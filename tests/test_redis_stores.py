@@ -29,7 +29,7 @@ from improto.limits import MAX_GROUPS_PER_USER, U64_MAX
 from improto.records import message_of
 from improto_server.config import InboxCaps
 from improto_server.embedded.backend import SQLiteBackend
-from improto_server.model import LimitExceeded, PersistJob
+from improto_server.model import InboxIds, InboxRecords, LimitExceeded, PersistJob
 from improto_server.production import redis_inbox
 from improto_server.production.redis_connection import LuaScript, connect, gather
 from improto_server.production.redis_groups import SCRIPTS as GROUP_SCRIPTS
@@ -127,6 +127,13 @@ async def same_position(stores: tuple[Any, Any], user: int, device: str, cursor:
     assert got[0] == got[1], step
     got = [await s.position(user, device) for s in stores]
     assert got[0] == got[1], step
+
+
+def same_entries(ids: InboxIds, page: InboxRecords) -> bool:
+    """`ids` lists what `page` (read right after it, on a budget holding everything) holds."""
+    got = (page.start, page.cursors, tuple(message_of(r).msg_id for r in page.records))
+    return (ids.start, ids.cursors, ids.msg_ids) == got and (ids.has_more, ids.gap) == (
+        page.has_more, page.gap)  # fmt: skip
 
 
 # --------------------------------------------------------------------------- inbox
@@ -312,6 +319,41 @@ async def test_an_expired_backlog_is_trimmed_in_bounded_steps(env, monkeypatch):
 
 
 @pytest_twisted.ensureDeferred
+async def test_ids_read_only_and_count_untrimmed_expired_entries_as_removed(env):
+    old = [job(8) for _ in range(3)]
+    for j in old:
+        await env.inbox.append(j)
+    env.clock.now += RETENTION_MS // 2
+    new = [job(8) for _ in range(3)]
+    for j in new:
+        await env.inbox.append(j)
+    env.clock.now += RETENTION_MS // 2 + 1  # the old ones expired; nothing trimmed them yet
+    _, ent, age, rec, *_ = env.inbox.keys(8)
+    ids = await env.inbox.ids(8, 1, 2)
+    assert ids == InboxIds(1, (4, 5), tuple(j.message.msg_id for j in new[:2]), True, True)
+    assert not (await env.inbox.ids(8, 3, 10)).gap  # the expired ones are all at or below 3
+    assert [await env.command("ZCARD", k) for k in (ent, age)] == [6, 6]  # nothing removed
+    assert await env.command("HLEN", rec) == 6
+    assert same_entries(await env.inbox.ids(8, 1, 2), await env.inbox.page(8, 1, 2, ANY_SIZE))
+    assert await env.command("ZCARD", ent) == 3  # the page trimmed them
+
+
+@pytest_twisted.ensureDeferred
+async def test_ids_of_entries_beyond_the_entry_cap_and_after_the_keys_expired(env):
+    for _ in range(5):
+        await env.inbox.append(job(9))
+    env.inbox.caps = InboxCaps(max_entries=2, max_bytes=InboxCaps().max_bytes)  # lowered
+    ids = await env.inbox.ids(9, 0, 10)
+    assert (ids.start, ids.cursors, ids.has_more, ids.gap) == (0, (4, 5), False, True)
+    assert not (await env.inbox.ids(9, 3, 10)).gap
+    assert same_entries(ids, await env.inbox.page(9, 0, 10, ANY_SIZE))
+    _, ent, age, rec, *_ = env.inbox.keys(9)
+    await env.command("DEL", ent, age, rec)  # as their TTL does to an idle inbox
+    assert await env.inbox.ids(9, 2, 10) == InboxIds(2, (), (), False, True)
+    assert await env.inbox.ids(9, 10, 10) == InboxIds(5, (), (), False, False)  # clamped
+
+
+@pytest_twisted.ensureDeferred
 async def test_sweep_trims_every_inbox_under_the_prefix_only(env):
     other = RedisInbox(env.redis, env.prefix + "-other", env.clock, RETENTION_MS)
     try:
@@ -399,8 +441,11 @@ async def test_inbox_matches_the_embedded_store(env, sqlite):
             user = rng.choice(users)
             start = rng.choice([0, rng.randint(0, 40), 2**63, U64_MAX])
             limit = rng.choice([0, 1, 3, 10, 200])
+            redis_ids, sqlite_ids = [await s.ids(user, start, limit) for s in stores]
+            assert redis_ids == sqlite_ids, step
             redis_page, sqlite_page = [await s.page(user, start, limit, ANY_SIZE) for s in stores]
             assert redis_page == sqlite_page, step
+            assert same_entries(redis_ids, redis_page), step
 
 
 @pytest_twisted.ensureDeferred
@@ -500,6 +545,8 @@ async def test_caps_and_byte_budgets_match_the_embedded_store(env, sqlite):
             start = rng.choice([0, rng.randint(0, 400), U64_MAX])
             limit = rng.choice([1, 3, 200])
             budget = rng.choice([1, 6000, 70_000, 131_072 - 4000, ANY_SIZE])
+            ids = [await s.ids(user, start, limit) for s in stores]
+            assert ids[0] == ids[1], step
             pages = [await s.page(user, start, limit, budget) for s in stores]
             assert pages[0] == pages[1], step
             assert len(pages[0].records) <= 1 or sum(map(len, pages[0].records)) <= budget

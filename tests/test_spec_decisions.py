@@ -346,6 +346,13 @@ def test_integer_settings_refuse_fractions(name: str) -> None:
         dataclasses.replace(Config(), **{name: getattr(Config(), name) + 0.5}).check()
 
 
+@pytest.mark.parametrize("bad", [0, 1, "no", "false", None], ids=repr)
+def test_read_receipts_must_be_a_boolean(bad: Any) -> None:
+    Config(read_receipts=False).check()
+    with pytest.raises(ValueError, match="read_receipts"):
+        Config(read_receipts=bad).check()
+
+
 def test_check_refuses_settings_that_contradict_each_other() -> None:
     with pytest.raises(ValueError, match="idle_timeout"):
         Config(heartbeat=90, idle_timeout=90).check()

@@ -10,8 +10,15 @@ import pytest
 from spec_reader import ERROR_CODES, SpecError, decode, encode
 
 VECTORS = Path(__file__).parent.parent / "spec" / "vectors"
-VALID = json.loads((VECTORS / "valid.json").read_text(encoding="utf-8"))
-INVALID = json.loads((VECTORS / "invalid.json").read_text(encoding="utf-8"))
+
+
+def _load(name: str) -> list:
+    return json.loads((VECTORS / name).read_text(encoding="utf-8"))
+
+
+# Version 1 and the post-v1 frames of section 18 (ext-*.json).
+VALID = _load("valid.json") + _load("ext-valid.json")
+INVALID = _load("invalid.json") + _load("ext-invalid.json")
 
 
 def _ids(entries: list[dict]) -> list[str]:

@@ -28,6 +28,7 @@ from improto.enums import ContentType, ConvKind
 from improto.frames import Message
 from improto_server.config import InboxCaps
 from improto_server.embedded.backend import SQLiteBackend
+from improto_server.embedded.database import SCHEMA_VERSION
 from improto_server.model import PersistJob
 from improto_server.persister import Persister
 from improto_server.production.redis_connection import connect
@@ -252,7 +253,7 @@ async def test_a_version_1_database_gets_sizes_and_totals(tmp_path):
     await backend.start()
     try:
         with sqlite3.connect(path) as db:
-            assert db.execute("PRAGMA user_version").fetchone() == (2,)
+            assert db.execute("PRAGMA user_version").fetchone() == (SCHEMA_VERSION,)
             (total,) = db.execute("SELECT bytes FROM inbox_head").fetchone()
         assert total == 3 * len(jobs[0].record)
         # The migrated total counts: the cap trims the oldest, the budget sees the sizes.
@@ -260,5 +261,64 @@ async def test_a_version_1_database_gets_sizes_and_totals(tmp_path):
         assert ids(page) == [j.message.msg_id for j in jobs[1:]] and page.gap
         assert len((await backend.inbox.page(1, 0, 10, len(jobs[0].record))).records) == 1
         assert await backend.inbox.position(1, "phone") == 1
+    finally:
+        await backend.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_version_2_database_gets_conversation_lists(tmp_path):
+    """Schema 3 adds the conversation lists; the migration fills them from the retained
+    messages: 1:1 both sides, groups for the members that joined before the message."""
+    path = tmp_path / "v2.sqlite3"
+    clock = FakeClock()
+    backend = SQLiteBackend(path, now_ms=clock)
+    await backend.start()
+    gid = await backend.groups.create(1, "g", (2, 3), since_id=1)
+    await backend.groups.add(gid, (4,), since_id=1_000_000_000)  # joined after the messages
+
+    def message(mid: int, sender: int, kind: int, conv: int) -> PersistJob:
+        cmid = mid.to_bytes(16, "big")
+        m = Message(mid, clock.now, sender, "phone", kind, conv, ContentType.TEXT, cmid, b"hi")
+        return PersistJob(m, ())
+
+    sent = [
+        message(10, 1, ConvKind.USER, 2),
+        message(20, 2, ConvKind.USER, 1),  # bob answers: the newest of alice/bob
+        message(30, 3, ConvKind.USER, 3),  # carol's notes to self
+        message(40, 3, ConvKind.GROUP, gid),
+        message(5, 1, ConvKind.USER, 4),  # alice/dave
+    ]
+    await backend.history.append_many([(j.history_key, j) for j in sent])
+    await backend.close()
+    with sqlite3.connect(path) as db:  # back to what a version-2 server wrote
+        db.executescript("DROP TABLE conv_rows; DROP TABLE conv_users; PRAGMA user_version = 2;")
+
+    backend = SQLiteBackend(path, now_ms=clock)
+    await backend.start()
+    try:
+        with sqlite3.connect(path) as db:
+            assert db.execute("PRAGMA user_version").fetchone() == (SCHEMA_VERSION,)
+        convs = backend.conversations
+
+        async def rows(user: int) -> list[tuple[int, int, int, int, int, int]]:
+            page = await convs.changes(user, 0, 100, ANY_SIZE)
+            return [(c.conv_kind, c.conv_id, c.version, c.last_id, c.read_id, c.unread)
+                    for c in page.convs]  # fmt: skip
+
+        u, g = ConvKind.USER, ConvKind.GROUP
+        # Versions by last message; read state unknown: nothing read, nothing counted.
+        assert await rows(1) == [(u, 4, 1, 5, 0, 0), (u, 2, 2, 20, 0, 0), (g, gid, 3, 40, 0, 0)]
+        assert await rows(2) == [(u, 1, 1, 20, 0, 0), (g, gid, 2, 40, 0, 0)]
+        assert await rows(3) == [(u, 3, 1, 30, 0, 0), (g, gid, 2, 40, 0, 0)]
+        assert await rows(4) == [(u, 1, 1, 5, 0, 0)]  # not the group: joined after it
+        page = await convs.by_activity(1, 0, 100, ANY_SIZE)
+        assert page.version == 3 and page.convs[0].last == sent[3].record
+        # New changes continue the versions; the rows age from their last message's time.
+        clock.advance(backend.history_retention_ms // 2)
+        await convs.record([PersistJob(message(50, 2, ConvKind.USER, 1).message, (1, 2))])
+        assert (await convs.changes(1, 3, 100, ANY_SIZE)).convs[0].version == 4
+        clock.advance(backend.history_retention_ms - backend.history_retention_ms // 2 + 1)
+        assert (await backend.sweep())["conversations"] == 6  # all but the two rows just changed
+        assert [c.conv_id for c in (await convs.by_activity(2, 0, 100, ANY_SIZE)).convs] == [1]
     finally:
         await backend.close()

@@ -5,31 +5,44 @@ Everything here is non-blocking: methods return Deferreds (the coroutines inside
 callbacks. The layers, one module each:
 
 - `state.ClientState`: what the device keeps between sessions (offline cursor, messages per
-  conversation, outbox of unacknowledged SENDs), optionally persisted as one JSON file;
-  `conv_keys` names conversations ("user:1002", "group:7").
+  conversation, outbox of unacknowledged SENDs, the conversation list of `conv_list`),
+  optionally persisted as one JSON file; `conv_keys` names conversations ("user:1002",
+  "group:7").
 - `protocol.IMClientProtocol`: one TCP connection: framing, request/reply matching by
-  request_id, heartbeats; it hands unsolicited frames (PUSH, SYNC_HINT, unmatched replies) to
-  its client.
-- `sync.sync_offline`: the offline sync loop, and its `SyncResult`.
-- `IMClient` (here): the session API: connect + HELLO, sync after login and on hints, sends
-  with retries, history, groups, and (optionally) reconnecting with backoff.
-- `errors`: the exceptions (ServerError, SessionClosed, NotConnected, StateMismatch).
+  request_id, heartbeats, byte and frame counters (`wire_stats`); it hands unsolicited frames
+  (PUSH, SYNC_HINT, INBOX_NOTICE, READ_UPDATE, unmatched replies) to its client.
+- `sync.sync_offline`: the offline sync loop, and its `SyncResult`; `sync.apply_notice`: the
+  INBOX_NOTICE rule. `conv_sync`: fetching the conversation list.
+- `IMClient` (here): the session API: connect + HELLO + FEATURES, sync after login and on
+  hints, sends with retries, history, groups, conversations and read markers, and
+  (optionally) reconnecting with backoff.
+- `errors`: the exceptions (ServerError, SessionClosed, NotConnected, StateMismatch,
+  FeatureUnavailable).
 
 Every public name is importable from this module too.
 
-PROTOCOL.md sections 8-12 and the client checklist (section 17) are what this implements.
+PROTOCOL.md sections 8-12 and the client checklist (section 17) are what this implements, and
+from section 18 (post-v1 features) wire-once delivery, conversations and read receipts. Login
+order: HELLO_OK, FEATURES (answered before anything else is sent, so that the server follows
+the cursor from the first OFFLINE_PAGE), the sync loop, the outbox resend, and, once the
+application has fetched the conversation list before, CONV_CHANGES from its stored version.
+A version-1 server answers FEATURES with ERROR UNKNOWN_FRAME_TYPE: the client then behaves as
+a version-1 client. `features=()` makes it one anyway (it never sends FEATURES).
 
     client = IMClient("tcp:host=127.0.0.1:port=5555", token, "laptop",
                       state=ClientState.load("laptop.json"))
     client.on_message = lambda conv, m: print(conv, m.body)
-    await client.connect()                      # HELLO, then sync + outbox resend
+    await client.connect()                      # HELLO, FEATURES, then sync + outbox resend
     ack = await client.send_text(ConvKind.USER, 1002, "hi")
+    await client.conversations()                # the list, newest first: client.state.convs
+    await client.mark_read(ConvKind.USER, 1002, newest_msg_id)
 """
 
 from __future__ import annotations
 
 import random
 import uuid
+from collections import Counter
 from collections.abc import AsyncIterator, Callable, Coroutine, Iterable
 
 from twisted.internet import defer
@@ -41,8 +54,14 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from improto.codec import encode
-from improto.enums import ClientKind, CloseReason, ContentType
+from improto.enums import ClientKind, CloseReason, ContentType, ConvKind, Feature
+from improto.errors import ErrorCode
 from improto.frames import (
+    ConvEntry,
+    ConvHide,
+    ConvHideOk,
+    Features,
+    FeaturesOk,
     Frame,
     GroupAdd,
     GroupAddOk,
@@ -58,6 +77,7 @@ from improto.frames import (
     HelloOk,
     HistoryPage,
     HistoryPull,
+    InboxNotice,
     Message,
     MyGroups,
     OfflineAck,
@@ -65,26 +85,47 @@ from improto.frames import (
     Ping,
     Pong,
     PushAck,
+    ReadMark,
+    ReadMarkOk,
+    ReadUpdate,
     Send,
     SendAck,
 )
 from improto.limits import OFFLINE_PAGE_MAX, PROTOCOL_VERSION
 from improto_clients.conv_keys import conv_key, message_conv, parse_conv_key
-from improto_clients.errors import NotConnected, ServerError, SessionClosed, StateMismatch
+from improto_clients.conv_list import ConversationList, last_id
+from improto_clients.conv_sync import ConvResult, fetch_changes, fetch_list
+from improto_clients.errors import (
+    FeatureUnavailable,
+    NotConnected,
+    ServerError,
+    SessionClosed,
+    StateMismatch,
+)
 from improto_clients.protocol import F, IMClientProtocol
 from improto_clients.reactor_types import IClientReactor, default_reactor
 from improto_clients.state import ClientState
-from improto_clients.sync import SyncResult, sync_offline
+from improto_clients.sync import Notice, SyncResult, apply_notice, sync_offline
+from improto_clients.wire_stats import WireStats
+
+# What a client asks for by default: every post-v1 feature (section 18).
+DEFAULT_FEATURES = (Feature.WIRE_ONCE, Feature.CONVERSATIONS, Feature.READ_RECEIPTS)
 
 __all__ = [
+    "DEFAULT_FEATURES",
     "ClientState",
+    "ConvResult",
+    "ConversationList",
+    "FeatureUnavailable",
     "IMClient",
     "IMClientProtocol",
     "NotConnected",
+    "Notice",
     "ServerError",
     "SessionClosed",
     "StateMismatch",
     "SyncResult",
+    "WireStats",
     "conv_key",
     "message_conv",
     "parse_conv_key",
@@ -102,13 +143,27 @@ class IMClient:
     - `on_sync(result)`: a sync the client ran by itself (after login, SYNC_HINT, pushes);
     - `on_resend(send, ack_or_exception)`: an outbox SEND resent after login finished;
     - `on_close(exc)`: the logged-in connection ended (`SessionClosed` with the CLOSE reason);
-    - `on_error(exc)`: an unsolicited ERROR or a failure of a background task.
+    - `on_error(exc)`: an unsolicited ERROR or a failure of a background task;
+    - `on_conversation(conv, row)`: a row of the conversation list changed (a fetch, a
+      message, a read position, a hide); `state.convs.total_unread` is the badge;
+    - `on_read_update(conv, update)`: a READ_UPDATE, after it was applied: my other device
+      read up to update.msg_id (reader_id is me), or the 1:1 peer read my messages.
+
+    `features`: what FEATURES asks for after HELLO_OK (`()`: a version-1 client);
+    `self.features` holds what the server enabled on the current connection. With WIRE_ONCE
+    the cursor follows pushes by INBOX_NOTICE, so there is no sync after pushes; an
+    OFFLINE_ACK of the cursor goes out `notice_ack_delay` seconds after the first notice of a
+    run (and at close()), so that "resume" starts there. `track_ids`: count each delivered
+    msg_id in `wire.message_ids` (for tests that look for a message delivered twice).
     """
 
     def __init__(self, server: str, token: str | Callable[[], str], device_id: str, *,
                  state: ClientState | None = None, reactor: IClientReactor | None = None,
                  client_kind: int = ClientKind.DESKTOP, request_timeout: float = 10.0,
-                 reconnect: bool = False, push_sync_delay: float | None = 5.0) -> None:  # fmt: skip
+                 reconnect: bool = False, push_sync_delay: float | None = 5.0,
+                 features: Iterable[int] = DEFAULT_FEATURES,
+                 notice_ack_delay: float | None = 3.0,
+                 track_ids: bool = False) -> None:  # fmt: skip
         self.server = server
         self.token = token
         self.device_id = device_id
@@ -118,7 +173,11 @@ class IMClient:
         self.request_timeout = request_timeout
         self.reconnect = reconnect
         self.push_sync_delay = push_sync_delay
+        self.want_features = tuple(features)
+        self.notice_ack_delay = notice_ack_delay
         self.rng = random.Random()
+        self.wire = WireStats(track_ids=track_ids)  # every connection's bytes and frames
+        self.notices: Counter[Notice] = Counter()  # what the INBOX_NOTICEs did
 
         self.on_login: Callable[[HelloOk], None] | None = None
         self.on_message: Callable[[str, Message], None] | None = None
@@ -126,9 +185,12 @@ class IMClient:
         self.on_resend: Callable[[Send, SendAck | BaseException], None] | None = None
         self.on_close: Callable[[SessionClosed], None] | None = None
         self.on_error: Callable[[BaseException], None] | None = None
+        self.on_conversation: Callable[[str, ConvEntry], None] | None = None
+        self.on_read_update: Callable[[str, ReadUpdate], None] | None = None
 
         self.protocol: IMClientProtocol | None = None  # set once HELLO_OK arrived
         self.hello: HelloOk | None = None
+        self.features: frozenset[int] = frozenset()  # enabled on the current connection
         self.last_close: SessionClosed | None = None
         self._sync_lock = DeferredLock()
         self._sync_queued = False
@@ -137,6 +199,10 @@ class IMClient:
         self._attempt = 0
         self._reconnect_call: IDelayedCall | None = None
         self._push_sync_call: IDelayedCall | None = None
+        self._notice_ack_call: IDelayedCall | None = None
+        self._acked_cursor: int | None = None  # the last cursor OFFLINE_ACK confirmed
+        self._notice_moved = False  # a notice moved the cursor on this connection
+        self._conv_lock = DeferredLock()
 
     @property
     def user_id(self) -> int | None:
@@ -151,6 +217,14 @@ class IMClient:
         """A reconnect is scheduled (true inside on_close when one will follow)."""
         return self._reconnect_call is not None and self._reconnect_call.active()
 
+    def has_feature(self, feature: int) -> bool:
+        return feature in self.features
+
+    @property
+    def total_unread(self) -> int:
+        """The badge: unread messages over the conversations not hidden (the list's)."""
+        return self.state.convs.total_unread
+
     def conv_of(self, m: Message) -> str:
         assert self.user_id is not None
         return message_conv(self.user_id, m)
@@ -158,8 +232,9 @@ class IMClient:
     # --- session
 
     def connect(self) -> Deferred[HelloOk]:
-        """Connect, HELLO, and on HELLO_OK start the sync loop and the outbox resend in the
-        background (their outcome goes to on_sync/on_resend). Fires with the HELLO_OK."""
+        """Connect, HELLO, FEATURES (if any are wanted), then start the sync loop and the
+        outbox resend in the background (their outcome goes to on_sync/on_resend). Fires with
+        the HELLO_OK once `features` is known."""
         return Deferred.fromCoroutine(self._connect())
 
     async def _connect(self) -> HelloOk:
@@ -171,6 +246,9 @@ class IMClient:
             hello = Hello(PROTOCOL_VERSION, self.client_kind, self.device_id, token)
             ok = await proto.call(hello, HelloOk, self.request_timeout)
             self.state.bind(ok.user_id)
+            # Before the first OFFLINE_PULL, so that the server follows the cursor from the
+            # first page on (wire-once).
+            features = await self._negotiate(proto)
             if self._closing:  # close() was called while this (re)connect was under way
                 raise NotConnected("closed by the application")
         except BaseException:
@@ -178,12 +256,30 @@ class IMClient:
                 proto.tcp.loseConnection()
             raise
         self.protocol, self.hello, self._attempt = proto, ok, 0
+        self.features, self._acked_cursor, self._notice_moved = features, None, False
         proto.start_heartbeat(ok.heartbeat_s)
         if self.on_login:
             self.on_login(ok)
         # Snapshot now: a send() started after this login delivers its own message.
         self._spawn(self._after_login(list(self.state.outbox.values())))
+        if Feature.CONVERSATIONS in features and self.state.convs.version:
+            # The list was fetched before: learn what changed meanwhile (reads elsewhere).
+            self._spawn(self._conv_changes_after_login())
         return ok
+
+    async def _negotiate(self, proto: IMClientProtocol) -> frozenset[int]:
+        if not self.want_features:
+            return frozenset()
+        try:
+            ok = await proto.call(Features(self.want_features), FeaturesOk, self.request_timeout)
+        except ServerError as e:
+            if e.code != ErrorCode.UNKNOWN_FRAME_TYPE:
+                self._report(e)
+            return frozenset()  # a version-1 server (or one refusing): version 1 it is
+        return frozenset(ok.features)
+
+    async def _conv_changes_after_login(self) -> None:
+        await self.conversation_changes()
 
     async def _after_login(self, unacked: list[Send]) -> None:
         # Checklist: on HELLO_OK run the sync loop, then resend unacknowledged SENDs.
@@ -208,13 +304,16 @@ class IMClient:
                 break  # the rest waits for the next login
 
     def close(self) -> Deferred[None]:
-        """Close the connection (no reconnect); fires once it is closed."""
+        """Close the connection (no reconnect); fires once it is closed. A cursor that notices
+        moved since the last OFFLINE_ACK is acknowledged first (no wait for the answer)."""
         self._closing = True
         if self._reconnect_call is not None and self._reconnect_call.active():
             self._reconnect_call.cancel()
         proto = self.protocol
         if proto is None or not proto.connected:
             return defer.succeed(None)
+        if proto.usable and self._notice_moved and self.state.cursor != self._acked_cursor:
+            proto.request(OfflineAck(self.state.cursor)).addErrback(lambda _: None)
         d = proto.when_lost()
         proto.tcp.loseConnection()
         return d
@@ -264,6 +363,7 @@ class IMClient:
         try:
             new = self.state.add(m)
             if new:
+                self._conv_message(m, live=True)
                 self.state.save()
         except Exception:
             log.failure("cannot store pushed message {id}: not acknowledging it", id=m.msg_id)
@@ -273,9 +373,78 @@ class IMClient:
             return
         if self.on_message:
             self.on_message(self.conv_of(m), m)
-        # Section 10.2: sync some seconds after pushes so that the offline cursor follows.
+        # Section 10.2: sync some seconds after pushes so that the offline cursor follows;
+        # with WIRE_ONCE the notices make it follow without downloading anything.
+        if Feature.WIRE_ONCE in self.features:
+            return
         if self.push_sync_delay is not None and self._push_sync_call is None:
             self._push_sync_call = self.reactor.callLater(self.push_sync_delay, self._push_sync)
+
+    def _on_notice(self, notice: InboxNotice) -> None:
+        """Section 18.2: cursor == from and every id held: cursor := to; an id missing: the
+        sync loop; cursor != from: ignored. Applied during a sync loop too: a notice that
+        starts at the cursor is right whenever it comes, and ignoring one (e.g. during the
+        loop's final OFFLINE_ACK) would leave the cursor behind the server's followed one, so
+        that every later notice is ignored until the next page."""
+        try:
+            outcome = apply_notice(self.state, notice)
+        except Exception as e:  # the cursor could not be saved: it stays where it was
+            self._report(e)
+            return
+        self.notices[outcome] += 1
+        self._notice_moved |= outcome is Notice.ADVANCED
+        if outcome is Notice.MISSING:
+            self._request_sync()
+        elif outcome is Notice.ADVANCED and self.notice_ack_delay is not None:
+            if self._notice_ack_call is None:  # from the first of a run: bounded delay
+                delay = self.notice_ack_delay
+                self._notice_ack_call = self.reactor.callLater(delay, self._ack_notices)
+
+    def _ack_notices(self) -> None:
+        self._notice_ack_call = None
+        if self.state.cursor == self._acked_cursor:
+            return  # a sync loop has acknowledged it meanwhile
+
+        async def ack() -> None:
+            cursor = self.state.cursor
+            await self._request(OfflineAck(cursor), OfflineAckOk)
+            self._acked_cursor = cursor
+
+        self._spawn(ack())
+
+    def _on_read_update(self, u: ReadUpdate) -> None:
+        """My other device's read position, or (1:1, conv = the reader) the peer's receipt."""
+        key = conv_key(u.conv_kind, u.conv_id)
+        convs = self.state.convs
+        if u.reader_id == self.user_id:
+            row = convs.read(key, u.msg_id)
+        elif u.conv_kind == ConvKind.USER and u.conv_id == u.reader_id:
+            row = convs.peer_read(key, u.msg_id)
+        else:
+            row = None  # not a shape section 18 sends: nothing to apply
+        if row is not None:
+            self._save_quietly()
+            if self.on_conversation:
+                self.on_conversation(key, row)
+        if self.on_read_update:
+            self.on_read_update(key, u)
+
+    def _conv_message(self, m: Message, live: bool) -> None:
+        """A newly stored message moves its conversation's row (with CONVERSATIONS only: the
+        rows exist for the list). The caller saves the state."""
+        if Feature.CONVERSATIONS not in self.features or self.user_id is None:
+            return
+        row = self.state.convs.message(self.user_id, m, live)
+        if row is not None and self.on_conversation:
+            self.on_conversation(self.conv_of(m), row)
+
+    def _save_quietly(self) -> None:
+        """Save state changed by a frame from the server (a failure is reported, not raised
+        into the protocol: the change is redone by the next fetch)."""
+        try:
+            self.state.save()
+        except Exception as e:
+            self._report(e)
 
     def _push_sync(self) -> None:
         self._push_sync_call = None
@@ -309,10 +478,12 @@ class IMClient:
         if proto is not self.protocol:
             return  # never logged in: connect() reports that
         self.protocol = None
+        self.features = frozenset()
         self.last_close = exc
-        if self._push_sync_call is not None and self._push_sync_call.active():
-            self._push_sync_call.cancel()
-        self._push_sync_call = None
+        for call in (self._push_sync_call, self._notice_ack_call):
+            if call is not None and call.active():
+                call.cancel()
+        self._push_sync_call = self._notice_ack_call = None
         if self.reconnect and not self._closing and self._may_reconnect(exc):
             self._schedule_reconnect()
         if self.on_close:
@@ -357,7 +528,13 @@ class IMClient:
 
     async def _sync_loop(self, limit: int) -> SyncResult:
         self._sync_queued = False  # a SYNC_HINT from now on needs another run
-        return await sync_offline(self._proto(), self.state, limit, self.request_timeout)
+        result = await sync_offline(self._proto(), self.state, limit, self.request_timeout)
+        self._acked_cursor = result.cursor
+        if result.messages and Feature.CONVERSATIONS in self.features:
+            for m in result.messages:
+                self._conv_message(m, live=False)
+            self.state.save()
+        return result
 
     # --- sending (section 9.1)
 
@@ -420,7 +597,8 @@ class IMClient:
             mine = Message(ack.msg_id, ack.server_time, self.user_id, self.device_id,
                            f.conv_kind, f.conv_id, f.content_type, f.client_msg_id,
                            f.body)  # fmt: skip
-            self.state.add(mine)
+            if self.state.add(mine):
+                self._conv_message(mine, live=True)
         self.state.save()
 
     # --- history (section 11)
@@ -490,6 +668,78 @@ class IMClient:
 
     def ping(self) -> Deferred[Pong]:
         return self._request(Ping(), Pong)
+
+    # --- conversations and read markers (section 18)
+
+    def _need(self, feature: int) -> None:
+        if not self.connected:
+            raise NotConnected("not connected")
+        if feature not in self.features:
+            raise FeatureUnavailable(f"{Feature(feature).name} is not enabled on this connection")
+
+    def conversations(self, limit: int = 0, max_pages: int | None = None
+                      ) -> Deferred[ConvResult]:  # fmt: skip
+        """The whole list: CONV_LIST pages newest first (at most max_pages), then CONV_CHANGES
+        from the first page's version; the rows land in `state.convs`, its version stored."""
+        return self._conv_lock.run(self._fetch, True, limit, max_pages)
+
+    def conversation_changes(self, limit: int = 0) -> Deferred[ConvResult]:
+        """What changed since the stored list version (from 0: every row, hidden ones too)."""
+        return self._conv_lock.run(self._fetch, False, limit, None)
+
+    async def _fetch(self, whole: bool, limit: int, max_pages: int | None) -> ConvResult:
+        self._need(Feature.CONVERSATIONS)
+        proto, timeout = self._proto(), self.request_timeout
+        if whole:
+            result = await fetch_list(proto, self.state, limit, timeout, max_pages)
+        else:
+            result = await fetch_changes(proto, self.state, self.state.convs.version, limit,
+                                         timeout)  # fmt: skip
+        if self.on_conversation:
+            for key in dict.fromkeys(result.changed):
+                row = self.state.convs.get(key)
+                if row is not None:
+                    self.on_conversation(key, row)
+        return result
+
+    def newest_id(self, conv_kind: int, conv_id: int) -> int:
+        """The newest msg_id known in a conversation (its row, or the messages held; 0)."""
+        key = conv_key(conv_kind, conv_id)
+        row = self.state.convs.get(key)
+        held = self.state.conversations.get(key)
+        return max(last_id(row) if row else 0, held[-1].msg_id if held else 0)
+
+    def mark_read(self, conv_kind: int, conv_id: int, msg_id: int) -> Deferred[int]:
+        """READ_MARK: my read position in the conversation moves up to msg_id (never back);
+        fires with the position the server recorded (clamped to ids it has assigned)."""
+
+        async def run() -> int:
+            self._need(Feature.CONVERSATIONS)
+            ok = await self._request(ReadMark(conv_kind, conv_id, msg_id), ReadMarkOk)
+            key = conv_key(conv_kind, conv_id)
+            row = self.state.convs.read(key, ok.msg_id)
+            if row is not None:
+                self.state.save()
+                if self.on_conversation:
+                    self.on_conversation(key, row)
+            return ok.msg_id
+
+        return Deferred.fromCoroutine(run())
+
+    def hide(self, conv_kind: int, conv_id: int) -> Deferred[None]:
+        """CONV_HIDE: off my list (every device's) until a newer message arrives; the history
+        stays."""
+
+        async def run() -> None:
+            self._need(Feature.CONVERSATIONS)
+            await self._request(ConvHide(conv_kind, conv_id), ConvHideOk)
+            key = conv_key(conv_kind, conv_id)
+            row = self.state.convs.hide(key)
+            self.state.save()
+            if self.on_conversation:
+                self.on_conversation(key, row)
+
+        return Deferred.fromCoroutine(run())
 
     def ack_cursor(self) -> Deferred[int]:
         """OFFLINE_ACK the stored cursor; fires with the device's position on the server."""

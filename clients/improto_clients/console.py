@@ -13,6 +13,9 @@ sends "/text"). Lines run one at a time, in the order typed. Commands:
     /sync                       run the offline sync: new messages, unread counts
     /history [N]                N (default 1) older pages of the current conversation,
                                 continuing from where the last /history of it stopped
+    /convs                      your conversations, newest first, with unread badges
+    /hide [user ID | group ID]  take a conversation (default: the current one) off the
+                                list until a new message arrives; its history stays
     /group create NAME [ID...]  create a group with these other members
     /group add GID ID...        add members
     /group remove GID ID...     remove members (your own id: leave the group)
@@ -21,6 +24,11 @@ sends "/text"). Lines run one at a time, in the order typed. Commands:
     /ping                       round trip to the server
     /help                       this list
     /quit                       leave (end of input does the same)
+
+Viewing a conversation (/to, /history, or a message arriving in the current one) marks it
+read up to its newest message, on every device. Your own 1:1 messages show ✓✓ once the peer
+has read them. (Conversations need a server with the post-v1 features, PROTOCOL.md section
+18.)
 
 With --script, the same lines are read from stdin without prompts, and stdout gets one JSON
 object per event and nothing else (u64 ids as decimal strings, times in ms since the epoch):
@@ -32,6 +40,12 @@ object per event and nothing else (u64 ids as decimal strings, times in ms since
     {"event": "sync", "messages": 2, "pages": 1, "unread": {"user:1002": 2}, "gap": false}
     {"event": "history", "conv": "user:1002", "messages": [...oldest first], "has_more": true}
     {"event": "group", "op": "create"|"add"|"remove"|"members"|"list", ...}
+    {"event": "convs", "total_unread": 3, "version": "17", "convs": [{"conv": "user:1002",
+     "unread": 2, "read_id": "...", "peer_read_id": "...", "last": {...a message}}, ...]}
+    {"event": "marked", "conv": "user:1002", "msg_id": "...", "total_unread": 1}
+    {"event": "read", "conv": "user:1002", "reader": "1002", "msg_id": "...",
+     "receipt": true, "mine": ["...own msg_ids now read"], "total_unread": 1}
+    {"event": "hidden", "conv": "user:1002"}
     {"event": "conv", "conv": "group:7"}    {"event": "pong", "server_time": ..., "rtt_ms": ...}
     {"event": "error", "code": 300, "name": "FORBIDDEN", "text": "...", "command": "..."}
     {"event": "closed", "reason": "REPLACED", "code": 1, "text": "..."}
@@ -66,9 +80,9 @@ from twisted.protocols import basic
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from improto.enums import ClientKind, ContentType, ConvKind
+from improto.enums import ClientKind, ContentType, ConvKind, Feature
 from improto.errors import ProtocolError
-from improto.frames import HelloOk, HistoryPage, Message, Send, SendAck
+from improto.frames import HelloOk, HistoryPage, Message, ReadUpdate, Send, SendAck
 from improto.limits import CURSOR_RESUME
 from improto.tokens import mint
 from improto_clients.client import (
@@ -79,7 +93,10 @@ from improto_clients.client import (
     SessionClosed,
     SyncResult,
     conv_key,
+    parse_conv_key,
 )
+from improto_clients.console_convs import READ_MARK, convs_event, render_convs, render_read
+from improto_clients.errors import FeatureUnavailable
 from improto_clients.reactor_types import IClientReactor
 
 DEFAULT_SERVER = "tcp:host=127.0.0.1:port=5555"
@@ -150,6 +167,8 @@ def error_event(e: BaseException, command: str | None = None) -> Event:
         ev = {"event": "error", "code": None, "name": "NOT_CONNECTED", "text": str(e)}
     elif isinstance(e, UsageError):
         ev = {"event": "error", "code": None, "name": "USAGE", "text": str(e)}
+    elif isinstance(e, FeatureUnavailable):
+        ev = {"event": "error", "code": None, "name": "UNSUPPORTED", "text": str(e)}
     else:
         ev = {"event": "error", "code": None, "name": type(e).__name__, "text": str(e)}
     if command is not None:
@@ -174,7 +193,14 @@ def render(ev: Event, me: str | None) -> str:
     kind = ev["event"]
     if kind == "message":
         who = "me" if ev["sender"] == me else ev["sender"]
-        return f"[{_local_time(ev['time'])}] {ev['conv']} <{who}> {ev['text']}"
+        read = f" {READ_MARK}" if ev.get("read") else ""
+        return f"[{_local_time(ev['time'])}] {ev['conv']} <{who}> {ev['text']}{read}"
+    if kind == "convs":
+        return render_convs(ev, me, _local_time)
+    if kind in ("marked", "read"):
+        return render_read(ev)
+    if kind == "hidden":
+        return f"-- {ev['conv']} hidden (until a new message arrives)"
     if kind == "ack":
         dup = " (already sent before)" if ev["duplicate"] else ""
         again = "resent " if ev["resent"] else ""
@@ -260,11 +286,14 @@ class Console:
         self._quit_command = False  # /quit: lines queued after it do not run
         self._input_ended = False
         client.on_login = self._on_login
-        client.on_message = lambda conv, m: self.emit(message_event(conv, m, "push"))
+        client.on_message = self._on_message
         client.on_sync = self._emit_sync
         client.on_resend = self._on_resend
         client.on_close = self._on_close
         client.on_error = lambda e: self.emit(error_event(e))
+        client.on_read_update = self._on_read_update
+        self._receipts_shown: dict[str, int] = {}  # conv -> peer read position reported
+        self._marking = self._mark_again = False
 
     def emit(self, ev: Event) -> None:
         if self.script:
@@ -343,7 +372,7 @@ class Console:
         if self.current is None:
             raise UsageError("no conversation: /to user ID or /to group ID first")
         kind, cid = self.current
-        ack = await self.client.send_text(kind, cid, text)
+        ack = await self.client.send_text(kind, cid, text)  # sending reads what came before
         send = Send(ack.client_msg_id, kind, cid, ContentType.TEXT, text.encode())
         self.emit(ack_event(send, ack))
 
@@ -354,6 +383,7 @@ class Console:
         (cid,) = _ids(args[1:], 1)
         self.current = (kinds[args[0]], cid)
         self.emit({"event": "conv", "conv": conv_key(*self.current)})
+        await self.mark_viewed()
 
     async def cmd_sync(self, args: list[str]) -> None:
         self._emit_sync(await self.client.sync())
@@ -389,16 +419,11 @@ class Console:
             page: HistoryPage = await self.client.history(kind, cid, before_id=before)
             more = bool(page.has_more and page.messages)
             self.history_before[conv] = page.messages[-1].msg_id if more else None
-            self.emit(
-                {
-                    "event": "history",
-                    "conv": conv,
-                    "messages": [message_event(conv, m, "history") for m in page.messages[::-1]],
-                    "has_more": more,
-                }
-            )
+            shown = [self._message_event(conv, m, "history") for m in page.messages[::-1]]
+            self.emit({"event": "history", "conv": conv, "messages": shown, "has_more": more})
             if not more:
-                return
+                break
+        await self.mark_viewed()
 
     async def cmd_group(self, args: list[str]) -> None:
         op, rest = (args[0], args[1:]) if args else ("", [])
@@ -443,6 +468,98 @@ class Console:
         listed = [{"group_id": str(g.group_id), "name": g.name} for g in groups]
         self.emit({"event": "group", "op": "list", "groups": listed})
 
+    async def cmd_convs(self, args: list[str]) -> None:
+        c = self.client
+        if c.state.convs.version == 0:
+            await c.conversations()  # the first time: the whole list
+        else:
+            await c.conversation_changes()
+        assert c.user_id is not None
+        self.emit(convs_event(c.state.convs, c.user_id, message_event))
+
+    async def cmd_hide(self, args: list[str]) -> None:
+        kind: int
+        if args:
+            kinds = {"user": ConvKind.USER, "group": ConvKind.GROUP}
+            if len(args) != 2 or args[0] not in kinds:
+                raise UsageError("/hide [user ID | group ID]")
+            (cid,) = _ids(args[1:], 1)
+            kind = kinds[args[0]]
+        elif self.current is not None:
+            kind, cid = self.current
+        else:
+            raise UsageError("/hide user ID | /hide group ID (or /to one first)")
+        await self.client.hide(kind, cid)
+        self.emit({"event": "hidden", "conv": conv_key(kind, cid)})
+
+    # --- read state
+
+    async def mark_viewed(self) -> None:
+        """The current conversation is on screen: read up to its newest message."""
+        c = self.client
+        if self.current is None or not c.has_feature(Feature.CONVERSATIONS):
+            return
+        kind, cid = self.current
+        key = conv_key(kind, cid)
+        newest = c.newest_id(kind, cid)
+        row = c.state.convs.get(key)
+        if newest == 0 or (row is not None and row.read_id >= newest and not row.unread):
+            return
+        msg_id = await c.mark_read(kind, cid, newest)
+        self.emit({"event": "marked", "conv": key, "msg_id": str(msg_id),
+                   "total_unread": c.total_unread})  # fmt: skip
+
+    def _on_message(self, conv: str, m: Message) -> None:
+        self.emit(message_event(conv, m, "push"))
+        if self.current is not None and conv == conv_key(*self.current):
+            self._mark_live()  # on screen as it arrives: read
+
+    def _mark_live(self) -> None:
+        """One READ_MARK in flight at a time; a burst of messages marks the newest once."""
+        if self._marking:
+            self._mark_again = True
+            return
+        self._marking = True
+
+        async def run() -> None:
+            try:
+                await self.mark_viewed()
+            except Exception as e:
+                self.emit(error_event(e, "mark read"))
+            self._marking = False
+            if self._mark_again:
+                self._mark_again = False
+                self._mark_live()
+
+        Deferred.fromCoroutine(run())
+
+    def _message_event(self, conv: str, m: Message, source: str) -> Event:
+        ev = message_event(conv, m, source)
+        if m.sender_id == self.client.user_id and parse_conv_key(conv)[0] == ConvKind.USER:
+            ev["read"] = self.client.state.convs.read_by_peer(conv, m.msg_id)
+        return ev
+
+    def _on_read_update(self, conv: str, u: ReadUpdate) -> None:
+        c = self.client
+        receipt = u.reader_id != c.user_id
+        mine: list[str] = []
+        if receipt:  # which of my messages the peer has read since the last receipt shown
+            since = self._receipts_shown.get(conv, 0)
+            self._receipts_shown[conv] = max(since, u.msg_id)
+            mine = [str(m.msg_id) for m in c.state.messages(conv)
+                    if m.sender_id == c.user_id and since < m.msg_id <= u.msg_id]  # fmt: skip
+        self.emit(
+            {
+                "event": "read",
+                "conv": conv,
+                "reader": str(u.reader_id),
+                "msg_id": str(u.msg_id),
+                "receipt": receipt,
+                "mine": mine,
+                "total_unread": c.total_unread,
+            }
+        )
+
     async def cmd_ping(self, args: list[str]) -> None:
         start = time.monotonic()
         pong = await self.client.ping()
@@ -460,6 +577,8 @@ class Console:
         "/to": cmd_to,
         "/sync": cmd_sync,
         "/history": cmd_history,
+        "/convs": cmd_convs,
+        "/hide": cmd_hide,
         "/group": cmd_group,
         "/groups": cmd_groups,
         "/ping": cmd_ping,
@@ -476,6 +595,7 @@ class Console:
                 "user": str(ok.user_id),
                 "device": self.client.device_id,
                 "heartbeat_s": ok.heartbeat_s,
+                "features": sorted(Feature(f).name for f in self.client.features),
             }
         )
 

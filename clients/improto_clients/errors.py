@@ -60,3 +60,8 @@ class NotConnected(Exception):
 
 class StateMismatch(Exception):
     """The ClientState belongs to another user than the token logged in as."""
+
+
+class FeatureUnavailable(Exception):
+    """A post-v1 request on a connection that has not enabled its feature (the server is a
+    version-1 server, or the client did not ask for it, or the server turned it off)."""

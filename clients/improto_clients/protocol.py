@@ -1,7 +1,8 @@
 """One connection of a client to an improto server: framing, request/reply matching, heartbeat.
 
 `IMClientProtocol` matches replies to requests by request_id and hands unsolicited frames
-(PUSH, SYNC_HINT, unmatched replies, ERRORs without a request) to its `IMClient`.
+(PUSH, SYNC_HINT, INBOX_NOTICE, READ_UPDATE, unmatched replies, ERRORs without a request) to
+its `IMClient`. It counts bytes and frames both ways (`stats`, and the client's `wire`).
 """
 
 from __future__ import annotations
@@ -19,8 +20,19 @@ from twisted.python.failure import Failure
 
 from improto.codec import FrameReader, decode_payload, encode
 from improto.errors import FrameTooLarge, ProtocolError, UnknownFrameType
-from improto.frames import FRAME_CLASSES, Close, Error, Frame, Ping, Push, SyncHint
+from improto.frames import (
+    FRAME_CLASSES,
+    Close,
+    Error,
+    Frame,
+    InboxNotice,
+    Ping,
+    Push,
+    ReadUpdate,
+    SyncHint,
+)
 from improto_clients.errors import NotConnected, ServerError, SessionClosed
+from improto_clients.wire_stats import WireStats
 
 if TYPE_CHECKING:
     from improto_clients.client import IMClient
@@ -62,6 +74,8 @@ class IMClientProtocol(Protocol):
         self._heartbeat: IDelayedCall | None = None
         self._deadline: IDelayedCall | None = None  # armed by a heartbeat PING
         self._lost_waiters: list[Deferred[None]] = []
+        self.stats = WireStats(track_ids=client.wire.track_ids)  # this connection's
+        self._sinks = (self.stats, client.wire)  # and the client's, over its connections
 
     # --- sending
 
@@ -86,7 +100,7 @@ class IMClientProtocol(Protocol):
 
     def send_frame(self, frame: Frame) -> None:
         """Write a frame that gets no reply (PUSH_ACK)."""
-        self._write(encode(frame))
+        self._write(encode(frame), frame.TYPE)
 
     def request(self, frame: Frame, timeout: float | None = None) -> Deferred[Frame]:
         """Send `frame` with a fresh request_id; fires with the reply frame, or fails with
@@ -104,7 +118,7 @@ class IMClientProtocol(Protocol):
 
         d: Deferred[Frame] = Deferred(forget)
         self._pending[rid] = (FRAME_CLASSES[frame.TYPE | 0x80], d)
-        self._write(data)
+        self._write(data, frame.TYPE)
         if timeout:
             d.addTimeout(timeout, self.reactor)
         return d
@@ -113,8 +127,10 @@ class IMClientProtocol(Protocol):
         """`request`, typed by the reply class it fires with (the one `frame` expects)."""
         return self.request(frame, timeout).addCallback(as_reply, reply)
 
-    def _write(self, data: bytes) -> None:
+    def _write(self, data: bytes, type_code: int) -> None:
         self._last_sent = self.reactor.seconds()
+        for s in self._sinks:
+            s.sent(type_code, len(data))
         self.tcp.write(data)
 
     def when_lost(self) -> Deferred[None]:
@@ -140,6 +156,8 @@ class IMClientProtocol(Protocol):
         if self._deadline is not None:  # any bytes prove the connection is alive
             self._deadline.cancel()
             self._deadline = None
+        for s in self._sinks:
+            s.bytes_in += len(data)
         too_large: FrameTooLarge | None = None
         try:
             payloads = self._reader.feed(data)
@@ -148,6 +166,9 @@ class IMClientProtocol(Protocol):
         for payload in payloads:
             if not self.usable:
                 return  # closing: the rest would only be read to be thrown away
+            if len(payload) >= 2:  # header: version, type
+                for s in self._sinks:
+                    s.received(payload[1], len(payload))
             try:
                 frame = decode_payload(payload)
             except UnknownFrameType:
@@ -171,12 +192,20 @@ class IMClientProtocol(Protocol):
     def _dispatch(self, frame: Frame) -> None:
         if frame.TYPE.client_to_server:
             return  # a client type sent by the server: ignored like an unknown type (section 7)
+        for s in self._sinks:
+            s.delivered(frame)
         # Unsolicited frames are recognised by type: their request_id (0) matches nothing.
         if isinstance(frame, Push):
             self.client._on_push(self, frame.message)
             return
         if isinstance(frame, SyncHint):
             self.client._request_sync()
+            return
+        if isinstance(frame, InboxNotice):
+            self.client._on_notice(frame)
+            return
+        if isinstance(frame, ReadUpdate):
+            self.client._on_read_update(frame)
             return
         if isinstance(frame, Close):
             self.close_frame = frame  # the server closes the TCP connection next

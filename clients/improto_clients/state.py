@@ -1,4 +1,5 @@
-"""The local device state: offline cursor, messages per conversation, outbox of SENDs.
+"""The local device state: offline cursor, messages per conversation, outbox of SENDs, and
+the conversation list (rows, list version, badge: `conv_list`).
 
 Kept between sessions, optionally persisted as one JSON file (`ClientState.load`/`save`).
 """
@@ -15,17 +16,19 @@ from typing import Any
 from improto.frames import Message, Send
 from improto.jsonform import frame_from_json, frame_to_json, record_from_json, record_to_json
 from improto_clients.conv_keys import message_conv
+from improto_clients.conv_list import ConversationList
 from improto_clients.errors import StateMismatch
 
-STATE_FORMAT = 1
+STATE_FORMAT = 2  # 2 added the conversation list; a format 1 file loads with an empty one
 
 
 @dataclass
 class ClientState:
     """One device's local store. `path` set: `save()` rewrites that JSON file atomically.
 
-    The offline `cursor` is opaque: it only ever takes values from OFFLINE_PAGE.cursor (or 0 on
-    a fresh install, or 2^64-1 "resume" for a client that keeps nothing between launches).
+    The offline `cursor` is opaque: it only ever takes values from OFFLINE_PAGE.cursor, or the
+    `to` of an INBOX_NOTICE that starts at it (or 0 on a fresh install, or 2^64-1 "resume"
+    for a client that keeps nothing between launches).
     """
 
     path: str | None = None
@@ -33,6 +36,7 @@ class ClientState:
     cursor: int = 0
     conversations: dict[str, list[Message]] = field(default_factory=dict)
     outbox: dict[bytes, Send] = field(default_factory=dict)  # client_msg_id -> unacked SEND
+    convs: ConversationList = field(default_factory=ConversationList)
     _ids: set[int] = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -45,6 +49,7 @@ class ClientState:
         self.user_id = user_id
 
     def has(self, msg_id: int) -> bool:
+        """A message with this msg_id is held (stored, or sent by this device and acked)."""
         return msg_id in self._ids
 
     def add(self, m: Message) -> bool:
@@ -65,13 +70,18 @@ class ClientState:
         again: the cursor must never claim messages that were not stored.
         """
         new = [m for m in messages if self.add(m)]
+        self.move_cursor(cursor)
+        return new
+
+    def move_cursor(self, cursor: int) -> None:
+        """Set the cursor and persist it; if saving fails it goes back (never ahead of what
+        is stored on disk)."""
         previous, self.cursor = self.cursor, cursor
         try:
             self.save()
         except BaseException:
             self.cursor = previous
             raise
-        return new
 
     def messages(self, key: str) -> list[Message]:
         return list(self.conversations.get(key, ()))
@@ -87,12 +97,13 @@ class ClientState:
                 k: [record_to_json(m) for m in msgs] for k, msgs in self.conversations.items()
             },
             "outbox": [frame_to_json(f) for f in self.outbox.values()],
+            "convs": self.convs.to_json(),
             "cursor": str(self.cursor),
         }
 
     @classmethod
     def from_json(cls, obj: dict[str, Any], path: str | None = None) -> ClientState:
-        if obj.get("format") != STATE_FORMAT:
+        if obj.get("format") not in (1, STATE_FORMAT):
             raise ValueError(f"unsupported state format {obj.get('format')!r}")
         outbox: dict[bytes, Send] = {}
         for f in obj["outbox"]:
@@ -108,6 +119,9 @@ class ClientState:
                 for k, msgs in obj["conversations"].items()
             },
             outbox=outbox,
+            convs=ConversationList.from_json(obj["convs"])
+            if "convs" in obj
+            else ConversationList(),
         )
 
     def save(self) -> None:

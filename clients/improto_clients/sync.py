@@ -1,10 +1,19 @@
-"""The offline sync loop (PROTOCOL.md section 10) and what one run of it found."""
+"""The offline sync loop (PROTOCOL.md section 10) and what one run of it found, and the
+client's rule for INBOX_NOTICE (section 18, wire-once), which moves the same cursor."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from enum import Enum
 
-from improto.frames import Message, OfflineAck, OfflineAckOk, OfflinePage, OfflinePull
+from improto.frames import (
+    InboxNotice,
+    Message,
+    OfflineAck,
+    OfflineAckOk,
+    OfflinePage,
+    OfflinePull,
+)
 from improto_clients.conv_keys import conv_key
 from improto_clients.protocol import IMClientProtocol
 from improto_clients.state import ClientState
@@ -38,6 +47,26 @@ async def sync_offline(
             result.unread[key] = result.unread.get(key, 0) + u.count
         if not page.has_more:  # never on the count: a short page can have more
             break
-    await proto.call(OfflineAck(state.cursor), OfflineAckOk, timeout)
-    result.cursor = state.cursor
+    cursor = state.cursor  # an INBOX_NOTICE may move it during the round trip
+    await proto.call(OfflineAck(cursor), OfflineAckOk, timeout)
+    result.cursor = cursor
     return result
+
+
+class Notice(Enum):
+    """What an INBOX_NOTICE did."""
+
+    ADVANCED = "advanced"  # cursor := to (persisted): as if the page had been pulled
+    MISSING = "missing"  # starts at our cursor but lists a message we lack: run the loop
+    IGNORED = "ignored"  # starts elsewhere (a sync moved the cursor meanwhile)
+
+
+def apply_notice(state: ClientState, notice: InboxNotice) -> Notice:
+    """The entries in (from, to] are exactly notice.msg_ids: holding them all at cursor ==
+    from, the device is where pulling that range would have left it."""
+    if notice.from_cursor != state.cursor:
+        return Notice.IGNORED
+    if not all(state.has(i) for i in notice.msg_ids):
+        return Notice.MISSING
+    state.move_cursor(notice.to_cursor)
+    return Notice.ADVANCED

@@ -26,6 +26,7 @@ CHECK_MODULES = (
     "checks_history",
     "checks_groups",
     "checks_ids",
+    "checks_ext",
 )
 
 

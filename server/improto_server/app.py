@@ -68,7 +68,7 @@ class Server:
         self.backend = b = make_backend(config, self.reactor)
         await b.start()
         if config.role in ("all", "persister"):
-            self.persister = Persister(b.queue, b.inbox, b.history)
+            self.persister = Persister(b.queue, b.inbox, b.history, b.conversations)
             self.persister.start()
             self._sweeper = LoopingCall(self._sweep)
             self._sweeper.clock = self.reactor
@@ -82,7 +82,8 @@ class Server:
         log.info("gateway node {node}", node=node)
         self.service = ChatService(
             IdGenerator(node), b.queue, b.inbox, b.history, b.groups, self.hub, self.router,
-            limits=RateLimits(config, self.reactor),
+            limits=RateLimits(config, self.reactor), conversations=b.conversations,
+            read_receipts=config.read_receipts,
         )  # fmt: skip
         self.factory = SessionFactory(
             config, self.service, self.hub, self.reactor, config.secret(), self.router

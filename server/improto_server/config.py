@@ -45,6 +45,8 @@ _RANGES: dict[str, tuple[type, float, float]] = {
     "group_op_rate": (float, 0.0001, 10**6),
     "group_op_burst": (float, 1, 10**9),
     "added_by_others_per_day": (int, 1, 10**6),
+    "state_op_rate": (float, 0.0001, 10**6),
+    "state_op_burst": (float, 1, 10**9),
     "inbox_max_entries": (int, 1, 10**9),
     "inbox_max_bytes": (int, _ONE_FRAME, 2**40),  # room for a largest message
     "max_devices_per_user": (int, 1, 1024),
@@ -90,6 +92,8 @@ class Config:
     hbase_table: str = "improto_history"
     key_prefix: str = "im"  # Redis keys, queue names: lets deployments share services
     queue_partitions: int = 1
+    # Conversation state (spec 18): tell a 1:1 peer's devices when their messages were read
+    read_receipts: bool = True
 
     # Limits (docs/GUARANTEES.md, "Limits and abuse"; spec section 16). TOML keys; the
     # defaults fit a phone app. Each group is owned by the module that enforces it.
@@ -112,6 +116,8 @@ class Config:
     group_op_rate: float = 0.5  # GROUP_CREATE / ADD / REMOVE per second
     group_op_burst: float = 600.0  # joining all of one's 500 groups at once (an import)
     added_by_others_per_day: int = 100  # groups others may add one user to, per day
+    state_op_rate: float = 10.0  # READ_MARK / CONV_HIDE per second
+    state_op_burst: float = 200.0  # marking many conversations read after a sync
     # -- storage (stores)
     inbox_max_entries: int = 20_000  # per user; the oldest are trimmed like expired ones
     inbox_max_bytes: int = 32 * 1024 * 1024  # per user, record bytes
@@ -129,6 +135,8 @@ class Config:
             raise ValueError("separate gateway/persister roles need storage = production")
         for name, (kind, lo, hi) in _RANGES.items():
             _check_range(name, getattr(self, name), kind, lo, hi)
+        if not isinstance(self.read_receipts, bool):  # TOML `true`/`false`, not "no"
+            raise ValueError(f"read_receipts must be true or false, not {self.read_receipts!r}")
         if self.node_id is not None:
             _check_range("node_id", self.node_id, int, 0, 1023)
         if self.idle_timeout <= self.heartbeat:

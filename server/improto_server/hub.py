@@ -1,4 +1,5 @@
-"""Who is online: (user, device) -> live connection, and fan-out of encoded pushes."""
+"""Who is online: (user, device) -> live connection, and fan-out of encoded pushes and
+notifications (READ_UPDATE)."""
 
 from __future__ import annotations
 
@@ -14,6 +15,10 @@ class Pushable(Protocol):
 
     def push(self, msg_id: int, data: bytes) -> None:
         """Write an encoded PUSH frame (the same bytes go to every receiver)."""
+
+    def notify(self, data: bytes, feature: int) -> bool:
+        """Write the encoded frame `data` outside the push window (READ_UPDATE) if this
+        connection enabled `feature` (improto.enums.Feature); True if it was written."""
 
 
 class Hub:
@@ -104,6 +109,17 @@ class Hub:
                 sent += 1
         return sent
 
+    def notify(self, users: Iterable[int], data: bytes, feature: int,
+               exclude: Pushable | None = None) -> int:  # fmt: skip
+        """`data` to every online device of `users` but `exclude` whose connection enabled
+        `feature`; returns how many were written."""
+        sent = 0
+        for user in users:
+            for conn in self.devices(user):  # a copy: a write may close and unregister one
+                if conn is not exclude and conn.notify(data, feature):
+                    sent += 1
+        return sent
+
     @property
     def connection_count(self) -> int:
         return sum(len(e) if type(e) is dict else 1 for e in self._online.values())
@@ -124,6 +140,9 @@ class LocalRouter:
         return succeed(None)
 
     def route(self, users: Iterable[int], msg_id: int, data: bytes) -> Deferred[None]:
+        return succeed(None)
+
+    def notify(self, users: Iterable[int], data: bytes, feature: int) -> Deferred[None]:
         return succeed(None)
 
     def close(self) -> Deferred[None]:

@@ -138,3 +138,102 @@ class GroupNotFound(LookupError):
     def __init__(self, group_id: int) -> None:
         super().__init__(f"no group {group_id}")
         self.group_id = group_id
+
+
+# ------------------------------------------------------------ conversation state (issue 13)
+
+MAX_UNREAD_TRACKED = 1000  # unread msg_ids a conversation row keeps (ConversationStore)
+STATE_JOB_FORMAT = 3  # a queued StateJob's first byte (messages: records.STORE_FORMAT)
+_STATE_HEAD = struct.Struct(">BBQBQQB")  # format, kind, user, conv kind, conv id, msg id, len
+
+
+@dataclass(frozen=True, slots=True)
+class StateJob:
+    """A change of one user's conversation state, queued like a message and applied by the
+    persister (never on the gateway): a read marker, or hiding the conversation.
+
+    MARK: the user's read position in the conversation := max(position, msg_id); for 1:1 also
+    the peer's row learns it (peer_read_id). HIDE: the row is hidden unless its last message is
+    newer than msg_id (the newest id when the user hid it); a later message unhides it."""
+
+    MARK = 1
+    HIDE = 2
+
+    kind: int
+    user_id: int
+    conv_kind: int
+    conv_id: int  # the conversation as user_id sees it: the peer (1:1) or the group
+    msg_id: int
+    device_id: str = ""
+
+    @property
+    def history_key(self) -> ConvKey:
+        """The conversation's storage key: a state job is queued beside its messages."""
+        if self.conv_kind == ConvKind.GROUP:
+            return ConvKey.group(self.conv_id)
+        return ConvKey.direct(self.user_id, self.conv_id)
+
+    def to_bytes(self) -> bytes:
+        dev = self.device_id.encode()
+        head = _STATE_HEAD.pack(
+            STATE_JOB_FORMAT, self.kind, self.user_id, self.conv_kind, self.conv_id,
+            self.msg_id, len(dev),
+        )  # fmt: skip
+        return head + dev
+
+    @staticmethod
+    def from_bytes(data: bytes) -> StateJob:
+        try:
+            fmt, kind, user, ck, cid, mid, n = _STATE_HEAD.unpack_from(data)
+        except struct.error:
+            raise records.CorruptRecord("truncated state job") from None
+        dev = data[_STATE_HEAD.size : _STATE_HEAD.size + n]
+        if fmt != STATE_JOB_FORMAT or len(dev) != n or kind not in (StateJob.MARK, StateJob.HIDE):
+            raise records.CorruptRecord("not a state job")
+        return StateJob(kind, user, ck, cid, mid, dev.decode())
+
+
+QueuedJob = PersistJob | StateJob
+
+
+def job_from_bytes(data: bytes) -> QueuedJob:
+    """A queued job of either kind, from its bytes (the queues store both)."""
+    if data[:1] == bytes((STATE_JOB_FORMAT,)):
+        return StateJob.from_bytes(data)
+    return PersistJob.from_bytes(data)
+
+
+@dataclass(frozen=True, slots=True)
+class ConvState:
+    """One row of a user's conversation list (PROTOCOL.md section 18: the CONV record)."""
+
+    conv_kind: int
+    conv_id: int  # as the user sees it: the peer's user id (1:1), the group id
+    version: int  # the user's list version at the row's last change (1, 2, 3, ...)
+    hidden: bool
+    read_id: int  # the user's read position (a msg_id; 0: none)
+    peer_read_id: int  # 1:1: the peer's read position (0: none); groups: 0
+    unread: int  # messages from others with msg_id > read_id
+    last_id: int  # the newest message's msg_id (0: none)
+    last: bytes | None  # that message's MESSAGE record (improto.records), None if none
+
+
+@dataclass(frozen=True, slots=True)
+class ConvRows:
+    """A page of a user's conversation list."""
+
+    version: int  # by_activity: the user's list version when read; changes: see the port
+    has_more: bool
+    total_unread: int  # the sum of `unread` over the user's rows that are not hidden
+    convs: tuple[ConvState, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class InboxIds:
+    """The ids of a run of inbox entries, without their records (notices, login watch)."""
+
+    start: int  # the start actually used (clamped to the head)
+    cursors: tuple[int, ...]  # ascending
+    msg_ids: tuple[int, ...]  # one per cursor
+    has_more: bool
+    gap: bool  # as InboxStore.page: an entry above `start` was removed by retention or caps

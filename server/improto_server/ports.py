@@ -16,13 +16,17 @@ from improto_server.hub import Hub, Pushable
 from improto_server.model import (
     Accepted,
     ConvKey,
+    ConvRows,
     GroupInfo,
     HistoryRecords,
+    InboxIds,
     InboxRecords,
     PersistJob,
+    QueuedJob,
+    StateJob,
 )
 
-BatchHandler = Callable[[Sequence[PersistJob]], Deferred[None]]
+BatchHandler = Callable[[Sequence[QueuedJob]], Deferred[None]]
 
 
 class PersistQueue(Protocol):
@@ -34,6 +38,11 @@ class PersistQueue(Protocol):
         Atomic: either the job is durably queued and the key remembered, or neither. A
         duplicate returns the original message's id and time with `duplicate=True`.
         """
+
+    def accept_state(self, job: StateJob) -> Deferred[None]:
+        """Make a conversation-state change durable (no dedup: applying one twice changes
+        nothing). It is queued with the messages of its conversation (`job.history_key`), so
+        the consumer gets it in the same queue order as them."""
 
     def consume(self, handler: BatchHandler, max_batch: int = 1) -> None:
         """Deliver every queued job to `handler` (call once), in batches of 1..`max_batch`
@@ -70,6 +79,12 @@ class InboxStore(Protocol):
         Retention counts from when an entry was stored. `gap` is true when an entry with a
         cursor above `start` was removed by retention (the highest removed cursor > start)."""
 
+    def ids(self, user_id: int, start: int, limit: int) -> Deferred[InboxIds]:
+        """The cursors and msg_ids of the first `limit` retained entries with cursor > start
+        (start clamped to the head, as `page`), without reading their records: what `page`
+        would return, in the same order. `gap` as `page`; has_more if more such entries
+        exist. Reads only: it removes nothing (a page does the trimming)."""
+
     def position(self, user_id: int, device_id: str) -> Deferred[int]: ...
 
     def advance(self, user_id: int, device_id: str, cursor: int) -> Deferred[int]:
@@ -91,6 +106,59 @@ class HistoryStore(Protocol):
         """Up to `limit` retained messages with min_id <= msg_id < before_id (0: no upper
         bound), newest first, as MESSAGE records summing to at most `max_bytes` (at least one
         if any), read no further than that; has_more if another such message exists."""
+
+
+class ConversationStore(Protocol):
+    """Per-user conversation lists: one row per (user, conversation) with the newest message,
+    the read positions and the unread count (PROTOCOL.md section 18), written by the
+    persister only. Rows live as long as the history retention after their last change.
+
+    Row of user u for a message m: conversation (USER, peer) with peer = m.conv_id if
+    m.sender_id == u else m.sender_id; (GROUP, m.conv_id) for groups. `unread` counts the
+    messages from others (sender_id != u) with msg_id > read_id that were recorded: exact
+    while a conversation has at most model.MAX_UNREAD_TRACKED unread messages (the store keeps
+    their ids), never below the true count of the tracked ones beyond that. Every change
+    of a row gives it the user's next version (1, 2, 3, ... per user); a call that changes
+    nothing (a redelivered job, a mark that does not move) gives no version.
+    """
+
+    def record(self, jobs: Sequence[PersistJob]) -> Deferred[None]:
+        """For each job and each of `job.inbox_users`, in order: that user's row of the
+        message's conversation gets the message as `last` if its msg_id is above last_id,
+        unhides if it is newer than the hide, and: from the user itself, read_id :=
+        max(read_id, msg_id) (sending reads what came before; unread recounted); from
+        others, with msg_id > read_id and not counted yet, unread += 1, and for 1:1
+        peer_read_id := max(peer_read_id, msg_id) (the peer's own read position moved so).
+        Idempotent per (user, msg_id)."""
+
+    def apply(self, jobs: Sequence[StateJob]) -> Deferred[None]:
+        """MARK: read_id := max(read_id, msg_id), unread recounted (the tracked ids above
+        it); a row is created if there is none; 1:1 (peer != user): the peer's row (created
+        too if missing) gets peer_read_id := max(peer_read_id, msg_id). HIDE: hidden unless
+        last_id > msg_id; remembered, so a recorded message with msg_id <= the hide's msg_id
+        does not unhide it. Idempotent."""
+
+    def by_activity(
+        self, user_id: int, before_id: int, limit: int, max_bytes: int
+    ) -> Deferred[ConvRows]:
+        """The user's rows that are not hidden with last_id < before_id (0: no bound), by
+        last_id descending (rows without a message last), at most `limit` and whose CONV
+        records' sizes (records.conv_size) sum to at most `max_bytes` (at least one if
+        any); has_more if another such row exists; version = the user's newest version."""
+
+    def changes(
+        self, user_id: int, since_version: int, limit: int, max_bytes: int
+    ) -> Deferred[ConvRows]:
+        """The rows (hidden ones too) with version > since_version, by version ascending,
+        limited as `by_activity`; has_more if another row changed after the last one
+        returned; version = the last returned row's version, or for an empty page the
+        user's newest version (0 for a user without rows), even when since_version is
+        above it (lost data: the client then stores the lower value, as with cursors)."""
+
+    def read_positions(
+        self, user_id: int, convs: Sequence[tuple[int, int]]
+    ) -> Deferred[dict[tuple[int, int], int]]:
+        """read_id of each (conv_kind, conv_id) of the user that has a row with read_id > 0."""
 
 
 class GroupStore(Protocol):
@@ -138,6 +206,10 @@ class PushRouter(Protocol):
     def route(self, users: Iterable[int], msg_id: int, data: bytes) -> Deferred[None]:
         """Write the encoded PUSH to `users`' devices held by other gateways."""
 
+    def notify(self, users: Iterable[int], data: bytes, feature: int) -> Deferred[None]:
+        """Write the encoded frame `data` (no push window: READ_UPDATE) to `users`' devices
+        held by other gateways whose connection enabled `feature` (improto.enums.Feature)."""
+
     def close(self) -> Deferred[None]: ...
 
 
@@ -157,6 +229,9 @@ class Backend(Protocol):
 
     @property
     def groups(self) -> GroupStore: ...
+
+    @property
+    def conversations(self) -> ConversationStore: ...
 
     def start(self) -> Deferred[None]: ...
 

@@ -128,6 +128,9 @@ class RateLimits:
         self.group_ops = TokenBuckets(
             config.group_op_rate, config.group_op_burst, clock, max_keys=max_keys
         )
+        self.state_ops = TokenBuckets(
+            config.state_op_rate, config.state_op_burst, clock, max_keys=max_keys
+        )
         per_day = config.added_by_others_per_day
         self.added = TokenBuckets(per_day / DAY_S, per_day, clock, max_keys=max_keys)
 
@@ -145,6 +148,10 @@ class RateLimits:
     def group_op(self, user_id: int) -> float:
         """A GROUP_CREATE, GROUP_ADD or GROUP_REMOVE of others."""
         return self.group_ops.try_take(user_id, 1.0)
+
+    def state_op(self, user_id: int) -> float:
+        """A READ_MARK or CONV_HIDE (spec 18)."""
+        return self.state_ops.try_take(user_id, 1.0)
 
     def add_others(self, users: Iterable[int]) -> int | None:
         """Count one more group that someone else adds each of `users` to: all of them, or

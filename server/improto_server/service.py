@@ -11,7 +11,7 @@ import math
 import uuid
 from collections.abc import Awaitable, Iterable
 from dataclasses import dataclass
-from typing import Any, NoReturn, TypeVar, cast
+from typing import TYPE_CHECKING, Any, NoReturn, TypeVar, cast
 
 from twisted.internet.defer import Deferred, DeferredList, fail, maybeDeferred
 from twisted.internet.interfaces import IReactorTime
@@ -59,14 +59,24 @@ from improto_server.model import (
     LimitExceeded,
     PersistJob,
 )
-from improto_server.ports import GroupStore, HistoryStore, InboxStore, PersistQueue, PushRouter
+from improto_server.ports import (
+    ConversationStore,
+    GroupStore,
+    HistoryStore,
+    InboxStore,
+    PersistQueue,
+    PushRouter,
+)
 from improto_server.rate_limits import RateLimits
+
+if TYPE_CHECKING:
+    from improto_server.conversation_service import ConversationService
 
 log = Logger()
 _T = TypeVar("_T")
 
 
-async def _available(d: Awaitable[_T]) -> _T:
+async def available(d: Awaitable[_T]) -> _T:
     """A storage call whose failure (a service down or restarting) the client should retry:
     UNAVAILABLE, not INTERNAL. Errors the call raises on purpose pass through."""
     try:
@@ -82,13 +92,13 @@ async def _available(d: Awaitable[_T]) -> _T:
 
 async def _together(first: Deferred[Any] | None, second: Deferred[_T], both: bool = False) -> Any:
     """Two independent storage calls in flight at once (pull handlers): waits for both, then
-    fails as `_available` would on the first failure. Returns the second's result, or both
+    fails as `available` would on the first failure. Returns the second's result, or both
     results with `both`."""
     calls = [d for d in (first, second) if d is not None]
     results = await DeferredList(calls, consumeErrors=True)
     for ok, value in results:
         if not ok:
-            await _available(fail(value))
+            await available(fail(value))
     if both:
         return tuple(value for _, value in results)
     return results[-1][1]
@@ -107,7 +117,7 @@ class RequestError(Exception):
         self.retry_after_s = retry_after_s  # RATE_LIMITED: the wait its text announces
 
 
-def _check_rate(wait_s: float, what: str) -> None:
+def check_rate(wait_s: float, what: str) -> None:
     """RATE_LIMITED, its retry-after first in the text as PROTOCOL.md 9.4 says, if wait_s > 0."""
     if wait_s > 0.0:
         ms = max(1, math.ceil(wait_s * 1000))
@@ -139,6 +149,9 @@ class ChatService:
         hub: Hub,
         router: PushRouter | None = None,
         limits: RateLimits | None = None,
+        *,
+        conversations: ConversationStore | None = None,
+        read_receipts: bool = True,
     ) -> None:
         self.ids = ids
         self.queue = queue
@@ -152,6 +165,16 @@ class ChatService:
 
             limits = RateLimits(Config(), cast(IReactorTime, reactor))
         self.limits = limits
+        self.conversations = conversations
+        self.read_receipts = read_receipts  # READ_RECEIPTS may be enabled (config)
+        # CONV_LIST, CONV_CHANGES, READ_MARK, CONV_HIDE: with a conversation store only
+        self.convs: ConversationService | None = None
+        if conversations is not None:
+            from improto_server.conversation_service import ConversationService  # uses ours
+
+            self.convs = ConversationService(
+                conversations, ids, queue, groups, hub, self.router, limits, read_receipts
+            )
         # per connection: fires once its latest SEND has taken its msg_id
         self._id_gates: dict[object, Deferred[None]] = {}
 
@@ -176,7 +199,7 @@ class ChatService:
             # Before the id and the queue: a refused SEND leaves nothing behind, so the
             # client's retry with the same client_msg_id is a first attempt.
             wait = self.limits.send(caller.user_id, members, len(inbox_users), len(req.body))
-            _check_rate(wait, "sending too fast")
+            check_rate(wait, "sending too fast")
             if before is not None and not before.called:
                 await before
             # The id is taken right before the queue gets the job, with no wait in between,
@@ -221,12 +244,16 @@ class ChatService:
 
     # ------------------------------------------------------------- offline sync
 
-    async def offline_pull(self, caller: Caller, req: OfflinePull) -> bytes:
+    async def offline_pull(
+        self, caller: Caller, req: OfflinePull, *, read_positions: bool = False
+    ) -> bytes:
+        """OFFLINE_PAGE; with `read_positions` (the connection enabled CONVERSATIONS) its
+        unread counts only messages above the user's read positions (spec 18)."""
         limit = req.limit or OFFLINE_PAGE_DEFAULT
         user, device = caller.user_id, caller.device_id
         moved: Deferred[int] | None = None
         if req.cursor == CURSOR_RESUME:
-            start = await _available(self.inbox.position(user, device))
+            start = await available(self.inbox.position(user, device))
         else:
             start = req.cursor
             if start != 0:  # the client confirms it holds everything up to its cursor
@@ -238,16 +265,17 @@ class ChatService:
         page: InboxRecords = await _together(
             moved, self.inbox.page(user, start, limit, records.OFFLINE_RECORD_BYTES)
         )
-        n = records.offline_fit(user, page.records)
+        read = None
+        if read_positions and self.convs is not None:
+            read = await self.convs.read_ids(user, page.records)
+        n = records.offline_fit(user, page.records, read_ids=read)
         return records.offline_page(
             req.request_id, user, page.cursors[n - 1] if n else page.start,
-            page.has_more or n < len(page.records), page.gap, page.records[:n],
+            page.has_more or n < len(page.records), page.gap, page.records[:n], read_ids=read,
         )  # fmt: skip
 
     async def offline_ack(self, caller: Caller, req: OfflineAck) -> OfflineAckOk:
-        position = await _available(
-            self.inbox.advance(caller.user_id, caller.device_id, req.cursor)
-        )
+        position = await available(self.inbox.advance(caller.user_id, caller.device_id, req.cursor))
         return OfflineAckOk(position, request_id=req.request_id)
 
     # ------------------------------------------------------------------ history
@@ -267,7 +295,7 @@ class ChatService:
             key, min_id = ConvKey.group(req.conv_id), since
         else:
             key, min_id = ConvKey.direct(caller.user_id, req.conv_id), 0
-        raw: HistoryRecords = await _available(
+        raw: HistoryRecords = await available(
             self.history.page(key, req.before_id, limit, min_id, records.HISTORY_RECORD_BYTES)
         )
         n = records.fit(raw.records, records.HISTORY_RECORD_BYTES)  # a store's excess, if any
@@ -279,7 +307,7 @@ class ChatService:
     # ------------------------------------------------------------------- groups
 
     async def _group_for_member(self, group_id: int, user_id: int) -> GroupInfo:
-        info = await _available(self.groups.info(group_id))
+        info = await available(self.groups.info(group_id))
         if info is None:
             raise RequestError(ErrorCode.NOT_FOUND, f"no group {group_id}")
         if user_id not in info.members:
@@ -322,7 +350,7 @@ class ChatService:
 
     async def group_create(self, caller: Caller, req: GroupCreate) -> GroupCreated:
         members = tuple(sorted(set(req.members) - {caller.user_id}))
-        _check_rate(self.limits.group_op(caller.user_id), "too many group changes")
+        check_rate(self.limits.group_op(caller.user_id), "too many group changes")
         self._adding_others(members)
         event_id = self.ids.next()
         gid = await self._adding(
@@ -339,7 +367,7 @@ class ChatService:
         """A group store write that adds `users`; if it fails, their allowance of additions
         by others is given back."""
         try:
-            return await _available(write)
+            return await available(write)
         except LimitExceeded as e:
             self.limits.not_added(users)
             raise RequestError(ErrorCode.LIMIT_EXCEEDED, str(e)) from None
@@ -349,7 +377,7 @@ class ChatService:
 
     async def group_add(self, caller: Caller, req: GroupAdd) -> GroupAddOk:
         info = await self._group_for_member(req.group_id, caller.user_id)
-        _check_rate(self.limits.group_op(caller.user_id), "too many group changes")
+        check_rate(self.limits.group_op(caller.user_id), "too many group changes")
         newcomers = tuple(set(req.members) - set(info.members) - {caller.user_id})
         self._adding_others(newcomers)
         event_id = self.ids.next()
@@ -370,9 +398,9 @@ class ChatService:
         if caller.user_id != info.owner_id and targets != {caller.user_id}:
             raise RequestError(ErrorCode.FORBIDDEN, "only the owner removes other members")
         if targets != {caller.user_id}:  # leaving is free: one can only leave what one joined
-            _check_rate(self.limits.group_op(caller.user_id), "too many group changes")
+            check_rate(self.limits.group_op(caller.user_id), "too many group changes")
         event_id = self.ids.next()
-        removed = await _available(self.groups.remove(req.group_id, tuple(targets)))
+        removed = await available(self.groups.remove(req.group_id, tuple(targets)))
         if removed:
             await self._group_event(
                 caller, req.group_id, event_id, info.members,  # includes the removed users
@@ -387,5 +415,5 @@ class ChatService:
         )
 
     async def my_groups(self, caller: Caller, req: MyGroups) -> GroupList:
-        groups = await _available(self.groups.groups_of(caller.user_id))
+        groups = await available(self.groups.groups_of(caller.user_id))
         return GroupList(tuple(GroupSummary(g, n) for g, n in groups), request_id=req.request_id)

@@ -19,12 +19,18 @@ what it read waits, its transport paused, until the next turn, so the other conn
 frames are served in between. A request refused RATE_LIMITED pauses reading for its
 retry-after (at most `MAX_RATE_HOLD_S`): a pipelining flooder costs one refusal per pause.
 Nothing is refused or reordered for any of this: frames wait, in order.
+
+Post-v1 features (PROTOCOL.md section 18) are enabled per connection with FEATURES after
+HELLO_OK; until then the connection is exactly a version-1 one: the post-v1 request types are
+UNKNOWN_FRAME_TYPE, checked on the header's type before the body, as for any unknown type.
+What the inbox holds beyond the connection's last page is followed by an InboxFollower
+(wire-once notices, the login watch), made on first use.
 """
 
 from __future__ import annotations
 
 from collections import deque
-from collections.abc import Coroutine
+from collections.abc import Callable, Coroutine
 from typing import Any
 
 from twisted.internet.address import IPv4Address, IPv6Address
@@ -36,17 +42,21 @@ from twisted.python.failure import Failure
 
 from improto import records
 from improto.codec import FrameReader, check_header, decode_payload, encode
-from improto.enums import CloseReason, FrameType
-from improto.errors import ErrorCode, FrameTooLarge, ProtocolError
+from improto.enums import POST_V1_REQUESTS, CloseReason, Feature, FrameType
+from improto.errors import ErrorCode, FrameTooLarge, ProtocolError, UnknownFrameType
 from improto.frames import (
     Close,
     Error,
+    Features,
+    FeaturesOk,
     Frame,
     Hello,
     HelloOk,
+    OfflinePull,
     Ping,
     Pong,
     PushAck,
+    SendAck,
     SyncHint,
 )
 from improto.limits import MAX_FRAME_LENGTH, MAX_HELLO_FRAME
@@ -56,7 +66,8 @@ from improto_server.config import Config
 from improto_server.deadlines import Deadlines
 from improto_server.eager_write import eagerly_writable, write_eagerly
 from improto_server.hub import Hub, LocalRouter
-from improto_server.ports import PushRouter
+from improto_server.inbox_follower import LOGIN_WATCH_S, InboxFollower
+from improto_server.ports import InboxStore, PushRouter
 from improto_server.service import Caller, ChatService, RequestError
 from improto_server.transport_buffer import abort_transport, queued_bytes
 
@@ -75,7 +86,9 @@ FRAMES_PER_TURN = 32
 # 128 KiB from storage, and a client's sync loop needs one at a time (history paging of
 # several conversations, two), so a pipelining peer cannot queue the store's work.
 MAX_PULLS_IN_FLIGHT = 2
-_PAGE_REQUESTS = frozenset({FrameType.OFFLINE_PULL, FrameType.HISTORY_PULL})
+_PAGE_REQUESTS = frozenset(
+    {FrameType.OFFLINE_PULL, FrameType.HISTORY_PULL, FrameType.CONV_LIST, FrameType.CONV_CHANGES}
+)
 # Before HELLO_OK a client sends a HELLO and perhaps a PING or a few requests (spec 8.1:
 # PONG, NOT_AUTHENTICATED): fewer frames per turn, and a budget of PRELOGIN_BURST frames at
 # once refilled at PRELOGIN_RATE per second (GCRA in one float, `_budget_at`). Past it the
@@ -100,6 +113,34 @@ _HANDLERS: dict[FrameType, str] = {
     FrameType.GROUP_MEMBERS: "group_members",
     FrameType.MY_GROUPS: "my_groups",
 }
+# Post-v1 requests (CONVERSATIONS), answered by the service's ConversationService.
+_CONV_HANDLERS: dict[FrameType, str] = {
+    FrameType.CONV_LIST: "conv_list",
+    FrameType.CONV_CHANGES: "conv_changes",
+    FrameType.READ_MARK: "read_mark",
+    FrameType.CONV_HIDE: "conv_hide",
+}
+# Server-to-client types added after version 1: a connection without features gets the
+# version-1 answer for them (unknown type), one with features the server-to-client one.
+_POST_V1_REPLIES = frozenset(
+    {
+        FrameType.FEATURES_OK, FrameType.CONV_PAGE, FrameType.CONV_CHANGES_PAGE,
+        FrameType.READ_MARK_OK, FrameType.CONV_HIDE_OK, FrameType.INBOX_NOTICE,
+        FrameType.READ_UPDATE,
+    }
+)  # fmt: skip
+_CONVERSATIONS = 1 << Feature.CONVERSATIONS
+# OFFLINE_PAGE frame bytes (length prefix included): the cursor u64 and has_more u8
+_PAGE_CURSOR = slice(11, 19)
+_PAGE_HAS_MORE = 19
+
+
+def feature_bits(features: tuple[int, ...]) -> int:
+    """A connection's feature set as a bitmask (bit n: feature n)."""
+    bits = 0
+    for n in features:
+        bits |= 1 << n
+    return bits
 
 
 class Session(Protocol):
@@ -108,7 +149,6 @@ class Session(Protocol):
     # kept in the factory's Deadlines instead of a DelayedCall per timer.
     __slots__ = (
         "_addr",
-        "_born",
         "_budget_at",
         "_eager",
         "_early",
@@ -116,11 +156,13 @@ class Session(Protocol):
         "_expires_at",
         "_in_flight",
         "_last_rx",
+        "_login_id",
         "_pending",
         "_prelogin",
         "_pulls",
         "_rx_paused",
         "_serving",
+        "_since",
         "_since_pause",
         "_stalled_since",
         "_tx_paused",
@@ -131,6 +173,8 @@ class Session(Protocol):
         "deadline",
         "device_id",
         "factory",
+        "features",
+        "follower",
         "hint_pending",
         "presence",
         "reader",
@@ -158,7 +202,10 @@ class Session(Protocol):
         self.hint_pending = False
         self._eager = False  # plain TCP: frames are sent at once when nothing is queued
         self._last_rx = 0.0  # when the last whole frame arrived
-        self._born = 0.0  # when the connection was made (the login deadline counts from it)
+        # when the connection was made (the login deadline counts from it); once logged in,
+        # when HELLO_OK went out (the login watch counts from it); 0.0 once that watch is over
+        self._since = 0.0
+        self._login_id = 0  # a msg_id taken at HELLO_OK (the inbox follower)
         self._addr: str | None = None  # the peer's host, counted in the factory's caps
         self._prelogin = False  # counted among the address's connections not logged in
         self._in_flight = 0  # requests awaiting their reply
@@ -174,6 +221,8 @@ class Session(Protocol):
         # reading held until the next turn or a retry-after: the call that resumes it
         self._wake: IDelayedCall | None = None
         self._budget_at = 0.0  # before HELLO_OK: when the frame budget is whole again
+        self.features = 0  # enabled post-v1 features, bit n for Feature n (FEATURES)
+        self.follower: InboxFollower | None = None  # made on first use (_follower)
 
     def _write(self, data: bytes) -> None:
         transport = self.transport
@@ -197,7 +246,7 @@ class Session(Protocol):
         transport = self.transport
         assert transport is not None
         self._eager = eagerly_writable(transport)  # frames leave now, not next turn
-        self._last_rx = self._born = self.clock.seconds()
+        self._last_rx = self._since = self.clock.seconds()
         peer = transport.getPeer()
         if isinstance(peer, IPv4Address | IPv6Address):  # unix sockets: no address to cap
             if not self.factory.admission.admit(peer.host):
@@ -219,6 +268,9 @@ class Session(Protocol):
             wake.cancel()  # the reactor's reference to this session goes with it
         self._gone()
         self._uncount()
+        follower, self.follower = self.follower, None
+        if follower is not None:
+            follower.close()  # its timer goes with it
         # Let go of everything at once: a request still running may hold this session a
         # little longer, and nothing must keep the unsent bytes (the transport's buffer),
         # the push window or the frames read but not served. Caller.connection is this
@@ -343,6 +395,8 @@ class Session(Protocol):
             return
         try:
             cls, request_id = check_header(payload)
+            if cls.TYPE in POST_V1_REQUESTS or cls.TYPE in _POST_V1_REPLIES:
+                self._check_enabled(cls.TYPE, request_id)
             if not cls.TYPE.client_to_server:  # spec 13.2: the type is checked before the body
                 self.send(Error(ErrorCode.UNKNOWN_FRAME_TYPE, "server-to-client frame type",
                                 request_id=request_id))  # fmt: skip
@@ -358,6 +412,13 @@ class Session(Protocol):
             return
         self._dispatch(frame)
 
+    def _check_enabled(self, kind: FrameType, request_id: int) -> None:
+        """A post-v1 type on a connection that has not enabled it is an unknown type, with
+        the very error a version-1 server sends."""
+        enabled = self.features & _CONVERSATIONS if kind in POST_V1_REQUESTS else self.features
+        if not enabled:
+            raise UnknownFrameType(f"unknown frame type 0x{kind:02x}", request_id)
+
     # -------------------------------------------------------------- dispatch
 
     def _dispatch(self, f: Frame) -> None:
@@ -370,20 +431,59 @@ class Session(Protocol):
                             request_id=f.request_id))  # fmt: skip
         elif isinstance(f, PushAck):
             self._push_acked(f.msg_id)
+        elif isinstance(f, Features):
+            self._negotiate(f)
+        elif isinstance(f, OfflinePull):
+            follower = self._follower()
+            if follower is not None:
+                follower.pull_started()
+            work = self.factory.service.offline_pull(
+                self.caller, f, read_positions=bool(self.features & _CONVERSATIONS)
+            )
+            self._run(f.request_id, work, True, self._paged, self._page_failed)
+        elif f.TYPE in _CONV_HANDLERS:
+            method = getattr(self.factory.service.convs, _CONV_HANDLERS[f.TYPE])
+            self._run(f.request_id, method(self.caller, f), f.TYPE in _PAGE_REQUESTS)
         else:
             method = getattr(self.factory.service, _HANDLERS[f.TYPE])
-            self._run(f.request_id, method(self.caller, f), f.TYPE in _PAGE_REQUESTS)
+            reply = self._sent if f.TYPE is FrameType.SEND else self.send
+            self._run(f.request_id, method(self.caller, f), f.TYPE in _PAGE_REQUESTS, reply)
 
     def _run(
-        self, request_id: int, work: Coroutine[Any, Any, Frame | bytes], pull: bool = False
+        self,
+        request_id: int,
+        work: Coroutine[Any, Any, Any],
+        pull: bool = False,
+        reply: Callable[[Any], None] | None = None,
+        failed: Callable[[Failure, int], None] | None = None,
     ) -> None:
         self._in_flight += 1
         self._pulls += pull
         d = Deferred.fromCoroutine(work)
-        d.addCallbacks(self.send, self._request_failed, errbackArgs=(request_id,))
+        d.addCallbacks(reply or self.send, failed or self._request_failed,
+                       errbackArgs=(request_id,))  # fmt: skip
         d.addBoth(self._pull_done if pull else self._request_done)
         if self._rx_blocked():
             self._update_reading()  # a cap: read no more until one finishes
+
+    def _sent(self, ack: SendAck) -> None:
+        self.send(ack)
+        follower = self._follower()
+        if follower is not None:
+            follower.sent(ack.msg_id)
+
+    def _paged(self, page: bytes) -> None:
+        self.send(page)
+        follower = self.follower
+        if follower is not None:
+            cursor = int.from_bytes(page[_PAGE_CURSOR], "big")
+            follower.pull_ended(cursor, bool(page[_PAGE_HAS_MORE]))
+
+    def _page_failed(self, failure: Failure, request_id: int) -> None:
+        self._request_failed(failure, request_id)
+        follower = self.follower
+        if follower is not None:
+            follower.pull_ended(None)
 
     def _pull_done(self, result: object) -> None:
         self._pulls -= 1
@@ -454,7 +554,12 @@ class Session(Protocol):
         if self._prelogin:
             self._prelogin = False
             self.factory.admission.logged_in(self._addr)
-        self._rearm(self.clock.seconds())  # the login deadline is over: idle and expiry now
+        now = self.clock.seconds()
+        self._since = now  # the login watch counts from HELLO_OK
+        # messages with a higher id were accepted after this login: they are pushed here
+        ids = getattr(self.factory.service, "ids", None)  # None: session tests, no service
+        self._login_id = ids.next()[0] if ids is not None else 0
+        self._rearm(now)  # the login deadline is over: idle and expiry now
         ok = HelloOk(
             ident.user_id,
             self._now_ms(),
@@ -502,7 +607,11 @@ class Session(Protocol):
         unacked = self.unacked
         if unacked is None:
             return  # nothing pushed since login: no window to reopen
-        unacked.pop(msg_id, None)
+        if msg_id in unacked:
+            del unacked[msg_id]
+            follower = self._follower()
+            if follower is not None:
+                follower.acked(msg_id)
         if self.hint_pending:
             self._maybe_hint()
 
@@ -517,6 +626,83 @@ class Session(Protocol):
         ):
             self.hint_pending = False
             self._write(_SYNC_HINT)
+            if self.follower is not None:
+                self.follower.hinted()
+
+    # ---------------------------------------------- features and the inbox follower
+
+    def _negotiate(self, f: Features) -> None:
+        """FEATURES: the connection's features are now those asked for that this server
+        supports; FEATURES_OK lists them."""
+        asked = set(f.features)
+        enabled = {Feature.WIRE_ONCE} & asked
+        service = self.factory.service
+        if Feature.CONVERSATIONS in asked and getattr(service, "convs", None) is not None:
+            enabled.add(Feature.CONVERSATIONS)
+            if Feature.READ_RECEIPTS in asked and service.read_receipts:
+                enabled.add(Feature.READ_RECEIPTS)
+        self.features = feature_bits(tuple(enabled))
+        wire_once = Feature.WIRE_ONCE in enabled
+        follower = self.follower
+        if follower is not None:
+            follower.set_wire_once(wire_once)
+        elif wire_once and self._inbox() is not None:
+            self.follower = self._new_follower(wire_once=True)
+        self.send(FeaturesOk(tuple(sorted(enabled)), request_id=f.request_id))
+
+    def _follower(self) -> InboxFollower | None:
+        """The follower, made on first use in the login watch (with WIRE_ONCE it is made
+        when the feature is enabled). Called only once logged in."""
+        follower = self.follower
+        if follower is None and self._since:
+            if self._inbox() is None:  # no storage (session tests): nothing to follow
+                self._since = 0.0
+            elif self.clock.seconds() < self._since + LOGIN_WATCH_S:
+                follower = self.follower = self._new_follower(wire_once=False)
+            else:
+                self._since = 0.0  # the watch is over: no clock read per ack from now on
+        return follower
+
+    def _inbox(self) -> InboxStore | None:
+        return getattr(self.factory.service, "inbox", None)
+
+    def _new_follower(self, wire_once: bool) -> InboxFollower:
+        inbox = self._inbox()
+        assert inbox is not None
+        return InboxFollower(
+            self, inbox, self.clock,
+            window=self.factory.config.max_unacked_pushes,
+            watch_until=self._since + LOGIN_WATCH_S if self._since else 0.0,
+            wire_once=wire_once,
+            login_id=self._login_id,
+        )  # fmt: skip
+
+    def write_notice(self, data: bytes) -> bool:
+        """INBOX_NOTICE from the follower: written unless the output is stalled."""
+        if self.closing or self._stalled_since is not None:
+            return False
+        self._write(data)
+        return True
+
+    def sync_hint(self) -> None:
+        """SYNC_HINT from the follower: now, or once the output drains."""
+        if self.closing:
+            return
+        if self._stalled_since is not None:
+            self.hint_pending = True
+        else:
+            self._write(_SYNC_HINT)
+
+    def follower_done(self) -> None:
+        self.follower = None
+
+    def notify(self, data: bytes, feature: int) -> bool:
+        """A frame outside the push window (READ_UPDATE) if this connection enabled
+        `feature`; True if it was written."""
+        if self.closing or self.caller is None or not self.features >> feature & 1:
+            return False
+        self._write(data)
+        return True
 
     # ------------------------------------------------------- output flow control
 
@@ -665,7 +851,7 @@ class Session(Protocol):
         """HELLO_OK is due login_timeout_s after connecting, and never later than the idle
         timeout (spec 8.1: a client may count on idle_timeout_s as the bound)."""
         config = self.factory.config
-        return self._born + min(config.login_timeout_s, config.idle_timeout)
+        return self._since + min(config.login_timeout_s, config.idle_timeout)
 
     def _arm(self, at: float) -> None:
         """Make the deadline no later than `at`."""

@@ -1,13 +1,14 @@
 """The backends of the contract suite: what each row of a port's tests runs on.
 
     sqlite      the embedded SQLiteBackend: every port
-    redis       RedisInbox and RedisGroups (the rest SQLite)       inbox, groups
+    redis       RedisInbox, RedisGroups, RedisConversations        inbox, groups, conversations
+                (the rest SQLite)
     hbase       HBaseHistory (the rest SQLite)                     history
     rabbitmq    RabbitQueue, its dedup keys in Redis (rest SQLite)  queue
     production  ProductionBackend, as `imserver --storage production` runs it: every port
 
 A factory takes the test's data directory and the fake clock and returns an unstarted backend
-(`start()`, `close()`, `sweep()`, `destroy()` and the four ports). Called again with the same
+(`start()`, `close()`, `sweep()`, `destroy()` and the ports). Called again with the same
 directory it reaches the same data (the restart tests rely on that). Names on the services
 (key prefixes, queues, tables) derive from the directory; a name is emptied before its first
 use in this process (a killed run may have left data under it) and by `destroy()`, which the
@@ -71,6 +72,7 @@ class Composed:
         self._sqlite = sqlite
         self.queue, self.inbox = sqlite.queue, sqlite.inbox
         self.history, self.groups = sqlite.history, sqlite.groups
+        self.conversations = sqlite.conversations
         for port, adapter in ports.items():
             setattr(self, port, adapter)
             if port == "queue":  # SQLiteBackend.close() stops its queue first: keep it so
@@ -118,6 +120,9 @@ class Composed:
         counts = await self._sqlite.sweep()
         if self.inbox is not self._sqlite.inbox:
             counts["inbox"] = counts.get("inbox", 0) + await self.inbox.sweep()
+        sweep = getattr(self.conversations, "sweep", None)  # optional where reads filter
+        if self.conversations is not self._sqlite.conversations and sweep is not None:
+            counts["conversations"] = await sweep()
         # History on HBase: retention is the read-side filter (and the family TTL in
         # production), nothing to sweep.
         return counts
@@ -131,6 +136,7 @@ class Composed:
 
 def _redis(data_dir: Path, clock: FakeClock) -> Composed:
     from improto_server.production.redis_connection import connect
+    from improto_server.production.redis_conversations import RedisConversations
     from improto_server.production.redis_groups import RedisGroups
     from improto_server.production.redis_inbox import RedisInbox
 
@@ -139,14 +145,16 @@ def _redis(data_dir: Path, clock: FakeClock) -> Composed:
     redis = connect(services.REDIS.host, services.REDIS.port)
     inbox = RedisInbox(redis, prefix, clock, INBOX_RETENTION_MS)
     groups = RedisGroups(redis, prefix)
+    convs = RedisConversations(redis, prefix, clock, HISTORY_RETENTION_MS)
 
     async def ping() -> None:
         await redis.execute_command("PING")
 
+    starts = [s.start for s in (inbox, groups, convs) if hasattr(s, "start")]
     return Composed(
         _sqlite(data_dir, clock),
-        {"inbox": inbox, "groups": groups},
-        opens=[ping, inbox.start, groups.start],
+        {"inbox": inbox, "groups": groups, "conversations": convs},
+        opens=[ping, *starts],
         closes=[redis.disconnect],
         destroy=lambda: services.delete_redis_prefix(prefix),
     )
@@ -240,5 +248,6 @@ ROWS: dict[str, tuple[str, ...]] = {
     "inbox": ("sqlite", "redis", "production"),
     "history": ("sqlite", "hbase", "production"),
     "groups": ("sqlite", "redis", "production"),
+    "conversations": ("sqlite", "redis", "production"),
     "persister": ("sqlite", "production"),  # all ports at once: SQLite's, production's
 }

@@ -6,7 +6,7 @@ import pytest_twisted
 
 from improto.limits import U64_MAX
 from improto_server.config import InboxCaps
-from improto_server.model import InboxRecords, PersistJob
+from improto_server.model import InboxIds, InboxRecords, PersistJob
 from tests.contract.pages import ANY_SIZE, format_one, ids, messages
 
 PORT = "inbox"
@@ -387,3 +387,61 @@ async def test_positions_are_kept_for_the_most_recently_advanced_devices(backend
     assert await inbox.position(ALICE, devices[0]) == 3
     assert await inbox.advance(ALICE, devices[1], 2) == 2  # a dropped device starts again
     assert await inbox.position(BOB, devices[0]) == 0
+
+
+# ------------------------------------------------------------------- ids without records
+
+
+@pytest_twisted.ensureDeferred
+async def test_ids_are_what_a_page_would_return(backend, jobs):
+    appended = [jobs.job(ALICE, BOB, body=b"x" * 5000) for _ in range(7)]
+    await backend.inbox.append_many(appended)
+    page = await backend.inbox.page(ALICE, 0, 100, ANY_SIZE)
+    every = await backend.inbox.ids(ALICE, 0, 100)
+    assert every == InboxIds(0, page.cursors, tuple(ids(page)), False, False)
+    first = page.cursors[0]
+    for start, limit in [(0, 3), (first, 3), (first + 3, 100), (first + 6, 1), (first + 4, 3)]:
+        got = await backend.inbox.ids(ALICE, start, limit)
+        expected = await backend.inbox.page(ALICE, start, limit, ANY_SIZE)
+        assert (got.cursors, got.msg_ids) == (expected.cursors, tuple(ids(expected)))
+        assert (got.start, got.has_more, got.gap) == (start, expected.has_more, False)
+    # No byte budget: `limit` entries, however large their records.
+    assert len((await backend.inbox.ids(ALICE, 0, 5)).cursors) == 5
+    assert await backend.inbox.ids(ALICE, 0, 0) == InboxIds(0, (), (), True, False)
+    assert await backend.inbox.ids(CAROL, 0, 10) == InboxIds(0, (), (), False, False)
+
+
+@pytest_twisted.ensureDeferred
+async def test_ids_clamp_the_start_to_the_head(backend, jobs):
+    await backend.inbox.append_many([jobs.job(BIG) for _ in range(3)])
+    head = (await backend.inbox.ids(BIG, 0, 10)).cursors[-1]
+    for start in (head, head + 1, 2**63, U64_MAX):
+        assert await backend.inbox.ids(BIG, start, 10) == InboxIds(head, (), (), False, False)
+    assert (await backend.inbox.ids(CAROL, U64_MAX, 10)).start == 0
+
+
+@pytest_twisted.ensureDeferred
+async def test_ids_report_a_gap_and_remove_nothing(backend, jobs):
+    old = [jobs.job(ALICE) for _ in range(3)]
+    await backend.inbox.append_many(old)
+    backend.advance(86_400_000)
+    recent = [jobs.job(ALICE) for _ in range(2)]
+    await backend.inbox.append_many(recent)
+    cs = (await backend.inbox.ids(ALICE, 0, 10)).cursors
+    backend.advance(backend.inbox_retention_ms - 86_400_000 + 1)  # `old` has expired
+    for _ in range(2):  # reading twice: the first read removed nothing the second needs
+        got = await backend.inbox.ids(ALICE, 0, 10)
+        assert got.msg_ids == tuple(j.message.msg_id for j in recent) and got.gap
+        assert got.cursors == cs[3:] and not got.has_more
+        assert (await backend.inbox.ids(ALICE, cs[1], 10)).gap
+        assert not (await backend.inbox.ids(ALICE, cs[2], 10)).gap
+        assert (await backend.inbox.ids(ALICE, 0, 1)).has_more
+    page = await backend.inbox.page(ALICE, 0, 10, ANY_SIZE)
+    assert page.gap and tuple(ids(page)) == got.msg_ids
+    # After the page (or a sweep) trimmed them, the ids say the same.
+    await backend.sweep()
+    assert await backend.inbox.ids(ALICE, 0, 10) == got
+    # An entry cap lowered since the last append: what a page would keep, without trimming.
+    backend.inbox.caps = InboxCaps(max_entries=1)
+    capped = await backend.inbox.ids(ALICE, 0, 10)
+    assert capped.cursors == cs[4:] and capped.gap

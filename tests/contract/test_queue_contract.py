@@ -1,4 +1,5 @@
-"""PersistQueue contract: dedup, durability, ordered at-least-once delivery, retries."""
+"""PersistQueue contract: dedup, durability, ordered at-least-once delivery, retries; state
+jobs (accept_state) queued among the messages of their conversation."""
 
 from __future__ import annotations
 
@@ -7,9 +8,10 @@ from collections.abc import Sequence
 
 import pytest_twisted
 
-from twisted.internet.defer import Deferred, DeferredList
+from twisted.internet.defer import Deferred, DeferredList, fail, succeed
 
-from improto_server.model import Accepted, PersistJob
+from improto.enums import ConvKind
+from improto_server.model import Accepted, PersistJob, QueuedJob, StateJob
 from improto_server.ports import BatchHandler
 from tests.support.recorder import Recorder
 
@@ -220,3 +222,90 @@ async def test_concurrent_accepts_are_each_answered_alone(backend, jobs, wait_fo
     await backend.queue.accept(sentinel, sentinel.message.client_msg_id)
     await wait_for(lambda: len(rec.done) >= 13)
     assert rec.done[-1] == sentinel and len(rec.done) == 13  # nothing else was queued
+
+
+# --------------------------------------------------------------- state jobs (issue 13)
+
+
+class Kinds:
+    """A handler recording the jobs of both kinds it was handed; the first `failures`
+    batches holding a StateJob fail whole."""
+
+    def __init__(self, failures: int = 0) -> None:
+        self.done: list[QueuedJob] = []
+        self.attempts: list[tuple[list[QueuedJob], bool]] = []  # every batch, and if it passed
+        self._failures = failures
+
+    def __call__(self, batch: Sequence[QueuedJob]) -> Deferred[None]:
+        failing = self._failures > 0 and any(isinstance(j, StateJob) for j in batch)
+        self.attempts.append((list(batch), not failing))
+        if failing:
+            self._failures -= 1
+            return fail(RuntimeError("handler failure (on purpose)"))
+        self.done.extend(batch)
+        return succeed(None)
+
+
+def _mark(user: int, peer: int, msg_id: int, device: str = "phone-1") -> StateJob:
+    return StateJob(StateJob.MARK, user, ConvKind.USER, peer, msg_id, device)
+
+
+def _hide(user: int, group: int, msg_id: int) -> StateJob:
+    return StateJob(StateJob.HIDE, user, ConvKind.GROUP, group, msg_id)
+
+
+@pytest_twisted.ensureDeferred
+async def test_state_jobs_come_in_queue_order_among_the_messages(backend, jobs, wait_for):
+    """A mark accepted after a message (and before the next) of its conversation is handed
+    over between them, intact; a state job has no dedup key: the same one twice is queued
+    twice (applying it twice changes nothing)."""
+    m1 = jobs.job(1, 2, sender=2, conv_id=1, client_msg_id=CMID_A)
+    m2 = jobs.job(1, 2, sender=2, conv_id=1, client_msg_id=CMID_B)
+    read = _mark(1, 2, m1.message.msg_id)
+    queued: list[QueuedJob] = [m1, read, m2, read]
+    await backend.queue.accept(m1, CMID_A)
+    assert await backend.queue.accept_state(read) is None
+    await backend.queue.accept(m2, CMID_B)
+    await backend.queue.accept_state(read)
+    rec = Kinds()
+    backend.queue.consume(rec, max_batch=16)
+    await wait_for(lambda: len(rec.done) >= 4)
+    assert rec.done == queued
+    assert isinstance(rec.done[1], StateJob) and rec.done[1].device_id == "phone-1"
+
+
+@pytest_twisted.ensureDeferred
+async def test_an_idle_consumer_is_woken_by_a_state_job(backend, wait_for):
+    rec = Kinds()
+    backend.queue.consume(rec)
+    hide = _hide(3, 9, 12345)
+    started = time.monotonic()
+    await backend.queue.accept_state(hide)
+    await wait_for(lambda: rec.done == [hide], timeout=0.3)
+    assert time.monotonic() - started < 0.3
+
+
+@pytest_twisted.ensureDeferred
+async def test_state_jobs_survive_a_restart_and_a_failed_batch_comes_again(backend, jobs, wait_for):
+    group = jobs.job(1, 2, 3, sender=1, conv_kind=ConvKind.GROUP, conv_id=9)
+    queued: list[QueuedJob] = [_hide(2, 9, 10), group, _mark(3, 1, 11), _hide(2, 9, 12)]
+    for job in queued:
+        if isinstance(job, StateJob):
+            await backend.queue.accept_state(job)
+        else:
+            await backend.queue.accept(job, CMID_A)
+    await backend.restart()
+
+    rec = Kinds(failures=2)
+    backend.queue.consume(rec, max_batch=16)
+    await wait_for(lambda: len(rec.done) >= len(queued), timeout=10)
+    assert rec.done == queued  # each once, in order, after two failed attempts
+    # Every attempt starts at or before the first job not yet done, and runs in order.
+    done = 0
+    for batch, ok in rec.attempts:
+        start = queued.index(batch[0])
+        assert start <= done and batch == queued[start : start + len(batch)]
+        if ok:
+            done = max(done, start + len(batch))
+    assert done == len(queued)
+    assert [ok for _, ok in rec.attempts].count(False) == 2

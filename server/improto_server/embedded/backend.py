@@ -1,12 +1,14 @@
-"""The embedded backend: the four storage ports on one local SQLite database.
+"""The embedded backend: the storage ports on one local SQLite database.
 
-    queue   SQLiteQueue    jobs and dedup tables, consumed in order by one in-process loop
-    inbox   SQLiteInbox    per-user inboxes, cursors and device positions
-    history SQLiteHistory  per-conversation history
-    groups  SQLiteGroups   groups and memberships
+    queue         SQLiteQueue          jobs and dedup tables, consumed in order by one loop
+    inbox         SQLiteInbox          per-user inboxes, cursors and device positions
+    history       SQLiteHistory        per-conversation history
+    groups        SQLiteGroups         groups and memberships
+    conversations SQLiteConversations  per-user conversation lists and read positions
 
-All four share one Database (embedded/database.py): one connection on one thread, one
-transaction per call. Inbox entries and history rows refer to one shared `messages` row.
+All share one Database (embedded/database.py): one connection on one thread, one transaction
+per call. Inbox entries, history rows and conversation rows (their last message) refer to one
+shared `messages` row.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from improto_server.config import InboxCaps
+from improto_server.embedded.conversations import SQLiteConversations, expire_conversations
 from improto_server.embedded.database import Database, Event, delete_unreferenced
 from improto_server.embedded.groups import SQLiteGroups
 from improto_server.embedded.history import SQLiteHistory, expire_history
@@ -37,7 +40,7 @@ DAY_MS = 86_400_000
 
 
 class SQLiteBackend:
-    """Owns the database and its thread; exposes the four ports as attributes."""
+    """Owns the database and its thread; exposes the ports as attributes."""
 
     def __init__(
         self,
@@ -62,6 +65,8 @@ class SQLiteBackend:
         self.inbox = SQLiteInbox(self.db, self.now_ms, inbox_retention_ms, caps=inbox_caps)
         self.history = SQLiteHistory(self.db, self.now_ms, history_retention_ms)
         self.groups = SQLiteGroups(self.db)
+        # Conversation rows are kept as long as the history, counted from their last change.
+        self.conversations = SQLiteConversations(self.db, self.now_ms, history_retention_ms)
 
     def push_router(self) -> PushRouter:
         """One gateway per database: every device is in the local hub."""
@@ -120,10 +125,18 @@ class SQLiteBackend:
 
 
 def _sweep(db: sqlite3.Connection, inbox_cutoff: int, history_cutoff: int) -> dict[str, int]:
-    """Inbox entries (and dedup keys) stored before `inbox_cutoff`, and history sent before
-    `history_cutoff` (ms), in one transaction; then the messages nothing refers to any more."""
+    """Inbox entries (and dedup keys) stored before `inbox_cutoff`, history sent before
+    `history_cutoff` (ms) and conversation rows not changed since, in one transaction; then
+    the messages nothing refers to any more."""
     inbox = expire_inbox(db, inbox_cutoff)
     history = expire_history(db, history_cutoff)
     dedup = expire_dedup(db, inbox_cutoff)
-    messages = delete_unreferenced(db, {*inbox, *history})
-    return {"inbox": len(inbox), "history": len(history), "dedup": dedup, "messages": messages}
+    convs, lasts = expire_conversations(db, history_cutoff)
+    messages = delete_unreferenced(db, {*inbox, *history, *lasts})
+    return {
+        "inbox": len(inbox),
+        "history": len(history),
+        "dedup": dedup,
+        "conversations": convs,
+        "messages": messages,
+    }

@@ -12,7 +12,7 @@ SQLite integers are signed 64-bit. Every u64 that comes from the wire (user ids,
 since_ids, server_time) is stored as `signed(v) = v - 2**63`, an order-preserving bijection
 onto the signed range, so ORDER BY and range conditions compare like unsigned integers even
 near 2**64-1. Values the backend makes itself (inbox cursors, group ids, join sequence
-numbers, stored_ms) are small and stored as they are.
+numbers, stored_ms, list versions, changed_ms) are small and stored as they are.
 
 Storage format. The tables keep messages as columns (not as stored records), so the schema
 version is the embedded store's storage format: `PRAGMA user_version` holds SCHEMA_VERSION.
@@ -47,9 +47,9 @@ from improto_server.deferreds import as_deferred
 _R = TypeVar("_R")
 _Call = tuple[Callable[..., Any], tuple[Any, ...], "Deferred[Any]"]
 
-SCHEMA_VERSION = 2  # 2: inbox sizes and byte totals, positions' last use
+SCHEMA_VERSION = 3  # 2: inbox sizes and byte totals, positions' last use; 3: conversations
 
-_BIAS = 1 << 63
+_BIAS = BIAS = 1 << 63  # signed(v) = v - BIAS
 SQLITE_MAX_INT = _BIAS - 1
 
 
@@ -152,6 +152,40 @@ CREATE UNIQUE INDEX IF NOT EXISTS members_group ON members (group_id, user_id);
 CREATE INDEX IF NOT EXISTS members_user ON members (user_id, group_id);
 """
 
+# Conversation lists (embedded/conversations.py); the migration from version 2 creates them too.
+_CONV_SCHEMA = """
+-- version: the user's newest list version; total_unread: the sum of unread over the user's
+-- rows not hidden.
+CREATE TABLE IF NOT EXISTS conv_users (
+    user_id INTEGER PRIMARY KEY,
+    version INTEGER NOT NULL,
+    total_unread INTEGER NOT NULL DEFAULT 0
+);
+-- version: the user's list version at the row's last visible change. Positions, hide_id and
+-- last_id are stored msg_ids (signed(0): none); last_id refers to the messages row;
+-- unread_ids: the tracked unread msg_ids, ascending, as big-endian u64.
+CREATE TABLE IF NOT EXISTS conv_rows (
+    user_id INTEGER NOT NULL,
+    conv_kind INTEGER NOT NULL,
+    conv_id INTEGER NOT NULL,
+    version INTEGER NOT NULL,
+    hidden INTEGER NOT NULL,
+    hide_id INTEGER NOT NULL,
+    read_id INTEGER NOT NULL,
+    peer_read_id INTEGER NOT NULL,
+    unread INTEGER NOT NULL,
+    unread_ids BLOB NOT NULL,
+    last_id INTEGER NOT NULL,
+    changed_ms INTEGER NOT NULL,
+    PRIMARY KEY (user_id, conv_kind, conv_id)
+) WITHOUT ROWID;
+CREATE UNIQUE INDEX IF NOT EXISTS conv_version ON conv_rows (user_id, version);
+CREATE INDEX IF NOT EXISTS conv_activity ON conv_rows (user_id, hidden, last_id);
+CREATE INDEX IF NOT EXISTS conv_last ON conv_rows (last_id);  -- keeps messages rows alive
+CREATE INDEX IF NOT EXISTS conv_age ON conv_rows (changed_ms);
+"""
+_SCHEMA += _CONV_SCHEMA
+
 
 # The bytes of a MESSAGE record besides its sender_device and body (improto.records).
 RECORD_FIXED = len(pack_record(0, 0, 0, "", 0, 0, 0, bytes(16), b""))
@@ -162,6 +196,24 @@ def record_size_sql(alias: str) -> str:
     only the row header (SQLite does not load the content), so no body is read."""
     return f"({RECORD_FIXED} + length(CAST({alias}.sender_device AS BLOB)) + length({alias}.body))"
 
+
+_CONV_BACKFILL = f"""
+INSERT INTO conv_rows
+SELECT user_id, conv_kind, conv_id,
+       row_number() OVER (PARTITION BY user_id ORDER BY last_id, conv_kind, conv_id),
+       0, {-_BIAS}, {-_BIAS}, {-_BIAS}, 0, x'', last_id,
+       (SELECT server_time FROM messages WHERE msg_id = last_id) + {_BIAS - 1} + 1
+FROM (SELECT user_id, conv_kind, conv_id, max(msg_id) AS last_id FROM (
+          SELECT sender_id AS user_id, 1 AS conv_kind, conv_id, msg_id FROM messages
+          WHERE conv_kind = 1
+          UNION ALL SELECT conv_id, 1, sender_id, msg_id FROM messages
+          WHERE conv_kind = 1 AND conv_id != sender_id
+          UNION ALL SELECT mb.user_id, 2, m.conv_id, m.msg_id FROM messages m
+          JOIN members mb ON mb.group_id = m.conv_id + {_BIAS - 1} + 1 AND mb.since_id <= m.msg_id
+          WHERE m.conv_kind = 2)
+      GROUP BY user_id, conv_kind, conv_id);
+INSERT INTO conv_users SELECT user_id, count(*), 0 FROM conv_rows GROUP BY user_id;
+"""
 
 # version -> the statements that bring a database of that version to the next one.
 MIGRATIONS: dict[int, str] = {
@@ -174,6 +226,10 @@ UPDATE inbox_head SET bytes = (SELECT total(size) FROM inbox i
                                WHERE i.user_id = inbox_head.user_id);
 ALTER TABLE positions ADD COLUMN used INTEGER NOT NULL DEFAULT 0;
 """,
+    # Conversation lists are new: one row per conversation of the retained messages (groups:
+    # their current members), read state unknown (read_id 0, nothing counted unread),
+    # changed when its last message was sent; versions 1, 2, ... per user by last message.
+    2: _CONV_SCHEMA + _CONV_BACKFILL,
 }
 
 
@@ -309,20 +365,21 @@ MSG_COLS = (
 
 def store_message(db: sqlite3.Connection, m: Message) -> None:
     """The message's row, unless it is there already (inbox entries and history share it)."""
-    db.execute(
-        "INSERT OR IGNORE INTO messages VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
-        (
-            signed(m.msg_id),
-            signed(m.server_time),
-            signed(m.sender_id),
-            m.sender_device,
-            m.conv_kind,
-            signed(m.conv_id),
-            m.content_type,
-            m.client_msg_id,
-            m.body,
-        ),
+    store_messages(db, (m,))
+
+
+def store_messages(db: sqlite3.Connection, ms: Iterable[Message]) -> None:
+    """`store_message` of each."""
+    db.executemany(
+        "INSERT OR IGNORE INTO messages VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)", map(_message_row, ms)
     )
+
+
+def _message_row(m: Message) -> tuple[Any, ...]:
+    return (
+        signed(m.msg_id), signed(m.server_time), signed(m.sender_id), m.sender_device,
+        m.conv_kind, signed(m.conv_id), m.content_type, m.client_msg_id, m.body,
+    )  # fmt: skip
 
 
 def record_of_row(row: Sequence[Any]) -> bytes:
@@ -335,12 +392,13 @@ def record_of_row(row: Sequence[Any]) -> bytes:
 
 
 def delete_unreferenced(db: sqlite3.Connection, msg_ids: Iterable[int]) -> int:
-    """Remove those of these (stored) messages that no inbox entry or history row refers to
-    any more; returns how many went."""
+    """Remove those of these (stored) messages that no inbox entry, history row or
+    conversation row (its last message) refers to any more; returns how many went."""
     return db.execute(
         "DELETE FROM messages WHERE msg_id IN (SELECT value FROM json_each(?))"
         " AND NOT EXISTS (SELECT 1 FROM inbox i WHERE i.msg_id = messages.msg_id)"
-        " AND NOT EXISTS (SELECT 1 FROM history h WHERE h.msg_id = messages.msg_id)",
+        " AND NOT EXISTS (SELECT 1 FROM history h WHERE h.msg_id = messages.msg_id)"
+        " AND NOT EXISTS (SELECT 1 FROM conv_rows c WHERE c.last_id = messages.msg_id)",
         (id_list(msg_ids),),
     ).rowcount
 

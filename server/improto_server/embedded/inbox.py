@@ -29,8 +29,9 @@ from improto_server.embedded.database import (
     record_of_row,
     signed,
     store_message,
+    unsigned,
 )
-from improto_server.model import InboxRecords, PersistJob
+from improto_server.model import InboxIds, InboxRecords, PersistJob
 
 MAX_DEVICE_POSITIONS = 64  # device positions kept per user (the least recently advanced go)
 _TRIM_CHUNK = 256  # rows read at a time while trimming by bytes
@@ -61,6 +62,9 @@ class SQLiteInbox(RetainedStore):
 
     def page(self, user_id: int, start: int, limit: int, max_bytes: int) -> Deferred[InboxRecords]:
         return self._db.call(_page, user_id, start, limit, max_bytes, self._cutoff(), self.caps)
+
+    def ids(self, user_id: int, start: int, limit: int) -> Deferred[InboxIds]:
+        return self._db.call(_ids, user_id, start, limit, self._cutoff(), self.caps)
 
     def position(self, user_id: int, device_id: str) -> Deferred[int]:
         return self._db.call(_position, user_id, device_id)
@@ -199,6 +203,37 @@ def _page(
         tuple(record_of_row(r[1:]) for r in page),
         start,
         len(sizes) > n,
+        floor > start,
+    )
+
+
+def _ids(
+    db: sqlite3.Connection, user_id: int, start: int, limit: int, cutoff: int, caps: InboxCaps
+) -> InboxIds:
+    """`_page`'s entries without their records, and without trimming: entries a lowered entry
+    cap would remove count as removed; a lowered byte cap applies at the next page only."""
+    user = signed(user_id)
+    row = db.execute("SELECT head, floor FROM inbox_head WHERE user_id = ?", (user,)).fetchone()
+    head, floor = row if row else (0, 0)
+    start = min(start, head)
+    capped = head - caps.max_entries  # cursors at or below it are the cap's to remove
+    floor = max(floor, capped)
+    (expired,) = db.execute(
+        "SELECT max(cursor) FROM inbox INDEXED BY inbox_age WHERE user_id = ? AND stored_ms < ?",
+        (user, cutoff),
+    ).fetchone()
+    floor = max(floor, expired or 0)
+    limit = max(0, limit)
+    rows = db.execute(
+        "SELECT cursor, msg_id FROM inbox WHERE user_id = ? AND cursor > ?"
+        " AND +stored_ms >= ? ORDER BY cursor LIMIT ?",
+        (user, max(start, capped), cutoff, limit + 1),
+    ).fetchall()
+    return InboxIds(
+        start,
+        tuple(c for c, _ in rows[:limit]),
+        tuple(unsigned(m) for _, m in rows[:limit]),
+        len(rows) > limit,
         floor > start,
     )
 

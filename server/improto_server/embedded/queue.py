@@ -1,6 +1,7 @@
 """The embedded persist queue (the PersistQueue port): a jobs table in the embedded database,
 consumed in acceptance order by one in-process loop, and the dedup table of accepted
-(sender, client_msg_id) keys."""
+(sender, client_msg_id) keys. The table holds both kinds of job (model.job_from_bytes tells
+them apart): messages, and conversation-state changes (no dedup key)."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
 
 from improto_server.embedded.database import Database, Event, signed, unsigned
-from improto_server.model import Accepted, PersistJob
+from improto_server.model import Accepted, PersistJob, StateJob, job_from_bytes
 from improto_server.ports import BatchHandler
 from improto_server.turn_batcher import TurnBatcher
 
@@ -31,6 +32,9 @@ LINGER_S = 0.005
 ACCEPT_WINDOW_S = 0.001
 ACCEPT_BATCH = 256  # accepts one transaction commits at most
 
+# A message job with its client_msg_id, or a state job (None: nothing to deduplicate).
+_Accept = tuple[PersistJob, bytes] | tuple[StateJob, None]
+
 
 class SQLiteQueue:
     """PersistQueue on a jobs table, consumed in order by one in-process loop."""
@@ -41,7 +45,9 @@ class SQLiteQueue:
         self._now_ms = now_ms
         self._handler: BatchHandler | None = None
         self._max_batch = 1
-        self._accepts: TurnBatcher[tuple[PersistJob, bytes], Any] = TurnBatcher(
+        # Messages (with their client_msg_id) and state jobs (None) share one group commit,
+        # so the table keeps the order in which they were accepted.
+        self._accepts: TurnBatcher[_Accept, Any] = TurnBatcher(
             reactor, self._accept_batch, ACCEPT_BATCH, ACCEPT_WINDOW_S
         )
         self._stopping = False
@@ -55,18 +61,31 @@ class SQLiteQueue:
         d.addCallback(self._accepted)
         return d
 
-    def _accept_batch(self, items: list[tuple[PersistJob, bytes]]) -> Deferred[list[Any]]:
+    def accept_state(self, job: StateJob) -> Deferred[None]:
+        d = self._accepts.submit((job, None))
+        d.addCallback(self._state_accepted)
+        return d
+
+    def _accept_batch(self, items: list[_Accept]) -> Deferred[list[Any]]:
         return self._db.call(_accept_many, items, self._now_ms())
 
     def _accepted(self, outcome: Accepted | Exception) -> Accepted:
         if isinstance(outcome, Exception):
             raise outcome
         if not outcome.duplicate:
-            self._signalled = True
-            idle, self._idle = self._idle, None
-            if idle is not None:
-                idle.callback(None)
+            self._wake()
         return outcome
+
+    def _state_accepted(self, outcome: Exception | None) -> None:
+        if isinstance(outcome, Exception):
+            raise outcome
+        self._wake()
+
+    def _wake(self) -> None:
+        self._signalled = True
+        idle, self._idle = self._idle, None
+        if idle is not None:
+            idle.callback(None)
 
     def consume(self, handler: BatchHandler, max_batch: int = 1) -> None:
         if self._handler is not None:
@@ -128,7 +147,7 @@ class SQLiteQueue:
         assert self._handler is not None
         first, last = rows[0][0], rows[-1][0]
         try:
-            await self._handler([PersistJob.from_bytes(data) for _, data in rows])
+            await self._handler([job_from_bytes(data) for _, data in rows])
         except Exception:
             _log.failure("persisting queued jobs {first}..{last} failed; will retry",
                          first=first, last=last)  # fmt: skip
@@ -152,14 +171,19 @@ class SQLiteQueue:
 
 
 def _accept_many(
-    db: sqlite3.Connection, items: list[tuple[PersistJob, bytes]], now: int
-) -> list[Accepted | Exception]:
+    db: sqlite3.Connection, items: list[_Accept], now: int
+) -> list[Accepted | Exception | None]:
     """Every accept in one transaction, in order; a job that does not encode gets its error
     back and the others go on (a later duplicate of an earlier one in the batch is seen)."""
-    out: list[Accepted | Exception] = []
+    out: list[Accepted | Exception | None] = []
     for job, client_msg_id in items:
         try:
-            out.append(_accept(db, job, client_msg_id, now))
+            if isinstance(job, StateJob):
+                db.execute("INSERT INTO jobs (data) VALUES (?)", (job.to_bytes(),))
+                out.append(None)
+            else:
+                assert client_msg_id is not None
+                out.append(_accept(db, job, client_msg_id, now))
         except sqlite3.Error:
             raise  # the database itself failed: the whole batch fails
         except Exception as e:  # this job (validated before any write) is refused alone

@@ -1,9 +1,13 @@
 """Persistence jobs as AMQP messages: message types and bodies, and the partition queues.
 
-A message of type BATCH_TYPE carries one or more jobs (`pack_jobs`: each PersistJob's bytes
-behind a big-endian u32 length); one of type JOB_TYPE, or of no type (what older versions
-published), carries exactly one. A job's own bytes are `PersistJob.to_bytes()`, which is
-versioned (its storage format) and reads older formats too.
+A message of type BATCH_TYPE or MIXED_TYPE carries one or more jobs (`pack_jobs`: each job's
+bytes behind a big-endian u32 length); one of type JOB_TYPE, or of no type (what older versions
+published), carries exactly one PersistJob. A job's own bytes are `PersistJob.to_bytes()` or
+`StateJob.to_bytes()`, told apart by their first byte (model.job_from_bytes; versioned, older
+formats read too). A batch with a StateJob in it is published as MIXED_TYPE, one of messages
+only as BATCH_TYPE, which versions before state jobs still read: during an upgrade (new
+gateways before new persisters) only the conversation-state changes would be refused (dead-
+lettered by the older persister), never messages that travel alone.
 
 Broker layout (P = the prefix), declared by RabbitQueue:
 
@@ -20,10 +24,11 @@ import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from improto_server.model import ConvKey, PersistJob
+from improto_server.model import ConvKey, PersistJob, QueuedJob, job_from_bytes
 
 JOB_TYPE = "improto.persist.v1"  # the body is one PersistJob
 BATCH_TYPE = "improto.persist.v2"  # the body is pack_jobs() of one or more PersistJobs
+MIXED_TYPE = "improto.persist.v3"  # pack_jobs() of one or more jobs, StateJobs among them
 _LEN = 4  # bytes of a job's length in a batch body
 
 
@@ -53,9 +58,10 @@ def pack_jobs(jobs: Sequence[bytes]) -> bytes:
     return b"".join(len(job).to_bytes(_LEN, "big") + job for job in jobs)
 
 
-def unpack_jobs(body: bytes) -> list[PersistJob]:
+def unpack_jobs(body: bytes) -> list[QueuedJob]:
     """The jobs of a pack_jobs() body; ValueError unless it splits exactly."""
-    jobs, pos = [], 0
+    jobs: list[QueuedJob] = []
+    pos = 0
     while pos < len(body):
         if pos + _LEN > len(body):
             raise ValueError("truncated job length")
@@ -63,15 +69,15 @@ def unpack_jobs(body: bytes) -> list[PersistJob]:
         pos += _LEN
         if n == 0 or pos + n > len(body):
             raise ValueError(f"job of {n} bytes at {pos} does not fit the body")
-        jobs.append(PersistJob.from_bytes(body[pos : pos + n]))
+        jobs.append(job_from_bytes(body[pos : pos + n]))
         pos += n
     if not jobs:
         raise ValueError("empty batch")
     return jobs
 
 
-def decode_message(msg_type: str | None, body: bytes) -> list[PersistJob]:
+def decode_message(msg_type: str | None, body: bytes) -> list[QueuedJob]:
     """The jobs of a message of `msg_type`; ValueError (CorruptRecord included) if malformed."""
-    if msg_type == BATCH_TYPE:
+    if msg_type in (BATCH_TYPE, MIXED_TYPE):
         return unpack_jobs(body)
     return [PersistJob.from_bytes(body)]

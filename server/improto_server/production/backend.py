@@ -1,12 +1,13 @@
-"""The production backend: the four storage ports on RabbitMQ, Redis and HBase.
+"""The production backend: the storage ports on RabbitMQ, Redis and HBase.
 
-    queue   RabbitQueue   durable, confirmed publishes; dedup keys in Redis
-    inbox   RedisInbox    per-user inboxes, cursors and device positions (Lua, {u<id>} tags)
-    groups  RedisGroups   groups and memberships (one {groups} slot: limits are atomic)
-    history HBaseHistory  per-conversation history (happybase on its own thread pool)
+    queue          RabbitQueue         durable, confirmed publishes; dedup keys in Redis
+    inbox          RedisInbox          inboxes, cursors, device positions (Lua, {u<id>} tags)
+    conversations  RedisConversations  conversation lists, read positions (Lua, {u<id>} tags)
+    groups         RedisGroups         groups, memberships (one {groups} slot: atomic limits)
+    history        HBaseHistory        per-conversation history (happybase, own thread pool)
 
-One txredisapi pool serves the inbox, the groups, the queue's dedup keys and the presence of
-the push routers; the push routers share the queue's AMQP connection.
+One txredisapi pool serves the inbox, the conversation lists, the groups, the queue's dedup
+keys and the presence of the push routers; the push routers share the queue's AMQP connection.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from improto_server.production.presence import Presence
 from improto_server.production.push_router import AmqpPushRouter
 from improto_server.production.rabbit_queue import RabbitQueue
 from improto_server.production.redis_connection import connect
+from improto_server.production.redis_conversations import RedisConversations
 from improto_server.production.redis_groups import RedisGroups
 from improto_server.production.redis_inbox import RedisInbox
 from improto_server.reactor_types import IServerReactor, server_reactor
@@ -53,6 +55,9 @@ class ProductionBackend:
         self.inbox = RedisInbox(
             self.redis, prefix, now_ms, config.inbox_retention_ms, caps=config.inbox_caps
         )
+        self.conversations = RedisConversations(
+            self.redis, prefix, now_ms, config.history_retention_ms
+        )
         self.groups = RedisGroups(self.redis, prefix)
         self.queue = RabbitQueue(
             config.amqp,
@@ -76,6 +81,7 @@ class ProductionBackend:
     @as_deferred
     async def start(self) -> None:
         await self.inbox.start()
+        await self.conversations.start()
         await self.groups.start()
         await self.history.start()
         await self.queue.start()
@@ -96,6 +102,8 @@ class ProductionBackend:
         await self.redis.disconnect()
 
     def sweep(self) -> Deferred[dict[str, int]]:
-        """Trim expired inbox entries (Redis TTLs and HBase's family TTL do the rest)."""
+        """Trim expired inbox entries. Nothing else to sweep: conversation rows are removed
+        by the scripts that touch a user's list (and idle lists by their Redis TTLs), history
+        by HBase's family TTL."""
         d = self.inbox.sweep()
         return d.addCallback(lambda n: {"inbox": n})

@@ -14,9 +14,12 @@ queue. Delivery is guaranteed by the offline inbox, which every device syncs on 
 A device that logs in on one gateway while it has a session on another replaces it: the new
 gateway sends a kick, and the old one closes that session with CLOSE REPLACED.
 
+A notification (READ_UPDATE, spec 18) is routed like a push, to every device of its users on
+other gateways; the receiving gateway writes it to those whose connection enabled its feature.
+
 Body of a routed message (big-endian):
-    u8 kind (1 push, 2 kick) | u64 msg_id (0 for a kick) | u16 n |
-    n x (u64 user | u8 len, device id | u8 len, session) | the PUSH frame (push only)
+    u8 kind (1 push, 2 kick, 3 notify) | u64 msg_id (0 for a kick; the feature for a notify) |
+    u16 n | n x (u64 user | u8 len, device id | u8 len, session) | the frame (push, notify)
 """
 
 from __future__ import annotations
@@ -42,7 +45,7 @@ from improto_server.turn_batcher import TurnBatcher
 
 _log = Logger()
 
-PUSH, KICK = 1, 2
+PUSH, KICK, NOTIFY = 1, 2, 3
 ROUTED_TTL_MS = 10_000  # a routed push older than this is useless: the device synced by then
 ROUTED_MAX = 100_000  # messages a gateway's push queue holds at most (oldest dropped)
 ROUTE_BATCH = 256  # pushes whose receivers one presence lookup covers at most
@@ -72,7 +75,7 @@ def unpack_routed(body: bytes) -> tuple[int, int, list[Target], bytes]:
         session = body[pos + 1 : pos + 1 + slen].decode()
         pos += 1 + slen
         targets.append((user, device, session))
-    if pos > len(body) or kind not in (PUSH, KICK):
+    if pos > len(body) or kind not in (PUSH, KICK, NOTIFY):
         raise ValueError("malformed routed message")
     return kind, msg_id, targets, body[pos:]
 
@@ -95,7 +98,8 @@ class AmqpPushRouter:
         self._hub: Hub | None = None
         self._channel: TwistedChannel | None = None
         self.routed_out = 0  # messages published to other gateways
-        self._routes: TurnBatcher[tuple[list[int], int, bytes], None] = TurnBatcher(
+        # (kind, users, msg_id or feature, frame): the routes of one turn, one presence lookup
+        self._routes: TurnBatcher[tuple[int, list[int], int, bytes], None] = TurnBatcher(
             reactor or server_reactor(), self._route_batch, ROUTE_BATCH
         )
         self.delivered_in = 0  # pushes written to local sessions from other gateways
@@ -157,6 +161,8 @@ class AmqpPushRouter:
             if kind == PUSH:
                 conn.push(msg_id, data)
                 self.delivered_in += 1
+            elif kind == NOTIFY:
+                conn.notify(data, msg_id)  # msg_id carries the feature
             else:
                 close = getattr(conn, "close", None)
                 if close is not None:
@@ -200,12 +206,17 @@ class AmqpPushRouter:
         """Push to the users' devices held by other gateways (this one's own devices were
         written through the Hub already). The routes of one reactor turn share one presence
         lookup."""
-        return self._routes.submit((list(users), msg_id, data))
+        return self._routes.submit((PUSH, list(users), msg_id, data))
+
+    def notify(self, users: Iterable[int], data: bytes, feature: int) -> Deferred[None]:
+        """`data` (READ_UPDATE) to the users' devices held by other gateways, which write it
+        to the connections that enabled `feature`."""
+        return self._routes.submit((NOTIFY, list(users), feature, data))
 
     @as_deferred
-    async def _route_batch(self, pushes: list[tuple[list[int], int, bytes]]) -> list[None]:
-        found = await self.presence.lookup(u for users, _, _ in pushes for u in users)
-        for users, msg_id, data in pushes:
+    async def _route_batch(self, pushes: list[tuple[int, list[int], int, bytes]]) -> list[None]:
+        found = await self.presence.lookup(u for _, users, _, _ in pushes for u in users)
+        for kind, users, msg_id, data in pushes:
             by_gateway: dict[str, list[Target]] = {}
             for user in users:
                 for device, session in found.get(user, {}).items():
@@ -213,7 +224,7 @@ class AmqpPushRouter:
                     if gid != self.gateway_id:
                         by_gateway.setdefault(gid, []).append((user, device, session))
             for gid, targets in by_gateway.items():
-                self._publish(gid, pack_routed(PUSH, msg_id, targets, data))
+                self._publish(gid, pack_routed(kind, msg_id, targets, data))
         return [None] * len(pushes)
 
     def _publish(self, gateway_id: str, body: bytes) -> None:

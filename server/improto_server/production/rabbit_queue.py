@@ -13,6 +13,12 @@ of every delivery tag and settles it on Basic.Ack/Basic.Nack, including `multipl
 (a nack or a Basic.Return errbacks it). A confirm for a persistent message in a durable queue
 means the broker has written it to disk.
 
+Conversation-state changes (`accept_state`, StateJob) are published the same way, to the
+partition of their conversation, so they keep their place among its messages; they have no
+dedup key (applying one twice changes nothing), so a failed or unconfirmed one is simply
+retried by the caller, and Redis plays no part. A batch that carries one is typed MIXED_TYPE
+(amqp_jobs).
+
 Failures: Redis unavailable: accept fails before anything is published. RabbitMQ
 unavailable: accept fails within `connect_wait_s` (no channel: the job was never handed to the
 broker) or `confirm_timeout_s` (handed over, not confirmed); in-flight accepts errback on a
@@ -69,11 +75,12 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from improto_server.deferreds import as_deferred
-from improto_server.model import Accepted, ConvKey, PersistJob
+from improto_server.model import Accepted, ConvKey, PersistJob, QueuedJob, StateJob
 from improto_server.ports import BatchHandler
 from improto_server.production.amqp_connection import AmqpConnection, AmqpProtocol, Hook
 from improto_server.production.amqp_jobs import (
     BATCH_TYPE,
+    MIXED_TYPE,
     decode_message,
     pack_jobs,
     partition_of,
@@ -159,6 +166,10 @@ async def _settle(ds: Sequence[Deferred[Any]], reactor: IServerReactor, timeout:
             pass
 
 
+def _msg_id(job: QueuedJob) -> int:
+    return job.msg_id if isinstance(job, StateJob) else job.message.msg_id
+
+
 # (channel, consumer tag, deliveries) of a partition queue's current consumer
 _Consumer = tuple[TwistedChannel, str, ClosableDeferredQueue]
 
@@ -231,8 +242,9 @@ class RabbitQueue:
         self._consuming_on: AmqpProtocol | None = None
         self._loops = _InFlight()  # consumer loops, each finishing its in-flight job
         self._accepts = _InFlight()
-        # queue name -> its group commit of publishes: (msg_id, job) -> None once confirmed
-        self._publishers: dict[str, TurnBatcher[tuple[int, bytes], None]] = {}
+        # queue name -> its group commit of publishes: (msg_id, job bytes, is a StateJob) ->
+        # None once confirmed
+        self._publishers: dict[str, TurnBatcher[tuple[int, bytes, bool], None]] = {}
         self._publish_batch = publish_batch
         self.published = 0  # AMQP messages published (each carries one or more jobs)
         self._amqp.on_connected(self._start_consumers)
@@ -252,7 +264,7 @@ class RabbitQueue:
     def dedup_key(self, sender_id: int, client_msg_id: bytes) -> str:
         return self._dedup.key(sender_id, client_msg_id)
 
-    def partition(self, job: PersistJob) -> int:
+    def partition(self, job: QueuedJob) -> int:
         return partition_of(job.history_key, self.partitions)
 
     def start(self) -> Deferred[None]:
@@ -277,6 +289,11 @@ class RabbitQueue:
         if not self._started or self._stopping:
             return fail(RuntimeError("RabbitQueue is not running"))
         return self._accepts.track(self._accept(job, client_msg_id))
+
+    def accept_state(self, job: StateJob) -> Deferred[None]:
+        if not self._started or self._stopping:
+            return fail(RuntimeError("RabbitQueue is not running"))
+        return self._accepts.track(self._accept_state(job))
 
     def consume(self, handler: BatchHandler, max_batch: int = 1) -> None:
         if self._handler is not None:
@@ -342,6 +359,10 @@ class RabbitQueue:
             await self._pause(pause)
             pause = min(pause * 2, POLL_MAX_S)
 
+    @as_deferred
+    async def _accept_state(self, job: StateJob) -> None:
+        await self._publish(job.history_key, job.to_bytes(), job.msg_id, state=True)
+
     async def _publish_claimed(
         self, key: str, token: str, msg_id: int, conv: ConvKey, data: bytes, fresh: bool
     ) -> None:
@@ -363,7 +384,9 @@ class RabbitQueue:
             # same msg_id once the key is stale (a harmless second copy).
             _log.failure("marking {key} confirmed failed", key=key)
 
-    async def _publish(self, conv: ConvKey, data: bytes, msg_id: int) -> None:
+    async def _publish(
+        self, conv: ConvKey, data: bytes, msg_id: int, *, state: bool = False
+    ) -> None:
         """Hand the job to the broker, coalesced with the other jobs for the same queue
         accepted in this reactor turn (group commit: one message, one confirm for all)."""
         if self._pub is None or not self._pub.is_open:
@@ -376,9 +399,11 @@ class RabbitQueue:
         if batcher is None:
             run = functools.partial(self._publish_many, queue)
             batcher = self._publishers[queue] = TurnBatcher(self._reactor, run, self._publish_batch)
-        await batcher.submit((msg_id, data))
+        await batcher.submit((msg_id, data, state))
 
-    def _publish_many(self, queue: str, jobs: list[tuple[int, bytes]]) -> Deferred[list[None]]:
+    def _publish_many(
+        self, queue: str, jobs: list[tuple[int, bytes, bool]]
+    ) -> Deferred[list[None]]:
         """One persistent message carrying `jobs`; fires when the broker confirmed it."""
         ch = self._pub
         if ch is None or not ch.is_open:
@@ -386,12 +411,12 @@ class RabbitQueue:
         props = pika.BasicProperties(
             delivery_mode=pika.DeliveryMode.Persistent,
             content_type="application/octet-stream",
-            type=BATCH_TYPE,
+            type=MIXED_TYPE if any(state for _, _, state in jobs) else BATCH_TYPE,
             message_id=f"{jobs[0][0]}+{len(jobs) - 1}",
         )
         try:
             confirmed = ch.basic_publish(
-                "", queue, pack_jobs([data for _, data in jobs]), props, mandatory=True
+                "", queue, pack_jobs([data for _, data, _ in jobs]), props, mandatory=True
             )
         except Exception as e:  # pika refused to send (channel or connection closing)
             return fail(NotPublished(f"publish refused: {e!r}"))
@@ -494,7 +519,7 @@ class RabbitQueue:
                 return False  # consumer cancelled, channel or connection closed
             if len(deliveries.pending) < LINGER_BELOW:  # a small batch so far: let it fill
                 await self._pause(LINGER_S)
-            jobs: list[PersistJob] = []
+            jobs: list[QueuedJob] = []
             last_tag = 0
             while True:
                 msg = msgs[-1]
@@ -522,8 +547,8 @@ class RabbitQueue:
                     # The deliveries go back whole: jobs of this batch's first delivery
                     # that were in an earlier, successful batch come again (idempotent).
                     _log.failure(
-                        "persisting messages {first}..{last} failed; requeued in {delay} s",
-                        first=batch[0].message.msg_id, last=batch[-1].message.msg_id,
+                        "persisting jobs of msg ids {first}..{last} failed; requeued in {delay} s",
+                        first=_msg_id(batch[0]), last=_msg_id(batch[-1]),
                         delay=self._retry_delay,
                     )  # fmt: skip
                     return True

@@ -40,6 +40,9 @@ are consecutive) or max_bytes record bytes, the oldest entries are removed like 
 (the floor rises, so a reader below them gets `gap`). An append removes as many as it added
 plus APPEND_TRIM; a page first removes whatever is still beyond the caps, PAGE_TRIM per call.
 
+`ids` answers what a page would, from one read-only script: entries a page would remove
+first (expired, beyond a cap) are left out and count as removed (`gap`) when above start.
+
 A page reads no more than its byte budget: it takes each entry's stored length (HSTRLEN)
 before reading the record, so a record that cannot fit is never read (nor sent to the server).
 
@@ -58,7 +61,7 @@ from twisted.internet.defer import Deferred
 from improto.records import STORE_FORMAT, CorruptRecord, record_of_stored
 from improto_server.config import InboxCaps
 from improto_server.deferreds import as_deferred
-from improto_server.model import InboxRecords, PersistJob
+from improto_server.model import InboxIds, InboxRecords, PersistJob
 from improto_server.production.redis_connection import (
     LuaScript,
     RedisClient,
@@ -362,7 +365,75 @@ return p
 """
 )
 
-SCRIPTS = (_APPEND, _PAGE, _TRIM, _ADVANCE)
+# KEYS: meta, ent, age. ARGV: start (u64, decimal), limit, cutoff_ms, max_entries, check
+# max. Reads only. Entries the next page would remove first (expired, or beyond the entry
+# cap) are not listed, and one above start counts as removed (gap), as in the page; more than
+# `check max` expired entries count as a gap too (a page trims them first). A lowered byte
+# cap applies at the next page only (as in the embedded store): the entries it removes then
+# show as a gap there. Returns {start used, has_more, gap, cursor1, msg_id1, ...}.
+_IDS = LuaScript(
+    """
+local meta, ent, age = KEYS[1], KEYS[2], KEYS[3]
+local v = redis.call('HMGET', meta, 'seq', 'floor')
+local head, floor = tonumber(v[1]) or 0, tonumber(v[2]) or 0
+if floor < head and redis.call('EXISTS', ent) == 0 then
+  floor = head  -- the entry keys expired: every cursor was removed
+end
+local start = tonumber(ARGV[1])  -- inexact above 2**53, but then it is clamped to the head
+if start > head then
+  start = head
+end
+local limit, cutoff, check = tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[5])
+local gap = floor > start
+local from = start
+local capped = head - tonumber(ARGV[4])  -- cursors up to here are beyond the entry cap
+if capped > start then
+  if redis.call('ZCOUNT', ent, string.format('(%d', start), capped) > 0 then
+    gap = true
+  end
+  from = capped
+end
+local old = redis.call('ZRANGEBYSCORE', age, '-inf', '(' .. cutoff, 'LIMIT', 0, check + 1)
+if #old > check then
+  gap = true
+else
+  for i = 1, #old, 1000 do
+    local cs = redis.call('ZMSCORE', ent, unpack(old, i, math.min(i + 999, #old)))
+    for j = 1, #cs do
+      if cs[j] and tonumber(cs[j]) > start then
+        gap = true
+      end
+    end
+  end
+end
+-- Enough entries that `limit` + 1 are retained even if every expired one is among them.
+local want = limit + 1 + math.min(#old, check + 1)
+local rows = redis.call('ZRANGEBYSCORE', ent, string.format('(%d', from), '+inf',
+  'WITHSCORES', 'LIMIT', 0, want)
+local ids = {}
+for i = 1, #rows / 2 do
+  ids[i] = rows[2 * i - 1]
+end
+local out = {start, 0, gap and 1 or 0}
+local kept = 0
+for i = 1, #ids, 1000 do
+  local ages = redis.call('ZMSCORE', age, unpack(ids, i, math.min(i + 999, #ids)))
+  for j = 1, #ages do
+    if not ages[j] or tonumber(ages[j]) >= cutoff then
+      kept = kept + 1
+      if kept <= limit then
+        out[#out + 1] = tonumber(rows[2 * (i + j - 1)])
+        out[#out + 1] = ids[i + j - 1]
+      end
+    end
+  end
+end
+out[2] = (kept > limit or (#old > check and #ids == want)) and 1 or 0
+return out
+"""
+)
+
+SCRIPTS = (_APPEND, _PAGE, _TRIM, _ADVANCE, _IDS)
 
 
 class RedisInbox:
@@ -483,6 +554,25 @@ class RedisInbox:
             tuple(_record(p, user_id) for p in flat[1::2]),
             start=int(used), has_more=bool(has_more), gap=bool(gap),
         )  # fmt: skip
+
+    def ids(self, user_id: int, start: int, limit: int) -> Deferred[InboxIds]:
+        """The cursors and msg_ids `page` would return, reading no record and removing
+        nothing (one read-only script)."""
+        meta, ent, age, _ = self.keys(user_id)[:4]
+        limit = min(max(0, limit), MAX_PAGE)
+        args = [start, limit, self._cutoff(), self.caps.max_entries, PAGE_TRIM]
+
+        def parse(reply: list[Any]) -> InboxIds:
+            used, has_more, gap, *flat = reply
+            return InboxIds(
+                start=int(used),
+                cursors=tuple(int(c) for c in flat[0::2]),
+                msg_ids=tuple(int(m) for m in flat[1::2]),
+                has_more=bool(has_more),
+                gap=bool(gap),
+            )
+
+        return _IDS(self._redis, [meta, ent, age], args).addCallback(parse)
 
     def position(self, user_id: int, device_id: str) -> Deferred[int]:
         d = self._redis.execute_command("HGET", self.keys(user_id)[4], device_id.encode())

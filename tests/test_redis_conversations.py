@@ -1,0 +1,340 @@
+"""The Redis conversation lists beyond the contract suite: hash tags, key expiry, versions
+after the keys expired, Redis Cluster slots, bounded trimming, and a differential run against
+the embedded SQLite store.
+
+Needs Redis (tests/support/services.py: skipped if absent, failing under CI). Each test uses
+its own key prefix and deletes its keys afterwards.
+"""
+
+from __future__ import annotations
+
+import random
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+import pytest_twisted
+
+from twisted.internet import reactor
+from twisted.internet.defer import Deferred
+from twisted.internet.task import deferLater
+
+from improto.enums import ContentType, ConvKind
+from improto.frames import Message
+from improto.limits import U64_MAX
+from improto.records import conv_size
+from improto_server.embedded.backend import SQLiteBackend
+from improto_server.model import ConvRows, PersistJob, StateJob
+from improto_server.production import redis_conversations
+from improto_server.production.redis_connection import connect
+from improto_server.production.redis_conversations import NAMES, RedisConversations
+from improto_server.production.redis_slots import key_slot
+from tests.contract.pages import ANY_SIZE
+from tests.support import services
+from tests.support.clock import DAY_MS, HISTORY_RETENTION_MS, START_MS, FakeClock
+from tests.support.services import needs
+
+RETENTION_MS = HISTORY_RETENTION_MS
+USER, GROUP = ConvKind.USER, ConvKind.GROUP
+
+
+@dataclass
+class Env:
+    redis: Any
+    prefix: str
+    clock: FakeClock
+    convs: RedisConversations
+
+    def keys(self) -> list[bytes]:
+        return sorted(services.redis_keys(self.prefix))
+
+    def command(self, *args: Any) -> Deferred[Any]:
+        return self.redis.execute_command(*args)
+
+
+@pytest.fixture
+@needs("redis")
+def env() -> Iterator[Env]:
+    prefix = f"improto-test-convs:{uuid.uuid4().hex}"
+    redis = connect(services.REDIS.host, services.REDIS.port)
+    clock = FakeClock()
+    convs = RedisConversations(redis, prefix, clock, RETENTION_MS)
+    pytest_twisted.blockon(convs.start())
+    try:
+        yield Env(redis, prefix, clock, convs)
+    finally:
+        pytest_twisted.blockon(redis.disconnect())
+        services.delete_redis_prefix(prefix)
+
+
+@pytest.fixture
+def sqlite(env: Env, tmp_path: Path) -> Iterator[SQLiteBackend]:
+    """An embedded backend on the same fake clock, for differential runs."""
+    backend = SQLiteBackend(
+        tmp_path / "ref.sqlite3", now_ms=env.clock, history_retention_ms=RETENTION_MS
+    )
+    pytest_twisted.blockon(backend.start())
+    try:
+        yield backend
+    finally:
+        pytest_twisted.blockon(backend.close())
+
+
+_ids = iter(range(1_000_000, 10**9))
+
+
+def message(sender: int, kind: int, conv: int, msg_id: int | None = None) -> Message:
+    mid = next(_ids) if msg_id is None else msg_id
+    return Message(
+        msg_id=mid,
+        server_time=START_MS,
+        sender_id=sender,
+        sender_device="phone-1",
+        conv_kind=kind,
+        conv_id=conv,
+        content_type=ContentType.TEXT,
+        client_msg_id=mid.to_bytes(16, "big"),
+        body=b"hello",
+    )
+
+
+def direct(sender: int, peer: int, msg_id: int | None = None) -> PersistJob:
+    return PersistJob(message(sender, USER, peer, msg_id), tuple(dict.fromkeys((sender, peer))))
+
+
+def group(sender: int, gid: int, members: tuple[int, ...]) -> PersistJob:
+    return PersistJob(message(sender, GROUP, gid), members)
+
+
+def mark(user: int, kind: int, conv: int, msg_id: int) -> StateJob:
+    return StateJob(StateJob.MARK, user, kind, conv, msg_id)
+
+
+async def every_row(convs: Any, user: int) -> ConvRows:
+    return await convs.changes(user, 0, 1000, ANY_SIZE)
+
+
+def _tag(key: bytes) -> bytes:
+    start = key.index(b"{")
+    return key[start + 1 : key.index(b"}", start)]
+
+
+# --------------------------------------------------------------------------- keys
+
+
+@pytest_twisted.ensureDeferred
+async def test_keys_of_one_user_share_one_hash_tag(env):
+    users = (7, 2**63, U64_MAX)
+    await env.convs.record([direct(7, 2**63), direct(U64_MAX, 7), group(7, U64_MAX, users)])
+    await env.convs.apply([mark(2**63, USER, 7, U64_MAX), mark(U64_MAX, GROUP, U64_MAX, 1)])
+    await env.convs.by_activity(7, 0, 10, ANY_SIZE)
+
+    by_tag: dict[bytes, set[bytes]] = {}
+    for key in env.keys():
+        assert key.startswith(env.prefix.encode() + b":conv:")
+        by_tag.setdefault(_tag(key), set()).add(key)
+    assert set(by_tag) == {b"u%d" % u for u in users}
+    for user in users:
+        names = {k.decode().rsplit(":", 1)[1] for k in by_tag[b"u%d" % user]}
+        assert names <= set(NAMES) and {"meta", "rows", "ver", "act", "age"} <= names
+        assert {k.decode() for k in by_tag[b"u%d" % user]} <= set(env.convs.keys(user))
+    for keys in by_tag.values():
+        assert len({key_slot(k) for k in keys}) == 1  # one cluster slot per user
+
+
+@pytest_twisted.ensureDeferred
+async def test_every_key_but_the_version_counter_expires_together(env):
+    jobs = [direct(1, 2), direct(2, 1)]  # user 1 gets a tracked unread id
+    await env.convs.record(jobs)
+    meta, *rest = env.convs.keys(1)
+    assert await env.command("PTTL", meta) == -1  # versions must never go back
+    ttl = RETENTION_MS + redis_conversations.DAY_MS
+    ttls = [await env.command("PTTL", key) for key in rest]
+    assert all(ttl - 60_000 < t <= ttl for t in ttls), ttls
+    assert max(ttls) - min(ttls) < 1000  # one deadline (set by the same script)
+
+    # A change that changes nothing (a redelivery) does not extend the lists' life.
+    await env.command("PEXPIRE", rest[0], 500_000)
+    await env.convs.record(jobs)
+    assert await env.command("PTTL", rest[0]) <= 500_000
+
+
+@pytest_twisted.ensureDeferred
+async def test_versions_continue_after_the_keys_expired(env):
+    # Real-time TTL of 300 ms (no margin); the injected clock does not move, so only the
+    # vanished keys tell the store that the rows went.
+    convs = RedisConversations(env.redis, env.prefix, env.clock, 300, ttl_margin_ms=0)
+    for job in (direct(2, 1), direct(3, 1), direct(2, 1)):
+        await convs.record([job])
+    before = await every_row(convs, 1)
+    assert (before.version, before.total_unread) == (3, 3)
+    _, rows, *_ = convs.keys(1)
+    for _ in range(200):
+        if not await env.command("EXISTS", rows):
+            break
+        await deferLater(reactor, 0.01, lambda: None)
+    else:
+        raise AssertionError("the row keys did not expire")
+
+    gone = await convs.by_activity(1, 0, 10, ANY_SIZE)
+    assert gone == ConvRows(3, False, 0, ())  # no rows, no unread, the version kept
+    await convs.record([direct(4, 1)])
+    after = await every_row(convs, 1)
+    assert [(c.conv_id, c.version, c.unread) for c in after.convs] == [(4, 4, 1)]
+    assert after.total_unread == 1
+    assert (await convs.changes(1, 3, 10, ANY_SIZE)).convs == after.convs
+
+
+# --------------------------------------------------------------------------- cluster
+
+
+@pytest_twisted.ensureDeferred
+async def test_cluster_mode_splits_batches_by_slot_with_the_same_result(env):
+    """The same batches through cluster=True (one script per slot) and the default (one
+    script for all) end in identical lists; each script call spans one slot, and a 1:1 mark
+    changes the reader's and the peer's slots in separate calls."""
+    calls: list[list[str]] = []
+    clustered = RedisConversations(env.redis, env.prefix + ":c", env.clock, RETENTION_MS,
+                                   cluster=True)  # fmt: skip
+    original = clustered._change_call
+
+    def spy(users, entries, messages, head):  # type: ignore[no-untyped-def]
+        calls.append([k for u in users for k in clustered.keys(u)])
+        return original(users, entries, messages, head)
+
+    clustered._change_call = spy  # type: ignore[method-assign]
+    members = tuple(range(300, 340))
+    first = [group(300, 9, members), direct(1, 2), direct(2, 3), direct(301, 1)]
+    second = [group(1, 9, (1, *members)), direct(7, 7)]
+    reading = mark(2, USER, 1, first[1].message.msg_id)
+    others = [mark(301, GROUP, 9, 10**8), StateJob(StateJob.HIDE, 3, USER, 2, 10**8)]
+    marked: list[list[str]] = []
+    for store in (env.convs, clustered):
+        await store.record(first)
+        await store.record(second)
+        n = len(calls)
+        await store.apply([reading])
+        marked = calls[n:]
+        await store.apply(others)
+    for user in (1, 2, 3, 7, *members):
+        assert await every_row(clustered, user) == await every_row(env.convs, user)
+    [peer_row] = [c for c in (await every_row(env.convs, 1)).convs if c.conv_id == 2]
+    assert peer_row.peer_read_id == first[1].message.msg_id
+    assert len(calls) > 2 and all(len({key_slot(k) for k in keys}) == 1 for keys in calls)
+    # The 1:1 mark: one call for the reader (2), one for the peer (1).
+    assert sorted(keys[0] for keys in marked) == [clustered.keys(u)[0] for u in (1, 2)]
+
+
+# --------------------------------------------------------------------------- retention
+
+
+@pytest_twisted.ensureDeferred
+async def test_expired_rows_are_removed_in_bounded_steps(env, monkeypatch):
+    monkeypatch.setattr(redis_conversations, "READ_TRIM", 3)
+    monkeypatch.setattr(redis_conversations, "CHANGE_TRIM", 1)
+    await env.convs.record([direct(peer, 5) for peer in range(100, 110)])
+    env.clock.advance(RETENTION_MS + 1)
+    fresh = direct(109, 5)
+    await env.convs.record([fresh])  # removes one expired row, and the one it changes
+    _, rows, *_, age = env.convs.keys(5)
+    assert await env.command("ZCARD", age) == 9  # one new, eight left expired
+
+    page = await env.convs.by_activity(5, 0, 100, ANY_SIZE)  # three bounded calls, then the page
+    [row] = page.convs
+    got = (row.conv_id, row.last_id, row.unread, page.total_unread)
+    assert got == (109, fresh.message.msg_id, 1, 1)
+    assert row.version == 11  # versions go on; the old row's state is gone (unread 1, not 2)
+    assert await env.command("HLEN", rows) == 1 and await env.command("ZCARD", age) == 1
+
+
+@pytest_twisted.ensureDeferred
+async def test_read_positions_ignore_expired_rows_and_remove_nothing(env):
+    await env.convs.apply([mark(5, USER, 6, 123), mark(5, GROUP, 2**63, U64_MAX)])
+    wanted = [(USER, 6), (GROUP, 2**63), (USER, 7)]
+    assert await env.convs.read_positions(5, wanted) == {(USER, 6): 123, (GROUP, 2**63): U64_MAX}
+    env.clock.advance(RETENTION_MS + 1)
+    assert await env.convs.read_positions(5, wanted) == {}
+    _, rows, *_ = env.convs.keys(5)
+    assert await env.command("HLEN", rows) == 2  # reads only: the next list read trims
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_batch_gives_each_changed_row_one_version(env):
+    batch = [direct(2, 1), direct(2, 1), direct(1, 2), direct(3, 1)]
+    await env.convs.record(batch)
+    rows = await every_row(env.convs, 1)
+    assert sorted(c.version for c in rows.convs) == [1, 2] and rows.version == 2
+    await env.convs.record(batch)  # redelivered: no change, no version
+    assert await every_row(env.convs, 1) == rows
+
+
+# --------------------------------------------------------------------------- vs SQLite
+
+
+@pytest_twisted.ensureDeferred
+async def test_conversations_match_the_embedded_store(env, sqlite, monkeypatch):
+    """A random run of messages (1:1, groups, notes to self, redeliveries, out of order),
+    marks, hides, clock moves and reads of both orders on assorted budgets gives the same
+    answers from Redis as from SQLite (a small tracked-unread bound, so it is exceeded)."""
+    monkeypatch.setattr(redis_conversations, "CHANGE_TRIM", 2)
+    env.convs.max_tracked = 5
+    monkeypatch.setattr("improto_server.embedded.conversations.MAX_UNREAD_TRACKED", 5)
+    rng = random.Random(20261213)
+    users = (1, 2, 3, 2**63, U64_MAX)
+    groups = {11: users[:3], 2**64 - 2: users}
+    stores = (env.convs, sqlite.conversations)
+    sent: list[PersistJob] = []
+    used: set[int] = set()
+    for step in range(500):
+        op = rng.random()
+        if op < 0.4 or not sent:
+            # One job per call: which of a batch's rows gets which version is each store's own.
+            if sent and rng.random() < 0.2:
+                j = rng.choice(sent)  # a redelivery
+            elif rng.random() < 0.6:
+                mid = next(_ids)
+                if rng.random() < 0.2 and mid - 3 not in used:
+                    mid -= 3  # out of order
+                j = direct(rng.choice(users), rng.choice(users), mid)
+            else:
+                gid = rng.choice(list(groups))
+                j = group(rng.choice(groups[gid]), gid, groups[gid])
+            used.add(j.message.msg_id)
+            sent.append(j)
+            for store in stores:
+                await store.record([j])
+        elif op < 0.6:
+            j = rng.choice(sent).message
+            user = rng.choice(
+                (j.conv_kind == GROUP and groups[j.conv_id]) or (j.sender_id, j.conv_id)
+            )
+            kind, conv = (GROUP, j.conv_id) if j.conv_kind == GROUP else (
+                USER, j.conv_id if j.sender_id == user else j.sender_id)  # fmt: skip
+            msg = j.msg_id + rng.choice([-1, 0, 0, 3])
+            state = StateJob(
+                rng.choice([StateJob.MARK, StateJob.MARK, StateJob.HIDE]), user, kind, conv, msg
+            )
+            for store in stores:
+                await store.apply([state])
+        elif op < 0.65:
+            env.clock.advance(rng.choice([1000, DAY_MS, RETENTION_MS // 3]))
+            await sqlite.sweep()  # SQLite removes expired rows at its sweep, Redis at once
+        else:
+            user = rng.choice(users)
+            limit = rng.choice([1, 2, 5, 100])
+            budget = rng.choice([1, conv_size(None) * 3, 400, ANY_SIZE])
+            if rng.random() < 0.5:
+                before = rng.choice([0, 0, rng.choice(sent).message.msg_id])
+                pages = [await s.by_activity(user, before, limit, budget) for s in stores]
+            else:
+                since = rng.randint(0, 40)
+                pages = [await s.changes(user, since, limit, budget) for s in stores]
+            assert pages[0] == pages[1], step
+            convs = [(c.conv_kind, c.conv_id) for c in pages[0].convs] + [(USER, 999)]
+            positions = [await s.read_positions(user, convs) for s in stores]
+            assert positions[0] == positions[1], step
+    for user in users:
+        assert await every_row(env.convs, user) == await every_row(sqlite.conversations, user)
