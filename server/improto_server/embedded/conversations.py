@@ -22,7 +22,6 @@ import sqlite3
 import struct
 from bisect import bisect_left, bisect_right
 from collections.abc import Sequence
-from dataclasses import dataclass, field
 from typing import Any
 
 from twisted.internet.defer import Deferred
@@ -84,133 +83,200 @@ class SQLiteConversations(RetainedStore):
 
 # ------------------------------------------------------------------------ writes
 
+# Rows are handled as stored (signed) values, which order as the unsigned ones do: no
+# conversion per row. unread_ids stays the stored bytes; the common changes (an id above every
+# tracked one, a read past all or none of them) need no unpacking.
+_ID = struct.Struct(">Q")
 
-@dataclass(slots=True)
+
 class _Row:
-    """A row in memory, ids unsigned."""
+    """A row in memory, ids stored (signed) values, unread_ids as stored."""
 
-    hidden: bool = False
-    hide_id: int = 0
-    read_id: int = 0
-    peer_read_id: int = 0
-    unread: int = 0  # the tracked ids plus those dropped past MAX_UNREAD_TRACKED
-    unread_ids: list[int] = field(default_factory=list)  # ascending, all > read_id
-    last_id: int = 0
-    version: int = 0
+    __slots__ = (
+        "before",
+        "before_hide",
+        "hidden",
+        "hide_id",
+        "ids",
+        "last_id",
+        "peer_read_id",
+        "read_id",
+        "unread",
+        "version",
+    )  # fmt: skip
 
-    def visible(self) -> tuple[bool, int, int, int, int]:
-        return self.hidden, self.read_id, self.peer_read_id, self.unread, self.last_id
+    def __init__(
+        self, hidden: int, hide_id: int, read_id: int, peer_read_id: int, unread: int,
+        ids: bytes, last_id: int, version: int, before: tuple[int, ...] | None,
+    ) -> None:  # fmt: skip
+        self.hidden = hidden
+        self.hide_id = hide_id
+        self.read_id = read_id
+        self.peer_read_id = peer_read_id
+        self.unread = unread  # the tracked ids plus those dropped past MAX_UNREAD_TRACKED
+        self.ids = ids  # ascending unsigned big-endian u64, all > read_id
+        self.last_id = last_id
+        self.version = version
+        self.before = before  # (hidden, read_id, peer_read_id, unread, last_id) as read
+        self.before_hide = hide_id
 
     def count_unread(self, msg_id: int) -> None:
-        """A message from someone else, counted once."""
-        ids = self.unread_ids
+        """A message from someone else (stored msg_id), counted once."""
         if msg_id <= self.read_id:
             return
-        i = bisect_left(ids, msg_id)
-        if i < len(ids) and ids[i] == msg_id:
+        ids = self.ids
+        if not ids or msg_id + BIAS > _ID.unpack_from(ids, len(ids) - 8)[0]:  # the newest
+            if len(ids) >= _MAX_TRACKED_BYTES:
+                ids = ids[8:]  # still counted, no longer tracked
+            self.ids = ids + _ID.pack(msg_id + BIAS)
+            self.unread += 1
+            return
+        tracked = list(struct.unpack(f">{len(ids) // 8}Q", ids))
+        u = msg_id + BIAS
+        i = bisect_left(tracked, u)
+        if tracked[i] == u:
             return  # counted already (a redelivery)
-        if i == 0 and len(ids) >= MAX_UNREAD_TRACKED:
+        if i == 0 and len(tracked) >= MAX_UNREAD_TRACKED:
             return  # older than every tracked id: it may be one counted and dropped already
-        ids.insert(i, msg_id)
+        tracked.insert(i, u)
         self.unread += 1
-        if len(ids) > MAX_UNREAD_TRACKED:
-            del ids[0]  # still counted, no longer tracked
+        if len(tracked) > MAX_UNREAD_TRACKED:
+            del tracked[0]
+        self.ids = struct.pack(f">{len(tracked)}Q", *tracked)
 
     def read_to(self, msg_id: int) -> None:
         if msg_id <= self.read_id:
             return
         self.read_id = msg_id
-        n = bisect_right(self.unread_ids, msg_id)
-        if n:  # the untracked ones are older than every tracked one: read as well
-            del self.unread_ids[:n]
-            self.unread = len(self.unread_ids)
-        # else: the untracked ones (if any) may be above msg_id: the count stays (an upper bound)
+        ids = self.ids
+        if not ids:
+            return  # the untracked ones (if any) may be above msg_id: the count stays
+        u = msg_id + BIAS
+        if u >= _ID.unpack_from(ids, len(ids) - 8)[0]:
+            self.ids = b""  # all read, the untracked ones (older than every tracked) too
+            self.unread = 0
+        elif u >= _ID.unpack_from(ids)[0]:
+            tracked = struct.unpack(f">{len(ids) // 8}Q", ids)
+            n = bisect_right(tracked, u)
+            self.ids = ids[8 * n :]
+            self.unread = len(tracked) - n
+        # else: none of the tracked ones read; the untracked ones may be above: the count stays
 
 
-def _counted(row: _Row | None) -> int:
-    """The row's share of the user's total_unread."""
-    return row.unread if row is not None and not row.hidden else 0
+_MAX_TRACKED_BYTES = 8 * MAX_UNREAD_TRACKED
+
+
+def _new_row() -> _Row:
+    return _Row(0, _NONE, _NONE, _NONE, 0, b"", _NONE, 0, None)
 
 
 class _Rows:
-    """The rows one transaction changes: read at once, changed in memory, written at once."""
+    """The rows one transaction changes: read at once, changed in memory, written at once.
+    Keys are stored (signed) values: (user, conv_kind, conv_id)."""
 
     def __init__(self, db: sqlite3.Connection, keys: list[_Key]) -> None:
         self._db = db
-        self._rows: dict[_Key, _Row] = {}
-        self._before: dict[_Key, _Row | None] = {}  # as read (None: no row)
-        self.messages: dict[int, Message] = {}  # the messages that may become a row's last
+        rows: dict[_Key, _Row] = {}
+        self._rows = rows
+        self.messages: dict[int, Message] = {}  # stored msg_id: a message that may be a last
         wanted = list(dict.fromkeys(keys))
-        found: list[tuple[Any, ...]] = []
         # The keys as a VALUES table, a chunk per statement (bound parameters are capped):
         # several times faster than unpacking a JSON array with json_extract per row.
         for i in range(0, len(wanted), _KEYS_PER_READ):
             chunk = wanted[i : i + _KEYS_PER_READ]
             values = ",".join(["(?,?,?)"] * len(chunk))
-            bound = [v for user, kind, conv in chunk for v in (user - BIAS, kind, conv - BIAS)]
-            found += db.execute(
+            for (
+                user,
+                kind,
+                conv,
+                hidden,
+                hide,
+                read,
+                peer,
+                unread,
+                blob,
+                last,
+                version,
+            ) in db.execute(
                 f"WITH k(u, t, c) AS (VALUES {values})"
                 " SELECT c.user_id, c.conv_kind, c.conv_id, c.hidden, c.hide_id, c.read_id,"
                 " c.peer_read_id, c.unread, c.unread_ids, c.last_id, c.version"
                 " FROM k CROSS JOIN conv_rows c"
                 " ON c.user_id = k.u AND c.conv_kind = k.t AND c.conv_id = k.c",
-                bound,
-            ).fetchall()
-        for user, kind, conv, hidden, hide, read, peer, unread, blob, last, version in found:
-            ids = list(struct.unpack(f">{len(blob) // 8}Q", blob))
-            args = (bool(hidden), hide + BIAS, read + BIAS, peer + BIAS, unread)
-            key = (user + BIAS, kind, conv + BIAS)
-            self._rows[key] = _Row(*args, ids, last + BIAS, version)
-            self._before[key] = _Row(*args, list(ids), last + BIAS, version)
+                [v for key in chunk for v in key],
+            ):
+                rows[(user, kind, conv)] = _Row(
+                    hidden, hide, read, peer, unread, blob, last, version,
+                    (hidden, read, peer, unread, last),
+                )  # fmt: skip
 
     def get(self, key: _Key) -> _Row:
         """One of the keys given to the constructor (or a new row)."""
         row = self._rows.get(key)
         if row is None:
-            row = self._rows[key] = _Row()
-            self._before[key] = None
+            row = self._rows[key] = _new_row()
         return row
 
     def write(self, now: int) -> None:
-        changed: dict[int, list[tuple[_Key, _Row, _Row | None]]] = {}
+        changed: dict[int, list[tuple[_Key, _Row]]] = {}
         for key, row in self._rows.items():
-            before = self._before[key]
-            if before is None or row.visible() != before.visible() or row.hide_id != before.hide_id:
-                changed.setdefault(key[0], []).append((key, row, before))
+            before = row.before
+            if (
+                before is None
+                or (row.hidden, row.read_id, row.peer_read_id, row.unread, row.last_id) != before
+                or row.hide_id != row.before_hide
+            ):
+                if key[0] in changed:
+                    changed[key[0]].append((key, row))
+                else:
+                    changed[key[0]] = [(key, row)]
         if not changed:
             return  # a redelivery, or marks that do not move: no version, no write
         users = {
-            user + BIAS: (version, total)
+            user: (version, total)
             for user, version, total in self._db.execute(
                 "SELECT user_id, version, total_unread FROM conv_users"
                 " WHERE user_id IN (SELECT value FROM json_each(?))",
-                (json.dumps([u - BIAS for u in changed]),),
+                (json.dumps(list(changed)),),
             )
         }
         counters: list[tuple[int, int, int]] = []
         stored: dict[int, Message] = {}
         replaced: set[int] = set()
-        params: list[tuple[Any, ...]] = []
+        inserts: list[tuple[Any, ...]] = []
+        updates: list[tuple[Any, ...]] = []
+        messages = self.messages
         for user, rows in changed.items():
             version, total = users.get(user, (0, 0))
-            for key, row, before in rows:
-                # hide_id alone is not part of the CONV record: no new version for it.
-                if before is None or row.visible() != before.visible():
+            for key, row in rows:
+                before = row.before
+                if before is None:
                     version += 1
                     row.version = version
-                total += _counted(row) - _counted(before)
-                old_last = before.last_id if before is not None else 0
+                    if not row.hidden:
+                        total += row.unread
+                    if row.last_id != _NONE:
+                        stored[row.last_id] = messages[row.last_id]
+                    inserts.append((
+                        *key, version, row.hidden, row.hide_id, row.read_id, row.peer_read_id,
+                        row.unread, row.ids, row.last_id, now,
+                    ))  # fmt: skip
+                    continue
+                hidden, _, _, unread, old_last = before
+                # hide_id alone is not part of the CONV record: no new version for it.
+                if (row.hidden, row.read_id, row.peer_read_id, row.unread, row.last_id) != before:
+                    version += 1
+                    row.version = version
+                total += (0 if row.hidden else row.unread) - (0 if hidden else unread)
                 if row.last_id != old_last:
-                    stored[row.last_id] = self.messages[row.last_id]
-                    if old_last:
-                        replaced.add(old_last - BIAS)
-                ids = row.unread_ids
-                params.append((
-                    user - BIAS, key[1], key[2] - BIAS, row.version, int(row.hidden),
-                    row.hide_id - BIAS, row.read_id - BIAS, row.peer_read_id - BIAS,
-                    row.unread, struct.pack(f">{len(ids)}Q", *ids), row.last_id - BIAS, now,
+                    stored[row.last_id] = messages[row.last_id]
+                    if old_last != _NONE:
+                        replaced.add(old_last)
+                updates.append((
+                    row.version, row.hidden, row.hide_id, row.read_id, row.peer_read_id,
+                    row.unread, row.ids, row.last_id, now, *key,
                 ))  # fmt: skip
-            counters.append((user - BIAS, version, total))
+            counters.append((user, version, total))
         self._db.executemany(
             "INSERT INTO conv_users (user_id, version, total_unread) VALUES (?, ?, ?)"
             " ON CONFLICT (user_id) DO UPDATE"
@@ -218,72 +284,90 @@ class _Rows:
             counters,
         )
         store_messages(self._db, stored.values())
-        self._db.executemany(_WRITE_ROW, params)
+        if updates:
+            self._db.executemany(_UPDATE_ROW, updates)
+        if inserts:
+            self._db.executemany(_INSERT_ROW, inserts)
         if replaced:  # a last message inbox and history no longer hold may go now
             delete_unreferenced(self._db, replaced)
 
 
-_WRITE_ROW = (
+# The rows read exist, the others do not (one transaction): no upsert needed.
+_UPDATE_ROW = (
+    "UPDATE conv_rows SET version = ?, hidden = ?, hide_id = ?, read_id = ?, peer_read_id = ?,"
+    " unread = ?, unread_ids = ?, last_id = ?, changed_ms = ?"
+    " WHERE user_id = ? AND conv_kind = ? AND conv_id = ?"
+)
+_INSERT_ROW = (
     "INSERT INTO conv_rows (user_id, conv_kind, conv_id, version, hidden, hide_id, read_id,"
     " peer_read_id, unread, unread_ids, last_id, changed_ms)"
     " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
-    " ON CONFLICT (user_id, conv_kind, conv_id) DO UPDATE SET version = excluded.version,"
-    " hidden = excluded.hidden, hide_id = excluded.hide_id, read_id = excluded.read_id,"
-    " peer_read_id = excluded.peer_read_id, unread = excluded.unread,"
-    " unread_ids = excluded.unread_ids, last_id = excluded.last_id,"
-    " changed_ms = excluded.changed_ms"
 )
 
 
 _USER, _GROUP = int(ConvKind.USER), int(ConvKind.GROUP)  # plain ints: compared per row
 
 
-def _conv_keys(job: PersistJob) -> list[tuple[_Key, Message]]:
-    """Each receiver's conversation of the job's message."""
-    m = job.message
-    if m.conv_kind == _GROUP:
-        return [((user, _GROUP, m.conv_id), m) for user in job.inbox_users]
-    sender, conv = m.sender_id, m.conv_id
-    return [((user, _USER, conv if user == sender else sender), m) for user in job.inbox_users]
-
-
 def _record(db: sqlite3.Connection, jobs: list[PersistJob], now: int) -> None:
-    todo = [item for job in jobs for item in _conv_keys(job)]
-    rows = _Rows(db, [key for key, _ in todo])
-    rows.messages = {j.message.msg_id: j.message for j in jobs}
-    for key, m in todo:  # a repeated user or job changes nothing the second time
-        row = rows.get(key)
-        if m.msg_id > row.last_id:
-            row.last_id = m.msg_id
-        if row.hidden and m.msg_id > row.hide_id:
-            row.hidden = False
-        if m.sender_id == key[0]:
-            row.read_to(m.msg_id)  # one has read what one answers
+    # (key, stored msg_id, from the user itself, 1:1) per job and receiver, in order
+    todo: list[tuple[_Key, int, bool, bool]] = []
+    messages: dict[int, Message] = {}
+    for job in jobs:
+        m = job.message
+        mid = m.msg_id - BIAS
+        messages[mid] = m
+        sender = m.sender_id
+        if m.conv_kind == _GROUP:
+            conv = m.conv_id - BIAS
+            todo += [
+                ((user - BIAS, _GROUP, conv), mid, user == sender, False)
+                for user in job.inbox_users
+            ]
         else:
-            row.count_unread(m.msg_id)
-            if key[1] == _USER:  # so the peer, who answers, has read up to its message
-                row.peer_read_id = max(row.peer_read_id, m.msg_id)
+            conv, peer = m.conv_id - BIAS, sender - BIAS
+            todo += [
+                ((user - BIAS, _USER, conv if user == sender else peer), mid, user == sender, True)
+                for user in job.inbox_users
+            ]
+    rows = _Rows(db, [item[0] for item in todo])
+    rows.messages = messages
+    get = rows.get
+    for key, mid, own, one_to_one in todo:  # a repeated user or job changes nothing twice
+        row = get(key)
+        if mid > row.last_id:
+            row.last_id = mid
+        if row.hidden and mid > row.hide_id:
+            row.hidden = 0
+        if own:
+            row.read_to(mid)  # one has read what one answers
+        else:
+            row.count_unread(mid)
+            if one_to_one and mid > row.peer_read_id:  # so the peer, who answers, has read
+                row.peer_read_id = mid  # up to its message
     rows.write(now)
 
 
 def _apply(db: sqlite3.Connection, jobs: list[StateJob], now: int) -> None:
-    keys: list[_Key] = []
+    todo: list[tuple[StateJob, _Key, _Key | None, int]] = []
     for job in jobs:
-        keys.append((job.user_id, job.conv_kind, job.conv_id))
-        if job.kind == StateJob.MARK and job.conv_kind == ConvKind.USER:
-            keys.append((job.conv_id, ConvKind.USER, job.user_id))
+        user, conv = job.user_id - BIAS, job.conv_id - BIAS
+        peer = None
+        if job.kind == StateJob.MARK and job.conv_kind == _USER and job.conv_id != job.user_id:
+            peer = (conv, _USER, user)
+        todo.append((job, (user, int(job.conv_kind), conv), peer, job.msg_id - BIAS))
+    keys = [k for _, own, peer_k, _ in todo for k in (own, peer_k) if k is not None]
     rows = _Rows(db, keys)
-    for job in jobs:
-        row = rows.get((job.user_id, job.conv_kind, job.conv_id))
+    for job, key, peer_key, mid in todo:
+        row = rows.get(key)
         if job.kind == StateJob.MARK:
-            row.read_to(job.msg_id)
-            if job.conv_kind == ConvKind.USER and job.conv_id != job.user_id:
-                peer = rows.get((job.conv_id, ConvKind.USER, job.user_id))
-                peer.peer_read_id = max(peer.peer_read_id, job.msg_id)
+            row.read_to(mid)
+            if peer_key is not None:
+                peer_row = rows.get(peer_key)
+                peer_row.peer_read_id = max(peer_row.peer_read_id, mid)
         else:  # HIDE: a message newer than the hide shows the row again
-            row.hide_id = max(row.hide_id, job.msg_id)
-            if row.last_id <= job.msg_id:
-                row.hidden = True
+            row.hide_id = max(row.hide_id, mid)
+            if row.last_id <= mid:
+                row.hidden = 1
     rows.write(now)
 
 

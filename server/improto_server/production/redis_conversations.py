@@ -7,14 +7,17 @@ script call, split by slot first with `cluster=True` (a 1:1 read mark changes tw
 the reader's and the peer's, two slots):
 
     P:conv:{u<id>}:meta  hash  ver: the user's last list version; total: the sum of unread
-                               over the rows not hidden. No TTL (see below).
+                               over the rows not hidden; old: a lower bound of the scores in
+                               age (absent: unknown), so a change probes for expired rows only
+                               when one may be due. No TTL (see below).
     P:conv:{u<id>}:rows  hash  R -> the row's state: last_id, read_id, peer_read_id, the
                                newest hide's msg_id (16 hex digits each), hidden (0/1), then
-                               "version:unread" (decimal).
+                               "version:unread:ms" (decimal; ms as in age).
     P:conv:{u<id>}:last  hash  R -> the last message's stored record (improto.records: a
                                storage format byte, then the MESSAGE record).
     P:conv:{u<id>}:unr   zset  "R:<16 hex msg_id>" (score 0): the unread ids counted, at most
-                               MAX_UNREAD_TRACKED per row (one lex range per row).
+                               MAX_UNREAD_TRACKED per row (one lex range per row); a row
+                               tracks at most its unread count of them.
     P:conv:{u<id>}:ver   zset  R -> version: CONV_CHANGES in version order.
     P:conv:{u<id>}:act   zset  "<16 hex last_id>:R" (score 0) of the rows not hidden:
                                CONV_LIST in last_id order (ZREVRANGEBYLEX; rows without a
@@ -31,11 +34,13 @@ touched, so both backends answer alike.
 Retention: a row lives `retention_ms` (the history's) after its last change, by the injected
 clock: every script first removes the user's expired rows (bounded per call; a read calls
 again until none is left), so what is served never depends on Redis' own expiry. rows, last,
-unr, ver, act and age get PEXPIRE retention + margin whenever a script writes the user's
-list, all in the same script, so they share one deadline and vanish together once every row
-has expired. meta has no TTL: versions must never go back (a client holding version V asks
-for the changes since V; a list restarting at 1 would hide versions up to V from it), and it
-stays two small integers per user. A script that finds rows gone resets total to 0.
+unr, ver, act and age share one deadline and vanish together once every row has expired: a
+script that writes the user's list gives them all PEXPIRE retention + margin when less than
+retention + margin / 2 is left on rows (or rows had none), else gives the keys it may have
+created (unr, act, last) the rows' deadline. meta has no TTL: versions must never go back (a
+client holding version V asks for the changes since V; a list restarting at 1 would hide
+versions up to V from it), and it stays three small integers per user. A script that finds
+rows gone resets total to 0.
 """
 
 from __future__ import annotations
@@ -87,18 +92,21 @@ end
 local function user_keys(u)
   local b = 7 * u
   return {meta = KEYS[b + 1], rows = KEYS[b + 2], last = KEYS[b + 3], unr = KEYS[b + 4],
-    ver = KEYS[b + 5], act = KEYS[b + 6], age = KEYS[b + 7]}
+    ver_key = KEYS[b + 5], act = KEYS[b + 6], age = KEYS[b + 7]}
 end
 
+-- A row's state: last_id, read_id, peer_read_id, hide (16 hex each), hidden (0/1), then
+-- "version:unread:ms" (ms: the row's last change; absent in rows written before it was kept).
 local function load(K, f)
   local s = redis.call('HGET', K.rows, f)
   if not s then
     return nil
   end
-  local ver, unread = string.match(s, '^(%d+):(%d+)$', 66)
+  local ver, unread, at = string.match(s, '^(%d+):(%d+):?(%d*)$', 66)
   return {last = string.sub(s, 1, 16), read = string.sub(s, 17, 32),
     peer = string.sub(s, 33, 48), hide = string.sub(s, 49, 64),
-    hidden = string.sub(s, 65, 65) == '1', ver = tonumber(ver), unread = tonumber(unread)}
+    hidden = string.sub(s, 65, 65) == '1', ver = tonumber(ver), unread = tonumber(unread),
+    at = tonumber(at)}
 end
 
 -- The lex range of one row's tracked unread ids in unr.
@@ -109,20 +117,54 @@ local function hi(f)
   return '(' .. f .. ';'
 end
 
--- The user's total, reset when the rows are gone (all of them expired in Redis at once).
-local function total_of(K)
-  local t = tonumber(redis.call('HGET', K.meta, 'total')) or 0
-  if t ~= 0 and redis.call('EXISTS', K.rows) == 0 then
-    redis.call('HSET', K.meta, 'total', 0)
-    t = 0
+-- The user's version, total and `old` (a lower bound of the oldest change in age, nil if
+-- unknown), kept in memory (K.ver, K.t, K.old) until flush; the total is reset when the rows
+-- are gone (all of them expired in Redis at once). probe: K.pttl := the rows' PTTL.
+local function total_of(K, probe)
+  local m = redis.call('HMGET', K.meta, 'ver', 'total', 'old')
+  K.ver = tonumber(m[1]) or 0
+  K.t = tonumber(m[2]) or 0
+  K.old = tonumber(m[3])
+  K.ver0, K.t0, K.old0 = K.ver, K.t, K.old
+  if probe then
+    K.pttl = redis.call('PTTL', K.rows)
+    if K.pttl == -2 then
+      K.t = 0
+    end
+  elseif K.t ~= 0 and redis.call('EXISTS', K.rows) == 0 then
+    K.t = 0
   end
-  return t
 end
 
 local function add_total(K, delta)
-  if delta ~= 0 and redis.call('HINCRBY', K.meta, 'total', delta) < 0 then
-    redis.call('HSET', K.meta, 'total', 0)
+  K.t = K.t + delta
+  if K.t < 0 then
+    K.t = 0
   end
+end
+
+local function flush(K)
+  local a = {}
+  if K.ver ~= K.ver0 then
+    a[#a + 1] = 'ver'
+    a[#a + 1] = string.format('%d', K.ver)
+  end
+  if K.t ~= K.t0 then
+    a[#a + 1] = 'total'
+    a[#a + 1] = string.format('%d', K.t)
+  end
+  if K.old ~= K.old0 then
+    if K.old then
+      a[#a + 1] = 'old'
+      a[#a + 1] = string.format('%d', K.old)
+    else
+      redis.call('HDEL', K.meta, 'old')
+    end
+  end
+  if #a > 0 then
+    redis.call('HSET', K.meta, unpack(a))
+  end
+  K.ver0, K.t0, K.old0 = K.ver, K.t, K.old
 end
 
 -- Remove row f (expired), with its share of the total.
@@ -135,56 +177,54 @@ local function drop(K, f)
     end
     redis.call('HDEL', K.rows, f)
     redis.call('HDEL', K.last, f)
-    redis.call('ZREM', K.ver, f)
+    redis.call('ZREM', K.ver_key, f)
+    K.dropped = true
     redis.call('ZREMRANGEBYLEX', K.unr, lo(f), hi(f))
   end
   redis.call('ZREM', K.age, f)
 end
 
--- Remove up to `max` rows whose last change is before `cutoff`; true if more remain.
+-- Remove up to `max` rows whose last change is before `cutoff`; true if more remain. Nothing
+-- to do while `old` is not before it; else K.old := the oldest change left (nil: none).
 local function trim(K, cutoff, max)
+  if K.old and K.old >= tonumber(cutoff) then
+    return false
+  end
   local old = redis.call('ZRANGEBYSCORE', K.age, '-inf', '(' .. cutoff, 'LIMIT', 0, max + 1)
   for i = 1, math.min(#old, max) do
     drop(K, old[i])
   end
-  return #old > max
+  if #old > max then
+    return true
+  end
+  K.old = tonumber(redis.call('ZRANGE', K.age, 0, 0, 'WITHSCORES')[2])
+  return false
 end
 """
 
-# KEYS: 7 per user. ARGV: now_ms, cutoff_ms, ttl_ms, trim max, max tracked, the number of
-# messages M, then M (16-hex msg_id, stored record) pairs, then for each user: a count k and k
-# (op, row field, value) triples, applied in order. op: 'o' a message of the user's own
-# (value: its 1-based message index), 'm' a message from another user (index), 'r' a read
-# mark, 'p' the peer's read mark (1:1), 'h' a hide (value: the 16-hex msg_id).
+# KEYS: 7 per user. ARGV: now_ms, cutoff_ms, ttl_ms, trim max, max tracked, refresh_ms (the
+# PTTL below which the TTL is extended), the number of messages M, then M (16-hex msg_id,
+# stored record) pairs, then for each user: a count k and k (op, row field, value) triples,
+# applied in order. op: 'o' messages of the user's own (value: their 1-based message indexes,
+# space-separated, in order), 'm' messages from others in a group (indexes), 'q' messages
+# from the peer (1:1: they also move peer_read_id), 'r' a read mark, 'p' the peer's read mark
+# (1:1), 'h' a hide (value: the 16-hex msg_id for these three).
 # A user's rows are changed in memory in order, then each visibly changed row is written once
 # with the user's next version (so a batch gives a row one version, as the embedded store
 # does); a row whose hide alone moved is written without one. Returns the versions given.
 _CHANGE = LuaScript(
     _COMMON
     + """
-local function save(K, f, r)
+local function save(K, f, r, now)
   redis.call('HSET', K.rows, f, r.last .. r.read .. r.peer .. r.hide
-    .. (r.hidden and '1' or '0') .. string.format('%d:%d', r.ver, r.unread))
+    .. (r.hidden and '1' or '0') .. r.ver .. ':' .. r.unread .. ':' .. now)
 end
 
--- read_id := max(read_id, m); the tracked ids at or below it are read. The untracked ones
--- are older than every tracked id: if a tracked one is read, so are they (else they stay).
-local function read_to(K, f, r, m)
-  if not lt(r.read, m) then
-    return
-  end
-  r.read = m
-  local upto = '[' .. f .. ':' .. m
-  if redis.call('ZLEXCOUNT', K.unr, lo(f), upto) > 0 then
-    redis.call('ZREMRANGEBYLEX', K.unr, lo(f), upto)
-    r.unread = redis.call('ZLEXCOUNT', K.unr, lo(f), hi(f))
-  end
-end
-
--- A message `m` from another user, counted once. With the tracked ids full, one older than
--- all of them may have been counted and dropped already: it is not counted.
-local function count_unread(K, f, r, m, maxt)
-  if not lt(r.read, m) or redis.call('ZSCORE', K.unr, f .. ':' .. m) then
+-- A message `m` from another user, counted once (one at a time: the reference). With the
+-- tracked ids full, one older than all of them may have been counted and dropped already:
+-- it is not counted.
+local function count_one(K, f, r, m, maxt)
+  if redis.call('ZSCORE', K.unr, f .. ':' .. m) then
     return
   end
   local n = redis.call('ZLEXCOUNT', K.unr, lo(f), hi(f))
@@ -195,10 +235,95 @@ local function count_unread(K, f, r, m, maxt)
       return
     end
   end
+  if n == 0 then
+    K.unr_new = true
+  end
   redis.call('ZADD', K.unr, 0, f .. ':' .. m)
   r.unread = r.unread + 1
   if n + 1 > maxt then
     redis.call('ZREM', K.unr, low)  -- still counted, no longer tracked
+  end
+end
+
+-- The row's pending messages from others (r.pend, msg_ids above read_id, in order) are
+-- counted as count_one would one after the other, in fewer commands: below maxt unread the
+-- tracked ids (at most unread) cannot fill, so one ZADD NX decides; beyond, ids rising in
+-- order above every tracked one are each the newest when added, so all are counted and
+-- the oldest beyond maxt dropped. Anything else goes one at a time.
+local function settle(K, f, r)
+  local p = r.pend
+  if not p then
+    return
+  end
+  r.pend = nil
+  local maxt = K.maxt
+  if r.unread == 0 then
+    K.unr_new = true  -- the key may be created here (no TTL yet)
+  end
+  if r.unread + #p < maxt then
+    local args = {}
+    for i = 1, #p do
+      args[2 * i - 1] = 0
+      args[2 * i] = f .. ':' .. p[i]
+    end
+    r.unread = r.unread + redis.call('ZADD', K.unr, 'NX', unpack(args))
+    return
+  end
+  local rising = true
+  for i = 2, #p do
+    if not lt(p[i - 1], p[i]) then
+      rising = false
+      break
+    end
+  end
+  if rising then
+    local top = redis.call('ZREVRANGEBYLEX', K.unr, hi(f), lo(f), 'LIMIT', 0, 1)[1]
+    if top and not lt(string.sub(top, #f + 2), p[1]) then
+      rising = false
+    end
+  end
+  if not rising then
+    for i = 1, #p do
+      count_one(K, f, r, p[i], maxt)
+    end
+    return
+  end
+  local args = {}
+  for i = 1, #p do
+    args[2 * i - 1] = 0
+    args[2 * i] = f .. ':' .. p[i]
+  end
+  redis.call('ZADD', K.unr, unpack(args))
+  r.unread = r.unread + #p
+  local n = redis.call('ZLEXCOUNT', K.unr, lo(f), hi(f))
+  if n > maxt then  -- still counted, no longer tracked
+    local old = redis.call('ZRANGEBYLEX', K.unr, lo(f), hi(f), 'LIMIT', 0, n - maxt)
+    redis.call('ZREM', K.unr, unpack(old))
+  end
+end
+
+-- read_id := max(read_id, m); the tracked ids at or below it are read. The untracked ones
+-- are older than every tracked id: if a tracked one is read, so are they (else they stay).
+-- Tracked ids are counted too (at most unread of them): none to read while unread is 0.
+local function read_to(K, f, r, m)
+  if not lt(r.read, m) then
+    return
+  end
+  settle(K, f, r)
+  r.read = m
+  if r.unread > 0 and redis.call('ZREMRANGEBYLEX', K.unr, lo(f), '[' .. f .. ':' .. m) > 0 then
+    r.unread = redis.call('ZLEXCOUNT', K.unr, lo(f), hi(f))
+  end
+end
+
+local function count_unread(r, m)
+  if lt(r.read, m) then
+    local p = r.pend
+    if not p then
+      p = {}
+      r.pend = p
+    end
+    p[#p + 1] = m
   end
 end
 
@@ -210,26 +335,32 @@ local function copy(r)
   return c
 end
 
-local now, cutoff, ttl = ARGV[1], ARGV[2], ARGV[3]
-local trimmax, maxt = tonumber(ARGV[4]), tonumber(ARGV[5])
-local base = 7
-local pos = base + 2 * tonumber(ARGV[6])
+local now, cutoff, ttl = ARGV[1], tonumber(ARGV[2]), ARGV[3]
+local nowms = tonumber(now)
+local trimmax, maxt, refresh = tonumber(ARGV[4]), tonumber(ARGV[5]), tonumber(ARGV[6])
+local base = 8
+local pos = base + 2 * tonumber(ARGV[7])
 local versions = 0
 for u = 0, #KEYS / 7 - 1 do
   local K = user_keys(u)
-  total_of(K)
-  trim(K, cutoff, trimmax)
+  total_of(K, true)
+  K.maxt = maxt
+  local more = trim(K, ARGV[2], trimmax)
+  local due = not K.old or K.old < cutoff  -- rows left expired by a bounded trim
   local rows, order = {}, {}
   local k = tonumber(ARGV[pos])
   for i = pos + 1, pos + 3 * k, 3 do
     local op, f, v = ARGV[i], ARGV[i + 1], ARGV[i + 2]
     local c = rows[f]
     if not c then
-      local at = tonumber(redis.call('ZSCORE', K.age, f))
-      if at and at < tonumber(cutoff) then
-        drop(K, f)  -- expired, left by a bounded trim: a new row starts
-      end
       local before = load(K, f)
+      if before and due then
+        local at = before.at or tonumber(redis.call('ZSCORE', K.age, f))
+        if at and at < cutoff then
+          drop(K, f)  -- expired, left by a bounded trim: a new row starts
+          before = nil
+        end
+      end
       local r = before and copy(before) or {last = ZERO, read = ZERO, peer = ZERO,
         hide = ZERO, hidden = false, ver = 0, unread = 0}
       c = {r = r, before = before, rec = false}
@@ -237,20 +368,25 @@ for u = 0, #KEYS / 7 - 1 do
       order[#order + 1] = f
     end
     local r = c.r
-    if op == 'o' or op == 'm' then
-      local at = base + 2 * tonumber(v) - 2
-      v = ARGV[at]
-      if lt(r.last, v) then
-        r.last = v
-        c.rec = ARGV[at + 1]
-      end
-      if r.hidden and lt(r.hide, v) then
-        r.hidden = false
-      end
-      if op == 'o' then
-        read_to(K, f, r, v)  -- one has read what one answers
-      else
-        count_unread(K, f, r, v, maxt)
+    if op == 'o' or op == 'm' or op == 'q' then
+      for index in string.gmatch(v, '%d+') do  -- a run of messages, in order
+        local at = base + 2 * tonumber(index) - 2
+        local m = ARGV[at]
+        if lt(r.last, m) then
+          r.last = m
+          c.rec = ARGV[at + 1]
+        end
+        if r.hidden and lt(r.hide, m) then
+          r.hidden = false
+        end
+        if op == 'o' then
+          read_to(K, f, r, m)  -- one has read what one answers
+        else
+          count_unread(r, m)
+          if op == 'q' and lt(r.peer, m) then  -- 1:1: the peer read what it answers
+            r.peer = m
+          end
+        end
       end
     elseif op == 'r' then
       read_to(K, f, r, v)
@@ -268,7 +404,10 @@ for u = 0, #KEYS / 7 - 1 do
     end
   end
   pos = pos + 3 * k + 1
-  local written = false
+  for _, f in ipairs(order) do
+    settle(K, f, rows[f].r)
+  end
+  local written, last_new, act_new = false, false, false
   for _, f in ipairs(order) do
     local c = rows[f]
     local r, b = c.r, c.before
@@ -276,31 +415,59 @@ for u = 0, #KEYS / 7 - 1 do
       or b.unread ~= r.unread or b.last ~= r.last
     if visible or b.hide ~= r.hide then
       if visible then
-        r.ver = redis.call('HINCRBY', K.meta, 'ver', 1)
-        redis.call('ZADD', K.ver, r.ver, f)
+        K.ver = K.ver + 1
+        r.ver = K.ver
+        redis.call('ZADD', K.ver_key, r.ver, f)
         versions = versions + 1
       end
-      save(K, f, r)
+      save(K, f, r, now)
       redis.call('ZADD', K.age, now, f)
+      if K.old and K.old > nowms then
+        K.old = nowms  -- a clock behind: old stays a lower bound
+      end
       if c.rec then
+        -- the row had a record already if it had a message: else the key may be new
+        last_new = last_new or not b or b.last == ZERO
         redis.call('HSET', K.last, f, c.rec)
       end
       local was_hidden = not b or b.hidden  -- a new row is in no list yet
       add_total(K, (r.hidden and 0 or r.unread) - (was_hidden and 0 or b.unread))
+      -- add before removing: act holding the row's old member cannot vanish in between
+      if not r.hidden and (was_hidden or b.last ~= r.last) then
+        act_new = act_new or was_hidden
+        redis.call('ZADD', K.act, 0, r.last .. ':' .. f)
+      end
       if not was_hidden and (r.hidden or b.last ~= r.last) then
         redis.call('ZREM', K.act, b.last .. ':' .. f)
-      end
-      if not r.hidden and (was_hidden or b.last ~= r.last) then
-        redis.call('ZADD', K.act, 0, r.last .. ':' .. f)
       end
       written = true
     end
   end
-  if written then  -- one deadline for all of them (meta excepted)
-    for _, key in ipairs({K.rows, K.last, K.unr, K.ver, K.act, K.age}) do
-      redis.call('PEXPIRE', key, ttl)
+  if written then
+    -- One deadline for all of them (meta excepted), extended to ttl when less than
+    -- `refresh` is left. rows, ver and age exist (and empty) together; unr, act and last
+    -- may have been created here (without a TTL): they get the rows' deadline.
+    if not K.old and not more then
+      K.old = nowms  -- age was empty
+    end
+    local left = K.pttl  -- at the start; a drop may have deleted the keys since
+    if left < refresh or K.dropped then
+      for _, key in ipairs({K.rows, K.last, K.unr, K.ver_key, K.act, K.age}) do
+        redis.call('PEXPIRE', key, ttl)
+      end
+    else
+      if K.unr_new then
+        redis.call('PEXPIRE', K.unr, left)
+      end
+      if last_new then
+        redis.call('PEXPIRE', K.last, left)
+      end
+      if act_new then
+        redis.call('PEXPIRE', K.act, left)
+      end
     end
   end
+  flush(K)
 end
 return versions
 """
@@ -311,8 +478,7 @@ return versions
 # budget (at least one), reading no record that does not fit.
 _PAGE_END = """
 local limit, budget, overhead = tonumber(ARGV[4]), tonumber(ARGV[5]), tonumber(ARGV[6])
-local out = {tonumber(redis.call('HGET', K.meta, 'ver')) or 0,
-  tonumber(redis.call('HGET', K.meta, 'total')) or 0, 0}
+local out = {K.ver, K.t, 0}  -- total_of, then flush
 local used, taken = 0, 0
 for i = 1, math.min(#fields, limit) do
   local f = fields[i]
@@ -337,7 +503,9 @@ _BY_ACTIVITY = LuaScript(
     + """
 local K = user_keys(0)
 total_of(K)
-if trim(K, ARGV[1], tonumber(ARGV[2])) then
+local more = trim(K, ARGV[1], tonumber(ARGV[2]))
+flush(K)
+if more then
   return {-1}
 end
 local max = ARGV[3] == '' and '+' or '(' .. ARGV[3]
@@ -356,10 +524,12 @@ _CHANGES = LuaScript(
     + """
 local K = user_keys(0)
 total_of(K)
-if trim(K, ARGV[1], tonumber(ARGV[2])) then
+local more = trim(K, ARGV[1], tonumber(ARGV[2]))
+flush(K)
+if more then
   return {-1}
 end
-local fields = redis.call('ZRANGEBYSCORE', K.ver, '(' .. ARGV[3], '+inf',
+local fields = redis.call('ZRANGEBYSCORE', K.ver_key, '(' .. ARGV[3], '+inf',
   'LIMIT', 0, tonumber(ARGV[4]) + 1)
 """
     + _PAGE_END
@@ -415,6 +585,7 @@ class RedisConversations:
         # Real-time expiry of idle lists; the margin covers clock differences between the
         # servers' clocks (retention) and Redis' clock (TTL).
         self._ttl_ms = retention_ms + ttl_margin_ms
+        self._ttl_margin_ms = ttl_margin_ms
 
     def start(self) -> Deferred[None]:
         """Load the scripts (optional: an unknown script falls back to EVAL)."""
@@ -443,9 +614,9 @@ class RedisConversations:
                     field = _field(ConvKind.GROUP, m.conv_id)
                 else:
                     field = _field(ConvKind.USER, m.conv_id if own else m.sender_id)
-                entries.setdefault(user, []).append(("o" if own else "m", field, index))
-                if not own and m.conv_kind != ConvKind.GROUP:  # the peer read what it answers
-                    entries[user].append(("p", field, _hex(m.msg_id)))
+                # q: from the peer (1:1), who read what it answers (peer_read_id moves)
+                op = "o" if own else "m" if m.conv_kind == ConvKind.GROUP else "q"
+                entries.setdefault(user, []).append((op, field, index))
         return self._change(entries, messages)
 
     def apply(self, jobs: Sequence[StateJob]) -> Deferred[None]:
@@ -470,7 +641,9 @@ class RedisConversations:
         if not entries:
             return
         now = self._now_ms()
-        head = [now, now - self.retention_ms, self._ttl_ms, CHANGE_TRIM, self.max_tracked]
+        # the lists' TTL is extended to ttl when less than ttl - margin / 2 is left
+        refresh = self._ttl_ms - self._ttl_margin_ms // 2
+        head = [now, now - self.retention_ms, self._ttl_ms, CHANGE_TRIM, self.max_tracked, refresh]
         # Many users per script call, at most CHANGE_ENTRIES changes per call (one user's
         # always in one call, so they apply in order), split by slot on Redis Cluster.
         calls: list[list[int]] = []
@@ -503,9 +676,18 @@ class RedisConversations:
             args.extend(messages[i])
         for user in users:
             keys.extend(self.keys(user))
-            args.append(len(entries[user]))
+            # a run of messages of one op on one row goes as one entry: "i j k ..."
+            ops: list[Any] = []
             for op, field, value in entries[user]:
-                args.extend((op, field, local[value] if isinstance(value, int) else value))
+                if not isinstance(value, int):
+                    ops.append([op, field, value])
+                elif ops and ops[-1][0] == op and ops[-1][1] == field and op in "omq":
+                    ops[-1][2] += f" {local[value]}"
+                else:
+                    ops.append([op, field, str(local[value])])
+            args.append(len(ops))
+            for entry in ops:
+                args.extend(entry)
         return _CHANGE(self._redis, keys, args)
 
     def _slot_key(self, user_id: int) -> str:
@@ -578,7 +760,7 @@ def _row(field: bytes, state: bytes | None, stored: bytes | None, user_id: int) 
     if state is None:
         raise RuntimeError(f"conversations of user {user_id}: row {field!r} has no state")
     kind, conv = field.split(b":")
-    version, unread = state[65:].split(b":")
+    version, unread = state[65:].split(b":")[:2]
     last_id = int(state[0:16], 16)
     last = None
     if stored is not None:
