@@ -7,20 +7,28 @@ from twisted.internet.defer import Deferred, succeed
 from twisted.internet.task import Clock
 
 from improto.codec import FrameReader, decode_payload
-from improto.frames import InboxNotice
+from improto.frames import InboxNotice, Message
+from improto.records import record_of, unpack_record
 from improto_server.inbox_follower import (
     ACK_DELAY_S,
     HELD_PER_WINDOW,
     HOLD_S,
     LOGIN_WATCH_S,
+    MISSING_PUSH_MAX,
     PUSH_GRACE_S,
     RETRY_FOR_S,
     WATCH_STEPS_S,
     InboxFollower,
 )
-from improto_server.model import InboxIds
+from improto_server.model import InboxIds, InboxRecords
 
 USER = 7
+
+
+def _message(msg_id: int) -> Message:
+    return Message(msg_id, 1_700_000_000_000, 9, "d", 1, USER, 1, bytes(16), b"hi")
+
+
 WINDOW = 4
 
 
@@ -32,6 +40,7 @@ class MemoryInbox:
         self.head = 0
         self.removed_above = 0  # the highest removed cursor
         self.reads = 0
+        self.pages = 0
         self.held: list[Deferred[InboxIds]] | None = None  # reads answered by the test
 
     def add(self, *msg_ids: int) -> None:
@@ -42,6 +51,16 @@ class MemoryInbox:
     def remove(self, cursor: int) -> None:
         del self.entries[cursor]
         self.removed_above = max(self.removed_above, cursor)
+
+    def page(self, user_id: int, start: int, limit: int, max_bytes: int) -> Deferred[InboxRecords]:
+        """Records of the entries after `start`: a real MESSAGE record per msg_id."""
+        assert user_id == USER
+        self.pages += 1
+        got = sorted(c for c in self.entries if c > start)[:limit]
+        recs = tuple(record_of(_message(self.entries[c])) for c in got)
+        after = [c for c in self.entries if c > start]
+        return succeed(InboxRecords(tuple(got), recs, start, len(after) > len(got),
+                                    self.removed_above > start))  # fmt: skip
 
     def ids(self, user_id: int, start: int, limit: int) -> Deferred[InboxIds]:
         assert user_id == USER
@@ -68,6 +87,7 @@ class Owner:
         self.unacked: dict[int, None] | None = {}
         self.out: list[object] = []  # InboxNotice frames and "hint"
         self.stalled = False
+        self.window_full = False
         self.done = False
         self._reader = FrameReader()
 
@@ -81,6 +101,15 @@ class Owner:
     def sync_hint(self) -> None:
         self.out.append("hint")
 
+    def push_missing(self, msg_id: int, data: bytes) -> bool:
+        assert self.unacked is not None
+        if self.window_full:
+            return False
+        assert unpack_record(data[4 + 7 :]).msg_id == msg_id  # a whole PUSH frame of it
+        self.unacked[msg_id] = None
+        self.out.append(f"push {msg_id}")
+        return True
+
     def follower_done(self) -> None:
         self.done = True
 
@@ -91,6 +120,12 @@ class Owner:
             if ack:
                 del self.unacked[m]
                 follower.acked(m)
+
+    def ack(self, follower: InboxFollower, msg_id: int) -> None:
+        """The client acknowledges a push the follower made (push_missing)."""
+        assert self.unacked is not None
+        del self.unacked[msg_id]
+        follower.acked(msg_id)
 
     def take(self) -> list[object]:
         out, self.out = self.out, []
@@ -173,6 +208,7 @@ def test_no_notice_for_an_unacked_push_until_its_ack() -> None:
 
 def test_an_entry_not_held_gets_sync_hint_then_nothing_until_the_next_final_page() -> None:
     clock, inbox, owner, f = setup()
+    owner.window_full = True  # so it cannot be pushed from the inbox either
     synced(f)
     owner.push(f, 1)
     inbox.add(1, 99)  # 99 was never pushed here (window full, or accepted before login)
@@ -362,11 +398,14 @@ def test_held_ids_are_bounded_and_forgotten() -> None:
     assert f.held == HELD_PER_WINDOW * WINDOW
     clock.advance(HOLD_S + 5.0)
     assert f.held == 0
-    inbox.add(1)  # its entry came after all: not held any more -> a hint, never a notice
+    inbox.add(1)  # its entry came after all: not held any more -> pushed again, never noticed
     owner.push(f, 500)
     inbox.add(500)
     clock.advance(ACK_DELAY_S)
-    assert owner.take() == ["hint"]
+    assert owner.take() == ["push 1"]
+    owner.ack(f, 1)
+    clock.advance(ACK_DELAY_S)
+    assert owner.take() == [InboxNotice(0, 2, (1, 500))]
 
 
 def test_timers_are_cancelled_on_close() -> None:
@@ -418,7 +457,10 @@ def test_an_entry_accepted_after_login_never_pushed_is_hinted_after_the_grace() 
     clock.advance(PUSH_GRACE_S / 2)
     assert owner.take() == []
     clock.advance(PUSH_GRACE_S)
-    assert owner.take() == ["hint"]
+    assert owner.take() == [f"push {LOGIN_ID + 5}"]  # from the inbox: nothing else again
+    owner.ack(f, LOGIN_ID + 5)
+    clock.advance(ACK_DELAY_S)
+    assert owner.take() == [InboxNotice(1, 2, (LOGIN_ID + 5,))]
 
 
 def test_an_entry_from_before_the_login_is_hinted_at_once() -> None:
@@ -427,3 +469,40 @@ def test_an_entry_from_before_the_login_is_hinted_at_once() -> None:
     inbox.add(LOGIN_ID - 1)  # accepted before the login, persisted after the first page
     clock.advance(WATCH_STEPS_S[0])
     assert owner.take() == ["hint"]
+
+
+def test_entries_never_pushed_here_are_pushed_from_the_inbox_then_noticed() -> None:
+    """Own group events, lost pushes, pre-login messages: pushed once from the inbox, so the
+    connection's pull does not bring again what it holds."""
+    clock, inbox, owner, f = setup()
+    synced(f)
+    owner.push(f, 1)
+    inbox.add(1, 90, 91)  # 90 and 91 were never pushed here
+    owner.push(f, 2)
+    inbox.add(2)
+    clock.advance(ACK_DELAY_S)
+    assert owner.take() == [InboxNotice(0, 1, (1,)), "push 90", "push 91"]
+    assert inbox.pages == 1  # their records in one read
+    owner.ack(f, 90)
+    owner.ack(f, 91)
+    clock.advance(ACK_DELAY_S)
+    assert owner.take() == [InboxNotice(1, 4, (90, 91, 2))]
+
+
+def test_a_long_run_never_pushed_gets_sync_hint() -> None:
+    clock, inbox, owner, f = setup()
+    synced(f)
+    inbox.add(*range(100, 101 + MISSING_PUSH_MAX))  # the window overflowed: the client pulls
+    owner.push(f, 1)
+    inbox.add(1)
+    clock.advance(ACK_DELAY_S)
+    assert owner.take() == ["hint"]
+    assert inbox.pages == 0
+
+
+def test_without_wire_once_a_missing_entry_is_hinted_not_pushed() -> None:
+    clock, inbox, owner, f = setup(wire_once=False, watch=True)
+    synced(f)
+    inbox.add(LOGIN_ID - 5)
+    clock.advance(WATCH_STEPS_S[0])
+    assert owner.take() == ["hint"] and inbox.pages == 0

@@ -289,6 +289,7 @@ def wire_once_notice(env: Env) -> str:
     cursor, listed = notices_until(r, {first.msg_id}, cursor, NOTICE_WAIT_S)
     took = time.monotonic() - t0
     assert listed == [first.msg_id], f"notice lists {listed}, want [{first.msg_id}]"
+    s = env.login(s.user_id, s.device_id)  # the sender sat idle meanwhile (idle timeout)
     more = [s.send_msg(r.user_id, b"more %d" % i).msg_id for i in range(3)]
     accept_pushes(r, set(more))
     own = r.send_msg(s.user_id, b"my own").msg_id  # sent by it: held without a push
@@ -308,19 +309,37 @@ def wire_once_notice(env: Env) -> str:
 
 @check("ext.wire_once_hint_for_unheld")
 def wire_once_hint_for_unheld(env: Env) -> None:
-    """18: an entry the connection does not hold (its own group change's event) -> SYNC_HINT,
-    never a notice; after the next final page notices resume from that page's cursor."""
+    """18.2: an entry the connection does not hold (its own group change's event) -> the
+    server PUSHes it from the inbox (then notices it once acked) or sends SYNC_HINT; never a
+    notice first. After that, notices go on from the connection's cursor."""
     r = ext_login(env, [WIRE_ONCE])
     cursor = sync(r).cursor
     r.call(GroupCreate("wire once", ()), GroupCreated)
-    hint = wait_pinging(r, lambda f: isinstance(f, SyncHint | InboxNotice), 20.0, "SYNC_HINT")
-    assert isinstance(hint, SyncHint), f"{describe(hint)} for the unpushed group event (18)"
-    res = sync(r, cursor)
-    assert [m.content_type for m in res.messages] == [0], "sync after the hint: not the event"
+    first = wait_pinging(
+        r,
+        lambda f: (
+            isinstance(f, SyncHint | InboxNotice)
+            or (isinstance(f, Push) and f.message.content_type == 0)
+        ),
+        20.0,
+        "PUSH of the group event or SYNC_HINT",
+    )
+    assert not isinstance(first, InboxNotice), (
+        f"{describe(first)} before the unpushed group event was pushed or hinted (18.2)"
+    )
+    if isinstance(first, Push):
+        event = first.message.msg_id
+        r.send(PushAck(event))
+        cursor, listed = notices_until(r, {event}, cursor, NOTICE_WAIT_S)
+        assert listed == [event], f"notice after the event's PUSH lists {listed}"
+    else:
+        res = sync(r, cursor)
+        assert [m.content_type for m in res.messages] == [0], "sync after the hint: not the event"
+        cursor = res.cursor
     s = env.login()
-    ack = s.send_msg(r.user_id, b"after the hint")
+    ack = s.send_msg(r.user_id, b"after the event")
     accept_pushes(r, {ack.msg_id})
-    _, listed = notices_until(r, {ack.msg_id}, res.cursor, NOTICE_WAIT_S)
+    _, listed = notices_until(r, {ack.msg_id}, cursor, NOTICE_WAIT_S)
     assert listed == [ack.msg_id]
 
 

@@ -14,9 +14,13 @@ them with what this connection already holds: messages pushed to it and acknowle
   page is followed by reads at WATCH_STEPS_S after it, so that a message accepted before the
   login whose entry appeared after that page, never pushed here, is not left unannounced.
 
-An entry that is neither held nor pushed (window full, accepted before the login, a group
-event of one's own change), a gap, or a read that does not start where expected gets one
-SYNC_HINT, and nothing more until the next final page: the client's sync loop catches up.
+An entry that is neither held nor pushed (a push lost or refused by a full window, accepted
+before the login, a group event of one's own change): with WIRE_ONCE, a short run of them
+(at most MISSING_PUSH_MAX) is pushed now from the inbox, and the notice goes on once they are
+acknowledged, so nothing the connection already holds is sent again. A longer run (the window
+overflowed), a gap, a read that does not start where expected, or any such entry without
+WIRE_ONCE gets one SYNC_HINT, and nothing more until the next final page: the client's sync
+loop catches up.
 A pushed entry not yet acknowledged stops a notice there until its PUSH_ACK. An entry of a
 message accepted after the login (msg_id above the login's id) that is not pushed yet waits
 PUSH_GRACE_S before it counts as not held: the persister can write the entry before the
@@ -33,6 +37,7 @@ HOLD_S: an entry forgotten is treated as not held (a SYNC_HINT, never a wrong no
 
 from __future__ import annotations
 
+import struct
 from typing import Protocol
 
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
@@ -41,10 +46,11 @@ from twisted.python.failure import Failure
 
 from improto import records
 from improto.limits import NOTICE_MAX_IDS
-from improto_server.model import InboxIds
+from improto_server.model import InboxIds, InboxRecords
 from improto_server.ports import InboxStore
 
 log = Logger()
+_MSG_ID = struct.Struct(">Q")
 
 LOGIN_WATCH_S = 3.0  # after HELLO_OK: final pages in this time are watched
 # Reads after a final page in the login watch, in seconds after the page: doubling steps, so
@@ -59,6 +65,7 @@ HOLD_S = 30.0  # a held id whose entry did not appear in this time is forgotten
 STALLED_RETRY_S = 0.1  # a notice the stalled output could not take: tried again after this
 HELD_PER_WINDOW = 4  # held ids kept at most, per id of the push window
 PUSH_GRACE_S = 0.5  # an entry accepted after the login may wait this long for its push
+MISSING_PUSH_MAX = 8  # entries never pushed here that are pushed from the inbox, not hinted
 
 
 class Followed(Protocol):
@@ -69,6 +76,10 @@ class Followed(Protocol):
 
     def write_notice(self, data: bytes) -> bool:
         """Write an INBOX_NOTICE frame now; False if the output is stalled (nothing written)."""
+
+    def push_missing(self, msg_id: int, data: bytes) -> bool:
+        """PUSH a message from the inbox now, in the push window; False (nothing written) if
+        the window has no room or the output is stalled."""
 
     def sync_hint(self) -> None:
         """Send SYNC_HINT (once the output drains, if it is stalled)."""
@@ -325,6 +336,7 @@ class InboxFollower:
         last = start
         stray = ids.gap or ids.start != start
         waiting = False
+        missing: list[tuple[int, int]] = []  # a run of entries never pushed here
         grace, self._grace = self._grace, None
         for cursor, msg_id in zip(ids.cursors, ids.msg_ids, strict=True):
             if stray or cursor != last + 1:
@@ -341,6 +353,8 @@ class InboxFollower:
                 break
             else:
                 stray = True
+                if self.wire_once:
+                    missing = self._missing_run(ids, cursor)
                 break
             last = cursor
         if last > start and self.wire_once:
@@ -352,16 +366,60 @@ class InboxFollower:
                 held.pop(msg_id, None)
         elif last > start:
             self._checked = last  # known; still held, should WIRE_ONCE be enabled now
+        if missing:
+            self._reading = True  # their records first; one read at a time
+            d = self._inbox.page(
+                self._owner.user_id, missing[0][0] - 1, len(missing), records.OFFLINE_RECORD_BYTES
+            )
+            d.addCallbacks(self._push_missing, self._read_failed, (self._epoch, last, missing))
+            return
         if stray:
-            self._final = False  # no notice until the next final page
-            self._page_at = None
-            self._owner.sync_hint()
-            self._after()
+            self._hint()
             return
         if ids.has_more and not waiting and last > start:
             self._soon(0.0)  # more entries than one read returns
             return
         self._after()
+
+    def _hint(self) -> None:
+        self._final = False  # no notice until the next final page
+        self._page_at = None
+        self._owner.sync_hint()
+        self._after()
+
+    def _missing_run(self, ids: InboxIds, first: int) -> list[tuple[int, int]]:
+        """The entries from cursor `first` on that were never pushed here, consecutive and
+        at most MISSING_PUSH_MAX, if the run ends before that (else [], a SYNC_HINT)."""
+        held, pushed = self._held, self._owner.unacked or {}
+        run: list[tuple[int, int]] = []
+        for cursor, msg_id in zip(ids.cursors, ids.msg_ids, strict=True):
+            if cursor < first:
+                continue
+            if cursor != first + len(run) or msg_id in held or msg_id in pushed:
+                return run  # a held, pushed or removed entry ends the run
+            if len(run) == MISSING_PUSH_MAX:
+                return []  # more than a few: the window overflowed, the client pulls
+            run.append((cursor, msg_id))
+        return run if not ids.has_more else []
+
+    def _push_missing(
+        self, page: InboxRecords, epoch: int, start: int, missing: list[tuple[int, int]]
+    ) -> None:
+        self._reading = False
+        if not self._ready() or epoch != self._epoch or start != self._start():
+            self._after()
+            return
+        found = dict(zip(page.cursors, page.records, strict=True))
+        for cursor, msg_id in missing:
+            record = found.get(cursor)
+            if (
+                record is None
+                or _MSG_ID.unpack_from(record)[0] != msg_id  # a MESSAGE record starts with it
+                or not self._owner.push_missing(msg_id, records.push_frame(record))
+            ):
+                self._hint()  # removed meanwhile, or no room: the client's pull brings it
+                return
+        self._after()  # their PUSH_ACKs make the next read
 
     def _pushing(self, msg_id: int, grace: tuple[int, float] | None) -> bool:
         """Whether the not-yet-pushed entry `msg_id` is still in its grace time (first seen

@@ -603,6 +603,23 @@ class Session(Protocol):
         unacked[msg_id] = None
         self._write(data)
 
+    def push_missing(self, msg_id: int, data: bytes) -> bool:
+        """A PUSH from the inbox for the follower (a message this connection never got):
+        written if the window has room and the output flows, else nothing (False)."""
+        unacked = self.unacked
+        if unacked is None:
+            unacked = self.unacked = {}
+        if (
+            self.closing
+            or self.caller is None
+            or self._stalled_since is not None
+            or len(unacked) >= self.factory.config.max_unacked_pushes
+        ):
+            return False
+        unacked[msg_id] = None
+        self._write(data)
+        return True
+
     def _push_acked(self, msg_id: int) -> None:
         unacked = self.unacked
         if unacked is None:
