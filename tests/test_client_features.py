@@ -45,6 +45,7 @@ from improto_clients.client import (
     FeatureUnavailable,
     Notice,
 )
+from improto_clients.conv_list import ConversationList, last_id, row_key
 from tests.test_client_unit import BOB, ME, Harness, failure, msg, pending, result
 
 ALL = (Feature.WIRE_ONCE, Feature.CONVERSATIONS, Feature.READ_RECEIPTS)
@@ -477,3 +478,16 @@ def test_a_notice_during_the_loops_final_ack_is_applied() -> None:
     assert result(d).cursor == 10  # what the loop acknowledged
     h.feed(Push(msg(501)), InboxNotice(11, 12, (501,)))
     assert h.client.state.cursor == 12  # and the chain of notices goes on
+
+
+def test_a_server_row_behind_the_live_messages_keeps_their_unread() -> None:
+    """The list can lag the pushes (the persister records rows shortly after the ack): a
+    fetched row older than what was seen live keeps the live last message and unread count."""
+    convs = ConversationList()
+    for m in (msg(10), msg(11)):  # two pushes from bob
+        convs.message(ME, m, live=True)
+    server = row(BOB, 5, msg(10), unread=1)  # the server has recorded only the first
+    convs.apply_page(1, (server,))
+    got = convs.get(row_key(server))
+    assert got is not None and (got.unread, last_id(got)) == (2, 11)
+    assert convs.total_unread == 2

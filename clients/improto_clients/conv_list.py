@@ -186,8 +186,9 @@ def _merge(server: ConvEntry, ours: ConvEntry | None) -> ConvEntry:
     if ours is None:
         return server
     read_id = max(server.read_id, ours.read_id)
-    last = ours.last if last_id(ours) > last_id(server) else server.last
-    unread = server.unread
+    ahead = last_id(ours) > last_id(server)  # messages seen live that it has not recorded
+    last = ours.last if ahead else server.last
+    unread = max(server.unread, ours.unread) if ahead else server.unread
     if read_id > server.read_id and read_id >= (last[0].msg_id if last else 0):
         unread = 0
     return replace(server, read_id=read_id, peer_read_id=max(server.peer_read_id,
