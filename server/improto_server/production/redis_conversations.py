@@ -61,7 +61,7 @@ from improto_server.production.redis_connection import (
     gather,
     load_scripts,
 )
-from improto_server.production.redis_slots import slot_groups
+from improto_server.production.redis_slots import script_calls
 
 DAY_MS = 86_400_000
 CHANGE_WINDOW = 64  # change scripts in flight at once for one batch (pipelined)
@@ -646,15 +646,7 @@ class RedisConversations:
         head = [now, now - self.retention_ms, self._ttl_ms, CHANGE_TRIM, self.max_tracked, refresh]
         # Many users per script call, at most CHANGE_ENTRIES changes per call (one user's
         # always in one call, so they apply in order), split by slot on Redis Cluster.
-        calls: list[list[int]] = []
-        for group in slot_groups(sorted(entries), self._slot_key, self._cluster):
-            size = CHANGE_ENTRIES
-            for user in group:
-                if size + len(entries[user]) > CHANGE_ENTRIES:
-                    calls.append([])
-                    size = 0
-                calls[-1].append(user)
-                size += len(entries[user])
+        calls = script_calls(entries, self._slot_key, self._cluster, CHANGE_ENTRIES)
         for i in range(0, len(calls), CHANGE_WINDOW):
             await gather(
                 self._change_call(users, entries, messages, head)

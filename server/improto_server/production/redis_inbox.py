@@ -70,7 +70,7 @@ from improto_server.production.redis_connection import (
     glob_escape,
     load_scripts,
 )
-from improto_server.production.redis_slots import slot_groups
+from improto_server.production.redis_slots import script_calls
 
 DAY_MS = 86_400_000
 APPEND_WINDOW = 64  # append scripts in flight at once for one batch (pipelined)
@@ -500,15 +500,7 @@ class RedisInbox:
         head = [now, now - self.retention_ms, self._ttl_ms, APPEND_TRIM, *caps_args(caps)]
         # Many users per script call (one round trip and one Python call chain for a whole
         # batch), at most APPEND_ENTRIES entries per call, split by slot on Redis Cluster.
-        calls: list[list[int]] = []
-        for group in slot_groups(sorted(entries), self._slot_key, self._cluster):
-            size = APPEND_ENTRIES
-            for user in group:
-                if size + len(entries[user]) > APPEND_ENTRIES:
-                    calls.append([])
-                    size = 0
-                calls[-1].append(user)
-                size += len(entries[user])
+        calls = script_calls(entries, self._slot_key, self._cluster, APPEND_ENTRIES)
         for i in range(0, len(calls), APPEND_WINDOW):
             await gather(
                 self._append_call(users, entries, records, head)

@@ -7,7 +7,7 @@ On a single Redis (or Sentinel), where every key lives on one server, one call t
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping, Sized
 from typing import TypeVar
 
 _T = TypeVar("_T")
@@ -57,3 +57,22 @@ def slot_groups(items: Iterable[_T], key: Callable[[_T], str], cluster: bool) ->
     for item in items:
         groups.setdefault(key_slot(key(item)), []).append(item)
     return list(groups.values())
+
+
+def script_calls(
+    entries: Mapping[int, Sized], key: Callable[[int], str], cluster: bool, max_entries: int
+) -> list[list[int]]:
+    """The users of `entries` (user -> that user's entries) as the user lists of script
+    calls: many users per call (one round trip for a batch), about `max_entries` entries per
+    call at most (one user's entries always in one call, so they apply in order), and split
+    by slot on Redis Cluster."""
+    calls: list[list[int]] = []
+    for group in slot_groups(sorted(entries), key, cluster):
+        size = max_entries
+        for user in group:
+            if size + len(entries[user]) > max_entries:
+                calls.append([])
+                size = 0
+            calls[-1].append(user)
+            size += len(entries[user])
+    return calls
