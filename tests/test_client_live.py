@@ -6,7 +6,6 @@ the peer, the conversation list agrees, and a version-1 client is untouched."""
 from __future__ import annotations
 
 import itertools
-import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -21,8 +20,7 @@ from improto.enums import ConvKind, Feature, FrameType
 from improto.frames import Message, ReadUpdate
 from improto.tokens import mint
 from improto_clients.client import ClientState, FeatureUnavailable, IMClient, Notice
-from tests.support import services
-from tests.support.server import ServerHandle, start_server
+from tests.support.server import ServerHandle, storage_server
 
 SECRET = "client-live-secret-0123456789abcdef0123456789"
 USER = ConvKind.USER
@@ -35,17 +33,10 @@ _users = itertools.count(100, 10)  # each test its own users on the shared serve
 def server(
     request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[ServerHandle]:
-    flags: list[str] = []
-    prefix = table = ""
-    if request.param == "production":
-        run = uuid.uuid4().hex[:10]
-        prefix, table = f"clientlive{run}", f"clientlive_{run}"
-        flags += ["--storage", "production", "--key-prefix", prefix, "--hbase-table", table]
-    proc = start_server(Path(tmp_path_factory.mktemp("imserver")), SECRET, *flags)
-    yield proc
-    proc.stop()
-    if prefix:
-        services.purge(prefix, table)
+    with storage_server(
+        request.param, Path(tmp_path_factory.mktemp("imserver")), SECRET, "clientlive"
+    ) as proc:
+        yield proc
 
 
 class Devices:

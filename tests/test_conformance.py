@@ -6,15 +6,14 @@ import io
 import os
 import subprocess
 import sys
-import uuid
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
 from improto.conformance.runner import load_checks, run
-from tests.support import services
 from tests.support.ports import LOOPBACK, free_port
-from tests.support.server import start_server
+from tests.support.server import storage_server
 
 SECRET = "conformance-test-secret-0123456789abcdef0123456789"
 
@@ -27,17 +26,17 @@ def server(
 ) -> Iterator[tuple[str, int]]:
     """Our server as a subprocess in each storage mode, with short timeouts so the idle
     checks run. Production mode uses the services of scripts/services under a fresh prefix."""
-    flags = ["--idle-timeout", "5", "--heartbeat", "2"]
-    prefix = table = ""
-    if request.param == "production":
-        run = uuid.uuid4().hex[:10]
-        prefix, table = f"conformance{run}", f"conformance_{run}"
-        flags += ["--storage", "production", "--key-prefix", prefix, "--hbase-table", table]
-    proc = start_server(tmp_path_factory.mktemp("imserver"), SECRET, *flags)
-    yield LOOPBACK, proc.port
-    proc.stop()
-    if prefix:
-        services.purge(prefix, table)
+    with storage_server(
+        request.param,
+        Path(tmp_path_factory.mktemp("imserver")),
+        SECRET,
+        "conformance",
+        "--idle-timeout",
+        "5",
+        "--heartbeat",
+        "2",
+    ) as proc:
+        yield LOOPBACK, proc.port
 
 
 def test_suite_passes(server: tuple[str, int]) -> None:

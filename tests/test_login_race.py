@@ -4,7 +4,6 @@ backends. The conformance check runs the same loop 20 times."""
 
 from __future__ import annotations
 
-import uuid
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
@@ -13,8 +12,7 @@ import pytest
 
 from improto.conformance.checks_ext import login_race
 from improto.conformance.conn import Env
-from tests.support import services
-from tests.support.server import ServerHandle, start_server
+from tests.support.server import ServerHandle, storage_server
 
 SECRET = "login-race-secret-0123456789abcdef0123456789"
 TRIES = 100
@@ -26,17 +24,10 @@ TRIES = 100
 def server(
     request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[ServerHandle]:
-    flags: list[str] = []
-    prefix = table = ""
-    if request.param == "production":
-        run = uuid.uuid4().hex[:10]
-        prefix, table = f"loginrace{run}", f"loginrace_{run}"
-        flags += ["--storage", "production", "--key-prefix", prefix, "--hbase-table", table]
-    proc = start_server(Path(tmp_path_factory.mktemp("imserver")), SECRET, *flags)
-    yield proc
-    proc.stop()
-    if prefix:
-        services.purge(prefix, table)
+    with storage_server(
+        request.param, Path(tmp_path_factory.mktemp("imserver")), SECRET, "loginrace"
+    ) as proc:
+        yield proc
 
 
 def test_v1_login_after_ack_gets_message_within_1s(server: ServerHandle) -> None:

@@ -22,7 +22,7 @@ import sys
 import tempfile
 import time
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -287,3 +287,25 @@ def start_improto(
 def start_server(tmp: Path, secret: str = TEST_SECRET, *extra: str) -> ServerHandle:
     """imserver with its data under `tmp` (a test's temp dir, kept) and the given secret."""
     return start_improto(*extra, workdir=tmp, secret=secret)
+
+
+@contextlib.contextmanager
+def storage_server(
+    storage: str, tmp: Path, secret: str, name: str, *extra: str
+) -> Iterator[ServerHandle]:
+    """start_server on `storage`: "embedded", or "production" on the services of
+    scripts/services under a fresh key prefix and HBase table named after `name` (removed
+    afterwards), so tests sharing the services never see each other's data."""
+    flags = list(extra)
+    prefix = table = ""
+    if storage == "production":
+        run = uuid.uuid4().hex[:10]
+        prefix, table = f"{name}{run}", f"{name}_{run}"
+        flags += ["--storage", "production", "--key-prefix", prefix, "--hbase-table", table]
+    proc = start_server(tmp, secret, *flags)
+    try:
+        yield proc
+    finally:
+        proc.stop()
+        if prefix:
+            services.purge(prefix, table)
