@@ -25,16 +25,23 @@ from twisted.internet.task import deferLater
 from improto.enums import ContentType, ConvKind
 from improto.frames import Message
 from improto.limits import U64_MAX
-from improto.records import conv_size
+from improto.records import conv_size, push_frame
 from improto_server.embedded.backend import SQLiteBackend
 from improto_server.model import ConvRows, PersistJob, StateJob
-from improto_server.production import redis_conversations
-from improto_server.production.redis_connection import connect
+from improto_server.production import redis_conversations, redis_inbox
+from improto_server.production.redis_connection import connect, gather
 from improto_server.production.redis_conversations import NAMES, RedisConversations
-from improto_server.production.redis_slots import key_slot
+from improto_server.production.redis_inbox import RedisInbox, behind_key
+from improto_server.production.redis_slots import SLOTS, key_slot, slot_tag
 from tests.contract.pages import ANY_SIZE
 from tests.support import services
-from tests.support.clock import DAY_MS, HISTORY_RETENTION_MS, START_MS, FakeClock
+from tests.support.clock import (
+    DAY_MS,
+    HISTORY_RETENTION_MS,
+    INBOX_RETENTION_MS,
+    START_MS,
+    FakeClock,
+)
 from tests.support.services import needs
 
 RETENTION_MS = HISTORY_RETENTION_MS
@@ -201,9 +208,9 @@ async def test_cluster_mode_splits_batches_by_slot_with_the_same_result(env):
                                    cluster=True)  # fmt: skip
     original = clustered._change_call
 
-    def spy(users, entries, messages, head):  # type: ignore[no-untyped-def]
+    def spy(users, *rest):  # type: ignore[no-untyped-def]
         calls.append([k for u in users for k in clustered.keys(u)])
-        return original(users, entries, messages, head)
+        return original(users, *rest)
 
     clustered._change_call = spy  # type: ignore[method-assign]
     members = tuple(range(300, 340))
@@ -338,3 +345,299 @@ async def test_conversations_match_the_embedded_store(env, sqlite, monkeypatch):
             assert positions[0] == positions[1], step
     for user in users:
         assert await every_row(env.convs, user) == await every_row(sqlite.conversations, user)
+
+
+# --------------------------------------------------------------------------- folds
+
+
+def inbox_of(env: Env, prefix: str | None = None, *, cluster: bool = False) -> RedisInbox:
+    """An inbox under the lists' prefix (or `prefix`): where fold reads the entries (its
+    scripts not loaded: the first call of each EVALs it)."""
+    return RedisInbox(env.redis, prefix or env.prefix, env.clock, INBOX_RETENTION_MS,
+                      cluster=cluster)  # fmt: skip
+
+
+def mixed_jobs(users: tuple[int, ...], gid: int, n: int, seed: int) -> list[PersistJob]:
+    """1:1 messages (notes to self too), group messages and a redelivery, in one batch."""
+    rng = random.Random(seed)
+    jobs: list[PersistJob] = []
+    for _ in range(n):
+        if rng.random() < 0.6:
+            jobs.append(direct(rng.choice(users), rng.choice(users)))
+        else:
+            jobs.append(group(rng.choice(users), gid, users))
+    jobs.append(jobs[n // 2])  # redelivered in the same batch
+    return jobs
+
+
+async def fold_of(redis: Any, key: str) -> bytes | None:
+    return await redis.execute_command("HGET", key, "fold")
+
+
+async def behind_set(env: Env, key: str | None = None) -> set[int]:
+    key = key or behind_key(env.prefix, 0, False)
+    return {int(u) for u in await env.command("SMEMBERS", key)}
+
+
+@pytest_twisted.ensureDeferred
+async def test_fold_makes_the_rows_record_makes(env):
+    """The same batches, recorded under one prefix and appended then folded under another,
+    give identical lists (versions, unread, tracked-id bounds, last records) per user."""
+    users = (1, 2, 3, 2**63, U64_MAX)
+    recorded = RedisConversations(env.redis, env.prefix + ":r", env.clock, RETENTION_MS,
+                                  max_tracked=5)  # fmt: skip
+    env.convs.max_tracked = 5
+    inbox = inbox_of(env)
+    for seed in (1, 2):
+        batch = mixed_jobs(users, 2**64 - 2, 40, seed)
+        await recorded.record(batch)
+        await inbox.append_many(batch)
+        assert await env.convs.fold(list(users)) == []
+        reading = [mark(2, USER, 1, batch[3].message.msg_id), mark(3, GROUP, 2**64 - 2, 1)]
+        for store in (recorded, env.convs):
+            await store.apply(reading)
+        env.clock.advance(1000)
+    for user in users:
+        got = await every_row(env.convs, user)
+        assert got == await every_row(recorded, user) and got.convs, user
+        assert got.total_unread == sum(c.unread for c in got.convs)
+
+
+@pytest_twisted.ensureDeferred
+async def test_fold_again_changes_nothing(env):
+    inbox = inbox_of(env)
+    await inbox.append_many([direct(1, 2), direct(2, 1), group(3, 9, (1, 2, 3))])
+    assert await env.convs.fold([1, 2, 3]) == []
+    before = [await every_row(env.convs, u) for u in (1, 2, 3)]
+    meta = env.convs.keys(1)[0]
+    assert await fold_of(env.redis, meta) == b"3"  # the inbox's seq
+    assert await env.convs.fold([1, 2, 3, 1]) == []
+    assert [await every_row(env.convs, u) for u in (1, 2, 3)] == before
+    assert await fold_of(env.redis, meta) == b"3"
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_legacy_inbox_entry_is_folded_in_the_current_format(env):
+    inbox = inbox_of(env)
+    j = direct(5, 6)
+    await inbox.append(j)
+    *_, rec, _, _ = inbox.keys(6)
+    legacy = push_frame(j.record)[4:]  # a version-1 PUSH payload (format 1)
+    await env.command("HSET", rec, str(j.message.msg_id), legacy)
+    assert await env.convs.fold([6]) == []
+    [row] = (await every_row(env.convs, 6)).convs
+    assert (row.conv_id, row.unread, row.last) == (5, 1, j.record)
+    _, _, last, *_ = env.convs.keys(6)
+    assert await env.command("HGET", last, redis_conversations._field(USER, 5)) == j.stored_record
+
+
+@pytest_twisted.ensureDeferred
+async def test_concurrent_folds_of_one_user_apply_each_entry_once(env):
+    """Two stores (two processes) fold the same users at once: both read before either
+    applies, so for each user one compare-and-set wins and the other applies nothing (it
+    reads again and finds nothing to do); the counts stay exact."""
+    inbox = inbox_of(env)
+    users = list(range(40, 50))
+    await inbox.append_many([direct(7, u) for u in users for _ in range(3)])
+    other = RedisConversations(env.redis, env.prefix, env.clock, RETENTION_MS)
+    lost: list[int] = []
+    for store in (env.convs, other):
+        original = store._change
+
+        def spy(*args: Any, _original: Any = original) -> Deferred[list[int]]:
+            return _original(*args).addCallback(lambda got: lost.extend(got) or got)
+
+        store._change = spy  # type: ignore[method-assign]
+    assert await gather([env.convs.fold(users), other.fold(users)]) == [[], []]
+    assert sorted(lost) == users  # each user lost exactly once, by one of the two
+    for user in users:
+        rows = await every_row(env.convs, user)
+        assert [(c.conv_id, c.unread) for c in rows.convs] == [(7, 3)]
+        assert rows.version == 1  # one change: the loser wrote no version
+    assert not await behind_set(env) & set(users)
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_stale_fold_loses_and_never_moves_the_fold_back(env):
+    """A fold reads (fold 0, seq 2); before it applies, two more entries arrive and another
+    fold takes the user to 4. The stale one's compare-and-set fails: the fold stays 4 (had
+    it won, it would be 2 and entries 3, 4 would apply again), and its re-read applies
+    nothing more."""
+    inbox = inbox_of(env)
+    sent = [direct(8, 9) for _ in range(4)]
+    await inbox.append_many(sent[:2])
+    other = RedisConversations(env.redis, env.prefix, env.clock, RETENTION_MS)
+    original = env.convs._fold_read
+    reads: list[dict[int, Any]] = []
+
+    async def meanwhile(users: list[int]) -> Any:
+        got = await original(users)
+        if not reads:
+            await inbox.append_many(sent[2:])
+            assert await other.fold([9]) == []
+        reads.append(got)
+        return got
+
+    env.convs._fold_read = lambda users: Deferred.fromCoroutine(meanwhile(users))  # type: ignore[method-assign]
+    assert await env.convs.fold([9]) == []
+    assert [(r[9].fold, r[9].seq, len(r[9].entries)) for r in reads] == [(0, 2, 2), (4, 4, 0)]
+    assert await fold_of(env.redis, env.convs.keys(9)[0]) == b"4"
+    [row] = (await every_row(env.convs, 9)).convs
+    assert (row.unread, row.last_id, row.version) == (4, sent[-1].message.msg_id, 1)
+    assert 9 not in await behind_set(env)
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_user_losing_every_fold_is_returned_as_behind(env, monkeypatch):
+    inbox = inbox_of(env)
+    await inbox.append_many([direct(1, 2) for _ in range(5)])
+    meta = env.convs.keys(2)[0]
+    original = env.convs._fold_read
+
+    async def always_beaten(users: list[int]) -> Any:
+        got = await original(users)
+        await env.command("HINCRBY", meta, "fold", 1)  # another fold wins after each read
+        return got
+
+    env.convs._fold_read = lambda users: Deferred.fromCoroutine(always_beaten(users))  # type: ignore[method-assign]
+    assert await env.convs.fold([2]) == [2]  # read 1 + FOLD_RETRIES times, lost each time
+    assert await fold_of(env.redis, meta) == b"%d" % (redis_conversations.FOLD_RETRIES + 1)
+    assert (await every_row(env.convs, 2)).convs == ()  # nothing applied
+    assert 2 in await behind_set(env)
+
+
+@pytest_twisted.ensureDeferred
+async def test_folds_are_bounded_per_user_and_per_read(env, monkeypatch):
+    """FOLD_ENTRIES per user per call (the user comes back as behind, its fold at the last
+    entry applied); a read stops after FOLD_READ entries and the users it left out are
+    read by the next script call of the same fold."""
+    monkeypatch.setattr(redis_conversations, "FOLD_ENTRIES", 3)
+    monkeypatch.setattr(redis_conversations, "FOLD_READ", 4)
+    monkeypatch.setattr(redis_conversations, "FOLD_USERS", 3)
+    reads: list[list[int]] = []
+    original = redis_conversations._FOLD_READ
+
+    def spy(redis: Any, keys: list[str], args: list[Any]) -> Deferred[Any]:
+        reads.append([int(_tag(k.encode())[1:]) for k in keys[::4]])
+        return original(redis, keys, args)
+
+    monkeypatch.setattr(redis_conversations, "_FOLD_READ", spy)
+    inbox = inbox_of(env)
+    heavy = [direct(1, 2) for _ in range(8)]
+    light = [direct(3, u) for u in (4, 5, 6, 7) for _ in range(2)]
+    await inbox.append_many(heavy + light)
+    users = [1, 2, 3, 4, 5, 6, 7]
+    assert sorted(await env.convs.fold(users)) == [1, 2, 3]  # 8 entries each for 1 and 2
+    # 1's four entries (3, and 1 to see more) exhaust a read's budget: 2 and 3 are read by
+    # later calls; 4 and 5 take a read's budget too
+    assert reads == [[1, 2, 3], [4, 5, 6], [7], [2, 3, 6], [3, 6], [6]]
+    assert await fold_of(env.redis, env.convs.keys(2)[0]) == b"3"
+    assert (await every_row(env.convs, 2)).convs[0].unread == 3
+    assert {1, 2, 3} <= await behind_set(env)
+    assert not await behind_set(env) & {4, 5, 6, 7}
+    assert sorted(await env.convs.fold(users)) == [1, 2, 3]  # 3 more: 6 of 8
+    assert await env.convs.fold(users) == []
+    assert (await every_row(env.convs, 2)).convs[0].unread == 8
+    assert (await every_row(env.convs, 3)).convs[0].unread == 0  # its own messages
+    assert await fold_of(env.redis, env.convs.keys(1)[0]) == b"8"
+    assert not await behind_set(env)
+
+
+@pytest_twisted.ensureDeferred
+async def test_the_behind_set_follows_appends_and_folds(env):
+    """A user joins on an append that gives it an entry (not on a redelivery of one it
+    holds), and leaves only when a fold reaches its inbox's seq: an entry appended between
+    a fold's read and its change keeps it there. behind() reads the set."""
+    inbox = inbox_of(env)
+    key = behind_key(env.prefix, 0, False)
+    j = direct(1, 2)
+    await inbox.append(j)
+    assert await behind_set(env) == {1, 2} == set(await env.convs.behind())
+    ttl = INBOX_RETENTION_MS + redis_inbox.DAY_MS
+    assert ttl - 60_000 < await env.command("PTTL", key) <= ttl  # goes with the entries
+    assert await env.convs.fold([1]) == []
+    assert await behind_set(env) == {2}
+    await inbox.append(j)  # redelivered: no entry, 1 stays out
+    assert await behind_set(env) == {2}
+
+    original = env.convs._fold_read
+    late = direct(3, 2)
+
+    async def then_append(users: list[int]) -> Any:
+        got = await original(users)
+        if late.message.msg_id not in (await inbox.ids(2, 0, 10)).msg_ids:
+            await inbox.append(late)  # after the read, before the change
+        return got
+
+    env.convs._fold_read = lambda users: Deferred.fromCoroutine(then_append(users))  # type: ignore[method-assign]
+    assert await env.convs.fold([2]) == []
+    assert await fold_of(env.redis, env.convs.keys(2)[0]) == b"1"  # the seq it read
+    assert await behind_set(env) == {2, 3}  # 2 kept: cursor 2 is above its fold
+    env.convs._fold_read = original  # type: ignore[method-assign]
+    assert sorted(await env.convs.behind()) == [2, 3]
+    assert await env.convs.fold(await env.convs.behind()) == []
+    assert await behind_set(env) == set() and await env.convs.behind() == []
+    assert [c.unread for c in (await every_row(env.convs, 2)).convs] == [1, 1]
+
+
+@pytest_twisted.ensureDeferred
+async def test_entries_gone_from_the_inbox_still_move_the_fold_to_the_seq(env):
+    inbox = inbox_of(env)
+    await inbox.append_many([direct(1, 2), direct(1, 2)])
+    _, ent, age, rec, *_ = inbox.keys(2)
+    await env.command("DEL", ent, age, rec)  # as the TTL of an idle inbox does
+    assert await env.convs.fold([2]) == []
+    assert await fold_of(env.redis, env.convs.keys(2)[0]) == b"2"
+    assert (await every_row(env.convs, 2)).convs == ()
+    assert await behind_set(env) == {1}
+
+
+# --------------------------------------------------------------------------- folds, cluster
+
+
+def test_every_slot_has_a_tag_of_its_own():
+    tags = [slot_tag(s) for s in range(SLOTS)]
+    assert len(set(tags)) == SLOTS
+    assert all(key_slot(f"p:conv:behind:{{{t}}}") == s for s, t in enumerate(tags))
+    for user in (0, 7, 2**63, U64_MAX):
+        key = behind_key("p", user, True)
+        assert key_slot(key) == key_slot(f"p:inbox:{{u{user}}}:meta") == key_slot(
+            f"p:conv:{{u{user}}}:meta")  # fmt: skip
+    assert behind_key("p", 7, False) == "p:conv:behind"
+
+
+@pytest_twisted.ensureDeferred
+async def test_cluster_mode_folds_per_slot_with_the_same_result(env, monkeypatch):
+    """Appends and folds with cluster=True keep every script call on one slot (the behind
+    set of that slot included), and give the lists the default mode gives."""
+    calls: list[list[str]] = []
+    for module, name in ((redis_inbox, "_APPEND"), (redis_conversations, "_CHANGE"),
+                         (redis_conversations, "_FOLD_READ")):  # fmt: skip
+        original = getattr(module, name)
+
+        def spy(redis: Any, keys: list[str], args: list[Any], _original: Any = original) -> Any:
+            calls.append(keys)
+            return _original(redis, keys, args)
+
+        monkeypatch.setattr(module, name, spy)
+    prefix = env.prefix + ":c"
+    clustered = RedisConversations(env.redis, prefix, env.clock, RETENTION_MS, cluster=True)
+    inboxes = (inbox_of(env), inbox_of(env, prefix, cluster=True))
+    members = tuple(range(300, 340))
+    batch = [group(300, 9, members), direct(1, 2), direct(2, 3), direct(301, 1), direct(7, 7)]
+    users = [1, 2, 3, 7, *members]
+    for inbox in inboxes:
+        await inbox.append_many(batch)
+    assert sorted(await clustered.behind()) == sorted(users)
+    assert await clustered.fold(users) == [] == await env.convs.fold(users)
+    for user in users:
+        assert await every_row(clustered, user) == await every_row(env.convs, user)
+    clustered_calls = [keys for keys in calls if keys[0].startswith(prefix + ":")]
+    assert len(clustered_calls) > 8  # per slot (the default mode: one of each script)
+    assert all(len({key_slot(k) for k in keys}) == 1 for keys in clustered_calls)
+    # appends (4 keys per user) and fold changes (8 per user) name their slot's behind set
+    with_set = [keys for keys in clustered_calls if len(keys) % 4 == 1]
+    assert len(with_set) > 4
+    assert all(keys[-1].startswith(prefix + ":conv:behind:{") for keys in with_set)
+    assert await clustered.behind() == []
+    assert await env.convs.behind() == []

@@ -35,7 +35,7 @@ from improto_server.production.redis_connection import LuaScript, connect, gathe
 from improto_server.production.redis_groups import SCRIPTS as GROUP_SCRIPTS
 from improto_server.production.redis_groups import RedisGroups
 from improto_server.production.redis_inbox import SCRIPTS as INBOX_SCRIPTS
-from improto_server.production.redis_inbox import RedisInbox
+from improto_server.production.redis_inbox import RedisInbox, behind_key
 from improto_server.production.redis_slots import key_slot
 from tests.contract.pages import ANY_SIZE
 from tests.support import services
@@ -153,6 +153,22 @@ async def test_redelivery_writes_one_entry_per_user_even_concurrently(env):
 
 
 @pytest_twisted.ensureDeferred
+async def test_the_behind_set_names_the_users_an_append_gave_an_entry(env):
+    """Conversation lists fold what this set names: every user that got an entry joins it
+    (one SADD per script call); a redelivery that adds nothing adds nobody."""
+    behind = behind_key(env.prefix, 0, False)
+    j = job(1, 2, 3, 2**63, U64_MAX)
+    await env.inbox.append_many([j, job(4)])
+    members = {int(u) for u in await env.command("SMEMBERS", behind)}
+    assert members == {1, 2, 3, 2**63, U64_MAX, 4}
+    await env.command("DEL", behind)
+    await env.inbox.append(j)
+    assert not await env.command("EXISTS", behind)
+    await env.inbox.append(PersistJob(j.message, (*j.inbox_users, 5)))  # one more receiver
+    assert await env.command("SMEMBERS", behind) == [b"5"]
+
+
+@pytest_twisted.ensureDeferred
 async def test_concurrent_appends_get_distinct_gap_free_cursors(env):
     jobs = [job(5) for _ in range(50)]
     await gather(env.inbox.append(j) for j in jobs)
@@ -184,6 +200,7 @@ async def test_cluster_mode_splits_batches_by_slot_with_the_same_result(env):
 
     def spy(users, entries, records, head):  # type: ignore[no-untyped-def]
         calls.append([clustered.keys(u)[0] for u in users])
+        calls[-1].append(behind_key(env.prefix + ":c", users[0], True))
         return original(users, entries, records, head)
 
     clustered._append_call = spy  # type: ignore[method-assign]
@@ -194,6 +211,8 @@ async def test_cluster_mode_splits_batches_by_slot_with_the_same_result(env):
         await clustered.append_many(batch)
     for user in (1, 2, 3, 7, *members):
         assert await entries(clustered, user) == await entries(env.inbox, user) != []
+        # the behind set of the user's slot names it (the call's last key, in its slot)
+        assert await env.command("SISMEMBER", behind_key(env.prefix + ":c", user, True), user)
     assert len(calls) > 2 and all(len({key_slot(k) for k in keys}) == 1 for keys in calls)
 
 
@@ -215,9 +234,12 @@ async def test_keys_of_one_user_share_one_hash_tag(env):
     await env.groups.remove(gid, (2**63,))
 
     by_tag: dict[bytes, set[bytes]] = {}
+    behind = behind_key(env.prefix, 0, False).encode()  # not per user: no tag (single Redis)
+    assert {int(u) for u in await env.command("SMEMBERS", behind)} == set(users)
     for key in env.keys():
         assert key.startswith(env.prefix.encode() + b":")
-        by_tag.setdefault(_tag(key), set()).add(key)
+        if key != behind:
+            by_tag.setdefault(_tag(key), set()).add(key)
     assert set(by_tag) == {b"u%d" % u for u in users} | {b"groups"}
     for user in users:
         names = {k.rsplit(b":", 1)[1] for k in by_tag[b"u%d" % user]}
@@ -233,7 +255,8 @@ async def test_only_the_cursor_counter_never_expires(env):
     meta, ent, age, rec, pos, dev = env.inbox.keys(9)
     assert await env.command("PTTL", meta) == -1  # cursors must never go back
     ttl = RETENTION_MS + redis_inbox.DAY_MS
-    for key in (ent, age, rec, pos, dev):
+    behind = behind_key(env.prefix, 9, False)  # expires with the entries it names
+    for key in (ent, age, rec, pos, dev, behind):
         assert ttl - 60_000 < await env.command("PTTL", key) <= ttl
 
 

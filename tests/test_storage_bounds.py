@@ -247,6 +247,8 @@ async def test_a_version_1_database_gets_sizes_and_totals(tmp_path):
     with sqlite3.connect(path) as db:  # back to what a version-1 server wrote
         for table, column in (("inbox", "size"), ("inbox_head", "bytes"), ("positions", "used")):
             db.execute(f"ALTER TABLE {table} DROP COLUMN {column}")
+        db.execute("DROP TABLE conv_rows")
+        db.execute("DROP TABLE conv_users")
         db.execute("PRAGMA user_version = 1")
 
     backend = SQLiteBackend(path, now_ms=FakeClock(), inbox_caps=InboxCaps(max_bytes=131_072))
@@ -261,6 +263,12 @@ async def test_a_version_1_database_gets_sizes_and_totals(tmp_path):
         assert ids(page) == [j.message.msg_id for j in jobs[1:]] and page.gap
         assert len((await backend.inbox.page(1, 0, 10, len(jobs[0].record))).records) == 1
         assert await backend.inbox.position(1, "phone") == 1
+        # On through versions 3 and 4: the inbox users are folded up to their heads (user 2,
+        # the receiver, has list rows from the messages and no inbox).
+        assert await backend.conversations.behind() == []
+        with sqlite3.connect(path) as db:
+            folded = db.execute("SELECT user_id, folded_to FROM conv_users ORDER BY 1").fetchall()
+        assert folded == [(1 - 2**63, 3), (2 - 2**63, 0)]
     finally:
         await backend.close()
 
@@ -320,5 +328,54 @@ async def test_a_version_2_database_gets_conversation_lists(tmp_path):
         clock.advance(backend.history_retention_ms - backend.history_retention_ms // 2 + 1)
         assert (await backend.sweep())["conversations"] == 6  # all but the two rows just changed
         assert [c.conv_id for c in (await convs.by_activity(2, 0, 100, ANY_SIZE)).convs] == [1]
+    finally:
+        await backend.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_version_3_database_gets_fold_positions(tmp_path):
+    """Schema 4 adds each user's folded inbox position. A version-3 persister recorded every
+    entry it appended, so the migration folds every inbox up to its head: the rows stay as
+    they were, nobody is behind, and a fold applies only what is appended after it."""
+    path = tmp_path / "v3.sqlite3"
+    clock = FakeClock()
+    backend = SQLiteBackend(path, now_ms=clock)
+    await backend.start()
+    convs = backend.conversations
+    recorded = [job(1, 2, body=b"hi") for _ in range(3)]  # 1 -> 2
+    await backend.inbox.append_many(recorded)
+    await convs.record(recorded)
+    await backend.inbox.append_many([job(3, body=b"hi")])  # an inbox without list rows
+    await backend.close()
+    with sqlite3.connect(path) as db:  # back to what a version-3 server wrote
+        db.execute("DELETE FROM conv_users WHERE user_id = ?", (3 - 2**63,))
+        db.execute("ALTER TABLE conv_users DROP COLUMN folded_to")
+        db.execute("PRAGMA user_version = 3")
+        before = db.execute("SELECT * FROM conv_rows ORDER BY 1, 2, 3").fetchall()
+        users = db.execute("SELECT * FROM conv_users ORDER BY 1").fetchall()
+
+    backend = SQLiteBackend(path, now_ms=clock)
+    await backend.start()
+    convs = backend.conversations
+    try:
+        with sqlite3.connect(path) as db:
+            assert db.execute("PRAGMA user_version").fetchone() == (SCHEMA_VERSION,)
+            assert db.execute("SELECT * FROM conv_rows ORDER BY 1, 2, 3").fetchall() == before
+            migrated = db.execute("SELECT * FROM conv_users ORDER BY 1").fetchall()
+        # Kept: versions and totals; folded to the heads (3, 3 and 1); user 3 gets its row.
+        assert migrated == [(*users[0], 3), (*users[1], 3), (3 - 2**63, 0, 0, 1)]
+        assert await convs.behind() == []
+        assert await convs.fold([1, 2, 3]) == []
+        with sqlite3.connect(path) as db:
+            assert db.execute("SELECT * FROM conv_rows ORDER BY 1, 2, 3").fetchall() == before
+        bob = (await convs.changes(2, 0, 10, ANY_SIZE)).convs
+        assert [(c.conv_id, c.unread) for c in bob] == [(1, 3)]  # not counted twice
+
+        late = job(1, 2, body=b"hi")
+        await backend.inbox.append_many([late])
+        assert sorted(await convs.behind()) == [1, 2]
+        assert await convs.fold([1, 2]) == []
+        bob = (await convs.changes(2, 0, 10, ANY_SIZE)).convs
+        assert [(c.conv_id, c.unread, c.last_id) for c in bob] == [(1, 4, late.message.msg_id)]
     finally:
         await backend.close()

@@ -27,6 +27,8 @@ from improto_server.service import ChatService
 from improto_server.session import Session, SessionFactory
 
 log = Logger()
+# How long a stopping server folds the lists its persister has pending before it closes.
+STOP_FOLD_S = 5.0
 
 
 def make_backend(config: Config, reactor: IServerReactor) -> Backend:
@@ -137,6 +139,14 @@ class Server:
         if self.router is not None:
             await self.router.close()
             self.router = None
+        persister: Persister | None = getattr(self, "persister", None)
+        if persister is not None:
+            # The lists of what this persister wrote: now, else behind() at the next start.
+            try:
+                await persister.fold_now().addTimeout(STOP_FOLD_S, self.reactor)
+            except Exception:
+                log.failure("folding the conversation lists at stop failed")
+            persister.stop()
         if self.backend is not None:
             await self.backend.close()
             self.backend = None

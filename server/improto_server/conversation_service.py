@@ -28,6 +28,10 @@ from improto_server.ports import ConversationStore, GroupStore, PersistQueue, Pu
 from improto_server.rate_limits import RateLimits
 from improto_server.service import RequestError, available, check_rate
 
+# Fold calls one list request makes at most (FOLD_ENTRIES entries each); a user further
+# behind than that gets the rest folded by the persister, and the list a little stale.
+FOLD_CALLS = 4
+
 if TYPE_CHECKING:
     from improto_server.service import Caller
 
@@ -69,6 +73,7 @@ class ConversationService:
     # ---------------------------------------------------------------- lists
 
     async def conv_list(self, caller: Caller, req: ConvList) -> bytes:
+        await self._fold(caller.user_id)
         rows = await available(
             self.store.by_activity(
                 caller.user_id, req.before_id, req.limit or CONV_PAGE_DEFAULT,
@@ -78,6 +83,7 @@ class ConversationService:
         return _page(FrameType.CONV_PAGE, req.request_id, rows, changes=False)
 
     async def conv_changes(self, caller: Caller, req: ConvChanges) -> bytes:
+        await self._fold(caller.user_id)
         rows = await available(
             self.store.changes(
                 caller.user_id, req.since_version, req.limit or CONV_PAGE_DEFAULT,
@@ -85,6 +91,13 @@ class ConversationService:
             )
         )  # fmt: skip
         return _page(FrameType.CONV_CHANGES_PAGE, req.request_id, rows, changes=True)
+
+    async def _fold(self, user_id: int) -> None:
+        """Bring the user's rows up to its inbox first: a list is as fresh as the inbox,
+        whenever the persister's next fold is due."""
+        for _ in range(FOLD_CALLS):
+            if not await available(self.store.fold([user_id])):
+                return
 
     async def read_ids(self, user_id: int, page: Sequence[bytes]) -> dict[tuple[int, int], int]:
         """The user's read positions in the conversations of an OFFLINE_PAGE's records."""

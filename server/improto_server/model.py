@@ -143,6 +143,8 @@ class GroupNotFound(LookupError):
 # ------------------------------------------------------------ conversation state (issue 13)
 
 MAX_UNREAD_TRACKED = 1000  # unread msg_ids a conversation row keeps (ConversationStore)
+# Inbox entries ConversationStore.fold applies per user per call: bounds one call's work.
+FOLD_ENTRIES = 1000
 STATE_JOB_FORMAT = 3  # a queued StateJob's first byte (messages: records.STORE_FORMAT)
 _STATE_HEAD = struct.Struct(">BBQBQQB")  # format, kind, user, conv kind, conv id, msg id, len
 

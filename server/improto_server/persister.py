@@ -1,31 +1,42 @@
 """The persister: consumes the queued jobs and writes them to the stores: messages to the
-inboxes, the history and the conversation lists, conversation-state changes to the lists."""
+inboxes and the history, conversation-state changes (read marks, hides) to the lists; then
+folds the inboxes it wrote into the users' conversation lists, coalesced."""
 
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
 
 from twisted.internet.defer import Deferred, DeferredList
+from twisted.internet.interfaces import IDelayedCall, IReactorTime
+from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from improto_server.deferreds import as_deferred
 from improto_server.model import ConvKey, PersistJob, QueuedJob, StateJob
 from improto_server.ports import ConversationStore, HistoryStore, InboxStore, PersistQueue
 
+log = Logger()
+
 # Jobs written per store round: one Redis script per inbox and a few HBase batches per round
 # instead of per job. Bounded so one round stays short (ack latency, redelivery on a crash).
 MAX_BATCH = 256
-# Conversation-list updates (one per receiver) one ConversationStore.record call carries at
-# most. The lists are written per batch, not per round: a batch of a busy conversation touches
-# each member's row once instead of once per round, and each call stays short (the SQLite
-# thread is shared with the accepts, as for MAX_ROWS).
-MAX_RECORD_PAIRS = 4096
 # Rows one store round writes at most: an inbox entry per receiver plus a history row per job.
 # On the embedded backend every store call is a transaction on the one SQLite thread that the
 # accepts (every user's SEND) also wait for, so one round must stay short whatever the fan-out:
 # a batch is written in rounds of at most this many rows, a job for more receivers than that
 # in several (its history row with the first).
 MAX_ROWS = 250
+# Folding the inboxes into the conversation lists: a user's rows are written once per fold
+# for all the entries since the last one, so the longer the delay the fewer row writes (a
+# busy conversation's messages share one). Readers never wait for it: a list request folds
+# its user first. The delay bounds what a fold after a restart (behind()) has to catch up.
+FOLD_DELAY_S = 5.0
+# Users one ConversationStore.fold call brings up to date: each call stays short (the SQLite
+# thread is shared with the accepts, as for MAX_ROWS).
+FOLD_USERS = 256
+# Pending users that start a fold at once instead of after the delay; twice as many make new
+# batches wait for the running fold: the set stays bounded under any load.
+FOLD_PENDING = 20_000
 
 _Round = tuple[list[PersistJob], list[tuple[ConvKey, PersistJob]]]
 
@@ -34,14 +45,19 @@ class Persister:
     """Writes each batch of jobs to the stores; the queue removes the batch only after every
     write succeeded.
 
-    Message jobs go to the inboxes, the history and (if given) the conversation lists, round
-    by round; then the batch's state jobs (read marks, hides) to the conversation lists, in
-    batch order. Every write is idempotent, so a batch redelivered after a crash between them
-    (or after all, before the queue's ack) changes nothing the second time. A round's stores
-    are written at the same time: nothing orders the inbox against the history or the lists,
-    only each store's own order matters (inbox cursors follow the batch order), and a
-    conversation row's outcome does not depend on the order of record() and apply().
-    Without `conversations` (tests of the other stores) state jobs are skipped.
+    Message jobs go to the inboxes and the history, round by round; the batch's state jobs
+    (read marks, hides) to the conversation lists beside them. Every write is idempotent, so
+    a batch redelivered after a crash between them (or after all, before the queue's ack)
+    changes nothing the second time. A round's stores are written at the same time: nothing
+    orders the inbox against the history, only each store's own order matters (inbox cursors
+    follow the batch order).
+
+    The conversation lists follow the inboxes (ConversationStore.fold): the users whose
+    inboxes a batch wrote are pending, and FOLD_DELAY_S after the first of them, one fold
+    brings them all up to date. Pending users live in memory only: a crash loses them, and
+    the next start folds ConversationStore.behind(), which the stores keep durably. A fold
+    never blocks the queue (except past 2 * FOLD_PENDING users pending) and its failure only
+    delays it. Without `conversations` (tests of the other stores) state jobs are skipped.
     """
 
     def __init__(
@@ -53,29 +69,50 @@ class Persister:
         *,
         max_batch: int = MAX_BATCH,
         max_rows: int = MAX_ROWS,
+        clock: IReactorTime | None = None,
+        fold_delay_s: float = FOLD_DELAY_S,
     ) -> None:
         if max_rows < 2:
             raise ValueError("max_rows must be at least 2 (an inbox entry and a history row)")
+        if clock is None:
+            from twisted.internet import reactor
+
+            clock = reactor
+        assert clock is not None
         self.queue = queue
         self.inbox = inbox
         self.history = history
         self.conversations = conversations
         self.max_batch = max_batch
         self.max_rows = max_rows
+        self.clock = clock
+        self.fold_delay_s = fold_delay_s
         self.persisted = 0  # message jobs written
         self.applied = 0  # state jobs written (or skipped, without conversations)
         self.batches = 0
         self.rounds = 0  # store rounds (one inbox, history and conversations call each)
+        self.folds = 0  # ConversationStore.fold calls that succeeded
+        self._pending: set[int] = set()  # users whose lists may be behind their inboxes
+        self._timer: IDelayedCall | None = None
+        self._folding: Deferred[None] | None = None
+        self.fold_error: Failure | None = None  # the last fold's failure (fold_now raises it)
 
     def start(self) -> None:
+        if self.conversations is not None:
+            self.conversations.behind().addCallbacks(self._recovered, self._fold_failed)
         self.queue.consume(self.handle, self.max_batch)
+
+    @property
+    def lists_pending(self) -> int:
+        """Users whose lists this persister has still to fold (a fold running counts)."""
+        return len(self._pending) + (self._folding is not None)
 
     @as_deferred
     async def handle(self, jobs: Sequence[QueuedJob]) -> None:
         messages = [j for j in jobs if isinstance(j, PersistJob)]
         states = [j for j in jobs if isinstance(j, StateJob)]
-        # The conversation lists are written beside the rounds, in chunks of their own.
-        lists = self._record(messages, states) if self.conversations is not None else None
+        convs = self.conversations
+        marks = convs.apply(states) if convs is not None and states else None
         try:
             # Rounds one after the other, in batch order: within an inbox an earlier job's
             # entry is still written first, and work queued on the stores meanwhile (accepts)
@@ -87,40 +124,103 @@ class Persister:
                 await _all(writes)
                 self.rounds += 1
         finally:
-            if lists is not None:  # waited for even when a round failed: no overlap on retry
-                await _all([lists])
+            if marks is not None:  # waited for even when a round failed: no overlap on retry
+                await _all([marks])
+        if convs is not None and messages:
+            for job in messages:
+                self._pending.update(job.inbox_users)
+            if len(self._pending) >= 2 * FOLD_PENDING and self._folding is not None:
+                await self._waiter()  # the lists keep up with any load
+            self._schedule()
         self.persisted += len(messages)
         self.applied += len(states)
         self.batches += 1
 
+    # ------------------------------------------------------------------ folds
+
     @as_deferred
-    async def _record(self, messages: list[PersistJob], states: list[StateJob]) -> None:
+    async def fold_now(self) -> None:
+        """Fold every user pending now (after a fold already running): tests, the benchmark,
+        a clean stop. Raises if a fold failed (its users stay pending)."""
+        self.stop()
+        while self._pending or self._folding is not None:
+            self.fold_error = None
+            if self._folding is None:
+                self._start_fold()
+            if self._folding is not None:
+                await self._waiter()
+            if self.fold_error is not None:
+                self.fold_error.raiseException()
+
+    def stop(self) -> None:
+        """Cancel the next fold (the pending users are folded after the next start)."""
+        if self._timer is not None and self._timer.active():
+            self._timer.cancel()
+        self._timer = None
+
+    def _waiter(self) -> Deferred[None]:
+        """Fires when the running fold ends (it never fails: see _fold_pending)."""
+        d: Deferred[None] = Deferred()
+        assert self._folding is not None
+
+        def fire(result: object) -> object:
+            d.callback(None)
+            return result
+
+        self._folding.addBoth(fire)
+        return d
+
+    def _recovered(self, users: list[int]) -> None:
+        if users:
+            log.info("folding {n} users' lists left behind", n=len(users))
+            self._pending.update(users)
+            self._schedule(0)
+
+    def _schedule(self, delay: float | None = None) -> None:
+        if not self._pending or self._folding is not None:
+            return
+        if len(self._pending) >= FOLD_PENDING:
+            delay = 0
+        if self._timer is not None and self._timer.active():
+            if delay == 0:
+                self._timer.reset(0)
+            return
+        self._timer = self.clock.callLater(
+            self.fold_delay_s if delay is None else delay, self._fold_due
+        )
+
+    def _fold_due(self) -> None:
+        self._timer = None
+        if self._folding is None and self._pending:
+            self._start_fold()
+
+    def _start_fold(self) -> None:
+        d = self._fold_pending()
+        if not d.called:  # (a store answering at once has finished already)
+            self._folding = d
+
+    @as_deferred
+    async def _fold_pending(self) -> None:
         convs = self.conversations
         assert convs is not None
-        for chunk in record_chunks(messages, MAX_RECORD_PAIRS):
-            await convs.record(chunk)
-        if states:
-            await convs.apply(states)
+        users = sorted(self._pending)
+        self._pending = set()
+        done = 0
+        try:
+            for done in range(0, len(users), FOLD_USERS):
+                again = await convs.fold(users[done : done + FOLD_USERS])
+                self.folds += 1
+                self._pending.update(again)
+        except Exception:
+            self._pending.update(users[done:])  # folded again later: folds are idempotent
+            self.fold_error = Failure()
+            self._fold_failed(self.fold_error)
+        finally:
+            self._folding = None
+            self._schedule()
 
-
-def record_chunks(jobs: Sequence[PersistJob], max_pairs: int) -> Iterator[list[PersistJob]]:
-    """`jobs` in order as chunks of at most `max_pairs` (job, receiver) pairs; a job with more
-    receivers is split by receivers (a part is a job for its receivers only)."""
-    chunk: list[PersistJob] = []
-    pairs = 0
-    for job in jobs:
-        users = job.inbox_users
-        if pairs and pairs + len(users) > max_pairs:
-            yield chunk
-            chunk, pairs = [], 0
-        if len(users) <= max_pairs:
-            chunk.append(job)
-            pairs += len(users)
-            continue
-        for i in range(0, len(users), max_pairs):
-            yield [_part(job, users[i : i + max_pairs])]
-    if chunk:
-        yield chunk
+    def _fold_failed(self, failure: Failure) -> None:
+        log.failure("folding conversation lists failed; retried later", failure)
 
 
 async def _all(writes: list[Deferred[None]]) -> None:

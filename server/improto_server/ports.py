@@ -110,8 +110,10 @@ class HistoryStore(Protocol):
 
 class ConversationStore(Protocol):
     """Per-user conversation lists: one row per (user, conversation) with the newest message,
-    the read positions and the unread count (PROTOCOL.md section 18), written by the
-    persister only. Rows live as long as the history retention after their last change.
+    the read positions and the unread count (PROTOCOL.md section 18). Messages reach the
+    rows from the users' inboxes by `fold` (coalesced, never on the gateway's send path) or
+    by `record`; read marks and hides by `apply`, from the persister. Rows live as long as
+    the history retention after their last change.
 
     Row of user u for a message m: conversation (USER, peer) with peer = m.conv_id if
     m.sender_id == u else m.sender_id; (GROUP, m.conv_id) for groups. `unread` counts the
@@ -137,6 +139,24 @@ class ConversationStore(Protocol):
         too if missing) gets peer_read_id := max(peer_read_id, msg_id). HIDE: hidden unless
         last_id > msg_id; remembered, so a recorded message with msg_id <= the hide's msg_id
         does not unhide it. Idempotent."""
+
+    def fold(self, user_ids: Sequence[int]) -> Deferred[list[int]]:
+        """Bring each user's rows up to its inbox: the entries the user's inbox holds above
+        the user's folded position (0 for a user never folded) are applied in cursor order
+        exactly as `record` applies their messages for that user, and the folded position
+        becomes the cursor of the last entry applied, or the inbox's last assigned cursor
+        when none is left above it. At most FOLD_ENTRIES entries per user per call; returns
+        the users still behind after the call (to call again). Entries the inbox no longer
+        holds (retention, caps) are skipped. Atomic per user: two folds of one user at the
+        same time (a gateway's and the persister's) never apply an entry twice. `record`
+        and `apply` move no folded position (an entry folded after `record` of its message
+        changes nothing: record is idempotent)."""
+
+    def behind(self) -> Deferred[list[int]]:
+        """Users whose inbox may hold entries above their folded position, for a persister
+        to fold when it starts (after a crash or a stop). It names every user with an entry
+        above its folded position, and no user whose last fold left none above it and whose
+        inbox got no entry since."""
 
     def by_activity(
         self, user_id: int, before_id: int, limit: int, max_bytes: int

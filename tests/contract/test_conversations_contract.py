@@ -5,10 +5,19 @@ from __future__ import annotations
 
 import pytest_twisted
 
+from twisted.internet.defer import gatherResults
+
 from improto.enums import ConvKind
 from improto.limits import U64_MAX
 from improto.records import conv_size
-from improto_server.model import MAX_UNREAD_TRACKED, ConvRows, ConvState, PersistJob, StateJob
+from improto_server.model import (
+    FOLD_ENTRIES,
+    MAX_UNREAD_TRACKED,
+    ConvRows,
+    ConvState,
+    PersistJob,
+    StateJob,
+)
 from tests.contract.pages import ANY_SIZE
 
 PORT = "conversations"
@@ -592,3 +601,138 @@ async def test_ids_at_and_above_2_63(backend, jobs):
     assert set(await rows_of(convs, below)) == {(USER, high), (GRP, big_group)}
     assert await newest(convs, top) == 3  # its own counter: no sharing across 2**63
     assert await newest(convs, high) == 4
+
+
+# ------------------------------------------------------------------- folds (the inbox)
+
+
+async def behind(convs) -> set[int]:
+    return set(await convs.behind())
+
+
+@pytest_twisted.ensureDeferred
+async def test_fold_applies_the_inbox_as_record_does(backend, jobs):
+    """The inbox entries above a user's folded position become its rows, as `record` of
+    their messages would make them; then the user is no longer behind."""
+    convs = store(backend)
+    members = (ALICE, BOB, CAROL)
+    m1, m2 = direct(jobs, ALICE, BOB), direct(jobs, BOB, ALICE)
+    g = group(jobs, CAROL, members)
+    await backend.inbox.append_many([m1, m2, g])
+    assert await behind(convs) >= set(members)
+    assert await rows_of(convs, ALICE) == {}  # nothing folded yet
+
+    assert await convs.fold(list(members)) == []
+    mid1, mid2, gid = m1.message.msg_id, m2.message.msg_id, g.message.msg_id
+    alice = await rows_of(convs, ALICE)
+    a = alice[(USER, BOB)]
+    assert (a.read_id, a.peer_read_id, a.unread, a.last_id, a.last) == (
+        mid1, mid2, 1, mid2, m2.record,
+    )  # fmt: skip
+    b = await row(convs, BOB, USER, ALICE)
+    assert (b.read_id, b.peer_read_id, b.unread, b.last_id) == (mid2, mid1, 0, mid2)
+    for user, read, unread in [(ALICE, 0, 1), (BOB, 0, 1), (CAROL, gid, 0)]:
+        state = await row(convs, user, GRP, GROUP)
+        assert (state.read_id, state.unread, state.last_id, state.last) == (
+            read, unread, gid, g.record,
+        ), user  # fmt: skip
+    assert (await convs.by_activity(ALICE, 0, 50, ANY_SIZE)).total_unread == 2
+    assert [(c.conv_kind, c.conv_id) for c in await listing(convs, ALICE)] == [
+        (GRP, GROUP), (USER, BOB),
+    ]  # fmt: skip
+    assert not await behind(convs) & set(members)
+    assert await convs.fold([DAVE]) == []  # a user without an inbox: nothing to do
+    assert await rows_of(convs, DAVE) == {}
+
+
+@pytest_twisted.ensureDeferred
+async def test_folds_apply_each_entry_once(backend, jobs):
+    """Folding again, or twice at once, changes nothing; a later entry counts once."""
+    convs = store(backend)
+    sent = [direct(jobs, ALICE, BOB) for _ in range(3)]
+    await backend.inbox.append_many(sent)
+    first = await gatherResults([convs.fold([BOB]), convs.fold([BOB, ALICE])])
+    assert first == [[], []]
+    before = await rows_of(convs, BOB)
+    assert before[(USER, ALICE)].unread == 3
+    assert await convs.fold([BOB, ALICE]) == []
+    assert await rows_of(convs, BOB) == before  # no version, no change
+
+    late = direct(jobs, ALICE, BOB)
+    await backend.inbox.append_many([late])
+    assert BOB in await behind(convs)
+    await gatherResults([convs.fold([BOB]) for _ in range(3)])
+    bob = await row(convs, BOB, USER, ALICE)
+    assert (bob.unread, bob.last_id) == (4, late.message.msg_id)
+    assert bob.version == before[(USER, ALICE)].version + 1
+
+
+@pytest_twisted.ensureDeferred
+async def test_fold_and_marks_in_either_order(backend, jobs):
+    """A read mark applied before the fold of older entries still reads them: the rows do
+    not depend on the order of apply and fold; record and fold of one message agree."""
+    convs = store(backend)
+    sent = [direct(jobs, ALICE, BOB) for _ in range(3)]
+    await backend.inbox.append_many(sent)
+    await convs.apply([mark(BOB, USER, ALICE, sent[1].message.msg_id)])
+    await convs.record(sent[2:])  # recorded and folded: counted once
+    await convs.fold([BOB, ALICE])
+    bob = await row(convs, BOB, USER, ALICE)
+    assert (bob.read_id, bob.unread, bob.last_id) == (
+        sent[1].message.msg_id, 1, sent[2].message.msg_id,
+    )  # fmt: skip
+    alice = await row(convs, ALICE, USER, BOB)
+    assert (alice.peer_read_id, alice.read_id, alice.unread) == (
+        sent[1].message.msg_id, sent[2].message.msg_id, 0,
+    )  # fmt: skip
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_fold_is_bounded_per_user(backend, jobs):
+    """At most FOLD_ENTRIES entries per user per call: the user comes back as still behind
+    and the next call finishes."""
+    convs = store(backend)
+    sent = [jobs.job(BOB, sender=ALICE, conv_id=BOB) for _ in range(FOLD_ENTRIES + 5)]
+    await backend.inbox.append_many(sent)
+    assert await convs.fold([BOB]) == [BOB]
+    part = await row(convs, BOB, USER, ALICE)
+    assert (part.unread, part.last_id) == (FOLD_ENTRIES, sent[FOLD_ENTRIES - 1].message.msg_id)
+    assert BOB in await behind(convs)
+    assert await convs.fold([BOB]) == []
+    done = await row(convs, BOB, USER, ALICE)
+    assert (done.unread, done.last_id) == (FOLD_ENTRIES + 5, sent[-1].message.msg_id)
+    assert BOB not in await behind(convs)
+
+
+@pytest_twisted.ensureDeferred
+async def test_entries_gone_from_the_inbox_are_not_folded(backend, jobs):
+    """Entries the inbox no longer holds are skipped; the position still reaches the end."""
+    convs = store(backend)
+    old = direct(jobs, ALICE, BOB)
+    await backend.inbox.append_many([old])
+    backend.advance(backend.inbox_retention_ms + DAY_MS)
+    await backend.sweep()
+    new = direct(jobs, ALICE, BOB)
+    await backend.inbox.append_many([new])
+    assert await convs.fold([BOB]) == []
+    bob = await row(convs, BOB, USER, ALICE)
+    assert (bob.unread, bob.last_id) == (1, new.message.msg_id)
+    assert BOB not in await behind(convs)
+
+
+@pytest_twisted.ensureDeferred
+async def test_behind_survives_a_restart(backend, jobs):
+    """What a crashed persister had not folded yet is named by behind() after a restart."""
+    convs = store(backend)
+    folded, waiting = direct(jobs, ALICE, BOB), direct(jobs, CAROL, DAVE)
+    await backend.inbox.append_many([folded])
+    await convs.fold([ALICE, BOB])
+    await backend.inbox.append_many([waiting])
+    await backend.restart()
+    convs = store(backend)
+    left = await behind(convs)
+    assert {CAROL, DAVE} <= left and not {ALICE, BOB} & left
+    assert await convs.fold(sorted(left)) == []
+    assert (await row(convs, DAVE, USER, CAROL)).unread == 1
+    assert (await row(convs, BOB, USER, ALICE)).unread == 1
+    assert not await behind(convs)

@@ -98,8 +98,9 @@ async def _lists(backend: Any, users: Iterable[int]) -> dict[int, ConvRows]:
 
 
 class DiesAfterLists(Persister):
-    """Writes the conversation lists (record, then apply), then fails before the inbox and
-    history writes and the queue ack, once per batch content: a persister killed there."""
+    """Writes the inboxes, folds them into the lists and applies the state jobs, then fails
+    before the history write and the queue ack, once per batch content: a persister killed
+    there."""
 
     def __init__(self, *args, **kw) -> None:  # type: ignore[no-untyped-def]
         super().__init__(*args, **kw)
@@ -114,7 +115,9 @@ class DiesAfterLists(Persister):
         if jobs not in self._seen:
             self._seen.add(jobs)
             self.crashes += 1
-            await self.conversations.record([j for j in jobs if isinstance(j, PersistJob)])
+            messages = [j for j in jobs if isinstance(j, PersistJob)]
+            await self.inbox.append_many(messages)
+            await self.conversations.fold(sorted({u for j in messages for u in j.inbox_users}))
             await self.conversations.apply([j for j in jobs if isinstance(j, StateJob)])
             raise RuntimeError("persister died after the list writes (on purpose)")
         await super().handle(jobs)
@@ -140,6 +143,9 @@ async def test_a_persisted_batch_updates_the_conversation_lists(backend, jobs, w
     )
     persister.start()
     await wait_for(lambda: (persister.persisted, persister.applied) == (3, 1), timeout=20)
+    assert persister.lists_pending == 3  # folded after FOLD_DELAY_S, or now:
+    await persister.fold_now()
+    assert persister.lists_pending == 0
 
     convs = backend.current.conversations
     mine = await convs.by_activity(1, 0, 100, ANY_SIZE)
@@ -166,6 +172,7 @@ async def test_a_persisted_batch_updates_the_conversation_lists(backend, jobs, w
 
     before = await _lists(backend, (1, 2, 3))
     await persister.handle(queued)  # redelivered
+    await persister.fold_now()
     assert await _lists(backend, (1, 2, 3)) == before
 
 
@@ -181,6 +188,7 @@ async def test_lists_written_before_a_crash_are_not_counted_twice(backend, jobs,
     hide = StateJob(StateJob.HIDE, 1, USER, 2, sent[0].message.msg_id)  # older than the last
     await backend.queue.accept_state(hide)
     await wait_for(lambda: persister.applied == 1, timeout=20)
+    await persister.fold_now()
 
     assert persister.crashes >= 1
     ids = [j.message.msg_id for j in sent]
@@ -204,8 +212,39 @@ async def test_a_group_job_split_by_receivers_reaches_every_list_once(backend, j
     for i, job in enumerate(sent):
         await backend.queue.accept(job, bytes([i]) * 16)
     await wait_for(lambda: persister.persisted == 2, timeout=20)
+    await persister.fold_now()
 
     assert persister.rounds >= 6
     for user, lists in (await _lists(backend, members)).items():
         row = _row(lists, GROUP, 7)
         assert (row.last_id, row.unread) == (sent[1].message.msg_id, 0 if user == 1 else 2)
+
+
+@pytest_twisted.ensureDeferred
+async def test_the_lists_follow_by_themselves_and_after_a_crash(backend, jobs, wait_for):
+    """Folds come FOLD_DELAY_S after a batch without anyone asking, one fold for many
+    batches; inbox entries a crashed persister never folded are folded by the next one at
+    its start (ConversationStore.behind)."""
+    convs = backend.current.conversations
+    left = jobs.job(5, 6, sender=5, conv_id=6)
+    await backend.inbox.append_many([left])  # a persister died after this write
+    persister = Persister(
+        backend.queue, backend.inbox, backend.history, convs, fold_delay_s=0.3
+    )  # fmt: skip
+    persister.start()
+
+    async def unread(user: int, peer: int) -> int:
+        rows = (await convs.changes(user, 0, 100, ANY_SIZE)).convs
+        return sum(r.unread for r in rows if (r.conv_kind, r.conv_id) == (USER, peer))
+
+    await wait_for(lambda: persister.folds >= 1, timeout=20)
+    assert await unread(6, 5) == 1
+    sent = [jobs.job(1, 2, sender=1, conv_id=2) for _ in range(5)]
+    for i, job in enumerate(sent):
+        await backend.queue.accept(job, bytes([i]) * 16)
+    await wait_for(lambda: persister.persisted == 5, timeout=20)
+    folds = persister.folds
+    await wait_for(lambda: persister.lists_pending == 0, timeout=20)
+    assert persister.folds - folds <= 2  # coalesced: not one fold per batch
+    assert await unread(2, 1) == 5
+    persister.stop()

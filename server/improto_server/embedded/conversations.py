@@ -9,10 +9,16 @@ each user's newest version and the unread sum over its rows that are not hidden,
 page reads neither every row nor a sum. A user's conv_users row is never removed: versions
 keep increasing after retention removed every row (a client's stored version stays valid).
 
-Writes come from the persister (call_background), one transaction per call: the rows a call
-touches are read once, changed in memory in job order and written back once, each visibly
+Writes come from record, apply and fold (call_background), one transaction per call: the rows
+a call touches are read once, changed in memory in order and written back once, each visibly
 changed row with the user's next version. Rows go `retention_ms` after their last change
 (changed_ms), by the backend's sweep (expire_conversations).
+
+The rows follow the inboxes: every message has an entry in each of its users' inboxes (the
+sender's too), so `fold` applies a user's entries above conv_users.folded_to (the inbox cursor
+folded so far) as record applies their messages, then moves folded_to. A fold of many entries
+writes each row once, not once per message as recording each batch did; folded_to moves in the
+same transaction as the rows, so no entry is applied twice.
 """
 
 from __future__ import annotations
@@ -44,6 +50,7 @@ from improto_server.embedded.database import (
     unsigned,
 )
 from improto_server.model import (
+    FOLD_ENTRIES,
     MAX_UNREAD_TRACKED,
     ConvRows,
     ConvState,
@@ -64,6 +71,12 @@ class SQLiteConversations(RetainedStore):
 
     def apply(self, jobs: Sequence[StateJob]) -> Deferred[None]:
         return self._db.call_background(_apply, list(jobs), self._now_ms())
+
+    def fold(self, user_ids: Sequence[int]) -> Deferred[list[int]]:
+        return self._db.call_background(_fold, list(user_ids), self._now_ms())
+
+    def behind(self) -> Deferred[list[int]]:
+        return self._db.call(_behind)
 
     def by_activity(
         self, user_id: int, before_id: int, limit: int, max_bytes: int
@@ -178,7 +191,9 @@ class _Rows:
         self._db = db
         rows: dict[_Key, _Row] = {}
         self._rows = rows
-        self.messages: dict[int, Message] = {}  # stored msg_id: a message that may be a last
+        # stored msg_id: a message that may become a last and may not be stored yet (None:
+        # every such message has its row, as an inbox entry's has)
+        self.messages: dict[int, Message] | None = None
         wanted = list(dict.fromkeys(keys))
         # The keys as a VALUES table, a chunk per statement (bound parameters are capped):
         # several times faster than unpacking a JSON array with json_extract per row.
@@ -241,11 +256,10 @@ class _Rows:
             )
         }
         counters: list[tuple[int, int, int]] = []
-        stored: dict[int, Message] = {}
+        lasts: set[int] = set()  # the new last messages
         replaced: set[int] = set()
         inserts: list[tuple[Any, ...]] = []
         updates: list[tuple[Any, ...]] = []
-        messages = self.messages
         for user, rows in changed.items():
             version, total = users.get(user, (0, 0))
             for key, row in rows:
@@ -256,7 +270,7 @@ class _Rows:
                     if not row.hidden:
                         total += row.unread
                     if row.last_id != _NONE:
-                        stored[row.last_id] = messages[row.last_id]
+                        lasts.add(row.last_id)
                     inserts.append((
                         *key, version, row.hidden, row.hide_id, row.read_id, row.peer_read_id,
                         row.unread, row.ids, row.last_id, now,
@@ -269,7 +283,7 @@ class _Rows:
                     row.version = version
                 total += (0 if row.hidden else row.unread) - (0 if hidden else unread)
                 if row.last_id != old_last:
-                    stored[row.last_id] = messages[row.last_id]
+                    lasts.add(row.last_id)
                     if old_last != _NONE:
                         replaced.add(old_last)
                 updates.append((
@@ -283,7 +297,8 @@ class _Rows:
             " SET version = excluded.version, total_unread = excluded.total_unread",
             counters,
         )
-        store_messages(self._db, stored.values())
+        if self.messages is not None:
+            store_messages(self._db, [self.messages[mid] for mid in lasts])
         if updates:
             self._db.executemany(_UPDATE_ROW, updates)
         if inserts:
@@ -308,9 +323,12 @@ _INSERT_ROW = (
 _USER, _GROUP = int(ConvKind.USER), int(ConvKind.GROUP)  # plain ints: compared per row
 
 
+# What a message does to one user's row: (key, stored msg_id, from the user itself, 1:1).
+_Entry = tuple[_Key, int, bool, bool]
+
+
 def _record(db: sqlite3.Connection, jobs: list[PersistJob], now: int) -> None:
-    # (key, stored msg_id, from the user itself, 1:1) per job and receiver, in order
-    todo: list[tuple[_Key, int, bool, bool]] = []
+    todo: list[_Entry] = []  # per job and receiver, in order
     messages: dict[int, Message] = {}
     for job in jobs:
         m = job.message
@@ -329,6 +347,13 @@ def _record(db: sqlite3.Connection, jobs: list[PersistJob], now: int) -> None:
                 ((user - BIAS, _USER, conv if user == sender else peer), mid, user == sender, True)
                 for user in job.inbox_users
             ]
+    _write_entries(db, todo, messages, now)
+
+
+def _write_entries(
+    db: sqlite3.Connection, todo: list[_Entry], messages: dict[int, Message] | None, now: int
+) -> None:
+    """Apply the entries in order; `messages`: as _Rows.messages."""
     rows = _Rows(db, [item[0] for item in todo])
     rows.messages = messages
     get = rows.get
@@ -345,6 +370,63 @@ def _record(db: sqlite3.Connection, jobs: list[PersistJob], now: int) -> None:
             if one_to_one and mid > row.peer_read_id:  # so the peer, who answers, has read
                 row.peer_read_id = mid  # up to its message
     rows.write(now)
+
+
+# A user's entries above its folded position in cursor order (the inbox key's), with the
+# columns of their messages the rows need, as stored (the todo's values).
+_ENTRIES = (
+    "SELECT i.cursor, m.msg_id, m.sender_id, m.conv_kind, m.conv_id"
+    " FROM inbox i JOIN messages m ON m.msg_id = i.msg_id"
+    " WHERE i.user_id = ? AND i.cursor > ? ORDER BY i.cursor LIMIT ?"
+)
+
+
+def _fold(db: sqlite3.Connection, user_ids: list[int], now: int) -> list[int]:
+    users = id_list(dict.fromkeys(signed(u) for u in user_ids))
+    # Only the users with entries above their position: no inbox or folded to its head, none.
+    due = db.execute(
+        "SELECT h.user_id, coalesce(c.folded_to, 0), h.head FROM inbox_head h"
+        " LEFT JOIN conv_users c ON c.user_id = h.user_id"
+        " WHERE h.user_id IN (SELECT value FROM json_each(?))"
+        " AND h.head > coalesce(c.folded_to, 0)",
+        (users,),
+    ).fetchall()
+    todo: list[_Entry] = []
+    folded: list[tuple[int, int]] = []  # user, new folded_to
+    behind: list[int] = []
+    for user, start, head in due:
+        entries = db.execute(_ENTRIES, (user, start, FOLD_ENTRIES + 1)).fetchall()
+        if len(entries) > FOLD_ENTRIES:
+            del entries[FOLD_ENTRIES:]
+            folded.append((user, entries[-1][0]))
+            behind.append(unsigned(user))
+        else:  # none left: to the head, past the entries the inbox no longer holds
+            folded.append((user, head))
+        for _, mid, sender, kind, conv in entries:
+            own = sender == user
+            if kind == _GROUP:
+                todo.append(((user, _GROUP, conv), mid, own, False))
+            else:  # a 1:1 entry is the sender's or the receiver's (conv_id)
+                todo.append(((user, _USER, conv if own else sender), mid, own, True))
+    if todo:
+        _write_entries(db, todo, None, now)
+    # After the rows' write: its conv_users upsert leaves folded_to as it is.
+    db.executemany(
+        "INSERT INTO conv_users (user_id, version, folded_to) VALUES (?, 0, ?)"
+        " ON CONFLICT (user_id) DO UPDATE SET folded_to = excluded.folded_to",
+        folded,
+    )
+    return behind
+
+
+def _behind(db: sqlite3.Connection) -> list[int]:
+    return [
+        unsigned(user)
+        for (user,) in db.execute(
+            "SELECT h.user_id FROM inbox_head h LEFT JOIN conv_users c ON c.user_id = h.user_id"
+            " WHERE h.head > coalesce(c.folded_to, 0)"
+        )
+    ]
 
 
 def _apply(db: sqlite3.Connection, jobs: list[StateJob], now: int) -> None:

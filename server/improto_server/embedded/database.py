@@ -47,7 +47,8 @@ from improto_server.deferreds import as_deferred
 _R = TypeVar("_R")
 _Call = tuple[Callable[..., Any], tuple[Any, ...], "Deferred[Any]"]
 
-SCHEMA_VERSION = 3  # 2: inbox sizes and byte totals, positions' last use; 3: conversations
+SCHEMA_VERSION = 4  # 2: inbox sizes and byte totals, positions' last use; 3: conversations;
+# 4: conversations folded from the inboxes (conv_users.folded_to)
 
 _BIAS = BIAS = 1 << 63  # signed(v) = v - BIAS
 SQLITE_MAX_INT = _BIAS - 1
@@ -155,11 +156,12 @@ CREATE INDEX IF NOT EXISTS members_user ON members (user_id, group_id);
 # Conversation lists (embedded/conversations.py); the migration from version 2 creates them too.
 _CONV_SCHEMA = """
 -- version: the user's newest list version; total_unread: the sum of unread over the user's
--- rows not hidden.
+-- rows not hidden; folded_to: the user's inbox cursor the rows are folded up to.
 CREATE TABLE IF NOT EXISTS conv_users (
     user_id INTEGER PRIMARY KEY,
     version INTEGER NOT NULL,
-    total_unread INTEGER NOT NULL DEFAULT 0
+    total_unread INTEGER NOT NULL DEFAULT 0,
+    folded_to INTEGER NOT NULL DEFAULT 0
 );
 -- version: the user's list version at the row's last visible change. Positions, hide_id and
 -- last_id are stored msg_ids (signed(0): none); last_id refers to the messages row;
@@ -215,6 +217,18 @@ FROM (SELECT user_id, conv_kind, conv_id, max(msg_id) AS last_id FROM (
 INSERT INTO conv_users SELECT user_id, count(*), 0 FROM conv_rows GROUP BY user_id;
 """
 
+# conv_users as version 3 had it. A migration step works on the tables as the step before it
+# left them (the current schema, _SCHEMA, runs after the last step): the step from version 2
+# creates this one first, so _CONV_SCHEMA's CREATE IF NOT EXISTS keeps it, and the step from
+# version 3 adds the column.
+_CONV_USERS_V3 = """
+CREATE TABLE conv_users (
+    user_id INTEGER PRIMARY KEY,
+    version INTEGER NOT NULL,
+    total_unread INTEGER NOT NULL DEFAULT 0
+);
+"""
+
 # version -> the statements that bring a database of that version to the next one.
 MIGRATIONS: dict[int, str] = {
     1: f"""
@@ -229,7 +243,17 @@ ALTER TABLE positions ADD COLUMN used INTEGER NOT NULL DEFAULT 0;
     # Conversation lists are new: one row per conversation of the retained messages (groups:
     # their current members), read state unknown (read_id 0, nothing counted unread),
     # changed when its last message was sent; versions 1, 2, ... per user by last message.
-    2: _CONV_SCHEMA + _CONV_BACKFILL,
+    2: _CONV_USERS_V3 + _CONV_SCHEMA + _CONV_BACKFILL,
+    # The rows follow the inboxes now (ConversationStore.fold). Version 3's persister recorded
+    # every entry it appended, so each user is folded up to its inbox's head already.
+    3: """
+ALTER TABLE conv_users ADD COLUMN folded_to INTEGER NOT NULL DEFAULT 0;
+UPDATE conv_users SET folded_to = coalesce((SELECT head FROM inbox_head h
+                                            WHERE h.user_id = conv_users.user_id), 0);
+INSERT INTO conv_users (user_id, version, total_unread, folded_to)
+SELECT user_id, 0, 0, head FROM inbox_head
+WHERE user_id NOT IN (SELECT user_id FROM conv_users);
+""",
 }
 
 

@@ -9,7 +9,8 @@ the reader's and the peer's, two slots):
     P:conv:{u<id>}:meta  hash  ver: the user's last list version; total: the sum of unread
                                over the rows not hidden; old: a lower bound of the scores in
                                age (absent: unknown), so a change probes for expired rows only
-                               when one may be due. No TTL (see below).
+                               when one may be due; fold: the inbox cursor the rows are folded
+                               to (absent: 0, never folded). No TTL (see below).
     P:conv:{u<id>}:rows  hash  R -> the row's state: last_id, read_id, peer_read_id, the
                                newest hide's msg_id (16 hex digits each), hidden (0/1), then
                                "version:unread:ms" (decimal; ms as in age).
@@ -23,6 +24,20 @@ the reader's and the peer's, two slots):
                                CONV_LIST in last_id order (ZREVRANGEBYLEX; rows without a
                                message have last_id 0, so they come last).
     P:conv:{u<id>}:age   zset  R -> the ms (injected clock) of the row's last change.
+
+    P:conv:behind        set   users whose inbox may hold entries above their fold: no
+                               user's key (one set; on Redis Cluster one per slot, see
+                               redis_inbox.behind_key). The inbox append adds the users it
+                               gave an entry, a fold up to the inbox's seq removes the user;
+                               it expires with the inbox entries it names.
+
+Rows follow the inbox: the persister does not write rows per message; `fold` brings a user's
+rows up to its inbox entries (P:inbox:{u<id>}:ent/rec, redis_inbox.inbox_keys), applying the
+entries above `fold` as `record` would, coalesced (one row write per conversation per fold,
+not per message). A fold reads (one read-only script), builds the ops in Python, then applies
+them with a compare-and-set on `fold` in the change script, so two folds of one user at once
+never apply an entry twice: the loser changes nothing and reads again. The behind set is the
+recovery list: a persister that stopped with users unfolded folds `behind()` when it starts.
 
 msg_ids and user ids are u64: they are fixed-width hex in members and fields (so lex order is
 numeric order; scripts compare them in two exact 32-bit halves), never Lua numbers. Scores
@@ -39,21 +54,36 @@ script that writes the user's list gives them all PEXPIRE retention + margin whe
 retention + margin / 2 is left on rows (or rows had none), else gives the keys it may have
 created (unr, act, last) the rows' deadline. meta has no TTL: versions must never go back (a
 client holding version V asks for the changes since V; a list restarting at 1 would hide
-versions up to V from it), and it stays three small integers per user. A script that finds
-rows gone resets total to 0.
+versions up to V from it; `fold` must not go back either, or entries would apply twice), and
+it stays four small integers per user. A script that finds rows gone resets total to 0.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 from twisted.internet.defer import Deferred
 
 from improto.enums import ConvKind
-from improto.records import CONV_OVERHEAD, CorruptRecord, record_of_stored
+from improto.records import (
+    CONV_OVERHEAD,
+    STORE_FORMAT,
+    CorruptRecord,
+    conversation_of,
+    record_of_stored,
+)
+from improto.records import stored as stored_form
 from improto_server.deferreds import as_deferred
-from improto_server.model import MAX_UNREAD_TRACKED, ConvRows, ConvState, PersistJob, StateJob
+from improto_server.model import (
+    FOLD_ENTRIES,
+    MAX_UNREAD_TRACKED,
+    ConvRows,
+    ConvState,
+    PersistJob,
+    StateJob,
+)
 from improto_server.production.redis_connection import (
     LuaScript,
     RedisClient,
@@ -61,7 +91,8 @@ from improto_server.production.redis_connection import (
     gather,
     load_scripts,
 )
-from improto_server.production.redis_slots import script_calls
+from improto_server.production.redis_inbox import behind_key, behind_slot_key, inbox_keys
+from improto_server.production.redis_slots import SLOTS, script_calls, slot_groups
 
 DAY_MS = 86_400_000
 CHANGE_WINDOW = 64  # change scripts in flight at once for one batch (pipelined)
@@ -69,10 +100,14 @@ CHANGE_ENTRIES = 2048  # row changes one script applies at most: bounds Redis' p
 CHANGE_TRIM = 64  # expired rows a change removes in passing
 READ_TRIM = 1000  # expired rows one read call removes: bounds the time Redis is blocked
 MAX_PAGE = 1000  # rows one page returns at most ("at most limit"; has_more stays exact)
+FOLD_USERS = 128  # users one fold read script reads at most
+FOLD_READ = CHANGE_ENTRIES  # entries one fold read reads (then only whole users' left out)
+FOLD_RETRIES = 2  # re-reads of a user whose fold lost to another fold, in one call
+BEHIND_WINDOW = 1024  # behind sets counted at once (Redis Cluster: one per slot)
 NAMES = ("meta", "rows", "last", "unr", "ver", "act", "age")
 
 # --------------------------------------------------------------------------- scripts
-# KEYS of one user, in NAMES order (7 per user).
+# KEYS of one user, in NAMES order (7 per user; user_keys(b): those from KEYS[b + 1]).
 
 _COMMON = """
 local ZERO = '0000000000000000'
@@ -89,8 +124,7 @@ local function lt(a, b)
   return tonumber(string.sub(a, 9), 16) < tonumber(string.sub(b, 9), 16)
 end
 
-local function user_keys(u)
-  local b = 7 * u
+local function user_keys(b)
   return {meta = KEYS[b + 1], rows = KEYS[b + 2], last = KEYS[b + 3], unr = KEYS[b + 4],
     ver_key = KEYS[b + 5], act = KEYS[b + 6], age = KEYS[b + 7]}
 end
@@ -202,16 +236,23 @@ local function trim(K, cutoff, max)
 end
 """
 
-# KEYS: 7 per user. ARGV: now_ms, cutoff_ms, ttl_ms, trim max, max tracked, refresh_ms (the
-# PTTL below which the TTL is extended), the number of messages M, then M (16-hex msg_id,
-# stored record) pairs, then for each user: a count k and k (op, row field, value) triples,
-# applied in order. op: 'o' messages of the user's own (value: their 1-based message indexes,
-# space-separated, in order), 'm' messages from others in a group (indexes), 'q' messages
-# from the peer (1:1: they also move peer_read_id), 'r' a read mark, 'p' the peer's read mark
-# (1:1), 'h' a hide (value: the 16-hex msg_id for these three).
+# KEYS: for each user its 7, then (a fold, below) its inbox meta; last, when the call folds,
+# the behind set of the call's slot. ARGV: now_ms, cutoff_ms, ttl_ms, trim max, max tracked,
+# refresh_ms (the PTTL below which the TTL is extended), the number of messages M, then M
+# (16-hex msg_id, stored record) pairs, then for each user: its compare-and-set, then a count
+# k and k (op, row field, value) triples, applied in order. The compare-and-set is '-' (none:
+# record, apply) or, for a fold, the fold it read (decimal), the fold to set and the user id:
+# a user whose meta fold is no longer the one read (another fold won) is left untouched and
+# named in the reply; else its ops apply, fold is set, and the user leaves the behind set
+# when the fold reaches its inbox's seq (an entry appended since keeps it there).
+# op: 'o' messages of the user's own (value: their 1-based message indexes, space-separated,
+# in order), 'm' messages from others in a group (indexes), 'q' messages from the peer (1:1:
+# they also move peer_read_id), 'r' a read mark, 'p' the peer's read mark (1:1), 'h' a hide
+# (value: the 16-hex msg_id for these three).
 # A user's rows are changed in memory in order, then each visibly changed row is written once
 # with the user's next version (so a batch gives a row one version, as the embedded store
-# does); a row whose hide alone moved is written without one. Returns the versions given.
+# does); a row whose hide alone moved is written without one. Returns the users whose
+# compare-and-set failed (decimal ids).
 _CHANGE = LuaScript(
     _COMMON
     + """
@@ -340,9 +381,8 @@ local nowms = tonumber(now)
 local trimmax, maxt, refresh = tonumber(ARGV[4]), tonumber(ARGV[5]), tonumber(ARGV[6])
 local base = 8
 local pos = base + 2 * tonumber(ARGV[7])
-local versions = 0
-for u = 0, #KEYS / 7 - 1 do
-  local K = user_keys(u)
+-- Apply one user's ops (from ARGV[pos]: k, then k triples); returns the position after them.
+local function change(K, pos)
   total_of(K, true)
   K.maxt = maxt
   local more = trim(K, ARGV[2], trimmax)
@@ -418,7 +458,6 @@ for u = 0, #KEYS / 7 - 1 do
         K.ver = K.ver + 1
         r.ver = K.ver
         redis.call('ZADD', K.ver_key, r.ver, f)
-        versions = versions + 1
       end
       save(K, f, r, now)
       redis.call('ZADD', K.age, now, f)
@@ -468,8 +507,35 @@ for u = 0, #KEYS / 7 - 1 do
     end
   end
   flush(K)
+  return pos
 end
-return versions
+
+local lost = {}
+local kp = 0  -- the KEYS taken so far
+while pos <= #ARGV do
+  local K = user_keys(kp)
+  kp = kp + 7
+  local expected, fold_to, user, seq_key = ARGV[pos], nil, nil, nil
+  pos = pos + 1
+  if expected ~= '-' then
+    fold_to, user, seq_key = ARGV[pos], ARGV[pos + 1], KEYS[kp + 1]
+    pos = pos + 2
+    kp = kp + 1
+  end
+  if fold_to and (tonumber(redis.call('HGET', K.meta, 'fold')) or 0) ~= tonumber(expected) then
+    lost[#lost + 1] = user  -- another fold won: it applied these entries
+    pos = pos + 3 * tonumber(ARGV[pos]) + 1
+  else
+    pos = change(K, pos)
+    if fold_to then
+      redis.call('HSET', K.meta, 'fold', fold_to)
+      if tonumber(fold_to) >= (tonumber(redis.call('HGET', seq_key, 'seq')) or 0) then
+        redis.call('SREM', KEYS[#KEYS], user)
+      end
+    end
+  end
+end
+return lost
 """
 )
 
@@ -554,9 +620,57 @@ return out
 """
 )
 
-SCRIPTS = (_CHANGE, _BY_ACTIVITY, _CHANGES, _READ_POSITIONS)
+# KEYS: 4 per user: its conv meta, inbox meta, inbox ent, inbox rec. ARGV: entries per user
+# (at most), entries per call. Reads only. For each user while fewer than `entries per call`
+# were read (so at least the first user): fold (the meta's, '0' if absent), the inbox's seq
+# ('0' if absent), a count n, then n (msg_id, cursor, stored record) of the entries above
+# fold in cursor order. The users left out (at the end) are read by another call.
+_FOLD_READ = LuaScript(
+    """
+local limit, budget = tonumber(ARGV[1]), tonumber(ARGV[2])
+local out, used = {}, 0
+for b = 0, #KEYS - 4, 4 do
+  if used >= budget then
+    break
+  end
+  local fold = redis.call('HGET', KEYS[b + 1], 'fold') or '0'
+  out[#out + 1] = fold
+  out[#out + 1] = redis.call('HGET', KEYS[b + 2], 'seq') or '0'
+  local rows = redis.call('ZRANGEBYSCORE', KEYS[b + 3], '(' .. fold, '+inf', 'WITHSCORES',
+    'LIMIT', 0, limit)
+  local n = #rows / 2
+  out[#out + 1] = n
+  if n > 0 then
+    local ids = {}
+    for i = 1, n do
+      ids[i] = rows[2 * i - 1]
+    end
+    local recs = redis.call('HMGET', KEYS[b + 4], unpack(ids))
+    for i = 1, n do
+      out[#out + 1] = ids[i]
+      out[#out + 1] = rows[2 * i]
+      out[#out + 1] = recs[i]
+    end
+  end
+  used = used + n
+end
+return out
+"""
+)
+
+SCRIPTS = (_CHANGE, _BY_ACTIVITY, _CHANGES, _READ_POSITIONS, _FOLD_READ)
 
 Entry = tuple[str, str, int | str]  # op, row field, message index or 16-hex msg_id
+Cas = tuple[int, int]  # a fold's compare-and-set: the fold read, the fold to set
+
+
+@dataclass
+class _Folding:
+    """What a fold read of one user found: its fold, its inbox's seq, the entries above."""
+
+    fold: int
+    seq: int
+    entries: list[tuple[int, bytes, bytes]]  # cursor, msg_id (decimal), stored record
 
 
 class RedisConversations:
@@ -601,7 +715,8 @@ class RedisConversations:
 
     # ------------------------------------------------------------------ writes
 
-    def record(self, jobs: Sequence[PersistJob]) -> Deferred[None]:
+    @as_deferred
+    async def record(self, jobs: Sequence[PersistJob]) -> None:
         messages: list[tuple[str, bytes]] = []
         entries: dict[int, list[Entry]] = {}
         for job in jobs:
@@ -609,15 +724,9 @@ class RedisConversations:
             messages.append((_hex(m.msg_id), job.stored_record))
             index = len(messages) - 1
             for user in dict.fromkeys(job.inbox_users):
-                own = m.sender_id == user
-                if m.conv_kind == ConvKind.GROUP:
-                    field = _field(ConvKind.GROUP, m.conv_id)
-                else:
-                    field = _field(ConvKind.USER, m.conv_id if own else m.sender_id)
-                # q: from the peer (1:1), who read what it answers (peer_read_id moves)
-                op = "o" if own else "m" if m.conv_kind == ConvKind.GROUP else "q"
+                op, field = _message_op(user, m.sender_id, m.conv_kind, m.conv_id)
                 entries.setdefault(user, []).append((op, field, index))
-        return self._change(entries, messages)
+        await self._change(entries, messages)
 
     def apply(self, jobs: Sequence[StateJob]) -> Deferred[None]:
         entries: dict[int, list[Entry]] = {}
@@ -632,14 +741,20 @@ class RedisConversations:
                 entries.setdefault(job.user_id, []).append(("h", field, msg))
             else:
                 raise ValueError(f"unknown state job kind {job.kind}")
-        return self._change(entries, [])
+        return self._change(entries, []).addCallback(lambda _: None)
 
     @as_deferred
     async def _change(
-        self, entries: dict[int, list[Entry]], messages: list[tuple[str, bytes]]
-    ) -> None:
+        self,
+        entries: dict[int, list[Entry]],
+        messages: list[tuple[str, bytes]],
+        cas: dict[int, Cas] | None = None,
+    ) -> list[int]:
+        """Apply `entries` (user -> ops); `cas`: every user's fold compare-and-set (a fold).
+        Returns the users whose compare-and-set failed: nothing of theirs changed."""
+        lost: list[int] = []
         if not entries:
-            return
+            return lost
         now = self._now_ms()
         # the lists' TTL is extended to ttl when less than ttl - margin / 2 is left
         refresh = self._ttl_ms - self._ttl_margin_ms // 2
@@ -648,10 +763,12 @@ class RedisConversations:
         # always in one call, so they apply in order), split by slot on Redis Cluster.
         calls = script_calls(entries, self._slot_key, self._cluster, CHANGE_ENTRIES)
         for i in range(0, len(calls), CHANGE_WINDOW):
-            await gather(
-                self._change_call(users, entries, messages, head)
+            replies = await gather(
+                self._change_call(users, entries, messages, head, cas)
                 for users in calls[i : i + CHANGE_WINDOW]
             )
+            lost.extend(int(user) for reply in replies for user in reply)
+        return lost
 
     def _change_call(
         self,
@@ -659,6 +776,7 @@ class RedisConversations:
         entries: dict[int, list[Entry]],
         messages: list[tuple[str, bytes]],
         head: list[Any],
+        cas: dict[int, Cas] | None = None,
     ) -> Deferred[Any]:
         used = sorted({v for u in users for _, _, v in entries[u] if isinstance(v, int)})
         local = {i: n for n, i in enumerate(used, 1)}
@@ -668,6 +786,11 @@ class RedisConversations:
             args.extend(messages[i])
         for user in users:
             keys.extend(self.keys(user))
+            if cas is None:
+                args.append("-")
+            else:
+                keys.append(inbox_keys(self._prefix, user)[0])
+                args.extend((cas[user][0], cas[user][1], user))
             # a run of messages of one op on one row goes as one entry: "i j k ..."
             ops: list[Any] = []
             for op, field, value in entries[user]:
@@ -680,10 +803,124 @@ class RedisConversations:
             args.append(len(ops))
             for entry in ops:
                 args.extend(entry)
+        if cas is not None:
+            keys.append(behind_key(self._prefix, users[0], self._cluster))  # one slot per call
         return _CHANGE(self._redis, keys, args)
 
     def _slot_key(self, user_id: int) -> str:
         return self.keys(user_id)[0]
+
+    # ------------------------------------------------------------------ folds
+
+    @as_deferred
+    async def fold(self, user_ids: Sequence[int]) -> list[int]:
+        """Apply each user's inbox entries above its fold as `record` applies their
+        messages, FOLD_ENTRIES at most per user (the rest: the user is returned, still
+        behind). A user never folded has fold 0 (meta without `fold`): its retained entries
+        apply again, harmless as `record` is idempotent (the rows written by the persister
+        before folds existed). The ops apply with a compare-and-set on fold, so a fold
+        running at the same time (another process) never makes an entry apply twice: the
+        loser reads again, FOLD_RETRIES times at most, then is returned as still behind."""
+        behind: list[int] = []
+        lost: dict[int, int] = {}  # user -> folds it lost
+        todo = list(dict.fromkeys(user_ids))
+        while todo:
+            calls = [
+                group[i : i + FOLD_USERS]
+                for group in slot_groups(todo, self._slot_key, self._cluster)
+                for i in range(0, len(group), FOLD_USERS)
+            ]
+            todo = []
+            for i in range(0, len(calls), CHANGE_WINDOW):
+                window = calls[i : i + CHANGE_WINDOW]
+                read: dict[int, _Folding] = {}
+                for users, got in zip(
+                    window, await gather(map(self._fold_read, window)), strict=True
+                ):
+                    read.update(got)
+                    todo.extend(u for u in users if u not in got)  # left for another call
+                more, beaten = await self._fold_apply(read)
+                behind.extend(more)
+                for user in beaten:
+                    lost[user] = lost.get(user, 0) + 1
+                    (todo if lost[user] <= FOLD_RETRIES else behind).append(user)
+        return behind
+
+    def _fold_read(self, users: list[int]) -> Deferred[dict[int, _Folding]]:
+        keys: list[str] = []
+        for user in users:
+            meta, ent, _, rec, *_ = inbox_keys(self._prefix, user)
+            keys.extend((self.keys(user)[0], meta, ent, rec))
+
+        def parse(reply: list[Any]) -> dict[int, _Folding]:
+            out: dict[int, _Folding] = {}
+            at = 0
+            for user in users:
+                if at >= len(reply):
+                    break  # the users read are a prefix of `users`
+                fold, seq, n = int(reply[at]), int(reply[at + 1]), int(reply[at + 2])
+                flat = reply[at + 3 : at + 3 + 3 * n]
+                at += 3 + 3 * n
+                entries = list(zip(map(int, flat[1::3]), flat[0::3], flat[2::3], strict=True))
+                out[user] = _Folding(fold, seq, entries)
+            return out
+
+        return _FOLD_READ(self._redis, keys, [FOLD_ENTRIES + 1, FOLD_READ]).addCallback(parse)
+
+    async def _fold_apply(self, read: dict[int, _Folding]) -> tuple[list[int], list[int]]:
+        """Apply what `read` found; returns the users with entries left (more than
+        FOLD_ENTRIES) and the users whose compare-and-set failed."""
+        messages: list[tuple[str, bytes]] = []
+        index: dict[bytes, int] = {}  # msg_id -> its place in messages (one copy per call)
+        convs: list[tuple[int, int, int]] = []  # sender, conv_kind, conv_id of each message
+        entries: dict[int, list[Entry]] = {}
+        cas: dict[int, Cas] = {}
+        left: list[int] = []
+        for user, got in read.items():
+            if not got.entries and got.seq <= got.fold:
+                continue  # nothing appended since its last fold: not in the behind set
+            ops = entries[user] = []
+            for _, msg_id, record in got.entries[:FOLD_ENTRIES]:
+                at = index.get(msg_id)
+                if at is None:
+                    kept, *conv = _stored_message(record, user)
+                    at = index[msg_id] = len(messages)
+                    messages.append((_hex(int(msg_id)), kept))
+                    convs.append((conv[0], conv[1], conv[2]))
+                ops.append((*_message_op(user, *convs[at]), at))
+            if len(got.entries) > FOLD_ENTRIES:
+                cas[user] = (got.fold, got.entries[FOLD_ENTRIES - 1][0])
+                left.append(user)
+            else:
+                cas[user] = (got.fold, got.seq)
+        beaten = set(await self._change(entries, messages, cas))
+        return [u for u in left if u not in beaten], sorted(beaten)
+
+    @as_deferred
+    async def behind(self) -> list[int]:
+        """The members of the behind set(s): users an append gave an entry that no fold has
+        reached yet. On Redis Cluster: every slot's set, counted BEHIND_WINDOW at a time."""
+        if not self._cluster:
+            keys = [behind_key(self._prefix, 0, False)]
+        else:
+            keys = []
+            for first in range(0, SLOTS, BEHIND_WINDOW):
+                window = [
+                    behind_slot_key(self._prefix, s) for s in range(first, first + BEHIND_WINDOW)
+                ]
+                sizes = await gather(self._redis.execute_command("SCARD", k) for k in window)
+                keys.extend(k for k, n in zip(window, sizes, strict=True) if n)
+        users: dict[int, None] = {}
+        for key in keys:
+            cursor: bytes = b"0"
+            while True:
+                cursor, found = await self._redis.execute_command(
+                    "SSCAN", key, cursor, "COUNT", 1000
+                )
+                users.update(dict.fromkeys(map(int, found)))
+                if cursor == b"0":
+                    break
+        return list(users)
 
     # ------------------------------------------------------------------ reads
 
@@ -741,6 +978,33 @@ class RedisConversations:
 
 def _hex(value: int) -> str:
     return f"{value:016x}"
+
+
+def _message_op(user: int, sender: int, conv_kind: int, conv_id: int) -> tuple[str, str]:
+    """The op and row field a message is for `user` (record, fold): 'o' the user's own, 'm'
+    from another in a group, 'q' from the peer (1:1: who read what it answers, so the row's
+    peer_read_id moves)."""
+    own = sender == user
+    if conv_kind == ConvKind.GROUP:
+        return ("o" if own else "m"), _field(ConvKind.GROUP, conv_id)
+    return ("o" if own else "q"), _field(ConvKind.USER, conv_id if own else sender)
+
+
+_STORE_TAG = bytes((STORE_FORMAT,))
+
+
+def _stored_message(data: bytes | None, user_id: int) -> tuple[bytes, int, int, int]:
+    """An inbox entry's stored record in the current storage format (as `record` keeps
+    the last message), with its sender, conv_kind and conv_id."""
+    if data is None:
+        raise RuntimeError(f"fold of user {user_id}: an inbox entry has no record")
+    try:
+        if data[:1] == _STORE_TAG:
+            return (data, *conversation_of(data[1:]))  # checks the record is whole
+        record = record_of_stored(data)  # an older format: stored again as `record` would
+        return (stored_form(record), *conversation_of(record))
+    except CorruptRecord as e:
+        raise RuntimeError(f"fold of user {user_id}: {e}") from None
 
 
 def _field(conv_kind: int, conv_id: int) -> str:

@@ -23,6 +23,14 @@ split by slot first, so no script ever spans two slots:
     P:inbox:{u<id>}:rec   hash  msg_id -> the message's stored record (improto.records:
                                 a storage format byte, then the MESSAGE record; entries
                                 written before formats were numbered hold a PUSH payload).
+    P:conv:behind         set   decimal user ids: every user an append gave an entry, until
+                                the user's conversation rows are folded up to its seq
+                                (RedisConversations.fold removes it; behind() reads it, so a
+                                persister that stopped folds what it left). On Redis Cluster
+                                one set per slot, `P:conv:behind:{<slot_tag>}`, so an append
+                                call (one slot) adds to the set of its own slot. It expires
+                                retention + margin after the last append, with the entries it
+                                names: by then there is nothing left to fold.
 
 Scores are doubles, exact only up to 2**53: cursors (a per-user count) and milliseconds fit,
 so they are scores; msg_ids and user ids (u64) are only ever members, fields or key names, and
@@ -70,7 +78,7 @@ from improto_server.production.redis_connection import (
     glob_escape,
     load_scripts,
 )
-from improto_server.production.redis_slots import script_calls
+from improto_server.production.redis_slots import key_slot, script_calls, slot_tag
 
 DAY_MS = 86_400_000
 APPEND_WINDOW = 64  # append scripts in flight at once for one batch (pipelined)
@@ -79,6 +87,27 @@ APPEND_TRIM = 64  # expired entries an append removes in passing: keeps busy inb
 PAGE_TRIM = 1000  # expired entries one script call removes: bounds the time Redis is blocked
 MAX_PAGE = 10_000  # entries one page returns at most ("up to limit"; has_more stays exact)
 MAX_DEVICE_POSITIONS = 64  # device positions kept per user (the least recently advanced go)
+INBOX_NAMES = ("meta", "ent", "age", "rec", "pos", "dev")
+
+
+def inbox_keys(prefix: str, user_id: int) -> list[str]:
+    """The user's inbox keys in INBOX_NAMES order: one hash tag, hence one cluster slot (the
+    conversation lists read meta, ent and rec to fold them)."""
+    base = f"{prefix}:inbox:{{u{user_id}}}:"
+    return [base + name for name in INBOX_NAMES]
+
+
+def behind_key(prefix: str, user_id: int, cluster: bool) -> str:
+    """The behind set that names `user_id`: one for all, or on Redis Cluster the one of the
+    user's slot (so a script on the user's keys may add or remove it)."""
+    if not cluster:
+        return f"{prefix}:conv:behind"
+    return behind_slot_key(prefix, key_slot(f"{{u{user_id}}}"))
+
+
+def behind_slot_key(prefix: str, slot: int) -> str:
+    """On Redis Cluster: the behind set of the users whose keys are in `slot`."""
+    return f"{prefix}:conv:behind:{{{slot_tag(slot)}}}"
 
 
 # --------------------------------------------------------------------------- scripts
@@ -189,12 +218,13 @@ local head, floor = state(meta, ent)
 """
 )
 
-# KEYS: meta, ent, age, rec of each user (4 per user). ARGV: now_ms, cutoff_ms, ttl_ms, trim
-# max, max_entries, max_bytes, the number of messages M, then M (msg_id, record) pairs, then
-# for each user: a count k and k message indexes (1-based, in the order the entries must get
-# their cursors). An entry already in its inbox (a redelivered job) is skipped. Beyond the
-# caps, the oldest entries go: as many as were added plus the trim max, so the work stays
-# bounded (a page removes whatever is left first). Returns the number of entries added.
+# KEYS: meta, ent, age, rec of each user (4 per user), then the behind set (of the call's slot).
+# ARGV: now_ms, cutoff_ms, ttl_ms, trim max, max_entries, max_bytes, the number of messages M,
+# then M (msg_id, record) pairs, then for each user: its id (decimal), a count k and k message
+# indexes (1-based, in the order the entries must get their cursors). An entry already in its
+# inbox (a redelivered job) is skipped. Beyond the caps, the oldest entries go: as many as were
+# added plus the trim max, so the work stays bounded (a page removes whatever is left first).
+# The users that got an entry join the behind set (one SADD). Returns the entries added.
 _APPEND = LuaScript(
     _STATE
     + """
@@ -202,19 +232,19 @@ local now, cutoff, ttl, trimmax = ARGV[1], ARGV[2], ARGV[3], tonumber(ARGV[4])
 local max_entries, max_bytes = tonumber(ARGV[5]), tonumber(ARGV[6])
 local base = 7
 local pos = base + 1 + 2 * tonumber(ARGV[base])
-local added = 0
-for u = 0, #KEYS / 4 - 1 do
+local added, grown = 0, {}
+for u = 0, (#KEYS - 1) / 4 - 1 do
   local meta, ent, age, rec = KEYS[4 * u + 1], KEYS[4 * u + 2], KEYS[4 * u + 3], KEYS[4 * u + 4]
   local head, floor = state(meta, ent)
   floor = trim(meta, ent, age, rec, floor, cutoff, trimmax)
-  local k = tonumber(ARGV[pos])
+  local user, k = ARGV[pos], tonumber(ARGV[pos + 1])
   local ats, ids = {}, {}
-  for i = pos + 1, pos + k do
+  for i = pos + 2, pos + k + 1 do
     local at = base + 2 * tonumber(ARGV[i]) - 1
     ats[#ats + 1] = at
     ids[#ids + 1] = ARGV[at]
   end
-  pos = pos + k + 1
+  pos = pos + k + 2
   local present = {}
   for i = 1, #ids, 1000 do
     local chunk = redis.call('ZMSCORE', ent, unpack(ids, i, math.min(i + 999, #ids)))
@@ -250,8 +280,13 @@ for u = 0, #KEYS / 4 - 1 do
     redis.call('PEXPIRE', age, ttl)
     redis.call('PEXPIRE', rec, ttl)
     added = added + seq - head
+    grown[#grown + 1] = user
     cap(meta, ent, age, rec, seq, floor, max_entries, max_bytes, seq - head + trimmax)
   end
+end
+if #grown > 0 then
+  bulk('SADD', KEYS[#KEYS], grown)
+  redis.call('PEXPIRE', KEYS[#KEYS], ttl)
 end
 return added
 """
@@ -473,8 +508,7 @@ class RedisInbox:
 
     def keys(self, user_id: int) -> list[str]:
         """meta, ent, age, rec, pos, dev of one user: one hash tag, hence one cluster slot."""
-        base = f"{self._prefix}:inbox:{{u{user_id}}}:"
-        return [base + name for name in ("meta", "ent", "age", "rec", "pos", "dev")]
+        return inbox_keys(self._prefix, user_id)
 
     def _cutoff(self) -> int:
         return self._now_ms() - self.retention_ms
@@ -522,8 +556,9 @@ class RedisInbox:
             args.extend(records[i])
         for user in users:
             keys.extend(self.keys(user)[:4])
-            args.append(len(entries[user]))
+            args.extend((user, len(entries[user])))
             args.extend(local[i] for i in entries[user])
+        keys.append(behind_key(self._prefix, users[0], self._cluster))  # one slot per call
         return _APPEND(self._redis, keys, args)
 
     def _slot_key(self, user_id: int) -> str:
@@ -594,7 +629,7 @@ class RedisInbox:
             )
             for key in found:
                 base = key.decode()[: -len("age")]
-                keys = [base + name for name in ("meta", "ent", "age", "rec")]
+                keys = [base + name for name in INBOX_NAMES[:4]]
                 while True:
                     n, more = await _TRIM(self._redis, keys, [cutoff, PAGE_TRIM])
                     removed += n

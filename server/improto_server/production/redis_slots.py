@@ -3,10 +3,12 @@
 A script may only touch keys of one slot on Redis Cluster. The stores batch many users' (or
 senders') keys into one script call; with `cluster=True` they split each batch by slot first.
 On a single Redis (or Sentinel), where every key lives on one server, one call takes all.
+A key that must sit next to a batch of some slot (a set one call adds to) takes `slot_tag`.
 """
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Iterable, Mapping, Sized
 from typing import TypeVar
 
@@ -47,6 +49,26 @@ def key_slot(key: str | bytes) -> int:
     return crc16(raw) % SLOTS
 
 
+@functools.cache
+def _slot_tags() -> tuple[str, ...]:
+    # "b0", "b1", ... until every slot has one: about 114,000 checksums, 0.15 s, once
+    tags: list[str | None] = [None] * SLOTS
+    left, n = SLOTS, 0
+    while left:
+        slot = crc16(b"b%d" % n) % SLOTS
+        if tags[slot] is None:
+            tags[slot] = f"b{n}"
+            left -= 1
+        n += 1
+    return tuple(t for t in tags if t is not None)
+
+
+def slot_tag(slot: int) -> str:
+    """A hash tag whose key slot is `slot`: `key_slot("x:{" + slot_tag(s) + "}") == s`
+    (computed on first use, then kept)."""
+    return _slot_tags()[slot]
+
+
 def slot_groups(items: Iterable[_T], key: Callable[[_T], str], cluster: bool) -> list[list[_T]]:
     """`items` split into groups whose keys share a slot (cluster), or one group; the order
     of items inside each group is kept."""
@@ -65,14 +87,16 @@ def script_calls(
     """The users of `entries` (user -> that user's entries) as the user lists of script
     calls: many users per call (one round trip for a batch), about `max_entries` entries per
     call at most (one user's entries always in one call, so they apply in order), and split
-    by slot on Redis Cluster."""
+    by slot on Redis Cluster. A user without entries still gets a place in a call."""
     calls: list[list[int]] = []
     for group in slot_groups(sorted(entries), key, cluster):
-        size = max_entries
+        calls.append([])
+        size = 0
         for user in group:
-            if size + len(entries[user]) > max_entries:
+            n = len(entries[user])
+            if calls[-1] and size + n > max_entries:
                 calls.append([])
                 size = 0
             calls[-1].append(user)
-            size += len(entries[user])
+            size += n
     return calls
