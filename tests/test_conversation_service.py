@@ -85,7 +85,7 @@ class DownStore:
     """A conversation store whose reads fail (a service restarting)."""
 
     def __getattr__(self, name: str) -> Callable[..., Deferred[Any]]:
-        return lambda *a: fail(ConnectionError("store down"))
+        return lambda *a, **kw: fail(ConnectionError("store down"))
 
 
 @dataclass

@@ -380,27 +380,55 @@ async def behind_set(env: Env, key: str | None = None) -> set[int]:
 
 
 @pytest_twisted.ensureDeferred
-async def test_fold_makes_the_rows_record_makes(env):
+async def test_fold_makes_the_rows_record_makes(env, monkeypatch):
     """The same batches, recorded under one prefix and appended then folded under another,
-    give identical lists (versions, unread, tracked-id bounds, last records) per user."""
+    give identical lists (versions, unread, tracked-id bounds, last records) per user: 1:1
+    messages, a small group, and a 30-member group whose messages come partly out of msg_id
+    order. The fold's change calls are bounded by their messages (CHANGE_ENTRIES), though a
+    fold sends one op per row."""
+    monkeypatch.setattr(redis_conversations, "CHANGE_ENTRIES", 50)
     users = (1, 2, 3, 2**63, U64_MAX)
+    members = (*users[:3], *range(100, 127))
+    everyone = list(dict.fromkeys(users + members))
     recorded = RedisConversations(env.redis, env.prefix + ":r", env.clock, RETENTION_MS,
                                   max_tracked=5)  # fmt: skip
     env.convs.max_tracked = 5
+    calls: list[list[int]] = []  # each fold change call: its users' messages
+    original = env.convs._change_call
+
+    def spy(call_users: list[int], entries: dict[int, Any], *rest: Any) -> Any:
+        if rest[-1] is not None:  # a fold's compare-and-set: a fold's call
+            calls.append([sum(len(v.tokens) // 17 for _, _, v in entries[u]) for u in call_users])
+        return original(call_users, entries, *rest)
+
+    env.convs._change_call = spy  # type: ignore[method-assign]
     inbox = inbox_of(env)
     for seed in (1, 2):
+        rng = random.Random(seed)
         batch = mixed_jobs(users, 2**64 - 2, 40, seed)
+        for i in range(40):
+            old = 500_000 + 100 * seed + i if i % 4 == 0 else None  # older than the rest
+            batch.append(PersistJob(message(rng.choice(members), GROUP, 77, old), members))
         await recorded.record(batch)
         await inbox.append_many(batch)
-        assert await env.convs.fold(list(users)) == []
-        reading = [mark(2, USER, 1, batch[3].message.msg_id), mark(3, GROUP, 2**64 - 2, 1)]
+        assert await env.convs.fold(everyone) == []
+        reading = [mark(2, USER, 1, batch[3].message.msg_id), mark(3, GROUP, 2**64 - 2, 1),
+                   mark(100, GROUP, 77, batch[-5].message.msg_id)]  # fmt: skip
+        if seed == 1:  # 101 sees its row again on the next batch, 102 does not
+            hide = StateJob.HIDE
+            reading += [StateJob(hide, 101, GROUP, 77, batch[-1].message.msg_id),
+                        StateJob(hide, 102, GROUP, 77, 10**12)]  # fmt: skip
         for store in (recorded, env.convs):
             await store.apply(reading)
         env.clock.advance(1000)
-    for user in users:
+    for user in everyone:
         got = await every_row(env.convs, user)
         assert got == await every_row(recorded, user) and got.convs, user
-        assert got.total_unread == sum(c.unread for c in got.convs)
+        assert got.total_unread == sum(c.unread for c in got.convs if not c.hidden)
+    rows = {u: (await every_row(env.convs, u)).convs for u in (101, 102)}
+    assert [(c.conv_id, c.hidden) for c in rows[101] + rows[102]] == [(77, False), (77, True)]
+    assert len(calls) > 2 and any(len(c) > 1 for c in calls)
+    assert all(sum(c) <= 50 or len(c) == 1 for c in calls)  # a user's messages in one call
 
 
 @pytest_twisted.ensureDeferred
@@ -429,6 +457,75 @@ async def test_a_legacy_inbox_entry_is_folded_in_the_current_format(env):
     assert (row.conv_id, row.unread, row.last) == (5, 1, j.record)
     _, _, last, *_ = env.convs.keys(6)
     assert await env.command("HGET", last, redis_conversations._field(USER, 5)) == j.stored_record
+
+
+@pytest_twisted.ensureDeferred
+async def test_legacy_and_current_entries_fold_as_record_makes(env, monkeypatch):
+    """Entries in an older format among current ones, in a group and 1:1: the rows are the
+    ones `record` makes; only a legacy record that becomes a row's last is shipped to the
+    change script (once per call, though every member's row takes it), the others' are read
+    there from the inbox."""
+    members = (1, 2, 3)
+    g1, g2, g3 = group(1, 9, members), group(2, 9, members), group(3, 9, members)
+    d1, d2 = direct(4, 1), direct(1, 4)  # the legacy d1 is not the newest of its rows
+    batch = [g1, d1, g2, g3, d2]
+    recorded = RedisConversations(env.redis, env.prefix + ":r", env.clock, RETENTION_MS)
+    await recorded.record(batch)
+    inbox = inbox_of(env)
+    await inbox.append_many(batch)
+    for j in (g1, g3, d1):
+        for user in j.inbox_users:
+            *_, rec, _, _ = inbox.keys(user)
+            await env.command("HSET", rec, str(j.message.msg_id), push_frame(j.record)[4:])
+    shipped: list[list[Any]] = []
+    original = redis_conversations._CHANGE
+
+    def spy(redis: Any, keys: list[str], args: list[Any]) -> Deferred[Any]:
+        shipped.append(args[7 : 7 + 2 * args[6]])  # the message table: (msg_id, record)s
+        return original(redis, keys, args)
+
+    monkeypatch.setattr(redis_conversations, "_CHANGE", spy)
+    assert await env.convs.fold([1, 2, 3, 4]) == []
+    assert shipped == [[f"{g3.message.msg_id:016x}", g3.stored_record]]
+    for user in (1, 2, 3, 4):
+        got = await every_row(env.convs, user)
+        assert got == await every_row(recorded, user) and got.convs, user
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_fold_whose_newest_record_left_the_inbox_reads_again(env):
+    """An entry that is the newest of its row leaves the inbox (a cap trims the oldest)
+    between the fold's read and its change: the change applies nothing of that user (it
+    would have no last record for the row), and the fold reads again without it."""
+    inbox = inbox_of(env)
+    a, b = direct(1, 2), direct(3, 2)  # two rows of user 2; a the only message of its row
+    await inbox.append_many([a, b])
+    _, ent, age, rec, *_ = inbox.keys(2)
+    original = env.convs._fold_read
+    lost: list[int] = []
+
+    async def trimmed(users: list[int]) -> Any:
+        got = await original(users)
+        if await env.command("HEXISTS", rec, str(a.message.msg_id)):
+            for key in (ent, age):
+                await env.command("ZREM", key, str(a.message.msg_id))
+            await env.command("HDEL", rec, str(a.message.msg_id))
+        return got
+
+    env.convs._fold_read = lambda users: Deferred.fromCoroutine(trimmed(users))  # type: ignore[method-assign]
+    change = env.convs._change
+
+    def spy(*args: Any) -> Deferred[list[int]]:
+        return change(*args).addCallback(lambda got: lost.extend(got) or got)
+
+    env.convs._change = spy  # type: ignore[method-assign]
+    assert await env.convs.fold([2]) == []
+    assert lost == [2]  # the first change: a's record gone, nothing of 2 applied
+    rows = await every_row(env.convs, 2)
+    assert [(c.conv_id, c.unread, c.last_id) for c in rows.convs] == [(3, 1, b.message.msg_id)]
+    assert rows.version == 1
+    assert await fold_of(env.redis, env.convs.keys(2)[0]) == b"2"
+    assert 2 not in await behind_set(env)
 
 
 @pytest_twisted.ensureDeferred
@@ -480,7 +577,7 @@ async def test_a_stale_fold_loses_and_never_moves_the_fold_back(env):
 
     env.convs._fold_read = lambda users: Deferred.fromCoroutine(meanwhile(users))  # type: ignore[method-assign]
     assert await env.convs.fold([9]) == []
-    assert [(r[9].fold, r[9].seq, len(r[9].entries)) for r in reads] == [(0, 2, 2), (4, 4, 0)]
+    assert [(r[9].fold, r[9].seq, len(r[9].ids)) for r in reads] == [(0, 2, 2), (4, 4, 0)]
     assert await fold_of(env.redis, env.convs.keys(9)[0]) == b"4"
     [row] = (await every_row(env.convs, 9)).convs
     assert (row.unread, row.last_id, row.version) == (4, sent[-1].message.msg_id, 1)
@@ -611,12 +708,17 @@ async def test_cluster_mode_folds_per_slot_with_the_same_result(env, monkeypatch
     """Appends and folds with cluster=True keep every script call on one slot (the behind
     set of that slot included), and give the lists the default mode gives."""
     calls: list[list[str]] = []
+    named: list[tuple[str, list[str]]] = []
     for module, name in ((redis_inbox, "_APPEND"), (redis_conversations, "_CHANGE"),
                          (redis_conversations, "_FOLD_READ")):  # fmt: skip
         original = getattr(module, name)
 
-        def spy(redis: Any, keys: list[str], args: list[Any], _original: Any = original) -> Any:
+        def spy(
+            redis: Any, keys: list[str], args: list[Any], _original: Any = original,
+            _name: str = name,
+        ) -> Any:  # fmt: skip
             calls.append(keys)
+            named.append((_name, keys))
             return _original(redis, keys, args)
 
         monkeypatch.setattr(module, name, spy)
@@ -635,9 +737,13 @@ async def test_cluster_mode_folds_per_slot_with_the_same_result(env, monkeypatch
     clustered_calls = [keys for keys in calls if keys[0].startswith(prefix + ":")]
     assert len(clustered_calls) > 8  # per slot (the default mode: one of each script)
     assert all(len({key_slot(k) for k in keys}) == 1 for keys in clustered_calls)
-    # appends (4 keys per user) and fold changes (8 per user) name their slot's behind set
-    with_set = [keys for keys in clustered_calls if len(keys) % 4 == 1]
-    assert len(with_set) > 4
-    assert all(keys[-1].startswith(prefix + ":conv:behind:{") for keys in with_set)
+    # appends (4 keys per user) and fold changes (9 per user: the 7, inbox meta and rec) name
+    # their slot's behind set
+    mine = [(name, k) for name, k in named if k[0].startswith(prefix + ":")]
+    appends = [k for name, k in mine if name == "_APPEND"]
+    changes = [k for name, k in mine if name == "_CHANGE"]
+    assert len(appends) > 4 and len(changes) > 4
+    assert {len(k) % 4 for k in appends} == {1} == {len(k) % 9 for k in changes}
+    assert all(keys[-1].startswith(prefix + ":conv:behind:{") for keys in appends + changes)
     assert await clustered.behind() == []
     assert await env.convs.behind() == []

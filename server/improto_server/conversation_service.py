@@ -96,7 +96,7 @@ class ConversationService:
         """Bring the user's rows up to its inbox first: a list is as fresh as the inbox,
         whenever the persister's next fold is due."""
         for _ in range(FOLD_CALLS):
-            if not await available(self.store.fold([user_id])):
+            if not await available(self.store.fold([user_id], reader=True)):
                 return
 
     async def read_ids(self, user_id: int, page: Sequence[bytes]) -> dict[tuple[int, int], int]:

@@ -22,6 +22,7 @@ from improto_server.model import (
     InboxIds,
     InboxRecords,
     PersistJob,
+    PushTarget,
     QueuedJob,
     StateJob,
 )
@@ -140,7 +141,7 @@ class ConversationStore(Protocol):
         last_id > msg_id; remembered, so a recorded message with msg_id <= the hide's msg_id
         does not unhide it. Idempotent."""
 
-    def fold(self, user_ids: Sequence[int]) -> Deferred[list[int]]:
+    def fold(self, user_ids: Sequence[int], *, reader: bool = False) -> Deferred[list[int]]:
         """Bring each user's rows up to its inbox: the entries the user's inbox holds above
         the user's folded position (0 for a user never folded) are applied in cursor order
         exactly as `record` applies their messages for that user, and the folded position
@@ -150,7 +151,8 @@ class ConversationStore(Protocol):
         holds (retention, caps) are skipped. Atomic per user: two folds of one user at the
         same time (a gateway's and the persister's) never apply an entry twice. `record`
         and `apply` move no folded position (an entry folded after `record` of its message
-        changes nothing: record is idempotent)."""
+        changes nothing: record is idempotent). `reader`: a client waits for this fold (a
+        list request), so a store runs it ahead of queued persister writes."""
 
     def behind(self) -> Deferred[list[int]]:
         """Users whose inbox may hold entries above their folded position, for a persister
@@ -229,6 +231,55 @@ class PushRouter(Protocol):
     def notify(self, users: Iterable[int], data: bytes, feature: int) -> Deferred[None]:
         """Write the encoded frame `data` (no push window: READ_UPDATE) to `users`' devices
         held by other gateways whose connection enabled `feature` (improto.enums.Feature)."""
+
+    def online_devices(self, user_ids: Sequence[int]) -> Deferred[dict[int, set[str]]]:
+        """The devices of each user connected now, on any gateway (presence: a hint that
+        may lag by a few seconds); users with none are absent."""
+
+    def kick(self, user_id: int, device_id: str | None, reason: int) -> Deferred[int]:
+        """Close the user's connection of `device_id` (None: all its devices), on whichever
+        gateway holds it, with CLOSE `reason` (improto.enums.CloseReason); returns how many
+        connections were told to close."""
+
+    def close(self) -> Deferred[None]: ...
+
+
+class DeviceStore(Protocol):
+    """Per-device state beside the inbox positions: push registrations (spec section 19)
+    and session revocations (spec 8.2)."""
+
+    def set_target(self, user_id: int, device_id: str, target: PushTarget) -> Deferred[None]:
+        """Register (or replace) the device's push target. At most MAX_TARGETS_PER_USER per
+        user: registering one more drops the user's oldest registration."""
+
+    def remove_target(
+        self, user_id: int, device_id: str, token: str | None = None
+    ) -> Deferred[bool]:
+        """Remove the device's target; with `token`, only if it is still that token (a
+        gateway's dead-token report must not remove a newer registration). True if one
+        went."""
+
+    def targets(self, user_ids: Sequence[int]) -> Deferred[dict[int, dict[str, PushTarget]]]:
+        """The registered targets of each user, by device; users with none are absent."""
+
+    def revoke(self, user_id: int, at_ms: int) -> Deferred[None]:
+        """Tokens of the user issued before `at_ms` are refused from now on (max with an
+        earlier revocation)."""
+
+    def revoked_before(self, user_id: int) -> Deferred[int]:
+        """The user's revocation time in ms (0: never revoked)."""
+
+
+class NotifyQueue(Protocol):
+    """Durable jobs for the notifier (the persisted messages whose receivers may need a
+    notification), consumed apart from the persist queue."""
+
+    def put(self, jobs: Sequence[PersistJob]) -> Deferred[None]:
+        """Queue the jobs, in order; durable when the Deferred fires."""
+
+    def consume(self, handler: BatchHandler, max_batch: int = 1) -> None:
+        """As PersistQueue.consume: batches of 1..max_batch in order, one at a time, each
+        removed once its Deferred succeeds, redelivered after a failure or a crash."""
 
     def close(self) -> Deferred[None]: ...
 

@@ -72,8 +72,9 @@ class SQLiteConversations(RetainedStore):
     def apply(self, jobs: Sequence[StateJob]) -> Deferred[None]:
         return self._db.call_background(_apply, list(jobs), self._now_ms())
 
-    def fold(self, user_ids: Sequence[int]) -> Deferred[list[int]]:
-        return self._db.call_background(_fold, list(user_ids), self._now_ms())
+    def fold(self, user_ids: Sequence[int], *, reader: bool = False) -> Deferred[list[int]]:
+        call = self._db.call if reader else self._db.call_background
+        return call(_fold, list(user_ids), self._now_ms())
 
     def behind(self) -> Deferred[list[int]]:
         return self._db.call(_behind)

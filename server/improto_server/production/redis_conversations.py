@@ -38,6 +38,12 @@ not per message). A fold reads (one read-only script), builds the ops in Python,
 them with a compare-and-set on `fold` in the change script, so two folds of one user at once
 never apply an entry twice: the loser changes nothing and reads again. The behind set is the
 recovery list: a persister that stopped with users unfolded folds `behind()` when it starts.
+No record crosses the wire twice: the read returns per entry its msg_id and a 17-byte head
+(sender, conv_kind, conv_id: what decides its op and row, read from the stored record in
+Lua); Python makes one op per (user, row) from them, the ops and rows worked out once per
+distinct head; the change script takes each row's new last record from the user's inbox
+itself (rec is in the user's slot). Only a record in an older format goes through Python
+(converted, and shipped to the change as `record` ships them).
 
 msg_ids and user ids are u64: they are fixed-width hex in members and fields (so lex order is
 numeric order; scripts compare them in two exact 32-bit halves), never Lua numbers. Scores
@@ -60,9 +66,10 @@ it stays four small integers per user. A script that finds rows gone resets tota
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+import struct
+from collections.abc import Callable, Mapping, Sequence, Sized
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 from twisted.internet.defer import Deferred
 
@@ -111,17 +118,19 @@ NAMES = ("meta", "rows", "last", "unr", "ver", "act", "age")
 
 _COMMON = """
 local ZERO = '0000000000000000'
+local sub = string.sub
 
--- a < b for two u64s written as 16 lowercase hex digits (two exact 32-bit halves).
+-- a < b for two u64s written as 16 lowercase hex digits (two exact 32-bit halves; ids close
+-- in time share the high one).
 local function lt(a, b)
   if a == b then
     return false
   end
-  local ah, bh = tonumber(string.sub(a, 1, 8), 16), tonumber(string.sub(b, 1, 8), 16)
-  if ah ~= bh then
-    return ah < bh
+  local ah, bh = sub(a, 1, 8), sub(b, 1, 8)
+  if ah == bh then
+    return tonumber(sub(a, 9), 16) < tonumber(sub(b, 9), 16)
   end
-  return tonumber(string.sub(a, 9), 16) < tonumber(string.sub(b, 9), 16)
+  return tonumber(ah, 16) < tonumber(bh, 16)
 end
 
 local function user_keys(b)
@@ -236,23 +245,31 @@ local function trim(K, cutoff, max)
 end
 """
 
-# KEYS: for each user its 7, then (a fold, below) its inbox meta; last, when the call folds,
-# the behind set of the call's slot. ARGV: now_ms, cutoff_ms, ttl_ms, trim max, max tracked,
-# refresh_ms (the PTTL below which the TTL is extended), the number of messages M, then M
-# (16-hex msg_id, stored record) pairs, then for each user: its compare-and-set, then a count
-# k and k (op, row field, value) triples, applied in order. The compare-and-set is '-' (none:
-# record, apply) or, for a fold, the fold it read (decimal), the fold to set and the user id:
-# a user whose meta fold is no longer the one read (another fold won) is left untouched and
-# named in the reply; else its ops apply, fold is set, and the user leaves the behind set
-# when the fold reaches its inbox's seq (an entry appended since keeps it there).
+# KEYS: for each user its 7, then (a fold, below) its inbox meta and inbox rec; last, when the
+# call folds, the behind set of the call's slot. ARGV: now_ms, cutoff_ms, ttl_ms, trim max, max
+# tracked, refresh_ms (the PTTL below which the TTL is extended), the number of messages M,
+# then M (16-hex msg_id, stored record) pairs, then for each user: its compare-and-set, then a
+# count k and k (op, row field, value) triples, applied in order. The compare-and-set is '-'
+# (none: record, apply) or, for a fold, the fold it read (decimal), the fold to set and the
+# user id: a user whose meta fold is no longer the one read (another fold won) is left
+# untouched and named in the reply; else its ops apply, fold is set, and the user leaves the
+# behind set when the fold reaches its inbox's seq (an entry appended since keeps it there).
 # op: 'o' messages of the user's own (value: their 1-based message indexes, space-separated,
 # in order), 'm' messages from others in a group (indexes), 'q' messages from the peer (1:1:
 # they also move peer_read_id), 'r' a read mark, 'p' the peer's read mark (1:1), 'h' a hide
-# (value: the 16-hex msg_id for these three).
+# (value: the 16-hex msg_id for these three). A fold gives each row one op, 'f' (a fold's
+# only op), value: "<newest> <source> <tokens>": the row's newest message's 16-hex msg_id and
+# the source of its stored record (its decimal msg_id, a field of the inbox rec, or '#' and
+# its message index: an older format, stored again by the caller), then a 17-character token
+# per message, in order: its 16-hex msg_id and its op ('o', 'm' or 'q', as above). So a fold
+# ships no records (but older formats): the script takes them from the inbox. The sources are
+# read before anything of the user changes; one gone from the inbox since the fold's read
+# (trimmed) leaves the user untouched and named in the reply, as a lost compare-and-set does
+# (its fold reads again).
 # A user's rows are changed in memory in order, then each visibly changed row is written once
 # with the user's next version (so a batch gives a row one version, as the embedded store
 # does); a row whose hide alone moved is written without one. Returns the users whose
-# compare-and-set failed (decimal ids).
+# compare-and-set failed or whose sources were gone (decimal ids).
 _CHANGE = LuaScript(
     _COMMON
     + """
@@ -381,6 +398,42 @@ local nowms = tonumber(now)
 local trimmax, maxt, refresh = tonumber(ARGV[4]), tonumber(ARGV[5]), tonumber(ARGV[6])
 local base = 8
 local pos = base + 2 * tonumber(ARGV[7])
+
+-- Message m (16 hex) on row f (r its state) of op 'o', 'm' or 'q', but for the row's last
+-- message and hide (the caller's).
+local function count(K, f, r, op, m)
+  if op == 'o' then
+    read_to(K, f, r, m)  -- one has read what one answers
+  else
+    count_unread(r, m)
+    if op == 'q' and lt(r.peer, m) then  -- 1:1: the peer read what it answers
+      r.peer = m
+    end
+  end
+end
+
+-- A fold's ops at ARGV[pos] (k, then k triples): K.src := row field -> the stored record of
+-- the row's newest message, from the inbox rec (K.rec) or the message table; false if one
+-- has left the inbox.
+local function sources(K, pos)
+  K.src = {}
+  for i = pos + 1, pos + 3 * tonumber(ARGV[pos]), 3 do
+    local v = ARGV[i + 2]
+    local src = sub(v, 18, string.find(v, ' ', 18, true) - 1)
+    local rec
+    if sub(src, 1, 1) == '#' then
+      rec = ARGV[base + 2 * tonumber(sub(src, 2)) - 1]
+    else
+      rec = redis.call('HGET', K.rec, src)
+    end
+    if not rec then
+      return false
+    end
+    K.src[ARGV[i + 1]] = rec
+  end
+  return true
+end
+
 -- Apply one user's ops (from ARGV[pos]: k, then k triples); returns the position after them.
 local function change(K, pos)
   total_of(K, true)
@@ -408,7 +461,19 @@ local function change(K, pos)
       order[#order + 1] = f
     end
     local r = c.r
-    if op == 'o' or op == 'm' or op == 'q' then
+    if op == 'f' then  -- a fold's messages on the row, the newest first
+      local newest = sub(v, 1, 16)
+      if lt(r.last, newest) then
+        r.last = newest
+        c.rec = K.src[f]
+      end
+      if r.hidden and lt(r.hide, newest) then
+        r.hidden = false
+      end
+      for j = string.find(v, ' ', 18, true) + 1, #v, 17 do
+        count(K, f, r, sub(v, j + 16, j + 16), sub(v, j, j + 15))
+      end
+    elseif op == 'o' or op == 'm' or op == 'q' then
       for index in string.gmatch(v, '%d+') do  -- a run of messages, in order
         local at = base + 2 * tonumber(index) - 2
         local m = ARGV[at]
@@ -419,14 +484,7 @@ local function change(K, pos)
         if r.hidden and lt(r.hide, m) then
           r.hidden = false
         end
-        if op == 'o' then
-          read_to(K, f, r, m)  -- one has read what one answers
-        else
-          count_unread(r, m)
-          if op == 'q' and lt(r.peer, m) then  -- 1:1: the peer read what it answers
-            r.peer = m
-          end
-        end
+        count(K, f, r, op, m)
       end
     elseif op == 'r' then
       read_to(K, f, r, v)
@@ -518,12 +576,13 @@ while pos <= #ARGV do
   local expected, fold_to, user, seq_key = ARGV[pos], nil, nil, nil
   pos = pos + 1
   if expected ~= '-' then
-    fold_to, user, seq_key = ARGV[pos], ARGV[pos + 1], KEYS[kp + 1]
+    fold_to, user, seq_key, K.rec = ARGV[pos], ARGV[pos + 1], KEYS[kp + 1], KEYS[kp + 2]
     pos = pos + 2
-    kp = kp + 1
+    kp = kp + 2
   end
-  if fold_to and (tonumber(redis.call('HGET', K.meta, 'fold')) or 0) ~= tonumber(expected) then
-    lost[#lost + 1] = user  -- another fold won: it applied these entries
+  if fold_to and ((tonumber(redis.call('HGET', K.meta, 'fold')) or 0) ~= tonumber(expected)
+      or not sources(K, pos)) then
+    lost[#lost + 1] = user  -- another fold won (it applied these entries), or one is gone
     pos = pos + 3 * tonumber(ARGV[pos]) + 1
   else
     pos = change(K, pos)
@@ -621,38 +680,73 @@ return out
 )
 
 # KEYS: 4 per user: its conv meta, inbox meta, inbox ent, inbox rec. ARGV: entries per user
-# (at most), entries per call. Reads only. For each user while fewer than `entries per call`
-# were read (so at least the first user): fold (the meta's, '0' if absent), the inbox's seq
-# ('0' if absent), a count n, then n (msg_id, cursor, stored record) of the entries above
-# fold in cursor order. The users left out (at the end) are read by another call.
+# (at most), entries per call, the storage format byte (STORE_FORMAT). Reads only. For each
+# user while fewer than `entries per call` were read (so at least the first user): fold (the
+# meta's, '0' if absent), the inbox's seq ('0' if absent), `to` (the fold to set: seq, or
+# when entries are left above those returned the cursor of the last one), left (1 if so,
+# else 0), a count n, then the n entries above fold (at most `entries per user`) in cursor
+# order as two strings: their msg_ids (decimal, space-separated) and their heads (HEAD.size
+# bytes each: sender_id u64, conv_kind u8, conv_id u64 of the stored record), then a count
+# k and k (0-based entry index, whole stored record or nil) pairs for the entries whose
+# record is not a whole one in the current format (an older format, or broken: their head
+# is 17 zero bytes). The users left out (at the end) are read by another call.
 _FOLD_READ = LuaScript(
     """
-local limit, budget = tonumber(ARGV[1]), tonumber(ARGV[2])
-local out, used = {}, 0
+local limit, budget, format = tonumber(ARGV[1]), tonumber(ARGV[2]), ARGV[3]
+local sub = string.sub
+local PAD = string.rep('\\0', 17)
+local out, used, seen = {}, 0, {}  -- seen: stored record -> its head
 for b = 0, #KEYS - 4, 4 do
   if used >= budget then
     break
   end
   local fold = redis.call('HGET', KEYS[b + 1], 'fold') or '0'
-  out[#out + 1] = fold
-  out[#out + 1] = redis.call('HGET', KEYS[b + 2], 'seq') or '0'
-  local rows = redis.call('ZRANGEBYSCORE', KEYS[b + 3], '(' .. fold, '+inf', 'WITHSCORES',
-    'LIMIT', 0, limit)
-  local n = #rows / 2
-  out[#out + 1] = n
+  local seq = redis.call('HGET', KEYS[b + 2], 'seq') or '0'
+  local ids = redis.call('ZRANGEBYSCORE', KEYS[b + 3], '(' .. fold, '+inf', 'LIMIT', 0,
+    limit + 1)  -- one more: are entries left?
+  local read = #ids
+  local n, to, left = math.min(read, limit), seq, 0
+  if read > limit then
+    ids[read] = nil
+    to, left = redis.call('ZSCORE', KEYS[b + 3], ids[n]), 1
+  end
+  local heads, other = {}, {}
   if n > 0 then
-    local ids = {}
-    for i = 1, n do
-      ids[i] = rows[2 * i - 1]
-    end
     local recs = redis.call('HMGET', KEYS[b + 4], unpack(ids))
     for i = 1, n do
-      out[#out + 1] = ids[i]
-      out[#out + 1] = rows[2 * i]
-      out[#out + 1] = recs[i]
+      -- format byte, msg_id, server_time, sender_id @18, device length d @26, device,
+      -- conv_kind @27+d, conv_id, content_type, client_msg_id, body length @54+d, body
+      local s = recs[i]
+      local head = s and seen[s]  -- a group's message, read for another member already
+      if s and not head and sub(s, 1, 1) == format then
+        local d = string.byte(s, 26) or 0
+        local hi, lo = string.byte(s, 54 + d, 55 + d)
+        if lo and #s == 55 + d + hi * 256 + lo then
+          head = sub(s, 18, 25) .. sub(s, 27 + d, 35 + d)
+          seen[s] = head
+        end
+      end
+      if head then
+        heads[i] = head
+      else
+        heads[i] = PAD
+        other[#other + 1] = i - 1
+        other[#other + 1] = s
+      end
     end
   end
-  used = used + n
+  out[#out + 1] = fold
+  out[#out + 1] = seq
+  out[#out + 1] = to
+  out[#out + 1] = left
+  out[#out + 1] = n
+  out[#out + 1] = table.concat(ids, ' ')
+  out[#out + 1] = table.concat(heads)
+  out[#out + 1] = #other / 2
+  for i = 1, #other do
+    out[#out + 1] = other[i]
+  end
+  used = used + read
 end
 return out
 """
@@ -660,17 +754,37 @@ return out
 
 SCRIPTS = (_CHANGE, _BY_ACTIVITY, _CHANGES, _READ_POSITIONS, _FOLD_READ)
 
-Entry = tuple[str, str, int | str]  # op, row field, message index or 16-hex msg_id
+
+class _FoldRow(NamedTuple):
+    """A fold's messages on one row (op 'f'): the newest one's msg_id (16 hex) and the
+    source of its stored record (its decimal msg_id, a field of the inbox rec, or for an
+    older format stored again here its index in the call's messages), then their tokens
+    (16-hex msg_id, then the op letter, each) in order."""
+
+    newest: str
+    source: str | int
+    tokens: str
+
+
+Entry = tuple[str, str, int | str | _FoldRow]  # op, row field, message index, msg_id or row
 Cas = tuple[int, int]  # a fold's compare-and-set: the fold read, the fold to set
+HEAD = struct.Struct(">QBQ")  # an entry's head in a fold read: sender_id, conv_kind, conv_id
 
 
 @dataclass
 class _Folding:
-    """What a fold read of one user found: its fold, its inbox's seq, the entries above."""
+    """What a fold read of one user found: its fold, its inbox's seq, the fold to set (`to`:
+    seq unless entries are `left` beyond those read), and the entries above `fold`: their
+    msg_ids (decimal), heads (HEAD.size bytes each) and, by entry index, the stored records
+    whose head could not be read in Redis (older formats; None: no record)."""
 
     fold: int
     seq: int
-    entries: list[tuple[int, bytes, bytes]]  # cursor, msg_id (decimal), stored record
+    to: int
+    left: bool
+    ids: list[bytes]
+    heads: bytes
+    others: dict[int, bytes | None]
 
 
 class RedisConversations:
@@ -749,9 +863,12 @@ class RedisConversations:
         entries: dict[int, list[Entry]],
         messages: list[tuple[str, bytes]],
         cas: dict[int, Cas] | None = None,
+        sizes: Mapping[int, Sized] | None = None,
     ) -> list[int]:
-        """Apply `entries` (user -> ops); `cas`: every user's fold compare-and-set (a fold).
-        Returns the users whose compare-and-set failed: nothing of theirs changed."""
+        """Apply `entries` (user -> ops); `cas`: every user's fold compare-and-set (a fold);
+        `sizes`: user -> its messages (their count bounds the calls), if not one per op.
+        Returns the users whose compare-and-set failed (or whose rows' newest records left
+        the inbox since the fold's read): nothing of theirs changed."""
         lost: list[int] = []
         if not entries:
             return lost
@@ -761,7 +878,7 @@ class RedisConversations:
         head = [now, now - self.retention_ms, self._ttl_ms, CHANGE_TRIM, self.max_tracked, refresh]
         # Many users per script call, at most CHANGE_ENTRIES changes per call (one user's
         # always in one call, so they apply in order), split by slot on Redis Cluster.
-        calls = script_calls(entries, self._slot_key, self._cluster, CHANGE_ENTRIES)
+        calls = script_calls(sizes or entries, self._slot_key, self._cluster, CHANGE_ENTRIES)
         for i in range(0, len(calls), CHANGE_WINDOW):
             replies = await gather(
                 self._change_call(users, entries, messages, head, cas)
@@ -778,23 +895,35 @@ class RedisConversations:
         head: list[Any],
         cas: dict[int, Cas] | None = None,
     ) -> Deferred[Any]:
-        used = sorted({v for u in users for _, _, v in entries[u] if isinstance(v, int)})
-        local = {i: n for n, i in enumerate(used, 1)}
+        used: set[int] = set()
+        for user in users:
+            for _, _, v in entries[user]:
+                if isinstance(v, _FoldRow):
+                    if isinstance(v.source, int):
+                        used.add(v.source)
+                elif isinstance(v, int):
+                    used.add(v)
+        local = {i: n for n, i in enumerate(sorted(used), 1)}
         keys: list[str] = []
-        args: list[Any] = [*head, len(used)]
-        for i in used:
+        args: list[Any] = [*head, len(local)]
+        for i in local:
             args.extend(messages[i])
         for user in users:
             keys.extend(self.keys(user))
             if cas is None:
                 args.append("-")
             else:
-                keys.append(inbox_keys(self._prefix, user)[0])
+                meta, _, _, rec, *_ = inbox_keys(self._prefix, user)
+                keys.extend((meta, rec))
                 args.extend((cas[user][0], cas[user][1], user))
             # a run of messages of one op on one row goes as one entry: "i j k ..."
             ops: list[Any] = []
             for op, field, value in entries[user]:
-                if not isinstance(value, int):
+                if isinstance(value, _FoldRow):
+                    src = value.source
+                    src = src if isinstance(src, str) else f"#{local[src]}"
+                    ops.append([op, field, f"{value.newest} {src} {value.tokens}"])
+                elif not isinstance(value, int):
                     ops.append([op, field, value])
                 elif ops and ops[-1][0] == op and ops[-1][1] == field and op in "omq":
                     ops[-1][2] += f" {local[value]}"
@@ -813,14 +942,16 @@ class RedisConversations:
     # ------------------------------------------------------------------ folds
 
     @as_deferred
-    async def fold(self, user_ids: Sequence[int]) -> list[int]:
+    async def fold(self, user_ids: Sequence[int], *, reader: bool = False) -> list[int]:
         """Apply each user's inbox entries above its fold as `record` applies their
         messages, FOLD_ENTRIES at most per user (the rest: the user is returned, still
         behind). A user never folded has fold 0 (meta without `fold`): its retained entries
         apply again, harmless as `record` is idempotent (the rows written by the persister
         before folds existed). The ops apply with a compare-and-set on fold, so a fold
         running at the same time (another process) never makes an entry apply twice: the
-        loser reads again, FOLD_RETRIES times at most, then is returned as still behind."""
+        loser reads again, FOLD_RETRIES times at most, then is returned as still behind (as
+        is a user one of whose rows' newest records left the inbox between read and change).
+        (`reader` changes nothing here: Redis has no queue of writes to jump.)"""
         behind: list[int] = []
         lost: dict[int, int] = {}  # user -> folds it lost
         todo = list(dict.fromkeys(user_ids))
@@ -858,42 +989,75 @@ class RedisConversations:
             for user in users:
                 if at >= len(reply):
                     break  # the users read are a prefix of `users`
-                fold, seq, n = int(reply[at]), int(reply[at + 1]), int(reply[at + 2])
-                flat = reply[at + 3 : at + 3 + 3 * n]
-                at += 3 + 3 * n
-                entries = list(zip(map(int, flat[1::3]), flat[0::3], flat[2::3], strict=True))
-                out[user] = _Folding(fold, seq, entries)
+                fold, seq, to, left, _, ids, heads, k = reply[at : at + 8]
+                others = reply[at + 8 : at + 8 + 2 * int(k)]
+                at += 8 + 2 * int(k)
+                out[user] = _Folding(
+                    int(fold), int(seq), int(to), bool(int(left)), ids.split(), heads,
+                    dict(zip(map(int, others[0::2]), others[1::2], strict=True)),
+                )  # fmt: skip
             return out
 
-        return _FOLD_READ(self._redis, keys, [FOLD_ENTRIES + 1, FOLD_READ]).addCallback(parse)
+        args = [FOLD_ENTRIES, FOLD_READ, _STORE_TAG]
+        return _FOLD_READ(self._redis, keys, args).addCallback(parse)
 
     async def _fold_apply(self, read: dict[int, _Folding]) -> tuple[list[int], list[int]]:
         """Apply what `read` found; returns the users with entries left (more than
-        FOLD_ENTRIES) and the users whose compare-and-set failed."""
-        messages: list[tuple[str, bytes]] = []
-        index: dict[bytes, int] = {}  # msg_id -> its place in messages (one copy per call)
-        convs: list[tuple[int, int, int]] = []  # sender, conv_kind, conv_id of each message
+        FOLD_ENTRIES) and the users whose compare-and-set failed. Each user's entries become
+        one op per row ('f': the tokens of its messages, in order), the rows in the order
+        they were first touched, as `record` orders its versions; a head's op and row are
+        worked out once per user. Only records in an older format are shipped (stored
+        again): the change script reads the others from the inbox."""
+        messages: list[tuple[str, bytes]] = []  # the older formats' records, stored again
+        index: dict[int, int] = {}  # msg_id -> its place in messages (one copy per call)
+        older: dict[int, tuple[bytes, int, int, int]] = {}  # msg_id -> _stored_message
         entries: dict[int, list[Entry]] = {}
+        sizes: dict[int, Sized] = {}
         cas: dict[int, Cas] = {}
         left: list[int] = []
+        size = HEAD.size
         for user, got in read.items():
-            if not got.entries and got.seq <= got.fold:
+            if not got.ids and got.seq <= got.fold:
                 continue  # nothing appended since its last fold: not in the behind set
+            heads = got.heads
+            keys: list[bytes | int] = [heads[i : i + size] for i in range(0, len(heads), size)]
+            for i, data in got.others.items():
+                keys[i] = i  # an older format: worked out from its record
+                msg_id = int(got.ids[i])
+                if msg_id not in older:
+                    older[msg_id] = _stored_message(data, user)
+            # each head's token format (16-hex msg_id, then the op) and row, once per user
+            known = {
+                key: _token_of(user, *(
+                    older[int(got.ids[key])][1:] if isinstance(key, int) else HEAD.unpack(key)
+                ))
+                for key in set(keys)
+            }  # fmt: skip
+            rows: dict[str, list[str]] = {}  # row field -> its tokens, in order
+            for key, text in zip(keys, got.ids, strict=True):
+                form, field = known[key]
+                token = form % int(text)
+                row = rows.get(field)
+                if row is None:
+                    rows[field] = [token]
+                else:
+                    row.append(token)
             ops = entries[user] = []
-            for _, msg_id, record in got.entries[:FOLD_ENTRIES]:
-                at = index.get(msg_id)
-                if at is None:
-                    kept, *conv = _stored_message(record, user)
-                    at = index[msg_id] = len(messages)
-                    messages.append((_hex(int(msg_id)), kept))
-                    convs.append((conv[0], conv[1], conv[2]))
-                ops.append((*_message_op(user, *convs[at]), at))
-            if len(got.entries) > FOLD_ENTRIES:
-                cas[user] = (got.fold, got.entries[FOLD_ENTRIES - 1][0])
+            for field, row in rows.items():
+                newest = max(row)[:16]  # tokens start with the msg_id: fixed-width hex
+                msg_id = int(newest, 16)
+                source: str | int = str(msg_id)
+                if msg_id in older:
+                    if msg_id not in index:
+                        index[msg_id] = len(messages)
+                        messages.append((newest, older[msg_id][0]))
+                    source = index[msg_id]
+                ops.append(("f", field, _FoldRow(newest, source, "".join(row))))
+            sizes[user] = range(len(got.ids))  # its messages bound the calls
+            cas[user] = (got.fold, got.to)
+            if got.left:
                 left.append(user)
-            else:
-                cas[user] = (got.fold, got.seq)
-        beaten = set(await self._change(entries, messages, cas))
+        beaten = set(await self._change(entries, messages, cas, sizes))
         return [u for u in left if u not in beaten], sorted(beaten)
 
     @as_deferred
@@ -988,6 +1152,13 @@ def _message_op(user: int, sender: int, conv_kind: int, conv_id: int) -> tuple[s
     if conv_kind == ConvKind.GROUP:
         return ("o" if own else "m"), _field(ConvKind.GROUP, conv_id)
     return ("o" if own else "q"), _field(ConvKind.USER, conv_id if own else sender)
+
+
+def _token_of(user: int, sender: int, conv_kind: int, conv_id: int) -> tuple[str, str]:
+    """A fold's token format for a message (its msg_id as 16 hex, then its op letter) and
+    its row field, for `user`."""
+    op, field = _message_op(user, sender, conv_kind, conv_id)
+    return "%016x" + op, field
 
 
 _STORE_TAG = bytes((STORE_FORMAT,))
