@@ -760,7 +760,7 @@ def _prefix_bytes(r: Any, prefix: str) -> int:
 # The keys docs/SERVICES.md lists as kept without a TTL (with its reason), as shapes.
 NO_TTL_SHAPES = (
     r":(inbox|conv):\{u#\}:meta|:\{groups\}:(seq|u:#|g:#(:since|:joined)?)"
-    r"|:presence:\{u#\}|:gwdev:\{g[^}]*\}|:gateways"
+    r"|:presence:\{u#\}|:gwdev:\{g[^}]*\}|:gateways|:dev:\{u#\}:(push|reg|revoked)"
 )
 
 

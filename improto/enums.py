@@ -19,13 +19,16 @@ class FrameType(IntEnum):
     GROUP_REMOVE = 0x12
     GROUP_MEMBERS = 0x13
     MY_GROUPS = 0x14
-    # client -> server, post-v1 (spec section 18): FEATURES always, the others only on a
-    # connection that enabled CONVERSATIONS (otherwise UNKNOWN_FRAME_TYPE, as in version 1)
+    # client -> server, post-v1 (spec sections 18, 19): FEATURES always, the others only on
+    # a connection that enabled their feature (REQUEST_FEATURES; otherwise
+    # UNKNOWN_FRAME_TYPE, as in version 1)
     FEATURES = 0x30
     CONV_LIST = 0x31
     CONV_CHANGES = 0x32
     READ_MARK = 0x33
     CONV_HIDE = 0x34
+    PUSH_REGISTER = 0x35  # only with PUSH enabled (spec section 19)
+    PUSH_UNREGISTER = 0x36
     # server -> client: replies are the request type | 0x80
     HELLO_OK = 0x81
     PONG = 0x82
@@ -43,6 +46,8 @@ class FrameType(IntEnum):
     CONV_CHANGES_PAGE = 0xB2
     READ_MARK_OK = 0xB3
     CONV_HIDE_OK = 0xB4
+    PUSH_REGISTER_OK = 0xB5
+    PUSH_UNREGISTER_OK = 0xB6
     # server -> client, unsolicited (request_id 0)
     PUSH = 0xA0
     CLOSE = 0xA1
@@ -90,9 +95,17 @@ class Feature(IntEnum):
     WIRE_ONCE = 1  # INBOX_NOTICE: the offline cursor follows what was pushed
     CONVERSATIONS = 2  # CONV_LIST, CONV_CHANGES, READ_MARK, CONV_HIDE, READ_UPDATE
     READ_RECEIPTS = 3  # READ_UPDATE also when a 1:1 peer reads one's messages
+    PUSH = 4  # PUSH_REGISTER, PUSH_UNREGISTER (spec section 19)
 
 
-# Frame types that exist only after FEATURES enabled their feature on the connection.
-POST_V1_REQUESTS = frozenset(
-    {FrameType.CONV_LIST, FrameType.CONV_CHANGES, FrameType.READ_MARK, FrameType.CONV_HIDE}
-)
+# Request types that exist only after FEATURES enabled their feature on the connection, and
+# that feature.
+REQUEST_FEATURES: dict[FrameType, Feature] = {
+    FrameType.CONV_LIST: Feature.CONVERSATIONS,
+    FrameType.CONV_CHANGES: Feature.CONVERSATIONS,
+    FrameType.READ_MARK: Feature.CONVERSATIONS,
+    FrameType.CONV_HIDE: Feature.CONVERSATIONS,
+    FrameType.PUSH_REGISTER: Feature.PUSH,
+    FrameType.PUSH_UNREGISTER: Feature.PUSH,
+}
+POST_V1_REQUESTS = frozenset(REQUEST_FEATURES)

@@ -7,6 +7,7 @@ the codec calls `validate()` after every decode and before every encode.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from typing import ClassVar
 
@@ -591,6 +592,49 @@ class ReadUpdate(Frame):
         _check_id(self.msg_id, "msg_id")
 
 
+# ------------------------------------------------------------- post-v1 (spec section 19)
+
+_PLATFORM = re.compile(r"[a-z0-9._-]+")  # ASCII only: re's [a-z] is not Unicode-aware
+
+
+@dataclass(frozen=True, slots=True)
+class PushRegister(Frame):
+    """Notify this device through `platform` (apns, fcm or a kind the server allows) at
+    push token `token`. `options` bit 0 (PREVIEW): a notification may carry the message text.
+    The body field is not called "flags": the header has that name."""
+
+    TYPE = FrameType.PUSH_REGISTER
+    PREVIEW: ClassVar[int] = 0x01
+    platform: str
+    token: str
+    options: int = 0
+
+    @property
+    def preview(self) -> bool:
+        return bool(self.options & self.PREVIEW)
+
+    def validate(self) -> None:
+        if not _PLATFORM.fullmatch(self.platform):
+            raise _bad(f"platform: {self.platform!r} is not [a-z0-9._-]")
+        if self.options & ~self.PREVIEW:
+            raise _bad(f"options: 0x{self.options:02x} sets bits other than 0 (preview)")
+
+
+@dataclass(frozen=True, slots=True)
+class PushRegisterOk(Frame):
+    TYPE = FrameType.PUSH_REGISTER_OK
+
+
+@dataclass(frozen=True, slots=True)
+class PushUnregister(Frame):
+    TYPE = FrameType.PUSH_UNREGISTER
+
+
+@dataclass(frozen=True, slots=True)
+class PushUnregisterOk(Frame):
+    TYPE = FrameType.PUSH_UNREGISTER_OK
+
+
 FRAME_CLASSES: dict[int, type[Frame]] = {
     cls.TYPE.value: cls
     for cls in (
@@ -600,5 +644,6 @@ FRAME_CLASSES: dict[int, type[Frame]] = {
         MyGroups, GroupList, Close, SyncHint, Error,
         Features, FeaturesOk, ConvList, ConvChanges, ConvPage, ConvChangesPage, ReadMark,
         ReadMarkOk, ConvHide, ConvHideOk, InboxNotice, ReadUpdate,
+        PushRegister, PushRegisterOk, PushUnregister, PushUnregisterOk,
     )
 }  # fmt: skip

@@ -1,4 +1,4 @@
-"""Numeric limits of protocol v1 and of the post-v1 frames (spec section 18).
+"""Numeric limits of protocol v1 and of the post-v1 frames (spec sections 18 and 19).
 spec/PROTOCOL.md is normative; these mirror it."""
 
 PROTOCOL_VERSION = 1
@@ -30,6 +30,9 @@ MAX_FEATURES = 32  # FEATURES / FEATURES_OK list entries
 CONV_PAGE_DEFAULT = 50
 CONV_PAGE_MAX = 100
 NOTICE_MAX_IDS = 200  # INBOX_NOTICE msg_ids
+# Post-v1 (spec section 19): PUSH_REGISTER.
+MAX_PLATFORM = 32  # bytes of a platform name ([a-z0-9._-])
+MAX_PUSH_TOKEN = 4096  # UTF-8 bytes of a push token
 
 U64_MAX = 2**64 - 1
 # OFFLINE_PULL cursor value meaning "start after the position the server stored for this device".

@@ -36,6 +36,8 @@ from improto.limits import (
     MAX_GROUP_NAME,
     MAX_GROUPS_PER_USER,
     MAX_IDS_PER_REQUEST,
+    MAX_PLATFORM,
+    MAX_PUSH_TOKEN,
     MAX_TEXT,
     MAX_TOKEN,
     NOTICE_MAX_IDS,
@@ -207,6 +209,15 @@ def _bodies(record: Callable[[list[Field]], Struct]) -> dict[T, list[Field]]:
             "conv_id" / Int64ub,
             "msg_id" / Int64ub,
         ],
+        # post-v1 (spec section 19); "options", not "flags": the header has that name
+        T.PUSH_REGISTER: [
+            "platform" / Utf8("platform", 1, 1, MAX_PLATFORM),
+            "token" / Utf8("token", 2, 1, MAX_PUSH_TOKEN),
+            "options" / Int8ub,
+        ],
+        T.PUSH_REGISTER_OK: [],
+        T.PUSH_UNREGISTER: [],
+        T.PUSH_UNREGISTER_OK: [],
     }
 
 

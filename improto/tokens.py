@@ -1,4 +1,5 @@
-"""Login tokens as PROTOCOL.md section 8.2 defines them: HS256 JWTs with sub, dev and exp.
+"""Login tokens as PROTOCOL.md section 8.2 defines them: HS256 JWTs with sub, dev and exp,
+and an optional iat that a server compares with the user's revocation time.
 
 verify() is a strict JWS/JWT reader of its own rather than PyJWT's decode: section 8.2 fixes
 the claim types (exp an integer, sub ASCII digits) and the order of the checks, and every
@@ -49,15 +50,22 @@ class Identity:
     user_id: int
     device_id: str
     expires_at: float  # seconds since the Unix epoch
+    # the `iat` claim (seconds since the Unix epoch) if the token has one as an integer, else
+    # None: such a token counts as issued before any revocation (section 8.2)
+    issued_at: float | None = None
 
 
 def mint(secret: str, user_id: int, device_id: str, ttl_s: float = 86400.0,
-         now: float | None = None) -> str:  # fmt: skip
-    """A token for development and tests (production tokens come from the identity system)."""
+         now: float | None = None, *, with_iat: bool = True) -> str:  # fmt: skip
+    """A token for development and tests (production tokens come from the identity system).
+    `with_iat`: carry the issue time (`iat`), so that a revocation older than it does not
+    refuse the token (the test vectors' token has none: their bytes stay as they were)."""
     if not 1 <= user_id <= U64_MAX:
         raise ValueError("user id must be 1..2^64-1")
     issued = time.time() if now is None else now
-    claims = {"sub": str(user_id), "dev": device_id, "exp": int(issued + ttl_s)}
+    claims: dict[str, Any] = {"sub": str(user_id), "dev": device_id, "exp": int(issued + ttl_s)}
+    if with_iat:
+        claims["iat"] = int(issued)
     return jwt.encode(claims, secret, algorithm=ALGORITHM)
 
 
@@ -109,7 +117,10 @@ def verify(
         _refuse("token not valid yet (nbf)")
     if clock >= exp:
         raise TokenError("token expired", expired=True)
-    return Identity(int(sub), dev, float(exp))
+    # iat is not checked (an iat of another type was ignored before revocations existed, and
+    # still is): only an integer one is an issue time, compared with a revocation by the server
+    iat = claims.get("iat")
+    return Identity(int(sub), dev, float(exp), float(iat) if type(iat) is int else None)
 
 
 def _refuse(why: str) -> NoReturn:

@@ -1,5 +1,6 @@
 """Generates spec/vectors/valid.json and invalid.json (version 1) and ext-valid.json and
-ext-invalid.json (the post-v1 frames of spec section 18): `python -m improto.vectors [DIR]`.
+ext-invalid.json (the post-v1 frames of spec sections 18 and 19):
+`python -m improto.vectors [DIR]`.
 
 Valid vectors are frame objects encoded by the codec; the test suite re-checks them against
 an independent `struct`-based reader written from spec/PROTOCOL.md. Invalid vectors are raw
@@ -55,6 +56,10 @@ from improto.frames import (
     Pong,
     Push,
     PushAck,
+    PushRegister,
+    PushRegisterOk,
+    PushUnregister,
+    PushUnregisterOk,
     ReadMark,
     ReadMarkOk,
     ReadUpdate,
@@ -64,7 +69,14 @@ from improto.frames import (
     UnreadCount,
 )
 from improto.jsonform import frame_to_json
-from improto.limits import CURSOR_RESUME, MAX_BODY, MAX_FRAME_LENGTH, U64_MAX
+from improto.limits import (
+    CURSOR_RESUME,
+    MAX_BODY,
+    MAX_FRAME_LENGTH,
+    MAX_PLATFORM,
+    MAX_PUSH_TOKEN,
+    U64_MAX,
+)
 from improto.tokens import mint
 
 U, G = ConvKind.USER, ConvKind.GROUP
@@ -72,8 +84,13 @@ CMID = bytes.fromhex("0f1e2d3c4b5a69788796a5b4c3d2e1f0")
 T0 = 1_764_201_600_000  # 2025-11-27T00:00:00Z in ms
 TEXT = b"Hi Bob! Are we still on for lunch tomorrow at noon? The usual place?"
 VECTOR_SECRET = "improto-test-vectors-secret-0001"
-# A real login token (PROTOCOL.md 8.2) for user 1001 on device ios-3f9a2c, expired on 2025-11-28.
-VECTOR_TOKEN = mint(VECTOR_SECRET, 1001, "ios-3f9a2c", ttl_s=86400, now=T0 / 1000)
+# A real login token (PROTOCOL.md 8.2) for user 1001 on device ios-3f9a2c, expired on 2025-11-28
+# (no iat: the version-1 vector keeps its bytes).
+VECTOR_TOKEN = mint(VECTOR_SECRET, 1001, "ios-3f9a2c", ttl_s=86400, now=T0 / 1000,
+                    with_iat=False)  # fmt: skip
+# An APNs device token (64 hex digits) and an FCM registration token (their usual shapes).
+APNS_TOKEN = "5f3e1a2b9c8d7e6f00112233445566778899aabbccddeeff0123456789abcdef"
+FCM_TOKEN = "dQw4w9WgXcQ:APA91bHun4MxP5egoKMwt2KZFBaFUH-1RYqx_Ge7_mSm0f3kLwGcSt3o"
 
 
 def _msg(msg_id: int, sender: int, conv_kind: int, conv_id: int, body: bytes, **kw: Any) -> Message:
@@ -393,6 +410,20 @@ def ext_valid_frames() -> list[tuple[str, str, Frame]]:
          ReadUpdate(1001, U, 1002, m2.msg_id)),
         ("read_update_receipt", "to 1002: user 1001 read 1002's messages up to m2",
          ReadUpdate(1001, U, 1001, m2.msg_id)),
+        # section 19
+        ("push_register_apns", "register an APNs token; notifications may show the text",
+         PushRegister("apns", APNS_TOKEN, PushRegister.PREVIEW, request_id=70)),
+        ("push_register_fcm_no_preview", "register an FCM token; no message text in them",
+         PushRegister("fcm", FCM_TOKEN, 0, request_id=71)),
+        ("push_register_max", "the longest platform name (32 bytes of every allowed character "
+         "kind) and a 4096-byte token of non-ASCII text",
+         PushRegister("app.voip-push_2." + "x" * (MAX_PLATFORM - 16),
+                      "\u00e9" * (MAX_PUSH_TOKEN // 2), 0, request_id=72)),
+        ("push_register_ok", "registered (replacing the device's previous registration)",
+         PushRegisterOk(request_id=70)),
+        ("push_unregister", "no more notifications to this device", PushUnregister(request_id=73)),
+        ("push_unregister_ok", "unregistered (also when nothing was registered)",
+         PushUnregisterOk(request_id=73)),
     ]  # fmt: skip
 
 
@@ -416,9 +447,12 @@ def ext_invalid_frames() -> list[tuple[str, str, bytes, ErrorCode]]:
     B = ErrorCode.BAD_UTF8
     notice = FrameType.INBOX_NOTICE
     read_update = struct.pack(">QBQQ", 1001, 1, 1002, 77)
+    reg = FrameType.PUSH_REGISTER
     return [
-        ("unknown_type_0x35", "frame type 0x35 is not defined (post-v1 types are 0x30..0x34)",
-         _frame(0x35, b""), UT),
+        ("unknown_type_0x37", "frame type 0x37 is not defined (post-v1 types are 0x30..0x36)",
+         _frame(0x37, b""), UT),
+        ("unknown_type_0xb7", "frame type 0xb7 is not defined (post-v1 replies are 0xb0..0xb6)",
+         _frame(0xB7, b""), UT),
         ("conv_list_limit_101", "conversation page size above 100",
          _frame(FrameType.CONV_LIST, struct.pack(">QB", 0, 101)), I),
         ("conv_changes_limit_255", "conversation page size 255",
@@ -480,7 +514,44 @@ def ext_invalid_frames() -> list[tuple[str, str, bytes, ErrorCode]]:
          _frame(FrameType.CONV_PAGE, struct.pack(">QBIH", 9, 2, 0, 0)), I),
         ("conv_page_padded", "CONV_PAGE with a byte after its rows",
          _frame(FrameType.CONV_PAGE, struct.pack(">QBIHB", 9, 0, 0, 0, 0)), M),
+        # section 19
+        ("push_platform_empty", "PUSH_REGISTER with an empty platform",
+         _frame(reg, _push_register(platform=b"")), I),
+        ("push_platform_33", "a 33-byte platform (length checked at the prefix)",
+         _frame(reg, _push_register(platform=b"p" * 33)), I),
+        ("push_platform_upper", "platform APNS: capitals are not allowed",
+         _frame(reg, _push_register(platform=b"APNS")), I),
+        ("push_platform_space", "platform 'apns ' with a space",
+         _frame(reg, _push_register(platform=b"apns ")), I),
+        ("push_platform_non_ascii", "platform with a valid non-ASCII letter",
+         _frame(reg, _push_register(platform="fcm\u00e9".encode())), I),
+        ("push_platform_bad_utf8", "platform holds 0xff",
+         _frame(reg, _push_register(platform=b"fcm\xff")), B),
+        ("push_token_empty", "PUSH_REGISTER with an empty token",
+         _frame(reg, _push_register(token=b"")), I),
+        ("push_token_4097", "a 4097-byte token (length checked at the prefix)",
+         _frame(reg, _push_register(token=b"t" * 4097)), I),
+        ("push_token_bad_utf8", "token with a lone continuation byte",
+         _frame(reg, _push_register(token=b"abc\x80")), B),
+        ("push_options_2", "options bit 1 set (only bit 0, preview, is defined)",
+         _frame(reg, _push_register(options=2)), I),
+        ("push_options_0x81", "preview and bit 7 set", _frame(reg, _push_register(options=0x81)),
+         I),
+        ("push_register_truncated", "PUSH_REGISTER without its options byte",
+         _frame(reg, _push_register()[:-1]), M),
+        ("push_register_padded", "PUSH_REGISTER with a byte after options",
+         _frame(reg, _push_register() + b"\x00"), M),
+        ("push_register_ok_padded", "PUSH_REGISTER_OK with a body byte",
+         _frame(FrameType.PUSH_REGISTER_OK, b"\x00"), M),
+        ("push_unregister_padded", "PUSH_UNREGISTER with a body byte",
+         _frame(FrameType.PUSH_UNREGISTER, b"\x00"), M),
+        ("push_unregister_ok_padded", "PUSH_UNREGISTER_OK with two body bytes",
+         _frame(FrameType.PUSH_UNREGISTER_OK, b"\x00\x00"), M),
     ]  # fmt: skip
+
+
+def _push_register(platform: bytes = b"apns", token: bytes = b"0a1b2c", options: int = 1) -> bytes:
+    return str8(platform) + str16(token) + struct.pack(">B", options)
 
 
 def _documents(

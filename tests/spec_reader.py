@@ -1,5 +1,5 @@
-"""Independent reader/writer for improto frames (version 1 and the post-v1 frames of section
-18), written from spec/PROTOCOL.md alone.
+"""Independent reader/writer for improto frames (version 1 and the post-v1 frames of sections
+18 and 19), written from spec/PROTOCOL.md alone.
 
 Only the standard library (``struct``) is used; nothing is imported from the project.
 
@@ -123,6 +123,19 @@ def _conv_rule(f: dict) -> str | None:
 def _notice_rule(f: dict) -> str | None:
     """Section 18.6, INBOX_NOTICE: to_cursor > from_cursor."""
     return None if int(f["to_cursor"]) > int(f["from_cursor"]) else "to_cursor <= from_cursor"
+
+
+_PLATFORM_CHARS = frozenset("abcdefghijklmnopqrstuvwxyz0123456789._-")
+
+
+def _platform_rule(f: dict) -> str | None:
+    """Section 19.2, PUSH_REGISTER: the platform is ASCII lowercase letters, digits, . _ -"""
+    return None if set(f["platform"]) <= _PLATFORM_CHARS else "platform character not allowed"
+
+
+def _options_rule(f: dict) -> str | None:
+    """Section 19.2, PUSH_REGISTER: only options bit 0 (preview) is defined; others MUST be 0."""
+    return None if f["options"] & 0xFE == 0 else "options bits other than bit 0"
 
 
 # Section 18.6.
@@ -275,6 +288,20 @@ TYPES: dict[int, tuple[str, tuple]] = {
             ("msg_id", "id"),
         ),
     ),
+    # Section 19.2 (post-v1).
+    0x35: (
+        "PUSH_REGISTER",
+        (
+            ("platform", "str8", 1, 32),
+            ("", "rule", _platform_rule),
+            ("token", "str16", 1, 4096),
+            ("options", "u8"),
+            ("", "rule", _options_rule),
+        ),
+    ),
+    0xB5: ("PUSH_REGISTER_OK", ()),
+    0x36: ("PUSH_UNREGISTER", ()),
+    0xB6: ("PUSH_UNREGISTER_OK", ()),
 }
 TYPE_CODES = {name: code for code, (name, _layout) in TYPES.items()}
 

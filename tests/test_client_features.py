@@ -1,6 +1,7 @@
-"""The client's post-v1 features (PROTOCOL.md section 18) against scripted server frames:
+"""The client's post-v1 features (PROTOCOL.md sections 18, 19) against scripted server frames:
 FEATURES negotiation and the version-1 fallback, INBOX_NOTICE rules, the conversation list,
-read markers and receipts, and the wire counters. Harness as in test_client_unit."""
+read markers and receipts, push registrations, and the wire counters. Harness as in
+test_client_unit."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ from typing import Any
 
 from improto.codec import encode
 from improto.enums import ConvKind, Feature, FrameType
-from improto.errors import ErrorCode
+from improto.errors import EncodeError, ErrorCode, InvalidField
 from improto.frames import (
     ConvChanges,
     ConvChangesPage,
@@ -32,6 +33,10 @@ from improto.frames import (
     OfflinePull,
     Push,
     PushAck,
+    PushRegister,
+    PushRegisterOk,
+    PushUnregister,
+    PushUnregisterOk,
     ReadMark,
     ReadMarkOk,
     ReadUpdate,
@@ -44,6 +49,7 @@ from improto_clients.client import (
     ConvResult,
     FeatureUnavailable,
     Notice,
+    ServerError,
 )
 from improto_clients.conv_list import ConversationList, last_id, row_key
 from tests.test_client_unit import BOB, ME, Harness, failure, msg, pending, result
@@ -64,7 +70,7 @@ class Ext(Harness):
         (hello,) = self.sent()
         self.feed(HelloOk(ME, 1, 0, 90, 131072, request_id=hello.request_id))
         (feat,) = self.sent()  # nothing else before FEATURES_OK: the pull comes after it
-        assert isinstance(feat, Features) and feat.features == tuple(ALL)
+        assert isinstance(feat, Features) and feat.features == (*ALL, Feature.PUSH)
         assert pending(d)
         self.feed(FeaturesOk(enabled, request_id=feat.request_id))
         assert result(d).user_id == ME
@@ -491,3 +497,42 @@ def test_a_server_row_behind_the_live_messages_keeps_their_unread() -> None:
     got = convs.get(row_key(server))
     assert got is not None and (got.unread, last_id(got)) == (2, 11)
     assert convs.total_unread == 2
+
+
+# ---------------------------------------------------------------- push registrations
+
+
+def test_register_and_unregister_push() -> None:
+    h = Ext()
+    h.login_ext(enabled=(*ALL, Feature.PUSH))
+    d = h.client.register_push("apns", "tok-1", preview=True)
+    (reg,) = h.sent()
+    assert reg == PushRegister("apns", "tok-1", PushRegister.PREVIEW, request_id=reg.request_id)
+    assert pending(d)
+    h.reply(reg, PushRegisterOk)
+    assert result(d) is None
+    d = h.client.register_push("fcm", "tok-2")
+    (reg,) = h.sent()
+    assert (reg.platform, reg.options) == ("fcm", 0)
+    h.feed(Error(ErrorCode.INVALID_FIELD, "unknown platform fcm", request_id=reg.request_id))
+    err = failure(d)
+    assert isinstance(err, ServerError) and err.code == ErrorCode.INVALID_FIELD
+    d = h.client.unregister_push()
+    (unreg,) = h.sent()
+    assert isinstance(unreg, PushUnregister)
+    h.reply(unreg, PushUnregisterOk)
+    assert result(d) is None
+    assert h.errors == []
+
+
+def test_push_needs_the_feature_and_a_valid_frame() -> None:
+    h = Ext()
+    h.login_ext()  # the server did not enable PUSH
+    assert isinstance(failure(h.client.register_push("apns", "t")), FeatureUnavailable)
+    assert isinstance(failure(h.client.unregister_push()), FeatureUnavailable)
+    assert h.sent() == []
+    p = Ext()
+    p.login_ext(enabled=(Feature.PUSH,))
+    assert isinstance(failure(p.client.register_push("APNs", "t")), InvalidField)  # not sent
+    assert isinstance(failure(p.client.register_push("apns", "")), EncodeError)
+    assert p.sent() == []

@@ -57,6 +57,10 @@ from improto.frames import (
     Pong,
     Push,
     PushAck,
+    PushRegister,
+    PushRegisterOk,
+    PushUnregister,
+    PushUnregisterOk,
     ReadMark,
     ReadMarkOk,
     ReadUpdate,
@@ -78,6 +82,8 @@ from improto.limits import (
     MAX_GROUP_NAME,
     MAX_GROUPS_PER_USER,
     MAX_IDS_PER_REQUEST,
+    MAX_PLATFORM,
+    MAX_PUSH_TOKEN,
     MAX_TEXT,
     MAX_TOKEN,
     NOTICE_MAX_IDS,
@@ -187,6 +193,7 @@ def inbox_notices(draw: st.DrawFn) -> InboxNotice:
 
 features = _lists(u16, hi=MAX_FEATURES)
 conv_limits = st.integers(0, CONV_PAGE_MAX)
+platforms = st.from_regex(rf"[a-z0-9._-]{{1,{MAX_PLATFORM}}}", fullmatch=True)
 
 FRAME_STRATEGIES: dict[FrameType, st.SearchStrategy[Frame]] = {
     FrameType.HELLO: st.builds(
@@ -249,6 +256,12 @@ FRAME_STRATEGIES: dict[FrameType, st.SearchStrategy[Frame]] = {
     FrameType.CONV_HIDE_OK: st.builds(ConvHideOk, conv_kinds, ids, **header),
     FrameType.INBOX_NOTICE: inbox_notices(),
     FrameType.READ_UPDATE: st.builds(ReadUpdate, ids, conv_kinds, ids, ids, **header),
+    FrameType.PUSH_REGISTER: st.builds(
+        PushRegister, platforms, utf8(1, MAX_PUSH_TOKEN, max_chars=80), bools, **header
+    ),
+    FrameType.PUSH_REGISTER_OK: st.builds(PushRegisterOk, **header),
+    FrameType.PUSH_UNREGISTER: st.builds(PushUnregister, **header),
+    FrameType.PUSH_UNREGISTER_OK: st.builds(PushUnregisterOk, **header),
 }  # fmt: skip
 
 frames = st.one_of(*FRAME_STRATEGIES.values())

@@ -53,7 +53,7 @@ def test_every_frame_type_has_a_valid_vector() -> None:
 
 
 def test_v1_files_hold_only_v1_frame_types() -> None:
-    post_v1 = {t for t in FrameType if 0x30 <= t <= 0x34 or 0xA3 <= t <= 0xB4}
+    post_v1 = {t for t in FrameType if 0x30 <= t <= 0x36 or 0xA3 <= t <= 0xB6}
     assert {FrameType(v["type_code"]) for v in V1_VALID}.isdisjoint(post_v1)
     assert {FrameType(v["type_code"]) for v in EXT_VALID} == post_v1
 

@@ -25,7 +25,10 @@ def server(
     request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[tuple[str, int]]:
     """Our server as a subprocess in each storage mode, with short timeouts so the idle
-    checks run. Production mode uses the services of scripts/services under a fresh prefix."""
+    checks run. Production mode uses the services of scripts/services under a fresh prefix.
+    A push gateway is configured so that the server enables PUSH (its checks need only the
+    registrations: the gateway's port is closed, so notifications are retried, then
+    dropped, in the server's log; tests/test_notifier.py checks real deliveries)."""
     with storage_server(
         request.param,
         Path(tmp_path_factory.mktemp("imserver")),
@@ -35,6 +38,8 @@ def server(
         "5",
         "--heartbeat",
         "2",
+        "--push-gateway",
+        f"http://{LOOPBACK}:{free_port()}/_matrix/push/v1/notify",
     ) as proc:
         yield LOOPBACK, proc.port
 

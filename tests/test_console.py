@@ -11,7 +11,13 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+from improto.enums import Feature
+from improto.errors import ErrorCode
+from improto.frames import Error, PushRegister, PushRegisterOk, PushUnregister, PushUnregisterOk
+from improto_clients.console import Console
 from tests.support.server import ServerHandle
+from tests.test_client_features import ALL, Ext
+from tests.test_client_unit import result
 
 CLIENT = [sys.executable, "-m", "improto_clients.console"]
 
@@ -110,7 +116,8 @@ def test_conversations_read_markers_and_receipts(
     server = server_process()
     alice = LiveClient(server, 1, "alice-laptop")
     hello = alice.wait_for(lambda e: e["event"] == "connected")
-    assert hello["features"] == ["CONVERSATIONS", "READ_RECEIPTS", "WIRE_ONCE"]
+    # (and PUSH when the server has push notifications on)
+    assert {"CONVERSATIONS", "READ_RECEIPTS", "WIRE_ONCE"} <= set(hello["features"])
     bob = LiveClient(server, 2, "bob-phone")
     bob.wait_for(lambda e: e["event"] == "connected")
 
@@ -178,3 +185,45 @@ def _until(check: Callable[[], bool], timeout: float = 10.0) -> None:
     while not check():
         assert time.monotonic() < deadline, "condition not reached in time"
         time.sleep(0.2)
+
+
+def _console(enabled: tuple[int, ...]) -> tuple[Ext, Console, list[dict[str, Any]]]:
+    """A console in script mode on a client talking to scripted server frames."""
+    h = Ext()
+    h.login_ext(enabled=enabled)
+    events: list[dict[str, Any]] = []
+    console = Console(h.client, lambda line: events.append(json.loads(line)), script=True)
+    return h, console, events
+
+
+def test_push_command_registers_and_unregisters() -> None:
+    h, console, events = _console((*ALL, Feature.PUSH))
+    d = console._run("/push fcm tok-1 preview")
+    (reg,) = h.sent()
+    assert reg == PushRegister("fcm", "tok-1", PushRegister.PREVIEW, request_id=reg.request_id)
+    h.reply(reg, PushRegisterOk)
+    result(d)
+    d = console._run("/push apns tok-2")
+    (reg,) = h.sent()
+    h.feed(Error(ErrorCode.INVALID_FIELD, "unknown platform apns", request_id=reg.request_id))
+    result(d)
+    d = console._run("/push off")
+    (unreg,) = h.sent()
+    assert isinstance(unreg, PushUnregister)
+    h.reply(unreg, PushUnregisterOk)
+    result(d)
+    assert events == [
+        {"event": "push", "registered": True, "platform": "fcm", "preview": True},
+        {"event": "error", "code": 104, "name": "INVALID_FIELD", "text": "unknown platform apns",
+         "command": "/push apns tok-2"},
+        {"event": "push", "registered": False},
+    ]  # fmt: skip
+
+
+def test_push_command_usage_and_a_server_without_push() -> None:
+    h, console, events = _console(ALL)
+    for line in ("/push", "/push fcm", "/push fcm t later", "/push fcm t preview x",
+                 "/push fcm t", "/push off"):  # fmt: skip
+        result(console._run(line))
+    assert h.sent() == []
+    assert [e["name"] for e in events] == ["USAGE"] * 4 + ["UNSUPPORTED"] * 2

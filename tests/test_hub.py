@@ -2,16 +2,29 @@
 
 from __future__ import annotations
 
-from improto_server.hub import Hub
+import pytest_twisted
+
+from improto.enums import CloseReason
+from improto_server.hub import Hub, LocalRouter
 
 
 class Conn:
-    def __init__(self, user_id: int, device_id: str) -> None:
+    def __init__(self, user_id: int, device_id: str, hub: Hub | None = None) -> None:
         self.user_id, self.device_id = user_id, device_id
         self.got: list[int] = []
+        self.closed: list[tuple[CloseReason, str]] = []
+        self.hub = hub
 
     def push(self, msg_id: int, data: bytes) -> None:
         self.got.append(msg_id)
+
+    def notify(self, data: bytes, feature: int) -> bool:
+        return False
+
+    def close(self, reason: CloseReason, text: str) -> None:
+        self.closed.append((reason, text))
+        if self.hub is not None:  # as a Session does: it leaves the hub
+            self.hub.unregister(self)
 
 
 def test_one_then_two_devices_then_one_again() -> None:
@@ -53,3 +66,32 @@ def test_push_reaches_every_device_but_the_excluded_one() -> None:
     assert (a.got, b1.got, b2.got, c.got) == ([9], [], [9], [9])
     assert hub.push([1], 10, b"", exclude=a) == 0
     assert set(hub.all()) == {a, b1, b2, c} and hub.connection_count == 4
+
+
+def test_kick_closes_one_device_or_all_of_them() -> None:
+    hub = Hub()
+    phone, tablet, other = Conn(7, "phone", hub), Conn(7, "tablet", hub), Conn(8, "phone", hub)
+    for conn in (phone, tablet, other):
+        hub.register(conn)
+    assert hub.online_devices([7, 8, 9]) == {7: {"phone", "tablet"}, 8: {"phone"}}
+    assert hub.kick(7, "laptop", CloseReason.KICKED) == 0
+    assert hub.kick(7, "phone", CloseReason.KICKED) == 1
+    assert phone.closed == [(CloseReason.KICKED, "an operator closed the session")]
+    assert hub.devices(7) == [tablet] and not tablet.closed
+    hub.register(phone)
+    assert hub.kick(7, None, CloseReason.KICKED) == 2  # every device, each closed once
+    assert len(phone.closed) == 2 and len(tablet.closed) == 1
+    assert hub.devices(7) == [] and hub.devices(8) == [other] and not other.closed
+
+
+@pytest_twisted.ensureDeferred
+async def test_the_local_router_answers_from_its_hub() -> None:
+    router, hub = LocalRouter(), Hub()
+    assert await router.online_devices([7]) == {} and await router.kick(7, None, 5) == 0
+    await router.start(hub)
+    conn = Conn(7, "phone", hub)
+    hub.register(conn)
+    assert await router.online_devices([7, 8]) == {7: {"phone"}}
+    assert await router.kick(7, None, CloseReason.KICKED) == 1
+    assert conn.closed[0][0] == CloseReason.KICKED
+    assert await router.online_devices([7]) == {}

@@ -29,9 +29,17 @@ from improto.limits import MAX_GROUPS_PER_USER, U64_MAX
 from improto.records import message_of
 from improto_server.config import InboxCaps
 from improto_server.embedded.backend import SQLiteBackend
-from improto_server.model import InboxIds, InboxRecords, LimitExceeded, PersistJob
-from improto_server.production import redis_inbox
+from improto_server.model import (
+    MAX_TARGETS_PER_USER,
+    InboxIds,
+    InboxRecords,
+    LimitExceeded,
+    PersistJob,
+    PushTarget,
+)
+from improto_server.production import redis_devices, redis_inbox
 from improto_server.production.redis_connection import LuaScript, connect, gather
+from improto_server.production.redis_devices import RedisDevices
 from improto_server.production.redis_groups import SCRIPTS as GROUP_SCRIPTS
 from improto_server.production.redis_groups import RedisGroups
 from improto_server.production.redis_inbox import SCRIPTS as INBOX_SCRIPTS
@@ -392,6 +400,71 @@ async def test_sweep_trims_every_inbox_under_the_prefix_only(env):
         assert await other.sweep() == 1
     finally:
         services.delete_redis_prefix(env.prefix + "-other")
+
+
+# --------------------------------------------------------------------------- devices
+
+
+@pytest_twisted.ensureDeferred
+async def test_device_keys_share_the_user_tag_and_never_expire(env):
+    """push, reg and revoked of a user sit in the user's slot (beside its inbox); none has a
+    TTL (docs/SERVICES.md); the scripts keep push and reg on the same devices."""
+    devices = RedisDevices(env.redis, env.prefix, env.clock, max_targets=3)
+    await devices.start()
+    shas = [s.sha for s in redis_devices.SCRIPTS]
+    assert await env.command("SCRIPT", "EXISTS", *shas) == [1] * len(shas)
+    users = (7, 2**63, U64_MAX)
+    for user in users:
+        for name in ("a", "b", "c", "d"):  # one more than the cap
+            await devices.set_target(user, name, PushTarget("fcm", "t" + name, False))
+            env.clock.advance(1)
+        await devices.revoke(user, 5)
+        await env.inbox.advance(user, "phone", 1)
+    by_tag: dict[bytes, set[bytes]] = {}
+    for key in env.keys():
+        by_tag.setdefault(_tag(key), set()).add(key)
+    for user in users:
+        keys = by_tag[b"u%d" % user]
+        assert len({key_slot(k) for k in keys}) == 1
+        push, reg, revoked = (k.encode() for k in devices.keys(user))
+        assert {push, reg, revoked} <= keys
+        for key in (push, reg, revoked):
+            assert await env.command("PTTL", key) == -1
+        assert sorted(await env.command("HKEYS", push)) == [b"b", b"c", b"d"]
+        assert await env.command("ZRANGE", reg, 0, -1) == [b"b", b"c", b"d"]
+        assert await env.command("HGET", push, "b") == b"0fcm\x00tb"  # the documented form
+        await devices.remove_target(user, "c", "tc")
+        assert await env.command("ZRANGE", reg, 0, -1) == [b"b", b"d"]
+
+
+@pytest_twisted.ensureDeferred
+async def test_device_targets_split_by_slot_in_bounded_calls(env, monkeypatch):
+    """cluster=True reads each slot's users apart, at most TARGETS_USERS per script call,
+    with the same answer as one Redis; the cap is the port's."""
+    calls: list[list[str]] = []
+    script = redis_devices._TARGETS
+
+    def spy(redis: Any, keys: list[str], args: list[Any]) -> Deferred[Any]:
+        calls.append(list(keys))
+        return script(redis, keys, args)
+
+    monkeypatch.setattr(redis_devices, "_TARGETS", spy)
+    plain = RedisDevices(env.redis, env.prefix, env.clock)
+    clustered = RedisDevices(env.redis, env.prefix, env.clock, cluster=True)
+    assert plain.max_targets == MAX_TARGETS_PER_USER
+    users = list(range(1, 400, 2))
+    for user in users[::3]:
+        await plain.set_target(user, "phone", PushTarget("apns", f"t{user}", True))
+    calls.clear()
+    expected = await plain.targets(users)
+    assert len(calls) == -(-len(users) // redis_devices.TARGETS_USERS)
+    assert sorted(expected) == users[::3]
+    calls.clear()
+    got = await clustered.targets(users)
+    assert got == expected and list(got) == list(expected)
+    assert len(calls) > len(users) // redis_devices.TARGETS_USERS
+    assert all(len({key_slot(k) for k in keys}) == 1 for keys in calls)
+    assert all(len(keys) <= redis_devices.TARGETS_USERS for keys in calls)
 
 
 @pytest_twisted.ensureDeferred

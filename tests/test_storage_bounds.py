@@ -9,6 +9,7 @@ tiny maxmemory, started and stopped here; RabbitMQ is the shared one.
 from __future__ import annotations
 
 import contextlib
+import json
 import shutil
 import sqlite3
 import subprocess
@@ -29,7 +30,7 @@ from improto.frames import Message
 from improto_server.config import InboxCaps
 from improto_server.embedded.backend import SQLiteBackend
 from improto_server.embedded.database import SCHEMA_VERSION
-from improto_server.model import PersistJob
+from improto_server.model import PersistJob, PushTarget
 from improto_server.persister import Persister
 from improto_server.production.redis_connection import connect
 from improto_server.production.redis_inbox import RedisInbox
@@ -124,6 +125,25 @@ def job(*users: int, body: bytes = b"x" * 20_000) -> PersistJob:
         mid, 1_000, 1, "phone", ConvKind.USER, 2, ContentType.TEXT, mid.to_bytes(16, "big"), body
     )
     return PersistJob(m, users)
+
+
+V5_TABLES = ("notify_jobs", "push_targets", "revocations")  # what schema 5 added
+
+
+def drop_v5_tables(db: sqlite3.Connection) -> None:
+    """Back to the tables a version-4 (or older) server had."""
+    for table in V5_TABLES:
+        db.execute(f"DROP TABLE {table}")
+
+
+def table_sql(path: Path, tables: Sequence[str]) -> list[str]:
+    with sqlite3.connect(path) as db:
+        rows = db.execute(
+            "SELECT sql FROM sqlite_master WHERE tbl_name IN (SELECT value FROM json_each(?))"
+            " ORDER BY name",
+            (json.dumps(list(tables)),),
+        ).fetchall()
+    return [sql for (sql,) in rows]
 
 
 @pytest_twisted.ensureDeferred
@@ -249,6 +269,7 @@ async def test_a_version_1_database_gets_sizes_and_totals(tmp_path):
             db.execute(f"ALTER TABLE {table} DROP COLUMN {column}")
         db.execute("DROP TABLE conv_rows")
         db.execute("DROP TABLE conv_users")
+        drop_v5_tables(db)
         db.execute("PRAGMA user_version = 1")
 
     backend = SQLiteBackend(path, now_ms=FakeClock(), inbox_caps=InboxCaps(max_bytes=131_072))
@@ -299,6 +320,7 @@ async def test_a_version_2_database_gets_conversation_lists(tmp_path):
     await backend.history.append_many([(j.history_key, j) for j in sent])
     await backend.close()
     with sqlite3.connect(path) as db:  # back to what a version-2 server wrote
+        drop_v5_tables(db)
         db.executescript("DROP TABLE conv_rows; DROP TABLE conv_users; PRAGMA user_version = 2;")
 
     backend = SQLiteBackend(path, now_ms=clock)
@@ -350,6 +372,7 @@ async def test_a_version_3_database_gets_fold_positions(tmp_path):
     with sqlite3.connect(path) as db:  # back to what a version-3 server wrote
         db.execute("DELETE FROM conv_users WHERE user_id = ?", (3 - 2**63,))
         db.execute("ALTER TABLE conv_users DROP COLUMN folded_to")
+        drop_v5_tables(db)
         db.execute("PRAGMA user_version = 3")
         before = db.execute("SELECT * FROM conv_rows ORDER BY 1, 2, 3").fetchall()
         users = db.execute("SELECT * FROM conv_users ORDER BY 1").fetchall()
@@ -377,5 +400,57 @@ async def test_a_version_3_database_gets_fold_positions(tmp_path):
         assert await convs.fold([1, 2]) == []
         bob = (await convs.changes(2, 0, 10, ANY_SIZE)).convs
         assert [(c.conv_id, c.unread, c.last_id) for c in bob] == [(1, 4, late.message.msg_id)]
+    finally:
+        await backend.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_version_4_database_gets_the_push_tables(tmp_path):
+    """Schema 5 adds push registrations, revocations and the notifier's queue: new, empty
+    tables exactly as a new database has them; everything else stays as it was."""
+    fresh = tmp_path / "fresh.sqlite3"
+    backend = SQLiteBackend(fresh, now_ms=FakeClock())
+    await backend.start()
+    await backend.close()
+    path = tmp_path / "v4.sqlite3"
+    clock = FakeClock()
+    backend = SQLiteBackend(path, now_ms=clock)
+    await backend.start()
+    sent = [job(1, 2, body=b"hi") for _ in range(3)]
+    await backend.inbox.append_many(sent)
+    await backend.conversations.record(sent)
+    await backend.inbox.advance(2, "phone", 2)
+    await backend.close()
+    with sqlite3.connect(path) as db:  # back to what a version-4 server wrote
+        drop_v5_tables(db)
+        db.execute("PRAGMA user_version = 4")
+        tables = ("conv_rows", "conv_users", "inbox", "inbox_head", "positions", "messages")
+        before = {t: db.execute(f"SELECT * FROM {t} ORDER BY 1, 2").fetchall() for t in tables}
+
+    backend = SQLiteBackend(path, now_ms=clock)
+    await backend.start()
+    try:
+        with sqlite3.connect(path) as db:
+            assert db.execute("PRAGMA user_version").fetchone() == (SCHEMA_VERSION,) == (5,)
+            after = {t: db.execute(f"SELECT * FROM {t} ORDER BY 1, 2").fetchall() for t in tables}
+            assert after == before
+            for table in V5_TABLES:
+                assert db.execute(f"SELECT count(*) FROM {table}").fetchone() == (0,)
+        assert table_sql(path, V5_TABLES) == table_sql(fresh, V5_TABLES) != []
+        devices = backend.devices
+        assert await devices.targets([1, 2]) == {} and await devices.revoked_before(2) == 0
+        await devices.set_target(2**63, "phone", PushTarget("apns", "tok", True))
+        await devices.revoke(2, 1_750_000_000_000)
+        assert await backend.inbox.position(2, "phone") == 2
+        assert len((await backend.inbox.page(1, 0, 10, ANY_SIZE)).records) == 3
+    finally:
+        await backend.close()
+    backend = SQLiteBackend(path, now_ms=clock)  # a version-5 file opens as it is
+    await backend.start()
+    try:
+        assert await backend.devices.targets([2**63]) == {
+            2**63: {"phone": PushTarget("apns", "tok", True)}
+        }
+        assert await backend.devices.revoked_before(2) == 1_750_000_000_000
     finally:
         await backend.close()

@@ -22,7 +22,8 @@ callbacks. The layers, one module each:
 Every public name is importable from this module too.
 
 PROTOCOL.md sections 8-12 and the client checklist (section 17) are what this implements, and
-from section 18 (post-v1 features) wire-once delivery, conversations and read receipts. Login
+from sections 18 and 19 (post-v1 features) wire-once delivery, conversations, read receipts
+and push registrations. Login
 order: HELLO_OK, FEATURES (answered before anything else is sent, so that the server follows
 the cursor from the first OFFLINE_PAGE), the sync loop, the outbox resend, and, once the
 application has fetched the conversation list before, CONV_CHANGES from its stored version.
@@ -36,6 +37,7 @@ a version-1 client. `features=()` makes it one anyway (it never sends FEATURES).
     ack = await client.send_text(ConvKind.USER, 1002, "hi")
     await client.conversations()                # the list, newest first: client.state.convs
     await client.mark_read(ConvKind.USER, 1002, newest_msg_id)
+    await client.register_push("apns", device_token, preview=True)  # notified while away
 """
 
 from __future__ import annotations
@@ -85,6 +87,10 @@ from improto.frames import (
     Ping,
     Pong,
     PushAck,
+    PushRegister,
+    PushRegisterOk,
+    PushUnregister,
+    PushUnregisterOk,
     ReadMark,
     ReadMarkOk,
     ReadUpdate,
@@ -108,8 +114,8 @@ from improto_clients.state import ClientState
 from improto_clients.sync import Notice, SyncResult, apply_notice, sync_offline
 from improto_clients.wire_stats import WireStats
 
-# What a client asks for by default: every post-v1 feature (section 18).
-DEFAULT_FEATURES = (Feature.WIRE_ONCE, Feature.CONVERSATIONS, Feature.READ_RECEIPTS)
+# What a client asks for by default: every post-v1 feature (sections 18, 19).
+DEFAULT_FEATURES = (Feature.WIRE_ONCE, Feature.CONVERSATIONS, Feature.READ_RECEIPTS, Feature.PUSH)
 
 __all__ = [
     "DEFAULT_FEATURES",
@@ -738,6 +744,33 @@ class IMClient:
             self.state.save()
             if self.on_conversation:
                 self.on_conversation(key, row)
+
+        return Deferred.fromCoroutine(run())
+
+    # --- push notifications (section 19)
+
+    def register_push(self, platform: str, token: str, preview: bool = False) -> Deferred[None]:
+        """PUSH_REGISTER: while this device is not connected, the server has it notified
+        through `platform` (apns, fcm, or one the server allows) at the platform's `token`;
+        `preview`: a notification may show the message text. Replaces the device's previous
+        registration; it lasts until unregister_push, another registration, or the platform
+        reporting the token dead. Register again whenever the platform hands out a new token
+        (registering the same one again is harmless)."""
+
+        async def run() -> None:
+            self._need(Feature.PUSH)
+            options = PushRegister.PREVIEW if preview else 0
+            await self._request(PushRegister(platform, token, options), PushRegisterOk)
+
+        return Deferred.fromCoroutine(run())
+
+    def unregister_push(self) -> Deferred[None]:
+        """PUSH_UNREGISTER: no more notifications to this device (e.g. before logging out);
+        also succeeds when nothing was registered."""
+
+        async def run() -> None:
+            self._need(Feature.PUSH)
+            await self._request(PushUnregister(), PushUnregisterOk)
 
         return Deferred.fromCoroutine(run())
 

@@ -16,6 +16,10 @@ sends "/text"). Lines run one at a time, in the order typed. Commands:
     /convs                      your conversations, newest first, with unread badges
     /hide [user ID | group ID]  take a conversation (default: the current one) off the
                                 list until a new message arrives; its history stays
+    /push PLATFORM TOKEN [preview]
+                                have this device notified (e.g. /push fcm TOKEN) while it
+                                is not connected; "preview": with the message text
+    /push off                   no more notifications to this device
     /group create NAME [ID...]  create a group with these other members
     /group add GID ID...        add members
     /group remove GID ID...     remove members (your own id: leave the group)
@@ -27,8 +31,8 @@ sends "/text"). Lines run one at a time, in the order typed. Commands:
 
 Viewing a conversation (/to, /history, or a message arriving in the current one) marks it
 read up to its newest message, on every device. Your own 1:1 messages show ✓✓ once the peer
-has read them. (Conversations need a server with the post-v1 features, PROTOCOL.md section
-18.)
+has read them. (Conversations and /push need a server with the post-v1 features, PROTOCOL.md
+sections 18 and 19.)
 
 With --script, the same lines are read from stdin without prompts, and stdout gets one JSON
 object per event and nothing else (u64 ids as decimal strings, times in ms since the epoch):
@@ -46,6 +50,8 @@ object per event and nothing else (u64 ids as decimal strings, times in ms since
     {"event": "read", "conv": "user:1002", "reader": "1002", "msg_id": "...",
      "receipt": true, "mine": ["...own msg_ids now read"], "total_unread": 1}
     {"event": "hidden", "conv": "user:1002"}
+    {"event": "push", "registered": true, "platform": "fcm", "preview": false}
+    {"event": "push", "registered": false}
     {"event": "conv", "conv": "group:7"}    {"event": "pong", "server_time": ..., "rtt_ms": ...}
     {"event": "error", "code": 300, "name": "FORBIDDEN", "text": "...", "command": "..."}
     {"event": "closed", "reason": "REPLACED", "code": 1, "text": "..."}
@@ -201,6 +207,11 @@ def render(ev: Event, me: str | None) -> str:
         return render_read(ev)
     if kind == "hidden":
         return f"-- {ev['conv']} hidden (until a new message arrives)"
+    if kind == "push":
+        if not ev["registered"]:
+            return "-- no notifications to this device any more"
+        text = "with" if ev["preview"] else "without"
+        return f"-- this device is notified through {ev['platform']} ({text} message text)"
     if kind == "ack":
         dup = " (already sent before)" if ev["duplicate"] else ""
         again = "resent " if ev["resent"] else ""
@@ -492,6 +503,18 @@ class Console:
         await self.client.hide(kind, cid)
         self.emit({"event": "hidden", "conv": conv_key(kind, cid)})
 
+    async def cmd_push(self, args: list[str]) -> None:
+        if args == ["off"]:
+            await self.client.unregister_push()
+            self.emit({"event": "push", "registered": False})
+            return
+        if len(args) not in (2, 3) or args[2:] not in ([], ["preview"]):
+            raise UsageError("/push PLATFORM TOKEN [preview] | /push off")
+        platform, token, preview = args[0], args[1], len(args) == 3
+        await self.client.register_push(platform, token, preview)
+        self.emit({"event": "push", "registered": True, "platform": platform,
+                   "preview": preview})  # fmt: skip
+
     # --- read state
 
     async def mark_viewed(self) -> None:
@@ -579,6 +602,7 @@ class Console:
         "/history": cmd_history,
         "/convs": cmd_convs,
         "/hide": cmd_hide,
+        "/push": cmd_push,
         "/group": cmd_group,
         "/groups": cmd_groups,
         "/ping": cmd_ping,

@@ -1,5 +1,6 @@
-"""Post-v1 features (spec section 18): FEATURES negotiation, wire-once INBOX_NOTICE, the login
-race, conversation lists and read state; and that a version-1 connection sees none of it.
+"""Post-v1 features (spec sections 18 and 19): FEATURES negotiation, wire-once INBOX_NOTICE,
+the login race, conversation lists and read state, push registrations; and that a version-1
+connection sees none of it.
 
 A server that answers FEATURES with UNKNOWN_FRAME_TYPE speaks version 1 only: the checks that
 need a feature skip (the login race applies to every server and never skips).
@@ -49,6 +50,10 @@ from improto.frames import (
     Ping,
     Push,
     PushAck,
+    PushRegister,
+    PushRegisterOk,
+    PushUnregister,
+    PushUnregisterOk,
     ReadMark,
     ReadMarkOk,
     ReadUpdate,
@@ -57,10 +62,11 @@ from improto.frames import (
     UnreadCount,
 )
 
-WIRE_ONCE, CONVERSATIONS, READ_RECEIPTS = (
+WIRE_ONCE, CONVERSATIONS, READ_RECEIPTS, PUSH = (
     Feature.WIRE_ONCE,
     Feature.CONVERSATIONS,
     Feature.READ_RECEIPTS,
+    Feature.PUSH,
 )
 USER, GROUP = ConvKind.USER, ConvKind.GROUP
 # A notice follows the PUSH_ACK once the entry is stored: persistence is asynchronous (spec
@@ -72,6 +78,9 @@ LOGIN_RACE_TRIES = 20
 LOGIN_RACE_DEADLINE_S = 1.0
 LOGIN_RACE_SPREAD_S = 0.020
 POST_V1_TYPES = (0x31, 0x32, 0x33, 0x34)
+PUSH_TYPES = (0x35, 0x36)
+# Platforms spec 19 names; a server allows some set of platforms (the improto server: both).
+KNOWN_PLATFORMS = ("apns", "fcm")
 Key = tuple[int, int]  # (conv_kind, conv_id) as the viewing user names it
 
 
@@ -226,9 +235,12 @@ def features_negotiation(env: Env) -> str:
     """18: FEATURES_OK lists the supported features asked for, ascending, unknowns and
     duplicates ignored; READ_RECEIPTS needs CONVERSATIONS; each FEATURES replaces the set."""
     c = env.login()
-    got = negotiate(c, [READ_RECEIPTS, 999, CONVERSATIONS, WIRE_ONCE, CONVERSATIONS, 0, 65535])
+    asked = [READ_RECEIPTS, 999, CONVERSATIONS, WIRE_ONCE, PUSH, CONVERSATIONS, 0, 65535]
+    got = negotiate(c, asked)
     assert list(got) == sorted(set(got)), f"FEATURES_OK {got} not ascending without repeats"
-    assert set(got) <= {WIRE_ONCE, CONVERSATIONS, READ_RECEIPTS}, f"FEATURES_OK {got}: unasked"
+    assert set(got) <= {WIRE_ONCE, CONVERSATIONS, READ_RECEIPTS, PUSH}, (
+        f"FEATURES_OK {got}: unasked"
+    )
     alone = negotiate(c, [READ_RECEIPTS])
     assert READ_RECEIPTS not in alone, f"READ_RECEIPTS enabled without CONVERSATIONS: {alone}"
     assert negotiate(c, [4242, 7]) == (), "unknown features enabled"
@@ -732,3 +744,99 @@ def offline_unread_follows_marks(env: Env) -> None:
     assert list(page.unread) == expected_unread(page.messages, me.user_id), (
         f"v1 unread {list(page.unread)} (10.3: others' messages in the page)"
     )
+
+
+# ------------------------------------------------------------- push registrations (19)
+
+
+def push_register(platform: bytes, token: bytes, options: int, rid: int) -> bytes:
+    """PUSH_REGISTER by hand (values the codec refuses)."""
+    body = struct.pack(">B", len(platform)) + platform + struct.pack(">H", len(token)) + token
+    return raw_frame(FrameType.PUSH_REGISTER, body + struct.pack(">B", options), rid=rid)
+
+
+def allowed_platform(c: Conn) -> str:
+    """A platform the server accepts (registered with a throwaway token); skip if none of
+    KNOWN_PLATFORMS is."""
+    for platform in KNOWN_PLATFORMS:
+        got = c.request(PushRegister(platform, "conformance-probe"))
+        if isinstance(got, PushRegisterOk):
+            return platform
+        assert isinstance(got, Error) and got.code == ErrorCode.INVALID_FIELD, (
+            f"PUSH_REGISTER({platform}) answered by {describe(got)}"
+        )
+    raise Skip(f"the server allows none of the platforms {list(KNOWN_PLATFORMS)} (19)")
+
+
+@check("ext.push_types_need_feature")
+def push_types_need_feature(env: Env) -> None:
+    """19/14: without PUSH, 0x35 and 0x36 (any body, other features enabled or not) ->
+    UNKNOWN_FRAME_TYPE, as in v1; FEATURES without PUSH leaves them unknown."""
+    pre = env.connect()
+    for t in PUSH_TYPES:
+        pre.expect_error(raw_frame(t, b"\xff", rid=t), ErrorCode.UNKNOWN_FRAME_TYPE, rid=t)
+    c = env.login()
+    bodies = (b"", b"\x00", push_register(b"apns", b"t", 0, 0)[11:])
+    for t in PUSH_TYPES:
+        for i, body in enumerate(bodies):
+            rid = t * 16 + i
+            c.expect_error(raw_frame(t, body, rid=rid), ErrorCode.UNKNOWN_FRAME_TYPE, rid=rid)
+    try:
+        got = negotiate(c, [WIRE_ONCE, CONVERSATIONS])
+    except Skip:
+        got = ()
+    if got:
+        c.expect_error(push_register(b"apns", b"t", 0, rid=7), ErrorCode.UNKNOWN_FRAME_TYPE, rid=7)
+        c.expect_error(PushUnregister(), ErrorCode.UNKNOWN_FRAME_TYPE)
+    c.ping()
+
+
+@check("ext.push_register")
+def push_register_replace_unregister(env: Env) -> str:
+    """19: PUSH_REGISTER -> PUSH_REGISTER_OK (same request_id); registering again (another
+    token, preview on) replaces it -> OK; PUSH_UNREGISTER -> PUSH_UNREGISTER_OK, also when
+    nothing is registered."""
+    c = ext_login(env, [PUSH])
+    platform = allowed_platform(c)
+    ok = c.call(PushRegister(platform, "a" * 64, 0), PushRegisterOk)
+    assert ok.request_id, "PUSH_REGISTER_OK without the request's id"
+    longest = "\u00e9" * 2048  # 4096 bytes of UTF-8
+    c.call(PushRegister(platform, longest, PushRegister.PREVIEW), PushRegisterOk)
+    rid = c.send(PushUnregister())
+    got = c.reply(rid, "PUSH_UNREGISTER_OK")
+    assert isinstance(got, PushUnregisterOk), f"PUSH_UNREGISTER answered by {describe(got)}"
+    c.call(PushUnregister(), PushUnregisterOk)
+    other = env.login(c.user_id)  # another device of the user registers on its own
+    negotiate(other, [PUSH])
+    other.call(PushRegister(platform, "b" * 64, 0), PushRegisterOk)
+    other.call(PushUnregister(), PushUnregisterOk)
+    c.ping()
+    return f"platform {platform}"
+
+
+@check("ext.push_register_refused")
+def push_register_refused(env: Env) -> None:
+    """19: a platform the server does not allow, a platform with other characters than
+    [a-z0-9._-] or of 33 bytes, a token of 0 or 4097 bytes, options bits other than bit 0 ->
+    INVALID_FIELD; a token that is not UTF-8 -> BAD_UTF8; the connection stays usable."""
+    c = ext_login(env, [PUSH])
+    allowed_platform(c)
+    got = c.expect_error(PushRegister("no-such-platform.conformance", "t"),
+                         ErrorCode.INVALID_FIELD)  # fmt: skip
+    assert got.request_id, "ERROR without the request's id"
+    cases = [
+        (b"APNS", b"t", 0, ErrorCode.INVALID_FIELD),
+        (b"ap ns", b"t", 0, ErrorCode.INVALID_FIELD),
+        (b"p" * 33, b"t", 0, ErrorCode.INVALID_FIELD),
+        (b"", b"t", 0, ErrorCode.INVALID_FIELD),
+        (b"apns", b"", 0, ErrorCode.INVALID_FIELD),
+        (b"apns", b"t" * 4097, 0, ErrorCode.INVALID_FIELD),
+        (b"apns", b"t", 2, ErrorCode.INVALID_FIELD),
+        (b"apns", b"t", 0x81, ErrorCode.INVALID_FIELD),
+        (b"apns", b"to\xffk", 1, ErrorCode.BAD_UTF8),
+        (b"fcm\xc3", b"t", 0, ErrorCode.BAD_UTF8),
+    ]
+    for i, (platform, token, options, code) in enumerate(cases):
+        rid = 900 + i
+        c.expect_error(push_register(platform, token, options, rid), code, rid=rid)
+    c.ping()

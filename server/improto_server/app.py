@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 import resource
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -15,12 +16,16 @@ from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 
 from improto.enums import CloseReason
+from improto_server.api import make_api_site, make_ops_site
 from improto_server.config import Config
+from improto_server.deferreds import as_deferred
 from improto_server.embedded.backend import SQLiteBackend
 from improto_server.hub import Hub
 from improto_server.ids import IdGenerator
+from improto_server.notifier import Notifier, OnlineDevices
 from improto_server.persister import Persister
 from improto_server.ports import Backend, PushRouter
+from improto_server.push_gateway import PushGatewayClient
 from improto_server.rate_limits import RateLimits
 from improto_server.reactor_types import IServerReactor
 from improto_server.service import ChatService
@@ -63,29 +68,43 @@ class Server:
         self.backend: Backend | None = None
         self.router: PushRouter | None = None
         self._sweeper: LoopingCall | None = None
+        self.notifier: Notifier | None = None
+        self.api_port: IListeningPort | None = None  # the server API / health and metrics
 
     async def start(self) -> None:
         config = self.config
         config.check()
         self.backend = b = make_backend(config, self.reactor)
         await b.start()
+        pushing = config.push_gateway is not None
         if config.role in ("all", "persister"):
-            self.persister = Persister(b.queue, b.inbox, b.history, b.conversations)
+            self.persister = Persister(
+                b.queue, b.inbox, b.history, b.conversations, clock=self.reactor,
+                notify=b.notify_queue if pushing else None,
+            )  # fmt: skip
             self.persister.start()
             self._sweeper = LoopingCall(self._sweep)
             self._sweeper.clock = self.reactor
             self._sweeper.start(config.sweep_interval_s, now=False)
-        if config.role == "persister":
-            log.info("persister running ({storage} storage)", storage=config.storage)
+        if config.role in ("persister", "notifier"):
+            if config.role == "notifier":
+                self._start_notifier(b, _Presence(b, config, self.reactor))
+            if config.api_key is not None:
+                await self._listen_api(make_ops_site(b, self.reactor))
+            log.info("{role} running ({storage} storage)", role=config.role,
+                     storage=config.storage)  # fmt: skip
             return
         self.router = b.push_router()
         await self.router.start(self.hub)
+        if pushing:
+            self._start_notifier(b, self.router)
         node = config.node_id if config.node_id is not None else (self.router.node or 0)
         log.info("gateway node {node}", node=node)
         self.service = ChatService(
             IdGenerator(node), b.queue, b.inbox, b.history, b.groups, self.hub, self.router,
             limits=RateLimits(config, self.reactor), conversations=b.conversations,
-            read_receipts=config.read_receipts,
+            read_receipts=config.read_receipts, devices=b.devices,
+            push_platforms=config.push_platforms if pushing else (),
         )  # fmt: skip
         self.factory = SessionFactory(
             config, self.service, self.hub, self.reactor, config.secret(), self.router
@@ -96,7 +115,32 @@ class Server:
             port = await serverFromString(self.reactor, desc).listen(self.factory)
             self.ports.append(port)
             log.info("listening on {desc} ({addr})", desc=desc, addr=port.getHost())
+        if config.api_key is not None:
+            await self._listen_api(
+                make_api_site(self.service, self.router, b.devices, b, config.api_key, self.reactor)
+            )
         self._log_hint()
+
+    def _start_notifier(self, b: Backend, online: OnlineDevices) -> None:
+        config = self.config
+        assert config.push_gateway is not None
+        gateway = PushGatewayClient(
+            config.push_gateway, self.reactor, timeout_s=config.push_timeout_s,
+            retries=config.push_retries, max_connections=config.push_max_in_flight,
+        )  # fmt: skip
+        self.notifier = Notifier(
+            b.notify_queue, b.devices, online, b.conversations, gateway, self.reactor,
+            interval_s=config.push_interval_s, max_in_flight=config.push_max_in_flight,
+            max_pending=config.push_max_pending,
+        )  # fmt: skip
+        self.notifier.start()
+        log.info("notifications to {url}", url=config.push_gateway)
+
+    async def _listen_api(self, site: Any) -> None:
+        port = await serverFromString(self.reactor, self.config.api_listen).listen(site)
+        self.api_port = port
+        log.info("server API on {desc} ({addr})", desc=self.config.api_listen,
+                 addr=port.getHost())  # fmt: skip
 
     def _log_hint(self) -> None:
         """Tell a developer how to log in: the README's walkthrough starts from this line."""
@@ -131,8 +175,10 @@ class Server:
         """Stop listening, tell clients we are shutting down, then close storage."""
         if self._sweeper is not None and self._sweeper.running:
             self._sweeper.stop()
-        await DeferredList([Deferred.fromCoroutine(_stop(p)) for p in self.ports])
+        ports = self.ports + ([self.api_port] if self.api_port is not None else [])
+        await DeferredList([Deferred.fromCoroutine(_stop(p)) for p in ports])
         self.ports.clear()
+        self.api_port = None
         for conn in self.hub.all():
             if isinstance(conn, Session):
                 conn.close(CloseReason.SHUTDOWN, "server shutting down")
@@ -144,9 +190,13 @@ class Server:
             # The lists of what this persister wrote: now, else behind() at the next start.
             try:
                 await persister.fold_now().addTimeout(STOP_FOLD_S, self.reactor)
-            except Exception:
-                log.failure("folding the conversation lists at stop failed")
+            except Exception as e:  # e.g. the database closed by its own shutdown trigger
+                log.info("lists left to fold at the next start ({why})", why=e)
             persister.stop()
+        if self.notifier is not None and self.backend is not None:
+            await self.backend.notify_queue.close()  # its batch in hand first, then requests
+            await self.notifier.stop()
+            self.notifier = None
         if self.backend is not None:
             await self.backend.close()
             self.backend = None
@@ -184,3 +234,19 @@ async def _stop(port: IListeningPort) -> None:
     stopped = port.stopListening()
     if stopped is not None:
         await stopped
+
+
+class _Presence:
+    """online_devices for a notifier without a gateway in its process: Redis presence alone
+    (--role notifier needs production storage)."""
+
+    def __init__(self, backend: Backend, config: Config, reactor: IServerReactor) -> None:
+        from improto_server.production.presence import Presence
+
+        redis = getattr(backend, "redis")  # noqa: B009 (ProductionBackend's, not in the port)
+        self._presence = Presence(redis, config.key_prefix, reactor=reactor)
+
+    @as_deferred
+    async def online_devices(self, user_ids: Sequence[int]) -> dict[int, set[str]]:
+        found = await self._presence.lookup(user_ids)
+        return {user: set(devices) for user, devices in found.items() if devices}

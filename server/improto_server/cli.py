@@ -12,7 +12,7 @@ import sys
 from typing import Any
 
 from twisted.internet.defer import Deferred
-from twisted.logger import globalLogBeginner, textFileLogObserver
+from twisted.logger import globalLogBeginner, jsonFileLogObserver, textFileLogObserver
 
 from improto.tokens import MAX_TOKEN_LIFETIME_S, mint
 from improto_server.config import Config
@@ -78,6 +78,19 @@ _RUN_OPTIONS: list[tuple[str, dict[str, Any]]] = [
         },
     ),
     ("--inbox-retention-days", {"type": float, "help": "offline inbox retention (default 7)"}),
+    ("--log-format", {"choices": ["text", "json"], "help": "text (default) or json lines"}),
+    (
+        "--push-gateway",
+        {"metavar": "URL", "help": "push gateway for notifications (spec/PUSH_GATEWAY.md)"},
+    ),
+    (
+        "--api-listen",
+        {
+            "metavar": "ENDPOINT",
+            "help": "server API endpoint (default tcp:5580:interface=127.0.0.1)",
+        },
+    ),
+    ("--api-key", {"help": "bearer key of the server API (the API is off without one)"}),
     ("--history-retention-days", {"type": float, "help": "history retention (default 180)"}),
     (
         "--max-unacked-pushes",
@@ -89,9 +102,10 @@ _PRODUCTION_OPTIONS: list[tuple[str, dict[str, Any]]] = [
                    "help": "embedded (default: SQLite, no external service), memory (the "
                            "same in RAM: persistence off, lost at exit; for benchmarks) "
                            "or production"}),
-    ("--role", {"choices": ["all", "gateway", "persister"],
-                "help": "all (default): both in one process; gateway: client connections "
-                        "only; persister: queue consumer only (production storage)"}),
+    ("--role", {"choices": ["all", "gateway", "persister", "notifier"],
+                "help": "all (default): everything in one process; gateway: client "
+                        "connections only; persister: queue consumer only; notifier: push "
+                        "notifications only (production storage)"}),
     ("--redis", {"metavar": "HOST:PORT", "help": "default 127.0.0.1:6379"}),
     ("--amqp", {"metavar": "URL",
                 "help": "RabbitMQ URL, default amqp://guest:guest@127.0.0.1:5672/%%2F"}),
@@ -167,7 +181,12 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(
             f"--storage production needs {', '.join(missing)}: pip install 'improto[production]'"
         )
-    globalLogBeginner.beginLoggingTo([textFileLogObserver(sys.stderr)])
+    observer = (
+        jsonFileLogObserver(sys.stderr)
+        if config.log_format == "json"
+        else textFileLogObserver(sys.stderr)
+    )  # json: one JSON object per line (twisted.logger's format), for log shippers
+    globalLogBeginner.beginLoggingTo([observer])
 
     from twisted.internet import task
 

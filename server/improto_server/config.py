@@ -50,6 +50,11 @@ _RANGES: dict[str, tuple[type, float, float]] = {
     "inbox_max_entries": (int, 1, 10**9),
     "inbox_max_bytes": (int, _ONE_FRAME, 2**40),  # room for a largest message
     "max_devices_per_user": (int, 1, 1024),
+    "push_interval_s": (float, 0.001, 3600),
+    "push_timeout_s": (float, 0.01, 600),
+    "push_retries": (int, 0, 100),
+    "push_max_in_flight": (int, 1, 100_000),
+    "push_max_pending": (int, 1, 10**8),
 }
 
 
@@ -94,6 +99,19 @@ class Config:
     queue_partitions: int = 1
     # Conversation state (spec 18): tell a 1:1 peer's devices when their messages were read
     read_receipts: bool = True
+    # Push notifications (spec 19, spec/PUSH_GATEWAY.md): the push gateway's URL (None: no
+    # notifications), the platforms devices may register, and the notifier's pacing.
+    push_gateway: str | None = None
+    push_platforms: list[str] = field(default_factory=lambda: ["apns", "fcm"])
+    push_interval_s: float = 2.0  # at most one notification request per user this often
+    push_timeout_s: float = 5.0  # a request to the gateway, then retried
+    push_retries: int = 4  # retries of a failed request (backoff 0.5 s x 2^n), then dropped
+    push_max_in_flight: int = 64  # requests to the gateway at once
+    push_max_pending: int = 100_000  # users waiting for a notification; beyond: dropped
+    # The server API for the app's backend (spec/openapi.json): opened only with an api_key.
+    api_listen: str = "tcp:5580:interface=127.0.0.1"
+    api_key: str | None = None
+    log_format: str = "text"  # text | json (one JSON object per line, twisted.logger)
 
     # Limits (docs/GUARANTEES.md, "Limits and abuse"; spec section 16). TOML keys; the
     # defaults fit a phone app. Each group is owned by the module that enforces it.
@@ -129,12 +147,26 @@ class Config:
             raise ValueError(
                 f"storage must be embedded, memory or production, not {self.storage!r}"
             )
-        if self.role not in ("all", "gateway", "persister"):
-            raise ValueError(f"role must be all, gateway or persister, not {self.role!r}")
+        if self.role not in ("all", "gateway", "persister", "notifier"):
+            raise ValueError(f"role must be all, gateway, persister or notifier, not {self.role!r}")
         if self.role != "all" and self.storage != "production":
-            raise ValueError("separate gateway/persister roles need storage = production")
+            raise ValueError("separate gateway/persister/notifier roles need storage = production")
         for name, (kind, lo, hi) in _RANGES.items():
             _check_range(name, getattr(self, name), kind, lo, hi)
+        if self.log_format not in ("text", "json"):
+            raise ValueError(f"log_format must be text or json, not {self.log_format!r}")
+        if self.role == "notifier" and not self.push_gateway:
+            raise ValueError("role notifier needs push_gateway (the push gateway's URL)")
+        if self.push_gateway is not None and not self.push_gateway.startswith(
+            ("http://", "https://")
+        ):
+            raise ValueError(f"push_gateway must be an http(s) URL, not {self.push_gateway!r}")
+        if not isinstance(self.push_platforms, list) or not all(
+            isinstance(p, str) and p for p in self.push_platforms
+        ):
+            raise ValueError("push_platforms must be a list of platform names")
+        if self.api_key is not None and len(self.api_key) < 16:
+            raise ValueError("api_key must be at least 16 characters")
         if not isinstance(self.read_receipts, bool):  # TOML `true`/`false`, not "no"
             raise ValueError(f"read_receipts must be true or false, not {self.read_receipts!r}")
         if self.node_id is not None:

@@ -3,10 +3,19 @@ notifications (READ_UPDATE)."""
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from typing import Protocol
 
 from twisted.internet.defer import Deferred, succeed
+
+from improto.enums import CloseReason
+
+
+def kick_text(reason: CloseReason) -> str:
+    """The CLOSE text of a connection closed by PushRouter.kick (logs only, spec CLOSE)."""
+    if reason == CloseReason.KICKED:
+        return "an operator closed the session"
+    return f"closed by the server ({reason.name})"
 
 
 class Pushable(Protocol):
@@ -19,6 +28,9 @@ class Pushable(Protocol):
     def notify(self, data: bytes, feature: int) -> bool:
         """Write the encoded frame `data` outside the push window (READ_UPDATE) if this
         connection enabled `feature` (improto.enums.Feature); True if it was written."""
+
+    def close(self, reason: CloseReason, text: str) -> None:
+        """Send CLOSE and close the connection; it leaves the hub (and presence) itself."""
 
 
 class Hub:
@@ -120,6 +132,28 @@ class Hub:
                     sent += 1
         return sent
 
+    def online_devices(self, user_ids: Iterable[int]) -> dict[int, set[str]]:
+        """The devices of each user online here; users with none are absent."""
+        out: dict[int, set[str]] = {}
+        for user in user_ids:
+            devices = {conn.device_id for conn in self.devices(user)}
+            if devices:
+                out[user] = devices
+        return out
+
+    def kick(self, user_id: int, device_id: str | None, reason: CloseReason) -> int:
+        """Close the user's connection of `device_id` here (None: every one of its devices)
+        with CLOSE `reason`; returns how many were closed."""
+        if device_id is None:
+            conns = self.devices(user_id)  # a copy: each close unregisters its connection
+        else:
+            conn = self.device(user_id, device_id)
+            conns = [] if conn is None else [conn]
+        text = kick_text(reason)
+        for conn in conns:
+            conn.close(reason, text)
+        return len(conns)
+
     @property
     def connection_count(self) -> int:
         return sum(len(e) if type(e) is dict else 1 for e in self._online.values())
@@ -130,7 +164,11 @@ class LocalRouter:
 
     node: int | None = None  # message-id node: the configured one
 
+    def __init__(self) -> None:
+        self._hub: Hub | None = None  # the hub of start(); none before (nobody online)
+
     def start(self, hub: Hub) -> Deferred[None]:
+        self._hub = hub
         return succeed(None)
 
     def online(self, conn: Pushable) -> Deferred[None]:
@@ -144,6 +182,13 @@ class LocalRouter:
 
     def notify(self, users: Iterable[int], data: bytes, feature: int) -> Deferred[None]:
         return succeed(None)
+
+    def online_devices(self, user_ids: Sequence[int]) -> Deferred[dict[int, set[str]]]:
+        return succeed({} if self._hub is None else self._hub.online_devices(user_ids))
+
+    def kick(self, user_id: int, device_id: str | None, reason: int) -> Deferred[int]:
+        hub = self._hub
+        return succeed(0 if hub is None else hub.kick(user_id, device_id, CloseReason(reason)))
 
     def close(self) -> Deferred[None]:
         return succeed(None)

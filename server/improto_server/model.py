@@ -145,6 +145,23 @@ class GroupNotFound(LookupError):
 MAX_UNREAD_TRACKED = 1000  # unread msg_ids a conversation row keeps (ConversationStore)
 # Inbox entries ConversationStore.fold applies per user per call: bounds one call's work.
 FOLD_ENTRIES = 1000
+
+# Push registrations (spec section 19; DeviceStore).
+MAX_PUSH_TOKEN = 4096  # UTF-8 bytes of a push token
+MAX_PLATFORM = 32  # bytes of a platform name ([a-z0-9._-])
+MAX_TARGETS_PER_USER = 64  # registered devices kept per user; the oldest go first
+
+
+@dataclass(frozen=True, slots=True)
+class PushTarget:
+    """Where a device gets notifications: the platform's name (apns, fcm or one the server
+    allows), its push token, and whether a notification may show the message text."""
+
+    platform: str
+    token: str
+    preview: bool
+
+
 STATE_JOB_FORMAT = 3  # a queued StateJob's first byte (messages: records.STORE_FORMAT)
 _STATE_HEAD = struct.Struct(">BBQBQQB")  # format, kind, user, conv kind, conv id, msg id, len
 

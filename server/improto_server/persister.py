@@ -11,9 +11,17 @@ from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
+from improto_server import metrics
 from improto_server.deferreds import as_deferred
+from improto_server.ids import wall_ms
 from improto_server.model import ConvKey, PersistJob, QueuedJob, StateJob
-from improto_server.ports import ConversationStore, HistoryStore, InboxStore, PersistQueue
+from improto_server.ports import (
+    ConversationStore,
+    HistoryStore,
+    InboxStore,
+    NotifyQueue,
+    PersistQueue,
+)
 
 log = Logger()
 
@@ -71,7 +79,10 @@ class Persister:
         max_rows: int = MAX_ROWS,
         clock: IReactorTime | None = None,
         fold_delay_s: float = FOLD_DELAY_S,
+        notify: NotifyQueue | None = None,
     ) -> None:
+        """`notify`: where the persisted messages go for the notifier (push notifications
+        configured), after their inbox entries and before the batch's ack."""
         if max_rows < 2:
             raise ValueError("max_rows must be at least 2 (an inbox entry and a history row)")
         if clock is None:
@@ -87,6 +98,7 @@ class Persister:
         self.max_rows = max_rows
         self.clock = clock
         self.fold_delay_s = fold_delay_s
+        self.notify = notify
         self.persisted = 0  # message jobs written
         self.applied = 0  # state jobs written (or skipped, without conversations)
         self.batches = 0
@@ -109,23 +121,31 @@ class Persister:
 
     @as_deferred
     async def handle(self, jobs: Sequence[QueuedJob]) -> None:
+        started = self.clock.seconds()
         messages = [j for j in jobs if isinstance(j, PersistJob)]
         states = [j for j in jobs if isinstance(j, StateJob)]
         convs = self.conversations
-        marks = convs.apply(states) if convs is not None and states else None
+        marks = None
+        if convs is not None and states:
+            marks = metrics.counting_errors(convs.apply(states), convs)
         try:
             # Rounds one after the other, in batch order: within an inbox an earlier job's
             # entry is still written first, and work queued on the stores meanwhile (accepts)
             # goes between two rounds instead of after the whole batch.
             for inbox_jobs, history_items in rounds(messages, self.max_rows):
-                writes = [self.inbox.append_many(inbox_jobs)]
+                writes = [metrics.counting_errors(self.inbox.append_many(inbox_jobs), self.inbox)]
                 if history_items:
-                    writes.append(self.history.append_many(history_items))
+                    written = self.history.append_many(history_items)
+                    writes.append(metrics.counting_errors(written, self.history))
                 await _all(writes)
                 self.rounds += 1
         finally:
             if marks is not None:  # waited for even when a round failed: no overlap on retry
                 await _all([marks])
+        if self.notify is not None and messages:
+            # After the inboxes (a notification for a message a device cannot pull yet would
+            # wake the app for nothing), before the ack (a crash notifies again, never not).
+            await self.notify.put(messages)
         if convs is not None and messages:
             for job in messages:
                 self._pending.update(job.inbox_users)
@@ -135,6 +155,9 @@ class Persister:
         self.persisted += len(messages)
         self.applied += len(states)
         self.batches += 1
+        oldest = min((j.message.server_time for j in messages), default=None)
+        lag_s = None if oldest is None else (wall_ms() - oldest) / 1000
+        metrics.persist_batch(len(jobs), self.clock.seconds() - started, lag_s)
 
     # ------------------------------------------------------------------ folds
 
@@ -212,6 +235,7 @@ class Persister:
                 self.folds += 1
                 self._pending.update(again)
         except Exception:
+            metrics.storage_error(metrics.service_of(convs))
             self._pending.update(users[done:])  # folded again later: folds are idempotent
             self.fold_error = Failure()
             self._fold_failed(self.fold_error)

@@ -12,6 +12,7 @@ from typing import Protocol
 
 from twisted.internet.defer import Deferred
 
+from improto_server.health import Health
 from improto_server.hub import Hub, Pushable
 from improto_server.model import (
     Accepted,
@@ -304,7 +305,17 @@ class Backend(Protocol):
     @property
     def conversations(self) -> ConversationStore: ...
 
+    @property
+    def devices(self) -> DeviceStore: ...
+
+    @property
+    def notify_queue(self) -> NotifyQueue: ...
+
     def start(self) -> Deferred[None]: ...
+
+    def health(self) -> Deferred[Health]:
+        """One cheap call to each storage service (health.Health: each one's state, the
+        persist queue's depth)."""
 
     def push_router(self) -> PushRouter:
         """A new push router for a gateway on this backend (embedded: the local hub alone;

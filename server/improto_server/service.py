@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import math
 import uuid
-from collections.abc import Awaitable, Iterable
+from collections.abc import Awaitable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, NoReturn, TypeVar, cast
 
@@ -46,6 +46,7 @@ from improto.limits import (
     HISTORY_PAGE_DEFAULT,
     OFFLINE_PAGE_DEFAULT,
 )
+from improto_server import metrics
 from improto_server.config import Config
 from improto_server.hub import Hub, LocalRouter, Pushable
 from improto_server.ids import IdGenerator
@@ -61,6 +62,7 @@ from improto_server.model import (
 )
 from improto_server.ports import (
     ConversationStore,
+    DeviceStore,
     GroupStore,
     HistoryStore,
     InboxStore,
@@ -71,6 +73,7 @@ from improto_server.rate_limits import RateLimits
 
 if TYPE_CHECKING:
     from improto_server.conversation_service import ConversationService
+    from improto_server.push_service import PushService
 
 log = Logger()
 _T = TypeVar("_T")
@@ -152,7 +155,12 @@ class ChatService:
         *,
         conversations: ConversationStore | None = None,
         read_receipts: bool = True,
+        devices: DeviceStore | None = None,
+        push_platforms: Sequence[str] = (),
     ) -> None:
+        """`devices`: the sessions check revocations at HELLO (spec 8.2) in it; with
+        `push_platforms` too (the platforms a device may register; empty: no push), devices
+        may register for notifications (Feature.PUSH, spec 19)."""
         self.ids = ids
         self.queue = queue
         self.inbox = inbox
@@ -175,12 +183,28 @@ class ChatService:
             self.convs = ConversationService(
                 conversations, ids, queue, groups, hub, self.router, limits, read_receipts
             )
+        self.devices = devices
+        # PUSH_REGISTER, PUSH_UNREGISTER: with a device store and platforms to register only
+        self.push: PushService | None = None
+        if devices is not None and push_platforms:
+            from improto_server.push_service import PushService  # uses ours
+
+            self.push = PushService(devices, limits, push_platforms)
         # per connection: fires once its latest SEND has taken its msg_id
         self._id_gates: dict[object, Deferred[None]] = {}
 
     # ------------------------------------------------------------------ sending
 
     async def send(self, caller: Caller, req: Send) -> SendAck:
+        try:
+            ack = await self._send(caller, req)
+        except RequestError as e:
+            metrics.send_refused(e.code)
+            raise
+        metrics.send_accepted(bool(ack.duplicate))
+        return ack
+
+    async def _send(self, caller: Caller, req: Send) -> SendAck:
         # The SENDs of one connection take their ids in the order they arrived (spec 9.1),
         # although their group lookups can finish in any order: each waits for the previous
         # one's id before taking its own.

@@ -20,9 +20,11 @@ frames are served in between. A request refused RATE_LIMITED pauses reading for 
 retry-after (at most `MAX_RATE_HOLD_S`): a pipelining flooder costs one refusal per pause.
 Nothing is refused or reordered for any of this: frames wait, in order.
 
-Post-v1 features (PROTOCOL.md section 18) are enabled per connection with FEATURES after
+Post-v1 features (PROTOCOL.md sections 18, 19) are enabled per connection with FEATURES after
 HELLO_OK; until then the connection is exactly a version-1 one: the post-v1 request types are
 UNKNOWN_FRAME_TYPE, checked on the header's type before the body, as for any unknown type.
+With a device store, HELLO reads the user's revocation time before the login goes on (spec
+8.2): a token issued before it is refused.
 What the inbox holds beyond the connection's last page is followed by an InboxFollower
 (wire-once notices, the login watch), made on first use.
 """
@@ -34,7 +36,7 @@ from collections.abc import Callable, Coroutine
 from typing import Any
 
 from twisted.internet.address import IPv4Address, IPv6Address
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, maybeDeferred
 from twisted.internet.interfaces import IAddress, IDelayedCall, IReactorTime, ITransport
 from twisted.internet.protocol import Factory, Protocol, connectionDone
 from twisted.logger import Logger
@@ -42,7 +44,7 @@ from twisted.python.failure import Failure
 
 from improto import records
 from improto.codec import FrameReader, check_header, decode_payload, encode
-from improto.enums import POST_V1_REQUESTS, CloseReason, Feature, FrameType
+from improto.enums import POST_V1_REQUESTS, REQUEST_FEATURES, CloseReason, Feature, FrameType
 from improto.errors import ErrorCode, FrameTooLarge, ProtocolError, UnknownFrameType
 from improto.frames import (
     Close,
@@ -61,6 +63,7 @@ from improto.frames import (
 )
 from improto.limits import MAX_FRAME_LENGTH, MAX_HELLO_FRAME
 from improto.tokens import Identity, TokenError, verify
+from improto_server import metrics
 from improto_server.admission import Admission
 from improto_server.config import Config
 from improto_server.deadlines import Deadlines
@@ -120,13 +123,18 @@ _CONV_HANDLERS: dict[FrameType, str] = {
     FrameType.READ_MARK: "read_mark",
     FrameType.CONV_HIDE: "conv_hide",
 }
+# Post-v1 requests (PUSH), answered by the service's PushService.
+_PUSH_HANDLERS: dict[FrameType, str] = {
+    FrameType.PUSH_REGISTER: "register",
+    FrameType.PUSH_UNREGISTER: "unregister",
+}
 # Server-to-client types added after version 1: a connection without features gets the
 # version-1 answer for them (unknown type), one with features the server-to-client one.
 _POST_V1_REPLIES = frozenset(
     {
         FrameType.FEATURES_OK, FrameType.CONV_PAGE, FrameType.CONV_CHANGES_PAGE,
         FrameType.READ_MARK_OK, FrameType.CONV_HIDE_OK, FrameType.INBOX_NOTICE,
-        FrameType.READ_UPDATE,
+        FrameType.READ_UPDATE, FrameType.PUSH_REGISTER_OK, FrameType.PUSH_UNREGISTER_OK,
     }
 )  # fmt: skip
 _CONVERSATIONS = 1 << Feature.CONVERSATIONS
@@ -149,6 +157,7 @@ class Session(Protocol):
     # kept in the factory's Deadlines instead of a DelayedCall per timer.
     __slots__ = (
         "_addr",
+        "_authing",
         "_budget_at",
         "_eager",
         "_early",
@@ -157,6 +166,7 @@ class Session(Protocol):
         "_in_flight",
         "_last_rx",
         "_login_id",
+        "_mstate",
         "_pending",
         "_prelogin",
         "_pulls",
@@ -195,6 +205,7 @@ class Session(Protocol):
         self.caller: Caller | None = None
         self.presence = ""  # this session's presence value (set by the push router)
         self.registered = False  # in the hub (from a valid HELLO until the connection ends)
+        self._authing = False  # a valid HELLO's revocation check is under way
         self._early: list[tuple[int, bytes]] | None = None  # pushes that came before HELLO_OK
         self._early_bytes = 0
         self.closing = False
@@ -223,11 +234,13 @@ class Session(Protocol):
         self._budget_at = 0.0  # before HELLO_OK: when the frame budget is whole again
         self.features = 0  # enabled post-v1 features, bit n for Feature n (FEATURES)
         self.follower: InboxFollower | None = None  # made on first use (_follower)
+        self._mstate: str | None = None  # the state counted in metrics.connection_state
 
     def _write(self, data: bytes) -> None:
         transport = self.transport
         if transport is None:  # not connected yet or any more: nothing to write to
             return
+        metrics.frame_out(data[5])  # after the length prefix and the version
         if self._eager:
             write_eagerly(transport, data)  # whatever the socket does not take is queued
         else:
@@ -254,6 +267,7 @@ class Session(Protocol):
                 abort_transport(transport)
                 return
             self._addr, self._prelogin = peer.host, True
+        self._count_state("prelogin")
         # IConsumer: pauseProducing when its buffer is full, resumeProducing once drained
         transport.registerProducer(self, True)  # type: ignore[attr-defined]
         # PINGs keep a connection alive but do not log it in: HELLO must succeed in time too.
@@ -261,6 +275,7 @@ class Session(Protocol):
         self.factory.deadlines.set(self, self._login_at())
 
     def connectionLost(self, reason: Failure = connectionDone) -> None:
+        self._count_state(None)
         self.closing = True
         self._cancel_deadline()
         wake, self._wake = self._wake, None
@@ -388,6 +403,7 @@ class Session(Protocol):
         self._update_reading()
 
     def _frame_received(self, payload: bytes) -> None:
+        metrics.frame_in(payload[1] if len(payload) > 1 else -1)  # -1: too short for a type
         # PUSH_ACK, one per delivered message, is read without the codec. Anything unusual
         # (not logged in, msg_id 0, not a PUSH_ACK) takes the full path.
         if self.caller is not None and (msg_id := records.push_ack_msg_id(payload)):
@@ -414,8 +430,10 @@ class Session(Protocol):
 
     def _check_enabled(self, kind: FrameType, request_id: int) -> None:
         """A post-v1 type on a connection that has not enabled it is an unknown type, with
-        the very error a version-1 server sends."""
-        enabled = self.features & _CONVERSATIONS if kind in POST_V1_REQUESTS else self.features
+        the very error a version-1 server sends (a request: its feature; a server-to-client
+        type: any feature)."""
+        feature = REQUEST_FEATURES.get(kind)
+        enabled = self.features if feature is None else self.features >> feature & 1
         if not enabled:
             raise UnknownFrameType(f"unknown frame type 0x{kind:02x}", request_id)
 
@@ -444,6 +462,9 @@ class Session(Protocol):
         elif f.TYPE in _CONV_HANDLERS:
             method = getattr(self.factory.service.convs, _CONV_HANDLERS[f.TYPE])
             self._run(f.request_id, method(self.caller, f), f.TYPE in _PAGE_REQUESTS)
+        elif f.TYPE in _PUSH_HANDLERS:
+            method = getattr(self.factory.service.push, _PUSH_HANDLERS[f.TYPE])
+            self._run(f.request_id, method(self.caller, f))
         else:
             method = getattr(self.factory.service, _HANDLERS[f.TYPE])
             reply = self._sent if f.TYPE is FrameType.SEND else self.send
@@ -510,7 +531,7 @@ class Session(Protocol):
     # ------------------------------------------------------------------ auth
 
     def _hello(self, f: Hello) -> None:
-        if self.caller is not None or self.registered:
+        if self.caller is not None or self.registered or self._authing:
             self.send(Error(ErrorCode.ALREADY_AUTHENTICATED, "already logged in",
                             request_id=f.request_id))  # fmt: skip
             return
@@ -521,6 +542,41 @@ class Session(Protocol):
             log.info("login refused from {peer}: {why}", peer=self._peer(), why=e)
             self._fatal(code, str(e), f.request_id)
             return
+        devices = getattr(self.factory.service, "devices", None)  # None: no revocations
+        if devices is None:
+            self._admit(f, ident)
+            return
+        # Before the hub: a revoked token must not replace the device's live connection.
+        self._authing = True
+        d = maybeDeferred(devices.revoked_before, ident.user_id)
+        d.addCallbacks(self._revocation_read, self._revocation_failed,
+                       callbackArgs=(f, ident), errbackArgs=(f,))  # fmt: skip
+        d.addErrback(lambda e: log.failure("login of {peer} failed", e, peer=self._peer()))
+
+    def _revocation_read(self, before_ms: int, f: Hello, ident: Identity) -> None:
+        self._authing = False
+        if self.closing:
+            return
+        # iat has whole seconds: a token without one counts as issued before any revocation
+        issued = ident.issued_at
+        if before_ms > 0 and (issued is None or issued * 1000 < before_ms):
+            log.info("login refused from {peer}: token of user {user} revoked",
+                     peer=self._peer(), user=ident.user_id)  # fmt: skip
+            self._fatal(ErrorCode.AUTH_FAILED, "token revoked", f.request_id)
+            return
+        self._admit(f, ident)
+
+    def _revocation_failed(self, failure: Failure, f: Hello) -> None:
+        """The store is down: not fatal (spec 8.2), the client retries the HELLO later."""
+        self._authing = False
+        if self.closing:
+            return
+        log.failure("reading the revocations of {peer} failed", failure, peer=self._peer())
+        self.send(Error(ErrorCode.UNAVAILABLE, "storage unavailable; retry",
+                        request_id=f.request_id))  # fmt: skip
+
+    def _admit(self, f: Hello, ident: Identity) -> None:
+        """A HELLO whose token is good: the device cap, then the hub and the presence map."""
         hub, most = self.factory.hub, self.factory.config.max_devices_per_user
         if hub.device(ident.user_id, ident.device_id) is None and (
             hub.device_count(ident.user_id) >= most
@@ -554,6 +610,7 @@ class Session(Protocol):
         if self._prelogin:
             self._prelogin = False
             self.factory.admission.logged_in(self._addr)
+        self._count_state("online")
         now = self.clock.seconds()
         self._since = now  # the login watch counts from HELLO_OK
         # messages with a higher id were accepted after this login: they are pushed here
@@ -598,6 +655,8 @@ class Session(Protocol):
             len(unacked) >= self.factory.config.max_unacked_pushes
             or self._stalled_since is not None
         ):  # the message waits in the inbox: hint once acks resume and the output drained
+            if not self.hint_pending:
+                metrics.push_window_stall()
             self.hint_pending = True
             return
         unacked[msg_id] = None
@@ -643,6 +702,7 @@ class Session(Protocol):
         ):
             self.hint_pending = False
             self._write(_SYNC_HINT)
+            metrics.sync_hint()
             if self.follower is not None:
                 self.follower.hinted()
 
@@ -658,6 +718,8 @@ class Session(Protocol):
             enabled.add(Feature.CONVERSATIONS)
             if Feature.READ_RECEIPTS in asked and service.read_receipts:
                 enabled.add(Feature.READ_RECEIPTS)
+        if Feature.PUSH in asked and getattr(service, "push", None) is not None:
+            enabled.add(Feature.PUSH)
         self.features = feature_bits(tuple(enabled))
         wire_once = Feature.WIRE_ONCE in enabled
         follower = self.follower
@@ -709,6 +771,7 @@ class Session(Protocol):
             self.hint_pending = True
         else:
             self._write(_SYNC_HINT)
+            metrics.sync_hint()
 
     def follower_done(self) -> None:
         self.follower = None
@@ -771,15 +834,20 @@ class Session(Protocol):
 
     def close(self, reason: CloseReason, text: str) -> None:
         """Send CLOSE, then close the connection (PROTOCOL.md CLOSE)."""
+        if not self.closing:
+            metrics.connection_closed(reason.name)
         self.send(Close(reason, text))
         self._shut()
 
     def _fatal(self, code: ErrorCode, text: str, request_id: int) -> None:
+        if not self.closing:
+            metrics.connection_closed("error")
         self.send(Error(code, text[:1024], request_id=request_id))
         self._shut()
 
     def _shut(self, abort: bool = False) -> None:
         if not self.closing:
+            self._count_state("closing")
             self.closing = True
             self._gone()
             transport = self.transport
@@ -795,7 +863,15 @@ class Session(Protocol):
         """Close without CLOSE: the peer does not read it (no accepted message is lost: acks
         follow durability, pushes are backed by inboxes)."""
         log.info("dropping {peer}: {why}", peer=self._peer(), why=why)
+        if not self.closing:
+            metrics.connection_closed("dropped")
         self._shut(abort=True)
+
+    def _count_state(self, new: str | None) -> None:
+        """metrics.connection_state, from the state this connection was counted in."""
+        if new != self._mstate:
+            metrics.connection_state(self._mstate, new)
+            self._mstate = new
 
     def _uncount(self) -> None:
         """Leave the factory's per-address counts (once)."""

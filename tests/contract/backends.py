@@ -1,10 +1,11 @@
 """The backends of the contract suite: what each row of a port's tests runs on.
 
     sqlite      the embedded SQLiteBackend: every port
-    redis       RedisInbox, RedisGroups, RedisConversations        inbox, groups, conversations
-                (the rest SQLite)
+    redis       RedisInbox, RedisGroups, RedisConversations,       inbox, groups, conversations,
+                RedisDevices (the rest SQLite)                     devices
     hbase       HBaseHistory (the rest SQLite)                     history
-    rabbitmq    RabbitQueue, its dedup keys in Redis (rest SQLite)  queue
+    rabbitmq    RabbitQueue, its dedup keys in Redis,               queue, notify_queue
+                RabbitNotifyQueue (rest SQLite)
     production  ProductionBackend, as `imserver --storage production` runs it: every port
 
 A factory takes the test's data directory and the fake clock and returns an unstarted backend
@@ -72,7 +73,8 @@ class Composed:
         self._sqlite = sqlite
         self.queue, self.inbox = sqlite.queue, sqlite.inbox
         self.history, self.groups = sqlite.history, sqlite.groups
-        self.conversations = sqlite.conversations
+        self.conversations, self.devices = sqlite.conversations, sqlite.devices
+        self.notify_queue = sqlite.notify_queue
         for port, adapter in ports.items():
             setattr(self, port, adapter)
             if port == "queue":  # SQLiteBackend.close() stops its queue first: keep it so
@@ -137,6 +139,7 @@ class Composed:
 def _redis(data_dir: Path, clock: FakeClock) -> Composed:
     from improto_server.production.redis_connection import connect
     from improto_server.production.redis_conversations import RedisConversations
+    from improto_server.production.redis_devices import RedisDevices
     from improto_server.production.redis_groups import RedisGroups
     from improto_server.production.redis_inbox import RedisInbox
 
@@ -146,14 +149,15 @@ def _redis(data_dir: Path, clock: FakeClock) -> Composed:
     inbox = RedisInbox(redis, prefix, clock, INBOX_RETENTION_MS)
     groups = RedisGroups(redis, prefix)
     convs = RedisConversations(redis, prefix, clock, HISTORY_RETENTION_MS)
+    devices = RedisDevices(redis, prefix, clock)
 
     async def ping() -> None:
         await redis.execute_command("PING")
 
-    starts = [s.start for s in (inbox, groups, convs) if hasattr(s, "start")]
+    starts = [s.start for s in (inbox, groups, convs, devices) if hasattr(s, "start")]
     return Composed(
         _sqlite(data_dir, clock),
-        {"inbox": inbox, "groups": groups, "conversations": convs},
+        {"inbox": inbox, "groups": groups, "conversations": convs, "devices": devices},
         opens=[ping, *starts],
         closes=[redis.disconnect],
         destroy=lambda: services.delete_redis_prefix(prefix),
@@ -161,10 +165,11 @@ def _redis(data_dir: Path, clock: FakeClock) -> Composed:
 
 
 def _rabbitmq(data_dir: Path, clock: FakeClock) -> Composed:
+    from improto_server.production.rabbit_notify import RabbitNotifyQueue
     from improto_server.production.rabbit_queue import RabbitQueue
 
     prefix = _name(data_dir, "improto-rabbit-contract-")
-    _fresh(prefix, lambda: services.delete_queue_prefix(prefix))
+    _fresh(prefix, lambda: (services.delete_queue_prefix(prefix), _delete_notify_queue(prefix)))
     queue = RabbitQueue(
         services.AMQP_URL,
         redis_host=services.REDIS.host,
@@ -173,13 +178,30 @@ def _rabbitmq(data_dir: Path, clock: FakeClock) -> Composed:
         partitions=1,  # the contract expects one global acceptance order
         now_ms=clock,
     )
+    notify = RabbitNotifyQueue(services.AMQP_URL, prefix=prefix)
+
+    def destroy() -> None:
+        services.delete_queue_prefix(prefix)
+        _delete_notify_queue(prefix)
+
     return Composed(
         _sqlite(data_dir, clock),
-        {"queue": queue},
-        opens=[queue.start],
-        closes=[queue.close],  # closed by SQLiteBackend.close() already; idempotent
-        destroy=lambda: services.delete_queue_prefix(prefix),
+        {"queue": queue, "notify_queue": notify},
+        opens=[queue.start, notify.start],
+        # the queue is closed by SQLiteBackend.close() already; both closes are idempotent
+        closes=[queue.close, notify.close],
+        destroy=destroy,
     )
+
+
+def _delete_notify_queue(prefix: str) -> None:
+    from improto_server.production.rabbit_notify import notify_queue_name
+
+    conn = services.amqp_connection()
+    try:
+        conn.channel().queue_delete(notify_queue_name(prefix))
+    finally:
+        conn.close()
 
 
 def _hbase(data_dir: Path, clock: FakeClock) -> Composed:
@@ -249,5 +271,7 @@ ROWS: dict[str, tuple[str, ...]] = {
     "history": ("sqlite", "hbase", "production"),
     "groups": ("sqlite", "redis", "production"),
     "conversations": ("sqlite", "redis", "production"),
+    "devices": ("sqlite", "redis", "production"),
+    "notify_queue": ("sqlite", "rabbitmq", "production"),
     "persister": ("sqlite", "production"),  # all ports at once: SQLite's, production's
 }

@@ -219,6 +219,7 @@ def delete_queues(prefix: str, partitions: int = 1) -> None:
         ch.queue_delete(f"{prefix}.persist.dead")
         ch.exchange_delete(f"{prefix}.persist.dlx")
         ch.exchange_delete(f"{prefix}.push")
+        ch.queue_delete(f"{prefix}.notify")  # production/rabbit_notify.py
     finally:
         conn.close()
 

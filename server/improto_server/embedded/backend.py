@@ -5,6 +5,7 @@
     history       SQLiteHistory        per-conversation history
     groups        SQLiteGroups         groups and memberships
     conversations SQLiteConversations  per-user conversation lists and read positions
+    devices       SQLiteDevices        push registrations and session revocations
 
 All share one Database (embedded/database.py): one connection on one thread, one transaction
 per call. Inbox entries, history rows and conversation rows (their last message) refer to one
@@ -25,10 +26,13 @@ from twisted.python.failure import Failure
 from improto_server.config import InboxCaps
 from improto_server.embedded.conversations import SQLiteConversations, expire_conversations
 from improto_server.embedded.database import Database, Event, delete_unreferenced
+from improto_server.embedded.devices import SQLiteDevices
 from improto_server.embedded.groups import SQLiteGroups
 from improto_server.embedded.history import SQLiteHistory, expire_history
 from improto_server.embedded.inbox import SQLiteInbox, expire_inbox
+from improto_server.embedded.notify_queue import SQLiteNotifyQueue
 from improto_server.embedded.queue import SQLiteQueue, expire_dedup
+from improto_server.health import Health, probe
 from improto_server.hub import LocalRouter
 from improto_server.ids import wall_ms
 from improto_server.ports import PushRouter
@@ -67,10 +71,23 @@ class SQLiteBackend:
         self.groups = SQLiteGroups(self.db)
         # Conversation rows are kept as long as the history, counted from their last change.
         self.conversations = SQLiteConversations(self.db, self.now_ms, history_retention_ms)
+        self.devices = SQLiteDevices(self.db, self.now_ms)
+        self.notify_queue = SQLiteNotifyQueue(self.db, self._reactor)
 
     def push_router(self) -> PushRouter:
         """One gateway per database: every device is in the local hub."""
         return LocalRouter()
+
+    def health(self) -> Deferred[Health]:
+        """The database answers on its thread (ahead of persister writes); queue_depth is
+        the number of jobs the persister has not written yet."""
+        depth: list[int] = []
+
+        def count() -> Deferred[None]:
+            return self.db.call(_queue_depth).addCallback(depth.append)
+
+        d = probe(count, self._reactor)
+        return d.addCallback(lambda state: Health({"sqlite": state}, depth[0] if depth else None))
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -104,6 +121,7 @@ class SQLiteBackend:
             if self._started:
                 try:
                     await self.queue.close()  # an attribute: a test may have swapped the queue
+                    await self.notify_queue.close()
                 finally:
                     # Calls already queued on the thread still run before the database closes.
                     await self.db.close()
@@ -140,3 +158,10 @@ def _sweep(db: sqlite3.Connection, inbox_cutoff: int, history_cutoff: int) -> di
         "conversations": convs,
         "messages": messages,
     }
+
+
+def _queue_depth(db: sqlite3.Connection) -> int:
+    # The consumer deletes jobs from the head, in order: the seq range is the count, read
+    # from the ends of the key instead of count(*) scanning a backlog.
+    (n,) = db.execute("SELECT coalesce(max(seq) - min(seq) + 1, 0) FROM jobs").fetchone()
+    return int(n)

@@ -47,8 +47,9 @@ from improto_server.deferreds import as_deferred
 _R = TypeVar("_R")
 _Call = tuple[Callable[..., Any], tuple[Any, ...], "Deferred[Any]"]
 
-SCHEMA_VERSION = 4  # 2: inbox sizes and byte totals, positions' last use; 3: conversations;
-# 4: conversations folded from the inboxes (conv_users.folded_to)
+SCHEMA_VERSION = 5  # 2: inbox sizes and byte totals, positions' last use; 3: conversations;
+# 4: conversations folded from the inboxes (conv_users.folded_to); 5: push registrations,
+# revocations and the notifier's queue
 
 _BIAS = BIAS = 1 << 63  # signed(v) = v - BIAS
 SQLITE_MAX_INT = _BIAS - 1
@@ -188,6 +189,33 @@ CREATE INDEX IF NOT EXISTS conv_age ON conv_rows (changed_ms);
 """
 _SCHEMA += _CONV_SCHEMA
 
+# Push registrations and revocations (embedded/devices.py), the notifier's queue
+# (embedded/notify_queue.py); the migration from version 4 creates them.
+_PUSH_SCHEMA = """
+-- user_id stored signed; registered_ms: the injected clock at the (last) registration, the
+-- order in which the per-user cap drops registrations (then device_id).
+CREATE TABLE IF NOT EXISTS push_targets (
+    user_id INTEGER NOT NULL,
+    device_id TEXT NOT NULL,
+    platform TEXT NOT NULL,
+    token TEXT NOT NULL,
+    preview INTEGER NOT NULL,
+    registered_ms INTEGER NOT NULL,
+    PRIMARY KEY (user_id, device_id)
+) WITHOUT ROWID;
+-- before_ms: tokens of the user issued before it are refused (only ever raised).
+CREATE TABLE IF NOT EXISTS revocations (
+    user_id INTEGER PRIMARY KEY,
+    before_ms INTEGER NOT NULL
+);
+-- PersistJob bytes, as in jobs: the messages whose receivers may need a notification.
+CREATE TABLE IF NOT EXISTS notify_jobs (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT,
+    data BLOB NOT NULL
+);
+"""
+_SCHEMA += _PUSH_SCHEMA
+
 
 # The bytes of a MESSAGE record besides its sender_device and body (improto.records).
 RECORD_FIXED = len(pack_record(0, 0, 0, "", 0, 0, 0, bytes(16), b""))
@@ -254,6 +282,8 @@ INSERT INTO conv_users (user_id, version, total_unread, folded_to)
 SELECT user_id, 0, 0, head FROM inbox_head
 WHERE user_id NOT IN (SELECT user_id FROM conv_users);
 """,
+    # New tables only: nobody is registered or revoked yet, no notification is queued.
+    4: _PUSH_SCHEMA,
 }
 
 

@@ -4,10 +4,12 @@
     inbox          RedisInbox          inboxes, cursors, device positions (Lua, {u<id>} tags)
     conversations  RedisConversations  conversation lists, read positions (Lua, {u<id>} tags)
     groups         RedisGroups         groups, memberships (one {groups} slot: atomic limits)
+    devices        RedisDevices        push registrations, revocations (Lua, {u<id>} tags)
     history        HBaseHistory        per-conversation history (happybase, own thread pool)
 
-One txredisapi pool serves the inbox, the conversation lists, the groups, the queue's dedup
-keys and the presence of the push routers; the push routers share the queue's AMQP connection.
+One txredisapi pool serves the inbox, the conversation lists, the groups, the devices, the
+queue's dedup keys and the presence of the push routers; the push routers share the queue's
+AMQP connection.
 """
 
 from __future__ import annotations
@@ -16,17 +18,21 @@ from collections.abc import Callable
 
 import txredisapi
 
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, gatherResults
 
 from improto_server.config import Config
 from improto_server.deferreds import as_deferred
+from improto_server.health import Health, probe
 from improto_server.ids import wall_ms
+from improto_server.model import ConvKey
 from improto_server.production.hbase_history import HBaseHistory
 from improto_server.production.presence import Presence
 from improto_server.production.push_router import AmqpPushRouter
+from improto_server.production.rabbit_notify import RabbitNotifyQueue
 from improto_server.production.rabbit_queue import RabbitQueue
 from improto_server.production.redis_connection import connect
 from improto_server.production.redis_conversations import RedisConversations
+from improto_server.production.redis_devices import RedisDevices
 from improto_server.production.redis_groups import RedisGroups
 from improto_server.production.redis_inbox import RedisInbox
 from improto_server.reactor_types import IServerReactor, server_reactor
@@ -59,6 +65,8 @@ class ProductionBackend:
             self.redis, prefix, now_ms, config.history_retention_ms
         )
         self.groups = RedisGroups(self.redis, prefix)
+        self.devices = RedisDevices(self.redis, prefix, now_ms)
+        self.notify_queue = RabbitNotifyQueue(config.amqp, prefix=prefix, reactor=reactor)
         self.queue = RabbitQueue(
             config.amqp,
             redis=self.redis,
@@ -83,8 +91,10 @@ class ProductionBackend:
         await self.inbox.start()
         await self.conversations.start()
         await self.groups.start()
+        await self.devices.start()
         await self.history.start()
         await self.queue.start()
+        await self.notify_queue.start()
 
     def push_router(self) -> AmqpPushRouter:
         """A push router for a gateway: presence in this backend's Redis, pushes over the
@@ -96,8 +106,25 @@ class ProductionBackend:
         return AmqpPushRouter(self.queue, presence, config.key_prefix, self._reactor)
 
     @as_deferred
+    async def health(self) -> Health:
+        """One cheap call to each service, at once: PING, the persist queues' depth (AMQP
+        messages ready, each one or more jobs), a one-row history scan."""
+        clock = self._reactor
+        depth: list[int] = []
+        redis, rabbitmq, hbase = await gatherResults(
+            [
+                probe(lambda: self.redis.execute_command("PING"), clock),
+                probe(lambda: self.queue.backlog().addCallback(depth.append), clock),
+                probe(lambda: self.history.page(ConvKey.direct(1, 1), 0, 1, 0, 1), clock),
+            ]
+        )
+        services = {"redis": redis, "rabbitmq": rabbitmq, "hbase": hbase}
+        return Health(services, depth[0] if depth else None)
+
+    @as_deferred
     async def close(self) -> None:
-        await self.queue.close()  # stop consuming first: handlers still use the stores
+        await self.notify_queue.close()  # stop consuming first: handlers still use the stores
+        await self.queue.close()
         await self.history.close()
         await self.redis.disconnect()
 

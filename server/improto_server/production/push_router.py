@@ -17,15 +17,21 @@ gateway sends a kick, and the old one closes that session with CLOSE REPLACED.
 A notification (READ_UPDATE, spec 18) is routed like a push, to every device of its users on
 other gateways; the receiving gateway writes it to those whose connection enabled its feature.
 
+`kick` (the server API: an operator closes a user's sessions) looks up the user's presence,
+closes the sessions held here and sends a close to each other gateway holding one, which
+closes those sessions with the given CLOSE reason (KICKED). Like a push it names the
+sessions, so a newer session of the device (a login after the kick) stays open.
+
 Body of a routed message (big-endian):
-    u8 kind (1 push, 2 kick, 3 notify) | u64 msg_id (0 for a kick; the feature for a notify) |
-    u16 n | n x (u64 user | u8 len, device id | u8 len, session) | the frame (push, notify)
+    u8 kind (1 push, 2 kick, 3 notify, 4 close) | u64 msg_id (0 for a kick; the feature for a
+    notify; the CloseReason for a close) | u16 n | n x (u64 user | u8 len, device id | u8 len,
+    session) | the frame (push, notify) or the CLOSE text in UTF-8 (close)
 """
 
 from __future__ import annotations
 
 import struct
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 
 import pika
 from pika.adapters.twisted_connection import ClosableDeferredQueue, TwistedChannel
@@ -35,8 +41,9 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
 from improto.enums import CloseReason
+from improto.limits import MAX_TEXT
 from improto_server.deferreds import as_deferred
-from improto_server.hub import Hub, Pushable
+from improto_server.hub import Hub, Pushable, kick_text
 from improto_server.production.amqp_connection import AmqpProtocol
 from improto_server.production.presence import Presence, gateway_of
 from improto_server.production.rabbit_queue import RabbitQueue
@@ -45,7 +52,7 @@ from improto_server.turn_batcher import TurnBatcher
 
 _log = Logger()
 
-PUSH, KICK, NOTIFY = 1, 2, 3
+PUSH, KICK, NOTIFY, CLOSE = 1, 2, 3, 4
 ROUTED_TTL_MS = 10_000  # a routed push older than this is useless: the device synced by then
 ROUTED_MAX = 100_000  # messages a gateway's push queue holds at most (oldest dropped)
 ROUTE_BATCH = 256  # pushes whose receivers one presence lookup covers at most
@@ -75,7 +82,7 @@ def unpack_routed(body: bytes) -> tuple[int, int, list[Target], bytes]:
         session = body[pos + 1 : pos + 1 + slen].decode()
         pos += 1 + slen
         targets.append((user, device, session))
-    if pos > len(body) or kind not in (PUSH, KICK, NOTIFY):
+    if pos > len(body) or kind not in (PUSH, KICK, NOTIFY, CLOSE):
         raise ValueError("malformed routed message")
     return kind, msg_id, targets, body[pos:]
 
@@ -163,10 +170,10 @@ class AmqpPushRouter:
                 self.delivered_in += 1
             elif kind == NOTIFY:
                 conn.notify(data, msg_id)  # msg_id carries the feature
+            elif kind == CLOSE:  # msg_id carries the reason
+                conn.close(CloseReason(msg_id), data[:MAX_TEXT].decode(errors="ignore"))
             else:
-                close = getattr(conn, "close", None)
-                if close is not None:
-                    close(CloseReason.REPLACED, f"device {device} logged in elsewhere")
+                conn.close(CloseReason.REPLACED, f"device {device} logged in elsewhere")
 
     def close(self) -> Deferred[None]:
         return self.presence.close()
@@ -227,15 +234,52 @@ class AmqpPushRouter:
                 self._publish(gid, pack_routed(kind, msg_id, targets, data))
         return [None] * len(pushes)
 
-    def _publish(self, gateway_id: str, body: bytes) -> None:
+    def _publish(self, gateway_id: str, body: bytes) -> bool:
+        """Send `body` to the gateway's queue; False if it could not be handed over."""
         ch = self._channel
         if ch is None or not ch.is_open:
-            return  # best effort: the receivers sync from their inboxes
+            return False  # best effort: the receivers sync from their inboxes
         try:
             ch.basic_publish(
                 self.exchange, gateway_id, body,
                 pika.BasicProperties(delivery_mode=pika.DeliveryMode.Transient),
             )  # fmt: skip
-            self.routed_out += 1
         except Exception:
             _log.failure("routing a push to gateway {gid} failed", gid=gateway_id)
+            return False
+        self.routed_out += 1
+        return True
+
+    # ------------------------------------------------------- presence, kicks
+
+    @as_deferred
+    async def online_devices(self, user_ids: Sequence[int]) -> dict[int, set[str]]:
+        """Presence, plus this gateway's own devices (their claims may still be on the way)."""
+        assert self._hub is not None
+        found = await self.presence.lookup(user_ids)
+        out = {user: set(devices) for user, devices in found.items() if devices}
+        for user, devices in self._hub.online_devices(user_ids).items():
+            out.setdefault(user, set()).update(devices)
+        return out
+
+    @as_deferred
+    async def kick(self, user_id: int, device_id: str | None, reason: int) -> int:
+        """Close the sessions of the device (None: of every device of the user): those held
+        here at once, those of other gateways by a routed close. Counts the sessions closed
+        here plus those a close was sent for (a gateway that died a moment ago, not yet
+        cleaned from presence, is counted but closes nothing: its sessions are gone too)."""
+        assert self._hub is not None
+        why = CloseReason(reason)
+        found = (await self.presence.lookup([user_id])).get(user_id, {})
+        by_gateway: dict[str, list[Target]] = {}
+        for device, session in found.items():
+            gid = gateway_of(session)
+            if gid != self.gateway_id and device_id in (None, device):
+                by_gateway.setdefault(gid, []).append((user_id, device, session))
+        text = kick_text(why).encode()
+        sent = sum(
+            len(targets)
+            for gid, targets in by_gateway.items()
+            if self._publish(gid, pack_routed(CLOSE, why, targets, text))
+        )
+        return sent + self._hub.kick(user_id, device_id, why)
