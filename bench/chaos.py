@@ -1,6 +1,7 @@
 """Chaos run of production mode, judged from the clients' own view.
 
-    python bench/chaos.py [--quick] [--seconds N] [--seed S] [--keep] [--sync-state]
+    python bench/chaos.py [--quick] [--seconds N] [--seed S] [--keep] [--sync-state] [--push]
+                          [--storage production|embedded]
 
 Starts 2 gateways and 2 persisters (`python -m improto_server --storage production --role
 gateway|persister`) on 127.0.0.1 with a fresh key prefix, HBase table and JWT secret, simulates
@@ -16,6 +17,14 @@ faults need services that script started). `--quick` takes about a minute; the d
 The seed fixes the plan (users, groups, conversations, fault choices); thread timing is real.
 `--sync-state`: about half the devices use the post-v1 features (WIRE_ONCE, CONVERSATIONS,
 READ_RECEIPTS) and bench/chaos_state.py adds its checks (wire-once, read positions, lists).
+`--push`: the servers notify through a push gateway stand-in run by the harness, which fails,
+hangs and reports tokens dead meanwhile; some devices register push targets and go to the
+background for long; bench/chaos_push.py adds its checks (every offline registered device
+notified or a logged, counted drop; dead tokens unregistered; metrics against both). Quick:
+30 s of chat.
+`--storage embedded`: one `imserver` process on SQLite (gateway, persister and notifier)
+instead of the production processes; its faults: client drops, lost pushes and `kill -9` of
+the server (restarted on the same port and database); no services.
 
 Clients follow spec/PROTOCOL.md: every SEND has a fresh client_msg_id and stays in the
 device's outbox until a SEND_ACK; after every (re)connect the device runs the offline sync loop
@@ -87,6 +96,7 @@ from pathlib import Path
 from typing import Any
 
 import chaos_faults as cf
+import chaos_push as cp
 import chaos_state as cs
 
 from improto.codec import encode
@@ -162,14 +172,17 @@ class Plan:
     settle_s: float
     partitions: int
     sync_state: bool = False  # chaos_state: post-v1 devices and their checks
+    push: bool = False  # chaos_push: a push gateway with faults, and its checks
+    storage: str = "production"
 
     @classmethod
     def from_args(cls, a: argparse.Namespace) -> Plan:
         q = a.quick
+        quick_s = 30.0 if a.push else 45.0
         return cls(
             quick=q,
             seed=a.seed if a.seed is not None else random.randrange(1 << 31),
-            seconds=a.seconds if a.seconds is not None else (45.0 if q else 600.0),
+            seconds=a.seconds if a.seconds is not None else (quick_s if q else 600.0),
             users=a.users or (12 if q else 40),
             rate=a.rate or (40.0 if q else 60.0),
             groups=2 if q else 3,
@@ -181,6 +194,8 @@ class Plan:
             settle_s=30.0 if q else 90.0,
             partitions=a.partitions,
             sync_state=a.sync_state,
+            push=a.push,
+            storage=a.storage,
         )
 
 
@@ -196,6 +211,7 @@ class Sent:
     frame: Send
     receivers: frozenset[int]
     msg_id: int | None = None  # from the first SEND_ACK
+    acked_at: float | None = None  # time.monotonic() of the first SEND_ACK
 
 
 class Ledger:
@@ -220,6 +236,7 @@ class Ledger:
                 self.dup_acks += 1
             if s.msg_id is None:
                 s.msg_id = ack.msg_id
+                s.acked_at = time.monotonic()
                 self.by_id[ack.msg_id] = s
             elif s.msg_id != ack.msg_id:
                 self.ack_conflicts.append(
@@ -271,6 +288,7 @@ class Device(threading.Thread):
         self.backoff = 0.1
         self.seq = 0
         self.state = cs.new_state(self.rng, sim.plan.sync_state)
+        self.push = cp.new_device(self, seed)
 
     # --- thread
 
@@ -290,6 +308,8 @@ class Device(threading.Thread):
 
     def chat_step(self) -> None:
         now = time.monotonic()
+        if cp.background(self, now):
+            return
         if now < self.offline_until:
             time.sleep(min(0.2, self.offline_until - now))
             return
@@ -310,6 +330,7 @@ class Device(threading.Thread):
             # The user closes the app for a while: a backlog builds up for the next sync.
             self.stats["offline_spells"] += 1
             self.disconnect()
+            cp.went_offline(self)
             self.offline_until = time.monotonic() + self.rng.uniform(2.0, 10.0)
 
     def flush(self, deadline: float) -> None:
@@ -331,10 +352,12 @@ class Device(threading.Thread):
 
     def connect(self, resend: bool = True) -> None:
         port = self.rng.choice(self.sim.cluster.ports)
+        cp.on_connect(self, port)
         self.conn = Conn(HOST, port, REQUEST_TIMEOUT_S, self.device_id)
         self.conn.login(self.sim.secret, self.user, self.device_id)
         self.stats["logins"] += 1
         cs.on_login(self)
+        cp.on_login(self)
         self.sync()  # section 17: on HELLO_OK sync first, then resend unacknowledged SENDs
         if resend and self.outbox:
             self.stats["outbox_resends"] += len(self.outbox)
@@ -345,6 +368,7 @@ class Device(threading.Thread):
         c, self.conn = self.conn, None
         if c is not None:
             c.close()
+            cp.on_disconnect(self)
 
     def lost(self, e: BaseException) -> None:
         self.stats["connections_lost"] += 1
@@ -607,7 +631,8 @@ class Sim:
         self.rng = random.Random(plan.seed)
         self.prefix = f"chaos{uuid.uuid4().hex[:12]}"
         self.secret = uuid.uuid4().hex
-        self.cluster = cf.Cluster(workdir, self.prefix, self.secret, partitions=plan.partitions)
+        self.cluster = cf.Cluster(workdir, self.prefix, self.secret, partitions=plan.partitions,
+                                  storage=plan.storage)  # fmt: skip
         self.ledger = Ledger()
         self.users = list(range(1001, 1001 + plan.users))
         self.friends: dict[int, list[int]] = {}
@@ -623,6 +648,7 @@ class Sim:
         self.counts: Counter[str] = Counter()
         self.harness_errors: list[str] = []
         self.injector: cf.Injector | None = None
+        self.push: cp.PushRun | None = None
         # chaos_state: read marks per (user, conversation), and the history read at the end
         self.marks_sent: dict[tuple[int, tuple[int, int]], set[int]] = defaultdict(set)
         self.marks_acked: dict[tuple[int, tuple[int, int]], int] = {}
@@ -779,7 +805,7 @@ class Sim:
         for d in self.devices:
             d.drop_page = None  # no fault during the verdict
         while True:
-            backlog = cf.queue_backlog(self.prefix, self.plan.partitions)
+            backlog = self.cluster.backlog()
             new = sum(d.final_sync(deadline + 30) for d in self.devices)
             rounds += 1
             stable = stable + 1 if new == 0 and backlog == 0 else 0
@@ -950,9 +976,14 @@ def run(plan: Plan, keep: bool) -> int:
     report: dict[str, Any] = {}
     details: dict[str, Any] = {}
     try:
-        log("services: scripts/services start (Redis, RabbitMQ, HBase; reused if running)")
-        subprocess.run([str(cf.SERVICES_SCRIPT), "start"], check=True, stdout=sys.stderr)
-        log(f"seed {plan.seed}; starting 2 gateways + 2 persisters in {workdir}")
+        if plan.storage == "production":
+            log("services: scripts/services start (Redis, RabbitMQ, HBase; reused if running)")
+            subprocess.run([str(cf.SERVICES_SCRIPT), "start"], check=True, stdout=sys.stderr)
+        if plan.push:
+            sim.push = cp.PushRun(sim, workdir, log)
+            sim.push.start()
+        what = "1 embedded server" if sim.cluster.embedded else "2 gateways + 2 persisters"
+        log(f"seed {plan.seed}; starting {what} in {workdir}")
         sim.cluster.start()
         sim.setup()
         injector = sim.injector = cf.Injector(
@@ -967,9 +998,13 @@ def run(plan: Plan, keep: bool) -> int:
             d.start()
         time.sleep(min(2.0, plan.seconds / 10))
         injector.start()
+        if sim.push is not None:
+            sim.push.start_faults()
         chat_end = time.monotonic() + plan.seconds
         while time.monotonic() < chat_end and not sim.harness_errors:
             time.sleep(0.5)
+        if sim.push is not None:
+            sim.push.stop_faults()
         injector.stop()
         sim.chat_over.set()
         log("chat over: flushing outboxes")
@@ -977,12 +1012,17 @@ def run(plan: Plan, keep: bool) -> int:
             d.join()
         unacked = sum(len(d.outbox) for d in sim.devices)
         log(f"{len(sim.ledger.by_id)} messages acked, {unacked} never acked; settling")
+        push = None
+        if sim.push is not None:
+            drained = sim.push.drain()
+            push = sim.push.verify()
+            push["summary"]["drain_seconds"] = drained["seconds"]
         settle = sim.settle()
         sim.verify_devices()
         sim.verify_group_events()
         history_pages = sim.verify_history()
         sync_state = cs.verify(sim, sim.history) if plan.sync_state else None
-        dead = cf.dead_letters(sim.prefix)
+        dead = sim.cluster.dead_letters()
         if sim.ledger.ack_conflicts:
             for ex in sim.ledger.ack_conflicts:
                 sim.problem("duplicated", f"SEND_ACKs: {ex}")
@@ -998,6 +1038,8 @@ def run(plan: Plan, keep: bool) -> int:
             log_examples += examples
         faults = dict(injector.faults)
         faults["client_drops"] = sim.drops.total()
+        if sim.push is not None and sim.push.faults is not None:
+            faults.update(sim.push.faults.faults)
         c = sim.counts
         report = {
             "acked": len(sim.ledger.by_id),
@@ -1010,6 +1052,7 @@ def run(plan: Plan, keep: bool) -> int:
             "seconds": round(time.monotonic() - T0, 1),
             "seed": plan.seed,
             "quick": plan.quick,
+            "storage": plan.storage,
             "users": plan.users,
             "devices": len(sim.devices),
             "composed": len(sim.ledger.sent),
@@ -1018,6 +1061,9 @@ def run(plan: Plan, keep: bool) -> int:
         }
         if sync_state is not None:
             report.update({k: c[k] for k in cs.PROBLEMS})
+        if push is not None:
+            report.update(push["counts"])
+            report["push"] = {k: v for k, v in push["summary"].items() if k != "examples"}
         details = {
             "prefix": sim.prefix,
             "workdir": str(workdir),
@@ -1043,8 +1089,11 @@ def run(plan: Plan, keep: bool) -> int:
         }
         if sync_state is not None:
             details["sync_state"] = sync_state
+        if push is not None:
+            details["push"] = push["summary"]
         bad = any(report.get(k) for k in ("lost", "duplicated", "out_of_order", "unexpected",
-                                          "offline_missing", *cs.PROBLEMS))  # fmt: skip
+                                          "offline_missing", *cs.PROBLEMS,
+                                          *cp.PROBLEMS))  # fmt: skip
         failed = bad or bool(sim.harness_errors) or bool(injector.errors)
         code = 2 if sim.harness_errors or injector.errors else int(bad)
     except (HarnessError, RuntimeError, OSError) as e:
@@ -1059,11 +1108,13 @@ def run(plan: Plan, keep: bool) -> int:
             injector.stopping = True
             injector.requests.put(("stop", None))
         sim.cluster.stop()
+        if sim.push is not None:
+            sim.push.stop()
         if failed or keep:
             log(f"kept: {workdir} (server logs), service data under prefix {sim.prefix} "
                 f"(delete with --purge {sim.prefix})")  # fmt: skip
         else:
-            log(f"cleanup: {cf.purge(sim.prefix, sim.cluster.table, plan.partitions)}")
+            log(f"cleanup: {sim.cluster.purge()}")
             shutil.rmtree(workdir, ignore_errors=True)
     if details:
         print(json.dumps(details, indent=1, default=str), file=sys.stderr)
@@ -1083,6 +1134,17 @@ def main() -> None:
         "--sync-state",
         action="store_true",
         help="half the devices use WIRE_ONCE and CONVERSATIONS (bench/chaos_state.py)",
+    )
+    p.add_argument(
+        "--push",
+        action="store_true",
+        help="notifications through a failing push gateway stand-in (bench/chaos_push.py)",
+    )
+    p.add_argument(
+        "--storage",
+        choices=["production", "embedded"],
+        default="production",
+        help="production processes (default) or one embedded-storage server",
     )
     p.add_argument("--keep", action="store_true", help="keep logs and service data")
     p.add_argument("--purge", metavar="PREFIX", help="delete a kept run's service data, exit")

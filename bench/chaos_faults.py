@@ -1,5 +1,6 @@
 """Server processes and faults for bench/chaos.py: start, kill -9 and restart production-mode
-gateways and persisters on loopback, and delete what one run left in Redis, RabbitMQ and HBase.
+gateways, persisters (and notifiers, `--push`) on loopback, or one embedded-storage server,
+and delete what one run left in Redis, RabbitMQ and HBase.
 
 Only processes started here are ever signalled, by their own pid. Service data is touched only
 under the run's own key prefix, queue names and HBase table.
@@ -11,6 +12,7 @@ import queue
 import random
 import signal
 import socket
+import sqlite3
 import subprocess
 import sys
 import threading
@@ -36,6 +38,9 @@ FAULTS = (
     "client_drops", "push_drops", "gateway_kills", "persister_kills",
     "redis_crashes", "rabbitmq_crashes", "thrift_crashes",
 )  # fmt: skip
+# Embedded storage: one process (gateway, persister and notifier; its kill counts as a gateway
+# kill) and no services to crash.
+EMBEDDED_FAULTS = ("client_drops", "push_drops", "gateway_kills")
 SERVICES_SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "services"
 SERVICE_CRASH_TIMEOUT_S = 180.0
 
@@ -45,10 +50,11 @@ class ServerProc:
     """One `python -m improto_server` process; restartable with the same arguments/port."""
 
     name: str
-    role: str  # gateway | persister
+    role: str  # gateway | persister | notifier (embedded: gateway, for the --role all process)
     args: list[str]
     log: Path
     port: int | None = None
+    api_port: int | None = None  # --api-listen: /metrics (--push)
     proc: subprocess.Popen[bytes] | None = None
     starts: int = 0
     _log_offset: int = 0
@@ -71,7 +77,7 @@ class ServerProc:
         return self.proc is not None and self.proc.poll() is None
 
     def wait_ready(self, timeout: float = START_TIMEOUT_S) -> None:
-        """Gateway: accepts TCP on its port. Persister: logged that it consumes."""
+        """Gateway: accepts TCP on its port. Persister, notifier: logged that it runs."""
         deadline = time.monotonic() + timeout
         while True:
             if not self.alive:
@@ -91,7 +97,7 @@ class ServerProc:
                 return False
         with open(self.log, "rb") as f:
             f.seek(self._log_offset)
-            return b"persister running" in f.read()
+            return f"{self.role} running".encode() in f.read()
 
     def kill9(self) -> None:
         if self.proc is not None and self.proc.poll() is None:
@@ -128,7 +134,13 @@ class ServerProc:
 
 @dataclass
 class Cluster:
-    """2 gateways + 2 persisters (by default) sharing one key prefix, table and secret."""
+    """2 gateways + 2 persisters (by default) sharing one key prefix, table and secret; or,
+    with storage "embedded", one `--role all` process on SQLite (in `gateways`).
+
+    `push_url` (--push): every process gets `--push-gateway <push_url>/<its name>` (so the
+    gateway stand-in tells the notifiers apart) and `--config push_config`; production adds
+    `notifiers_n` `--role notifier` processes. With `api_key`, every process that runs a
+    notifier (gateways, notifiers, the embedded server) serves /metrics on its own port."""
 
     workdir: Path
     prefix: str
@@ -136,36 +148,69 @@ class Cluster:
     gateways_n: int = 2
     persisters_n: int = 2
     partitions: int = 2
+    storage: str = "production"
+    push_url: str | None = None
+    push_config: Path | None = None
+    api_key: str | None = None
+    notifiers_n: int = 0
     gateways: list[ServerProc] = field(default_factory=list)
     persisters: list[ServerProc] = field(default_factory=list)
+    notifiers: list[ServerProc] = field(default_factory=list)
+
+    @property
+    def embedded(self) -> bool:
+        return self.storage == "embedded"
 
     @property
     def table(self) -> str:
         return f"{self.prefix}_history"
 
-    def _common(self, name: str) -> list[str]:
+    def _common(self, name: str, notifies: bool = False) -> tuple[list[str], int | None]:
+        """The flags every process gets, and its API port (None: no API)."""
         data = self.workdir / name
         data.mkdir(parents=True, exist_ok=True)
-        return [
-            "--storage", "production", "--key-prefix", self.prefix,
-            "--hbase-table", self.table, "--jwt-secret", self.secret,
-            "--queue-partitions", str(self.partitions), "--data-dir", str(data),
-            *services.server_flags(),
-        ]  # fmt: skip
+        if self.embedded:
+            args = ["--storage", "embedded", "--jwt-secret", self.secret, "--data-dir", str(data)]
+        else:
+            args = [
+                "--storage", "production", "--key-prefix", self.prefix,
+                "--hbase-table", self.table, "--jwt-secret", self.secret,
+                "--queue-partitions", str(self.partitions), "--data-dir", str(data),
+                *services.server_flags(),
+            ]  # fmt: skip
+        api_port = None
+        if self.push_url is not None:
+            args += ["--push-gateway", f"{self.push_url}/{name}"]
+            if self.push_config is not None:
+                args += ["--config", str(self.push_config)]
+            if notifies and self.api_key is not None:
+                api_port = free_port()
+                args += ["--api-listen", f"tcp:{api_port}:interface={HOST}",
+                         "--api-key", self.api_key]  # fmt: skip
+        return args, api_port
 
     def start(self) -> None:
+        if self.embedded:
+            self.gateways_n, self.persisters_n, self.notifiers_n = 1, 0, 0
         for i in range(self.gateways_n):
             port = free_port()
-            args = [
-                *self._common(f"gateway-{i}"), "--role", "gateway",
-                "--listen", f"tcp:{port}:interface={HOST}",  # id node: leased in Redis
-            ]  # fmt: skip
-            log = self.workdir / f"gateway-{i}.log"
-            self.gateways.append(ServerProc(f"gateway-{i}", "gateway", args, log, port))
+            name = "server-0" if self.embedded else f"gateway-{i}"
+            common, api = self._common(name, notifies=True)
+            args = [*common, "--listen", f"tcp:{port}:interface={HOST}"]
+            if not self.embedded:
+                args += ["--role", "gateway"]  # id node: leased in Redis
+            log = self.workdir / f"{name}.log"
+            self.gateways.append(ServerProc(name, "gateway", args, log, port, api))
         for i in range(self.persisters_n):
-            args = [*self._common(f"persister-{i}"), "--role", "persister"]
+            common, _ = self._common(f"persister-{i}")
+            args = [*common, "--role", "persister"]
             log = self.workdir / f"persister-{i}.log"
             self.persisters.append(ServerProc(f"persister-{i}", "persister", args, log))
+        for i in range(self.notifiers_n):
+            common, api = self._common(f"notifier-{i}", notifies=True)
+            args = [*common, "--role", "notifier"]
+            log = self.workdir / f"notifier-{i}.log"
+            self.notifiers.append(ServerProc(f"notifier-{i}", "notifier", args, log, None, api))
         # The first process creates the HBase table and declares the queues; the others race
         # it harmlessly, but starting one first keeps start-up logs quiet.
         first, *rest = self.procs
@@ -178,7 +223,12 @@ class Cluster:
 
     @property
     def procs(self) -> list[ServerProc]:
-        return [*self.persisters, *self.gateways]
+        return [*self.persisters, *self.notifiers, *self.gateways]
+
+    @property
+    def notifying(self) -> list[ServerProc]:
+        """The processes that run a notifier (with --push-gateway, a gateway runs one too)."""
+        return [*self.notifiers, *self.gateways] if self.push_url is not None else []
 
     @property
     def ports(self) -> list[int]:
@@ -188,12 +238,49 @@ class Cluster:
         for p in self.procs:
             p.stop()
 
+    # --- service data of the run
+
+    def _sqlite_count(self, table: str) -> int:
+        """Rows of a table of the embedded server's database (read-only; 0 before it exists)."""
+        path = self.workdir / "server-0" / "improto.sqlite3"
+        if not path.exists():
+            return 0
+        db = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=10.0)
+        try:
+            return int(db.execute(f"SELECT COUNT(*) FROM {table}").fetchone()[0])
+        except sqlite3.OperationalError:  # the table is not created yet
+            return 0
+        finally:
+            db.close()
+
+    def backlog(self) -> int:
+        """Persist jobs waiting: ready in the run's queues, or rows of the embedded queue."""
+        if self.embedded:
+            return self._sqlite_count("jobs")
+        return queue_backlog(self.prefix, self.partitions)
+
+    def notify_backlog(self) -> int:
+        """Notify jobs waiting (ready in `<prefix>.notify`, or rows of notify_jobs)."""
+        if self.embedded:
+            return self._sqlite_count("notify_jobs")
+        return services.queued_messages([f"{self.prefix}.notify"])
+
+    def dead_letters(self) -> int:
+        return 0 if self.embedded else dead_letters(self.prefix)
+
+    def purge(self) -> dict[str, Any]:
+        if self.embedded:
+            return {"embedded": "the work directory only"}
+        return purge(self.prefix, self.table, self.partitions)
+
 
 class Injector(threading.Thread):
     """Injects faults at random moments until stopped, one at a time: a killed process is
     back up before the next fault. `drop_client(rng)` is the harness' hook for client drops: it
     drops or arms a drop and returns its mode (None when no device could be dropped). The
-    harness may also ask for a gateway kill at a chosen moment (`request_gateway_kill`)."""
+    harness may also ask for a gateway kill at a chosen moment (`request_gateway_kill`).
+    `outages` records every kill and service crash: (kind, process or service name, gateway
+    port or None, start, end) in time.monotonic()."""
 
     def __init__(
         self,
@@ -213,11 +300,15 @@ class Injector(threading.Thread):
         self.log = log
         self.requests: queue.Queue[tuple[str, int | None]] = queue.Queue()
         self.stopping = False
-        self.faults: Counter[str] = Counter(dict.fromkeys(FAULTS, 0))
+        kinds = EMBEDDED_FAULTS if cluster.embedded else FAULTS
+        if cluster.notifiers:
+            kinds = (*kinds, "notifier_kills")
+        self.faults: Counter[str] = Counter(dict.fromkeys(kinds, 0))
         self.drop_modes: Counter[str] = Counter()
         self.unexpected_exits: list[str] = []
         self.errors: list[str] = []
         self.events: list[tuple[float, str]] = []
+        self.outages: list[tuple[str, str, int | None, float, float]] = []
         self._t0 = time.monotonic()
 
     def run(self) -> None:
@@ -226,12 +317,19 @@ class Injector(threading.Thread):
             "gateway_kill", "persister_kill", "client_drop", "client_drop", "push_drop",
             "redis_crash", "rabbitmq_crash", "thrift_crash",
         ]  # fmt: skip
-        self.rng.shuffle(plan)
         kinds = [
             "client_drop", "push_drop", "gateway_kill", "persister_kill",
             "redis_crash", "rabbitmq_crash", "thrift_crash",
         ]  # fmt: skip
         weights = [5, 2, 2, 2, 1, 1, 1]
+        if self.cluster.embedded:  # no persister process, no services
+            plan, kinds, weights = plan[:5], kinds[:3], weights[:3]
+            plan.remove("persister_kill")
+        if self.cluster.notifiers:
+            plan.append("notifier_kill")
+            kinds.append("notifier_kill")
+            weights.append(1)
+        self.rng.shuffle(plan)
         while True:
             try:
                 kind, port = self.requests.get(timeout=self.rng.uniform(*self.gap_s))
@@ -245,6 +343,9 @@ class Injector(threading.Thread):
                     self.gateway_kill(port)
                 elif kind == "persister_kill":
                     self.persister_kill()
+                elif kind == "notifier_kill":
+                    self._kill_restart(self.rng.choice(self.cluster.notifiers), "notifier_kills",
+                                       (0.3, 3.0))  # fmt: skip
                 elif kind == "push_drop":
                     if self.drop_pushes(self.rng):
                         self.faults["push_drops"] += 1
@@ -290,11 +391,13 @@ class Injector(threading.Thread):
         if done.returncode != 0:
             raise RuntimeError(f"scripts/services crash {name}: {done.stdout}{done.stderr}")
         self.faults[f"{name}_crashes"] += 1
+        self.outages.append((f"{name}_crash", name, None, t0, time.monotonic()))
         self.event(f"{name} back after {time.monotonic() - t0:.1f} s")
 
     def _kill_restart(self, p: ServerProc, counter: str, down_s: tuple[float, float]) -> None:
         if not p.alive:
             return
+        t0 = time.monotonic()
         p.kill9()
         self.faults[counter] += 1
         down = self.rng.uniform(*down_s)
@@ -302,6 +405,7 @@ class Injector(threading.Thread):
         time.sleep(down)
         p.start()
         p.wait_ready()
+        self.outages.append((counter.removesuffix("s"), p.name, p.port, t0, time.monotonic()))
         self.event(f"{p.name} restarted (pid {p.proc.pid if p.proc else '?'})")
 
     def check_exits(self) -> None:
@@ -311,8 +415,10 @@ class Injector(threading.Thread):
                 code = p.proc.returncode
                 self.unexpected_exits.append(f"{p.name} exited {code}")
                 self.event(f"{p.name} exited by itself ({code}); restarting:\n{p.log_tail(10)}")
+                t0 = time.monotonic()
                 p.start()
                 p.wait_ready()
+                self.outages.append(("exit", p.name, p.port, t0, time.monotonic()))
 
     def stop(self) -> None:
         """Finish the fault in progress (its process restarted), then stop."""

@@ -52,6 +52,7 @@ _log = Logger()
 MAX_BATCH = 256  # queued messages per handler call
 LOOKUP_USERS = 1000  # users per DeviceStore.targets / online_devices call
 BADGE_BYTES = 10**6  # by_activity's byte budget when only total_unread is read
+FOLD_USERS = 256  # users per ConversationStore.fold call (one SQLite transaction)
 
 Devices = dict[str, PushTarget]
 
@@ -173,11 +174,22 @@ class Notifier:
             online.update(await self._router.online_devices(registered[i : i + LOOKUP_USERS]))
         if self._stopping:
             raise NotifierStopped("the notifier is stopping")
-        for job in messages:  # in queue order: the newest message of a user comes last
-            for u in job.inbox_users:
-                devices = _offline(targets.get(u), online.get(u))
-                if devices and u != job.message.sender_id:
-                    self._arrive(u, job, devices)
+        arrivals = [
+            (u, job, devices)
+            for job in messages  # in queue order: the newest message of a user comes last
+            for u in job.inbox_users
+            if u != job.message.sender_id and (devices := _offline(targets.get(u), online.get(u)))
+        ]
+        # The badges count these messages: the users' lists are folded here, once per batch
+        # (one store call for many users), not per notification.
+        notified = sorted({u for u, _, _ in arrivals})
+        try:
+            for i in range(0, len(notified), FOLD_USERS):
+                await self._convs.fold(notified[i : i + FOLD_USERS])
+        except Exception:
+            _log.failure("folding the lists of notified users failed (badges may lag)")
+        for u, job, devices in arrivals:
+            self._arrive(u, job, devices)
         self.handled += len(jobs)
 
     # ------------------------------------------------------------------ pacing
@@ -280,10 +292,9 @@ class Notifier:
         return _offline(targets, online)
 
     async def _badge(self, user_id: int) -> int | None:
-        """The user's total unread now (its list folded up to its inbox first); None if the
-        store could not say (the notification goes without a badge)."""
+        """The user's total unread now (its list was folded when the message arrived here);
+        None if the store could not say (the notification goes without a badge)."""
         try:
-            await self._convs.fold([user_id])
             rows = await self._convs.by_activity(user_id, 0, 1, BADGE_BYTES)
         except CancelledError:
             raise

@@ -21,6 +21,7 @@ from treq.client import HTTPClient
 from twisted.internet.defer import CancelledError, Deferred, TimeoutError, succeed
 from twisted.internet.task import deferLater
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 from twisted.web.client import Agent, HTTPConnectionPool
 from twisted.web.http_headers import Headers
 
@@ -127,7 +128,7 @@ class PushGatewayClient:
         retries = 0
         while True:
             attempt = Deferred.fromCoroutine(self._attempt(data))
-            attempt.addTimeout(self._timeout, self._reactor)
+            attempt.addTimeout(self._timeout, self._reactor, onTimeoutCancel=_timed_out)
             try:
                 rejected = await attempt
             except _Dropped as e:
@@ -168,6 +169,15 @@ class PushGatewayClient:
         if self._pool is None:
             return succeed(None)  # the caller's client: the caller's connections
         return self._pool.closeCachedConnections()
+
+
+def _timed_out(result: object, timeout: float) -> object:
+    """addTimeout's conversion of a cancelled attempt: treq fails a cancelled request with
+    ResponseNeverReceived (wrapping the CancelledError), not CancelledError, which the default
+    conversion lets through; whatever the cancelled attempt failed with, it timed out."""
+    if isinstance(result, Failure):
+        return Failure(TimeoutError(timeout, "push gateway request"))
+    return result
 
 
 def _rejected(content: bytes) -> tuple[str, ...]:
