@@ -96,7 +96,7 @@ class Server:
             return
         self.router = b.push_router()
         await self.router.start(self.hub)
-        if pushing:
+        if pushing and config.role == "all":  # --role gateway: connections only
             self._start_notifier(b, self.router)
         node = config.node_id if config.node_id is not None else (self.router.node or 0)
         log.info("gateway node {node}", node=node)
