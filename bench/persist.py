@@ -2,7 +2,7 @@
 lists, no clients.
 
     python bench/persist.py [--storage embedded|production] [--messages N] [--quick]
-                            [--no-conversations]
+                            [--no-conversations | --ab ROUNDS]
 
 For 1:1 messages (spread over --pairs conversations) and for a 100-member group, three
 phases of N messages each: `accept` (jobs accepted through the queue, many in flight as
@@ -13,7 +13,11 @@ once, as one `--role all` process does). Reports messages/s, inbox entries/s, an
 microseconds per message of this process and of the storage services (Redis, RabbitMQ,
 HBase JVMs, read from /proc). Prints a final JSON line. `--no-conversations` leaves the
 conversation lists out (the persister as it was before them: the before/after comparison of
-issue 13); the JSON says which ran. Production storage needs `scripts/services start` first.
+issue 13); the JSON says which ran. `--ab ROUNDS` runs both, alternating within this one
+process (with lists, then without, ROUNDS times, each on fresh keys), and reports each
+phase's median messages/s of both and their ratio (the machine is shared and noisy: a ratio
+of medians over interleaved rounds, not of two runs minutes apart). Production storage needs
+`scripts/services start` first.
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ import argparse
 import json
 import os
 import platform
+import statistics
 import sys
 import tempfile
 import time
@@ -279,6 +284,23 @@ async def drop_production_data(backend: Any, config: Config) -> None:
     await threads.deferToThread(drop_blocking)
 
 
+def ab_summary(rounds: list[tuple[bool, dict[str, Any]]]) -> dict[str, Any]:
+    """Per phase: the median messages/s with and without the lists, their ratio, and every
+    round's figure (in the order run)."""
+    out: dict[str, Any] = {}
+    for phase in ("accept", "drain", "end_to_end", "two_processes"):
+        with_ = [r[phase]["messages_per_s"] for lists, r in rounds if lists and phase in r]
+        without = [r[phase]["messages_per_s"] for lists, r in rounds if not lists and phase in r]
+        if not with_ or not without:
+            continue
+        a, b = statistics.median(with_), statistics.median(without)
+        out[phase] = {
+            "with_lists": a, "without": b, "ratio": round(a / b, 3),
+            "rounds_with": with_, "rounds_without": without,
+        }  # fmt: skip
+    return out
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=(__doc__ or "").split("\n\n")[0])
     p.add_argument("--storage", choices=["embedded", "production"], default="embedded")
@@ -293,6 +315,14 @@ def main() -> None:
         action="store_true",
         help="do not write the conversation lists (the persister before them)",
     )
+    p.add_argument(
+        "--ab", type=int, default=0, metavar="ROUNDS",
+        help="with and without the lists, alternating ROUNDS times: medians and their ratio",
+    )  # fmt: skip
+    p.add_argument(
+        "--case", choices=["one_to_one", "group_100"], action="append",
+        help="run only this case (repeatable; default both)",
+    )  # fmt: skip
     p.add_argument("--worker", help=argparse.SUPPRESS)  # internal: the persister process
     args = p.parse_args()
     if args.worker:
@@ -300,35 +330,51 @@ def main() -> None:
         task.react(lambda r: Deferred.fromCoroutine(worker(r, spec)))
         return
     n = args.messages or (2000 if args.quick else 20000)
-    conversations = not args.no_conversations
+    if args.ab and args.no_conversations:
+        p.error("--ab runs both: leave out --no-conversations")
+
+    variants = [True, False] * args.ab if args.ab else [not args.no_conversations]
+
+    async def run_variant(tmp: str, name: str, size: int, count: int, lists: bool,
+                          prefix: str) -> dict[str, Any]:  # fmt: skip
+        config = Config(
+            data_dir=str(Path(tmp) / prefix / name),
+            storage=args.storage,
+            key_prefix=f"{prefix}{name}",
+            hbase_table=f"{prefix}_{name}",
+            queue_partitions=args.partitions,
+            **services.config_fields(),
+        )
+        out = await run_case(
+            reactor_ref[0], config, size, count, args.pairs, args.in_flight, args.max_batch,
+            lists,
+        )  # fmt: skip
+        if args.storage == "production":
+            split = replace(
+                config, key_prefix=config.key_prefix + "s", hbase_table=config.hbase_table + "_s"
+            )
+            out["two_processes"] = await run_split(
+                reactor_ref[0], split, size, count, args.pairs, args.in_flight,
+                args.max_batch, lists,
+            )  # fmt: skip
+        return out
+
+    reactor_ref: list[Any] = []
 
     async def run(reactor: Any) -> None:
+        reactor_ref.append(reactor)
         results: dict[str, Any] = {}
         with tempfile.TemporaryDirectory() as tmp:
-            prefix = f"bench{uuid.uuid4().hex[:8]}"
             for name, size, count in (("one_to_one", 2, n), ("group_100", 100, max(n // 10, 1))):
-                config = Config(
-                    data_dir=str(Path(tmp) / name),
-                    storage=args.storage,
-                    key_prefix=f"{prefix}{name}",
-                    hbase_table=f"{prefix}_{name}",
-                    queue_partitions=args.partitions,
-                    **services.config_fields(),
-                )
-                results[name] = await run_case(
-                    reactor, config, size, count, args.pairs, args.in_flight, args.max_batch,
-                    conversations,
-                )  # fmt: skip
-                if args.storage == "production":
-                    split = replace(
-                        config, key_prefix=config.key_prefix + "s",
-                        hbase_table=config.hbase_table + "_s",
-                    )  # fmt: skip
-                    results[name]["two_processes"] = await run_split(
-                        reactor, split, size, count, args.pairs, args.in_flight,
-                        args.max_batch, conversations,
-                    )  # fmt: skip
-                print(json.dumps({name: results[name]}), file=sys.stderr)
+                if args.case and name not in args.case:
+                    continue
+                rounds: list[tuple[bool, dict[str, Any]]] = []
+                for lists in variants:
+                    prefix = f"bench{uuid.uuid4().hex[:8]}"
+                    out = await run_variant(tmp, name, size, count, lists, prefix)
+                    rounds.append((lists, out))
+                    print(json.dumps({name: out, "conversations": lists}), file=sys.stderr)
+                results[name] = ab_summary(rounds) if args.ab else rounds[0][1]
         summary = {
             "bench": "persist",
             "storage": args.storage,
@@ -336,7 +382,8 @@ def main() -> None:
             "pairs": args.pairs,
             "max_batch": args.max_batch,
             "partitions": args.partitions,
-            "conversations": conversations,
+            "conversations": "ab" if args.ab else variants[0],
+            "rounds": args.ab or 1,
             "python": platform.python_version(),
             "cpus": os.cpu_count(),
             **results,

@@ -50,6 +50,7 @@ from improto.frames import (
     UnreadCount,
 )
 from improto_clients.client import (
+    MAX_RETRY_AFTER_S,
     ClientState,
     IMClient,
     NotConnected,
@@ -487,6 +488,87 @@ def test_refused_send_leaves_the_outbox_and_5xx_is_retried(h: Harness) -> None:
     assert again.client_msg_id == s.client_msg_id
     h.feed(SendAck(s.client_msg_id, 903, 1, 0, request_id=again.request_id))
     assert result(d).msg_id == 903
+
+
+def _refuse(h: Harness, code: int, text: str, frame: Send | None = None) -> Send:
+    """Answer the SEND just written (or `frame`) with ERROR `code` and `text`."""
+    if frame is None:
+        (frame,) = h.sent()
+    assert isinstance(frame, Send)
+    h.feed(Error(code, text, request_id=frame.request_id))
+    return frame
+
+
+def _resent_after(h: Harness, seconds: float) -> Send:
+    """Nothing goes out until `seconds` have passed; then the SEND again (steps of 1/8 s add
+    up exactly in floats)."""
+    h.reactor.advance(seconds - 0.125)
+    assert h.sent() == [], f"resent before {seconds} s"
+    h.reactor.advance(0.125)
+    (again,) = h.sent()
+    assert isinstance(again, Send)
+    return again
+
+
+def test_a_rate_limited_send_waits_its_retry_after_else_the_backoff(h: Harness) -> None:
+    h.login()
+    d = h.client.send_text(ConvKind.USER, BOB, "y")
+    s = _refuse(h, ErrorCode.RATE_LIMITED, "retry_after_ms=2500 too many sends")
+    again = _resent_after(h, 2.5)  # the announced wait, not the first backoff's 1 s
+    assert again.client_msg_id == s.client_msg_id
+    _refuse(h, ErrorCode.RATE_LIMITED, "retry_after_ms=250", again)  # N alone is well formed
+    again = _resent_after(h, 0.25)
+    _refuse(h, ErrorCode.RATE_LIMITED, "too many sends", again)  # none: the backoff, 1, 2, 4 s
+    again = _resent_after(h, 4)
+    h.feed(SendAck(s.client_msg_id, 904, 1, 0, request_id=again.request_id))
+    assert result(d).msg_id == 904
+    assert h.client.state.outbox == {}
+
+
+@pytest.mark.parametrize(
+    ("code", "text"),
+    [
+        (ErrorCode.RATE_LIMITED, ""),
+        (ErrorCode.RATE_LIMITED, "retry_after_ms=0 too many"),  # N >= 1
+        (ErrorCode.RATE_LIMITED, "retry_after_ms=2500x"),  # a space or nothing after N
+        (ErrorCode.RATE_LIMITED, "retry_after_ms=2.5 too many"),  # a decimal integer
+        (ErrorCode.RATE_LIMITED, "retry_after_ms=-5"),
+        (ErrorCode.RATE_LIMITED, "retry_after_ms= 2500"),
+        (ErrorCode.RATE_LIMITED, " retry_after_ms=2500"),  # the text starts with it
+        (ErrorCode.RATE_LIMITED, "too many: retry_after_ms=2500"),
+        (ErrorCode.RATE_LIMITED, "retry_after_ms=\u0662\u0665\u0660\u0660"),  # ASCII digits only
+        (ErrorCode.UNAVAILABLE, "retry_after_ms=2500"),  # only RATE_LIMITED announces a wait
+    ],
+)
+def test_a_missing_or_malformed_retry_after_falls_back_to_the_backoff(code: int, text: str) -> None:
+    h = Harness()
+    h.login()
+    d = h.client.send_text(ConvKind.USER, BOB, "y")
+    s = _refuse(h, code, text)
+    again = _resent_after(h, 1)
+    h.feed(SendAck(s.client_msg_id, 905, 1, 0, request_id=again.request_id))
+    assert result(d).msg_id == 905
+
+
+def test_a_retry_after_past_the_cap_waits_the_cap(h: Harness) -> None:
+    h.login()
+    d = h.client.send_text(ConvKind.USER, BOB, "y")
+    s = _refuse(h, ErrorCode.RATE_LIMITED, f"retry_after_ms={10**300} bogus")
+    again = _resent_after(h, MAX_RETRY_AFTER_S)
+    h.feed(SendAck(s.client_msg_id, 906, 1, 0, request_id=again.request_id))
+    assert result(d).msg_id == 906
+
+
+def test_a_send_still_rate_limited_after_its_retries_fails_but_stays_in_the_outbox(
+    h: Harness,
+) -> None:
+    h.login()
+    d = h.client.send_text(ConvKind.USER, BOB, "y", retries=1)
+    s = _refuse(h, ErrorCode.RATE_LIMITED, "retry_after_ms=1500 too many sends")
+    _refuse(h, ErrorCode.RATE_LIMITED, "retry_after_ms=1500 too many sends", _resent_after(h, 1.5))
+    err = failure(d)
+    assert isinstance(err, ServerError) and err.retry_after_ms == 1500
+    assert list(h.client.state.outbox) == [s.client_msg_id]  # it had no effect: resent later
 
 
 def test_login_resends_only_what_was_unacked_at_hello_ok(h: Harness) -> None:

@@ -13,8 +13,15 @@ from typing import Any
 
 from improto.enums import Feature
 from improto.errors import ErrorCode
-from improto.frames import Error, PushRegister, PushRegisterOk, PushUnregister, PushUnregisterOk
-from improto_clients.console import Console
+from improto.frames import (
+    Error,
+    PushRegister,
+    PushRegisterOk,
+    PushUnregister,
+    PushUnregisterOk,
+    Send,
+)
+from improto_clients.console import Console, render
 from tests.support.server import ServerHandle
 from tests.test_client_features import ALL, Ext
 from tests.test_client_unit import result
@@ -227,3 +234,19 @@ def test_push_command_usage_and_a_server_without_push() -> None:
         result(console._run(line))
     assert h.sent() == []
     assert [e["name"] for e in events] == ["USAGE"] * 4 + ["UNSUPPORTED"] * 2
+
+
+def test_a_send_still_rate_limited_after_the_retries_shows_the_error() -> None:
+    h, console, events = _console(ALL)
+    result(console._run("/to user 1002"))
+    d = console._run("hello")
+    for _ in range(4):  # the first try and 3 retries, each after the announced 1.5 s
+        (s,) = h.sent()
+        assert isinstance(s, Send)
+        h.feed(Error(ErrorCode.RATE_LIMITED, "retry_after_ms=1500 sends", request_id=s.request_id))
+        h.reactor.advance(1.5)
+    result(d)
+    err = {"event": "error", "code": 504, "name": "RATE_LIMITED",
+           "text": "retry_after_ms=1500 sends", "command": "hello"}  # fmt: skip
+    assert events[-1] == err
+    assert render(err, None) == "!! RATE_LIMITED 504: retry_after_ms=1500 sends"

@@ -22,7 +22,7 @@ from improto_server import metrics
 from improto_server.embedded.backend import SQLiteBackend
 from improto_server.embedded.notify_queue import SQLiteNotifyQueue
 from improto_server.hub import Hub
-from improto_server.model import PersistJob, PushTarget
+from improto_server.model import DeviceNotifyJob, PersistJob, PushTarget
 from improto_server.notifier import Notifier
 from improto_server.push_gateway import PushGatewayClient
 from tests.support.push_gateway import PushGatewayStandIn
@@ -207,6 +207,94 @@ async def test_online_devices_senders_and_group_events_get_no_notification(make)
         str(job.message.msg_id),
     )
     assert h.to(CAROL) == [] and h.to(ALICE) == []
+
+
+# ------------------------------------------------ unacknowledged pushes (DeviceNotifyJob)
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_device_job_notifies_that_device_online_or_not(make) -> None:
+    h = await make()
+    await h.register(BOB, "phone", "tok-phone")
+    await h.register(BOB, "tablet", "tok-tablet")
+    h.online(BOB, "phone")  # connected, its app suspended: the PUSH went unacknowledged
+    h.online(BOB, "tablet")  # connected and reading
+    job = await h.send(ALICE, BOB, body=b"are you there?")
+    await h.settled()
+    assert h.to(BOB) == []  # both online: nothing for the message itself
+    await h.queue.put([DeviceNotifyJob.of(BOB, "phone", job.record)])
+    await h.gateway.wait_for(1)
+    await h.settled()
+    (n,) = h.to(BOB)
+    assert (n["msg_id"], n["content"], n["counts"]) == (
+        str(job.message.msg_id), "are you there?", {"unread": 1},
+    )  # fmt: skip
+    assert [d["pushkey"] for d in n["devices"]] == ["tok-phone"]  # not the tablet
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_device_job_for_no_registration_own_messages_or_group_events_is_not_sent(
+    make,
+) -> None:
+    h = await make()
+    await h.register(BOB, "phone", "tok-bob")
+    await h.register(ALICE, "phone", "tok-alice")
+    h.online(BOB, "phone")
+    h.online(ALICE, "phone")
+    job = await h.send(ALICE, BOB)
+    event = await h.send(ALICE, 77, ALICE, BOB, kind=ConvKind.GROUP, content_type=0, body=b"{}")
+    await h.queue.put([
+        DeviceNotifyJob.of(BOB, "watch", job.record),  # Bob's watch registered nothing
+        DeviceNotifyJob.of(ALICE, "phone", job.record),  # her own message, on her phone
+        DeviceNotifyJob.of(BOB, "phone", event.record),  # a group event
+    ])  # fmt: skip
+    await h.settled()
+    assert h.notifier.handled == 5 and h.gateway.requests == []
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_forced_device_survives_coalescing_and_the_lookup_at_the_window_end(
+    make,
+) -> None:
+    h = await make(interval_s=0.4)
+    await h.register(BOB, "phone", "tok-phone")
+    await h.register(BOB, "tablet", "tok-tablet")
+    h.online(BOB, "phone")
+    first = await h.send(ALICE, BOB, body=b"m0")  # the tablet is offline: at once
+    await h.gateway.wait_for(1)
+    second = await h.send(ALICE, BOB, body=b"m1")  # in the window: waits for its end
+    await h.queue.put([DeviceNotifyJob.of(BOB, "phone", first.record)])  # m0 unacknowledged
+    await h.gateway.wait_for(2)
+    await h.settled()
+    a, b = h.to(BOB)
+    assert [d["device_id"] for d in a["devices"]] == ["tablet"]
+    # the newest message, to the offline tablet and the online phone that did not ack
+    assert (b["msg_id"], b["content"]) == (str(second.message.msg_id), "m1")
+    assert [d["device_id"] for d in b["devices"]] == ["phone", "tablet"]
+    await sleep(0.5)  # the window is over; the phone is not forced any more
+    await h.send(ALICE, BOB, body=b"m2")
+    await h.gateway.wait_for(3)
+    await h.settled()
+    assert [d["device_id"] for d in h.to(BOB)[2]["devices"]] == ["tablet"]
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_device_job_joins_a_notification_waiting_for_a_request_slot(make) -> None:
+    h = await make(max_in_flight=1, timeout_s=0.3, retries=0)
+    await h.register(CAROL, "phone", "tok-carol")
+    await h.register(BOB, "phone", "tok-phone")
+    await h.register(BOB, "tablet", "tok-tablet")
+    h.online(BOB, "phone")
+    h.gateway.hang(1)  # Carol's request takes the one slot until it times out
+    await h.send(ALICE, CAROL)
+    await h.gateway.wait_for(1)
+    job = await h.send(ALICE, BOB)  # waits for the slot, for the offline tablet
+    await h.queue.put([DeviceNotifyJob.of(BOB, "phone", job.record)])
+    await h.gateway.wait_for(2)
+    await h.settled()
+    (n,) = h.to(BOB)
+    assert [d["device_id"] for d in n["devices"]] == ["phone", "tablet"]
+    assert n["msg_id"] == str(job.message.msg_id) and h.notifier.dropped == 1  # Carol's
 
 
 # ------------------------------------------------------------------- pacing

@@ -1,10 +1,12 @@
 """Push notifications end to end, in one reactor: an embedded server configured with a push
 gateway (the twisted.web stand-in), devices registered over the protocol, a message to an
 offline device, and what the gateway received: the whole path SEND -> queue -> persister ->
-notify queue -> notifier -> HTTP."""
+notify queue -> notifier -> HTTP. And a connected device that does not acknowledge its PUSH
+(an app suspended with its socket kept): session -> notify queue -> notifier -> HTTP."""
 
 from __future__ import annotations
 
+import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -18,10 +20,11 @@ from improto_clients.client import IMClient
 from improto_server.app import Server
 from improto_server.config import Config
 from tests.support.push_gateway import PushGatewayStandIn
-from tests.support.waiting import eventually
+from tests.support.waiting import eventually, sleep
 
 SECRET = "push-e2e-secret-push-e2e-secret-0123"
-ALICE, BOB = 11, 12
+ALICE, BOB, CAROL = 11, 12, 13
+ACK_WAIT = 0.5  # push_ack_wait_s: a client that reads acknowledges far sooner
 
 
 class Harness:
@@ -45,7 +48,7 @@ async def h(tmp_path: Path) -> AsyncIterator[Harness]:
     gateway = await PushGatewayStandIn.start()
     config = Config(
         listen=["tcp:0:interface=127.0.0.1"], data_dir=str(tmp_path), jwt_secret=SECRET,
-        push_gateway=gateway.url, push_interval_s=0.2,
+        push_gateway=gateway.url, push_interval_s=0.2, push_ack_wait_s=ACK_WAIT,
     )  # fmt: skip
     server = Server(config, reactor)
     await server.start()
@@ -100,3 +103,31 @@ async def test_online_devices_and_the_sender_are_not_notified(h: Harness) -> Non
     [n] = h.gateway.notifications
     assert n["user_id"] == str(BOB) and "content" not in n  # no preview for this device
     assert n["devices"][0]["pushkey"] == "bob-fcm"
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_connected_device_that_does_not_acknowledge_is_notified(h: Harness) -> None:
+    bob = await h.client(BOB, "phone")
+    await bob.register_push("apns", "bob-token", preview=True)
+    carol = await h.client(CAROL, "phone")  # the control: connected, reading, acknowledging
+    await carol.register_push("apns", "carol-token", preview=True)
+    # Bob's app is suspended: the OS keeps its connection, the app reads nothing (no PUSH_ACK)
+    assert bob.protocol is not None and bob.protocol.transport is not None
+    bob.protocol.transport.pauseProducing()  # type: ignore[attr-defined]
+    alice = await h.client(ALICE, "laptop")
+    sent = time.monotonic()
+    ack = await alice.send_text(ConvKind.USER, BOB, "still there?")
+    await alice.send_text(ConvKind.USER, CAROL, "and you?")
+    await eventually(lambda: len(h.gateway.notifications) >= 1, timeout=ACK_WAIT + 3)
+    took = time.monotonic() - sent
+    await sleep(ACK_WAIT * 3)  # nothing more: Bob's stall is notified once, Carol acknowledged
+    [n] = h.gateway.notifications
+    assert took >= ACK_WAIT * 0.9
+    assert (n["user_id"], n["msg_id"], n["sender_id"], n["content"]) == (
+        str(BOB), str(ack.msg_id), str(ALICE), "still there?",
+    )  # fmt: skip
+    assert n["devices"] == [
+        {"device_id": "phone", "platform": "apns", "pushkey": "bob-token", "preview": True}
+    ]
+    bob.protocol.transport.resumeProducing()  # type: ignore[attr-defined]  # the app wakes up
+    await eventually(lambda: bob.state.has(ack.msg_id), timeout=5)

@@ -18,7 +18,13 @@ from improto.enums import ConvKind
 from improto.errors import EncodeError, ProtocolError
 from improto.frames import HistoryPage, Message, OfflinePage, Push, PushAck, UnreadCount
 from improto.limits import MAX_FRAME_LENGTH, OFFLINE_PAGE_MAX, U64_MAX
-from improto_server.model import PersistJob
+from improto_server.model import (
+    NOTIFY_DEVICE_FORMAT,
+    DeviceNotifyJob,
+    PersistJob,
+    StateJob,
+    notify_job_from_bytes,
+)
 
 ME = 1001
 REPO = Path(__file__).resolve().parents[1]
@@ -84,6 +90,12 @@ def test_records_and_push_frames_equal_the_codec() -> None:
         assert records.message_of(rec) == m
         assert records.unpack_record(rec) == m
         assert records.conversation_of(rec) == (m.sender_id, m.conv_kind, m.conv_id)
+        frame = records.push_frame(rec)
+        expected = (m.sender_id, m.content_type)
+        assert records.sender_and_type(rec) == expected
+        assert records.sender_and_type(frame, len(frame) - len(rec)) == expected
+    with pytest.raises(records.CorruptRecord):
+        records.sender_and_type(rec[:30])
 
 
 def test_record_of_validates_like_the_codec() -> None:
@@ -180,6 +192,39 @@ def test_jobs_of_every_format_read_back() -> None:
         PersistJob.from_bytes(data[:-1])
     with pytest.raises(records.CorruptRecord):
         PersistJob.from_bytes(data[:3])
+
+
+def test_device_notify_jobs_read_back_and_broken_ones_are_refused() -> None:
+    for m in _messages(random.Random(6), 30):
+        for device in ("phone", "\u00e9" * 32, ""):
+            job = DeviceNotifyJob.of(ME, device, records.record_of(m))
+            data = job.to_bytes()
+            assert data[0] == NOTIFY_DEVICE_FORMAT
+            back = DeviceNotifyJob.from_bytes(data)
+            assert back == job and back.message == m and back.record == records.record_of(m)
+            assert notify_job_from_bytes(data) == job
+    persist = PersistJob(m, (ME, m.sender_id))
+    assert notify_job_from_bytes(persist.to_bytes()) == persist  # the other kind the queue holds
+    good = DeviceNotifyJob.of(ME, "phone", records.record_of(m)).to_bytes()
+    broken = [
+        good[:-1],  # the record cut short
+        good + b"x",  # or too long
+        good[:9],  # the header cut short
+        good[:10] + b"pho",  # the device id cut short
+        good[:9] + b"\x02\xff\xfe" + good[15:],  # a device id not UTF-8 (the record whole)
+        good[:10],  # no record at all
+        b"",
+    ]
+    for bad in broken:
+        with pytest.raises(records.CorruptRecord):
+            DeviceNotifyJob.from_bytes(bad)
+    with pytest.raises(records.CorruptRecord):
+        DeviceNotifyJob.from_bytes(bytes((records.STORE_FORMAT,)) + good[1:])  # not its format
+    with pytest.raises(records.CorruptRecord):
+        DeviceNotifyJob.of(ME, "phone", records.record_of(m)[:-1])
+    state = StateJob(StateJob.MARK, ME, ConvKind.USER, 5, 9).to_bytes()
+    with pytest.raises(records.CorruptRecord):
+        notify_job_from_bytes(state)  # the persist queue's state jobs never go to the notifier
 
 
 # ------------------------------------------------------------- page fill (PROTOCOL.md 10.3)

@@ -289,6 +289,7 @@ async def test_conversations_match_the_embedded_store(env, sqlite, monkeypatch):
     monkeypatch.setattr(redis_conversations, "CHANGE_TRIM", 2)
     env.convs.max_tracked = 5
     monkeypatch.setattr("improto_server.embedded.conversations.MAX_UNREAD_TRACKED", 5)
+    monkeypatch.setattr("improto_server.embedded.conversations._MAX_TRACKED_BYTES", 8 * 5)
     rng = random.Random(20261213)
     users = (1, 2, 3, 2**63, U64_MAX)
     groups = {11: users[:3], 2**64 - 2: users}
@@ -345,6 +346,35 @@ async def test_conversations_match_the_embedded_store(env, sqlite, monkeypatch):
             assert positions[0] == positions[1], step
     for user in users:
         assert await every_row(env.convs, user) == await every_row(sqlite.conversations, user)
+
+
+@pytest_twisted.ensureDeferred
+async def test_batches_beyond_the_tracked_bound_match_the_embedded_store(env, sqlite, monkeypatch):
+    """A row given many pending ids in one call (fewer than, as many as and more than the
+    tracked bound, on top of 0-5 tracked already), then one read mark at each position in
+    turn, gives the same rows from Redis as from SQLite: the same ids stay tracked."""
+    env.convs.max_tracked = 5
+    monkeypatch.setattr("improto_server.embedded.conversations.MAX_UNREAD_TRACKED", 5)
+    monkeypatch.setattr("improto_server.embedded.conversations._MAX_TRACKED_BYTES", 8 * 5)
+    members = (1, 2, 3)
+    stores = (env.convs, sqlite.conversations)
+    gid = 1000
+    for before in (0, 3, 5):
+        for run in (2, 5, 6, 12):
+            for at in range(before + run):
+                gid += 1
+                sent: list[PersistJob] = []
+                for size in (before, run):
+                    batch = [group(1, gid, members) for _ in range(size)]
+                    sent += batch
+                    for store in stores:
+                        await store.record(batch)
+                for store in stores:
+                    await store.apply([mark(3, GROUP, gid, sent[at].message.msg_id)])
+    got = await every_row(env.convs, 3)
+    assert got == await every_row(sqlite.conversations, 3)
+    unread = {c.unread for c in got.convs}
+    assert 0 in unread and max(unread) == 5 + 12  # a mark below every tracked id: counts stay
 
 
 # --------------------------------------------------------------------------- folds

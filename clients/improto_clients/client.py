@@ -117,6 +117,11 @@ from improto_clients.wire_stats import WireStats
 # What a client asks for by default: every post-v1 feature (sections 18, 19).
 DEFAULT_FEATURES = (Feature.WIRE_ONCE, Feature.CONVERSATIONS, Feature.READ_RECEIPTS, Feature.PUSH)
 
+# The longest RATE_LIMITED wait obeyed before a resend: a wrong or hostile retry_after_ms must
+# not park a send, and its caller, for hours. Resending sooner only earns another refusal (it
+# has no effect, section 9.4) with a fresh wait, and the message stays in the outbox anyway.
+MAX_RETRY_AFTER_S = 60.0
+
 __all__ = [
     "DEFAULT_FEATURES",
     "ClientState",
@@ -550,9 +555,10 @@ class IMClient:
         """Send a message; it stays in the outbox until a SEND_ACK arrives.
 
         A timeout or a 5xx ERROR is retried `retries` times with the same client_msg_id (the
-        server deduplicates). Fails with ServerError when refused (the message leaves the
-        outbox), or with TimeoutError/SessionClosed/NotConnected (it stays in the outbox and
-        is resent after the next login).
+        server deduplicates); after a 5xx, once the RATE_LIMITED text's retry_after_ms has
+        passed (at most MAX_RETRY_AFTER_S), else after a backoff. Fails with ServerError when
+        refused (the message leaves the outbox), or with TimeoutError/SessionClosed/
+        NotConnected (it stays in the outbox and is resent after the next login).
         """
         if isinstance(body, str):
             body = body.encode("utf-8")
@@ -589,7 +595,7 @@ class IMClient:
                     raise
                 if not e.retriable or attempt >= retries:
                     raise
-                await deferLater(self.reactor, min(2.0**attempt, 30.0))  # "retry later"
+                await deferLater(self.reactor, _retry_delay(e, attempt))
             else:
                 self._acked(frame, ack)
                 return ack
@@ -783,3 +789,12 @@ class IMClient:
 def _exception(f: Failure) -> BaseException:
     assert f.value is not None  # a Failure always carries its exception
     return f.value
+
+
+def _retry_delay(e: ServerError, attempt: int) -> float:
+    """Seconds before resending after a retriable ERROR: the wait a RATE_LIMITED text announces
+    (section 9.4), else the backoff of "retry later" (13.2): 1, 2, 4 ... 30 s."""
+    ms = e.retry_after_ms
+    if ms is None:
+        return min(2.0**attempt, 30.0)
+    return min(ms / 1000, MAX_RETRY_AFTER_S)

@@ -2,8 +2,20 @@
 
 from __future__ import annotations
 
+import re
+
 from improto.enums import CloseReason
 from improto.errors import FATAL_CODES, ErrorCode
+
+# PROTOCOL.md 9.4: the text starts with `retry_after_ms=N`, then a space or nothing.
+_RETRY_AFTER = re.compile(r"retry_after_ms=([0-9]+)(?: |\Z)")
+
+
+def parse_retry_after_ms(text: str) -> int | None:
+    """The N of a text starting `retry_after_ms=N` (N ≥ 1, decimal), else None."""
+    m = _RETRY_AFTER.match(text)
+    n = int(m.group(1)) if m else 0  # texts are at most 1024 bytes, within int()'s digits
+    return n if n >= 1 else None
 
 
 class ServerError(Exception):
@@ -32,6 +44,12 @@ class ServerError(Exception):
     def retriable(self) -> bool:
         """5xx: nothing happened, retry later (a SEND with the same client_msg_id)."""
         return self.code // 100 == 5
+
+    @property
+    def retry_after_ms(self) -> int | None:
+        """RATE_LIMITED: the milliseconds to wait before retrying that the text announces
+        (section 9.4); None for other codes or a text without a well-formed value."""
+        return parse_retry_after_ms(self.text) if self.code == ErrorCode.RATE_LIMITED else None
 
 
 class SessionClosed(Exception):

@@ -7,6 +7,8 @@ import os
 import random
 import struct
 import time
+from importlib.resources import files
+from importlib.resources.abc import Traversable
 from pathlib import Path
 from typing import Any
 
@@ -54,7 +56,17 @@ from improto.frames import (
 )
 from improto.limits import MAX_FRAME_LENGTH, MAX_HELLO_FRAME
 
-VECTORS = Path(__file__).resolve().parents[2] / "spec" / "vectors" / "invalid.json"
+
+def vector_file(name: str) -> Traversable:
+    """A file of spec/vectors: the copy an installed wheel ships (setup.py), else the work
+    tree's spec/vectors, the normative one, that editable installs and the tests read."""
+    packaged = files("improto.conformance") / "vectors" / name
+    if packaged.is_file():
+        return packaged
+    return Path(__file__).resolve().parents[2] / "spec" / "vectors" / name
+
+
+VECTORS = vector_file("invalid.json")
 
 
 def _expect_reply_error(c: Conn, rid: int, code: int, what: str) -> Error:

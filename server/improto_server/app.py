@@ -105,6 +105,9 @@ class Server:
             limits=RateLimits(config, self.reactor), conversations=b.conversations,
             read_receipts=config.read_receipts, devices=b.devices,
             push_platforms=config.push_platforms if pushing else (),
+            # every role's backend has the notify queue started: --role gateway puts its
+            # devices' overdue acks there for the notifier process
+            notify_queue=b.notify_queue if pushing else None,
         )  # fmt: skip
         self.factory = SessionFactory(
             config, self.service, self.hub, self.reactor, config.secret(), self.router

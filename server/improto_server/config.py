@@ -55,6 +55,7 @@ _RANGES: dict[str, tuple[type, float, float]] = {
     "push_retries": (int, 0, 100),
     "push_max_in_flight": (int, 1, 100_000),
     "push_max_pending": (int, 1, 10**8),
+    "push_ack_wait_s": (float, 0, 3600),  # 0: no notification for unacknowledged pushes
 }
 
 
@@ -108,6 +109,9 @@ class Config:
     push_retries: int = 4  # retries of a failed request (backoff 0.5 s x 2^n), then dropped
     push_max_in_flight: int = 64  # requests to the gateway at once
     push_max_pending: int = 100_000  # users waiting for a notification; beyond: dropped
+    # a connected device that leaves a PUSH unacknowledged this long (an app suspended in the
+    # background, its socket kept) is notified as if offline; 0: never
+    push_ack_wait_s: float = 5.0
     # The server API for the app's backend (spec/openapi.json): opened only with an api_key.
     api_listen: str = "tcp:5580:interface=127.0.0.1"
     api_key: str | None = None

@@ -72,7 +72,7 @@ class Followed(Protocol):
     """The connection a follower works for (improto_server.session.Session)."""
 
     user_id: int
-    unacked: dict[int, None] | None  # msg_ids pushed and not yet acknowledged
+    unacked: dict[int, float] | None  # msg_ids pushed and not yet acknowledged (-> when)
 
     def write_notice(self, data: bytes) -> bool:
         """Write an INBOX_NOTICE frame now; False if the output is stalled (nothing written)."""

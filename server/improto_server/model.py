@@ -222,6 +222,60 @@ def job_from_bytes(data: bytes) -> QueuedJob:
     return PersistJob.from_bytes(data)
 
 
+NOTIFY_DEVICE_FORMAT = 4  # a queued DeviceNotifyJob's first byte (notify queues only)
+_DEVICE_HEAD = struct.Struct(">BQB")  # format, user, device id length
+
+
+@dataclass(frozen=True, slots=True)
+class DeviceNotifyJob:
+    """A notification for one device, whatever its presence: the gateway puts it on the notify
+    queue when the device, connected, left a PUSH unacknowledged for push_ack_wait_s (its app
+    suspended, the socket kept). `message` is the newest message pushed to it; `record` its
+    MESSAGE record, kept as it came (no repacking)."""
+
+    user_id: int
+    device_id: str
+    message: Message
+    record: bytes = field(repr=False)
+
+    @staticmethod
+    def of(user_id: int, device_id: str, record: bytes) -> DeviceNotifyJob:
+        """The job for `record` (CorruptRecord if it is not one whole MESSAGE record)."""
+        return DeviceNotifyJob(user_id, device_id, records.unpack_record(record), record)
+
+    # Wire form (storage format NOTIFY_DEVICE_FORMAT): u8 format, u64 user, u8 device id
+    # length, the device id (UTF-8), then the record.
+    def to_bytes(self) -> bytes:
+        dev = self.device_id.encode()
+        return _DEVICE_HEAD.pack(NOTIFY_DEVICE_FORMAT, self.user_id, len(dev)) + dev + self.record
+
+    @staticmethod
+    def from_bytes(data: bytes) -> DeviceNotifyJob:
+        try:
+            fmt, user, n = _DEVICE_HEAD.unpack_from(data)
+        except struct.error:
+            raise records.CorruptRecord("truncated device notify job") from None
+        start = _DEVICE_HEAD.size + n
+        dev = data[_DEVICE_HEAD.size : start]
+        if fmt != NOTIFY_DEVICE_FORMAT or len(dev) != n:
+            raise records.CorruptRecord("not a device notify job")
+        try:
+            device = dev.decode()
+        except UnicodeDecodeError:
+            raise records.CorruptRecord("device notify job with a malformed device id") from None
+        return DeviceNotifyJob.of(user, device, data[start:])
+
+
+NotifyJob = PersistJob | DeviceNotifyJob
+
+
+def notify_job_from_bytes(data: bytes) -> NotifyJob:
+    """A notify queue's job of either kind, from its bytes (the notify queues hold both)."""
+    if data[:1] == bytes((NOTIFY_DEVICE_FORMAT,)):
+        return DeviceNotifyJob.from_bytes(data)
+    return PersistJob.from_bytes(data)
+
+
 @dataclass(frozen=True, slots=True)
 class ConvState:
     """One row of a user's conversation list (PROTOCOL.md section 18: the CONV record)."""

@@ -9,7 +9,10 @@ notifications.
 For each message, the receivers are its inbox users minus the sender (a user's own message
 notifies none of its devices; neither do the server's group events). Of a receiver's
 registered devices (DeviceStore), those not online (PushRouter.online_devices, a presence
-hint) are notified.
+hint) are notified. A DeviceNotifyJob (a gateway's: a connected device left a PUSH
+unacknowledged for push_ack_wait_s) notifies its one device if it is registered, online or
+not; it is paced with the user's other notifications, and the device stays in the request
+made at the window's end even though it is online (`_User.forced`).
 
 Pacing, per user: the first notification goes out at once and opens a window of
 `interval_s`; messages arriving in the window are coalesced into one request at its end,
@@ -43,7 +46,7 @@ from twisted.python.failure import Failure
 from improto.enums import ContentType
 from improto_server import metrics
 from improto_server.deferreds import as_deferred
-from improto_server.model import PersistJob, PushTarget, QueuedJob
+from improto_server.model import DeviceNotifyJob, NotifyJob, PushTarget
 from improto_server.ports import ConversationStore, DeviceStore, NotifyQueue
 from improto_server.push_gateway import Delivery, PushGatewayClient, notification_body
 
@@ -73,8 +76,11 @@ class _User:
     """A user notified within the current window, or waiting to be."""
 
     user_id: int
-    job: PersistJob | None = None  # the newest message not notified yet
+    job: NotifyJob | None = None  # the newest message not notified yet
     devices: Devices | None = None  # its offline targets (None: look them up when sent)
+    # devices notified with that job even if online (DeviceNotifyJob); a frozenset, so that
+    # the common empty one is shared, not one set per waiting user
+    forced: frozenset[str] = frozenset()
     window: IDelayedCall | None = None  # the window's end, while it is open
     queued: bool = False  # waiting for a request slot
     busy: bool = False  # its request is running
@@ -151,7 +157,7 @@ class Notifier:
 
     # ------------------------------------------------------------------ the queue
 
-    def handle(self, jobs: Sequence[QueuedJob]) -> Deferred[None]:
+    def handle(self, jobs: Sequence[NotifyJob]) -> Deferred[None]:
         """Schedule the notifications of a batch; fires once they are (then the queue drops
         the batch). A failed lookup fails the batch: the queue hands it over again."""
         if self._stopping:
@@ -159,12 +165,9 @@ class Notifier:
         return self._handle(jobs)
 
     @as_deferred
-    async def _handle(self, jobs: Sequence[QueuedJob]) -> None:
-        messages = [
-            j for j in jobs
-            if isinstance(j, PersistJob) and j.message.content_type != ContentType.GROUP_EVENT
-        ]  # fmt: skip
-        users = sorted({u for j in messages for u in j.inbox_users if u != j.message.sender_id})
+    async def _handle(self, jobs: Sequence[NotifyJob]) -> None:
+        messages = [j for j in jobs if j.message.content_type != ContentType.GROUP_EVENT]
+        users = sorted({u for j in messages for u in _receivers(j)})
         targets: dict[int, Devices] = {}
         online: dict[int, set[str]] = {}
         for i in range(0, len(users), LOOKUP_USERS):
@@ -174,38 +177,49 @@ class Notifier:
             online.update(await self._router.online_devices(registered[i : i + LOOKUP_USERS]))
         if self._stopping:
             raise NotifierStopped("the notifier is stopping")
-        arrivals = [
-            (u, job, devices)
-            for job in messages  # in queue order: the newest message of a user comes last
-            for u in job.inbox_users
-            if u != job.message.sender_id and (devices := _offline(targets.get(u), online.get(u)))
-        ]
+        arrivals: list[tuple[int, NotifyJob, Devices, frozenset[str]]] = []
+        for job in messages:  # in queue order: the newest message of a user comes last
+            if isinstance(job, DeviceNotifyJob):  # that device, registered, online or not
+                u, device = job.user_id, job.device_id
+                target = (targets.get(u) or {}).get(device)
+                if target is not None and u in _receivers(job):
+                    arrivals.append((u, job, {device: target}, frozenset((device,))))
+                continue
+            for u in _receivers(job):
+                if devices := _offline(targets.get(u), online.get(u)):
+                    arrivals.append((u, job, devices, frozenset()))
         # The badges count these messages: the users' lists are folded here, once per batch
         # (one store call for many users), not per notification.
-        notified = sorted({u for u, _, _ in arrivals})
+        notified = sorted({u for u, _, _, _ in arrivals})
         try:
             for i in range(0, len(notified), FOLD_USERS):
                 await self._convs.fold(notified[i : i + FOLD_USERS])
         except Exception:
             _log.failure("folding the lists of notified users failed (badges may lag)")
-        for u, job, devices in arrivals:
-            self._arrive(u, job, devices)
+        for u, job, devices, forced in arrivals:
+            self._arrive(u, job, devices, forced)
         self.handled += len(jobs)
 
     # ------------------------------------------------------------------ pacing
 
-    def _arrive(self, user_id: int, job: PersistJob, devices: Devices) -> None:
+    def _arrive(
+        self, user_id: int, job: NotifyJob, devices: Devices, forced: frozenset[str]
+    ) -> None:
         user = self._users.get(user_id)
         if user is not None and user.job is not None:
             if job.message.msg_id > user.job.message.msg_id:  # coalesced: the newest wins
-                user.job, user.devices = job, devices
+                user.job = job
+            if user.devices is not None:  # it goes without a lookup: to these devices too
+                user.devices = {**user.devices, **devices}
+            if forced:
+                user.forced |= forced
             return
         if self.pending >= self.max_pending:
             self._drop(user_id, job, devices, f"{self.pending} users waiting already", "dropped")
             return
         if user is None:
             user = self._users[user_id] = _User(user_id)
-        user.job, user.devices = job, devices
+        user.job, user.devices, user.forced = job, devices, forced
         self.pending += 1
         if user.window is None and not user.busy:
             self._enqueue(user)  # the first of a window goes at once
@@ -221,14 +235,15 @@ class Notifier:
             self._begin(self._ready.popleft())
 
     def _begin(self, user: _User) -> None:
-        job, devices = user.job, user.devices
+        job, devices, forced = user.job, user.devices, user.forced
         assert job is not None and user.window is None
         user.queued, user.busy = False, True
         user.job = user.devices = None
+        user.forced = frozenset()
         self.pending -= 1
         self.in_flight += 1
         user.window = self._clock.callLater(self.interval_s, self._window_ended, user)
-        d = self._notify(user.user_id, job, devices)
+        d = self._notify(user.user_id, job, devices, forced)
         self._running.add(d)
         d.addBoth(self._finished, user, d)
 
@@ -263,10 +278,12 @@ class Notifier:
     # ------------------------------------------------------------------ requests
 
     @as_deferred
-    async def _notify(self, user_id: int, job: PersistJob, devices: Devices | None) -> None:
+    async def _notify(
+        self, user_id: int, job: NotifyJob, devices: Devices | None, forced: frozenset[str]
+    ) -> None:
         if devices is None:
             try:
-                devices = await self._lookup(user_id)
+                devices = await self._lookup(user_id, forced)
             except CancelledError:
                 raise
             except Exception:
@@ -284,12 +301,16 @@ class Notifier:
                 delivery = await self._gateway.send(body)
                 await self._delivered(user_id, job, dict(group), delivery)
 
-    async def _lookup(self, user_id: int) -> Devices:
+    async def _lookup(self, user_id: int, forced: frozenset[str]) -> Devices:
+        """The user's registered devices that are offline, or `forced`."""
         targets = (await self._devices.targets([user_id])).get(user_id)
         if not targets:
             return {}
         online = (await self._router.online_devices([user_id])).get(user_id)
-        return _offline(targets, online)
+        devices = _offline(targets, online)
+        if forced:
+            devices = {**devices, **{d: t for d, t in targets.items() if d in forced}}
+        return devices
 
     async def _badge(self, user_id: int) -> int | None:
         """The user's total unread now (its list was folded when the message arrived here);
@@ -304,7 +325,7 @@ class Notifier:
         return rows.total_unread
 
     async def _delivered(
-        self, user_id: int, job: PersistJob, devices: Devices, delivery: Delivery
+        self, user_id: int, job: NotifyJob, devices: Devices, delivery: Delivery
     ) -> None:
         self.retried += delivery.retries
         if delivery.retries:
@@ -338,7 +359,7 @@ class Notifier:
                 )  # fmt: skip
 
     def _drop(
-        self, user_id: int, job: PersistJob, devices: Devices, reason: str, outcome: str
+        self, user_id: int, job: NotifyJob, devices: Devices, reason: str, outcome: str
     ) -> None:
         """Count and log a notification not sent: `outcome` "failed" (the gateway or a
         store failed) or "dropped" (no room)."""
@@ -348,6 +369,14 @@ class Notifier:
             "notification dropped: user {user} msg {msg_id} devices {devices}: {reason}",
             user=user_id, msg_id=job.message.msg_id, devices=sorted(devices), reason=reason,
         )  # fmt: skip
+
+
+def _receivers(job: NotifyJob) -> tuple[int, ...]:
+    """Who a job may notify: its users but the sender (a user's own message notifies none of
+    its devices)."""
+    sender = job.message.sender_id
+    users = (job.user_id,) if isinstance(job, DeviceNotifyJob) else job.inbox_users
+    return tuple(u for u in users if u != sender)
 
 
 def _offline(targets: Devices | None, online: set[str] | None) -> Devices:

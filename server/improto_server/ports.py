@@ -22,6 +22,7 @@ from improto_server.model import (
     HistoryRecords,
     InboxIds,
     InboxRecords,
+    NotifyJob,
     PersistJob,
     PushTarget,
     QueuedJob,
@@ -29,6 +30,7 @@ from improto_server.model import (
 )
 
 BatchHandler = Callable[[Sequence[QueuedJob]], Deferred[None]]
+NotifyHandler = Callable[[Sequence[NotifyJob]], Deferred[None]]
 
 
 class PersistQueue(Protocol):
@@ -272,13 +274,14 @@ class DeviceStore(Protocol):
 
 
 class NotifyQueue(Protocol):
-    """Durable jobs for the notifier (the persisted messages whose receivers may need a
-    notification), consumed apart from the persist queue."""
+    """Durable jobs for the notifier, consumed apart from the persist queue: the persisted
+    messages whose receivers may need a notification (PersistJob, from the persister), and
+    connected devices that left a PUSH unacknowledged (DeviceNotifyJob, from the gateways)."""
 
-    def put(self, jobs: Sequence[PersistJob]) -> Deferred[None]:
+    def put(self, jobs: Sequence[NotifyJob]) -> Deferred[None]:
         """Queue the jobs, in order; durable when the Deferred fires."""
 
-    def consume(self, handler: BatchHandler, max_batch: int = 1) -> None:
+    def consume(self, handler: NotifyHandler, max_batch: int = 1) -> None:
         """As PersistQueue.consume: batches of 1..max_batch in order, one at a time, each
         removed once its Deferred succeeds, redelivered after a failure or a crash."""
 

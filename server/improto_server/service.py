@@ -53,6 +53,7 @@ from improto_server.ids import IdGenerator
 from improto_server.model import (
     Accepted,
     ConvKey,
+    DeviceNotifyJob,
     GroupInfo,
     GroupNotFound,
     HistoryRecords,
@@ -66,6 +67,7 @@ from improto_server.ports import (
     GroupStore,
     HistoryStore,
     InboxStore,
+    NotifyQueue,
     PersistQueue,
     PushRouter,
 )
@@ -157,10 +159,13 @@ class ChatService:
         read_receipts: bool = True,
         devices: DeviceStore | None = None,
         push_platforms: Sequence[str] = (),
+        notify_queue: NotifyQueue | None = None,
     ) -> None:
         """`devices`: the sessions check revocations at HELLO (spec 8.2) in it; with
         `push_platforms` too (the platforms a device may register; empty: no push), devices
-        may register for notifications (Feature.PUSH, spec 19)."""
+        may register for notifications (Feature.PUSH, spec 19). `notify_queue` (given when
+        notifications are sent): where `ack_overdue` puts its jobs for the notifier; the
+        sessions watch their PUSH acknowledgements only with it."""
         self.ids = ids
         self.queue = queue
         self.inbox = inbox
@@ -190,6 +195,7 @@ class ChatService:
             from improto_server.push_service import PushService  # uses ours
 
             self.push = PushService(devices, limits, push_platforms)
+        self.notify_queue = notify_queue
         # per connection: fires once its latest SEND has taken its msg_id
         self._id_gates: dict[object, Deferred[None]] = {}
 
@@ -265,6 +271,27 @@ class ChatService:
         self.hub.push(users, msg_id, data, exclude)
         d = self.router.route(users, msg_id, data)  # other gateways' devices
         d.addErrback(lambda f: log.failure("routing push {msg_id} failed", f, msg_id=msg_id))
+
+    def ack_overdue(self, user_id: int, device_id: str, record: bytes) -> None:
+        """A connected device left a PUSH unacknowledged for push_ack_wait_s (its app
+        suspended, the socket kept): have the notifier notify it as if offline, of `record`
+        (the newest message pushed to it). Fire and forget: a failure is logged."""
+        if self.notify_queue is None:
+            return
+        try:
+            job = DeviceNotifyJob.of(user_id, device_id, record)
+        except records.CorruptRecord:
+            log.failure("not a MESSAGE record for user {user} device {device}",
+                        user=user_id, device=device_id)  # fmt: skip
+            return
+        m = job.message
+        if m.sender_id == user_id or m.content_type == ContentType.GROUP_EVENT:
+            return  # notifies nobody (as the notifier decides): not worth a queued job
+        d = maybeDeferred(self.notify_queue.put, [job])
+        d.addErrback(lambda f: log.failure(
+            "queueing the notification of user {user} device {device} failed", f,
+            user=user_id, device=device_id,
+        ))  # fmt: skip
 
     # ------------------------------------------------------------- offline sync
 

@@ -27,10 +27,16 @@ With a device store, HELLO reads the user's revocation time before the login goe
 8.2): a token issued before it is refused.
 What the inbox holds beyond the connection's last page is followed by an InboxFollower
 (wire-once notices, the login watch), made on first use.
+
+With notifications on (SessionFactory.ack_wait_s, push_ack_wait_s), a PUSH still
+unacknowledged that long means the app may be suspended (the OS keeps its socket, the app reads
+nothing): the service is asked to notify the device as if offline (spec 19.4), once per stall,
+with the newest pushed message.
 """
 
 from __future__ import annotations
 
+import math
 from collections import deque
 from collections.abc import Callable, Coroutine
 from typing import Any
@@ -44,7 +50,14 @@ from twisted.python.failure import Failure
 
 from improto import records
 from improto.codec import FrameReader, check_header, decode_payload, encode
-from improto.enums import POST_V1_REQUESTS, REQUEST_FEATURES, CloseReason, Feature, FrameType
+from improto.enums import (
+    POST_V1_REQUESTS,
+    REQUEST_FEATURES,
+    CloseReason,
+    ContentType,
+    Feature,
+    FrameType,
+)
 from improto.errors import ErrorCode, FrameTooLarge, ProtocolError, UnknownFrameType
 from improto.frames import (
     Close,
@@ -61,7 +74,7 @@ from improto.frames import (
     SendAck,
     SyncHint,
 )
-from improto.limits import MAX_FRAME_LENGTH, MAX_HELLO_FRAME
+from improto.limits import HEADER_SIZE, LENGTH_PREFIX_SIZE, MAX_FRAME_LENGTH, MAX_HELLO_FRAME
 from improto.tokens import Identity, TokenError, verify
 from improto_server import metrics
 from improto_server.admission import Admission
@@ -141,6 +154,8 @@ _CONVERSATIONS = 1 << Feature.CONVERSATIONS
 # OFFLINE_PAGE frame bytes (length prefix included): the cursor u64 and has_more u8
 _PAGE_CURSOR = slice(11, 19)
 _PAGE_HAS_MORE = 19
+# PUSH frame bytes before its MESSAGE record (records: the record is the PUSH body)
+_PUSH_RECORD = LENGTH_PREFIX_SIZE + HEADER_SIZE
 
 
 def feature_bits(features: tuple[int, ...]) -> int:
@@ -156,6 +171,8 @@ class Session(Protocol):
     # deadline for the login, the idle timeout, the token expiry and a stalled output together,
     # kept in the factory's Deadlines instead of a DelayedCall per timer.
     __slots__ = (
+        "_ack_noticed",
+        "_ack_watch",
         "_addr",
         "_authing",
         "_budget_at",
@@ -164,6 +181,7 @@ class Session(Protocol):
         "_early_bytes",
         "_expires_at",
         "_in_flight",
+        "_last_push",
         "_last_rx",
         "_login_id",
         "_mstate",
@@ -209,7 +227,16 @@ class Session(Protocol):
         self._early: list[tuple[int, bytes]] | None = None  # pushes that came before HELLO_OK
         self._early_bytes = 0
         self.closing = False
-        self.unacked: dict[int, None] | None = None  # msg_ids pushed, not yet acknowledged
+        # msg_id -> when it was pushed (0.0 without the ack trigger), not yet acknowledged;
+        # insertion order is push order
+        self.unacked: dict[int, float] | None = None
+        # The ack trigger: pushes sent up to _ack_noticed are covered by a notice already;
+        # _ack_watch is the send time of the oldest unacknowledged push after them (None: no
+        # watch); _last_push the newest PUSH frame written while a watch is on (the notice's
+        # message: the frame every receiver shares, not a copy).
+        self._ack_noticed = -math.inf
+        self._ack_watch: float | None = None
+        self._last_push: bytes | None = None
         self.hint_pending = False
         self._eager = False  # plain TCP: frames are sent at once when nothing is queued
         self._last_rx = 0.0  # when the last whole frame arrived
@@ -293,6 +320,7 @@ class Session(Protocol):
         self.transport = None
         self.caller = None
         self.unacked = None
+        self._ack_watch = self._last_push = None
         self._early = None
         self._pending = None
         self.reader = _CLOSED_READER
@@ -659,8 +687,7 @@ class Session(Protocol):
                 metrics.push_window_stall()
             self.hint_pending = True
             return
-        unacked[msg_id] = None
-        self._write(data)
+        self._pushed(unacked, msg_id, data)
 
     def push_missing(self, msg_id: int, data: bytes) -> bool:
         """A PUSH from the inbox for the follower (a message this connection never got):
@@ -675,9 +702,52 @@ class Session(Protocol):
             or len(unacked) >= self.factory.config.max_unacked_pushes
         ):
             return False
-        unacked[msg_id] = None
-        self._write(data)
+        self._pushed(unacked, msg_id, data)
         return True
+
+    def _pushed(self, unacked: dict[int, float], msg_id: int, data: bytes) -> None:
+        """Into the push window, then out. With the ack trigger on, the send time (the one
+        clock read per push) and the frame are kept, and a watch starts if none is on."""
+        wait = self.factory.ack_wait_s
+        if wait:
+            now = self.clock.seconds()
+            unacked[msg_id] = now
+            # Only a message that notifies the user may be the notice's (not their own from
+            # another device, nor a group event): an older one stays the newest such.
+            sender, ctype = records.sender_and_type(data, _PUSH_RECORD)
+            if sender != self.user_id and ctype != ContentType.GROUP_EVENT:
+                self._last_push = data
+            if self._ack_watch is None:
+                self._ack_watch = now
+                self._arm(now + wait)
+        else:
+            unacked[msg_id] = 0.0
+        self._write(data)
+
+    def _ack_overdue(self, now: float) -> None:
+        """The watched push was sent push_ack_wait_s ago. If a push since the last notice is
+        that old and still unacknowledged, ask for a notification of the newest push, which
+        covers every push so far; then watch the oldest unacknowledged push after those.
+        Pushes acknowledged in the meantime need no bookkeeping of their own (no work per
+        PUSH_ACK): they are simply no longer in the window this scan reads."""
+        wait, noticed = self.factory.ack_wait_s, self._ack_noticed
+        overdue, newest, watch = False, noticed, None
+        for t in (self.unacked or {}).values():  # at most max_unacked_pushes
+            if t > noticed:
+                # as deadline_due compares (not t <= now - wait): the watched push, due there,
+                # is due here too, whatever the rounding, so no due deadline is set again
+                overdue = overdue or t + wait <= now
+                newest = max(newest, t)
+                watch = t if watch is None else min(watch, t)
+        data = self._last_push
+        if overdue:
+            self._ack_noticed, watch = newest, None
+            if data is not None:
+                record = data[_PUSH_RECORD:]
+                self.factory.service.ack_overdue(self.user_id, self.device_id, record)
+        self._ack_watch = watch
+        if watch is None:
+            self._last_push = None  # the next watch starts with a newer push
 
     def _push_acked(self, msg_id: int) -> None:
         unacked = self.unacked
@@ -849,6 +919,7 @@ class Session(Protocol):
         if not self.closing:
             self._count_state("closing")
             self.closing = True
+            self._ack_watch = self._last_push = None  # no notice from a closing session
             self._gone()
             transport = self.transport
             if transport is not None:
@@ -894,7 +965,8 @@ class Session(Protocol):
 
         Until HELLO_OK it is the login deadline (`_login_at`); after, the
         earlier of the idle timeout (the last frame + idle_timeout) and the token's expiry;
-        and, while the output is above its high-water mark, slow_reader_timeout_s after that.
+        while the output is above its high-water mark, slow_reader_timeout_s after that; and,
+        while an ack watch is on, push_ack_wait_s after the watched push was sent.
         """
         if self.closing:
             return
@@ -925,6 +997,9 @@ class Session(Protocol):
                 log.info("closing idle connection {peer}", peer=self._peer())
                 self.close(CloseReason.IDLE_TIMEOUT, "no frame received in time")
                 return
+            watch = self._ack_watch
+            if watch is not None and now >= watch + self.factory.ack_wait_s:
+                self._ack_overdue(now)
         self._rearm(now)
 
     def _rearm(self, now: float) -> None:
@@ -938,6 +1013,8 @@ class Session(Protocol):
                 at = min(at, self._expires_at)
         if self._stalled_since is not None:
             at = min(at, self._stalled_since + config.slow_reader_timeout_s)
+        if self._ack_watch is not None:
+            at = min(at, self._ack_watch + self.factory.ack_wait_s)
         self.factory.deadlines.set(self, at)
 
     def _login_at(self) -> float:
@@ -975,6 +1052,10 @@ class SessionFactory(Factory):
         self.clock = clock
         self.secret = secret
         self.deadlines = Deadlines(clock)  # every session's timer, on one reactor timer
+        # Unacknowledged pushes lead to notifications only where notifications are sent (the
+        # service has the notify queue); 0.0: not watched, no clock read per push.
+        notifying = getattr(service, "notify_queue", None) is not None
+        self.ack_wait_s = config.push_ack_wait_s if notifying else 0.0
         self.admission = Admission(config, clock)  # the per-address connection caps
 
     def buildProtocol(self, addr: IAddress | None) -> Session:

@@ -10,7 +10,8 @@ import pytest_twisted
 
 from twisted.internet.defer import Deferred
 
-from improto_server.model import PersistJob
+from improto import records
+from improto_server.model import DeviceNotifyJob, PersistJob
 from tests.support.recorder import Recorder
 
 PORT = "notify_queue"
@@ -33,6 +34,26 @@ async def test_put_jobs_come_intact_in_order(backend, jobs, wait_for):
     assert rec.done == queued
     assert rec.calls == [j.message.msg_id for j in queued]  # each exactly once
     assert all(1 <= n <= 8 for n in rec.batches)
+
+
+@pytest_twisted.ensureDeferred
+async def test_device_jobs_come_intact_in_order_among_messages(backend, jobs, wait_for):
+    """A gateway's DeviceNotifyJob (an unacknowledged PUSH) travels with the persister's
+    jobs: alone, or in one put with them."""
+
+    def device(user: int, device_id: str) -> DeviceNotifyJob:
+        return DeviceNotifyJob.of(user, device_id, records.record_of(jobs.message(sender=9)))
+
+    first = device(2, "phone")
+    mixed = [jobs.job(1, 2), device(3, "t\u00e9l\u00e9phone"), jobs.job(2, 3)]
+    await _queue(backend).put([first])
+    await _queue(backend).put(mixed)
+    rec = Recorder()
+    _queue(backend).consume(rec, max_batch=8)
+    await wait_for(lambda: len(rec.done) >= 4)
+    assert rec.done == [first, *mixed]
+    got = rec.done[2]
+    assert isinstance(got, DeviceNotifyJob) and got.record == mixed[1].record
 
 
 @pytest_twisted.ensureDeferred

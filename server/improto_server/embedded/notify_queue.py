@@ -1,7 +1,8 @@
 """The embedded notify queue (the NotifyQueue port): the notify_jobs table of the embedded
 database, consumed in order by one in-process loop, as the persist queue's jobs table is
 (embedded/queue.py) but without dedup keys or group commit: the persister puts a whole
-batch's messages in one call. Rows are PersistJob bytes (PersistJob.to_bytes)."""
+batch's messages in one call, the gateway one DeviceNotifyJob at a time. Rows are the jobs'
+bytes (`to_bytes`; model.notify_job_from_bytes tells the two kinds apart)."""
 
 from __future__ import annotations
 
@@ -13,8 +14,8 @@ from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
 
 from improto_server.embedded.database import Database, Event
-from improto_server.model import PersistJob
-from improto_server.ports import BatchHandler
+from improto_server.model import NotifyJob, notify_job_from_bytes
+from improto_server.ports import NotifyHandler
 
 _log = Logger()
 
@@ -28,7 +29,7 @@ class SQLiteNotifyQueue:
     def __init__(self, db: Database, reactor: IReactorTime) -> None:
         self._db = db
         self._reactor = reactor
-        self._handler: BatchHandler | None = None
+        self._handler: NotifyHandler | None = None
         self._max_batch = 1
         self._stopping = False
         self._stopped = Event()
@@ -36,7 +37,7 @@ class SQLiteNotifyQueue:
         self._idle: Deferred[None] | None = None
         self._sleep: tuple[Deferred[None], IDelayedCall] | None = None
 
-    def put(self, jobs: Sequence[PersistJob]) -> Deferred[None]:
+    def put(self, jobs: Sequence[NotifyJob]) -> Deferred[None]:
         if not jobs:
             return succeed(None)
         rows = [(job.to_bytes(),) for job in jobs]
@@ -51,7 +52,7 @@ class SQLiteNotifyQueue:
         if idle is not None:
             idle.callback(None)
 
-    def consume(self, handler: BatchHandler, max_batch: int = 1) -> None:
+    def consume(self, handler: NotifyHandler, max_batch: int = 1) -> None:
         if self._handler is not None:
             raise RuntimeError("consume() may be called once")
         if self._stopping:
@@ -106,7 +107,7 @@ class SQLiteNotifyQueue:
         assert self._handler is not None
         first, last = rows[0][0], rows[-1][0]
         try:
-            jobs = [PersistJob.from_bytes(data) for _, data in rows]
+            jobs = [notify_job_from_bytes(data) for _, data in rows]
         except Exception:
             # Nothing but this module writes the table: a row that does not decode is
             # damage, and keeping it would stop every notification behind it.

@@ -58,9 +58,9 @@ def pack_jobs(jobs: Sequence[bytes]) -> bytes:
     return b"".join(len(job).to_bytes(_LEN, "big") + job for job in jobs)
 
 
-def unpack_jobs(body: bytes) -> list[QueuedJob]:
-    """The jobs of a pack_jobs() body; ValueError unless it splits exactly."""
-    jobs: list[QueuedJob] = []
+def split_jobs(body: bytes) -> list[bytes]:
+    """The jobs' bytes in a pack_jobs() body; ValueError unless it splits exactly."""
+    jobs: list[bytes] = []
     pos = 0
     while pos < len(body):
         if pos + _LEN > len(body):
@@ -69,11 +69,16 @@ def unpack_jobs(body: bytes) -> list[QueuedJob]:
         pos += _LEN
         if n == 0 or pos + n > len(body):
             raise ValueError(f"job of {n} bytes at {pos} does not fit the body")
-        jobs.append(job_from_bytes(body[pos : pos + n]))
+        jobs.append(body[pos : pos + n])
         pos += n
     if not jobs:
         raise ValueError("empty batch")
     return jobs
+
+
+def unpack_jobs(body: bytes) -> list[QueuedJob]:
+    """The jobs of a pack_jobs() body; ValueError unless it splits exactly."""
+    return [job_from_bytes(data) for data in split_jobs(body)]
 
 
 def decode_message(msg_type: str | None, body: bytes) -> list[QueuedJob]:

@@ -4,9 +4,10 @@ The persist queue's patterns (rabbit_queue.py, whose module doc explains them), 
 what the notifier needs: no dedup keys (a message notified twice after a redelivery is a
 repeated notification, not a repeated message) and no partitions.
 
-Publishing: `put(jobs)` publishes the jobs as one persistent message (amqp_jobs.pack_jobs,
-BATCH_TYPE) to the default exchange, mandatory, on a channel in confirm mode; it fires when
-the broker confirmed it (written to disk for a durable queue).
+Publishing: `put(jobs)` publishes the jobs as one persistent message (amqp_jobs.pack_jobs;
+BATCH_TYPE for messages alone, DEVICE_BATCH_TYPE with a DeviceNotifyJob among them) to the
+default exchange, mandatory, on a channel in confirm mode; it fires when the broker confirmed
+it (written to disk for a durable queue).
 
 Consuming: basic_qos(prefetch); the jobs of the next delivery plus those already received go
 to the handler in batches of at most max_batch; one basic_ack (multiple) once the handler's
@@ -34,10 +35,10 @@ from twisted.internet.interfaces import IDelayedCall
 from twisted.logger import Logger
 
 from improto_server.deferreds import as_deferred
-from improto_server.model import PersistJob, QueuedJob
-from improto_server.ports import BatchHandler
+from improto_server.model import DeviceNotifyJob, NotifyJob, PersistJob, notify_job_from_bytes
+from improto_server.ports import NotifyHandler
 from improto_server.production.amqp_connection import AmqpConnection, AmqpProtocol
-from improto_server.production.amqp_jobs import BATCH_TYPE, decode_message, pack_jobs
+from improto_server.production.amqp_jobs import BATCH_TYPE, pack_jobs, split_jobs
 from improto_server.production.once import Once
 from improto_server.reactor_types import IServerReactor, server_reactor
 
@@ -49,6 +50,10 @@ CONFIRM_TIMEOUT_S = 8.0
 CONNECT_WAIT_S = 5.0  # how long a put waits for a (re)connection
 START_TIMEOUT_S = 30.0
 CLOSE_STEP_TIMEOUT_S = 5.0
+# pack_jobs() of jobs with a DeviceNotifyJob among them. Batches of messages alone keep
+# BATCH_TYPE, which notifiers from before device jobs read; such a notifier drops a batch of
+# this type as undecodable (a lost hint) rather than misreading it.
+DEVICE_BATCH_TYPE = "improto.notify.v1"
 
 
 def notify_queue_name(prefix: str) -> str:
@@ -83,7 +88,7 @@ class RabbitNotifyQueue:
         self._stopping = False
         self._closing = Once(self._close)
         self._pub: TwistedChannel | None = None
-        self._handler: BatchHandler | None = None
+        self._handler: NotifyHandler | None = None
         self._max_batch = 1
         self._consuming_on: AmqpProtocol | None = None
         self._consumer: tuple[TwistedChannel, str, ClosableDeferredQueue] | None = None
@@ -99,12 +104,15 @@ class RabbitNotifyQueue:
         self._amqp.start()
         return self._amqp.when_ready(START_TIMEOUT_S)
 
-    def put(self, jobs: Sequence[PersistJob]) -> Deferred[None]:
+    def put(self, jobs: Sequence[NotifyJob]) -> Deferred[None]:
         if not self._started or self._stopping:
             return fail(RuntimeError("RabbitNotifyQueue is not running"))
         if not jobs:
             return succeed(None)
-        d = self._put([job.to_bytes() for job in jobs])
+        msg_type = BATCH_TYPE
+        if any(isinstance(j, DeviceNotifyJob) for j in jobs):
+            msg_type = DEVICE_BATCH_TYPE
+        d = self._put([job.to_bytes() for job in jobs], msg_type)
         self._puts.add(d)
         d.addBoth(self._put_done, d)
         return d
@@ -114,7 +122,7 @@ class RabbitNotifyQueue:
         return result
 
     @as_deferred
-    async def _put(self, jobs: list[bytes]) -> None:
+    async def _put(self, jobs: list[bytes], msg_type: str) -> None:
         if self._pub is None or not self._pub.is_open:
             await self._amqp.when_ready(self._connect_wait)
         ch = self._pub
@@ -123,7 +131,7 @@ class RabbitNotifyQueue:
         props = pika.BasicProperties(
             delivery_mode=pika.DeliveryMode.Persistent,
             content_type="application/octet-stream",
-            type=BATCH_TYPE,
+            type=msg_type,
         )
         confirmed = ch.basic_publish("", self.name, pack_jobs(jobs), props, mandatory=True)
         try:
@@ -135,7 +143,7 @@ class RabbitNotifyQueue:
                 self._amqp.reset(proto)  # the reconnect re-declares it
             raise
 
-    def consume(self, handler: BatchHandler, max_batch: int = 1) -> None:
+    def consume(self, handler: NotifyHandler, max_batch: int = 1) -> None:
         if self._handler is not None:
             raise RuntimeError("consume() may be called once")
         if max_batch < 1:
@@ -217,12 +225,12 @@ class RabbitNotifyQueue:
                 msgs = [await deliveries.get()]
             except Exception:
                 return False  # consumer cancelled, channel or connection closed
-            jobs: list[QueuedJob] = []
+            jobs: list[NotifyJob] = []
             last_tag = 0
             while True:
                 msg = msgs[-1]
                 try:
-                    jobs.extend(decode_message(msg.properties.type, msg.body))
+                    jobs.extend(decode_notify_message(msg.properties.type, msg.body))
                     last_tag = msg.method.delivery_tag
                 except Exception:
                     _log.failure("dropping an undecodable notify message ({n} bytes)",
@@ -288,6 +296,13 @@ class RabbitNotifyQueue:
             await self._amqp.close()
         except Exception:
             _log.failure("closing the RabbitMQ notify queue failed")
+
+
+def decode_notify_message(msg_type: str | None, body: bytes) -> list[NotifyJob]:
+    """The jobs of a notify queue message; ValueError (CorruptRecord included) if malformed."""
+    if msg_type in (BATCH_TYPE, DEVICE_BATCH_TYPE):
+        return [notify_job_from_bytes(data) for data in split_jobs(body)]
+    return [PersistJob.from_bytes(body)]  # JOB_TYPE or none: one PersistJob (decode_message)
 
 
 def _ended(d: Deferred[None]) -> Deferred[None]:

@@ -346,18 +346,22 @@ local function settle(K, f, r)
     end
     return
   end
+  -- Of the tracked and the pending ids together the newest maxt stay tracked: pending ones
+  -- that would be dropped at once are not added, and the oldest tracked ones go by rank (every
+  -- score is 0, so rank order is lex order, and the row's ids are one run of it).
+  local keep = math.min(#p, maxt)
+  local drop = redis.call('ZLEXCOUNT', K.unr, lo(f), hi(f)) + keep - maxt
+  if drop > 0 then  -- still counted, no longer tracked
+    local first = redis.call('ZLEXCOUNT', K.unr, '-', '(' .. f .. ':')
+    redis.call('ZREMRANGEBYRANK', K.unr, first, first + drop - 1)
+  end
   local args = {}
-  for i = 1, #p do
-    args[2 * i - 1] = 0
-    args[2 * i] = f .. ':' .. p[i]
+  for i = #p - keep + 1, #p do
+    args[#args + 1] = 0
+    args[#args + 1] = f .. ':' .. p[i]
   end
   redis.call('ZADD', K.unr, unpack(args))
   r.unread = r.unread + #p
-  local n = redis.call('ZLEXCOUNT', K.unr, lo(f), hi(f))
-  if n > maxt then  -- still counted, no longer tracked
-    local old = redis.call('ZRANGEBYLEX', K.unr, lo(f), hi(f), 'LIMIT', 0, n - maxt)
-    redis.call('ZREM', K.unr, unpack(old))
-  end
 end
 
 -- read_id := max(read_id, m); the tracked ids at or below it are read. The untracked ones
