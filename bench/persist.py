@@ -2,7 +2,7 @@
 lists, no clients.
 
     python bench/persist.py [--storage embedded|production] [--messages N] [--quick]
-                            [--no-conversations | --ab ROUNDS]
+                            [--no-conversations | --ab ROUNDS] [--case NAME]
 
 For 1:1 messages (spread over --pairs conversations) and for a 100-member group, three
 phases of N messages each: `accept` (jobs accepted through the queue, many in flight as
@@ -15,9 +15,9 @@ HBase JVMs, read from /proc). Prints a final JSON line. `--no-conversations` lea
 conversation lists out (the persister as it was before them: the before/after comparison of
 issue 13); the JSON says which ran. `--ab ROUNDS` runs both, alternating within this one
 process (with lists, then without, ROUNDS times, each on fresh keys), and reports each
-phase's median messages/s of both and their ratio (the machine is shared and noisy: a ratio
-of medians over interleaved rounds, not of two runs minutes apart). Production storage needs
-`scripts/services start` first.
+phase's median messages/s of both, their ratio, and the median of the per-round ratios (the
+machine is shared and noisy: ratios over interleaved rounds, not of two runs minutes
+apart). Production storage needs `scripts/services start` first.
 """
 
 from __future__ import annotations
@@ -285,8 +285,9 @@ async def drop_production_data(backend: Any, config: Config) -> None:
 
 
 def ab_summary(rounds: list[tuple[bool, dict[str, Any]]]) -> dict[str, Any]:
-    """Per phase: the median messages/s with and without the lists, their ratio, and every
-    round's figure (in the order run)."""
+    """Per phase: the median messages/s with and without the lists, their ratio, the median
+    of the rounds' own ratios (each round's with / the without run just after it: the
+    machine's slow drift cancels within a pair), and every round's figure (in run order)."""
     out: dict[str, Any] = {}
     for phase in ("accept", "drain", "end_to_end", "two_processes"):
         with_ = [r[phase]["messages_per_s"] for lists, r in rounds if lists and phase in r]
@@ -294,8 +295,10 @@ def ab_summary(rounds: list[tuple[bool, dict[str, Any]]]) -> dict[str, Any]:
         if not with_ or not without:
             continue
         a, b = statistics.median(with_), statistics.median(without)
+        paired = [x / y for x, y in zip(with_, without, strict=False)]
         out[phase] = {
             "with_lists": a, "without": b, "ratio": round(a / b, 3),
+            "paired_ratio": round(statistics.median(paired), 3),
             "rounds_with": with_, "rounds_without": without,
         }  # fmt: skip
     return out
