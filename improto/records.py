@@ -34,6 +34,7 @@ _LEN = struct.Struct(">I")
 _HEAD = struct.Struct(">BBBI")  # version, type, flags, request_id
 _U64 = struct.Struct(">Q")
 _U16 = struct.Struct(">H")
+_SENDER_DEVICE = struct.Struct(">QB").unpack_from
 _IDS = struct.Struct(">QQQ")  # msg_id, server_time, sender_id
 _TAIL = struct.Struct(">BQH16sH")  # conv_kind, conv_id, content_type, client_msg_id, body len
 _UNREAD = struct.Struct(">BQH")
@@ -132,11 +133,10 @@ def sender_and_type(data: bytes, at: int = 0) -> tuple[int, int]:
     """The sender_id and content_type of the record at `at` in `data` (a PUSH frame's: at
     its body), read in place; a truncated record raises CorruptRecord."""
     try:
-        sender = _U64.unpack_from(data, at + 16)[0]
-        (ctype,) = _U16.unpack_from(data, at + 25 + data[at + 24] + 9)
-    except (IndexError, struct.error):
+        sender, n = _SENDER_DEVICE(data, at + 16)  # sender_id, then the device's length
+        return sender, _U16.unpack_from(data, at + 34 + n)[0]  # after conv_kind, conv_id
+    except struct.error:
         raise CorruptRecord("truncated MESSAGE record") from None
-    return int(sender), int(ctype)
 
 
 def unpack_record(record: bytes) -> Message:

@@ -708,14 +708,19 @@ class Session(Protocol):
     def _pushed(self, unacked: dict[int, float], msg_id: int, data: bytes) -> None:
         """Into the push window, then out. With the ack trigger on, the send time (the one
         clock read per push) and the frame are kept, and a watch starts if none is on."""
-        wait = self.factory.ack_wait_s
+        factory = self.factory
+        wait = factory.ack_wait_s
         if wait:
             now = self.clock.seconds()
             unacked[msg_id] = now
             # Only a message that notifies the user may be the notice's (not their own from
-            # another device, nor a group event): an older one stays the newest such.
-            sender, ctype = records.sender_and_type(data, _PUSH_RECORD)
-            if sender != self.user_id and ctype != ContentType.GROUP_EVENT:
+            # another device, nor a group event): an older one stays the newest such. Every
+            # receiver of a message is pushed the same bytes: read once per message.
+            if data is not factory.last_frame:
+                sender, ctype = records.sender_and_type(data, _PUSH_RECORD)
+                factory.last_frame = data
+                factory.last_notifier = 0 if ctype == ContentType.GROUP_EVENT else sender
+            if factory.last_notifier not in (0, self.user_id):
                 self._last_push = data
             if self._ack_watch is None:
                 self._ack_watch = now
@@ -1056,6 +1061,10 @@ class SessionFactory(Factory):
         # service has the notify queue); 0.0: not watched, no clock read per push.
         notifying = getattr(service, "notify_queue", None) is not None
         self.ack_wait_s = config.push_ack_wait_s if notifying else 0.0
+        # the last PUSH frame a session was handed and its sender (0: a group event, which
+        # notifies nobody): the same for all of a message's receivers
+        self.last_frame: bytes | None = None
+        self.last_notifier = 0
         self.admission = Admission(config, clock)  # the per-address connection caps
 
     def buildProtocol(self, addr: IAddress | None) -> Session:
