@@ -29,7 +29,7 @@ from improto.enums import ContentType, ConvKind
 from improto.frames import Message
 from improto_server.config import InboxCaps
 from improto_server.embedded.backend import SQLiteBackend
-from improto_server.embedded.database import SCHEMA_VERSION
+from improto_server.embedded.database import SCHEMA_VERSION, UnsupportedSchema
 from improto_server.model import PersistJob, PushTarget
 from improto_server.persister import Persister
 from improto_server.production.redis_connection import connect
@@ -128,10 +128,18 @@ def job(*users: int, body: bytes = b"x" * 20_000) -> PersistJob:
 
 
 V5_TABLES = ("notify_jobs", "push_targets", "revocations")  # what schema 5 added
+V6_TABLES = ("timeline", "timeline_heads")  # what schema 6 added
+
+
+def drop_v6_tables(db: sqlite3.Connection) -> None:
+    """Back to the tables a version-5 server had."""
+    for table in V6_TABLES:
+        db.execute(f"DROP TABLE {table}")
 
 
 def drop_v5_tables(db: sqlite3.Connection) -> None:
     """Back to the tables a version-4 (or older) server had."""
+    drop_v6_tables(db)
     for table in V5_TABLES:
         db.execute(f"DROP TABLE {table}")
 
@@ -431,7 +439,7 @@ async def test_a_version_4_database_gets_the_push_tables(tmp_path):
     await backend.start()
     try:
         with sqlite3.connect(path) as db:
-            assert db.execute("PRAGMA user_version").fetchone() == (SCHEMA_VERSION,) == (5,)
+            assert db.execute("PRAGMA user_version").fetchone() == (SCHEMA_VERSION,)
             after = {t: db.execute(f"SELECT * FROM {t} ORDER BY 1, 2").fetchall() for t in tables}
             assert after == before
             for table in V5_TABLES:
@@ -445,7 +453,7 @@ async def test_a_version_4_database_gets_the_push_tables(tmp_path):
         assert len((await backend.inbox.page(1, 0, 10, ANY_SIZE)).records) == 3
     finally:
         await backend.close()
-    backend = SQLiteBackend(path, now_ms=clock)  # a version-5 file opens as it is
+    backend = SQLiteBackend(path, now_ms=clock)  # a current file opens as it is
     await backend.start()
     try:
         assert await backend.devices.targets([2**63]) == {
@@ -454,3 +462,63 @@ async def test_a_version_4_database_gets_the_push_tables(tmp_path):
         assert await backend.devices.revoked_before(2) == 1_750_000_000_000
     finally:
         await backend.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_version_5_database_gets_the_timeline_tables(tmp_path):
+    """Schema 6 adds the large groups' timelines: new, empty tables exactly as a new database
+    has them; everything else stays as it was."""
+    fresh = tmp_path / "fresh.sqlite3"
+    backend = SQLiteBackend(fresh, now_ms=FakeClock())
+    await backend.start()
+    await backend.close()
+    path = tmp_path / "v5.sqlite3"
+    clock = FakeClock()
+    backend = SQLiteBackend(path, now_ms=clock)
+    await backend.start()
+    sent = [job(1, 2, body=b"hi") for _ in range(3)]
+    await backend.inbox.append_many(sent)
+    await backend.history.append_many([(j.history_key, j) for j in sent])
+    await backend.devices.set_target(2, "phone", PushTarget("fcm", "tok", False))
+    await backend.close()
+    tables = ("inbox", "inbox_head", "messages", "history", "push_targets", "conv_users")
+    with sqlite3.connect(path) as db:  # back to what a version-5 server wrote
+        drop_v6_tables(db)
+        db.execute("PRAGMA user_version = 5")
+        before = {t: db.execute(f"SELECT * FROM {t} ORDER BY 1, 2").fetchall() for t in tables}
+
+    backend = SQLiteBackend(path, now_ms=clock)
+    await backend.start()
+    try:
+        with sqlite3.connect(path) as db:
+            assert db.execute("PRAGMA user_version").fetchone() == (SCHEMA_VERSION,) == (6,)
+            after = {t: db.execute(f"SELECT * FROM {t} ORDER BY 1, 2").fetchall() for t in tables}
+            assert after == before
+            for table in V6_TABLES:
+                assert db.execute(f"SELECT count(*) FROM {table}").fetchone() == (0,)
+        assert table_sql(path, V6_TABLES) == table_sql(fresh, V6_TABLES) != []
+        assert await backend.timeline.heads([7]) == {}
+        m = Message(10, 1_000, 1, "phone", ConvKind.GROUP, 7, ContentType.TEXT, bytes(16), b"hi")
+        assert await backend.timeline.append([PersistJob(m, ())]) == [1]
+        assert len((await backend.inbox.page(2, 0, 10, ANY_SIZE)).records) == 3
+    finally:
+        await backend.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_database_of_a_newer_version_is_refused(tmp_path):
+    """A file a newer improto wrote is refused before anything in it is read or written."""
+    path = tmp_path / "newer.sqlite3"
+    backend = SQLiteBackend(path, now_ms=FakeClock())
+    await backend.start()
+    await backend.inbox.append_many([job(1, body=b"hi")])
+    await backend.close()
+    with sqlite3.connect(path) as db:
+        db.execute(f"PRAGMA user_version = {SCHEMA_VERSION + 1}")
+        before = db.execute("SELECT * FROM inbox").fetchall()
+    backend = SQLiteBackend(path, now_ms=FakeClock())
+    with pytest.raises(UnsupportedSchema, match="a newer improto wrote it"):
+        await backend.start()
+    with sqlite3.connect(path) as db:
+        assert db.execute("PRAGMA user_version").fetchone() == (SCHEMA_VERSION + 1,)
+        assert db.execute("SELECT * FROM inbox").fetchall() == before

@@ -121,6 +121,26 @@ class HistoryRecords:
 
 
 @dataclass(frozen=True, slots=True)
+class TimelineRecords:
+    """A page of a large group's timeline (TimelineStore.after): the MESSAGE records of the
+    seqs first_seq, first_seq + 1, ... in order (contiguous), none above `done`."""
+
+    first_seq: int  # the seq of records[0]; after_seq + 1 when the page is empty
+    records: tuple[bytes, ...]
+    has_more: bool  # seqs above the page's last, up to done, exist
+    done: int  # the group's done when read: every seq up to it is readable
+
+
+@dataclass(frozen=True, slots=True)
+class TimelineHead:
+    """A large group's timeline as lists and sync need it (TimelineStore.heads)."""
+
+    done: int  # the highest seq whose record is written, every one below it too (0: none)
+    last_msg_id: int  # the msg_id of seq `done`'s message (0: none)
+    last: bytes | None  # its MESSAGE record (None: none)
+
+
+@dataclass(frozen=True, slots=True)
 class GroupInfo:
     group_id: int
     name: str
@@ -143,6 +163,7 @@ class GroupNotFound(LookupError):
 # ------------------------------------------------------------ conversation state (issue 13)
 
 MAX_UNREAD_TRACKED = 1000  # unread msg_ids a conversation row keeps (ConversationStore)
+TIMELINE_INDEX = 10_000  # a large group's newest msg_id -> seq entries Redis keeps (TimelineStore)
 # Inbox entries ConversationStore.fold applies per user per call: bounds one call's work.
 FOLD_ENTRIES = 1000
 

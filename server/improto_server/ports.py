@@ -27,6 +27,8 @@ from improto_server.model import (
     PushTarget,
     QueuedJob,
     StateJob,
+    TimelineHead,
+    TimelineRecords,
 )
 
 BatchHandler = Callable[[Sequence[QueuedJob]], Deferred[None]]
@@ -110,6 +112,37 @@ class HistoryStore(Protocol):
         """Up to `limit` retained messages with min_id <= msg_id < before_id (0: no upper
         bound), newest first, as MESSAGE records summing to at most `max_bytes` (at least one
         if any), read no further than that; has_more if another such message exists."""
+
+
+class TimelineStore(Protocol):
+    """The timelines of large groups (docs/design/large-groups.md): each message stored once
+    and numbered per group, seq 1, 2, 3, ... in the order the persister writes them (a group's
+    jobs reach one persister, in queue order). Retained like the history."""
+
+    def append(self, jobs: Sequence[PersistJob]) -> Deferred[list[int]]:
+        """Number and store these group messages (conv_kind GROUP), in order: each gets its
+        group's next seq unless it has one (a redelivered msg_id keeps its seq: exactly on
+        SQLite, within the newest TIMELINE_INDEX messages of its group on Redis); returns
+        their seqs, one per job. When it fires, each group's done is at least the highest
+        seq of its jobs (done never moves back, and no seq at or below done is unreadable)."""
+
+    def after(
+        self, group_id: int, after_seq: int, limit: int, max_bytes: int
+    ) -> Deferred[TimelineRecords]:
+        """The retained messages of seqs after_seq + 1 .. done, oldest first, at most `limit`
+        and records summing to at most `max_bytes` (at least one if any), read no further
+        than that; has_more if a seq above the page's last, up to done, exists. A seq past
+        retention is skipped: first_seq is then above after_seq + 1."""
+
+    def heads(self, group_ids: Sequence[int]) -> Deferred[dict[int, TimelineHead]]:
+        """The head of each group that has a timeline (groups without one are left out)."""
+
+    def rank(self, group_id: int, msg_id: int) -> Deferred[int]:
+        """How many of the group's timeline messages have a msg_id at or below `msg_id`: a
+        read mark's position (unread = done - rank(read_id)); the seq of the newest such
+        message where msg_ids rise with seq. Exact on SQLite and, on Redis, within the newest
+        TIMELINE_INDEX messages; below those at least the true count (so the unread count is
+        then a lower bound)."""
 
 
 class ConversationStore(Protocol):
@@ -310,6 +343,9 @@ class Backend(Protocol):
 
     @property
     def devices(self) -> DeviceStore: ...
+
+    @property
+    def timeline(self) -> TimelineStore: ...
 
     @property
     def notify_queue(self) -> NotifyQueue: ...

@@ -7,6 +7,7 @@
     rabbitmq    RabbitQueue, its dedup keys in Redis,               queue, notify_queue
                 RabbitNotifyQueue (rest SQLite)
     production  ProductionBackend, as `imserver --storage production` runs it: every port
+                (timeline: Redis and HBase at once, so it has no single-service row)
 
 A factory takes the test's data directory and the fake clock and returns an unstarted backend
 (`start()`, `close()`, `sweep()`, `destroy()` and the ports). Called again with the same
@@ -74,7 +75,7 @@ class Composed:
         self.queue, self.inbox = sqlite.queue, sqlite.inbox
         self.history, self.groups = sqlite.history, sqlite.groups
         self.conversations, self.devices = sqlite.conversations, sqlite.devices
-        self.notify_queue = sqlite.notify_queue
+        self.notify_queue, self.timeline = sqlite.notify_queue, sqlite.timeline
         for port, adapter in ports.items():
             setattr(self, port, adapter)
             if port == "queue":  # SQLiteBackend.close() stops its queue first: keep it so
@@ -273,5 +274,6 @@ ROWS: dict[str, tuple[str, ...]] = {
     "conversations": ("sqlite", "redis", "production"),
     "devices": ("sqlite", "redis", "production"),
     "notify_queue": ("sqlite", "rabbitmq", "production"),
+    "timeline": ("sqlite", "production"),
     "persister": ("sqlite", "production"),  # all ports at once: SQLite's, production's
 }

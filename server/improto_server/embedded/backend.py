@@ -6,10 +6,11 @@
     groups        SQLiteGroups         groups and memberships
     conversations SQLiteConversations  per-user conversation lists and read positions
     devices       SQLiteDevices        push registrations and session revocations
+    timeline      SQLiteTimeline       large groups' numbered timelines
 
 All share one Database (embedded/database.py): one connection on one thread, one transaction
 per call. Inbox entries, history rows and conversation rows (their last message) refer to one
-shared `messages` row.
+shared `messages` row; timeline rows keep their own stored records.
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ from improto_server.embedded.history import SQLiteHistory, expire_history
 from improto_server.embedded.inbox import SQLiteInbox, expire_inbox
 from improto_server.embedded.notify_queue import SQLiteNotifyQueue
 from improto_server.embedded.queue import SQLiteQueue, expire_dedup
+from improto_server.embedded.timeline import SQLiteTimeline, expire_timeline
 from improto_server.health import Health, probe
 from improto_server.hub import LocalRouter
 from improto_server.ids import wall_ms
@@ -72,6 +74,7 @@ class SQLiteBackend:
         # Conversation rows are kept as long as the history, counted from their last change.
         self.conversations = SQLiteConversations(self.db, self.now_ms, history_retention_ms)
         self.devices = SQLiteDevices(self.db, self.now_ms)
+        self.timeline = SQLiteTimeline(self.db, self.now_ms, history_retention_ms)
         self.notify_queue = SQLiteNotifyQueue(self.db, self._reactor)
 
     def push_router(self) -> PushRouter:
@@ -143,19 +146,21 @@ class SQLiteBackend:
 
 
 def _sweep(db: sqlite3.Connection, inbox_cutoff: int, history_cutoff: int) -> dict[str, int]:
-    """Inbox entries (and dedup keys) stored before `inbox_cutoff`, history sent before
-    `history_cutoff` (ms) and conversation rows not changed since, in one transaction; then
-    the messages nothing refers to any more."""
+    """Inbox entries (and dedup keys) stored before `inbox_cutoff`, history and timeline rows
+    sent before `history_cutoff` (ms) and conversation rows not changed since, in one
+    transaction; then the messages nothing refers to any more."""
     inbox = expire_inbox(db, inbox_cutoff)
     history = expire_history(db, history_cutoff)
     dedup = expire_dedup(db, inbox_cutoff)
     convs, lasts = expire_conversations(db, history_cutoff)
+    timeline = expire_timeline(db, history_cutoff)
     messages = delete_unreferenced(db, {*inbox, *history, *lasts})
     return {
         "inbox": len(inbox),
         "history": len(history),
         "dedup": dedup,
         "conversations": convs,
+        "timeline": timeline,
         "messages": messages,
     }
 

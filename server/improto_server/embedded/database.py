@@ -21,7 +21,8 @@ transaction (MIGRATIONS); a database of any other version (one a newer improto w
 improto's) is refused with UnsupportedSchema before anything in it
 is read or written. A change to how rows are stored bumps SCHEMA_VERSION and adds the
 migration from the version before it. (The queued jobs are PersistJob bytes,
-which carry a format of their own: see PersistJob.to_bytes.)
+which carry a format of their own: see PersistJob.to_bytes; so do the timeline's records,
+stored records as the production history keeps them.)
 """
 
 from __future__ import annotations
@@ -47,9 +48,9 @@ from improto_server.deferreds import as_deferred
 _R = TypeVar("_R")
 _Call = tuple[Callable[..., Any], tuple[Any, ...], "Deferred[Any]"]
 
-SCHEMA_VERSION = 5  # 2: inbox sizes and byte totals, positions' last use; 3: conversations;
+SCHEMA_VERSION = 6  # 2: inbox sizes and byte totals, positions' last use; 3: conversations;
 # 4: conversations folded from the inboxes (conv_users.folded_to); 5: push registrations,
-# revocations and the notifier's queue
+# revocations and the notifier's queue; 6: large groups' timelines
 
 _BIAS = BIAS = 1 << 63  # signed(v) = v - BIAS
 SQLITE_MAX_INT = _BIAS - 1
@@ -216,6 +217,33 @@ CREATE TABLE IF NOT EXISTS notify_jobs (
 """
 _SCHEMA += _PUSH_SCHEMA
 
+# Large groups' timelines (embedded/timeline.py); the migration from version 5 creates them.
+_TIMELINE_SCHEMA = """
+-- group_id, msg_id and server_time stored signed; seq: 1, 2, 3, ... per group. record: the
+-- stored record (a storage format byte first: records.record_of_stored reads any), size: its
+-- MESSAGE record's length, so a page's budget reads no record. A rowid table: records can be
+-- large, and the (group_id, seq) index keeps the range scans off them.
+CREATE TABLE IF NOT EXISTS timeline (
+    group_id INTEGER NOT NULL,
+    seq INTEGER NOT NULL,
+    msg_id INTEGER NOT NULL,
+    server_time INTEGER NOT NULL,
+    size INTEGER NOT NULL,
+    record BLOB NOT NULL,
+    PRIMARY KEY (group_id, seq),
+    UNIQUE (group_id, msg_id)
+);
+CREATE INDEX IF NOT EXISTS timeline_age ON timeline (server_time);
+-- done: the group's highest seq (every one below it written in the same transaction);
+-- last_msg_id: seq done's msg_id, stored signed. Never removed: seqs never restart.
+CREATE TABLE IF NOT EXISTS timeline_heads (
+    group_id INTEGER PRIMARY KEY,
+    done INTEGER NOT NULL,
+    last_msg_id INTEGER NOT NULL
+);
+"""
+_SCHEMA += _TIMELINE_SCHEMA
+
 
 # The bytes of a MESSAGE record besides its sender_device and body (improto.records).
 RECORD_FIXED = len(pack_record(0, 0, 0, "", 0, 0, 0, bytes(16), b""))
@@ -284,6 +312,8 @@ WHERE user_id NOT IN (SELECT user_id FROM conv_users);
 """,
     # New tables only: nobody is registered or revoked yet, no notification is queued.
     4: _PUSH_SCHEMA,
+    # New tables only: no group has a timeline yet.
+    5: _TIMELINE_SCHEMA,
 }
 
 

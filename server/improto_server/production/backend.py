@@ -6,6 +6,8 @@
     groups         RedisGroups         groups, memberships (one {groups} slot: atomic limits)
     devices        RedisDevices        push registrations, revocations (Lua, {u<id>} tags)
     history        HBaseHistory        per-conversation history (happybase, own thread pool)
+    timeline       ProductionTimeline  large groups' timelines: seqs in Redis ({g<id>} tags),
+                                       records in the history's table (its pool)
 
 One txredisapi pool serves the inbox, the conversation lists, the groups, the devices, the
 queue's dedup keys and the presence of the push routers; the push routers share the queue's
@@ -35,6 +37,7 @@ from improto_server.production.redis_conversations import RedisConversations
 from improto_server.production.redis_devices import RedisDevices
 from improto_server.production.redis_groups import RedisGroups
 from improto_server.production.redis_inbox import RedisInbox
+from improto_server.production.timeline import ProductionTimeline
 from improto_server.reactor_types import IServerReactor, server_reactor
 
 
@@ -85,6 +88,7 @@ class ProductionBackend:
             reactor=reactor,
             family_ttl=hbase_family_ttl,
         )
+        self.timeline = ProductionTimeline(self.redis, self.history, prefix)
 
     @as_deferred
     async def start(self) -> None:
@@ -93,6 +97,7 @@ class ProductionBackend:
         await self.groups.start()
         await self.devices.start()
         await self.history.start()
+        await self.timeline.start()
         await self.queue.start()
         await self.notify_queue.start()
 
@@ -131,6 +136,7 @@ class ProductionBackend:
     def sweep(self) -> Deferred[dict[str, int]]:
         """Trim expired inbox entries. Nothing else to sweep: conversation rows are removed
         by the scripts that touch a user's list (and idle lists by their Redis TTLs), history
-        by HBase's family TTL."""
+        and timeline rows by HBase's family TTL (reads filter them by the clock), timeline
+        state by its Redis TTLs."""
         d = self.inbox.sweep()
         return d.addCallback(lambda n: {"inbox": n})

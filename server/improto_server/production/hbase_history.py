@@ -9,6 +9,10 @@ Row key: ``salt ‖ conversation ‖ 0x00 ‖ be64(2**64-1 - msg_id)``.
 * The inverted big-endian id makes a forward scan from the conversation prefix return the
   newest message first, and byte order equals unsigned order, so ids near 2**64-1 sort right.
 
+The table also holds the large groups' timelines (production/timeline.py): rows
+``salt ‖ "t:<group id>" ‖ 0x00 ‖ be64(seq)``, with the same cells, written by `put_rows` and
+read by `scan` (consecutive seqs).
+
 One row per message: column ``m:v`` holds its stored record (improto.records: a storage
 format byte, then the MESSAGE record; cells written before formats were numbered hold a PUSH
 payload), ``m:t`` its server_time as 16 hex digits, whose byte order is its numeric order,
@@ -33,7 +37,7 @@ import functools
 import threading
 import zlib
 from collections.abc import Callable, Iterable
-from typing import Any, TypeVar
+from typing import Any, NamedTuple, TypeVar
 
 import happybase
 from thriftpy2.transport import TTransportException
@@ -71,10 +75,16 @@ _SCAN_CACHING = 1000  # rows per scannerGetList round trip, at most
 RETRYABLE: tuple[type[BaseException], ...] = (TTransportException, ConnectionError)
 
 
+def key_prefix(text: str) -> bytes:
+    """The first bytes of every row key under `text` (a conversation's "u:1:2", "g:7", a
+    timeline's "t:7"): salt, text, separator."""
+    raw = text.encode("ascii")
+    return bytes((zlib.crc32(raw) % SALT_BUCKETS,)) + raw + _SEPARATOR
+
+
 def conversation_prefix(key: ConvKey) -> bytes:
     """The first bytes of every row key of the conversation: salt, key, separator."""
-    conv = str(key).encode("ascii")
-    return bytes((zlib.crc32(conv) % SALT_BUCKETS,)) + conv + _SEPARATOR
+    return key_prefix(str(key))
 
 
 def _inverted(msg_id: int) -> bytes:
@@ -130,6 +140,26 @@ def _record(value: bytes) -> bytes:
         raise ValueError(f"history cell: {e}") from None
 
 
+class RowPage(NamedTuple):
+    """A scan's page: the rows' keys and their MESSAGE records, in key order."""
+
+    keys: tuple[bytes, ...]
+    records: tuple[bytes, ...]
+    has_more: bool
+
+
+def _consecutive(keys: list[bytes]) -> int:
+    """How many of `keys` (ascending, ending in a big-endian number) run on from the first
+    without a gap."""
+    if not keys:
+        return 0
+    first = int.from_bytes(keys[0][-8:], "big")
+    for i, key in enumerate(keys):
+        if int.from_bytes(key[-8:], "big") != first + i:
+            return i
+    return len(keys)
+
+
 @as_deferred
 async def _all(ds: list[Deferred[None]]) -> None:
     """Wait for every one (none left running), then raise the first failure."""
@@ -176,11 +206,13 @@ def _scan(
     limit: int,
     max_bytes: int,
     filter_: bytes | None,
-    deliver: Callable[[HistoryRecords], None] | None = None,
-) -> HistoryRecords:
+    deliver: Callable[[RowPage], None] | None = None,
+    consecutive: bool = False,
+) -> RowPage:
     """Up to `limit` records from `start` on whose sizes sum to at most `max_bytes` (at least
-    one), and has_more. `deliver` gets the result as soon as it is known, before the scanner
-    is closed: the close round trip is off the latency."""
+    one), and has_more; `consecutive`: only rows whose keys' numbers run on from the first
+    (a timeline page stops at a seq the filter skipped). `deliver` gets the result as soon as
+    it is known, before the scanner is closed: the close round trip is off the latency."""
     scanner = table.scan(
         row_start=start,
         row_stop=stop,
@@ -195,17 +227,22 @@ def _scan(
             rows.append(row)
             if len(rows) > limit:
                 break  # has_more is known: the generator's close() closes the scanner below
+        usable = rows[:limit]
+        if consecutive:
+            usable = usable[: _consecutive([key for key, _ in usable])]
         keys: list[bytes] = []
         read: dict[bytes, bytes] = {}  # records already read (rows without m:s)
         used = 0
-        for key, data in rows[:limit]:
+        for key, data in usable:
             size_cell = data.get(COL_SIZE)
             if size_cell is not None:
                 size = int(size_cell)
             else:
                 cells = table.row(key, columns=[COL_MESSAGE])
                 if COL_MESSAGE not in cells:
-                    continue  # gone since the scan (the family TTL)
+                    if consecutive:
+                        break  # gone since the scan (the family TTL): a gap
+                    continue
                 read[key] = _record(cells[COL_MESSAGE])
                 size = len(read[key])
             if keys and used + size > max_bytes:
@@ -216,10 +253,11 @@ def _scan(
         if todo:
             for key, cells in table.rows(todo, columns=[COL_MESSAGE]):
                 read[key] = _record(cells[COL_MESSAGE])
-        result = HistoryRecords(
-            tuple(read[k] for k in keys if k in read),  # a row gone meanwhile is left out
-            has_more=len(rows) > len(keys),
-        )
+        found = [k for k in keys if k in read]  # a row gone meanwhile is left out
+        if consecutive:
+            found = found[: _consecutive(found)]
+        more = len(rows) > len(keys) or (consecutive and len(found) < len(keys))
+        result = RowPage(tuple(found), tuple(read[k] for k in found), more)
         if deliver is not None:
             deliver(result)
         return result
@@ -378,13 +416,19 @@ class HBaseHistory:
     def append_many(self, items: Iterable[tuple[ConvKey, PersistJob]]) -> Deferred[None]:
         """Batched appends: one mutateRowsTs per distinct cell timestamp (second), the batches
         spread over the pool's threads."""
+        try:
+            rows = [(row_key(key, job.message.msg_id), job) for key, job in items]
+        except Exception:
+            return fail()
+        return self.put_rows(rows)
+
+    def put_rows(self, rows: Iterable[tuple[bytes, PersistJob]]) -> Deferred[None]:
+        """Write each job's cells (record, server_time, size) under its row key, batched as
+        append_many says: the history's rows and the timelines' (production/timeline.py)."""
         by_ts: _PutsByTs = {}
         try:
-            for key, job in items:
-                m = job.message
-                by_ts.setdefault(_cell_ts(m.server_time), []).append(
-                    (row_key(key, m.msg_id), _encode(job))
-                )
+            for row, job in rows:
+                by_ts.setdefault(_cell_ts(job.message.server_time), []).append((row, _encode(job)))
         except Exception:
             return fail()
         if len(by_ts) <= 1:
@@ -399,7 +443,6 @@ class HBaseHistory:
     ) -> Deferred[HistoryRecords]:
         """The MESSAGE records of the messages, taken from the cells without decoding them:
         what the pull handler splices into HISTORY_PAGE."""
-        limit = max(0, limit)
         try:
             prefix = conversation_prefix(key)
             # Inclusive bounds: min_id <= msg_id <= hi. Inverted, hi comes first.
@@ -409,13 +452,21 @@ class HBaseHistory:
             return fail()
         if start >= stop:  # min_id >= before_id: nothing in range (HBase wants start < stop)
             return succeed(HistoryRecords((), False))
+        d = self.scan(start, stop, limit, max_bytes)
+        return d.addCallback(lambda page: HistoryRecords(page.records, page.has_more))
+
+    def scan(
+        self, start: bytes, stop: bytes, limit: int, max_bytes: int, *, consecutive: bool = False
+    ) -> Deferred[RowPage]:
+        """The retained rows from `start` up to `stop` (excluded), as `_scan` reads them."""
+        limit = max(0, limit)
         cutoff = max(0, self.now_ms() - self.retention_ms)
         # The answer fires from the HBase thread as soon as the rows are in, while the thread
         # goes on to close the scanner; a retry after that (the close failed on the
         # transport) cannot fire it again.
-        result: Deferred[HistoryRecords] = Deferred()
+        result: Deferred[RowPage] = Deferred()
 
-        def fire(outcome: HistoryRecords | Failure) -> None:
+        def fire(outcome: RowPage | Failure) -> None:
             if not result.called:
                 if isinstance(outcome, Failure):
                     result.errback(outcome)
@@ -424,9 +475,10 @@ class HBaseHistory:
             elif isinstance(outcome, Failure):
                 _log.info("HBase scan failed after answering: {error}", error=outcome.value)
 
-        def early(page: HistoryRecords) -> None:
+        def early(page: RowPage) -> None:
             self._reactor.callFromThread(fire, page)
 
-        d = self._call(_scan, start, stop, limit, max_bytes, _retention_filter(cutoff), early)
+        filter_ = _retention_filter(cutoff)
+        d = self._call(_scan, start, stop, limit, max_bytes, filter_, early, consecutive)
         d.addBoth(fire)
         return result
