@@ -170,6 +170,20 @@ async def test_every_key_but_the_version_counter_expires_together(env):
 
 
 @pytest_twisted.ensureDeferred
+async def test_tracked_ids_replaced_at_once_keep_their_key_and_its_ttl(env):
+    """A batch bringing more unread ids than are tracked replaces every tracked one: the
+    tracked-id key must never be emptied and made again (it would have no TTL)."""
+    env.convs.max_tracked = 5
+    await env.convs.record([group(1, 40, (1, 2)) for _ in range(3)])
+    unr = env.convs.keys(2)[NAMES.index("unr")]
+    await env.command("PEXPIRE", unr, 500_000)
+    await env.convs.record([group(1, 40, (1, 2)) for _ in range(6)])
+    assert await env.command("ZCARD", unr) == 5
+    assert 0 < await env.command("PTTL", unr) <= 500_000  # the same key, its deadline kept
+    assert (await every_row(env.convs, 2)).convs[0].unread == 9
+
+
+@pytest_twisted.ensureDeferred
 async def test_versions_continue_after_the_keys_expired(env):
     # Real-time TTL of 300 ms (no margin); the injected clock does not move, so only the
     # vanished keys tell the store that the rows went.

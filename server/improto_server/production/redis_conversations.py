@@ -348,19 +348,20 @@ local function settle(K, f, r)
   end
   -- Of the tracked and the pending ids together the newest maxt stay tracked: pending ones
   -- that would be dropped at once are not added, and the oldest tracked ones go by rank (every
-  -- score is 0, so rank order is lex order, and the row's ids are one run of it).
+  -- score is 0, so rank order is lex order, and the row's ids are one run of it). Added
+  -- first: removing first could empty the key, and ZADD would make it again without a TTL.
   local keep = math.min(#p, maxt)
-  local drop = redis.call('ZLEXCOUNT', K.unr, lo(f), hi(f)) + keep - maxt
-  if drop > 0 then  -- still counted, no longer tracked
-    local first = redis.call('ZLEXCOUNT', K.unr, '-', '(' .. f .. ':')
-    redis.call('ZREMRANGEBYRANK', K.unr, first, first + drop - 1)
-  end
   local args = {}
   for i = #p - keep + 1, #p do
     args[#args + 1] = 0
     args[#args + 1] = f .. ':' .. p[i]
   end
   redis.call('ZADD', K.unr, unpack(args))
+  local drop = redis.call('ZLEXCOUNT', K.unr, lo(f), hi(f)) - maxt
+  if drop > 0 then  -- still counted, no longer tracked: the oldest, all of them tracked before
+    local first = redis.call('ZLEXCOUNT', K.unr, '-', '(' .. f .. ':')
+    redis.call('ZREMRANGEBYRANK', K.unr, first, first + drop - 1)
+  end
   r.unread = r.unread + #p
 end
 
