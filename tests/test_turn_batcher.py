@@ -7,7 +7,7 @@ import pytest
 from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.task import Clock
 
-from improto_server.production.redis_slots import crc16, key_slot, slot_groups
+from improto_server.production.redis_slots import crc16, key_slot, slot_chunks, slot_groups
 from improto_server.turn_batcher import TurnBatcher
 
 
@@ -121,6 +121,15 @@ def test_slot_groups_keep_order_and_split_only_in_cluster_mode():
         assert len({key_slot(k) for k in g}) == 1
         assert g == [k for k in keys if key_slot(k) == key_slot(g[0])]  # order kept
     assert slot_groups([], str, cluster=True) == [] == slot_groups([], str, cluster=False)
+
+
+def test_slot_chunks_cut_each_slot_group_in_order():
+    keys = [f"p:inbox:{{u{i % 2}}}:meta" for i in range(7)]
+    assert slot_chunks(keys, str, cluster=False, size=3) == [keys[0:3], keys[3:6], keys[6:]]
+    chunks = slot_chunks(keys, str, cluster=True, size=3)
+    assert sorted(len(c) for c in chunks) == [1, 3, 3]
+    assert [k for c in chunks for k in c] == [k for g in slot_groups(keys, str, True) for k in g]
+    assert slot_chunks([], str, cluster=True, size=3) == []
 
 
 def test_results_are_handed_out_in_submission_order_across_batches():

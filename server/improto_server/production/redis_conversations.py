@@ -99,7 +99,7 @@ from improto_server.production.redis_connection import (
     load_scripts,
 )
 from improto_server.production.redis_inbox import behind_key, behind_slot_key, inbox_keys
-from improto_server.production.redis_slots import SLOTS, script_calls, slot_groups
+from improto_server.production.redis_slots import SLOTS, script_calls, slot_chunks
 
 DAY_MS = 86_400_000
 CHANGE_WINDOW = 64  # change scripts in flight at once for one batch (pipelined)
@@ -961,11 +961,7 @@ class RedisConversations:
         lost: dict[int, int] = {}  # user -> folds it lost
         todo = list(dict.fromkeys(user_ids))
         while todo:
-            calls = [
-                group[i : i + FOLD_USERS]
-                for group in slot_groups(todo, self._slot_key, self._cluster)
-                for i in range(0, len(group), FOLD_USERS)
-            ]
+            calls = slot_chunks(todo, self._slot_key, self._cluster, FOLD_USERS)
             todo = []
             for i in range(0, len(calls), CHANGE_WINDOW):
                 window = calls[i : i + CHANGE_WINDOW]

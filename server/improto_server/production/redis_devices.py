@@ -43,7 +43,7 @@ from improto_server.production.redis_connection import (
     gather,
     load_scripts,
 )
-from improto_server.production.redis_slots import slot_groups
+from improto_server.production.redis_slots import slot_chunks
 
 TARGETS_USERS = 64  # users one targets script reads at most: at most 64 x 64 targets
 MAX_REVOKED_MS = 2**53  # exact as a Lua number (the script compares numbers)
@@ -169,11 +169,7 @@ class RedisDevices:
     @as_deferred
     async def targets(self, user_ids: Sequence[int]) -> dict[int, dict[str, PushTarget]]:
         users = sorted(set(user_ids))
-        calls = [
-            group[i : i + TARGETS_USERS]
-            for group in slot_groups(users, self._push_key, self._cluster)
-            for i in range(0, len(group), TARGETS_USERS)
-        ]
+        calls = slot_chunks(users, self._push_key, self._cluster, TARGETS_USERS)
         replies = await gather(
             _TARGETS(self._redis, [self._push_key(u) for u in call], []) for call in calls
         )

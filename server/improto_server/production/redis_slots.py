@@ -81,6 +81,17 @@ def slot_groups(items: Iterable[_T], key: Callable[[_T], str], cluster: bool) ->
     return list(groups.values())
 
 
+def slot_chunks(
+    items: Iterable[_T], key: Callable[[_T], str], cluster: bool, size: int
+) -> list[list[_T]]:
+    """slot_groups, each cut into lists of at most `size` items: one script call each."""
+    return [
+        group[i : i + size]
+        for group in slot_groups(items, key, cluster)
+        for i in range(0, len(group), size)
+    ]
+
+
 def script_calls(
     entries: Mapping[int, Sized], key: Callable[[int], str], cluster: bool, max_entries: int
 ) -> list[list[int]]:

@@ -51,7 +51,7 @@ from improto_server.production.redis_connection import (
     gather,
     load_scripts,
 )
-from improto_server.production.redis_slots import script_calls, slot_groups
+from improto_server.production.redis_slots import script_calls, slot_chunks, slot_groups
 
 DAY_MS = 86_400_000
 ASSIGN_ENTRIES = 2048  # msg_ids one assign script takes at most: bounds Redis' pause
@@ -243,11 +243,7 @@ class RedisTimelines:
     async def heads(self, group_ids: Sequence[int]) -> dict[int, Head]:
         """The head of each group with a done seq (the others left out), ascending."""
         groups = sorted(set(group_ids))
-        calls = [
-            part[i : i + HEADS_GROUPS]
-            for part in slot_groups(groups, self._head_key, self._cluster)
-            for i in range(0, len(part), HEADS_GROUPS)
-        ]
+        calls = slot_chunks(groups, self._head_key, self._cluster, HEADS_GROUPS)
         replies = await gather(
             _HEADS(self._redis, [self._head_key(g) for g in call], []) for call in calls
         )
