@@ -24,7 +24,7 @@ from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from improto_server.config import InboxCaps
+from improto_server.config import DAY_MS, InboxCaps
 from improto_server.embedded.conversations import SQLiteConversations, expire_conversations
 from improto_server.embedded.database import Database, Event, delete_unreferenced
 from improto_server.embedded.devices import SQLiteDevices
@@ -41,8 +41,6 @@ from improto_server.ports import PushRouter
 from improto_server.reactor_types import IServerReactor, server_reactor
 
 _log = Logger()
-
-DAY_MS = 86_400_000
 
 
 class SQLiteBackend:

@@ -82,6 +82,7 @@ from improto.records import (
     record_of_stored,
 )
 from improto.records import stored as stored_form
+from improto_server.config import DAY_MS
 from improto_server.deferreds import as_deferred
 from improto_server.model import (
     FOLD_ENTRIES,
@@ -101,7 +102,6 @@ from improto_server.production.redis_connection import (
 from improto_server.production.redis_inbox import behind_key, behind_slot_key, inbox_keys
 from improto_server.production.redis_slots import SLOTS, script_calls, slot_chunks
 
-DAY_MS = 86_400_000
 CHANGE_WINDOW = 64  # change scripts in flight at once for one batch (pipelined)
 CHANGE_ENTRIES = 2048  # row changes one script applies at most: bounds Redis' pause
 CHANGE_TRIM = 64  # expired rows a change removes in passing

@@ -60,6 +60,7 @@ from typing import Any
 from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 
+from improto_server.config import DAY_MS
 from improto_server.deferreds import as_deferred
 from improto_server.production.redis_connection import LuaScript, RedisClient, gather, text
 from improto_server.production.redis_slots import slot_groups
@@ -68,7 +69,6 @@ from improto_server.turn_batcher import TurnBatcher
 
 _log = Logger()
 
-DAY_MS = 86_400_000
 DEDUP_TTL_MS = 7 * DAY_MS
 STALE_PENDING_MS = 10_000  # a pending dedup key this old: its publisher is presumed dead
 ACCEPT_WINDOW_S = 0.001  # claims gathered this long (not just one reactor turn) share a call

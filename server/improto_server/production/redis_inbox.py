@@ -67,7 +67,7 @@ from typing import Any
 from twisted.internet.defer import Deferred
 
 from improto.records import STORE_FORMAT, CorruptRecord, record_of_stored
-from improto_server.config import InboxCaps
+from improto_server.config import DAY_MS, InboxCaps
 from improto_server.deferreds import as_deferred
 from improto_server.model import InboxIds, InboxRecords, PersistJob
 from improto_server.production.redis_connection import (
@@ -80,7 +80,6 @@ from improto_server.production.redis_connection import (
 )
 from improto_server.production.redis_slots import key_slot, script_calls, slot_tag
 
-DAY_MS = 86_400_000
 APPEND_WINDOW = 64  # append scripts in flight at once for one batch (pipelined)
 APPEND_ENTRIES = 2048  # inbox entries one append script writes at most: bounds Redis' pause
 APPEND_TRIM = 64  # expired entries an append removes in passing: keeps busy inboxes bounded

@@ -42,6 +42,7 @@ from typing import Any, NamedTuple
 from twisted.internet.defer import Deferred, fail
 
 from improto.limits import U64_MAX
+from improto_server.config import DAY_MS
 from improto_server.deferreds import as_deferred
 from improto_server.model import TIMELINE_INDEX
 from improto_server.production.redis_connection import (
@@ -53,7 +54,6 @@ from improto_server.production.redis_connection import (
 )
 from improto_server.production.redis_slots import script_calls, slot_chunks, slot_groups
 
-DAY_MS = 86_400_000
 ASSIGN_ENTRIES = 2048  # msg_ids one assign script takes at most: bounds Redis' pause
 HEADS_GROUPS = 128  # groups one heads script reads at most: bounds its reply
 
