@@ -1,4 +1,4 @@
-"""Pure encode/decode of frames (v1 and the post-v1 frames of spec 18): bytes in, typed
+"""Pure encode/decode of frames (v1 and the post-v1 frames of spec 18-20): bytes in, typed
 frames out, no I/O.
 
 Decoding checks, in this order: length prefix, header length, version, frame type, body
@@ -33,6 +33,7 @@ from improto.frames import (
     GroupSummary,
     Message,
     Push,
+    TimelineHead,
     UnreadCount,
 )
 from improto.limits import HEADER_SIZE, LENGTH_PREFIX_SIZE, MAX_FRAME_LENGTH, PROTOCOL_VERSION
@@ -42,8 +43,8 @@ _LENGTH = struct.Struct(">I")
 _REQUEST_ID = struct.Struct(">I")
 
 # Fields whose wire value is a list of records, and the record class of its entries.
-Record: TypeAlias = Message | UnreadCount | GroupSummary | ConvEntry
-R = TypeVar("R", Message, UnreadCount, GroupSummary, ConvEntry)
+Record: TypeAlias = Message | UnreadCount | GroupSummary | ConvEntry | TimelineHead
+R = TypeVar("R", Message, UnreadCount, GroupSummary, ConvEntry, TimelineHead)
 
 # A parsed frame or record: field name -> value (construct's Container, or a plain dict).
 Wire: TypeAlias = Mapping[str, Any]
@@ -53,10 +54,11 @@ _RECORDS: dict[str, type[Record]] = {
     "unread": UnreadCount,
     "groups": GroupSummary,
     "convs": ConvEntry,
+    "heads": TimelineHead,
 }
 _RECORD_FIELDS: dict[type[Record], tuple[str, ...]] = {
     cls: tuple(f.name for f in fields(cls))
-    for cls in (Message, UnreadCount, GroupSummary, ConvEntry)
+    for cls in (Message, UnreadCount, GroupSummary, ConvEntry, TimelineHead)
 }
 # Plain lists of integers: the dataclasses hold them as tuples.
 _INT_LISTS = frozenset({"members", "features", "msg_ids"})

@@ -19,8 +19,8 @@ class FrameType(IntEnum):
     GROUP_REMOVE = 0x12
     GROUP_MEMBERS = 0x13
     MY_GROUPS = 0x14
-    # client -> server, post-v1 (spec sections 18, 19): FEATURES always, the others only on
-    # a connection that enabled their feature (REQUEST_FEATURES; otherwise
+    # client -> server, post-v1 (spec sections 18, 19, 20): FEATURES always, the others only
+    # on a connection that enabled their feature (REQUEST_FEATURES; otherwise
     # UNKNOWN_FRAME_TYPE, as in version 1)
     FEATURES = 0x30
     CONV_LIST = 0x31
@@ -29,6 +29,8 @@ class FrameType(IntEnum):
     CONV_HIDE = 0x34
     PUSH_REGISTER = 0x35  # only with PUSH enabled (spec section 19)
     PUSH_UNREGISTER = 0x36
+    TIMELINE_HEADS = 0x37  # only with LARGE_GROUPS enabled (spec section 20)
+    TIMELINE_PULL = 0x38
     # server -> client: replies are the request type | 0x80
     HELLO_OK = 0x81
     PONG = 0x82
@@ -48,6 +50,8 @@ class FrameType(IntEnum):
     CONV_HIDE_OK = 0xB4
     PUSH_REGISTER_OK = 0xB5
     PUSH_UNREGISTER_OK = 0xB6
+    TIMELINE_HEADS_PAGE = 0xB7
+    TIMELINE_PAGE = 0xB8
     # server -> client, unsolicited (request_id 0)
     PUSH = 0xA0
     CLOSE = 0xA1
@@ -90,12 +94,13 @@ class CloseReason(IntEnum):
 
 
 class Feature(IntEnum):
-    """Post-v1 features a client enables with FEATURES (spec section 18)."""
+    """Post-v1 features a client enables with FEATURES (spec section 18.1)."""
 
     WIRE_ONCE = 1  # INBOX_NOTICE: the offline cursor follows what was pushed
     CONVERSATIONS = 2  # CONV_LIST, CONV_CHANGES, READ_MARK, CONV_HIDE, READ_UPDATE
     READ_RECEIPTS = 3  # READ_UPDATE also when a 1:1 peer reads one's messages
     PUSH = 4  # PUSH_REGISTER, PUSH_UNREGISTER (spec section 19)
+    LARGE_GROUPS = 5  # TIMELINE_HEADS, TIMELINE_PULL: large groups' timelines (section 20)
 
 
 # Request types that exist only after FEATURES enabled their feature on the connection, and
@@ -107,5 +112,7 @@ REQUEST_FEATURES: dict[FrameType, Feature] = {
     FrameType.CONV_HIDE: Feature.CONVERSATIONS,
     FrameType.PUSH_REGISTER: Feature.PUSH,
     FrameType.PUSH_UNREGISTER: Feature.PUSH,
+    FrameType.TIMELINE_HEADS: Feature.LARGE_GROUPS,
+    FrameType.TIMELINE_PULL: Feature.LARGE_GROUPS,
 }
 POST_V1_REQUESTS = frozenset(REQUEST_FEATURES)

@@ -20,9 +20,11 @@ from improto.limits import (
     MAX_GROUP_MEMBERS,
     MAX_GROUPS_PER_USER,
     MAX_IDS_PER_REQUEST,
+    MAX_TIMELINE_HEADS,
     NOTICE_MAX_IDS,
     OFFLINE_PAGE_MAX,
     PROTOCOL_VERSION,
+    TIMELINE_PAGE_MAX,
     U64_MAX,
 )
 
@@ -635,6 +637,89 @@ class PushUnregisterOk(Frame):
     TYPE = FrameType.PUSH_UNREGISTER_OK
 
 
+# ------------------------------------------------------------- post-v1 (spec section 20)
+
+
+@dataclass(frozen=True, slots=True)
+class TimelineHead:
+    """One large group's timeline as TIMELINE_HEADS_PAGE lists it (spec 20.3): its `done` (the
+    highest seq readable, 0: none yet), the user's read position as a seq (at most done) and
+    unread = done - read_seq (saturating at 2^32-1), the msg_id of seq done's message (0:
+    none)."""
+
+    group_id: int
+    done: int
+    read_seq: int
+    unread: int
+    last_msg_id: int
+
+    def validate(self) -> None:
+        _check_id(self.group_id, "group_id")
+        if self.read_seq > self.done:
+            raise _bad(f"read_seq: {self.read_seq} is above done {self.done}")
+
+
+@dataclass(frozen=True, slots=True)
+class TimelineHeads(Frame):
+    TYPE = FrameType.TIMELINE_HEADS
+
+
+@dataclass(frozen=True, slots=True)
+class TimelineHeadsPage(Frame):
+    """The user's groups that have a timeline, ascending group_id, one head each."""
+
+    TYPE = FrameType.TIMELINE_HEADS_PAGE
+    heads: tuple[TimelineHead, ...]
+
+    def validate(self) -> None:
+        _check_count(self.heads, 0, MAX_TIMELINE_HEADS, "heads")
+        previous = 0
+        for h in self.heads:
+            h.validate()
+            if h.group_id <= previous:
+                raise _bad("heads: group ids not strictly ascending")
+            previous = h.group_id
+
+
+@dataclass(frozen=True, slots=True)
+class TimelinePull(Frame):
+    """The group's timeline messages of seqs above `after_seq`, oldest first."""
+
+    TYPE = FrameType.TIMELINE_PULL
+    group_id: int
+    after_seq: int = 0
+    limit: int = 0
+
+    def validate(self) -> None:
+        _check_id(self.group_id, "group_id")
+        if self.limit > TIMELINE_PAGE_MAX:
+            raise _bad(f"limit: {self.limit} exceeds {TIMELINE_PAGE_MAX}")
+
+
+@dataclass(frozen=True, slots=True)
+class TimelinePage(Frame):
+    """A page of a group's timeline: `position` is the highest seq it covers (the next
+    after_seq), at most `done`; `has_more`: seqs above position up to done exist."""
+
+    TYPE = FrameType.TIMELINE_PAGE
+    group_id: int
+    position: int
+    done: int
+    has_more: int
+    messages: tuple[Message, ...]
+
+    def validate(self) -> None:
+        _check_id(self.group_id, "group_id")
+        if self.position > self.done:
+            raise _bad(f"position: {self.position} is above done {self.done}")
+        _check_bool(self.has_more, "has_more")
+        _check_count(self.messages, 0, TIMELINE_PAGE_MAX, "messages")
+        for m in self.messages:
+            m.validate()
+            if m.conv_kind != ConvKind.GROUP or m.conv_id != self.group_id:
+                raise _bad("messages: message of another conversation")
+
+
 FRAME_CLASSES: dict[int, type[Frame]] = {
     cls.TYPE.value: cls
     for cls in (
@@ -645,5 +730,6 @@ FRAME_CLASSES: dict[int, type[Frame]] = {
         Features, FeaturesOk, ConvList, ConvChanges, ConvPage, ConvChangesPage, ReadMark,
         ReadMarkOk, ConvHide, ConvHideOk, InboxNotice, ReadUpdate,
         PushRegister, PushRegisterOk, PushUnregister, PushUnregisterOk,
+        TimelineHeads, TimelineHeadsPage, TimelinePull, TimelinePage,
     )
 }  # fmt: skip

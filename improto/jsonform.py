@@ -17,6 +17,7 @@ from improto.frames import (
     GroupSummary,
     Message,
     Push,
+    TimelineHead,
     UnreadCount,
 )
 
@@ -27,6 +28,8 @@ U64_FIELDS = frozenset(
         # post-v1 (spec section 18)
         "since_version", "list_version", "version", "read_id", "peer_read_id", "from_cursor",
         "to_cursor", "msg_ids", "reader_id",
+        # post-v1 (spec section 20)
+        "done", "read_seq", "last_msg_id", "after_seq", "position",
     }
 )  # fmt: skip
 _RECORD_OF = {
@@ -35,8 +38,10 @@ _RECORD_OF = {
     "groups": GroupSummary,
     "convs": ConvEntry,
     "last": Message,
+    "heads": TimelineHead,
 }
-_Record = TypeVar("_Record", Message, UnreadCount, GroupSummary, ConvEntry)
+_Record = TypeVar("_Record", Message, UnreadCount, GroupSummary, ConvEntry, TimelineHead)
+_Records = Message | UnreadCount | GroupSummary | ConvEntry | TimelineHead
 
 # JSON values are typed Any: a JSON document is only known by what a reader expects of it.
 
@@ -50,11 +55,11 @@ def _value_to_json(name: str, v: object) -> Any:
         return str(v) if name in U64_FIELDS else int(v)
     if isinstance(v, tuple):
         return [_value_to_json(name, x) for x in v]
-    assert isinstance(v, Message | UnreadCount | GroupSummary | ConvEntry)
+    assert isinstance(v, _Records)
     return record_to_json(v)
 
 
-def record_to_json(rec: Message | UnreadCount | GroupSummary | ConvEntry) -> dict[str, Any]:
+def record_to_json(rec: _Records) -> dict[str, Any]:
     return {f.name: _value_to_json(f.name, getattr(rec, f.name)) for f in fields(rec)}
 
 

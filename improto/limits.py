@@ -1,4 +1,4 @@
-"""Numeric limits of protocol v1 and of the post-v1 frames (spec sections 18 and 19).
+"""Numeric limits of protocol v1 and of the post-v1 frames (spec sections 18, 19 and 20).
 spec/PROTOCOL.md is normative; these mirror it."""
 
 PROTOCOL_VERSION = 1
@@ -33,6 +33,11 @@ NOTICE_MAX_IDS = 200  # INBOX_NOTICE msg_ids
 # Post-v1 (spec section 19): PUSH_REGISTER.
 MAX_PLATFORM = 32  # bytes of a platform name ([a-z0-9._-])
 MAX_PUSH_TOKEN = 4096  # UTF-8 bytes of a push token
+# Post-v1 (spec section 20): TIMELINE_PULL / TIMELINE_PAGE pages as OFFLINE_PULL does, and
+# TIMELINE_HEADS_PAGE has at most one head per group of the user.
+TIMELINE_PAGE_DEFAULT = 200
+TIMELINE_PAGE_MAX = 200
+MAX_TIMELINE_HEADS = MAX_GROUPS_PER_USER
 
 U64_MAX = 2**64 - 1
 # OFFLINE_PULL cursor value meaning "start after the position the server stored for this device".

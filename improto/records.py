@@ -3,10 +3,11 @@ spliced from it.
 
 A MESSAGE record (PROTOCOL.md section 6) is exactly the body of a PUSH frame. A message is
 packed into a record once, with `struct` (no codec pass), when it is accepted; the PUSH frame,
-the queued job, the inbox entries and the history cells all carry those bytes, and the pull
-handlers splice stored records into OFFLINE_PAGE and HISTORY_PAGE frames without decoding them.
-Every builder here produces the bytes `improto.codec` would produce for the same frame
-(tests/test_records.py compares them over generated messages).
+the queued job, the inbox entries, the history cells and the timeline rows all carry those
+bytes, and the pull handlers splice stored records into OFFLINE_PAGE, HISTORY_PAGE, CONV_PAGE
+and TIMELINE_PAGE frames without decoding them. Every builder here produces the bytes
+`improto.codec` would produce for the same frame (tests/test_records.py and
+tests/test_timeline_frames.py compare them over generated messages).
 
 Stored records carry a storage format version (STORE_FORMAT) of their own, apart from the wire
 protocol's version, so that a later protocol version leaves stored inboxes, history cells and
@@ -22,7 +23,14 @@ from improto.codec import decode_payload
 from improto.enums import ConvKind, FrameType
 from improto.errors import EncodeError
 from improto.frames import Message, Push
-from improto.limits import HEADER_SIZE, MAX_FRAME_LENGTH, OFFLINE_PAGE_MAX, PROTOCOL_VERSION
+from improto.limits import (
+    HEADER_SIZE,
+    MAX_FRAME_LENGTH,
+    MAX_TIMELINE_HEADS,
+    OFFLINE_PAGE_MAX,
+    PROTOCOL_VERSION,
+    TIMELINE_PAGE_MAX,
+)
 
 # Storage formats. 1: a protocol-version-1 PUSH payload (7-byte header, then the record), what
 # stores and queues held before formats were numbered; its first byte, the protocol version 1,
@@ -45,6 +53,8 @@ _CONV_FIXED = struct.Struct(">QBIH")  # version, has_more, total_unread, conv co
 _CONV_HEAD = struct.Struct(">BQQBQQIH")  # a CONV record up to its `last` count
 _NOTICE_FIXED = struct.Struct(">QQH")  # from_cursor, to_cursor, msg_id count
 _READ_UPDATE = struct.Struct(">QBQQ")  # reader_id, conv_kind, conv_id, msg_id
+_TIMELINE_FIXED = struct.Struct(">QQQBH")  # group_id, position, done, has_more, message count
+_TIMELINE_HEAD = struct.Struct(">QQQIQ")  # group_id, done, read_seq, unread, last_msg_id
 _U32_MAX = 0xFFFFFFFF
 _PUSH_HEADER = _HEAD.pack(PROTOCOL_VERSION, FrameType.PUSH, 0, 0)
 _PUSH_ACK_SIZE = HEADER_SIZE + 8
@@ -64,6 +74,9 @@ HISTORY_RECORD_BYTES = MAX_FRAME_LENGTH - HISTORY_OVERHEAD
 CONV_PAGE_FIXED = HEADER_SIZE + 8 + 1 + 4 + 2
 CONV_OVERHEAD = 1 + 8 + 8 + 1 + 8 + 8 + 4 + 2  # kind, id, version, hidden, read, peer, unread, n
 CONV_RECORD_BYTES = MAX_FRAME_LENGTH - CONV_PAGE_FIXED
+# TIMELINE_PAGE (spec 20): group_id, position, done u64, has_more, count u16, then records.
+TIMELINE_FIXED = HEADER_SIZE + _TIMELINE_FIXED.size
+TIMELINE_RECORD_BYTES = MAX_FRAME_LENGTH - TIMELINE_FIXED
 
 
 def conv_size(last: bytes | None) -> int:
@@ -324,3 +337,90 @@ def read_update(reader_id: int, conv_kind: int, conv_id: int, msg_id: int) -> by
     return _frame(
         FrameType.READ_UPDATE, 0, [_READ_UPDATE.pack(reader_id, conv_kind, conv_id, msg_id)]
     )
+
+
+# ---------------------------------------------------------------- post-v1 (spec 20)
+
+# One head of a TIMELINE_HEADS_PAGE as the server assembles it: group_id, done (the highest
+# readable seq), read_seq (the user's read position as a seq: max(rank(read_id),
+# rank(since_id))), last_msg_id (of seq done's message, 0: none).
+HeadRow = tuple[int, int, int, int]
+
+
+def timeline_fit(records: Sequence[bytes], budget: int = TIMELINE_RECORD_BYTES) -> int:
+    """How many leading records fit in a TIMELINE_PAGE (at least one, if any): with the
+    default budget, the fullest page a frame holds."""
+    return fit(records, budget)
+
+
+def timeline_window(
+    after_seq: int,
+    first_seq: int,
+    records: Sequence[bytes],
+    has_more: bool,
+    done: int,
+    min_msg_id: int = 0,
+    budget: int = TIMELINE_RECORD_BYTES,
+) -> tuple[int, bool, list[bytes]]:
+    """(position, has_more, records) of the TIMELINE_PAGE answering TIMELINE_PULL(after_seq)
+    from a store's page (TimelineStore.after: the records of seqs first_seq, first_seq + 1,
+    ... up to done, has_more, done), spec 20.4: the leading records that fit in `budget`; of
+    those, the ones a member whose window starts at `min_msg_id` may read (msg_id >=
+    min_msg_id, HISTORY_PULL's rule); the ones outside the window are skipped but covered.
+    position: the seq of the last record kept, or for a page without records `done` (also
+    when after_seq is above it: the client then stores the lower value), and never above
+    done; has_more: seqs above position, up to done, exist."""
+    n = min(timeline_fit(records, budget), max(done - first_seq + 1, 0))  # none above done
+    if n:
+        position = first_seq + n - 1
+        more = has_more or n < len(records)
+    else:
+        more = has_more
+        position = min(after_seq, done) if more else done
+    kept = [r for r in records[:n] if _U64.unpack_from(r)[0] >= min_msg_id]
+    return position, more and position < done, kept
+
+
+def timeline_page(
+    request_id: int,
+    group_id: int,
+    position: int,
+    done: int,
+    has_more: bool,
+    records: Sequence[bytes],
+) -> bytes:
+    """A whole TIMELINE_PAGE frame (length prefix included), the stored MESSAGE records (of
+    group `group_id`, oldest first) spliced in. Refuses what the codec would refuse: a
+    record of another conversation, position above done, too many records or bytes."""
+    if position > done:
+        raise EncodeError(f"TIMELINE_PAGE: position {position} is above done {done}")
+    if len(records) > TIMELINE_PAGE_MAX:
+        raise EncodeError(f"TIMELINE_PAGE: {len(records)} messages exceed {TIMELINE_PAGE_MAX}")
+    for r in records:
+        _, kind, conv = conversation_of(r)  # each record whole, as the codec would insist
+        if kind != ConvKind.GROUP or conv != group_id:
+            raise EncodeError(f"TIMELINE_PAGE: a message of another conversation than {group_id}")
+    fixed = _TIMELINE_FIXED.pack(group_id, position, done, int(has_more), len(records))
+    frame = _frame(FrameType.TIMELINE_PAGE, request_id, [fixed, *records])
+    if len(frame) - _LEN.size > MAX_FRAME_LENGTH:
+        raise EncodeError(f"TIMELINE_PAGE: {len(frame) - _LEN.size} bytes exceed the frame limit")
+    return frame
+
+
+def timeline_heads_page(request_id: int, heads: Iterable[HeadRow]) -> bytes:
+    """A whole TIMELINE_HEADS_PAGE frame (length prefix included): the heads in ascending
+    group_id (sorted here), each with unread = done - read_seq saturating at 2^32-1. A read_seq
+    above done (a read mark on a message whose record is not readable yet) is sent as done."""
+    rows = sorted(heads)
+    if len(rows) > MAX_TIMELINE_HEADS:
+        raise EncodeError(f"TIMELINE_HEADS_PAGE: {len(rows)} heads exceed {MAX_TIMELINE_HEADS}")
+    parts = [_COUNT.pack(len(rows))]
+    previous = 0
+    for group_id, done, read_seq, last_msg_id in rows:
+        if group_id <= previous:
+            raise EncodeError(f"TIMELINE_HEADS_PAGE: group {group_id} is not an id or repeated")
+        previous = group_id
+        read_seq = min(read_seq, done)
+        unread = min(done - read_seq, _U32_MAX)
+        parts.append(_TIMELINE_HEAD.pack(group_id, done, read_seq, unread, last_msg_id))
+    return _frame(FrameType.TIMELINE_HEADS_PAGE, request_id, parts)

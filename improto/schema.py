@@ -39,9 +39,11 @@ from improto.limits import (
     MAX_PLATFORM,
     MAX_PUSH_TOKEN,
     MAX_TEXT,
+    MAX_TIMELINE_HEADS,
     MAX_TOKEN,
     NOTICE_MAX_IDS,
     OFFLINE_PAGE_MAX,
+    TIMELINE_PAGE_MAX,
 )
 
 # One field of a layout: each parses into and builds from its own type (int, str, a list...).
@@ -71,6 +73,15 @@ UNREAD_FIELDS: list[Field] = ["conv_kind" / Int8ub, "conv_id" / Int64ub, "count"
 GROUP_SUMMARY_FIELDS: list[Field] = [
     "group_id" / Int64ub,
     "name" / Utf8("name", 1, 1, MAX_GROUP_NAME),
+]
+
+# The TIMELINE_HEAD record of TIMELINE_HEADS_PAGE (spec 20.3).
+TIMELINE_HEAD_FIELDS: list[Field] = [
+    "group_id" / Int64ub,
+    "done" / Int64ub,
+    "read_seq" / Int64ub,
+    "unread" / Int32ub,
+    "last_msg_id" / Int64ub,
 ]
 
 
@@ -104,6 +115,7 @@ def _bodies(record: Callable[[list[Field]], Struct]) -> dict[T, list[Field]]:
         record(GROUP_SUMMARY_FIELDS),
     )
     conv = record(conv_fields(message))
+    head = record(TIMELINE_HEAD_FIELDS)
     features: list[Field] = ["features" / List16("features", Int16ub, 0, MAX_FEATURES)]
     conv_page: list[Field] = [
         "list_version" / Int64ub,  # not "version": the header already has that name
@@ -218,6 +230,17 @@ def _bodies(record: Callable[[list[Field]], Struct]) -> dict[T, list[Field]]:
         T.PUSH_REGISTER_OK: [],
         T.PUSH_UNREGISTER: [],
         T.PUSH_UNREGISTER_OK: [],
+        # post-v1 (spec section 20)
+        T.TIMELINE_HEADS: [],
+        T.TIMELINE_HEADS_PAGE: ["heads" / List16("heads", head, 0, MAX_TIMELINE_HEADS)],
+        T.TIMELINE_PULL: ["group_id" / Int64ub, "after_seq" / Int64ub, "limit" / Int16ub],
+        T.TIMELINE_PAGE: [
+            "group_id" / Int64ub,
+            "position" / Int64ub,
+            "done" / Int64ub,
+            "has_more" / Int8ub,
+            "messages" / List16("messages", message, 0, TIMELINE_PAGE_MAX),
+        ],
     }
 
 

@@ -1,5 +1,5 @@
 """Generates spec/vectors/valid.json and invalid.json (version 1) and ext-valid.json and
-ext-invalid.json (the post-v1 frames of spec sections 18 and 19):
+ext-invalid.json (the post-v1 frames of spec sections 18, 19 and 20):
 `python -m improto.vectors [DIR]`.
 
 Valid vectors are frame objects encoded by the codec; the test suite re-checks them against
@@ -66,6 +66,11 @@ from improto.frames import (
     Send,
     SendAck,
     SyncHint,
+    TimelineHead,
+    TimelineHeads,
+    TimelineHeadsPage,
+    TimelinePage,
+    TimelinePull,
     UnreadCount,
 )
 from improto.jsonform import frame_to_json
@@ -75,6 +80,8 @@ from improto.limits import (
     MAX_FRAME_LENGTH,
     MAX_PLATFORM,
     MAX_PUSH_TOKEN,
+    MAX_TIMELINE_HEADS,
+    TIMELINE_PAGE_MAX,
     U64_MAX,
 )
 from improto.tokens import mint
@@ -241,10 +248,11 @@ def _send(conv_kind: int = 1, conv_id: int = 1002, ctype: int = 1, body: bytes =
     return CMID + struct.pack(">BQH", conv_kind, conv_id, ctype) + str16(body)
 
 
-def _record(msg_id: int = 77, body: bytes = b"hi", conv_kind: int = 1, ctype: int = 1) -> bytes:
+def _record(msg_id: int = 77, body: bytes = b"hi", conv_kind: int = 1, ctype: int = 1,
+            conv_id: int = 1002) -> bytes:  # fmt: skip
     return (
         struct.pack(">QQQ", msg_id, T0, 1001) + str8(b"ios")
-        + struct.pack(">BQH", conv_kind, 1002, ctype) + CMID + str16(body)
+        + struct.pack(">BQH", conv_kind, conv_id, ctype) + CMID + str16(body)
     )  # fmt: skip
 
 
@@ -424,6 +432,64 @@ def ext_valid_frames() -> list[tuple[str, str, Frame]]:
         ("push_unregister", "no more notifications to this device", PushUnregister(request_id=73)),
         ("push_unregister_ok", "unregistered (also when nothing was registered)",
          PushUnregisterOk(request_id=73)),
+        # section 20
+        *_timeline_valid_frames(),
+    ]  # fmt: skip
+
+
+# Section 20: user 1001 is in the large group 5003 (1,042 messages in its timeline, 2 of them
+# unread) and in 5007, large once and small again since (its timeline stopped at seq 310,
+# all read).
+LARGE, WAS_LARGE = 5003, 5007
+
+
+def _mt(msg_id: int, sender: int, body: bytes, **kw: Any) -> Message:
+    return _msg(msg_id, sender, G, LARGE, body, **kw)
+
+
+def _timeline_valid_frames() -> list[tuple[str, str, Frame]]:
+    t1 = _mt(7_301_234_567_890_125_001, 1004, b"Release 2.4 is out: notes in the wiki")
+    t2 = _mt(7_301_234_567_890_125_002, 1005, "Merci ! 🎉".encode())
+    heads = (
+        TimelineHead(LARGE, 1042, 1040, 2, t2.msg_id),
+        TimelineHead(WAS_LARGE, 310, 310, 0, 7_301_234_567_890_120_310),
+    )
+    most = tuple(
+        TimelineHead(U64_MAX - MAX_TIMELINE_HEADS + 1 + i, U64_MAX, 0, 0xFFFFFFFF, U64_MAX)
+        for i in range(MAX_TIMELINE_HEADS)
+    )
+    full = (
+        _mt(101, 1004, b"\x00" * 65535, content_type=2, sender_device="d"),
+        _mt(102, 1004, b"\x01" * 65393, content_type=2, sender_device="d"),
+    )
+    return [
+        ("timeline_heads", "the heads of my groups' timelines", TimelineHeads(request_id=80)),
+        ("timeline_heads_page", "a large group with 2 unread, and a group small again whose "
+         "timeline stopped at 310, all read; ascending group_id",
+         TimelineHeadsPage(heads, request_id=80)),
+        ("timeline_heads_page_empty", "the user is in no large group",
+         TimelineHeadsPage((), request_id=81)),
+        ("timeline_heads_page_500", "one head for each of 500 groups (the most), every u64 at "
+         "its maximum, read_seq 0: unread saturates at 2^32-1",
+         TimelineHeadsPage(most, request_id=82)),
+        ("timeline_pull_from_read", "a device without a position starts at read_seq, default "
+         "page size", TimelinePull(LARGE, 1040, 0, request_id=83)),
+        ("timeline_pull_next", "the next page after position 1240, at most 200",
+         TimelinePull(LARGE, 1240, 200, request_id=84)),
+        ("timeline_pull_start", "from the first seq, one message",
+         TimelinePull(LARGE, 0, 1, request_id=85)),
+        ("timeline_page", "seqs 1041 and 1042, oldest first: caught up",
+         TimelinePage(LARGE, 1042, 1042, 0, (t1, t2), request_id=83)),
+        ("timeline_page_has_more", "a page of limit 2 out of 1500: more to pull after 1042",
+         TimelinePage(LARGE, 1042, 1500, 1, (t1, t2), request_id=86)),
+        ("timeline_page_skipped", "seqs before the member's join are covered without messages",
+         TimelinePage(LARGE, 200, 1500, 1, (), request_id=87)),
+        ("timeline_page_caught_up", "nothing after the position: position = done",
+         TimelinePage(LARGE, 1042, 1042, 0, (), request_id=88)),
+        ("timeline_page_never_large", "a group that never had a timeline: position 0, done 0",
+         TimelinePage(5001, 0, 0, 0, (), request_id=89)),
+        ("timeline_page_max_frame", "a page whose length prefix is exactly 131072",
+         TimelinePage(LARGE, 2, 2, 0, full, request_id=90)),
     ]  # fmt: skip
 
 
@@ -449,10 +515,10 @@ def ext_invalid_frames() -> list[tuple[str, str, bytes, ErrorCode]]:
     read_update = struct.pack(">QBQQ", 1001, 1, 1002, 77)
     reg = FrameType.PUSH_REGISTER
     return [
-        ("unknown_type_0x37", "frame type 0x37 is not defined (post-v1 types are 0x30..0x36)",
-         _frame(0x37, b""), UT),
-        ("unknown_type_0xb7", "frame type 0xb7 is not defined (post-v1 replies are 0xb0..0xb6)",
-         _frame(0xB7, b""), UT),
+        ("unknown_type_0x39", "frame type 0x39 is not defined (post-v1 types are 0x30..0x38)",
+         _frame(0x39, b""), UT),
+        ("unknown_type_0xb9", "frame type 0xb9 is not defined (post-v1 replies are 0xb0..0xb8)",
+         _frame(0xB9, b""), UT),
         ("conv_list_limit_101", "conversation page size above 100",
          _frame(FrameType.CONV_LIST, struct.pack(">QB", 0, 101)), I),
         ("conv_changes_limit_255", "conversation page size 255",
@@ -547,6 +613,78 @@ def ext_invalid_frames() -> list[tuple[str, str, bytes, ErrorCode]]:
          _frame(FrameType.PUSH_UNREGISTER, b"\x00"), M),
         ("push_unregister_ok_padded", "PUSH_UNREGISTER_OK with two body bytes",
          _frame(FrameType.PUSH_UNREGISTER_OK, b"\x00\x00"), M),
+        # section 20
+        *_timeline_invalid_frames(),
+    ]  # fmt: skip
+
+
+def _head(group_id: int = 5003, done: int = 1042, read_seq: int = 1040, unread: int = 2,
+          last: int = 77) -> bytes:  # fmt: skip
+    return struct.pack(">QQQIQ", group_id, done, read_seq, unread, last)
+
+
+def _heads_page(*heads: bytes, count: int | None = None) -> bytes:
+    n = len(heads) if count is None else count
+    return _frame(FrameType.TIMELINE_HEADS_PAGE, struct.pack(">H", n) + b"".join(heads))
+
+
+def _timeline_page(
+    *records: bytes, group_id: int = 5003, position: int = 1042, done: int = 1042,
+    has_more: int = 0, count: int | None = None,
+) -> bytes:  # fmt: skip
+    n = len(records) if count is None else count
+    fixed = struct.pack(">QQQBH", group_id, position, done, has_more, n)
+    return _frame(FrameType.TIMELINE_PAGE, fixed + b"".join(records))
+
+
+def _timeline_invalid_frames() -> list[tuple[str, str, bytes, ErrorCode]]:
+    M, I, B = ErrorCode.MALFORMED_FRAME, ErrorCode.INVALID_FIELD, ErrorCode.BAD_UTF8  # noqa: E741
+    pull = FrameType.TIMELINE_PULL
+    ours = _record(77, conv_kind=2, conv_id=5003)
+    return [
+        ("timeline_heads_padded", "TIMELINE_HEADS with a body byte",
+         _frame(FrameType.TIMELINE_HEADS, b"\x00"), M),
+        ("timeline_pull_limit_201", "timeline page size above 200",
+         _frame(pull, struct.pack(">QQH", 5003, 1040, 201)), I),
+        ("timeline_pull_limit_65535", "timeline page size 65535",
+         _frame(pull, struct.pack(">QQH", 5003, 1040, 0xFFFF)), I),
+        ("timeline_pull_group_0", "TIMELINE_PULL of group 0",
+         _frame(pull, struct.pack(">QQH", 0, 1040, 0)), I),
+        ("timeline_pull_truncated", "TIMELINE_PULL without the last byte of its limit",
+         _frame(pull, struct.pack(">QQH", 5003, 1040, 0)[:-1]), M),
+        ("timeline_pull_padded", "TIMELINE_PULL with a byte after its limit",
+         _frame(pull, struct.pack(">QQHB", 5003, 1040, 0, 0)), M),
+        ("timeline_heads_501", "TIMELINE_HEADS_PAGE declaring 501 heads (count checked at the "
+         "prefix)", _heads_page(count=MAX_TIMELINE_HEADS + 1), I),
+        ("timeline_heads_short", "TIMELINE_HEADS_PAGE says 2 heads but holds 1",
+         _heads_page(_head(), count=2), M),
+        ("timeline_head_truncated", "a head without the last byte of last_msg_id",
+         _heads_page(_head()[:-1], count=1), M),
+        ("timeline_head_group_0", "a head of group 0", _heads_page(_head(group_id=0)), I),
+        ("timeline_head_read_above_done", "a head whose read_seq is above its done",
+         _heads_page(_head(done=1042, read_seq=1043, unread=0)), I),
+        ("timeline_heads_descending", "heads not in ascending group_id",
+         _heads_page(_head(5007), _head(5003)), I),
+        ("timeline_heads_repeated", "the same group twice", _heads_page(_head(), _head()), I),
+        ("timeline_page_201_messages", "TIMELINE_PAGE declaring 201 messages (count checked at "
+         "the prefix)", _timeline_page(count=TIMELINE_PAGE_MAX + 1), I),
+        ("timeline_page_short", "TIMELINE_PAGE says 2 messages but holds 1",
+         _timeline_page(ours, count=2), M),
+        ("timeline_page_group_0", "TIMELINE_PAGE of group 0",
+         _timeline_page(group_id=0, position=0, done=0), I),
+        ("timeline_page_has_more_2", "TIMELINE_PAGE with has_more = 2",
+         _timeline_page(position=1000, has_more=2), I),
+        ("timeline_page_position_above_done", "a page covering seqs above done",
+         _timeline_page(position=1043), I),
+        ("timeline_page_other_group", "a message of group 5004 in group 5003's timeline",
+         _timeline_page(_record(77, conv_kind=2, conv_id=5004)), I),
+        ("timeline_page_user_message", "a 1:1 message in a group's timeline",
+         _timeline_page(_record(77, conv_kind=1, conv_id=5003)), I),
+        ("timeline_page_bad_utf8", "a TEXT message whose body is not UTF-8",
+         _timeline_page(_record(77, body=b"\xc3", conv_kind=2, conv_id=5003)), B),
+        ("timeline_page_padded", "TIMELINE_PAGE with a byte after its messages",
+         _frame(FrameType.TIMELINE_PAGE, struct.pack(">QQQBH", 5003, 1042, 1042, 0, 1) + ours
+                + b"\x00"), M),
     ]  # fmt: skip
 
 

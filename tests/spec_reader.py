@@ -1,5 +1,5 @@
 """Independent reader/writer for improto frames (version 1 and the post-v1 frames of sections
-18 and 19), written from spec/PROTOCOL.md alone.
+18, 19 and 20), written from spec/PROTOCOL.md alone.
 
 Only the standard library (``struct``) is used; nothing is imported from the project.
 
@@ -23,6 +23,7 @@ The reader accepts every defined type in both directions (it does not know which
 
 from __future__ import annotations
 
+import itertools
 import struct
 
 __all__ = ["ERROR_CODES", "MAX_FRAME_LENGTH", "TYPES", "SpecError", "decode", "encode"]
@@ -138,6 +139,30 @@ def _options_rule(f: dict) -> str | None:
     return None if f["options"] & 0xFE == 0 else "options bits other than bit 0"
 
 
+def _read_seq_rule(f: dict) -> str | None:
+    """Section 20.3, TIMELINE_HEAD: read_seq MUST NOT be above done."""
+    return None if int(f["read_seq"]) <= int(f["done"]) else "read_seq above done"
+
+
+def _heads_rule(f: dict) -> str | None:
+    """Section 20.3, TIMELINE_HEADS_PAGE: heads in strictly ascending group_id."""
+    ids = [int(h["group_id"]) for h in f["heads"]]
+    return None if all(a < b for a, b in itertools.pairwise(ids)) else "heads not ascending"
+
+
+def _position_rule(f: dict) -> str | None:
+    """Section 20.3, TIMELINE_PAGE: position MUST NOT be above done."""
+    return None if int(f["position"]) <= int(f["done"]) else "position above done"
+
+
+def _timeline_messages_rule(f: dict) -> str | None:
+    """Section 20.3, TIMELINE_PAGE: every message is of the group (conv_kind 2, conv_id)."""
+    for m in f["messages"]:
+        if m["conv_kind"] != 2 or m["conv_id"] != f["group_id"]:
+            return "message of another conversation"
+    return None
+
+
 # Section 18.6.
 CONV = (
     ("conv_kind", "enum8", CONV_KINDS),
@@ -158,6 +183,15 @@ CONV_PAGE = (
     ("convs", "list", CONV, 0, 100),
 )
 READ_POSITION = (("conv_kind", "enum8", CONV_KINDS), ("conv_id", "id"), ("msg_id", "id"))
+# Section 20.3.
+TIMELINE_HEAD = (
+    ("group_id", "id"),
+    ("done", "u64"),
+    ("read_seq", "u64"),
+    ("", "rule", _read_seq_rule),
+    ("unread", "u32"),
+    ("last_msg_id", "u64"),
+)
 CONV_REF = (("conv_kind", "enum8", CONV_KINDS), ("conv_id", "id"))
 
 # Section 7: type code -> (name, body layout).
@@ -302,6 +336,28 @@ TYPES: dict[int, tuple[str, tuple]] = {
     0xB5: ("PUSH_REGISTER_OK", ()),
     0x36: ("PUSH_UNREGISTER", ()),
     0xB6: ("PUSH_UNREGISTER_OK", ()),
+    # Section 20.3 (post-v1).
+    0x37: ("TIMELINE_HEADS", ()),
+    0xB7: (
+        "TIMELINE_HEADS_PAGE",
+        (("heads", "list", TIMELINE_HEAD, 0, 500), ("", "rule", _heads_rule)),
+    ),
+    0x38: (
+        "TIMELINE_PULL",
+        (("group_id", "id"), ("after_seq", "u64"), ("limit", "range16", 0, 200)),
+    ),
+    0xB8: (
+        "TIMELINE_PAGE",
+        (
+            ("group_id", "id"),
+            ("position", "u64"),
+            ("done", "u64"),
+            ("", "rule", _position_rule),
+            ("has_more", "bool"),
+            ("messages", "list", MESSAGE, 0, 200),
+            ("", "rule", _timeline_messages_rule),
+        ),
+    ),
 }
 TYPE_CODES = {name: code for code, (name, _layout) in TYPES.items()}
 

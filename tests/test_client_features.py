@@ -70,7 +70,7 @@ class Ext(Harness):
         (hello,) = self.sent()
         self.feed(HelloOk(ME, 1, 0, 90, 131072, request_id=hello.request_id))
         (feat,) = self.sent()  # nothing else before FEATURES_OK: the pull comes after it
-        assert isinstance(feat, Features) and feat.features == (*ALL, Feature.PUSH)
+        assert isinstance(feat, Features) and feat.features == DEFAULT_FEATURES
         assert pending(d)
         self.feed(FeaturesOk(enabled, request_id=feat.request_id))
         assert result(d).user_id == ME

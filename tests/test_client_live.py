@@ -98,7 +98,9 @@ async def test_an_online_device_gets_each_message_once(devices: Devices) -> None
     alice = await devices.login(alice_id, "laptop")
     state = ClientState()
     bob = await devices.login(bob_id, "phone", state, track_ids=True, notice_ack_delay=0.2)
-    assert bob.features == {Feature.WIRE_ONCE, Feature.CONVERSATIONS, Feature.READ_RECEIPTS}
+    assert bob.features == {
+        Feature.WIRE_ONCE, Feature.CONVERSATIONS, Feature.READ_RECEIPTS, Feature.LARGE_GROUPS
+    }  # fmt: skip
     start = bob.state.cursor
     acks = [await alice.send_text(USER, bob_id, f"m{i}") for i in range(20)]
 

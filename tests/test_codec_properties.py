@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import struct
 from collections.abc import Callable
+from dataclasses import replace
 from typing import Any
 
 import pytest
@@ -67,6 +68,11 @@ from improto.frames import (
     Send,
     SendAck,
     SyncHint,
+    TimelineHead,
+    TimelineHeads,
+    TimelineHeadsPage,
+    TimelinePage,
+    TimelinePull,
     UnreadCount,
 )
 from improto.limits import (
@@ -85,10 +91,12 @@ from improto.limits import (
     MAX_PLATFORM,
     MAX_PUSH_TOKEN,
     MAX_TEXT,
+    MAX_TIMELINE_HEADS,
     MAX_TOKEN,
     NOTICE_MAX_IDS,
     OFFLINE_PAGE_MAX,
     PROTOCOL_VERSION,
+    TIMELINE_PAGE_MAX,
     U64_MAX,
 )
 
@@ -191,6 +199,30 @@ def inbox_notices(draw: st.DrawFn) -> InboxNotice:
     )  # fmt: skip
 
 
+@st.composite
+def timeline_heads(draw: st.DrawFn) -> TimelineHead:
+    done = draw(u64)
+    return TimelineHead(draw(ids), done, draw(st.integers(0, done)), draw(u32), draw(u64))
+
+
+@st.composite
+def timeline_heads_pages(draw: st.DrawFn) -> TimelineHeadsPage:
+    heads = draw(st.lists(timeline_heads(), max_size=5, unique_by=lambda h: h.group_id))
+    return TimelineHeadsPage(
+        tuple(sorted(heads, key=lambda h: h.group_id)), request_id=draw(u32), flags=draw(u8)
+    )
+
+
+@st.composite
+def timeline_pages(draw: st.DrawFn) -> TimelinePage:
+    group = draw(ids)
+    done = draw(u64)
+    # moved into the group: a timeline holds only the group's messages
+    msgs = tuple(replace(m, conv_kind=2, conv_id=group) for m in draw(_lists(messages(), hi=3)))
+    return TimelinePage(group, draw(st.integers(0, done)), done, draw(bools), msgs,
+                        request_id=draw(u32), flags=draw(u8))  # fmt: skip
+
+
 features = _lists(u16, hi=MAX_FEATURES)
 conv_limits = st.integers(0, CONV_PAGE_MAX)
 platforms = st.from_regex(rf"[a-z0-9._-]{{1,{MAX_PLATFORM}}}", fullmatch=True)
@@ -262,6 +294,12 @@ FRAME_STRATEGIES: dict[FrameType, st.SearchStrategy[Frame]] = {
     FrameType.PUSH_REGISTER_OK: st.builds(PushRegisterOk, **header),
     FrameType.PUSH_UNREGISTER: st.builds(PushUnregister, **header),
     FrameType.PUSH_UNREGISTER_OK: st.builds(PushUnregisterOk, **header),
+    FrameType.TIMELINE_HEADS: st.builds(TimelineHeads, **header),
+    FrameType.TIMELINE_HEADS_PAGE: timeline_heads_pages(),
+    FrameType.TIMELINE_PULL: st.builds(
+        TimelinePull, ids, u64, st.integers(0, TIMELINE_PAGE_MAX), **header
+    ),
+    FrameType.TIMELINE_PAGE: timeline_pages(),
 }  # fmt: skip
 
 frames = st.one_of(*FRAME_STRATEGIES.values())
@@ -308,6 +346,11 @@ MAX_FRAMES: list[tuple[str, Frame]] = [
         ConvEntry(2, U64_MAX, U64_MAX, 1, U64_MAX, 0, 0xFFFFFFFF, (_max_message(b"c" * 1150),))
         for _ in range(CONV_PAGE_MAX)))),
     ("inbox_notice", InboxNotice(0, U64_MAX, (U64_MAX,) * NOTICE_MAX_IDS)),
+    ("timeline_heads_page", TimelineHeadsPage(tuple(
+        TimelineHead(U64_MAX - MAX_TIMELINE_HEADS + i, U64_MAX, U64_MAX, 0xFFFFFFFF, U64_MAX)
+        for i in range(1, MAX_TIMELINE_HEADS + 1)))),
+    ("timeline_page", TimelinePage(U64_MAX, U64_MAX, U64_MAX, 1, tuple(
+        _max_message(b"t" * 400) for _ in range(TIMELINE_PAGE_MAX)))),
 ]  # fmt: skip
 
 

@@ -20,9 +20,11 @@ from improto.frames import HistoryPage, Message, OfflinePage, Push, PushAck, Unr
 from improto.limits import MAX_FRAME_LENGTH, OFFLINE_PAGE_MAX, U64_MAX
 from improto_server.model import (
     NOTIFY_DEVICE_FORMAT,
+    TIMELINE_JOB_FORMAT,
     DeviceNotifyJob,
     PersistJob,
     StateJob,
+    job_from_bytes,
     notify_job_from_bytes,
 )
 
@@ -192,6 +194,28 @@ def test_jobs_of_every_format_read_back() -> None:
         PersistJob.from_bytes(data[:-1])
     with pytest.raises(records.CorruptRecord):
         PersistJob.from_bytes(data[:3])
+
+
+def test_timeline_jobs_read_back_and_are_told_apart() -> None:
+    """Issue 14: a large group's message is queued as format TIMELINE_JOB_FORMAT (no users);
+    it reads back as a timeline job (job_from_bytes too), and a format-1 reader (a persister
+    from before timeline jobs) cannot mistake it for a job with users."""
+    for m in _messages(random.Random(6), 30):
+        if m.conv_kind != ConvKind.GROUP:
+            continue
+        job = PersistJob.for_timeline(m)
+        data = job.to_bytes()
+        assert data == bytes((TIMELINE_JOB_FORMAT,)) + records.record_of(m)
+        for back in (PersistJob.from_bytes(data), job_from_bytes(data)):
+            assert back == job and back.timeline and back.inbox_users == ()
+        assert PersistJob(m, (1, 2)).to_bytes()[0] == records.STORE_FORMAT  # small: as before
+        (count,) = struct.unpack_from(">I", data)
+        assert count * 8 > len(data)  # read as format 1 it would be truncated: refused
+    with pytest.raises(records.CorruptRecord):
+        PersistJob.from_bytes(data[:-1])
+    direct = next(m for m in _messages(random.Random(6), 30) if m.conv_kind == ConvKind.USER)
+    with pytest.raises(records.CorruptRecord, match="no group"):
+        PersistJob.from_bytes(bytes((TIMELINE_JOB_FORMAT,)) + records.record_of(direct))
 
 
 def test_device_notify_jobs_read_back_and_broken_ones_are_refused() -> None:

@@ -16,7 +16,7 @@ def _load(name: str) -> list:
     return json.loads((VECTORS / name).read_text(encoding="utf-8"))
 
 
-# Version 1 and the post-v1 frames of section 18 (ext-*.json).
+# Version 1 and the post-v1 frames of sections 18-20 (ext-*.json).
 VALID = _load("valid.json") + _load("ext-valid.json")
 INVALID = _load("invalid.json") + _load("ext-invalid.json")
 

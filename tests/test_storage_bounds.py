@@ -30,7 +30,7 @@ from improto.frames import Message
 from improto_server.config import InboxCaps
 from improto_server.embedded.backend import SQLiteBackend
 from improto_server.embedded.database import SCHEMA_VERSION, UnsupportedSchema
-from improto_server.model import PersistJob, PushTarget
+from improto_server.model import GroupInfo, PersistJob, PushTarget
 from improto_server.persister import Persister
 from improto_server.production.redis_connection import connect
 from improto_server.production.redis_inbox import RedisInbox
@@ -131,8 +131,14 @@ V5_TABLES = ("notify_jobs", "push_targets", "revocations")  # what schema 5 adde
 V6_TABLES = ("timeline", "timeline_heads")  # what schema 6 added
 
 
+def drop_v7_columns(db: sqlite3.Connection) -> None:
+    """Back to the tables a version-6 server had (schema 7 added the groups' large flag)."""
+    db.execute("ALTER TABLE groups DROP COLUMN large")
+
+
 def drop_v6_tables(db: sqlite3.Connection) -> None:
     """Back to the tables a version-5 server had."""
+    drop_v7_columns(db)
     for table in V6_TABLES:
         db.execute(f"DROP TABLE {table}")
 
@@ -491,7 +497,7 @@ async def test_a_version_5_database_gets_the_timeline_tables(tmp_path):
     await backend.start()
     try:
         with sqlite3.connect(path) as db:
-            assert db.execute("PRAGMA user_version").fetchone() == (SCHEMA_VERSION,) == (6,)
+            assert db.execute("PRAGMA user_version").fetchone() == (SCHEMA_VERSION,)
             after = {t: db.execute(f"SELECT * FROM {t} ORDER BY 1, 2").fetchall() for t in tables}
             assert after == before
             for table in V6_TABLES:
@@ -501,6 +507,60 @@ async def test_a_version_5_database_gets_the_timeline_tables(tmp_path):
         m = Message(10, 1_000, 1, "phone", ConvKind.GROUP, 7, ContentType.TEXT, bytes(16), b"hi")
         assert await backend.timeline.append([PersistJob(m, ())]) == [1]
         assert len((await backend.inbox.page(2, 0, 10, ANY_SIZE)).records) == 3
+    finally:
+        await backend.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_version_6_database_gets_the_large_flag(tmp_path):
+    """Schema 7 adds the groups' large flag: the column exactly as a new database has it,
+    every existing group small (whatever its size: version 6 wrote no timeline), flagged at
+    its next join above the threshold; everything else stays as it was."""
+    fresh = tmp_path / "fresh.sqlite3"
+    backend = SQLiteBackend(fresh, now_ms=FakeClock())
+    await backend.start()
+    await backend.close()
+    path = tmp_path / "v6.sqlite3"
+    clock = FakeClock()
+    backend = SQLiteBackend(path, now_ms=clock, large_group_threshold=4)
+    await backend.start()
+    big = await backend.groups.create(1, "big", (2, 3, 4, 5, 6), 10)  # 6 members
+    small = await backend.groups.create(1, "small", (2,), 10)
+    await backend.inbox.append_many([job(1, 2, body=b"hi")])
+    await backend.close()
+    tables = ("groups", "members", "inbox", "messages")
+    with sqlite3.connect(path) as db:  # back to what a version-6 server wrote
+        drop_v7_columns(db)
+        db.execute("PRAGMA user_version = 6")
+        before = {t: db.execute(f"SELECT * FROM {t} ORDER BY 1, 2").fetchall() for t in tables}
+
+    backend = SQLiteBackend(path, now_ms=clock, large_group_threshold=4)
+    await backend.start()
+    groups = backend.groups
+    try:
+        with sqlite3.connect(path) as db:
+            assert db.execute("PRAGMA user_version").fetchone() == (SCHEMA_VERSION,) == (7,)
+            after = {t: db.execute(f"SELECT * FROM {t} ORDER BY 1, 2").fetchall() for t in tables}
+            assert after["groups"] == [(*row, 0) for row in before["groups"]]
+            assert {t: after[t] for t in tables[1:]} == {t: before[t] for t in tables[1:]}
+            columns = db.execute("PRAGMA table_info(groups)").fetchall()
+        with sqlite3.connect(fresh) as db:
+            assert columns == db.execute("PRAGMA table_info(groups)").fetchall()
+        assert groups.large_threshold == 4
+        assert await groups.info(big) == GroupInfo(big, "big", 1, (1, 2, 3, 4, 5, 6), large=False)
+        assert await groups.info(small) == GroupInfo(small, "small", 1, (1, 2))
+        assert await groups.remove(big, (6,)) == (6,)  # a removal never sets the flag
+        assert not (await groups.info(big)).large
+        assert await groups.add(big, (7,), 20) == (7,)  # the next join above the threshold
+        assert (await groups.info(big)).large
+        assert len((await backend.inbox.page(2, 0, 10, ANY_SIZE)).records) == 1
+    finally:
+        await backend.close()
+    backend = SQLiteBackend(path, now_ms=clock)  # a current file opens as it is
+    await backend.start()
+    try:
+        assert (await backend.groups.info(big)).large
+        assert not (await backend.groups.info(small)).large
     finally:
         await backend.close()
 

@@ -12,7 +12,8 @@ callbacks. The layers, one module each:
   request_id, heartbeats, byte and frame counters (`wire_stats`); it hands unsolicited frames
   (PUSH, SYNC_HINT, INBOX_NOTICE, READ_UPDATE, unmatched replies) to its client.
 - `sync.sync_offline`: the offline sync loop, and its `SyncResult`; `sync.apply_notice`: the
-  INBOX_NOTICE rule. `conv_sync`: fetching the conversation list.
+  INBOX_NOTICE rule. `conv_sync`: fetching the conversation list. The timelines of large
+  groups (TIMELINE_HEADS, TIMELINE_PULL) are paged here (`sync_timelines`).
 - `IMClient` (here): the session API: connect + HELLO + FEATURES, sync after login and on
   hints, sends with retries, history, groups, conversations and read markers, and
   (optionally) reconnecting with backoff.
@@ -22,10 +23,11 @@ callbacks. The layers, one module each:
 Every public name is importable from this module too.
 
 PROTOCOL.md sections 8-12 and the client checklist (section 17) are what this implements, and
-from sections 18 and 19 (post-v1 features) wire-once delivery, conversations, read receipts
-and push registrations. Login
+from sections 18 to 20 (post-v1 features) wire-once delivery, conversations, read receipts,
+push registrations and large groups' timelines. Login
 order: HELLO_OK, FEATURES (answered before anything else is sent, so that the server follows
-the cursor from the first OFFLINE_PAGE), the sync loop, the outbox resend, and, once the
+the cursor from the first OFFLINE_PAGE), the sync loop (with LARGE_GROUPS, the timelines
+after the offline pages: section 20.6), the outbox resend, and, once the
 application has fetched the conversation list before, CONV_CHANGES from its stored version.
 A version-1 server answers FEATURES with ERROR UNKNOWN_FRAME_TYPE: the client then behaves as
 a version-1 client. `features=()` makes it one anyway (it never sends FEATURES).
@@ -38,6 +40,7 @@ a version-1 client. `features=()` makes it one anyway (it never sends FEATURES).
     await client.conversations()                # the list, newest first: client.state.convs
     await client.mark_read(ConvKind.USER, 1002, newest_msg_id)
     await client.register_push("apns", device_token, preview=True)  # notified while away
+    await client.sync_timelines()               # large groups: what their timelines hold
 """
 
 from __future__ import annotations
@@ -46,6 +49,7 @@ import random
 import uuid
 from collections import Counter
 from collections.abc import AsyncIterator, Callable, Coroutine, Iterable
+from dataclasses import dataclass, field
 
 from twisted.internet import defer
 from twisted.internet.defer import Deferred, DeferredLock
@@ -96,8 +100,13 @@ from improto.frames import (
     ReadUpdate,
     Send,
     SendAck,
+    TimelineHead,
+    TimelineHeads,
+    TimelineHeadsPage,
+    TimelinePage,
+    TimelinePull,
 )
-from improto.limits import OFFLINE_PAGE_MAX, PROTOCOL_VERSION
+from improto.limits import OFFLINE_PAGE_MAX, PROTOCOL_VERSION, TIMELINE_PAGE_MAX
 from improto_clients.conv_keys import conv_key, message_conv, parse_conv_key
 from improto_clients.conv_list import ConversationList, last_id
 from improto_clients.conv_sync import ConvResult, fetch_changes, fetch_list
@@ -114,8 +123,14 @@ from improto_clients.state import ClientState
 from improto_clients.sync import Notice, SyncResult, apply_notice, sync_offline
 from improto_clients.wire_stats import WireStats
 
-# What a client asks for by default: every post-v1 feature (sections 18, 19).
-DEFAULT_FEATURES = (Feature.WIRE_ONCE, Feature.CONVERSATIONS, Feature.READ_RECEIPTS, Feature.PUSH)
+# What a client asks for by default: every post-v1 feature (sections 18, 19, 20).
+DEFAULT_FEATURES = (
+    Feature.WIRE_ONCE,
+    Feature.CONVERSATIONS,
+    Feature.READ_RECEIPTS,
+    Feature.PUSH,
+    Feature.LARGE_GROUPS,
+)
 
 # The longest RATE_LIMITED wait obeyed before a resend: a wrong or hostile retry_after_ms must
 # not park a send, and its caller, for hours. Resending sooner only earns another refusal (it
@@ -136,6 +151,7 @@ __all__ = [
     "SessionClosed",
     "StateMismatch",
     "SyncResult",
+    "TimelineSync",
     "WireStats",
     "conv_key",
     "message_conv",
@@ -143,6 +159,18 @@ __all__ = [
 ]
 
 log = Logger()
+
+
+@dataclass
+class TimelineSync:
+    """One run of the timeline part of the sync loop (PROTOCOL.md 20.6): the heads it read,
+    the messages it stored that were new (pushes and pages deduplicated by msg_id), oldest
+    first per group, the pages it pulled, and the positions where it ended."""
+
+    heads: tuple[TimelineHead, ...] = ()
+    messages: list[Message] = field(default_factory=list)
+    pages: int = 0
+    positions: dict[int, int] = field(default_factory=dict)  # group id -> position
 
 
 class IMClient:
@@ -161,7 +189,10 @@ class IMClient:
       read up to update.msg_id (reader_id is me), or the 1:1 peer read my messages.
 
     `features`: what FEATURES asks for after HELLO_OK (`()`: a version-1 client);
-    `self.features` holds what the server enabled on the current connection. With WIRE_ONCE
+    `self.features` holds what the server enabled on the current connection. With
+    LARGE_GROUPS every sync also pages the timelines of the user's large groups (section
+    20.6) from `timeline_positions` (group id -> position, kept in memory: a new IMClient
+    starts each group at the user's read position). With WIRE_ONCE
     the cursor follows pushes by INBOX_NOTICE, so there is no sync after pushes; an
     OFFLINE_ACK of the cursor goes out `notice_ack_delay` seconds after the first notice of a
     run (and at close()), so that "resume" starts there. `track_ids`: count each delivered
@@ -214,6 +245,8 @@ class IMClient:
         self._acked_cursor: int | None = None  # the last cursor OFFLINE_ACK confirmed
         self._notice_moved = False  # a notice moved the cursor on this connection
         self._conv_lock = DeferredLock()
+        # Large groups (section 20): this device's position in each group's timeline.
+        self.timeline_positions: dict[int, int] = {}
 
     @property
     def user_id(self) -> int | None:
@@ -545,7 +578,79 @@ class IMClient:
             for m in result.messages:
                 self._conv_message(m, live=False)
             self.state.save()
+        if Feature.LARGE_GROUPS in self.features:  # section 20.6: then the timelines
+            try:
+                timelines = await self._timeline_loop(self.timeline_positions, TIMELINE_PAGE_MAX)
+            except ServerError as e:  # the offline part stands; the next sync tries again
+                self._report(e)
+            else:
+                result.messages += timelines.messages
         return result
+
+    # --- large groups (section 20)
+
+    def timeline_heads(self) -> Deferred[TimelineHeadsPage]:
+        """TIMELINE_HEADS: the user's groups that have a timeline, ascending group id, each
+        with its done, the user's read_seq, unread and the last msg_id."""
+
+        async def run() -> TimelineHeadsPage:
+            self._need(Feature.LARGE_GROUPS)
+            return await self._request(TimelineHeads(), TimelineHeadsPage)
+
+        return Deferred.fromCoroutine(run())
+
+    def timeline_pull(self, group_id: int, after_seq: int, limit: int = 0
+                      ) -> Deferred[TimelinePage]:  # fmt: skip
+        """TIMELINE_PULL: one page of the group's timeline after `after_seq` (0: from the
+        start; limit 0: the default, 200). Its messages are also stored locally (deduplicated);
+        the next page starts after page.position."""
+
+        async def run() -> TimelinePage:
+            page, _ = await self._timeline_page(group_id, after_seq, limit)
+            return page
+
+        return Deferred.fromCoroutine(run())
+
+    def sync_timelines(self, positions: dict[int, int] | None = None,
+                       limit: int = TIMELINE_PAGE_MAX) -> Deferred[TimelineSync]:  # fmt: skip
+        """The timeline part of the sync loop (section 20.6): TIMELINE_HEADS, then for each
+        group whose done differs from its position in `positions` (default:
+        `timeline_positions`; a group without one starts at its read_seq) TIMELINE_PULL until
+        has_more = 0, storing the new messages and then the position in `positions` after
+        each page. Runs one at a time with sync() (which runs it too, with LARGE_GROUPS)."""
+        where = self.timeline_positions if positions is None else positions
+        return self._sync_lock.run(self._timeline_loop, where, limit)
+
+    async def _timeline_loop(self, positions: dict[int, int], limit: int) -> TimelineSync:
+        self._need(Feature.LARGE_GROUPS)
+        heads = await self._request(TimelineHeads(), TimelineHeadsPage)
+        result = TimelineSync(heads=heads.heads)
+        for h in heads.heads:
+            p = positions.get(h.group_id, h.read_seq)
+            # done above p: new messages; below: a position from lost server data, which the
+            # first (empty) page brings back to done (20.6)
+            more = h.done != p
+            while more:
+                page, new = await self._timeline_page(h.group_id, p, limit)
+                result.pages += 1
+                result.messages += new
+                moved, p = page.position != p, page.position
+                positions[h.group_id] = p  # after the messages (stored by _timeline_page)
+                more = bool(page.has_more) and moved  # no progress: a page would repeat
+            result.positions[h.group_id] = positions[h.group_id] = p
+        return result
+
+    async def _timeline_page(self, group_id: int, after_seq: int, limit: int
+                             ) -> tuple[TimelinePage, list[Message]]:  # fmt: skip
+        """One TIMELINE_PULL; its messages stored (saved once), the new ones returned."""
+        self._need(Feature.LARGE_GROUPS)
+        page = await self._request(TimelinePull(group_id, after_seq, limit), TimelinePage)
+        new = [m for m in page.messages if self.state.add(m)]
+        if new:
+            for m in new:
+                self._conv_message(m, live=False)
+            self.state.save()
+        return page, new
 
     # --- sending (section 9.1)
 

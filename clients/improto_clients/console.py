@@ -20,6 +20,10 @@ sends "/text"). Lines run one at a time, in the order typed. Commands:
                                 have this device notified (e.g. /push fcm TOKEN) while it
                                 is not connected; "preview": with the message text
     /push off                   no more notifications to this device
+    /heads                      your large groups' timelines: how far each goes, what you
+                                have read, unread
+    /timeline [GID]             pull a large group's timeline (default: the current group)
+                                from this device's position (at first: from what you read)
     /group create NAME [ID...]  create a group with these other members
     /group add GID ID...        add members
     /group remove GID ID...     remove members (your own id: leave the group)
@@ -31,8 +35,8 @@ sends "/text"). Lines run one at a time, in the order typed. Commands:
 
 Viewing a conversation (/to, /history, or a message arriving in the current one) marks it
 read up to its newest message, on every device. Your own 1:1 messages show ✓✓ once the peer
-has read them. (Conversations and /push need a server with the post-v1 features, PROTOCOL.md
-sections 18 and 19.)
+has read them. (Conversations, /push, /heads and /timeline need a server with the post-v1
+features, PROTOCOL.md sections 18 to 20; with large groups /sync pulls their timelines too.)
 
 With --script, the same lines are read from stdin without prompts, and stdout gets one JSON
 object per event and nothing else (u64 ids as decimal strings, times in ms since the epoch):
@@ -52,6 +56,10 @@ object per event and nothing else (u64 ids as decimal strings, times in ms since
     {"event": "hidden", "conv": "user:1002"}
     {"event": "push", "registered": true, "platform": "fcm", "preview": false}
     {"event": "push", "registered": false}
+    {"event": "heads", "heads": [{"conv": "group:7", "done": "1042", "read_seq": "1040",
+     "unread": 2, "last_msg_id": "...", "position": "1040"}, ...]}
+    {"event": "timeline", "conv": "group:7", "messages": [...oldest first], "position": "1042",
+     "done": "1042", "has_more": false}
     {"event": "conv", "conv": "group:7"}    {"event": "pong", "server_time": ..., "rtt_ms": ...}
     {"event": "error", "code": 300, "name": "FORBIDDEN", "text": "...", "command": "..."}
     {"event": "closed", "reason": "REPLACED", "code": 1, "text": "..."}
@@ -88,7 +96,7 @@ from zope.interface import implementer
 
 from improto.enums import ClientKind, ContentType, ConvKind, Feature
 from improto.errors import ProtocolError
-from improto.frames import HelloOk, HistoryPage, Message, ReadUpdate, Send, SendAck
+from improto.frames import HelloOk, HistoryPage, Message, ReadUpdate, Send, SendAck, TimelineHead
 from improto.limits import CURSOR_RESUME
 from improto.tokens import mint
 from improto_clients.client import (
@@ -224,6 +232,15 @@ def render(ev: Event, me: str | None) -> str:
         lines = [render(m, me) for m in ev["messages"]]
         end = "more: /history" if ev["has_more"] else "beginning of the conversation"
         return "\n".join([f"-- history of {ev['conv']}", *lines, f"-- ({end})"])
+    if kind == "heads":
+        heads = [f"{h['conv']} {h['unread']} unread (at {h['position'] or '-'} of {h['done']})"
+                 for h in ev["heads"]]  # fmt: skip
+        return "-- large groups: " + (", ".join(heads) or "none")
+    if kind == "timeline":
+        lines = [render(m, me) for m in ev["messages"]]
+        more = ", more: /timeline" if ev["has_more"] else ""
+        at = f"-- (timeline of {ev['conv']} at {ev['position']} of {ev['done']}{more})"
+        return "\n".join([*lines, at])
     if kind == "group":
         return "-- " + _render_group(ev)
     if kind == "error":
@@ -515,6 +532,51 @@ class Console:
         self.emit({"event": "push", "registered": True, "platform": platform,
                    "preview": preview})  # fmt: skip
 
+    async def cmd_heads(self, args: list[str]) -> None:
+        if args:
+            raise UsageError("/heads")
+        page = await self.client.timeline_heads()
+        self.emit({"event": "heads", "heads": [self._head(h) for h in page.heads]})
+
+    def _head(self, h: TimelineHead) -> Event:
+        position = self.client.timeline_positions.get(h.group_id)
+        return {
+            "conv": conv_key(ConvKind.GROUP, h.group_id),
+            "done": str(h.done),
+            "read_seq": str(h.read_seq),
+            "unread": h.unread,
+            "last_msg_id": str(h.last_msg_id),
+            "position": None if position is None else str(position),  # this device's
+        }
+
+    async def cmd_timeline(self, args: list[str]) -> None:
+        c = self.client
+        if args:
+            if len(args) != 1:
+                raise UsageError("/timeline [GID]")
+            (gid,) = _ids(args, 1)
+        elif self.current is not None and self.current[0] == ConvKind.GROUP:
+            gid = self.current[1]
+        else:
+            raise UsageError("/timeline GID (or /to group ID first)")
+        conv = conv_key(ConvKind.GROUP, gid)
+        position = c.timeline_positions.get(gid)
+        if position is None:  # this device never pulled it: from what the user has read
+            heads = await c.timeline_heads()
+            position = next((h.read_seq for h in heads.heads if h.group_id == gid), 0)
+        while True:
+            page = await c.timeline_pull(gid, position)
+            moved, position = page.position != position, page.position
+            c.timeline_positions[gid] = position
+            shown = [self._message_event(conv, m, "timeline") for m in page.messages]
+            self.emit({"event": "timeline", "conv": conv, "messages": shown,
+                       "position": str(page.position), "done": str(page.done),
+                       "has_more": bool(page.has_more and moved)})  # fmt: skip
+            if not page.has_more or not moved:
+                break
+        if self.current == (ConvKind.GROUP, gid):
+            await self.mark_viewed()
+
     # --- read state
 
     async def mark_viewed(self) -> None:
@@ -603,6 +665,8 @@ class Console:
         "/convs": cmd_convs,
         "/hide": cmd_hide,
         "/push": cmd_push,
+        "/heads": cmd_heads,
+        "/timeline": cmd_timeline,
         "/group": cmd_group,
         "/groups": cmd_groups,
         "/ping": cmd_ping,

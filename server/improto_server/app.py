@@ -54,6 +54,7 @@ def make_backend(config: Config, reactor: IServerReactor) -> Backend:
         inbox_retention_ms=config.inbox_retention_ms,
         history_retention_ms=config.history_retention_ms,
         inbox_caps=config.inbox_caps,
+        large_group_threshold=config.large_group_threshold,
     )
 
 
@@ -80,7 +81,7 @@ class Server:
         if config.role in ("all", "persister"):
             self.persister = Persister(
                 b.queue, b.inbox, b.history, b.conversations, clock=self.reactor,
-                notify=b.notify_queue if pushing else None,
+                notify=b.notify_queue if pushing else None, timeline=b.timeline,
             )  # fmt: skip
             self.persister.start()
             self._sweeper = LoopingCall(self._sweep)
@@ -107,7 +108,7 @@ class Server:
             push_platforms=config.push_platforms if pushing else (),
             # every role's backend has the notify queue started: --role gateway puts its
             # devices' overdue acks there for the notifier process
-            notify_queue=b.notify_queue if pushing else None,
+            notify_queue=b.notify_queue if pushing else None, timeline=b.timeline,
         )  # fmt: skip
         self.factory = SessionFactory(
             config, self.service, self.hub, self.reactor, config.secret(), self.router

@@ -9,11 +9,12 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from improto.limits import MAX_FRAME_LENGTH
+from improto.limits import MAX_FRAME_LENGTH, MAX_GROUP_MEMBERS
 
 DAY_MS = 86_400_000
 _ONE_FRAME = 4 + 131_072  # a whole largest frame: length prefix + MAX_FRAME_LENGTH
 _MAX_BODY = 65_535
+_MAX_GROUP = MAX_GROUP_MEMBERS
 _SECOND_DAYS = 1 / 86_400
 
 # Valid ranges (inclusive) that check() enforces at start: (type, lowest, highest). int
@@ -56,6 +57,7 @@ _RANGES: dict[str, tuple[type, float, float]] = {
     "push_max_in_flight": (int, 1, 100_000),
     "push_max_pending": (int, 1, 10**8),
     "push_ack_wait_s": (float, 0, 3600),  # 0: no notification for unacknowledged pushes
+    "large_group_threshold": (int, 2, _MAX_GROUP),
 }
 
 
@@ -144,6 +146,9 @@ class Config:
     inbox_max_entries: int = 20_000  # per user; the oldest are trimmed like expired ones
     inbox_max_bytes: int = 32 * 1024 * 1024  # per user, record bytes
     max_devices_per_user: int = 16  # online at once; positions kept for the latest 64
+    # -- large groups (docs/design/large-groups.md): a group with more members than this is
+    # read-diffused (its timeline, no inbox copies); small again at 90% of it or fewer
+    large_group_threshold: int = 500
 
     def check(self) -> None:
         """Refuse combinations that cannot work, before anything starts."""

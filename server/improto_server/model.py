@@ -39,17 +39,25 @@ class ConvKey:
 
 _JOB_HEAD = struct.Struct(">BI")  # storage format, receiver count
 _U32 = struct.Struct(">I")
+TIMELINE_JOB_FORMAT = 5  # a queued timeline job's first byte (a large group's message)
 
 
 @dataclass(frozen=True, slots=True)
 class PersistJob:
-    """One accepted message and where it must be written: every inbox, and its history."""
+    """One accepted message and where it must be written: every inbox, and its history; or,
+    for a large group's message (`timeline`), its group's timeline and its history, no inbox
+    (docs/design/large-groups.md: decided at accept and carried by the job)."""
 
     message: Message
     inbox_users: tuple[int, ...]
     # The message's MESSAGE record (improto.records): what the PUSH frame, the queue, the inbox
     # entries and the history cells carry. Packed once (or kept from the job's bytes).
     _record: bytes | None = field(default=None, compare=False, repr=False)
+    timeline: bool = False  # a large group's message: inbox_users is empty
+
+    @staticmethod
+    def for_timeline(message: Message, record: bytes | None = None) -> PersistJob:
+        return PersistJob(message, (), record, timeline=True)
 
     @property
     def history_key(self) -> ConvKey:
@@ -68,15 +76,24 @@ class PersistJob:
         return records.stored(self.record)
 
     # Wire form for queues (storage format 2): u8 format, u32 user count, u64 user ids, then
-    # the record. Format 1 (before formats were numbered): u32 count, u64 ids, then a
-    # version-1 PUSH payload; `from_bytes` reads both.
+    # the record. Timeline jobs (format TIMELINE_JOB_FORMAT): u8 format, then the record.
+    # Format 1 (before formats were numbered): u32 count, u64 ids, then a version-1 PUSH
+    # payload; `from_bytes` reads all three.
     def to_bytes(self) -> bytes:
+        if self.timeline:
+            return bytes((TIMELINE_JOB_FORMAT,)) + self.record
         n = len(self.inbox_users)
         head = _JOB_HEAD.pack(records.STORE_FORMAT, n)
         return head + struct.pack(f">{n}Q", *self.inbox_users) + self.record
 
     @staticmethod
     def from_bytes(data: bytes) -> PersistJob:
+        if data[:1] == bytes((TIMELINE_JOB_FORMAT,)):
+            record = data[1:]
+            message = records.unpack_record(record)
+            if message.conv_kind != ConvKind.GROUP:
+                raise records.CorruptRecord("a timeline job of a message to no group")
+            return PersistJob.for_timeline(message, record)
         try:
             if data[0] == records.STORE_FORMAT:
                 _, n = _JOB_HEAD.unpack_from(data)
@@ -146,6 +163,9 @@ class GroupInfo:
     name: str
     owner_id: int
     members: tuple[int, ...]  # ascending
+    # read-diffused (docs/design/large-groups.md): its messages go to its timeline, not into
+    # the members' inboxes; set and cleared with the membership (GroupStore, hysteresis)
+    large: bool = False
 
 
 class LimitExceeded(Exception):
@@ -310,6 +330,9 @@ class ConvState:
     unread: int  # messages from others with msg_id > read_id
     last_id: int  # the newest message's msg_id (0: none)
     last: bytes | None  # that message's MESSAGE record (improto.records), None if none
+    # The newest hide's msg_id (0: none): a message above it unhides the row. Not part of
+    # the CONV record (nor of equality): the lists merge large groups' heads by it.
+    hide_id: int = field(default=0, compare=False)
 
 
 @dataclass(frozen=True, slots=True)

@@ -6,11 +6,12 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
 
-from twisted.internet.defer import Deferred, DeferredList
+from twisted.internet.defer import Deferred, DeferredList, fail
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
+from improto.enums import ConvKind
 from improto_server import metrics
 from improto_server.deferreds import as_deferred
 from improto_server.ids import wall_ms
@@ -21,6 +22,7 @@ from improto_server.ports import (
     InboxStore,
     NotifyQueue,
     PersistQueue,
+    TimelineStore,
 )
 
 log = Logger()
@@ -80,9 +82,12 @@ class Persister:
         clock: IReactorTime | None = None,
         fold_delay_s: float = FOLD_DELAY_S,
         notify: NotifyQueue | None = None,
+        timeline: TimelineStore | None = None,
     ) -> None:
         """`notify`: where the persisted messages go for the notifier (push notifications
-        configured), after their inbox entries and before the batch's ack."""
+        configured), after their inbox entries and before the batch's ack. `timeline`: where
+        large groups' messages (timeline jobs) go; without it such a batch fails (and is
+        retried: never dropped)."""
         if max_rows < 2:
             raise ValueError("max_rows must be at least 2 (an inbox entry and a history row)")
         if clock is None:
@@ -99,6 +104,7 @@ class Persister:
         self.clock = clock
         self.fold_delay_s = fold_delay_s
         self.notify = notify
+        self.timeline = timeline
         self.persisted = 0  # message jobs written
         self.applied = 0  # state jobs written (or skipped, without conversations)
         self.batches = 0
@@ -132,8 +138,15 @@ class Persister:
             # Rounds one after the other, in batch order: within an inbox an earlier job's
             # entry is still written first, and work queued on the stores meanwhile (accepts)
             # goes between two rounds instead of after the whole batch.
-            for inbox_jobs, history_items in rounds(messages, self.max_rows):
-                writes = [metrics.counting_errors(self.inbox.append_many(inbox_jobs), self.inbox)]
+            for round_jobs, history_items in rounds(messages, self.max_rows):
+                inbox_jobs = [j for j in round_jobs if not j.timeline]
+                writes = []
+                if inbox_jobs:
+                    writes.append(metrics.counting_errors(
+                        self.inbox.append_many(inbox_jobs), self.inbox
+                    ))  # fmt: skip
+                if len(inbox_jobs) < len(round_jobs):
+                    writes.append(self._timeline([j for j in round_jobs if j.timeline]))
                 if history_items:
                     written = self.history.append_many(history_items)
                     writes.append(metrics.counting_errors(written, self.history))
@@ -142,10 +155,16 @@ class Persister:
         finally:
             if marks is not None:  # waited for even when a round failed: no overlap on retry
                 await _all([marks])
-        if self.notify is not None and messages:
+        if convs is not None:
+            own = _own_reads(messages)
+            if own:  # a sender has read its large group up to its own message
+                await metrics.counting_errors(convs.apply(own), convs)
+        notified = [j for j in messages if not j.timeline]
+        if self.notify is not None and notified:
             # After the inboxes (a notification for a message a device cannot pull yet would
             # wake the app for nothing), before the ack (a crash notifies again, never not).
-            await self.notify.put(messages)
+            # Large groups' messages notify nobody (docs/GUARANTEES.md).
+            await self.notify.put(notified)
         if convs is not None and messages:
             for job in messages:
                 self._pending.update(job.inbox_users)
@@ -158,6 +177,13 @@ class Persister:
         oldest = min((j.message.server_time for j in messages), default=None)
         lag_s = None if oldest is None else (wall_ms() - oldest) / 1000
         metrics.persist_batch(len(jobs), self.clock.seconds() - started, lag_s)
+
+    def _timeline(self, jobs: list[PersistJob]) -> Deferred[None]:
+        """Number and store a round's large-group messages (TimelineStore.append)."""
+        if self.timeline is None:
+            return fail(RuntimeError("a large group's message, and no timeline store"))
+        d = metrics.counting_errors(self.timeline.append(jobs), self.timeline)
+        return d.addCallback(lambda _: None)
 
     # ------------------------------------------------------------------ folds
 
@@ -256,15 +282,32 @@ async def _all(writes: list[Deferred[None]]) -> None:
             value.raiseException()
 
 
+def _own_reads(jobs: Sequence[PersistJob]) -> list[StateJob]:
+    """The read marks that the large-group messages of a batch imply: each sender has read
+    its group up to its newest own message there (as ConversationStore.record does for
+    the inbox-written messages)."""
+    newest: dict[tuple[int, int], int] = {}
+    for job in jobs:
+        if job.timeline:
+            m = job.message
+            key = (m.sender_id, m.conv_id)
+            newest[key] = max(newest.get(key, 0), m.msg_id)
+    return [
+        StateJob(StateJob.MARK, user, ConvKind.GROUP, group, msg_id)
+        for (user, group), msg_id in newest.items()
+    ]
+
+
 def rounds(jobs: Sequence[PersistJob], max_rows: int) -> Iterator[_Round]:
-    """`jobs` as store rounds of at most `max_rows` rows (len(inbox_users) + 1 per job), in
-    order; a job with more receivers is split by receivers (both stores' writes are idempotent
-    per receiver and per message, so a part is a job of its own)."""
+    """`jobs` as store rounds of at most `max_rows` rows (len(inbox_users) + 1 per job, + 1
+    more for a timeline job's timeline row), in order; a job with more receivers is split by
+    receivers (both stores' writes are idempotent per receiver and per message, so a part is
+    a job of its own)."""
     inbox: list[PersistJob] = []
     history: list[tuple[ConvKey, PersistJob]] = []
     rows = 0
     for job in jobs:
-        need = len(job.inbox_users) + 1
+        need = len(job.inbox_users) + 1 + job.timeline
         if rows and rows + need > max_rows:
             yield inbox, history
             inbox, history, rows = [], [], 0
@@ -287,4 +330,4 @@ def rounds(jobs: Sequence[PersistJob], max_rows: int) -> Iterator[_Round]:
 
 
 def _part(job: PersistJob, users: tuple[int, ...]) -> PersistJob:
-    return PersistJob(job.message, users, job.record)
+    return PersistJob(job.message, users, job.record, job.timeline)

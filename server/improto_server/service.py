@@ -70,12 +70,14 @@ from improto_server.ports import (
     NotifyQueue,
     PersistQueue,
     PushRouter,
+    TimelineStore,
 )
 from improto_server.rate_limits import RateLimits
 
 if TYPE_CHECKING:
     from improto_server.conversation_service import ConversationService
     from improto_server.push_service import PushService
+    from improto_server.timeline_service import TimelineService
 
 log = Logger()
 _T = TypeVar("_T")
@@ -160,12 +162,14 @@ class ChatService:
         devices: DeviceStore | None = None,
         push_platforms: Sequence[str] = (),
         notify_queue: NotifyQueue | None = None,
+        timeline: TimelineStore | None = None,
     ) -> None:
         """`devices`: the sessions check revocations at HELLO (spec 8.2) in it; with
         `push_platforms` too (the platforms a device may register; empty: no push), devices
         may register for notifications (Feature.PUSH, spec 19). `notify_queue` (given when
         notifications are sent): where `ack_overdue` puts its jobs for the notifier; the
-        sessions watch their PUSH acknowledgements only with it."""
+        sessions watch their PUSH acknowledgements only with it. `timeline`: the large groups'
+        timelines (TIMELINE_HEADS, TIMELINE_PULL: LARGE_GROUPS, spec 20)."""
         self.ids = ids
         self.queue = queue
         self.inbox = inbox
@@ -196,6 +200,14 @@ class ChatService:
 
             self.push = PushService(devices, limits, push_platforms)
         self.notify_queue = notify_queue
+        # TIMELINE_HEADS, TIMELINE_PULL: with a timeline store only
+        self.timelines: TimelineService | None = None
+        if timeline is not None:
+            from improto_server.timeline_service import TimelineService  # uses ours
+
+            self.timelines = TimelineService(timeline, groups, conversations)
+            if self.convs is not None:  # lists show large groups' heads (spec 20)
+                self.convs.timelines = self.timelines
         # per connection: fires once its latest SEND has taken its msg_id
         self._id_gates: dict[object, Deferred[None]] = {}
 
@@ -220,9 +232,10 @@ class ChatService:
         self._id_gates[key] = gate
         try:
             members: int | None = None
+            large = False
             if req.conv_kind == ConvKind.GROUP:
                 info = await self._group_for_member(req.conv_id, caller.user_id)
-                receivers, members = info.members, len(info.members)
+                receivers, members, large = info.members, len(info.members), info.large
             else:
                 receivers = (caller.user_id, req.conv_id)
             inbox_users = tuple(sorted(set(receivers)))
@@ -240,7 +253,9 @@ class ChatService:
                 msg_id, now, caller.user_id, caller.device_id, req.conv_kind, req.conv_id,
                 req.content_type, req.client_msg_id, req.body,
             )  # fmt: skip
-            job = PersistJob(message, inbox_users)
+            # A large group's message goes to its timeline, not into the inboxes: the flag
+            # read here decides for this message whatever the membership does meanwhile.
+            job = PersistJob.for_timeline(message) if large else PersistJob(message, inbox_users)
             accepting = self._accept(job, req.client_msg_id)  # queued now
         finally:
             if self._id_gates.get(key) is gate:
@@ -248,7 +263,7 @@ class ChatService:
             gate.callback(None)
         accepted = await accepting
         if not accepted.duplicate:
-            self._push(job, caller.connection)
+            self._push(job, caller.connection, inbox_users)
         return SendAck(
             req.client_msg_id,
             accepted.msg_id,
@@ -264,9 +279,9 @@ class ChatService:
         d.addErrback(_refused, job.message.msg_id)
         return d
 
-    def _push(self, job: PersistJob, exclude: Pushable | None) -> None:
+    def _push(self, job: PersistJob, exclude: Pushable | None, receivers: Iterable[int]) -> None:
         data = records.push_frame(job.record)  # the job's record: one frame for every receiver
-        users = set(job.inbox_users)
+        users = set(receivers)
         msg_id = job.message.msg_id
         self.hub.push(users, msg_id, data, exclude)
         d = self.router.route(users, msg_id, data)  # other gateways' devices
@@ -372,8 +387,13 @@ class ChatService:
         msg: tuple[int, int],
         receivers: tuple[int, ...],
         event: dict[str, object],
+        *,
+        large: bool = False,
+        removed: tuple[int, ...] = (),
     ) -> None:
-        """Deliver a group event message (PROTOCOL.md 12.3) like any group message."""
+        """Deliver a group event message (PROTOCOL.md 12.3) like any group message: `large`
+        (the group's flag before the change) puts it in the group's timeline, and then the
+        `removed` users, who can no longer read the timeline, get it in their inboxes."""
         msg_id, now = msg
         # Keys in the order of the 12.3 table, compact: every server emits the same bytes.
         fields: dict[str, object] = {"event": event["event"], "group_id": str(group_id)}
@@ -383,12 +403,16 @@ class ChatService:
             msg_id, now, caller.user_id, caller.device_id, ConvKind.GROUP, group_id,
             ContentType.GROUP_EVENT, uuid.uuid4().bytes, body.encode(),
         )  # fmt: skip
-        job = PersistJob(message, tuple(sorted(set(receivers))))
+        users = tuple(sorted(set(receivers)))
+        job = PersistJob.for_timeline(message) if large else PersistJob(message, users)
         try:
             await self._accept(job, message.client_msg_id)
+            if large and removed:  # the same message (its own dedup key): their inboxes
+                copy = PersistJob(message, tuple(sorted(set(removed))), job.record)
+                await self._accept(copy, uuid.uuid4().bytes)
         except RequestError:
             return  # logged in _accept; the membership change itself stands
-        self._push(job, caller.connection)
+        self._push(job, caller.connection, users)
 
     def _adding_others(self, users: tuple[int, ...]) -> None:
         """Count the groups others add `users` to (PROTOCOL.md 9.4): LIMIT_EXCEEDED, nothing
@@ -439,7 +463,7 @@ class ChatService:
         if added:
             await self._group_event(
                 caller, req.group_id, event_id, (*info.members, *added),
-                {"event": "added", "members": _member_list(added)},
+                {"event": "added", "members": _member_list(added)}, large=info.large,
             )  # fmt: skip
         return GroupAddOk(req.group_id, len(added), request_id=req.request_id)
 
@@ -456,6 +480,7 @@ class ChatService:
             await self._group_event(
                 caller, req.group_id, event_id, info.members,  # includes the removed users
                 {"event": "removed", "members": _member_list(removed)},
+                large=info.large, removed=removed,
             )  # fmt: skip
         return GroupRemoveOk(req.group_id, len(removed), request_id=req.request_id)
 

@@ -103,8 +103,11 @@ FRAMES_PER_TURN = 32
 # several conversations, two), so a pipelining peer cannot queue the store's work.
 MAX_PULLS_IN_FLIGHT = 2
 _PAGE_REQUESTS = frozenset(
-    {FrameType.OFFLINE_PULL, FrameType.HISTORY_PULL, FrameType.CONV_LIST, FrameType.CONV_CHANGES}
-)
+    {
+        FrameType.OFFLINE_PULL, FrameType.HISTORY_PULL, FrameType.CONV_LIST,
+        FrameType.CONV_CHANGES, FrameType.TIMELINE_HEADS, FrameType.TIMELINE_PULL,
+    }
+)  # fmt: skip
 # Before HELLO_OK a client sends a HELLO and perhaps a PING or a few requests (spec 8.1:
 # PONG, NOT_AUTHENTICATED): fewer frames per turn, and a budget of PRELOGIN_BURST frames at
 # once refilled at PRELOGIN_RATE per second (GCRA in one float, `_budget_at`). Past it the
@@ -141,6 +144,11 @@ _PUSH_HANDLERS: dict[FrameType, str] = {
     FrameType.PUSH_REGISTER: "register",
     FrameType.PUSH_UNREGISTER: "unregister",
 }
+# Post-v1 requests (LARGE_GROUPS), answered by the service's TimelineService.
+_TIMELINE_HANDLERS: dict[FrameType, str] = {
+    FrameType.TIMELINE_HEADS: "heads",
+    FrameType.TIMELINE_PULL: "pull",
+}
 # Server-to-client types added after version 1: a connection without features gets the
 # version-1 answer for them (unknown type), one with features the server-to-client one.
 _POST_V1_REPLIES = frozenset(
@@ -148,6 +156,7 @@ _POST_V1_REPLIES = frozenset(
         FrameType.FEATURES_OK, FrameType.CONV_PAGE, FrameType.CONV_CHANGES_PAGE,
         FrameType.READ_MARK_OK, FrameType.CONV_HIDE_OK, FrameType.INBOX_NOTICE,
         FrameType.READ_UPDATE, FrameType.PUSH_REGISTER_OK, FrameType.PUSH_UNREGISTER_OK,
+        FrameType.TIMELINE_HEADS_PAGE, FrameType.TIMELINE_PAGE,
     }
 )  # fmt: skip
 _CONVERSATIONS = 1 << Feature.CONVERSATIONS
@@ -490,6 +499,9 @@ class Session(Protocol):
         elif f.TYPE in _CONV_HANDLERS:
             method = getattr(self.factory.service.convs, _CONV_HANDLERS[f.TYPE])
             self._run(f.request_id, method(self.caller, f), f.TYPE in _PAGE_REQUESTS)
+        elif f.TYPE in _TIMELINE_HANDLERS:
+            method = getattr(self.factory.service.timelines, _TIMELINE_HANDLERS[f.TYPE])
+            self._run(f.request_id, method(self.caller, f), True)
         elif f.TYPE in _PUSH_HANDLERS:
             method = getattr(self.factory.service.push, _PUSH_HANDLERS[f.TYPE])
             self._run(f.request_id, method(self.caller, f))
@@ -795,6 +807,8 @@ class Session(Protocol):
                 enabled.add(Feature.READ_RECEIPTS)
         if Feature.PUSH in asked and getattr(service, "push", None) is not None:
             enabled.add(Feature.PUSH)
+        if Feature.LARGE_GROUPS in asked and getattr(service, "timelines", None) is not None:
+            enabled.add(Feature.LARGE_GROUPS)
         self.features = feature_bits(tuple(enabled))
         wire_once = Feature.WIRE_ONCE in enabled
         follower = self.follower

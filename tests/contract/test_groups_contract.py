@@ -1,16 +1,20 @@
-"""GroupStore contract: membership, ownership transfer, since ids, limits, id allocation.
+"""GroupStore contract: membership, ownership transfer, since ids, limits, id allocation, the
+large flag.
 
 Group ids are random (spec section 5), so no test assumes an order between two new ids. A
 store draws candidates from its `new_id` attribute; tests replace it to force collisions."""
 
 from __future__ import annotations
 
+import contextlib
 import itertools
+import sqlite3
 
 import pytest
 import pytest_twisted
 
 from improto.limits import MAX_GROUP_MEMBERS, MAX_GROUPS_PER_USER, U64_MAX
+from improto_server.config import Config
 from improto_server.model import GroupInfo, GroupNotFound, LimitExceeded
 
 PORT = "groups"
@@ -233,3 +237,190 @@ async def test_create_draws_again_on_a_collision(backend):
     assert await g.groups_of(40) == ()
     assert await g.groups_of(50) == ()
     assert await g.info(taken) == GroupInfo(taken, "first", OWNER, (OWNER, 20))
+
+
+# ------------------------------------------------------------- the large flag (issue 14)
+
+THRESHOLD = 20  # large above 20 members, small again at 18 or fewer (20 * 9 // 10)
+
+
+async def size_and_flag(g, gid: int) -> tuple[int, bool]:
+    info = await g.info(gid)
+    return len(info.members), info.large
+
+
+def crowd(n: int, start: int = 1000) -> tuple[int, ...]:
+    """n members besides the owner."""
+    return tuple(range(start, start + n))
+
+
+@pytest_twisted.ensureDeferred
+async def test_the_default_threshold_is_the_configured_one(backend):
+    assert backend.groups.large_threshold == Config().large_group_threshold
+    g = backend.groups
+    gid = await g.create(OWNER, "team", crowd(3), 1)
+    assert await g.info(gid) == GroupInfo(gid, "team", OWNER, (OWNER, *crowd(3)), large=False)
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_group_created_above_the_threshold_is_large(backend):
+    g = backend.groups
+    g.large_threshold = THRESHOLD
+    at = await g.create(OWNER, "at", crowd(THRESHOLD - 1), 1)  # the owner makes it 20
+    above = await g.create(OWNER, "above", crowd(THRESHOLD), 1)
+    assert await size_and_flag(g, at) == (THRESHOLD, False)
+    assert await size_and_flag(g, above) == (THRESHOLD + 1, True)
+    assert await g.info(above) == GroupInfo(
+        above, "above", OWNER, (OWNER, *crowd(THRESHOLD)), large=True
+    )
+    # The flag is stored: another instance on the same data reads it.
+    await backend.restart()
+    assert (await backend.groups.info(above)).large
+    assert not (await backend.groups.info(at)).large
+
+
+@pytest_twisted.ensureDeferred
+async def test_an_add_above_the_threshold_makes_the_group_large(backend):
+    g = backend.groups
+    g.large_threshold = THRESHOLD
+    gid = await g.create(OWNER, "team", crowd(9), 1)
+    assert await g.add(gid, crowd(10, start=2000), 2) == crowd(10, start=2000)
+    assert await size_and_flag(g, gid) == (THRESHOLD, False)  # at the threshold: not above
+    assert await g.add(gid, (*crowd(3), OWNER), 3) == ()  # members already: nothing moves
+    assert await size_and_flag(g, gid) == (THRESHOLD, False)
+    assert await g.add(gid, (*crowd(3), 5), 4) == (5,)
+    assert await size_and_flag(g, gid) == (THRESHOLD + 1, True)
+    assert await g.add(gid, (6, 7), 5) == (6, 7)
+    assert await size_and_flag(g, gid) == (THRESHOLD + 3, True)
+    # Across the threshold in one add, from well below it.
+    other = await g.create(OWNER, "other", (), 1)
+    assert not (await g.info(other)).large
+    await g.add(other, crowd(THRESHOLD + 5, start=3000), 2)
+    assert await size_and_flag(g, other) == (THRESHOLD + 6, True)
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_large_group_stays_large_down_to_90_percent_of_the_threshold(backend):
+    g = backend.groups
+    g.large_threshold = THRESHOLD
+    members = crowd(THRESHOLD + 1)  # 22 with the owner
+    gid = await g.create(OWNER, "team", members, 1)
+    assert await size_and_flag(g, gid) == (22, True)
+    assert await g.remove(gid, members[:3]) == members[:3]
+    assert await size_and_flag(g, gid) == (19, True)  # between 90% and the threshold
+    assert await g.remove(gid, (99, 98)) == ()  # not members: nothing moves
+    assert await size_and_flag(g, gid) == (19, True)
+    assert await g.remove(gid, members[3:4]) == members[3:4]
+    assert await size_and_flag(g, gid) == (18, False)  # 20 * 9 // 10
+    # Small again, it stays small up to the threshold, and is large above it.
+    await g.add(gid, members[:2], 2)
+    assert await size_and_flag(g, gid) == (THRESHOLD, False)
+    await g.add(gid, members[2:3], 3)
+    assert await size_and_flag(g, gid) == (THRESHOLD + 1, True)
+    # Below 90% in one remove (the owner among them).
+    assert len(await g.remove(gid, (OWNER, *members[4:14]))) == 11
+    assert await size_and_flag(g, gid) == (10, False)
+
+
+@pytest_twisted.ensureDeferred
+async def test_the_small_mark_rounds_down(backend):
+    g = backend.groups
+    g.large_threshold = 4  # large above 4, small at 3 or fewer (3.6 rounded down)
+    members = crowd(4)
+    gid = await g.create(OWNER, "team", members, 1)
+    assert await size_and_flag(g, gid) == (5, True)
+    await g.remove(gid, members[:1])
+    assert await size_and_flag(g, gid) == (4, True)
+    await g.remove(gid, members[1:2])
+    assert await size_and_flag(g, gid) == (3, False)
+    g.large_threshold = 2  # the lowest the configuration allows: small at 1 member
+    await g.add(gid, (5,), 2)
+    assert await size_and_flag(g, gid) == (4, True)
+    await g.remove(gid, (5, OWNER))
+    assert await size_and_flag(g, gid) == (2, True)
+    await g.remove(gid, members[2:3])
+    assert await size_and_flag(g, gid) == (1, False)
+
+
+@pytest_twisted.ensureDeferred
+async def test_ownership_and_since_ids_do_not_depend_on_the_flag(backend):
+    g = backend.groups
+    g.large_threshold = 4
+    gid = await g.create(OWNER, "team", (30, 20), 100)
+    assert await g.add(gid, (5, 6), 200) == (5, 6)  # 5 members: large
+    assert await g.info(gid) == GroupInfo(gid, "team", OWNER, (5, 6, OWNER, 20, 30), large=True)
+    assert [await g.since(gid, u) for u in (OWNER, 20, 30, 5, 6)] == [100, 100, 100, 200, 200]
+    assert await g.remove(gid, (OWNER,)) == (OWNER,)  # the owner leaves a large group
+    assert await g.info(gid) == GroupInfo(gid, "team", 20, (5, 6, 20, 30), large=True)
+    assert await g.remove(gid, (20,)) == (20,)  # and the next one, making it small
+    assert await g.info(gid) == GroupInfo(gid, "team", 30, (5, 6, 30), large=False)
+    assert [await g.since(gid, u) for u in (5, 6, 30)] == [200, 200, 100]
+    assert await g.since(gid, 20) is None
+    assert await g.groups_of(5) == ((gid, "team"),)
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_refused_add_changes_no_flag(backend):
+    g = backend.groups
+    g.large_threshold = 4
+    user = 1
+    for i in range(MAX_GROUPS_PER_USER):
+        await g.create(user, f"g{i}", (), i)
+    small = await g.create(OWNER, "small", crowd(3), 1)  # 4 members: one more makes it large
+    large = await g.create(OWNER, "large", crowd(4), 1)
+    await g.remove(large, crowd(1))  # 4 members, large (above 90%)
+    before = [await g.info(small), await g.info(large)]
+    assert [i.large for i in before] == [False, True]
+    # Refused whole (the user is in too many groups): no member and no flag changes.
+    await raises(LimitExceeded, g.add(small, (2, user), 2))
+    await raises(LimitExceeded, g.add(large, (2, user), 2))
+    assert [await g.info(small), await g.info(large)] == before
+    # The member limit refuses whole too.
+    g.large_threshold = MAX_GROUP_MEMBERS - 2
+    full = await g.create(OWNER, "full", crowd(MAX_GROUP_MEMBERS - 3, start=100_000), 1)
+    assert await size_and_flag(g, full) == (MAX_GROUP_MEMBERS - 2, False)
+    await raises(LimitExceeded, g.add(full, (2, 3, 4), 2))
+    assert await size_and_flag(g, full) == (MAX_GROUP_MEMBERS - 2, False)
+    assert await g.add(full, (2,), 2) == (2,)
+    assert await size_and_flag(g, full) == (MAX_GROUP_MEMBERS - 1, True)
+
+
+async def forget_flags(backend) -> None:
+    """Back to the groups as a server from before the flag stored them: Redis group hashes
+    without their `large` field; a SQLite file of schema version 6 (no `large` column),
+    which the restart migrates."""
+    g = backend.groups
+    if hasattr(g, "_redis"):  # RedisGroups
+        for key in await g._redis.execute_command("KEYS", f"{g._base}g:*"):
+            if key.count(b":") == g._base.count(":") + 1:  # the group hashes
+                await g._redis.execute_command("HDEL", key, "large")
+        return
+    path = backend.current.db.path
+    await backend.current.close()
+    with contextlib.closing(sqlite3.connect(path)) as db, db:
+        db.execute("ALTER TABLE groups DROP COLUMN large")
+        db.execute("PRAGMA user_version = 6")
+    await backend.restart()
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_group_without_a_stored_flag_reads_small(backend):
+    """Groups stored before the flag existed read as small (whatever their size: none had a
+    timeline), and the flag moves at their next membership change as for any group."""
+    g = backend.groups
+    g.large_threshold = 4
+    big = await g.create(OWNER, "big", crowd(6), 1)
+    small = await g.create(OWNER, "small", crowd(2), 1)
+    await forget_flags(backend)
+    g = backend.groups
+    g.large_threshold = 4
+    assert await g.info(big) == GroupInfo(big, "big", OWNER, (OWNER, *crowd(6)), large=False)
+    assert await g.info(small) == GroupInfo(small, "small", OWNER, (OWNER, *crowd(2)))
+    await g.remove(big, crowd(1))  # a removal only ever clears the flag
+    assert await size_and_flag(g, big) == (6, False)
+    await g.add(big, (5,), 2)
+    assert await size_and_flag(g, big) == (7, True)
+    await g.remove(small, crowd(1))
+    assert await size_and_flag(g, small) == (2, False)
+    await g.add(small, (5, 6, 7), 2)
+    assert await size_and_flag(g, small) == (5, True)

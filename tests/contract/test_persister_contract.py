@@ -6,6 +6,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Sequence
 from typing import Any
 
+import pytest
 import pytest_twisted
 
 from twisted.internet.defer import Deferred
@@ -248,3 +249,63 @@ async def test_the_lists_follow_by_themselves_and_after_a_crash(backend, jobs, w
     assert persister.folds - folds <= 2  # coalesced: not one fold per batch
     assert await unread(2, 1) == 5
     persister.stop()
+
+
+@pytest_twisted.ensureDeferred
+async def test_timeline_jobs_reach_the_timeline_and_the_history_not_the_inboxes(
+    backend, jobs, wait_for
+):
+    """Issue 14: a large group's messages (timeline jobs) are numbered in queue order in the
+    group's timeline and stored in its history, in no inbox; a small-group message of the
+    same group around them (the group crossed the threshold) goes to the inboxes only. Each
+    sender's row reads up to its own newest message there; redelivering the batch changes
+    no seq, no row."""
+    convs = backend.current.conversations
+    timeline = backend.current.timeline
+    before = jobs.job(1, 2, 3, sender=2, conv_kind=GROUP, conv_id=9)  # small yet
+    large = [
+        PersistJob.for_timeline(jobs.message(sender=s, conv_kind=GROUP, conv_id=9))
+        for s in (1, 3, 1)
+    ]
+    other = PersistJob.for_timeline(jobs.message(sender=2, conv_kind=GROUP, conv_id=11))
+    queued = [before, *large, other]
+    for i, job in enumerate(queued):
+        await backend.queue.accept(job, bytes([i]) * 16)
+    persister = Persister(
+        backend.queue, backend.inbox, backend.history, convs, timeline=timeline
+    )  # fmt: skip
+    persister.start()
+    await wait_for(lambda: persister.persisted == 5, timeout=20)
+    await persister.fold_now()
+
+    for user in (1, 2, 3):
+        page = await backend.inbox.page(user, 0, 100, ANY_SIZE)
+        assert page_ids(page) == [before.message.msg_id]
+    hist = await backend.history.page(ConvKey.group(9), 0, 100, 0, ANY_SIZE)
+    assert page_ids(hist) == [j.message.msg_id for j in (before, *large)][::-1]
+    page = await timeline.after(9, 0, 100, ANY_SIZE)
+    assert (page.first_seq, page.records, page.done) == (1, tuple(j.record for j in large), 3)
+    heads = await timeline.heads([9, 11, 12])
+    assert sorted(heads) == [9, 11] and heads[11].last_msg_id == other.message.msg_id
+    reads = {u: await convs.read_positions(u, [(GROUP, 9), (GROUP, 11)]) for u in (1, 2, 3)}
+    assert reads == {
+        1: {(GROUP, 9): large[2].message.msg_id},
+        2: {(GROUP, 9): before.message.msg_id, (GROUP, 11): other.message.msg_id},
+        3: {(GROUP, 9): large[1].message.msg_id},
+    }
+
+    lists = await _lists(backend, (1, 2, 3))
+    await persister.handle(queued)  # redelivered
+    await persister.fold_now()
+    assert await _lists(backend, (1, 2, 3)) == lists
+    again = await timeline.after(9, 0, 100, ANY_SIZE)
+    assert (again.first_seq, again.records, again.done) == (1, page.records, 3)
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_timeline_job_without_a_timeline_store_is_retried_not_dropped(backend, jobs):
+    persister = Persister(backend.queue, backend.inbox, backend.history)
+    job = PersistJob.for_timeline(jobs.message(sender=1, conv_kind=GROUP, conv_id=9))
+    with pytest.raises(RuntimeError, match="no timeline store"):
+        await persister.handle([job])
+    assert persister.persisted == 0

@@ -309,3 +309,27 @@ async def test_state_jobs_survive_a_restart_and_a_failed_batch_comes_again(backe
             done = max(done, start + len(batch))
     assert done == len(queued)
     assert [ok for _, ok in rec.attempts].count(False) == 2
+
+
+@pytest_twisted.ensureDeferred
+async def test_timeline_jobs_travel_intact_among_the_others(backend, jobs, wait_for):
+    """Issue 14: a large group's message (a timeline job, no receivers) is deduplicated and
+    delivered like any job, in order with the small-group jobs of its group."""
+    group = {"conv_kind": ConvKind.GROUP, "conv_id": 9}
+    sent = [
+        jobs.job(1, 2, 3, sender=1, **group),
+        PersistJob.for_timeline(jobs.message(sender=2, **group)),
+        jobs.job(1, 2, 3, sender=3, **group),
+        PersistJob.for_timeline(jobs.message(sender=1, **group)),
+    ]
+    for i, job in enumerate(sent):
+        assert not (await backend.queue.accept(job, bytes([i + 1]) * 16)).duplicate
+    dup = await backend.queue.accept(
+        PersistJob.for_timeline(jobs.message(sender=2, **group)), bytes([2]) * 16
+    )
+    assert dup.duplicate and dup.msg_id == sent[1].message.msg_id
+    rec = Recorder()
+    backend.queue.consume(rec, max_batch=10)
+    await wait_for(lambda: len(rec.done) >= 4)
+    assert rec.done == sent
+    assert [j.timeline for j in rec.done] == [False, True, False, True]

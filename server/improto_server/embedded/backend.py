@@ -24,7 +24,7 @@ from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from improto_server.config import DAY_MS, InboxCaps
+from improto_server.config import DAY_MS, Config, InboxCaps
 from improto_server.embedded.conversations import SQLiteConversations, expire_conversations
 from improto_server.embedded.database import Database, Event, delete_unreferenced
 from improto_server.embedded.devices import SQLiteDevices
@@ -55,8 +55,10 @@ class SQLiteBackend:
         inbox_retention_ms: int = 7 * DAY_MS,
         history_retention_ms: int = 180 * DAY_MS,
         inbox_caps: InboxCaps | None = None,
+        large_group_threshold: int = Config.large_group_threshold,
     ) -> None:
-        """`inbox_caps`: Config.inbox_caps (None: the defaults)."""
+        """`inbox_caps`: Config.inbox_caps (None: the defaults); `large_group_threshold`:
+        Config.large_group_threshold (the groups' large flag)."""
         self._reactor = reactor if reactor is not None else server_reactor()
         self.now_ms = now_ms or wall_ms
         self.inbox_retention_ms = inbox_retention_ms
@@ -68,7 +70,7 @@ class SQLiteBackend:
         self.queue = SQLiteQueue(self.db, self._reactor, self.now_ms)
         self.inbox = SQLiteInbox(self.db, self.now_ms, inbox_retention_ms, caps=inbox_caps)
         self.history = SQLiteHistory(self.db, self.now_ms, history_retention_ms)
-        self.groups = SQLiteGroups(self.db)
+        self.groups = SQLiteGroups(self.db, large_threshold=large_group_threshold)
         # Conversation rows are kept as long as the history, counted from their last change.
         self.conversations = SQLiteConversations(self.db, self.now_ms, history_retention_ms)
         self.devices = SQLiteDevices(self.db, self.now_ms)

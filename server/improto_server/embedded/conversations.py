@@ -458,7 +458,7 @@ def _apply(db: sqlite3.Connection, jobs: list[StateJob], now: int) -> None:
 
 _ROW_COLS = (
     "c.conv_kind, c.conv_id, c.version, c.hidden, c.read_id, c.peer_read_id, c.unread,"
-    " c.last_id, " + record_size_sql("m")
+    " c.last_id, " + record_size_sql("m") + ", c.hide_id"
 )
 
 
@@ -485,10 +485,10 @@ def _page(db: sqlite3.Connection, rows: list[Any], limit: int, max_bytes: int) -
 
 
 def _state(row: Sequence[Any], last: bytes | None) -> ConvState:
-    kind, conv, version, hidden, read, peer, unread, last_id, _ = row
+    kind, conv, version, hidden, read, peer, unread, last_id, _, hide = row
     return ConvState(
         kind, unsigned(conv), version, bool(hidden), unsigned(read), unsigned(peer), unread,
-        unsigned(last_id), last,
+        unsigned(last_id), last, unsigned(hide),
     )  # fmt: skip
 
 

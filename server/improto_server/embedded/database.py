@@ -48,9 +48,9 @@ from improto_server.deferreds import as_deferred
 _R = TypeVar("_R")
 _Call = tuple[Callable[..., Any], tuple[Any, ...], "Deferred[Any]"]
 
-SCHEMA_VERSION = 6  # 2: inbox sizes and byte totals, positions' last use; 3: conversations;
+SCHEMA_VERSION = 7  # 2: inbox sizes and byte totals, positions' last use; 3: conversations;
 # 4: conversations folded from the inboxes (conv_users.folded_to); 5: push registrations,
-# revocations and the notifier's queue; 6: large groups' timelines
+# revocations and the notifier's queue; 6: large groups' timelines; 7: the groups' large flag
 
 _BIAS = BIAS = 1 << 63  # signed(v) = v - BIAS
 SQLITE_MAX_INT = _BIAS - 1
@@ -139,11 +139,13 @@ CREATE TABLE IF NOT EXISTS history (
 CREATE INDEX IF NOT EXISTS history_age ON history (server_time);
 CREATE INDEX IF NOT EXISTS history_msg ON history (msg_id);
 
--- AUTOINCREMENT: group ids and join sequence numbers are never reused.
+-- AUTOINCREMENT: group ids and join sequence numbers are never reused. large: 1 while the
+-- group is read-diffused (embedded/groups.py, large_after_join), set with the membership.
 CREATE TABLE IF NOT EXISTS groups (
     group_id INTEGER PRIMARY KEY AUTOINCREMENT,
     name TEXT NOT NULL,
-    owner_id INTEGER NOT NULL
+    owner_id INTEGER NOT NULL,
+    large INTEGER NOT NULL DEFAULT 0
 );
 CREATE TABLE IF NOT EXISTS members (
     join_seq INTEGER PRIMARY KEY AUTOINCREMENT,
@@ -314,6 +316,9 @@ WHERE user_id NOT IN (SELECT user_id FROM conv_users);
     4: _PUSH_SCHEMA,
     # New tables only: no group has a timeline yet.
     5: _TIMELINE_SCHEMA,
+    # Every group small (version 6 wrote no timeline; the threshold is configuration, not
+    # stored): one above the threshold becomes large at its next join.
+    6: "ALTER TABLE groups ADD COLUMN large INTEGER NOT NULL DEFAULT 0;",
 }
 
 

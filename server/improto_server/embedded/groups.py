@@ -7,6 +7,10 @@ largest value the INTEGER PRIMARY KEY holds as itself (group ids are stored unbi
 the same range as the Redis store's. Join sequence numbers come from an AUTOINCREMENT column
 and order members for ownership transfer. Every check and write of one call is one
 transaction, so the member and per-user limits hold exactly.
+
+A group's `large` flag (docs/design/large-groups.md) is decided by the same transaction as
+the membership write that moves it (large_after_join, large_after_leave), so info() reads
+members and flag together.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ from collections.abc import Callable
 from twisted.internet.defer import Deferred
 
 from improto.limits import MAX_GROUP_MEMBERS, MAX_GROUPS_PER_USER
+from improto_server.config import Config
 from improto_server.embedded.database import SQLITE_MAX_INT, Database, id_list, signed, unsigned
 from improto_server.model import GroupInfo, GroupNotFound, LimitExceeded
 
@@ -31,28 +36,50 @@ def random_group_id() -> int:
     return secrets.randbelow(GROUP_ID_MAX) + 1
 
 
+# A group's large flag (hysteresis: a group at the threshold does not flip on every join and
+# leave). The Redis store's scripts apply the same two rules.
+
+
+def large_after_join(large: bool, members: int, threshold: int) -> bool:
+    """The flag after a create or add left the group with `members`: large once it has more
+    than `threshold`, else unchanged."""
+    return large or members > threshold
+
+
+def large_after_leave(large: bool, members: int, threshold: int) -> bool:
+    """The flag after a removal left the group with `members`: small again at 90% of the
+    threshold or fewer (rounded down), else unchanged."""
+    return large and members > threshold * 9 // 10
+
+
 class SQLiteGroups:
     """GroupStore. add/remove raise GroupNotFound for a group id that was never created.
 
     `new_id` draws candidate group ids; tests replace it to force collisions or to give two
-    stores the same ids."""
+    stores the same ids. `large_threshold`: Config.large_group_threshold (see
+    large_after_join); read by each call, so tests may set a small one."""
 
-    def __init__(self, db: Database) -> None:
+    def __init__(
+        self, db: Database, *, large_threshold: int = Config.large_group_threshold
+    ) -> None:
         self._db = db
         self.new_id: Callable[[], int] = random_group_id
+        self.large_threshold = large_threshold
 
     def create(
         self, owner_id: int, name: str, members: tuple[int, ...], since_id: int
     ) -> Deferred[int]:
-        return self._db.call(_create, owner_id, name, members, since_id, self.new_id)
+        return self._db.call(
+            _create, owner_id, name, members, since_id, self.new_id, self.large_threshold
+        )
 
     def add(
         self, group_id: int, users: tuple[int, ...], since_id: int
     ) -> Deferred[tuple[int, ...]]:
-        return self._db.call(_add, group_id, users, since_id)
+        return self._db.call(_add, group_id, users, since_id, self.large_threshold)
 
     def remove(self, group_id: int, users: tuple[int, ...]) -> Deferred[tuple[int, ...]]:
-        return self._db.call(_remove, group_id, users)
+        return self._db.call(_remove, group_id, users, self.large_threshold)
 
     def info(self, group_id: int) -> Deferred[GroupInfo | None]:
         return self._db.call(_info, group_id)
@@ -95,6 +122,7 @@ def _create(
     members: tuple[int, ...],
     since_id: int,
     new_id: Callable[[], int],
+    threshold: int,
 ) -> int:
     owner = signed(owner_id)
     users = [owner, *sorted({signed(u) for u in members} - {owner})]
@@ -102,7 +130,11 @@ def _create(
         raise LimitExceeded(f"a group has at most {MAX_GROUP_MEMBERS} members")
     _check_user_limits(db, users)
     gid = _free_group_id(db, new_id)
-    db.execute("INSERT INTO groups (group_id, name, owner_id) VALUES (?, ?, ?)", (gid, name, owner))
+    large = large_after_join(False, len(users), threshold)
+    db.execute(
+        "INSERT INTO groups (group_id, name, owner_id, large) VALUES (?, ?, ?, ?)",
+        (gid, name, owner, large),
+    )
     _join(db, gid, users, signed(since_id))
     return gid
 
@@ -118,14 +150,25 @@ def _free_group_id(db: sqlite3.Connection, new_id: Callable[[], int]) -> int:
     raise RuntimeError(f"no free group id in {CREATE_ATTEMPTS} random draws")
 
 
-def _require_group(db: sqlite3.Connection, group_id: int) -> tuple[int, int]:
-    """(stored group id, stored owner id); GroupNotFound if the group does not exist."""
+def _require_group(db: sqlite3.Connection, group_id: int) -> tuple[int, int, bool]:
+    """(stored group id, stored owner id, large); GroupNotFound if the group does not exist."""
     gid = _group_key(group_id)
     if gid is not None:
-        row = db.execute("SELECT owner_id FROM groups WHERE group_id = ?", (gid,)).fetchone()
+        row = db.execute("SELECT owner_id, large FROM groups WHERE group_id = ?", (gid,)).fetchone()
         if row is not None:
-            return gid, row[0]
+            return gid, row[0], bool(row[1])
     raise GroupNotFound(group_id)
+
+
+def _count(db: sqlite3.Connection, gid: int) -> int:
+    (count,) = db.execute("SELECT count(*) FROM members WHERE group_id = ?", (gid,)).fetchone()
+    return int(count)
+
+
+def _set_large(db: sqlite3.Connection, gid: int, was: bool, large: bool) -> None:
+    """Store the group's new flag (written only when it changes)."""
+    if large != was:
+        db.execute("UPDATE groups SET large = ? WHERE group_id = ?", (large, gid))
 
 
 def _current(db: sqlite3.Connection, gid: int, users: list[int]) -> list[int]:
@@ -141,24 +184,27 @@ def _current(db: sqlite3.Connection, gid: int, users: list[int]) -> list[int]:
 
 
 def _add(
-    db: sqlite3.Connection, group_id: int, users: tuple[int, ...], since_id: int
+    db: sqlite3.Connection, group_id: int, users: tuple[int, ...], since_id: int, threshold: int
 ) -> tuple[int, ...]:
-    gid, _ = _require_group(db, group_id)
+    gid, _, large = _require_group(db, group_id)
     wanted = sorted({signed(u) for u in users})
     present = set(_current(db, gid, wanted))
     new = [u for u in wanted if u not in present]
     if not new:
         return ()
-    (count,) = db.execute("SELECT count(*) FROM members WHERE group_id = ?", (gid,)).fetchone()
+    count = _count(db, gid)
     if count + len(new) > MAX_GROUP_MEMBERS:
         raise LimitExceeded(f"a group has at most {MAX_GROUP_MEMBERS} members")
     _check_user_limits(db, new)
     _join(db, gid, new, signed(since_id))
+    _set_large(db, gid, large, large_after_join(large, count + len(new), threshold))
     return tuple(unsigned(u) for u in new)
 
 
-def _remove(db: sqlite3.Connection, group_id: int, users: tuple[int, ...]) -> tuple[int, ...]:
-    gid, owner = _require_group(db, group_id)
+def _remove(
+    db: sqlite3.Connection, group_id: int, users: tuple[int, ...], threshold: int
+) -> tuple[int, ...]:
+    gid, owner, large = _require_group(db, group_id)
     gone = _current(db, gid, sorted({signed(u) for u in users}))
     if not gone:
         return ()
@@ -172,6 +218,7 @@ def _remove(db: sqlite3.Connection, group_id: int, users: tuple[int, ...]) -> tu
         ).fetchone()
         new_owner = row[0] if row else signed(0)
         db.execute("UPDATE groups SET owner_id = ? WHERE group_id = ?", (new_owner, gid))
+    _set_large(db, gid, large, large_after_leave(large, _count(db, gid), threshold))
     return tuple(unsigned(u) for u in gone)
 
 
@@ -179,13 +226,18 @@ def _info(db: sqlite3.Connection, group_id: int) -> GroupInfo | None:
     gid = _group_key(group_id)
     if gid is None:
         return None
-    row = db.execute("SELECT name, owner_id FROM groups WHERE group_id = ?", (gid,)).fetchone()
+    row = db.execute(
+        "SELECT name, owner_id, large FROM groups WHERE group_id = ?", (gid,)
+    ).fetchone()
     if row is None:
         return None
     members = db.execute(
         "SELECT user_id FROM members WHERE group_id = ? ORDER BY user_id", (gid,)
     ).fetchall()
-    return GroupInfo(gid, row[0], unsigned(row[1]), tuple(unsigned(u) for (u,) in members))
+    name, owner, large = row
+    return GroupInfo(
+        gid, name, unsigned(owner), tuple(unsigned(u) for (u,) in members), bool(large)
+    )
 
 
 def _since(db: sqlite3.Connection, group_id: int, user_id: int) -> int | None:

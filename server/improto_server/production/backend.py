@@ -67,7 +67,7 @@ class ProductionBackend:
         self.conversations = RedisConversations(
             self.redis, prefix, now_ms, config.history_retention_ms
         )
-        self.groups = RedisGroups(self.redis, prefix)
+        self.groups = RedisGroups(self.redis, prefix, large_threshold=config.large_group_threshold)
         self.devices = RedisDevices(self.redis, prefix, now_ms)
         self.notify_queue = RabbitNotifyQueue(config.amqp, prefix=prefix, reactor=reactor)
         self.queue = RabbitQueue(

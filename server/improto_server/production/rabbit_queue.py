@@ -16,7 +16,8 @@ means the broker has written it to disk.
 Conversation-state changes (`accept_state`, StateJob) are published the same way, to the
 partition of their conversation, so they keep their place among its messages; they have no
 dedup key (applying one twice changes nothing), so a failed or unconfirmed one is simply
-retried by the caller, and Redis plays no part. A batch that carries one is typed MIXED_TYPE
+retried by the caller, and Redis plays no part. A batch that carries one, or a large group's
+message (a timeline job, which older persisters cannot read and dead-letter), is typed MIXED_TYPE
 (amqp_jobs).
 
 Failures: Redis unavailable: accept fails before anything is published. RabbitMQ
@@ -75,7 +76,14 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from improto_server.deferreds import as_deferred
-from improto_server.model import Accepted, ConvKey, PersistJob, QueuedJob, StateJob
+from improto_server.model import (
+    TIMELINE_JOB_FORMAT,
+    Accepted,
+    ConvKey,
+    PersistJob,
+    QueuedJob,
+    StateJob,
+)
 from improto_server.ports import BatchHandler
 from improto_server.production.amqp_connection import AmqpConnection, AmqpProtocol, Hook
 from improto_server.production.amqp_jobs import (
@@ -368,7 +376,8 @@ class RabbitQueue:
     ) -> None:
         """Publish the claimed job; settle the dedup key on success or failure."""
         try:
-            await self._publish(conv, data, msg_id)
+            # A timeline job travels as MIXED_TYPE too: newer than what BATCH_TYPE readers know
+            await self._publish(conv, data, msg_id, state=data[0] == TIMELINE_JOB_FORMAT)
         except NotPublished:
             # Nothing reached the broker. A key this accept created can go; one taken over
             # may have been published by its earlier owner, so it is only marked failed.

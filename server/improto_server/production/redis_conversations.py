@@ -1200,4 +1200,5 @@ def _row(field: bytes, state: bytes | None, stored: bytes | None, user_id: int) 
         conv_kind=int(kind), conv_id=int(conv, 16), version=int(version),
         hidden=state[64:65] == b"1", read_id=int(state[16:32], 16),
         peer_read_id=int(state[32:48], 16), unread=int(unread), last_id=last_id, last=last,
+        hide_id=int(state[48:64], 16),
     )  # fmt: skip

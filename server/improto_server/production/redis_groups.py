@@ -2,9 +2,11 @@
 
 Key layout (P = the prefix):
 
-    P:{groups}:g:<gid>          hash    name, owner (0: nobody), joins (the join counter).
-                                        Exists exactly when the group was created, and
-                                        for ever (so an id is never reused).
+    P:{groups}:g:<gid>          hash    name, owner (0: nobody), joins (the join counter),
+                                        large (1: read-diffused, 0 or absent: not; absent
+                                        in groups created before the flag). Exists exactly
+                                        when the group was created, and for ever (so an
+                                        id is never reused).
     P:{groups}:g:<gid>:since    hash    member -> since_id: the member list
     P:{groups}:g:<gid>:joined   zset    member -> join number (small, exact as a score): the
                                         earliest joiner inherits the group
@@ -29,6 +31,11 @@ more. Python draws the candidate and the create script refuses one that a group 
 candidate is replaced by a new draw. Deployments from before random ids may hold a
 `P:{groups}:seq` counter: it is no longer read or written, and the sequential ids it gave out
 are still refused as candidates because their groups exist.
+
+The `large` flag (docs/design/large-groups.md) follows embedded/groups.py's rules: set by
+the create or add script that leaves the group with more than the threshold (an argument, so
+the scripts hold no configuration), cleared by the remove script that leaves it with 90% of it
+or fewer, in the same script as the membership write, so _INFO reads both from one state.
 """
 
 from __future__ import annotations
@@ -43,6 +50,7 @@ from twisted.internet.defer import Deferred, fail
 from twisted.python.failure import Failure
 
 from improto.limits import MAX_GROUP_MEMBERS, MAX_GROUPS_PER_USER
+from improto_server.config import Config
 from improto_server.model import GroupInfo, GroupNotFound, LimitExceeded
 from improto_server.production.redis_connection import (
     LuaScript,
@@ -59,24 +67,25 @@ end
 """
 
 # KEYS: the group sets of the users (owner first). ARGV: key base, name, since,
-# groups-per-user limit, the candidate group id, the users. Returns the new group id; TAKEN
-# (nothing written) if a group has the candidate id. The limits are checked first, so a
-# refusal for them does not depend on the draw.
+# groups-per-user limit, the candidate group id, the large threshold, the users. Returns the
+# new group id; TAKEN (nothing written) if a group has the candidate id. The limits are
+# checked first, so a refusal for them does not depend on the draw.
 _CREATE = LuaScript("""
 local base, name, since, cap, gid = ARGV[1], ARGV[2], ARGV[3], tonumber(ARGV[4]), ARGV[5]
 local n = #KEYS
 for i = 1, n do
   if redis.call('SCARD', KEYS[i]) >= cap then
-    return redis.error_reply('LIMIT user ' .. ARGV[5 + i] .. ' is in ' .. ARGV[4] .. ' groups')
+    return redis.error_reply('LIMIT user ' .. ARGV[6 + i] .. ' is in ' .. ARGV[4] .. ' groups')
   end
 end
 local g = base .. 'g:' .. gid
 if redis.call('EXISTS', g) == 1 then
   return redis.error_reply('TAKEN group id in use')
 end
-redis.call('HSET', g, 'name', name, 'owner', ARGV[6], 'joins', n)
+local large = n > tonumber(ARGV[6]) and '1' or '0'
+redis.call('HSET', g, 'name', name, 'owner', ARGV[7], 'joins', n, 'large', large)
 for i = 1, n do
-  local u = ARGV[5 + i]
+  local u = ARGV[6 + i]
   redis.call('HSET', g .. ':since', u, since)
   redis.call('ZADD', g .. ':joined', i, u)  -- in the given order: owner, then ascending ids
   redis.call('SADD', KEYS[i], gid)
@@ -85,13 +94,14 @@ return gid
 """)
 
 # KEYS: group, since, joined, then the group sets of the users. ARGV: gid, since, member
-# limit, groups-per-user limit, the users (ascending). Returns the users added.
+# limit, groups-per-user limit, the large threshold, the users (ascending). Returns the users
+# added.
 _ADD = LuaScript(
     _GROUP_EXISTS
     + """
 local gid, since, maxm, cap = ARGV[1], ARGV[2], tonumber(ARGV[3]), tonumber(ARGV[4])
 local new = {}
-for i = 5, #ARGV do
+for i = 6, #ARGV do
   if redis.call('HEXISTS', KEYS[2], ARGV[i]) == 0 then
     new[#new + 1] = i
   end
@@ -99,11 +109,12 @@ end
 if #new == 0 then
   return {}
 end
-if redis.call('HLEN', KEYS[2]) + #new > maxm then
+local count = redis.call('HLEN', KEYS[2]) + #new
+if count > maxm then
   return redis.error_reply('LIMIT a group has at most ' .. ARGV[3] .. ' members')
 end
 for _, i in ipairs(new) do
-  if redis.call('SCARD', KEYS[i - 1]) >= cap then
+  if redis.call('SCARD', KEYS[i - 2]) >= cap then
     return redis.error_reply('LIMIT user ' .. ARGV[i] .. ' is in ' .. ARGV[4] .. ' groups')
   end
 end
@@ -112,25 +123,28 @@ for _, i in ipairs(new) do
   local u = ARGV[i]
   redis.call('HSET', KEYS[2], u, since)
   redis.call('ZADD', KEYS[3], redis.call('HINCRBY', KEYS[1], 'joins', 1), u)
-  redis.call('SADD', KEYS[i - 1], gid)
+  redis.call('SADD', KEYS[i - 2], gid)
   out[#out + 1] = u
+end
+if count > tonumber(ARGV[5]) then
+  redis.call('HSET', KEYS[1], 'large', '1')
 end
 return out
 """
 )
 
-# KEYS: group, since, joined, then the group sets of the users. ARGV: gid, the users
-# (ascending). Returns the users removed.
+# KEYS: group, since, joined, then the group sets of the users. ARGV: gid, the large
+# threshold, the users (ascending). Returns the users removed.
 _REMOVE = LuaScript(
     _GROUP_EXISTS
     + """
 local owner = redis.call('HGET', KEYS[1], 'owner')
 local out, owner_left = {}, false
-for i = 2, #ARGV do
+for i = 3, #ARGV do
   local u = ARGV[i]
   if redis.call('HDEL', KEYS[2], u) == 1 then
     redis.call('ZREM', KEYS[3], u)
-    redis.call('SREM', KEYS[i + 2], ARGV[1])
+    redis.call('SREM', KEYS[i + 1], ARGV[1])
     out[#out + 1] = u
     if u == owner then
       owner_left = true
@@ -141,18 +155,24 @@ if owner_left then
   local first = redis.call('ZRANGE', KEYS[3], 0, 0)  -- the lowest join number
   redis.call('HSET', KEYS[1], 'owner', first[1] or '0')
 end
+local threshold = tonumber(ARGV[2])
+if #out > 0 and redis.call('HLEN', KEYS[2]) <= math.floor(threshold * 9 / 10)
+    and redis.call('HGET', KEYS[1], 'large') == '1' then
+  redis.call('HSET', KEYS[1], 'large', '0')
+end
 return out
 """
 )
 
-# KEYS: group, since. Returns nil for an unknown group, else {name, owner, {members}}: one
-# script so that owner and members are read from the same state.
+# KEYS: group, since. Returns nil for an unknown group, else {name, owner, {members}, large
+# (1 or 0; 0 when absent)}: one script so that owner, members and flag are read from the same
+# state.
 _INFO = LuaScript("""
-local v = redis.call('HMGET', KEYS[1], 'name', 'owner')
+local v = redis.call('HMGET', KEYS[1], 'name', 'owner', 'large')
 if not v[1] then
   return false
 end
-return {v[1], v[2], redis.call('HKEYS', KEYS[2])}
+return {v[1], v[2], redis.call('HKEYS', KEYS[2]), v[3] == '1' and 1 or 0}
 """)
 
 # KEYS: the user's group set. ARGV: key base. Returns {gid1, name1, gid2, name2, ...}.
@@ -195,13 +215,21 @@ def _ids(values: list[bytes]) -> tuple[int, ...]:
 class RedisGroups:
     """GroupStore on Redis: each operation is one atomic script (see the module docstring)."""
 
-    def __init__(self, redis: RedisClient, prefix: str) -> None:
+    def __init__(
+        self,
+        redis: RedisClient,
+        prefix: str,
+        *,
+        large_threshold: int = Config.large_group_threshold,
+    ) -> None:
         check_binary(redis)
         self._redis = redis
         self._base = f"{prefix}:{{groups}}:"
         # Draws candidate group ids; tests replace it to force collisions or to give two
         # stores the same ids.
         self.new_id: Callable[[], int] = random_group_id
+        # Config.large_group_threshold, passed to each script (tests may set a small one).
+        self.large_threshold = large_threshold
 
     def start(self) -> Deferred[None]:
         """Load the scripts (optional: an unknown script falls back to EVAL)."""
@@ -228,7 +256,10 @@ class RedisGroups:
             gid = self.new_id()
             if not 1 <= gid <= GROUP_ID_MAX:
                 return fail(ValueError(f"group id {gid} outside 1..{GROUP_ID_MAX}"))
-            args = [self._base, name.encode(), since_id, MAX_GROUPS_PER_USER, gid, *users]
+            args = [
+                self._base, name.encode(), since_id, MAX_GROUPS_PER_USER, gid,
+                self.large_threshold, *users,
+            ]  # fmt: skip
             d = _CREATE(self._redis, keys, args)
             return d.addErrback(taken, tries)
 
@@ -245,22 +276,26 @@ class RedisGroups:
     ) -> Deferred[tuple[int, ...]]:
         wanted = sorted(set(users))
         keys = [*self._group_keys(group_id), *map(self._user_key, wanted)]
-        args = [group_id, since_id, MAX_GROUP_MEMBERS, MAX_GROUPS_PER_USER, *wanted]
+        args = [
+            group_id, since_id, MAX_GROUP_MEMBERS, MAX_GROUPS_PER_USER, self.large_threshold,
+            *wanted,
+        ]  # fmt: skip
         d = _ADD(self._redis, keys, args)
         return d.addCallbacks(_ids, _translate, errbackArgs=(group_id,))
 
     def remove(self, group_id: int, users: tuple[int, ...]) -> Deferred[tuple[int, ...]]:
         wanted = sorted(set(users))
         keys = [*self._group_keys(group_id), *map(self._user_key, wanted)]
-        d = _REMOVE(self._redis, keys, [group_id, *wanted])
+        d = _REMOVE(self._redis, keys, [group_id, self.large_threshold, *wanted])
         return d.addCallbacks(_ids, _translate, errbackArgs=(group_id,))
 
     def info(self, group_id: int) -> Deferred[GroupInfo | None]:
         def build(reply: list[Any] | None) -> GroupInfo | None:
             if reply is None:
                 return None
-            name, owner, members = reply
-            return GroupInfo(group_id, name.decode(), int(owner), tuple(sorted(_ids(members))))
+            name, owner, members, large = reply
+            ids = tuple(sorted(_ids(members)))
+            return GroupInfo(group_id, name.decode(), int(owner), ids, large == 1)
 
         return _INFO(self._redis, self._group_keys(group_id)[:2], []).addCallback(build)
 

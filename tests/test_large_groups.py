@@ -1,0 +1,305 @@
+"""Large groups end to end (issue 14, PROTOCOL.md section 20): sessions on StringTransports
+over a real embedded backend and its persister, the group threshold set low (4) so that a
+few users cross it. A large group's messages are pushed to its online members and reach the
+others through TIMELINE_HEADS / TIMELINE_PULL, never through their inboxes; a message is in
+a member's inbox or in the timeline, never both, never neither, across crossings."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import pytest_twisted
+
+from twisted.internet import reactor
+
+from improto.enums import ContentType, ConvKind, Feature
+from improto.errors import ErrorCode
+from improto.frames import (
+    Error,
+    Features,
+    FeaturesOk,
+    Frame,
+    GroupAdd,
+    GroupAddOk,
+    GroupCreate,
+    GroupCreated,
+    GroupRemove,
+    GroupRemoveOk,
+    HistoryPage,
+    HistoryPull,
+    Message,
+    OfflinePage,
+    OfflinePull,
+    Push,
+    ReadMark,
+    ReadMarkOk,
+    Send,
+    SendAck,
+    TimelineHeads,
+    TimelineHeadsPage,
+    TimelinePage,
+    TimelinePull,
+)
+from improto_server.config import Config
+from improto_server.embedded.backend import SQLiteBackend
+from improto_server.hub import Hub
+from improto_server.ids import IdGenerator
+from improto_server.model import ConvKey
+from improto_server.persister import Persister
+from improto_server.rate_limits import RateLimits
+from improto_server.service import ChatService
+from improto_server.session import SessionFactory
+from tests.contract.pages import ANY_SIZE
+from tests.support.sessions import Peer, fake_clock
+from tests.support.waiting import eventually
+
+SECRET = "large-groups-test-secret-0123456789ab"
+THRESHOLD = 4  # large above 4 members, small again at 3 or fewer
+OWNER, B, C, D, E, F = 21, 22, 23, 24, 25, 26
+LARGE = (Feature.LARGE_GROUPS, Feature.CONVERSATIONS)
+
+
+@dataclass
+class Stack:
+    backend: SQLiteBackend
+    factory: SessionFactory
+    persister: Persister
+    hosts: int = 0
+    rid: int = 100
+
+    def peer(self, user: int, features: tuple[int, ...] = LARGE, device: str = "phone") -> Peer:
+        self.hosts += 1
+        p = Peer(self.factory, host=f"192.0.2.{self.hosts}")
+        p.login(user, device)
+        if features:
+            p.send(Features(features, request_id=2))
+            (ok,) = p.frames()
+            assert isinstance(ok, FeaturesOk) and set(features) <= set(ok.features), ok
+        return p
+
+    async def ask(
+        self, peer: Peer, make: Callable[[int], Frame], pushes: list[Message] | None = None
+    ) -> Any:
+        """Send the request (a fresh request id) and return its reply; pushes meanwhile
+        go to `pushes`."""
+        self.rid += 1
+        rid = self.rid
+        peer.send(make(rid))
+        got: list[Frame] = []
+
+        def replied() -> bool:
+            for f in peer.frames():
+                if isinstance(f, Push):
+                    if pushes is not None:
+                        pushes.append(f.message)
+                else:
+                    got.append(f)
+            return any(f.request_id == rid for f in got)
+
+        await eventually(replied)
+        (reply,) = [f for f in got if f.request_id == rid]
+        return reply
+
+    async def send(self, peer: Peer, group: int, body: bytes) -> int:
+        ack = await self.ask(
+            peer,
+            lambda r: Send(bytes([r % 256]) * 16, ConvKind.GROUP, group, 1, body, request_id=r),
+        )
+        assert isinstance(ack, SendAck), ack
+        return ack.msg_id
+
+    async def settled(self, n: int) -> None:
+        await eventually(lambda: self.persister.persisted >= n)
+
+    async def timeline(self, peer: Peer, group: int, after: int = 0, limit: int = 0
+                       ) -> list[TimelinePage]:  # fmt: skip
+        pages = []
+        while True:
+            page = await self.ask(
+                peer, lambda r, a=after: TimelinePull(group, a, limit, request_id=r)
+            )
+            assert isinstance(page, TimelinePage), page
+            pages.append(page)
+            after = page.position
+            if not page.has_more:
+                return pages
+
+    async def heads(self, peer: Peer) -> dict[int, Any]:
+        page = await self.ask(peer, lambda r: TimelineHeads(request_id=r))
+        assert isinstance(page, TimelineHeadsPage), page
+        return {h.group_id: h for h in page.heads}
+
+    async def inbox_ids(self, user: int) -> list[int]:
+        page = await self.backend.inbox.page(user, 0, 1000, ANY_SIZE)
+        return [int.from_bytes(r[:8], "big") for r in page.records]
+
+    async def history_ids(self, group: int) -> list[int]:
+        page = await self.backend.history.page(ConvKey.group(group), 0, 1000, 0, ANY_SIZE)
+        return sorted(int.from_bytes(r[:8], "big") for r in page.records)
+
+
+@pytest_twisted.async_yield_fixture()
+async def stack(tmp_path: Path) -> AsyncIterator[Stack]:
+    backend = SQLiteBackend(
+        tmp_path / "db.sqlite3", reactor=reactor, large_group_threshold=THRESHOLD
+    )
+    await backend.start()
+    config = replace(Config(), large_group_threshold=THRESHOLD)
+    clock = fake_clock()
+    hub = Hub()
+    service = ChatService(
+        IdGenerator(1), backend.queue, backend.inbox, backend.history, backend.groups, hub,
+        limits=RateLimits(config, clock), conversations=backend.conversations,
+        timeline=backend.timeline,
+    )  # fmt: skip
+    persister = Persister(backend.queue, backend.inbox, backend.history, backend.conversations,
+                          timeline=backend.timeline)  # fmt: skip
+    persister.start()
+    yield Stack(backend, SessionFactory(config, service, hub, clock, SECRET), persister)
+    persister.stop()
+    await backend.close()
+
+
+async def _group(s: Stack, owner: Peer, members: tuple[int, ...]) -> int:
+    created = await s.ask(owner, lambda r: GroupCreate("big", members, request_id=r))
+    assert isinstance(created, GroupCreated), created
+    return created.group_id
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_large_groups_messages_are_pushed_and_pulled_not_in_the_inboxes(stack):
+    s = stack
+    owner, v1 = s.peer(OWNER), s.peer(B, features=())
+    gid = await _group(s, owner, (B, C, D, E))  # 5 members: large
+    events = 1
+    m1 = await s.send(owner, gid, b"one")
+    m2 = await s.send(owner, gid, b"two")
+    await s.settled(events + 2)
+    pushed: list[Message] = []
+    await s.ask(v1, lambda r: OfflinePull(0, 0, request_id=r), pushed)  # (a round trip)
+    assert [m.msg_id for m in pushed if m.content_type != ContentType.GROUP_EVENT] == [m1, m2]
+
+    for user in (OWNER, B, C, D, E):  # the created event (before the group was large) only
+        ids = await s.inbox_ids(user)
+        assert len(ids) == 1 and m1 not in ids and m2 not in ids
+    assert (await s.history_ids(gid))[-2:] == [m1, m2]  # HISTORY_PULL as before
+
+    carol = s.peer(C)
+    heads = await s.heads(carol)
+    assert list(heads) == [gid]
+    h = heads[gid]
+    assert (h.done, h.read_seq, h.unread, h.last_msg_id) == (2, 0, 2, m2)
+    (page,) = await s.timeline(carol, gid)
+    assert [m.msg_id for m in page.messages] == [m1, m2]
+    assert (page.position, page.done, page.has_more) == (2, 2, 0)
+    assert [m.body for m in page.messages] == [b"one", b"two"]
+    again = await s.timeline(carol, gid, after=2)
+    assert [(p.position, p.messages) for p in again] == [(2, ())]
+
+    mine = (await s.heads(owner))[gid]  # the sender has read up to its own message
+    assert (mine.read_seq, mine.unread) == (2, 0)
+    # Marked read on one device: every device's read_seq.
+    ok = await s.ask(carol, lambda r: ReadMark(ConvKind.GROUP, gid, m1, request_id=r))
+    assert isinstance(ok, ReadMarkOk)
+    await eventually(lambda: s.persister.applied >= 1)
+    other_device = s.peer(C, device="tablet")
+    h = (await s.heads(other_device))[gid]
+    assert (h.read_seq, h.unread) == (1, 1)
+
+
+@pytest_twisted.ensureDeferred
+async def test_forward_pages_hold_200_and_chain_by_position(stack):
+    s = stack
+    owner = s.peer(OWNER)
+    gid = await _group(s, owner, (B, C, D, E))
+    sent = [await s.send(owner, gid, f"m{i}".encode()) for i in range(230)]
+    await s.settled(231)
+    reader = s.peer(C)
+    pages = await s.timeline(reader, gid)
+    assert [len(p.messages) for p in pages] == [200, 30]
+    assert [p.position for p in pages] == [200, 230]
+    assert [m.msg_id for p in pages for m in p.messages] == sent
+    small = await s.timeline(reader, gid, after=225, limit=2)
+    assert [[m.msg_id for m in p.messages] for p in small] == [sent[225:227], sent[227:229],
+                                                               sent[229:]]  # fmt: skip
+
+
+@pytest_twisted.ensureDeferred
+async def test_pulls_refused_as_history_pulls_are(stack):
+    s = stack
+    owner, outsider = s.peer(OWNER), s.peer(F)
+    gid = await s.ask(owner, lambda r: GroupCreate("big", (B, C, D, E), request_id=r))
+    gid = gid.group_id
+    err = await s.ask(outsider, lambda r: TimelinePull(gid, 0, 0, request_id=r))
+    assert isinstance(err, Error) and err.code == ErrorCode.FORBIDDEN
+    err = await s.ask(outsider, lambda r: TimelinePull(gid + 1, 0, 0, request_id=r))
+    assert isinstance(err, Error) and err.code == ErrorCode.NOT_FOUND
+    v1 = s.peer(B, features=())
+    err = await s.ask(v1, lambda r: TimelinePull(gid, 0, 0, request_id=r))
+    assert isinstance(err, Error) and err.code == ErrorCode.UNKNOWN_FRAME_TYPE
+    assert await s.heads(outsider) == {}
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_late_joiner_reads_from_its_join_and_a_removed_member_cannot(stack):
+    s = stack
+    owner = s.peer(OWNER)
+    gid = await _group(s, owner, (B, C, D, E))
+    before = await s.send(owner, gid, b"before F joined")
+    added = await s.ask(owner, lambda r: GroupAdd(gid, (F,), request_id=r))
+    assert isinstance(added, GroupAddOk) and added.count == 1
+    after = await s.send(owner, gid, b"after")
+    await s.settled(4)
+    late = s.peer(F)
+    h = (await s.heads(late))[gid]
+    assert (h.done, h.read_seq, h.unread) == (3, 1, 2)  # the join event and `after`
+    (page,) = await s.timeline(late, gid)
+    assert before not in [m.msg_id for m in page.messages]
+    assert [m.msg_id for m in page.messages][-1] == after and page.position == 3
+    assert [m.msg_id for m in (await s.timeline(late, gid, after=0))[0].messages] == [
+        m.msg_id for m in page.messages
+    ]
+    removed = await s.ask(owner, lambda r: GroupRemove(gid, (F,), request_id=r))
+    assert isinstance(removed, GroupRemoveOk) and removed.count == 1
+    err = await s.ask(late, lambda r: TimelinePull(gid, 0, 0, request_id=r))
+    assert isinstance(err, Error) and err.code == ErrorCode.FORBIDDEN
+    await s.settled(6)  # the removal event, in the timeline and in F's inbox
+    # The removed member learns of its removal in its inbox (it cannot read the timeline).
+    assert (await s.inbox_ids(F))[-1] > after
+
+
+@pytest_twisted.ensureDeferred
+async def test_crossing_the_threshold_both_ways_loses_and_duplicates_nothing(stack):
+    """Small (3) -> large (5) -> still large (4: above 90%) -> small (3): for every member,
+    each message of the group is in its inbox or in the timeline, exactly once."""
+    s = stack
+    owner = s.peer(OWNER)
+    gid = await _group(s, owner, (B, C))
+    sent = [await s.send(owner, gid, b"small")]
+    await s.ask(owner, lambda r: GroupAdd(gid, (D, E), request_id=r))
+    sent.append(await s.send(owner, gid, b"large"))
+    await s.ask(owner, lambda r: GroupRemove(gid, (E,), request_id=r))
+    sent.append(await s.send(owner, gid, b"still large"))
+    await s.ask(owner, lambda r: GroupRemove(gid, (D,), request_id=r))
+    sent.append(await s.send(owner, gid, b"small again"))
+    total = 4 + 4  # messages and events (created, added, removed twice)
+    await s.settled(total + 2)  # and the removal events' copies for E's and D's inboxes
+    history = await s.history_ids(gid)
+    assert len(history) == total and set(sent) <= set(history)
+
+    reader = s.peer(B)
+    timeline = {m.msg_id for p in await s.timeline(reader, gid) for m in p.messages}
+    assert timeline and sent[1] in timeline and sent[2] in timeline
+    for user in (OWNER, B, C):  # members throughout
+        inbox = set(await s.inbox_ids(user))
+        assert not inbox & timeline
+        assert inbox | timeline == set(history), user
+    assert sent[0] in inbox and sent[3] in inbox
+    assert (await s.heads(reader))[gid].done == len(timeline)  # frozen, still listed
+    pulled = await s.ask(reader, lambda r: HistoryPull(ConvKind.GROUP, gid, 0, 0, request_id=r))
+    assert isinstance(pulled, HistoryPage)
+    assert sorted(m.msg_id for m in pulled.messages) == history
+    assert isinstance(await s.ask(reader, lambda r: OfflinePull(0, 0, request_id=r)), OfflinePage)
