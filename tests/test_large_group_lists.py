@@ -126,6 +126,7 @@ class Harness:
 @pytest_twisted.async_yield_fixture()
 async def make(tmp_path: Path) -> AsyncIterator[Callable[..., object]]:
     made: list[SQLiteBackend] = []
+    persisters: list[Persister] = []
 
     async def build(store: Callable[[Any], Any] | None = None) -> Harness:
         backend = SQLiteBackend(
@@ -146,9 +147,12 @@ async def make(tmp_path: Path) -> AsyncIterator[Callable[..., object]]:
             timeline=backend.timeline,
         )  # fmt: skip
         persister.start()
+        persisters.append(persister)
         return Harness(backend, service, persister)
 
     yield build
+    for p in persisters:
+        p.stop()  # no fold timer left to fire into a closed database
     for b in made:
         await b.close()
 

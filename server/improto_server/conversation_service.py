@@ -60,10 +60,6 @@ from improto_server.service import RequestError, available, check_rate
 # behind than that gets the rest folded by the persister, and the list a little stale.
 FOLD_CALLS = 4
 
-# One read of the user's rows by version (ConversationStore.changes) while looking for the
-# stored rows of its large groups: the port has no lookup of given rows.
-SCAN_ROWS = 1000
-SCAN_BYTES = 4 * records.CONV_RECORD_BYTES
 # The version shown for a large group's row the store does not have (the member never read,
 # hid or wrote there): the lowest one a CONV record may carry. Such a row changes no list
 # version, so CONV_CHANGES never returns it; the first stored change gives the row a real one.
@@ -154,21 +150,10 @@ class ConversationService:
     async def _large_rows(
         self, user_id: int, large: Mapping[int, LargeState]
     ) -> dict[int, ConvState]:
-        """The stored rows (hidden ones too) of these groups of the user, by group id.
-
-        The port reads rows by activity or by version only: this reads the user's rows by
-        version until each group's row was seen or none is left (a row changed meanwhile
-        comes again, later: the last one seen is kept)."""
-        found: dict[int, ConvState] = {}
-        since = 0
-        while True:
-            rows = await available(self.store.changes(user_id, since, SCAN_ROWS, SCAN_BYTES))
-            for c in rows.convs:
-                if _is_large(c, large):
-                    found[c.conv_id] = c
-            if not rows.has_more or not rows.convs or len(found) == len(large):
-                return found
-            since = rows.convs[-1].version
+        """The stored rows (hidden ones too) of these groups of the user, by group id."""
+        convs = [(int(ConvKind.GROUP), g) for g in large]
+        found = await available(self.store.rows(user_id, convs))
+        return {conv: row for (_, conv), row in found.items()}
 
     async def _merged_page(
         self, user_id: int, large: Mapping[int, LargeState], before_id: int, limit: int

@@ -18,6 +18,7 @@ from improto_server.model import (
     Accepted,
     ConvKey,
     ConvRows,
+    ConvState,
     GroupInfo,
     HistoryRecords,
     InboxIds,
@@ -217,6 +218,12 @@ class ConversationStore(Protocol):
         self, user_id: int, convs: Sequence[tuple[int, int]]
     ) -> Deferred[dict[tuple[int, int], int]]:
         """read_id of each (conv_kind, conv_id) of the user that has a row with read_id > 0."""
+
+    def rows(
+        self, user_id: int, convs: Sequence[tuple[int, int]]
+    ) -> Deferred[dict[tuple[int, int], ConvState]]:
+        """The user's retained rows (hidden ones too) of these (conv_kind, conv_id), with
+        their last records; conversations without a row are left out. Reads only."""
 
 
 class GroupStore(Protocol):

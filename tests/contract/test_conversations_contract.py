@@ -526,6 +526,29 @@ async def test_read_positions(backend, jobs):
 
 
 @pytest_twisted.ensureDeferred
+async def test_rows_of_given_conversations(backend, jobs):
+    """`rows`: the rows asked for, hidden ones too, equal to what `changes` returns for them
+    (last record included); absent ones left out; rows past retention (swept) too."""
+    convs = store(backend)
+    first = direct(jobs, BOB, ALICE)
+    await convs.record([first, group(jobs, BOB, (ALICE, BOB))])
+    await convs.apply([hide(ALICE, GRP, GROUP, U64_MAX - 1), mark(ALICE, USER, BOB, 1)])
+    every = {
+        (c.conv_kind, c.conv_id): c for c in (await convs.changes(ALICE, 0, 100, ANY_SIZE)).convs
+    }
+    asked = [(GRP, GROUP), (USER, BOB), (USER, CAROL), (GRP, GROUP), (GRP, 99)]
+    got = await convs.rows(ALICE, asked)
+    assert got == {k: every[k] for k in ((GRP, GROUP), (USER, BOB))}
+    assert got[(GRP, GROUP)].hidden and got[(USER, BOB)].last == first.record
+    assert got[(GRP, GROUP)].hide_id == U64_MAX - 1
+    assert await convs.rows(ALICE, []) == {}
+    assert await convs.rows(CAROL, asked) == {}
+    backend.advance(backend.history_retention_ms + 1)
+    await backend.sweep()
+    assert await convs.rows(ALICE, asked) == {}
+
+
+@pytest_twisted.ensureDeferred
 async def test_rows_go_a_retention_after_their_last_change(backend, jobs):
     convs = store(backend)
     retention = backend.history_retention_ms

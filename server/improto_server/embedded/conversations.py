@@ -94,6 +94,11 @@ class SQLiteConversations(RetainedStore):
     ) -> Deferred[dict[tuple[int, int], int]]:
         return self._db.call(_read_positions, user_id, list(convs))
 
+    def rows(
+        self, user_id: int, convs: Sequence[tuple[int, int]]
+    ) -> Deferred[dict[tuple[int, int], ConvState]]:
+        return self._db.call(_rows, user_id, list(convs))
+
 
 # ------------------------------------------------------------------------ writes
 
@@ -540,6 +545,21 @@ def _read_positions(
         if row is not None and row[0] != _NONE:
             found[(kind, conv)] = unsigned(row[0])
     return found
+
+
+def _rows(
+    db: sqlite3.Connection, user_id: int, convs: list[tuple[int, int]]
+) -> dict[tuple[int, int], ConvState]:
+    user = signed(user_id)
+    found = []
+    for kind, conv in dict.fromkeys(convs):
+        found += db.execute(
+            f"SELECT {_ROW_COLS} FROM conv_rows c LEFT JOIN messages m ON m.msg_id = c.last_id"
+            " WHERE c.user_id = ? AND c.conv_kind = ? AND c.conv_id = ?",
+            (user, kind, signed(conv)),
+        ).fetchall()
+    states = _page(db, found, len(found), 2**62)  # every one, with its last record
+    return {(c.conv_kind, c.conv_id): c for c in states}
 
 
 # --------------------------------------------------------------------- retention

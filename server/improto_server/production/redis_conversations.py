@@ -71,7 +71,7 @@ from collections.abc import Callable, Mapping, Sequence, Sized
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, succeed
 
 from improto.enums import ConvKind
 from improto.records import (
@@ -757,7 +757,29 @@ return out
 """
 )
 
-SCRIPTS = (_CHANGE, _BY_ACTIVITY, _CHANGES, _READ_POSITIONS, _FOLD_READ)
+# KEYS: rows, last, age. ARGV: cutoff_ms, then row fields. Reads only: for each field, the
+# row's state and its stored last record (false when absent), or false, false for a row that
+# is absent or past retention.
+_ROWS = LuaScript(
+    """
+local cutoff = tonumber(ARGV[1])
+local out = {}
+for i = 2, #ARGV do
+  local s = redis.call('HGET', KEYS[1], ARGV[i])
+  local at = tonumber(redis.call('ZSCORE', KEYS[3], ARGV[i]))
+  if s and at and at >= cutoff then
+    out[#out + 1] = s
+    out[#out + 1] = redis.call('HGET', KEYS[2], ARGV[i])
+  else
+    out[#out + 1] = false
+    out[#out + 1] = false
+  end
+end
+return out
+"""
+)
+
+SCRIPTS = (_CHANGE, _BY_ACTIVITY, _CHANGES, _READ_POSITIONS, _FOLD_READ, _ROWS)
 
 
 class _FoldRow(NamedTuple):
@@ -1139,6 +1161,27 @@ class RedisConversations:
             return out
 
         return _READ_POSITIONS(self._redis, [rows, age], args).addCallback(positions)
+
+    def rows(
+        self, user_id: int, convs: Sequence[tuple[int, int]]
+    ) -> Deferred[dict[tuple[int, int], ConvState]]:
+        wanted = list(dict.fromkeys(convs))
+        if not wanted:
+            return succeed({})
+        fields = [_field(k, c) for k, c in wanted]
+        _, rows, last, *_, age = self.keys(user_id)
+
+        def found(reply: list[bytes | None]) -> dict[tuple[int, int], ConvState]:
+            out = {}
+            for conv, field, state, stored in zip(
+                wanted, fields, reply[0::2], reply[1::2], strict=True
+            ):
+                if state is not None:
+                    out[conv] = _row(field.encode(), state, stored, user_id)
+            return out
+
+        args = [self._cutoff(), *fields]
+        return _ROWS(self._redis, [rows, last, age], args).addCallback(found)
 
 
 def _hex(value: int) -> str:
