@@ -61,7 +61,7 @@ _RECORD_FIELDS: dict[type[Record], tuple[str, ...]] = {
     for cls in (Message, UnreadCount, GroupSummary, ConvEntry, TimelineHead)
 }
 # Plain lists of integers: the dataclasses hold them as tuples.
-_INT_LISTS = frozenset({"members", "features", "msg_ids"})
+_INT_LISTS = frozenset({"members", "features", "msg_ids", "held"})
 
 
 def _record(cls: type[R], c: Wire) -> R:

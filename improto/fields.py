@@ -234,6 +234,68 @@ class List16(_Construct[list[_P], Sequence[_B]], Generic[_P, _B]):
         return f"build_list_{u}(obj, io, this)"
 
 
+class TailList16(List16[_P, _B]):
+    """A List16 that may be left out as a frame's last field: no bytes at all parse as the
+    empty list, and the empty list is built as no bytes (so a frame without it keeps the
+    bytes of the layout that had no such field); a present count is checked as List16's."""
+
+    def _parse(self, stream: IO[bytes], context: Container, path: str) -> list[_P]:
+        head = stream.read(2)
+        if not head:
+            return []
+        if len(head) != 2:
+            raise MalformedFrame(f"truncated: wanted 2 bytes, {len(head)} left")
+        (n,) = _U16.unpack(head)
+        _check_len(n, self.lo, self.hi, self.field_name, InvalidField)
+        return [self.subcon._parsereport(stream, context, path) for _ in range(n)]
+
+    def _build(
+        self, obj: Sequence[_B], stream: IO[bytes], context: Container, path: str
+    ) -> Sequence[_B]:
+        if not obj:
+            return obj
+        return super()._build(obj, stream, context, path)
+
+    def _emitparse(self, code: CodeGen) -> str:
+        u = code.allocateId()
+        name, lo, hi = self.field_name, self.lo, self.hi
+        code.append(
+            f"""
+            from improto.fields import _check_len, _U16
+            from improto.errors import InvalidField, MalformedFrame
+            def parse_tail_{u}(io, this):
+                head = io.read(2)
+                if not head:
+                    return []
+                if len(head) != 2:
+                    raise MalformedFrame('truncated: wanted 2 bytes, 1 left')
+                n = _U16.unpack(head)[0]
+                _check_len(n, {lo}, {hi}, {name!r}, InvalidField)
+                return [{self.subcon._compileparse(code)} for i in range(n)]
+            """
+        )
+        return f"parse_tail_{u}(io, this)"
+
+    def _emitbuild(self, code: CodeGen) -> str:
+        u = code.allocateId()
+        name, lo, hi = self.field_name, self.lo, self.hi
+        code.append(
+            f"""
+            from improto.fields import _check_len, _U16
+            from improto.errors import EncodeError
+            def build_tail_{u}(objs, io, this):
+                if not objs:
+                    return objs
+                _check_len(len(objs), {lo}, {hi}, {name!r}, EncodeError)
+                io.write(_U16.pack(len(objs)))
+                for obj in objs:
+                    {self.subcon._compilebuild(code)}
+                return objs
+            """
+        )
+        return f"build_tail_{u}(obj, io, this)"
+
+
 class FixedBytes(_Construct[bytes, bytes]):
     """Exactly `size` opaque bytes, checked in both directions."""
 

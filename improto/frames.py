@@ -24,6 +24,7 @@ from improto.limits import (
     NOTICE_MAX_IDS,
     OFFLINE_PAGE_MAX,
     PROTOCOL_VERSION,
+    TIMELINE_HELD_MAX,
     TIMELINE_PAGE_MAX,
     U64_MAX,
 )
@@ -62,6 +63,16 @@ def _check_ids(ids: tuple[int, ...], lo: int, hi: int, name: str) -> None:
     _check_count(ids, lo, hi, name)
     for uid in ids:
         _check_id(uid, name)
+
+
+def _check_ascending_ids(ids: tuple[int, ...], lo: int, hi: int, name: str) -> None:
+    """An id list that is a set: lo..hi ids, strictly ascending (no repeats)."""
+    _check_ids(ids, lo, hi, name)
+    previous = 0
+    for i in ids:
+        if i <= previous:
+            raise _bad(f"{name}: ids not strictly ascending")
+        previous = i
 
 
 def _check_text_body(content_type: int, body: bytes) -> None:
@@ -683,17 +694,21 @@ class TimelineHeadsPage(Frame):
 
 @dataclass(frozen=True, slots=True)
 class TimelinePull(Frame):
-    """The group's timeline messages of seqs above `after_seq`, oldest first."""
+    """The group's timeline messages of seqs above `after_seq`, oldest first. `held`: msg_ids
+    of the group the client already holds (strictly ascending, at most 1000): the page omits
+    them, its position covers them as if they had been sent (spec 20.4)."""
 
     TYPE = FrameType.TIMELINE_PULL
     group_id: int
     after_seq: int = 0
     limit: int = 0
+    held: tuple[int, ...] = ()
 
     def validate(self) -> None:
         _check_id(self.group_id, "group_id")
         if self.limit > TIMELINE_PAGE_MAX:
             raise _bad(f"limit: {self.limit} exceeds {TIMELINE_PAGE_MAX}")
+        _check_ascending_ids(self.held, 0, TIMELINE_HELD_MAX, "held")
 
 
 @dataclass(frozen=True, slots=True)

@@ -29,7 +29,7 @@ U64_FIELDS = frozenset(
         "since_version", "list_version", "version", "read_id", "peer_read_id", "from_cursor",
         "to_cursor", "msg_ids", "reader_id",
         # post-v1 (spec section 20)
-        "done", "read_seq", "last_msg_id", "after_seq", "position",
+        "done", "read_seq", "last_msg_id", "after_seq", "position", "held",
     }
 )  # fmt: skip
 _RECORD_OF = {

@@ -38,6 +38,9 @@ MAX_PUSH_TOKEN = 4096  # UTF-8 bytes of a push token
 TIMELINE_PAGE_DEFAULT = 200
 TIMELINE_PAGE_MAX = 200
 MAX_TIMELINE_HEADS = MAX_GROUPS_PER_USER
+# TIMELINE_PULL `held`: the msg_ids the client already holds, omitted from the page (but
+# covered by its position); at most this many per request.
+TIMELINE_HELD_MAX = 1000
 
 U64_MAX = 2**64 - 1
 # OFFLINE_PULL cursor value meaning "start after the position the server stored for this device".

@@ -17,7 +17,7 @@ queued jobs readable: `record_of_stored` reads every format ever written.
 from __future__ import annotations
 
 import struct
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Collection, Iterable, Mapping, Sequence
 
 from improto.codec import decode_payload
 from improto.enums import ConvKind, FrameType
@@ -361,15 +361,18 @@ def timeline_window(
     done: int,
     min_msg_id: int = 0,
     budget: int = TIMELINE_RECORD_BYTES,
+    held: Collection[int] = (),
 ) -> tuple[int, bool, list[bytes]]:
-    """(position, has_more, records) of the TIMELINE_PAGE answering TIMELINE_PULL(after_seq)
-    from a store's page (TimelineStore.after: the records of seqs first_seq, first_seq + 1,
-    ... up to done, has_more, done), spec 20.4: the leading records that fit in `budget`; of
-    those, the ones a member whose window starts at `min_msg_id` may read (msg_id >=
-    min_msg_id, HISTORY_PULL's rule); the ones outside the window are skipped but covered.
-    position: the seq of the last record kept, or for a page without records `done` (also
-    when after_seq is above it: the client then stores the lower value), and never above
-    done; has_more: seqs above position, up to done, exist."""
+    """(position, has_more, records) of the TIMELINE_PAGE answering TIMELINE_PULL(after_seq,
+    held) from a store's page (TimelineStore.after: the records of seqs first_seq,
+    first_seq + 1, ... up to done, has_more, done), spec 20.4: the leading records that fit in
+    `budget`; of those, the ones a member whose window starts at `min_msg_id` may read (msg_id
+    >= min_msg_id, HISTORY_PULL's rule) and that the client does not hold (msg_id not in
+    `held`, best a set); the others are omitted but covered. The run, and so position and
+    has_more, is chosen before anything is omitted: the page is the one of an empty `held`
+    without the held records. position: the seq of the last record of the run, or for a page
+    without records `done` (also when after_seq is above it: the client then stores the
+    lower value), and never above done; has_more: seqs above position, up to done, exist."""
     n = min(timeline_fit(records, budget), max(done - first_seq + 1, 0))  # none above done
     if n:
         position = first_seq + n - 1
@@ -378,6 +381,8 @@ def timeline_window(
         more = has_more
         position = min(after_seq, done) if more else done
     kept = [r for r in records[:n] if _U64.unpack_from(r)[0] >= min_msg_id]
+    if held:
+        kept = [r for r in kept if _U64.unpack_from(r)[0] not in held]
     return position, more and position < done, kept
 
 

@@ -25,7 +25,7 @@ from construct import (
 )
 
 from improto.enums import FrameType as T
-from improto.fields import Blob, End, FixedBytes, List16, PackedRun, Utf8
+from improto.fields import Blob, End, FixedBytes, List16, PackedRun, TailList16, Utf8
 from improto.limits import (
     CONV_PAGE_MAX,
     HISTORY_PAGE_MAX,
@@ -43,6 +43,7 @@ from improto.limits import (
     MAX_TOKEN,
     NOTICE_MAX_IDS,
     OFFLINE_PAGE_MAX,
+    TIMELINE_HELD_MAX,
     TIMELINE_PAGE_MAX,
 )
 
@@ -233,7 +234,12 @@ def _bodies(record: Callable[[list[Field]], Struct]) -> dict[T, list[Field]]:
         # post-v1 (spec section 20)
         T.TIMELINE_HEADS: [],
         T.TIMELINE_HEADS_PAGE: ["heads" / List16("heads", head, 0, MAX_TIMELINE_HEADS)],
-        T.TIMELINE_PULL: ["group_id" / Int64ub, "after_seq" / Int64ub, "limit" / Int16ub],
+        T.TIMELINE_PULL: [
+            "group_id" / Int64ub,
+            "after_seq" / Int64ub,
+            "limit" / Int16ub,
+            "held" / TailList16("held", Int64ub, 0, TIMELINE_HELD_MAX),
+        ],
         T.TIMELINE_PAGE: [
             "group_id" / Int64ub,
             "position" / Int64ub,

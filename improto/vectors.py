@@ -81,6 +81,7 @@ from improto.limits import (
     MAX_PLATFORM,
     MAX_PUSH_TOKEN,
     MAX_TIMELINE_HEADS,
+    TIMELINE_HELD_MAX,
     TIMELINE_PAGE_MAX,
     U64_MAX,
 )
@@ -458,6 +459,8 @@ def _timeline_valid_frames() -> list[tuple[str, str, Frame]]:
         TimelineHead(U64_MAX - MAX_TIMELINE_HEADS + 1 + i, U64_MAX, 0, 0xFFFFFFFF, U64_MAX)
         for i in range(MAX_TIMELINE_HEADS)
     )
+    held = (t1.msg_id, t2.msg_id)
+    most_held = tuple(range(U64_MAX - TIMELINE_HELD_MAX + 1, U64_MAX + 1))
     full = (
         _mt(101, 1004, b"\x00" * 65535, content_type=2, sender_device="d"),
         _mt(102, 1004, b"\x01" * 65393, content_type=2, sender_device="d"),
@@ -490,6 +493,18 @@ def _timeline_valid_frames() -> list[tuple[str, str, Frame]]:
          TimelinePage(5001, 0, 0, 0, (), request_id=89)),
         ("timeline_page_max_frame", "a page whose length prefix is exactly 131072",
          TimelinePage(LARGE, 2, 2, 0, full, request_id=90)),
+        ("timeline_pull_held", "after 1040, holding the messages of seqs 1041 and 1042 (got by "
+         "PUSH): the page leaves them out", TimelinePull(LARGE, 1040, 0, held, request_id=91)),
+        ("timeline_page_held", "the answer to timeline_pull_held: both messages held, none "
+         "sent, the position covers them", TimelinePage(LARGE, 1042, 1042, 0, (), request_id=91)),
+        ("timeline_pull_held_some", "holding seq 1042's message and one above done (pushed, "
+         "not in the timeline yet)",
+         TimelinePull(LARGE, 1040, 200, (t2.msg_id, t2.msg_id + 8), request_id=92)),
+        ("timeline_page_held_some", "the answer to timeline_pull_held_some: seq 1041 sent, 1042 "
+         "left out, the id not in the page ignored",
+         TimelinePage(LARGE, 1042, 1042, 0, (t1,), request_id=92)),
+        ("timeline_pull_held_1000", "1000 held ids (the most), strictly ascending, up to "
+         "2^64-1", TimelinePull(LARGE, 1040, 200, most_held, request_id=93)),
     ]  # fmt: skip
 
 
@@ -637,6 +652,19 @@ def _timeline_page(
     return _frame(FrameType.TIMELINE_PAGE, fixed + b"".join(records))
 
 
+def _timeline_pull_body(*held: int, group_id: int = 5003, limit: int = 0,
+                        count: int | None = None) -> bytes:  # fmt: skip
+    n = len(held) if count is None else count
+    return struct.pack(f">QQHH{len(held)}Q", group_id, 1040, limit, n, *held)
+
+
+def _timeline_pull(*held: int, group_id: int = 5003, limit: int = 0,
+                   count: int | None = None) -> bytes:  # fmt: skip
+    """A TIMELINE_PULL after seq 1040 by hand, its held ids as given."""
+    body = _timeline_pull_body(*held, group_id=group_id, limit=limit, count=count)
+    return _frame(FrameType.TIMELINE_PULL, body)
+
+
 def _timeline_invalid_frames() -> list[tuple[str, str, bytes, ErrorCode]]:
     M, I, B = ErrorCode.MALFORMED_FRAME, ErrorCode.INVALID_FIELD, ErrorCode.BAD_UTF8  # noqa: E741
     pull = FrameType.TIMELINE_PULL
@@ -654,6 +682,18 @@ def _timeline_invalid_frames() -> list[tuple[str, str, bytes, ErrorCode]]:
          _frame(pull, struct.pack(">QQH", 5003, 1040, 0)[:-1]), M),
         ("timeline_pull_padded", "TIMELINE_PULL with a byte after its limit",
          _frame(pull, struct.pack(">QQHB", 5003, 1040, 0, 0)), M),
+        ("timeline_pull_held_padded", "TIMELINE_PULL with a byte after its held ids",
+         _frame(pull, _timeline_pull_body(77) + b"\x00"), M),
+        ("timeline_pull_held_1001", "TIMELINE_PULL declaring 1001 held ids (count checked at "
+         "the prefix)", _timeline_pull(count=TIMELINE_HELD_MAX + 1), I),
+        ("timeline_pull_held_short", "TIMELINE_PULL says 2 held ids but holds 1",
+         _timeline_pull(77, count=2), M),
+        ("timeline_pull_held_id_truncated", "a held id without its last byte",
+         _frame(pull, _timeline_pull_body(77, 78)[:-1]), M),
+        ("timeline_pull_held_descending", "held ids not in ascending order",
+         _timeline_pull(78, 77), I),
+        ("timeline_pull_held_repeated", "the same held id twice", _timeline_pull(77, 77), I),
+        ("timeline_pull_held_0", "a held id 0 (not an id)", _timeline_pull(0, 77), I),
         ("timeline_heads_501", "TIMELINE_HEADS_PAGE declaring 501 heads (count checked at the "
          "prefix)", _heads_page(count=MAX_TIMELINE_HEADS + 1), I),
         ("timeline_heads_short", "TIMELINE_HEADS_PAGE says 2 heads but holds 1",

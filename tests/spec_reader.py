@@ -75,6 +75,8 @@ class SpecError(Exception):
 #   "body"                      bytes16[0..65535], hex; must be UTF-8 if content_type is 0 or 1
 #   "list", elem, lo, hi        list16 with element count in lo..hi; elem is "id", "u16" or
 #                               a record
+#   "taillist", elem, lo, hi    a "list" that may be left out as the frame's last field: no
+#                               bytes left means [], and [] is written as no bytes (20.3)
 #   "rule", check               no bytes: check(fields read so far) -> problem text or None,
 #                               a value rule across fields (INVALID_FIELD)
 # ---------------------------------------------------------------------------------------------
@@ -153,6 +155,12 @@ def _heads_rule(f: dict) -> str | None:
 def _position_rule(f: dict) -> str | None:
     """Section 20.3, TIMELINE_PAGE: position MUST NOT be above done."""
     return None if int(f["position"]) <= int(f["done"]) else "position above done"
+
+
+def _held_rule(f: dict) -> str | None:
+    """Section 20.3, TIMELINE_PULL: held msg_ids strictly ascending (so none repeated)."""
+    ids = [int(i) for i in f["held"]]
+    return None if all(a < b for a, b in itertools.pairwise(ids)) else "held not ascending"
 
 
 def _timeline_messages_rule(f: dict) -> str | None:
@@ -344,7 +352,13 @@ TYPES: dict[int, tuple[str, tuple]] = {
     ),
     0x38: (
         "TIMELINE_PULL",
-        (("group_id", "id"), ("after_seq", "u64"), ("limit", "range16", 0, 200)),
+        (
+            ("group_id", "id"),
+            ("after_seq", "u64"),
+            ("limit", "range16", 0, 200),
+            ("held", "taillist", "id", 0, 1000),
+            ("", "rule", _held_rule),
+        ),
     ),
     0xB8: (
         "TIMELINE_PAGE",
@@ -437,7 +451,9 @@ class _Reader:
                     except UnicodeDecodeError:
                         self.value_problem("BAD_UTF8", f"{what}: text body")
                 out[name] = raw.hex()
-            elif kind == "list":
+            elif kind == "taillist" and self.pos == len(self.data):
+                out[name] = []
+            elif kind in ("list", "taillist"):
                 elem, lo, hi = params
                 k = self.unpack(">H", what)
                 if not lo <= k <= hi:
@@ -579,10 +595,12 @@ def _encode_record(layout: tuple, values: dict, where: str) -> bytes:
         elif kind == "body":
             raw = _encode_hex(value, what)
             out += _pack_int(">H", len(raw), what) + raw
-        elif kind == "list":
+        elif kind in ("list", "taillist"):
             elem = params[0]
             if not isinstance(value, list):
                 raise SpecError("INVALID_FIELD", f"{what}: not a list")
+            if kind == "taillist" and not value:
+                continue
             out += _pack_int(">H", len(value), what)
             for i, item in enumerate(value):
                 if elem == "id":

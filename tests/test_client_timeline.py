@@ -37,7 +37,7 @@ from improto.frames import (
     TimelinePage,
     TimelinePull,
 )
-from improto.limits import TIMELINE_PAGE_MAX
+from improto.limits import TIMELINE_HELD_MAX, TIMELINE_PAGE_MAX
 from improto.tokens import mint
 from improto_clients.client import (
     DEFAULT_FEATURES,
@@ -49,6 +49,7 @@ from improto_clients.client import (
     TimelineSync,
 )
 from improto_clients.console import Console, render
+from improto_clients.held import HELD_FOLLOW, HELD_KEEP, HeldIds
 from tests.support.server import TEST_SECRET, ServerHandle
 from tests.support.waiting import sleep
 from tests.test_client_features import ALL, Ext
@@ -87,10 +88,10 @@ class Large(Ext):
 
     def answer_pull(
         self, group: int, after: int, position: int, done: int, *messages: Message,
-        has_more: int | None = None, limit: int = TIMELINE_PAGE_MAX,
+        has_more: int | None = None, limit: int = TIMELINE_PAGE_MAX, held: tuple[int, ...] = (),
     ) -> None:  # fmt: skip
         (pull,) = self.sent()
-        assert pull == TimelinePull(group, after, limit, request_id=pull.request_id)
+        assert pull == TimelinePull(group, after, limit, held, request_id=pull.request_id)
         more = int(position < done) if has_more is None else has_more
         self.feed(TimelinePage(group, position, done, more, messages, request_id=pull.request_id))
 
@@ -166,11 +167,14 @@ def test_pushes_and_pages_carry_a_message_once_into_the_state() -> None:
     h.answer_heads()
     h.feed(Push(gmsg(13)))
     assert h.sent() == [PushAck(13)]
+    assert h.client.timeline_held.held(GID) == (13,)
     d = h.client.sync_timelines()
-    h.answer_heads(head(GID, 2, 0))
-    h.answer_pull(GID, 0, 2, 2, gmsg(12), gmsg(13))  # the position does not follow pushes
-    assert [m.msg_id for m in result(d).messages] == [12]  # 13 was held: not repeated
+    h.answer_heads(head(GID, 2, 0, 13))
+    # the position does not follow pushes, but the pull lists 13: the page leaves it out
+    h.answer_pull(GID, 0, 2, 2, gmsg(12), held=(13,))
+    assert [m.msg_id for m in result(d).messages] == [12]
     assert h.held() == [12, 13]
+    assert h.client.timeline_held.held(GID) == ()  # covered (the head's last): forgotten
     assert [m.msg_id for _, m in h.messages] == [13]  # on_message: the push only
 
 
@@ -245,6 +249,139 @@ def test_timeline_heads_returns_the_page() -> None:
     assert pending(d)
     h.answer_heads(head(GID, 9, 4, 99))
     assert result(d).heads == (head(GID, 9, 4, 99),)
+
+
+def _push(h: Large, *msg_ids: int, group: int = GID) -> None:
+    for i in msg_ids:
+        h.feed(Push(gmsg(i, group)))
+        assert h.sent() == [PushAck(i)]
+
+
+def test_held_ids_are_forgotten_once_a_message_at_or_above_them_is_covered() -> None:
+    """20.6 "Held ids": covered_id is the newest msg_id known at or below the position."""
+    h = Large()
+    h.login_large()
+    h.answer_heads(head(GID, 0, 0))  # a large group, nothing in it yet: position 0
+    _push(h, 13, 14, 20)
+    held = h.client.timeline_held
+    assert held.held(GID) == (13, 14, 20)
+    d = h.client.sync_timelines()
+    h.answer_heads(head(GID, 5, 0, 20))
+    # seqs 1..3 are 12, 13, 14: 13 and 14 left out; covered_id 12 forgets nothing yet
+    h.answer_pull(GID, 0, 3, 5, gmsg(12), held=(13, 14, 20))
+    assert held.held(GID) == (13, 14, 20) and held.covered[GID] == 12
+    h.answer_pull(GID, 3, 5, 5, gmsg(15), held=(13, 14, 20))  # seqs 4, 5: 15, 20 (held)
+    sync = result(d)
+    assert [m.msg_id for m in sync.messages] == [12, 15] and sync.positions == {GID: 5}
+    assert held.held(GID) == () and held.covered[GID] == 20  # the head's last: covered
+
+
+def test_a_push_not_in_the_timeline_yet_stays_held_past_a_final_page() -> None:
+    """The race a plain "forget at has_more 0" would lose: 21 is pushed (accepted) but not
+    stored in the timeline when the page is built, so the page's done is below it."""
+    h = Large()
+    h.login_large()
+    h.answer_heads(head(GID, 5, 5, 20))  # caught up at 5 (covered_id 20)
+    _push(h, 21)
+    d = h.client.sync_timelines()
+    h.answer_heads(head(GID, 5, 5, 20))  # 21 has no seq yet: nothing to pull
+    result(d)
+    assert h.client.timeline_held.held(GID) == (21,)
+    d = h.client.sync_timelines()
+    h.answer_heads(head(GID, 6, 5, 21))  # stored since: seq 6
+    h.answer_pull(GID, 5, 6, 6, held=(21,))  # left out, covered
+    assert result(d).messages == []
+    assert h.client.timeline_held.held(GID) == () and h.client.timeline_positions == {GID: 6}
+
+
+def test_a_heads_page_drops_the_held_ids_of_groups_without_a_timeline() -> None:
+    h = Large()
+    h.login_large()
+    h.answer_heads(head(GID, 0, 0))
+    _push(h, 31, group=OTHER)  # a group not (yet) known to have a timeline: held too
+    _push(h, 32)
+    assert h.client.timeline_held.held(OTHER) == (31,)
+    d = h.client.sync_timelines()
+    h.answer_heads(head(GID, 0, 0))  # OTHER is not large: its held ids go
+    result(d)
+    assert h.client.timeline_held.held(OTHER) == () and h.client.timeline_held.held(GID) == (32,)
+
+
+def test_a_position_that_goes_back_resets_covered_id() -> None:
+    h = Large()
+    h.login_large()
+    h.answer_heads(head(GID, 9, 9, 90))  # covered_id 90
+    assert h.client.timeline_held.covered == {GID: 90}
+    d = h.client.sync_timelines()
+    h.answer_heads(head(GID, 4, 4, 40))  # lost server data: done below the position
+    h.answer_pull(GID, 9, 4, 4)
+    result(d)
+    assert h.client.timeline_positions == {GID: 4}
+    assert h.client.timeline_held.covered == {GID: 40}  # reset, then the head's last
+
+
+def test_every_200_held_ids_the_client_runs_the_timeline_loop() -> None:
+    h = Large()
+    h.login_large()
+    h.answer_heads(head(GID, 0, 0))
+    _push(h, *range(1001, 1000 + HELD_FOLLOW))  # 199 held: nothing happens
+    h.feed(Push(gmsg(1000 + HELD_FOLLOW)))  # the 200th held id
+    ack, heads_req = h.sent()
+    assert ack == PushAck(1000 + HELD_FOLLOW) and isinstance(heads_req, TimelineHeads)
+    held = tuple(range(1001, 1001 + HELD_FOLLOW))
+    h.feed(TimelineHeadsPage((head(GID, HELD_FOLLOW, 0, held[-1]),),
+                             request_id=heads_req.request_id))  # fmt: skip
+    h.answer_pull(GID, 0, HELD_FOLLOW, HELD_FOLLOW, held=held)  # all held: an empty page
+    assert h.client.timeline_positions == {GID: HELD_FOLLOW}
+    assert h.client.timeline_held.held(GID) == () and h.client.wire.timeline_messages_in == 0
+    assert h.errors == []
+
+
+def test_held_ids_sent_are_the_lowest_1000_and_at_most_4000_are_kept() -> None:
+    held = HeldIds()
+    for i in range(HELD_KEEP + 10, 0, -1):  # any order in
+        held.hold(GID, i)
+    assert held.count(GID) == HELD_KEEP == 4 * TIMELINE_HELD_MAX
+    assert held.held(GID)[0] == 11  # the lowest ten were dropped
+    assert held.to_send(GID) == tuple(range(11, 11 + TIMELINE_HELD_MAX))
+    assert not held.hold(GID, 5)  # below the kept ones: dropped at once
+    held.cover(GID, 2000)
+    assert held.to_send(GID)[0] == 2001 and not held.hold(GID, 1999)
+    held.reset(GID)
+    assert held.hold(GID, 1999)
+
+
+def test_the_state_file_keeps_positions_and_held_ids(tmp_path: Path) -> None:
+    path = str(tmp_path / "phone.json")
+    h = Large(state=ClientState.load(path))
+    h.login_large()
+    h.answer_heads(head(GID, 4, 1, 14))
+    h.answer_pull(GID, 1, 4, 4, gmsg(12), gmsg(13), gmsg(14))
+    _push(h, 15, 16)
+    again = ClientState.load(path)
+    assert again.timeline_positions == {GID: 4}
+    assert again.timeline_held == h.client.timeline_held
+    assert again.timeline_held.held(GID) == (15, 16) and again.timeline_held.covered[GID] == 14
+    # a restarted client starts at its position, not at read_seq, and lists what it holds
+    h2 = Large(state=again)
+    h2.login_large()
+    h2.answer_heads(head(GID, 7, 1, 17))
+    h2.answer_pull(GID, 4, 7, 7, gmsg(17), held=(15, 16))
+    assert h2.client.timeline_held.held(GID) == ()
+
+
+def test_an_older_state_file_loads_without_timelines(tmp_path: Path) -> None:
+    state = ClientState(user_id=ME, cursor=9)
+    state.add(gmsg(12))
+    obj = state.to_json()
+    assert obj["timelines"] == {}
+    del obj["timelines"]  # what a client before section 20's positions wrote
+    old = ClientState.from_json(obj)
+    assert old.timeline_positions == {} and old.timeline_held == HeldIds()
+    assert old.cursor == 9 and old.has(12)
+    obj["format"] = 1
+    del obj["convs"]
+    assert ClientState.from_json(obj).timeline_positions == {}
 
 
 # ------------------------------------------------------------------------- imclient
@@ -339,9 +476,11 @@ class Devices:
         self.clients: list[IMClient] = []
         self.errors: list[BaseException] = []
 
-    async def login(self, user: int, device: str, **kw: Any) -> IMClient:
+    async def login(self, user: int, device: str, state: ClientState | None = None,
+                    **kw: Any) -> IMClient:  # fmt: skip
+        state = ClientState() if state is None else state
         c = IMClient(self.server.endpoint, mint(TEST_SECRET, user, device), device,
-                     state=ClientState(), reactor=reactor, **kw)  # fmt: skip
+                     state=state, reactor=reactor, **kw)  # fmt: skip
         c.received = []  # type: ignore[attr-defined]
         c.on_message = lambda conv, m: c.received.append(m)  # type: ignore[attr-defined]
         c.on_error = self.errors.append
@@ -488,3 +627,70 @@ def test_server_imclient_heads_and_timeline(large_server: ServerHandle) -> None:
     assert mine["position"] == mine["done"]  # the syncs caught up
     (timeline,) = [e for e in got if e["event"] == "timeline"]
     assert (timeline["position"], timeline["has_more"]) == (mine["done"], False)
+
+
+@pytest_twisted.ensureDeferred
+async def test_server_pushed_and_own_messages_are_not_downloaded_again(devices: Devices) -> None:
+    """Each message downloaded once: the reader gets N pushes, loses its connection, misses
+    one message, reconnects; its catch-up pages carry that one record only (held ids), and
+    its position reaches done. The sender's own messages are held too."""
+    n = 6
+    owner = await devices.login(OWNER, "desk")
+    reader = await devices.login(READER, "phone")
+    gid, _ = await _large_group(owner, [])
+    first = (await reader.send_text(ConvKind.GROUP, gid, "first")).msg_id
+    await _timeline_done(owner, gid, 1)
+    for c in (owner, reader):  # both now have a position in the group: 1
+        await c.sync_timelines()
+        assert c.timeline_positions[gid] == 1
+    assert owner.state.has(first) and owner.wire.timeline_messages_in == 0  # pushed: held
+    sent = [(await owner.send_text(ConvKind.GROUP, gid, f"live {i}")).msg_id for i in range(n)]
+    await _until(lambda: {m.msg_id for m in reader.received} >= set(sent))  # pushed
+    assert set(reader.timeline_held.held(gid)) == set(sent)
+    await _timeline_done(owner, gid, n)
+    before = reader.wire.timeline_messages_in
+
+    await reader.close()  # the connection is down while one more is sent
+    missed = (await owner.send_text(ConvKind.GROUP, gid, "while away")).msg_id
+    await _timeline_done(owner, gid, n + 1)
+    await reader.connect()
+    await reader.drain()  # the login's sync, timelines included
+    assert reader.wire.timeline_messages_in - before == 1  # the missed one, nothing pushed
+    assert reader.state.has(missed)
+    assert missed in {m.msg_id for m in reader.state.messages(f"group:{gid}")}
+    (h,) = [x for x in (await reader.timeline_heads()).heads if x.group_id == gid]
+    assert reader.timeline_positions[gid] == h.done >= n + 1
+    assert reader.timeline_held.held(gid) == ()  # all covered: forgotten
+    assert reader.wire.repeated() == {}  # no msg_id came twice (pushes and pages)
+
+    # The sender: its own messages were held from their SEND_ACKs.
+    await owner.sync()
+    assert owner.wire.timeline_messages_in == 0  # its own: held since their SEND_ACKs
+    assert owner.timeline_positions[gid] == h.done and owner.timeline_held.held(gid) == ()
+    # What held ids saved: the same page without them carries every record again.
+    page = await reader.timeline_pull(gid, 1)
+    assert [m.msg_id for m in page.messages] == [*sent, missed]
+
+
+@pytest_twisted.ensureDeferred
+async def test_server_a_restarted_client_continues_at_its_stored_position(
+    devices: Devices, tmp_path: Path
+) -> None:
+    """Positions are persisted in the state file: a restart does not start at read_seq
+    again (the reader has read nothing: that would download everything once more)."""
+    path = str(tmp_path / "phone.json")
+    owner = await devices.login(OWNER, "desk")
+    gid, sent = await _large_group(owner, ["one", "two", "three"])
+    await _timeline_done(owner, gid, len(sent))
+    reader = await devices.login(READER, "phone", ClientState.load(path))
+    assert reader.wire.timeline_messages_in == len(sent)
+    position = reader.timeline_positions[gid]
+    await reader.close()
+    later = (await owner.send_text(ConvKind.GROUP, gid, "later")).msg_id
+    await _timeline_done(owner, gid, len(sent) + 1)
+    assert ClientState.load(path).timeline_positions == {gid: position}
+    again = await devices.login(READER, "phone", ClientState.load(path))
+    assert again.wire.timeline_messages_in == 1 and again.state.has(later)
+    (h,) = [x for x in (await again.timeline_heads()).heads if x.group_id == gid]
+    assert h.read_seq < position  # nothing read: read_seq would have pulled it all again
+    assert again.timeline_positions[gid] == h.done

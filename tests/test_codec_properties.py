@@ -96,6 +96,7 @@ from improto.limits import (
     NOTICE_MAX_IDS,
     OFFLINE_PAGE_MAX,
     PROTOCOL_VERSION,
+    TIMELINE_HELD_MAX,
     TIMELINE_PAGE_MAX,
     U64_MAX,
 )
@@ -224,6 +225,8 @@ def timeline_pages(draw: st.DrawFn) -> TimelinePage:
 
 
 features = _lists(u16, hi=MAX_FEATURES)
+# TIMELINE_PULL's held ids: strictly ascending (a set, sorted)
+held_ids = st.lists(ids, max_size=8, unique=True).map(lambda xs: tuple(sorted(xs)))
 conv_limits = st.integers(0, CONV_PAGE_MAX)
 platforms = st.from_regex(rf"[a-z0-9._-]{{1,{MAX_PLATFORM}}}", fullmatch=True)
 
@@ -297,7 +300,7 @@ FRAME_STRATEGIES: dict[FrameType, st.SearchStrategy[Frame]] = {
     FrameType.TIMELINE_HEADS: st.builds(TimelineHeads, **header),
     FrameType.TIMELINE_HEADS_PAGE: timeline_heads_pages(),
     FrameType.TIMELINE_PULL: st.builds(
-        TimelinePull, ids, u64, st.integers(0, TIMELINE_PAGE_MAX), **header
+        TimelinePull, ids, u64, st.integers(0, TIMELINE_PAGE_MAX), held_ids, **header
     ),
     FrameType.TIMELINE_PAGE: timeline_pages(),
 }  # fmt: skip
@@ -351,6 +354,8 @@ MAX_FRAMES: list[tuple[str, Frame]] = [
         for i in range(1, MAX_TIMELINE_HEADS + 1)))),
     ("timeline_page", TimelinePage(U64_MAX, U64_MAX, U64_MAX, 1, tuple(
         _max_message(b"t" * 400) for _ in range(TIMELINE_PAGE_MAX)))),
+    ("timeline_pull", TimelinePull(U64_MAX, U64_MAX, TIMELINE_PAGE_MAX, tuple(
+        range(U64_MAX - TIMELINE_HELD_MAX + 1, U64_MAX + 1)))),
 ]  # fmt: skip
 
 
@@ -562,14 +567,29 @@ def test_truncated_frames_are_malformed(frame: Frame, data: st.DataObject) -> No
     payload = COMPILED.encode_payload(frame)
     cut = data.draw(st.integers(0, len(payload) - 1), label="cut")
     truncated = payload[:cut]
+    if isinstance(frame, TimelinePull) and cut == _PULL_WITHOUT_HELD:
+        # held is optional (spec 20.3): cut right after limit, the pull holds none
+        assert check_payload(truncated)[0] == "ok"
+        return
     outcome = check_payload(truncated)
     assert outcome[:2] == ("error", MalformedFrame)
     assert check_whole(_with_prefix(truncated))[:2] == ("error", MalformedFrame)
 
 
+# The payload bytes of a TIMELINE_PULL up to its limit: its optional held list may follow.
+_PULL_WITHOUT_HELD = 7 + 8 + 8 + 2
+
+
+def _a_held_list(extra: bytes) -> bool:
+    """`extra` is a whole list16 of u64 (the count then that many ids)."""
+    return len(extra) >= 2 and len(extra) == 2 + 8 * struct.unpack_from(">H", extra)[0]
+
+
 @settings(SETTINGS, max_examples=300)
 @given(frames, st.binary(min_size=1, max_size=16))
 def test_trailing_bytes_are_malformed(frame: Frame, extra: bytes) -> None:
+    if isinstance(frame, TimelinePull) and not frame.held and _a_held_list(extra):
+        return  # held left out, then given: a valid optional tail (spec 20.3)
     payload = COMPILED.encode_payload(frame) + extra
     assert check_payload(payload)[:2] == ("error", MalformedFrame)
     assert check_whole(_with_prefix(payload))[:2] == ("error", MalformedFrame)

@@ -16,6 +16,10 @@ from tests.support.ports import LOOPBACK, free_port
 from tests.support.server import storage_server
 
 SECRET = "conformance-test-secret-0123456789abcdef0123456789"
+# The server's large_group_threshold (its TOML config), told to the suite: a group of 21
+# members is large, small again at 18. Above every group of the other checks (at most 6
+# members; groups.limit_members_per_group's 10,000 are large here as at the default 500).
+LARGE_THRESHOLD = 20
 
 
 @pytest.fixture(
@@ -28,12 +32,19 @@ def server(
     checks run. Production mode uses the services of scripts/services under a fresh prefix.
     A push gateway is configured so that the server enables PUSH (its checks need only the
     registrations: the gateway's port is closed, so notifications are retried, then
-    dropped, in the server's log; tests/test_notifier.py checks real deliveries)."""
+    dropped, in the server's log; tests/test_notifier.py checks real deliveries). The
+    large-group threshold is set low (TOML `large_group_threshold`) so that the large-group
+    checks use groups of LARGE_THRESHOLD + 1 members."""
+    tmp = Path(tmp_path_factory.mktemp("imserver"))
+    config = tmp / "conformance.toml"
+    config.write_text(f"large_group_threshold = {LARGE_THRESHOLD}\n")
     with storage_server(
         request.param,
-        Path(tmp_path_factory.mktemp("imserver")),
+        tmp,
         SECRET,
         "conformance",
+        "--config",
+        str(config),
         "--idle-timeout",
         "5",
         "--heartbeat",
@@ -47,12 +58,14 @@ def server(
 def test_suite_passes(server: tuple[str, int]) -> None:
     host, port = server
     out = io.StringIO()
-    report = run(host, port, SECRET, out=out)
+    report = run(host, port, SECRET, out=out, large_threshold=LARGE_THRESHOLD)
     lines = out.getvalue().splitlines()
     assert lines[-1] == report.summary
     assert len(report.passed) + len(report.failed) + len(report.skipped) == len(load_checks())
-    # our server enables every post-v1 feature: none of its checks may skip
-    assert not [name for name, _ in report.skipped if name.startswith("ext.")], report.skipped
+    # our server enables every post-v1 feature and the suite knows its large-group
+    # threshold: none of those checks may skip
+    post_v1 = ("ext.", "large.")
+    assert not [name for name, _ in report.skipped if name.startswith(post_v1)], report.skipped
     failures = "\n".join(f"FAIL {name}: {reason}" for name, reason in report.failed)
     if report.failed:
         pytest.fail(f"{report.summary} in {report.seconds:.1f}s\n{failures}", pytrace=False)
@@ -77,6 +90,27 @@ def test_cli_all_pass_last_line(server: tuple[str, int]) -> None:
     assert lines[-1] == f"{len(wanted)} passed, 0 failed", r.stdout + r.stderr
     assert r.returncode == 0
     assert [ln.split()[1] for ln in lines[:-1]] == wanted
+
+
+def test_cli_large_group_threshold(server: tuple[str, int]) -> None:
+    """Without --large-group-threshold the checks that need a large group are SKIP lines
+    ("not run"), counted before the summary, never passed; with it they run and pass."""
+    host, port = server
+    base = ("--server", f"{host}:{port}", "--jwt-secret", SECRET, "--only", "large.")
+    needing = {"large.push_not_inbox", "large.timeline_pages", "large.crossing_to_small"}
+    r = _cli(*base)
+    lines = r.stdout.strip().splitlines()
+    skipped = {ln.split()[1].rstrip(":") for ln in lines if ln.startswith("SKIP ")}
+    assert needing <= skipped, r.stdout + r.stderr
+    assert all("not run" in ln for ln in lines if ln.startswith("SKIP ")), r.stdout
+    assert lines[-2] == f"{len(skipped)} not run (SKIP above)", r.stdout
+    wanted = [n for n in load_checks() if n.startswith("large.")]
+    assert lines[-1] == f"{len(wanted) - len(skipped)} passed, 0 failed", r.stdout
+    r = _cli(*base, "--large-group-threshold", str(LARGE_THRESHOLD))
+    lines = r.stdout.strip().splitlines()
+    assert lines[-1] == f"{len(wanted)} passed, 0 failed", r.stdout + r.stderr
+    assert r.returncode == 0
+    assert _cli(*base, "--large-group-threshold", "0").returncode == 2
 
 
 def test_cli_failure_exit_code(server: tuple[str, int]) -> None:

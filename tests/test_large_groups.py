@@ -6,6 +6,7 @@ a member's inbox or in the timeline, never both, never neither, across crossings
 
 from __future__ import annotations
 
+import struct
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -15,7 +16,7 @@ import pytest_twisted
 
 from twisted.internet import reactor
 
-from improto.enums import ContentType, ConvKind, Feature
+from improto.enums import ContentType, ConvKind, Feature, FrameType
 from improto.errors import ErrorCode
 from improto.frames import (
     Error,
@@ -43,6 +44,8 @@ from improto.frames import (
     TimelinePage,
     TimelinePull,
 )
+from improto.limits import TIMELINE_HELD_MAX
+from improto.vectors import raw_frame
 from improto_server.config import Config
 from improto_server.embedded.backend import SQLiteBackend
 from improto_server.hub import Hub
@@ -81,8 +84,9 @@ class Stack:
         return p
 
     async def ask(
-        self, peer: Peer, make: Callable[[int], Frame], pushes: list[Message] | None = None
-    ) -> Any:
+        self, peer: Peer, make: Callable[[int], Frame | bytes],
+        pushes: list[Message] | None = None,
+    ) -> Any:  # fmt: skip
         """Send the request (a fresh request id) and return its reply; pushes meanwhile
         go to `pushes`."""
         self.rid += 1
@@ -303,3 +307,80 @@ async def test_crossing_the_threshold_both_ways_loses_and_duplicates_nothing(sta
     assert isinstance(pulled, HistoryPage)
     assert sorted(m.msg_id for m in pulled.messages) == history
     assert isinstance(await s.ask(reader, lambda r: OfflinePull(0, 0, request_id=r)), OfflinePage)
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_reconnect_catches_up_without_downloading_the_pushed_messages_again(stack):
+    """Carol's phone is online for N messages (pushed), then offline for two more. Its
+    catch-up pulls list the N as held: the pages carry only the two it missed, and the
+    position still reaches done. Without held ids the same pages carry all N + 2."""
+    s = stack
+    n = 30
+    owner = s.peer(OWNER)
+    gid = await _group(s, owner, (B, C, D, E))
+    phone = s.peer(C)
+    (start,) = await s.timeline(phone, gid)  # caught up: the position before the pushes
+    pushed: list[Message] = []
+    live = [await s.send(owner, gid, f"live {i}".encode()) for i in range(n)]
+    await s.settled(1 + n)
+
+    def all_pushed() -> bool:
+        pushed.extend(f.message for f in phone.frames() if isinstance(f, Push))
+        return {m.msg_id for m in pushed} >= set(live)
+
+    await eventually(all_pushed)
+    phone.session.connectionLost()  # the connection drops
+    missed = [await s.send(owner, gid, f"missed {i}".encode()) for i in range(2)]
+    await s.settled(1 + n + 2)
+
+    phone = s.peer(C)  # reconnects; holds the N pushes above its stored position
+    h = (await s.heads(phone))[gid]
+    assert h.done == start.position + n + 2
+    held = tuple(sorted(m.msg_id for m in pushed))
+    pages, after = [], start.position
+    while True:  # the sync loop of 20.6, 5 seqs a page so that it takes several
+        page = await s.ask(phone, lambda r, a=after: TimelinePull(gid, a, 5, held, request_id=r))
+        assert isinstance(page, TimelinePage), page
+        pages.append(page)
+        after = page.position
+        if not page.has_more:
+            break
+    got = [m.msg_id for p in pages for m in p.messages]
+    assert got == missed  # none of the N pushed records
+    assert pages[-1].position == h.done and len(pages) == -(-(n + 2) // 5)
+    assert [p.position for p in pages] == [min(start.position + 5 * (i + 1), h.done)
+                                           for i in range(len(pages))]  # fmt: skip
+    # The same loop without held ids downloads all of them again (what it cost before).
+    again = await s.timeline(phone, gid, after=start.position, limit=5)
+    assert [m.msg_id for p in again for m in p.messages] == live + missed
+    assert [(p.position, p.has_more) for p in again] == [(p.position, p.has_more) for p in pages]
+
+
+@pytest_twisted.ensureDeferred
+async def test_held_ids_outside_the_page_are_ignored_and_bad_lists_refused(stack):
+    s = stack
+    owner = s.peer(OWNER)
+    gid = await _group(s, owner, (B, C, D, E))
+    sent = [await s.send(owner, gid, f"m{i}".encode()) for i in range(4)]
+    await s.settled(5)
+    reader = s.peer(B)
+    # held: an id of no message, seq 2's message, and one above done (not stored yet)
+    held = (7, sent[1], sent[3] + 1)
+    page = await s.ask(reader, lambda r: TimelinePull(gid, 1, 2, held, request_id=r))
+    assert isinstance(page, TimelinePage)
+    assert (page.position, page.done, page.has_more) == (3, 4, 1)  # seqs 2 and 3 covered
+    assert [m.msg_id for m in page.messages] == [sent[2]]
+    # not strictly ascending, repeated, an id 0, too many: INVALID_FIELD, the session goes on
+    for bad in ((sent[1], sent[0]), (sent[0], sent[0]), (0, sent[0])):
+        err = await s.ask(reader, lambda r, b=bad: _raw_pull(gid, b, r))
+        assert isinstance(err, Error) and err.code == ErrorCode.INVALID_FIELD, err
+    too_many = struct.pack(">QQHH", gid, 0, 0, TIMELINE_HELD_MAX + 1)
+    err = await s.ask(reader, lambda r: raw_frame(FrameType.TIMELINE_PULL, too_many, r))
+    assert isinstance(err, Error) and err.code == ErrorCode.INVALID_FIELD, err
+    assert (await s.heads(reader))[gid].done == 4
+
+
+def _raw_pull(gid: int, held: tuple[int, ...], rid: int) -> bytes:
+    """A TIMELINE_PULL with any held list (the codec refuses to encode a bad one)."""
+    body = struct.pack(f">QQHH{len(held)}Q", gid, 0, 0, len(held), *held)
+    return raw_frame(FrameType.TIMELINE_PULL, body, rid)

@@ -14,7 +14,7 @@ import pytest
 from improto import records
 from improto.codec import COMPILED, INTERPRETED, decode, encode, encode_payload
 from improto.enums import POST_V1_REQUESTS, REQUEST_FEATURES, ConvKind, Feature, FrameType
-from improto.errors import EncodeError, InvalidField
+from improto.errors import EncodeError, InvalidField, MalformedFrame
 from improto.frames import (
     FRAME_CLASSES,
     Message,
@@ -32,6 +32,7 @@ from improto.limits import (
     MAX_TIMELINE_HEADS,
     OFFLINE_PAGE_DEFAULT,
     OFFLINE_PAGE_MAX,
+    TIMELINE_HELD_MAX,
     TIMELINE_PAGE_DEFAULT,
     TIMELINE_PAGE_MAX,
     U64_MAX,
@@ -97,6 +98,8 @@ FRAMES = [
     ),
     TimelinePull(GROUP),
     TimelinePull(GROUP, U64_MAX, TIMELINE_PAGE_MAX, request_id=2**32 - 1),
+    TimelinePull(GROUP, 1040, 0, (1, 2**40, U64_MAX), request_id=91),
+    TimelinePull(GROUP, 0, 0, tuple(range(U64_MAX - TIMELINE_HELD_MAX + 1, U64_MAX + 1))),
     TimelinePage(GROUP, 0, 0, 0, ()),
     TimelinePage(GROUP, 1041, 1500, 1, (_msg(1), _msg(2, "\u00e7a va".encode())), request_id=9),
     TimelinePage(U64_MAX, U64_MAX, U64_MAX, 0, (_msg(U64_MAX, group=U64_MAX, server_time=0),)),
@@ -116,7 +119,35 @@ def test_round_trip_in_both_codecs_and_the_json_form(frame: object) -> None:
 
 
 def test_timeline_pull_defaults_to_the_start_and_the_default_size() -> None:
-    assert TimelinePull(GROUP) == TimelinePull(GROUP, 0, 0)
+    assert TimelinePull(GROUP) == TimelinePull(GROUP, 0, 0) == TimelinePull(GROUP, 0, 0, ())
+
+
+def test_timeline_pull_held_layout() -> None:
+    """held is an optional trailing list16 of u64: none held, it is left out (the layout
+    before held existed); otherwise count then ids."""
+    assert len(encode(TimelinePull(GROUP))) == 4 + 7 + 8 + 8 + 2
+    data = encode(TimelinePull(GROUP, 1040, 0, (7, 9), request_id=91))
+    assert data[-18:] == bytes.fromhex("000200000000000000070000000000000009")
+    as_json = frame_to_json(decode(data))
+    assert as_json["fields"]["held"] == ["7", "9"]  # u64s: decimal strings
+
+
+def test_a_timeline_pull_with_an_empty_held_count_holds_none() -> None:
+    """`00 00` after the limit is accepted as none held (not the canonical form)."""
+    short = encode(TimelinePull(GROUP, 1040, 0, request_id=5))
+    explicit = (len(short) - 4 + 2).to_bytes(4, "big") + short[4:] + b"\x00\x00"
+    for codec in (COMPILED, INTERPRETED):
+        assert codec.decode(explicit) == TimelinePull(GROUP, 1040, 0, (), request_id=5)
+        assert codec.decode(short) == TimelinePull(GROUP, 1040, 0, (), request_id=5)
+
+
+@pytest.mark.parametrize("tail", [b"\x00", b"\x00\x01", b"\x00\x01" + bytes(7)])
+def test_a_timeline_pull_with_a_cut_held_list_is_malformed(tail: bytes) -> None:
+    short = encode(TimelinePull(GROUP, 1040, 0))
+    cut = (len(short) - 4 + len(tail)).to_bytes(4, "big") + short[4:] + tail
+    for codec in (COMPILED, INTERPRETED):
+        with pytest.raises(MalformedFrame):
+            codec.decode(cut)
 
 
 @pytest.mark.parametrize(
@@ -124,6 +155,10 @@ def test_timeline_pull_defaults_to_the_start_and_the_default_size() -> None:
     [
         TimelinePull(0),
         TimelinePull(GROUP, 0, TIMELINE_PAGE_MAX + 1),
+        TimelinePull(GROUP, 0, 0, (5, 4)),
+        TimelinePull(GROUP, 0, 0, (5, 5)),
+        TimelinePull(GROUP, 0, 0, (0, 5)),
+        TimelinePull(GROUP, 0, 0, tuple(range(1, TIMELINE_HELD_MAX + 2))),
         TimelineHeadsPage((TimelineHead(0, 1, 0, 1, 1),)),
         TimelineHeadsPage((TimelineHead(GROUP, 10, 11, 0, 1),)),
         TimelineHeadsPage((TimelineHead(7, 1, 0, 1, 1), TimelineHead(6, 1, 0, 1, 1))),
@@ -136,7 +171,8 @@ def test_timeline_pull_defaults_to_the_start_and_the_default_size() -> None:
         TimelinePage(GROUP, 10, 10, 0, (_msg(1),) * (TIMELINE_PAGE_MAX + 1)),
     ],
     ids=[
-        "pull_group_0", "pull_limit_201", "head_group_0", "head_read_above_done",
+        "pull_group_0", "pull_limit_201", "held_descending", "held_repeated", "held_0",
+        "held_1001", "head_group_0", "head_read_above_done",
         "heads_descending", "heads_repeated", "page_group_0", "page_position_above_done",
         "page_has_more_2", "page_other_group", "page_user_message", "page_201_messages",
     ],
@@ -264,6 +300,33 @@ def test_window_cuts_to_the_byte_budget() -> None:
     frame = records.timeline_page(1, GROUP, position, 3, more, kept)
     assert len(frame) - 4 <= MAX_FRAME_LENGTH
     assert records.timeline_window(0, 1, raw, False, 3, budget=1) == (1, True, raw[:1])
+
+
+def test_window_leaves_held_records_out_but_covers_them() -> None:
+    raw = _raw(11, 12, 13, 14)
+    # the same run, position and has_more as without held ids; only the records differ
+    assert records.timeline_window(40, 41, raw, True, 90) == (44, True, raw)
+    assert records.timeline_window(40, 41, raw, True, 90, held={12, 14}) == (
+        44, True, [raw[0], raw[2]])  # fmt: skip
+    # all held: no messages, caught up all the same
+    assert records.timeline_window(40, 41, raw, False, 44, held={11, 12, 13, 14}) == (
+        44, False, [])  # fmt: skip
+    # held ids not in the run (below it, above it, not in the timeline) are ignored
+    assert records.timeline_window(40, 41, raw, False, 44, held={1, 99, 2**64 - 1}) == (
+        44, False, raw)  # fmt: skip
+
+
+def test_window_with_held_ids_and_the_window_and_the_budget() -> None:
+    raw = _raw(11, 12, 13, 14)
+    # outside the window or held: either way covered, not sent
+    assert records.timeline_window(0, 1, raw, True, 10, min_msg_id=12, held={13}) == (
+        4, True, [raw[1], raw[3]])  # fmt: skip
+    # held records still count against the budget: the run does not grow by omission
+    big = _raw(1, 2, 3, body=b"x" * 60_000)
+    assert records.timeline_window(0, 1, big, False, 3, held={1}) == (2, True, big[1:2])
+    frame = records.timeline_page(1, GROUP, 2, 3, True, big[1:2])
+    assert decode(frame) == TimelinePage(GROUP, 2, 3, 1, (_msg(2, b"x" * 60_000),),
+                                         request_id=1)  # fmt: skip
 
 
 def test_window_never_passes_done() -> None:

@@ -117,6 +117,7 @@ from improto_clients.errors import (
     SessionClosed,
     StateMismatch,
 )
+from improto_clients.held import HELD_FOLLOW, HeldIds
 from improto_clients.protocol import F, IMClientProtocol
 from improto_clients.reactor_types import IClientReactor, default_reactor
 from improto_clients.state import ClientState
@@ -143,6 +144,7 @@ __all__ = [
     "ConvResult",
     "ConversationList",
     "FeatureUnavailable",
+    "HeldIds",
     "IMClient",
     "IMClientProtocol",
     "NotConnected",
@@ -191,8 +193,11 @@ class IMClient:
     `features`: what FEATURES asks for after HELLO_OK (`()`: a version-1 client);
     `self.features` holds what the server enabled on the current connection. With
     LARGE_GROUPS every sync also pages the timelines of the user's large groups (section
-    20.6) from `timeline_positions` (group id -> position, kept in memory: a new IMClient
-    starts each group at the user's read position). With WIRE_ONCE
+    20.6) from `timeline_positions` (group id -> position, persisted in the state: a group
+    without one starts at the user's read position), listing in each TIMELINE_PULL the msg_ids
+    the device holds above it (`state.timeline_held`, the rule of `held`: pushed and own
+    messages are not downloaded again); every HELD_FOLLOW held ids of a group it runs the
+    timeline loop by itself, so that the positions follow the pushes. With WIRE_ONCE
     the cursor follows pushes by INBOX_NOTICE, so there is no sync after pushes; an
     OFFLINE_ACK of the cursor goes out `notice_ack_delay` seconds after the first notice of a
     run (and at close()), so that "resume" starts there. `track_ids`: count each delivered
@@ -245,12 +250,22 @@ class IMClient:
         self._acked_cursor: int | None = None  # the last cursor OFFLINE_ACK confirmed
         self._notice_moved = False  # a notice moved the cursor on this connection
         self._conv_lock = DeferredLock()
-        # Large groups (section 20): this device's position in each group's timeline.
-        self.timeline_positions: dict[int, int] = {}
+        self._timelines_queued = False  # a timeline loop of our own waits or runs
 
     @property
     def user_id(self) -> int | None:
         return self.state.user_id
+
+    @property
+    def timeline_positions(self) -> dict[int, int]:
+        """Large groups (section 20): this device's position in each group's timeline (the
+        state's dict: persisted with the messages)."""
+        return self.state.timeline_positions
+
+    @property
+    def timeline_held(self) -> HeldIds:
+        """The msg_ids held above the positions, listed in TIMELINE_PULL's `held`."""
+        return self.state.timeline_held
 
     @property
     def connected(self) -> bool:
@@ -404,10 +419,12 @@ class IMClient:
     # --- events from the protocol
 
     def _on_push(self, proto: IMClientProtocol, m: Message) -> None:
+        follow = False
         try:
             new = self.state.add(m)
             if new:
                 self._conv_message(m, live=True)
+                follow = self._hold(m)  # saved with the message
                 self.state.save()
         except Exception:
             log.failure("cannot store pushed message {id}: not acknowledging it", id=m.msg_id)
@@ -417,6 +434,8 @@ class IMClient:
             return
         if self.on_message:
             self.on_message(self.conv_of(m), m)
+        if follow:
+            self._request_timelines()
         # Section 10.2: sync some seconds after pushes so that the offline cursor follows;
         # with WIRE_ONCE the notices make it follow without downloading anything.
         if Feature.WIRE_ONCE in self.features:
@@ -473,6 +492,18 @@ class IMClient:
         if self.on_read_update:
             self.on_read_update(key, u)
 
+    def _hold(self, m: Message) -> bool:
+        """A group message just stored outside the timeline loop (push, own message, history,
+        a pull of the caller's): held, so that the pages leave it out (section 20.6). The
+        caller saves the state. True: HELD_FOLLOW more ids of a group with a position are held
+        (time to let the position follow)."""
+        if Feature.LARGE_GROUPS not in self.features or m.conv_kind != ConvKind.GROUP:
+            return False
+        held = self.state.timeline_held
+        if not held.hold(m.conv_id, m.msg_id):
+            return False
+        return m.conv_id in self.timeline_positions and held.count(m.conv_id) % HELD_FOLLOW == 0
+
     def _conv_message(self, m: Message, live: bool) -> None:
         """A newly stored message moves its conversation's row (with CONVERSATIONS only: the
         rows exist for the list). The caller saves the state."""
@@ -504,6 +535,22 @@ class IMClient:
             result = await self.sync()
             if self.on_sync:
                 self.on_sync(result)
+
+        self._spawn(run())
+
+    def _request_timelines(self) -> None:
+        """Run the timeline loop alone in the background (at most one waits): the held ids
+        of a group have grown, its pages now cover them without sending them."""
+        if self._timelines_queued or Feature.LARGE_GROUPS not in self.features:
+            return
+        self._timelines_queued = True
+
+        async def run() -> None:
+            try:
+                await self._sync_lock.run(self._timeline_loop, self.timeline_positions,
+                                          TIMELINE_PAGE_MAX)  # fmt: skip
+            finally:
+                self._timelines_queued = False
 
         self._spawn(run())
 
@@ -599,14 +646,35 @@ class IMClient:
 
         return Deferred.fromCoroutine(run())
 
-    def timeline_pull(self, group_id: int, after_seq: int, limit: int = 0
-                      ) -> Deferred[TimelinePage]:  # fmt: skip
+    def timeline_pull(self, group_id: int, after_seq: int, limit: int = 0,
+                      held: tuple[int, ...] = ()) -> Deferred[TimelinePage]:  # fmt: skip
         """TIMELINE_PULL: one page of the group's timeline after `after_seq` (0: from the
-        start; limit 0: the default, 200). Its messages are also stored locally (deduplicated);
-        the next page starts after page.position."""
+        start; limit 0: the default, 200), without the messages `held` names (ascending, at
+        most 1000: messages this device holds, e.g. `timeline_held.to_send(group_id)`). Its
+        messages are also stored locally (deduplicated) and held; the next page starts after
+        page.position. It moves no stored position (`timeline_next` does)."""
 
         async def run() -> TimelinePage:
-            page, _ = await self._timeline_page(group_id, after_seq, limit)
+            page, new = await self._timeline_page(group_id, after_seq, limit, held)
+            if sum(self._hold(m) for m in new):  # outside the loop: above the position, maybe
+                self._request_timelines()
+            if new:
+                self.state.save()
+            return page
+
+        return Deferred.fromCoroutine(run())
+
+    def timeline_next(self, group_id: int, limit: int = 0,
+                      head: TimelineHead | None = None) -> Deferred[TimelinePage]:  # fmt: skip
+        """One page of the sync loop (20.6) for one group: from its stored position (none:
+        `head.read_seq`, or 0), the held ids listed; the messages stored, then the position
+        moved and persisted, the held ids it covers forgotten. Fires with the page (its
+        messages: the new ones and any already held). With `head` (the group's, from
+        TIMELINE_HEADS) the held ids up to head.last_msg_id go once position >= head.done."""
+
+        async def run() -> TimelinePage:
+            start = self.timeline_positions.get(group_id, head.read_seq if head else 0)
+            page, _ = await self._loop_page(group_id, start, limit, head, self.timeline_positions)
             return page
 
         return Deferred.fromCoroutine(run())
@@ -617,7 +685,9 @@ class IMClient:
         group whose done differs from its position in `positions` (default:
         `timeline_positions`; a group without one starts at its read_seq) TIMELINE_PULL until
         has_more = 0, storing the new messages and then the position in `positions` after
-        each page. Runs one at a time with sync() (which runs it too, with LARGE_GROUPS)."""
+        each page. Each pull lists the held ids of the group; only with the default
+        `positions` are they forgotten as the positions cover them (and the positions saved).
+        Runs one at a time with sync() (which runs it too, with LARGE_GROUPS)."""
         where = self.timeline_positions if positions is None else positions
         return self._sync_lock.run(self._timeline_loop, where, limit)
 
@@ -625,31 +695,61 @@ class IMClient:
         self._need(Feature.LARGE_GROUPS)
         heads = await self._request(TimelineHeads(), TimelineHeadsPage)
         result = TimelineSync(heads=heads.heads)
+        own = positions is self.timeline_positions
+        if own:  # the groups not listed have no timeline: nothing to leave out of a page
+            self.timeline_held.keep_only(h.group_id for h in heads.heads)
         for h in heads.heads:
             p = positions.get(h.group_id, h.read_seq)
             # done above p: new messages; below: a position from lost server data, which the
             # first (empty) page brings back to done (20.6)
             more = h.done != p
             while more:
-                page, new = await self._timeline_page(h.group_id, p, limit)
+                page, new = await self._loop_page(h.group_id, p, limit, h, positions)
                 result.pages += 1
                 result.messages += new
                 moved, p = page.position != p, page.position
-                positions[h.group_id] = p  # after the messages (stored by _timeline_page)
                 more = bool(page.has_more) and moved  # no progress: a page would repeat
+            if own and p >= h.done:  # at the head (also without a page): its last is covered
+                self.timeline_held.cover(h.group_id, h.last_msg_id)
             result.positions[h.group_id] = positions[h.group_id] = p
+        if own:
+            self.state.save()  # the positions set without a page, the held ids forgotten
         return result
 
-    async def _timeline_page(self, group_id: int, after_seq: int, limit: int
+    async def _loop_page(self, group_id: int, after_seq: int, limit: int,
+                         head: TimelineHead | None, positions: dict[int, int],
+                         ) -> tuple[TimelinePage, list[Message]]:  # fmt: skip
+        """One page of the loop: pull with the held ids, store the messages, then the
+        position (persisted when `positions` is the state's); the held ids the page covers
+        are forgotten (the state's positions only: those are what `covered_id` is about)."""
+        held = self.timeline_held
+        page, new = await self._timeline_page(group_id, after_seq, limit,
+                                              held.to_send(group_id))  # fmt: skip
+        if positions is not self.timeline_positions:
+            positions[group_id] = page.position
+            if new:
+                self.state.save()
+            return page, new
+        if page.position < after_seq:  # lost server data: what was covered is not any more
+            held.reset(group_id)
+        if page.messages:
+            held.cover(group_id, max(m.msg_id for m in page.messages))
+        if head is not None and page.position >= head.done:
+            held.cover(group_id, head.last_msg_id)
+        self.state.move_timeline(group_id, page.position)  # saves the messages with it
+        return page, new
+
+    async def _timeline_page(self, group_id: int, after_seq: int, limit: int,
+                             held: tuple[int, ...] = ()
                              ) -> tuple[TimelinePage, list[Message]]:  # fmt: skip
-        """One TIMELINE_PULL; its messages stored (saved once), the new ones returned."""
+        """One TIMELINE_PULL; its messages stored (not saved: the caller saves), the new ones
+        returned."""
         self._need(Feature.LARGE_GROUPS)
-        page = await self._request(TimelinePull(group_id, after_seq, limit), TimelinePage)
+        pull = TimelinePull(group_id, after_seq, limit, held)
+        page = await self._request(pull, TimelinePage)
         new = [m for m in page.messages if self.state.add(m)]
-        if new:
-            for m in new:
-                self._conv_message(m, live=False)
-            self.state.save()
+        for m in new:
+            self._conv_message(m, live=False)
         return page, new
 
     # --- sending (section 9.1)
@@ -716,6 +816,8 @@ class IMClient:
                            f.body)  # fmt: skip
             if self.state.add(mine):
                 self._conv_message(mine, live=True)
+                if self._hold(mine):  # the pages need not bring it back
+                    self._request_timelines()
         self.state.save()
 
     # --- history (section 11)
@@ -728,7 +830,10 @@ class IMClient:
             page = await self._request(
                 HistoryPull(conv_kind, conv_id, before_id, limit), HistoryPage
             )
-            if sum(self.state.add(m) for m in page.messages):
+            new = [m for m in page.messages if self.state.add(m)]
+            if new:
+                if sum(self._hold(m) for m in new):  # a large group's newest, maybe
+                    self._request_timelines()
                 self.state.save()
             return page
 

@@ -560,14 +560,15 @@ class Console:
         else:
             raise UsageError("/timeline GID (or /to group ID first)")
         conv = conv_key(ConvKind.GROUP, gid)
-        position = c.timeline_positions.get(gid)
-        if position is None:  # this device never pulled it: from what the user has read
+        head = None
+        if gid not in c.timeline_positions:  # never pulled here: from what the user has read
             heads = await c.timeline_heads()
-            position = next((h.read_seq for h in heads.heads if h.group_id == gid), 0)
+            head = next((h for h in heads.heads if h.group_id == gid), None)
         while True:
-            page = await c.timeline_pull(gid, position)
-            moved, position = page.position != position, page.position
-            c.timeline_positions[gid] = position
+            position = c.timeline_positions.get(gid, head.read_seq if head else 0)
+            # the messages held here (pushed) are left out: they were shown when they came
+            page = await c.timeline_next(gid, head=head)
+            moved = page.position != position
             shown = [self._message_event(conv, m, "timeline") for m in page.messages]
             self.emit({"event": "timeline", "conv": conv, "messages": shown,
                        "position": str(page.position), "done": str(page.done),

@@ -1,5 +1,6 @@
-"""The local device state: offline cursor, messages per conversation, outbox of SENDs, and
-the conversation list (rows, list version, badge: `conv_list`).
+"""The local device state: offline cursor, messages per conversation, outbox of SENDs, the
+conversation list (rows, list version, badge: `conv_list`), and the device's positions in
+large groups' timelines with the msg_ids it holds above them (`held`).
 
 Kept between sessions, optionally persisted as one JSON file (`ClientState.load`/`save`).
 """
@@ -18,8 +19,12 @@ from improto.jsonform import frame_from_json, frame_to_json, record_from_json, r
 from improto_clients.conv_keys import message_conv
 from improto_clients.conv_list import ConversationList
 from improto_clients.errors import StateMismatch
+from improto_clients.held import HeldIds
 
-STATE_FORMAT = 2  # 2 added the conversation list; a format 1 file loads with an empty one
+# 2 added the conversation list; a format 1 file loads with an empty one. The "timelines" key
+# (positions and held ids, section 20) is optional within format 2: a file without it loads
+# with none, and a reader that predates it ignores it.
+STATE_FORMAT = 2
 
 
 @dataclass
@@ -37,6 +42,10 @@ class ClientState:
     conversations: dict[str, list[Message]] = field(default_factory=dict)
     outbox: dict[bytes, Send] = field(default_factory=dict)  # client_msg_id -> unacked SEND
     convs: ConversationList = field(default_factory=ConversationList)
+    # Large groups (section 20.6): group id -> this device's timeline position (only ever a
+    # TIMELINE_PAGE.position, or the head's read_seq), and the msg_ids held above them.
+    timeline_positions: dict[int, int] = field(default_factory=dict)
+    timeline_held: HeldIds = field(default_factory=HeldIds)
     _ids: set[int] = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -83,6 +92,21 @@ class ClientState:
             self.cursor = previous
             raise
 
+    def move_timeline(self, group_id: int, position: int) -> None:
+        """Set a group's timeline position and persist it (after the page's messages, which
+        are stored first); if saving fails it goes back, as the cursor does."""
+        had = group_id in self.timeline_positions
+        previous = self.timeline_positions.get(group_id, 0)
+        self.timeline_positions[group_id] = position
+        try:
+            self.save()
+        except BaseException:
+            if had:
+                self.timeline_positions[group_id] = previous
+            else:
+                del self.timeline_positions[group_id]
+            raise
+
     def messages(self, key: str) -> list[Message]:
         return list(self.conversations.get(key, ()))
 
@@ -98,8 +122,21 @@ class ClientState:
             },
             "outbox": [frame_to_json(f) for f in self.outbox.values()],
             "convs": self.convs.to_json(),
+            "timelines": self._timelines_json(),
             "cursor": str(self.cursor),
         }
+
+    def _timelines_json(self) -> dict[str, Any]:
+        """{"<group id>": {"position": "<seq>", "covered_id": "<msg_id>", "held": [...]}},
+        each key present only when set."""
+        out: dict[str, Any] = {}
+        groups = set(self.timeline_positions) | self.timeline_held.groups()
+        for g in sorted(groups):
+            entry = self.timeline_held.group_json(g)
+            if g in self.timeline_positions:
+                entry["position"] = str(self.timeline_positions[g])
+            out[str(g)] = entry
+        return out
 
     @classmethod
     def from_json(cls, obj: dict[str, Any], path: str | None = None) -> ClientState:
@@ -110,6 +147,12 @@ class ClientState:
             frame = frame_from_json(f)
             assert isinstance(frame, Send)
             outbox[frame.client_msg_id] = frame
+        positions: dict[int, int] = {}
+        held = HeldIds()
+        for g, entry in obj.get("timelines", {}).items():
+            if "position" in entry:
+                positions[int(g)] = int(entry["position"])
+            held.load_group(int(g), entry)
         return cls(
             path=path,
             user_id=None if obj["user_id"] is None else int(obj["user_id"]),
@@ -122,6 +165,8 @@ class ClientState:
             convs=ConversationList.from_json(obj["convs"])
             if "convs" in obj
             else ConversationList(),
+            timeline_positions=positions,
+            timeline_held=held,
         )
 
     def save(self) -> None:

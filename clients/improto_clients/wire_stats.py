@@ -7,7 +7,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 
 from improto.enums import FrameType
-from improto.frames import Frame, OfflinePage, Push
+from improto.frames import Frame, OfflinePage, Push, TimelinePage
 
 LENGTH_PREFIX = 4
 
@@ -18,8 +18,10 @@ class WireStats:
     `FrameType` compares equal to it; a type this client does not know counts under its
     number). Frame bytes include the 4-byte length prefix.
 
-    `message_ids` (only with `track_ids`): how often each msg_id arrived in a PUSH or an
-    OFFLINE_PAGE, the two ways a message is delivered (HISTORY_PAGE is a separate request).
+    `message_ids` (only with `track_ids`): how often each msg_id arrived in a PUSH, an
+    OFFLINE_PAGE or a TIMELINE_PAGE, the ways a message is delivered (HISTORY_PAGE is a
+    separate request). `timeline_messages_in`: the records of TIMELINE_PAGEs alone (large
+    groups, section 20: what held ids save).
     """
 
     track_ids: bool = False
@@ -29,7 +31,8 @@ class WireStats:
     frames_out: Counter[int] = field(default_factory=Counter)
     frame_bytes_in: Counter[int] = field(default_factory=Counter)
     frame_bytes_out: Counter[int] = field(default_factory=Counter)
-    messages_in: int = 0  # message records delivered by PUSH or OFFLINE_PAGE
+    messages_in: int = 0  # message records delivered by PUSH, OFFLINE_PAGE or TIMELINE_PAGE
+    timeline_messages_in: int = 0  # of those, by TIMELINE_PAGE
     message_ids: Counter[int] = field(default_factory=Counter)
 
     def received(self, type_code: int, payload_len: int) -> None:
@@ -47,6 +50,9 @@ class WireStats:
             ids: tuple[int, ...] = (frame.message.msg_id,)
         elif isinstance(frame, OfflinePage):
             ids = tuple(m.msg_id for m in frame.messages)
+        elif isinstance(frame, TimelinePage):
+            ids = tuple(m.msg_id for m in frame.messages)
+            self.timeline_messages_in += len(ids)
         else:
             return
         self.messages_in += len(ids)

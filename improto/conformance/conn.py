@@ -272,8 +272,18 @@ class Conn:
 class Env:
     """What a check gets: the server address and secret, and factories for connections."""
 
-    def __init__(self, host: str, port: int, secret: str, timeout: float = 5.0) -> None:
+    def __init__(
+        self,
+        host: str,
+        port: int,
+        secret: str,
+        timeout: float = 5.0,
+        large_threshold: int | None = None,
+    ) -> None:
         self.host, self.port, self.secret, self.timeout = host, port, secret, timeout
+        # the server's large-group threshold (spec 20.8), which a client cannot learn: given
+        # to the runner (--large-group-threshold); None: the checks needing it do not run
+        self.large_threshold = large_threshold
         self.conns: list[Conn] = []
         self.info: dict[str, int] = {}  # filled by the first login: HELLO_OK values
 

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import TextIO
 
 from improto.conformance.conn import Env
+from improto.limits import MAX_GROUP_MEMBERS
 
 CheckFn = Callable[[Env], str | None]
 
@@ -27,6 +28,7 @@ CHECK_MODULES = (
     "checks_groups",
     "checks_ids",
     "checks_ext",
+    "checks_large",
 )
 
 
@@ -110,8 +112,12 @@ def run(
     only: str | None = None,
     out: TextIO | None = None,
     timeout: float = 5.0,
+    large_threshold: int | None = None,
 ) -> Report:
-    """Run the (filtered) checks sequentially, printing one line each and the summary last."""
+    """Run the (filtered) checks sequentially, printing one line each and the summary last.
+    `large_threshold`: the server's large-group threshold (spec 20.8); without it the checks
+    that need a large group are SKIPped (not run), and a line before the summary counts the
+    checks not run."""
     out = sys.stdout if out is None else out
     report = Report()
     start = time.monotonic()
@@ -120,7 +126,7 @@ def run(
             continue
         with warnings.catch_warnings():  # PyJWT warns about short test secrets
             warnings.simplefilter("ignore")
-            status, detail = run_check(c, Env(host, port, secret, timeout))
+            status, detail = run_check(c, Env(host, port, secret, timeout, large_threshold))
         if status == "PASS":
             report.passed.append(c.name)
             line = f"PASS {c.name}" + (f" ({_one_line(detail)})" if detail else "")
@@ -132,6 +138,8 @@ def run(
             line = f"FAIL {c.name}: {_one_line(detail)}"
         print(line, file=out, flush=True)
     report.seconds = time.monotonic() - start
+    if report.skipped:
+        print(f"{len(report.skipped)} not run (SKIP above)", file=out, flush=True)
     print(report.summary, file=out, flush=True)
     return report
 
@@ -155,6 +163,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--only", metavar="SUBSTR", help="run only checks whose name contains SUBSTR")
     p.add_argument("--list", action="store_true", help="list the checks and exit")
     p.add_argument("--timeout", type=float, default=5.0, help="seconds to wait for a reply")
+    p.add_argument(
+        "--large-group-threshold",
+        type=int,
+        metavar="N",
+        help="the server's large-group threshold (spec 20.8; the improto server's "
+        "large_group_threshold, default 500): a group of more than N members is large. "
+        "Without it the checks that need a large group are not run (SKIP)",
+    )
     args = p.parse_args(argv)
 
     checks = load_checks()
@@ -163,6 +179,10 @@ def main(argv: list[str] | None = None) -> int:
             if not args.only or args.only in c.name:
                 print(f"{c.name}  {c.doc}")
         return 0
+    n = args.large_group_threshold
+    if n is not None and not 1 <= n <= MAX_GROUP_MEMBERS:
+        print(f"error: --large-group-threshold must be 1..{MAX_GROUP_MEMBERS}", file=sys.stderr)
+        return 2
     if not args.server or args.jwt_secret is None:
         p.print_usage(sys.stderr)
         print("error: --server and --jwt-secret are required", file=sys.stderr)
@@ -180,5 +200,5 @@ def main(argv: list[str] | None = None) -> int:
     if args.only and not any(args.only in n for n in checks):
         print(f"error: no check name contains {args.only!r}", file=sys.stderr)
         return 2
-    report = run(host, port, args.jwt_secret, args.only, timeout=args.timeout)
+    report = run(host, port, args.jwt_secret, args.only, timeout=args.timeout, large_threshold=n)
     return 1 if report.failed else 0

@@ -1,5 +1,6 @@
 """Large groups' timelines (PROTOCOL.md section 20, LARGE_GROUPS): TIMELINE_HEADS and
-TIMELINE_PULL.
+TIMELINE_PULL (whose `held` msg_ids, the messages the client already has, are left out of
+the page but covered by its position).
 
 A large group's messages are not in its members' inboxes; each member reaches them through
 the group's timeline (TimelineStore), numbered 1, 2, 3, ... per group. A member's read
@@ -134,9 +135,16 @@ class TimelineService:
         page: TimelineRecords = await available(
             self.store.after(gid, start, limit, records.TIMELINE_RECORD_BYTES)
         )
-        # a message accepted before the join (a clock a little behind) is covered, not sent
+        # a message accepted before the join (a clock a little behind) is covered, not sent;
+        # so are the ones the client holds (got by PUSH): the page is the same without them
         position, has_more, visible = records.timeline_window(
-            start, page.first_seq, page.records, page.has_more, page.done, min_msg_id=since
+            start,
+            page.first_seq,
+            page.records,
+            page.has_more,
+            page.done,
+            min_msg_id=since,
+            held=frozenset(req.held),
         )
         return records.timeline_page(req.request_id, gid, position, page.done, has_more, visible)
 
