@@ -1,7 +1,7 @@
 """Chaos run of production mode, judged from the clients' own view.
 
     python bench/chaos.py [--quick] [--seconds N] [--seed S] [--keep] [--sync-state] [--push]
-                          [--storage production|embedded]
+                          [--storage production|embedded] [--spare redis|rabbitmq|thrift ...]
 
 Starts 2 gateways and 2 persisters (`python -m improto_server --storage production --role
 gateway|persister`) on 127.0.0.1 with a fresh key prefix, HBase table and JWT secret, simulates
@@ -12,8 +12,11 @@ of a gateway (restarted on the same port), `kill -9` of a persister (restarted),
 of Redis, of RabbitMQ and of the HBase Thrift server (each restarted by `scripts/services
 crash`). Gateways lease their message-id nodes in Redis, as in production.
 It starts the services first (`scripts/services start`, which reuses running ones; the crash
-faults need services that script started). `--quick` takes about a minute; the default chats
-10 minutes.
+faults need services that script started). The crashes kill the services of
+IMPROTO_SERVICES_DIR (default .services): to run next to other users of those, give the run
+services of its own (IMPROTO_SERVICES_DIR, IMPROTO_REDIS_PORT, IMPROTO_RABBITMQ_PORT; see
+docs/SERVICES.md) and, since HBase's ports are fixed, `--spare thrift` (no Thrift crash).
+`--quick` takes about a minute; the default chats 10 minutes.
 The seed fixes the plan (users, groups, conversations, fault choices); thread timing is real.
 `--sync-state`: about half the devices use the post-v1 features (WIRE_ONCE, CONVERSATIONS,
 READ_RECEIPTS) and bench/chaos_state.py adds its checks (wire-once, read positions, lists).
@@ -25,6 +28,11 @@ notified or a logged, counted drop; dead tokens unregistered; metrics against bo
 `--storage embedded`: one `imserver` process on SQLite (gateway, persister and notifier)
 instead of the production processes; its faults: client drops, lost pushes and `kill -9` of
 the server (restarted on the same port and database); no services.
+In every mode one more group crosses the servers' `large_group_threshold` (set to the group
+size) both ways while its members chat: members are added and removed during the run, its
+members' devices enable LARGE_GROUPS and page its timeline; bench/chaos_large.py adds its
+checks (PROTOCOL.md 20: lost / duplicated / out-of-order per delivery path, crossing,
+misplaced) and the report's `large` object.
 
 Clients follow spec/PROTOCOL.md: every SEND has a fresh client_msg_id and stays in the
 device's outbox until a SEND_ACK; after every (re)connect the device runs the offline sync loop
@@ -70,7 +78,8 @@ Pushes travel between gateways (presence in Redis, routing over RabbitMQ), but t
 effort, so correctness is judged on the offline sync and the history; pushes count as a bonus
 (details.pushes). Prints progress to stderr,
 details as a JSON object to stderr, and a final JSON line to stdout; exits 1 when lost,
-duplicated, out_of_order, unexpected or offline_missing is non-zero, 2 on a harness failure.
+duplicated, out_of_order, unexpected, offline_missing, crossing or misplaced (or a count of
+--sync-state or --push) is non-zero, 2 on a harness failure.
 On failure the work directory (server logs) and the run's service data are kept.
 """
 
@@ -96,6 +105,7 @@ from pathlib import Path
 from typing import Any
 
 import chaos_faults as cf
+import chaos_large as cl
 import chaos_push as cp
 import chaos_state as cs
 
@@ -105,6 +115,8 @@ from improto.enums import ContentType, ConvKind, FrameType
 from improto.frames import (
     Close,
     Error,
+    Features,
+    FeaturesOk,
     Frame,
     GroupAdd,
     GroupAddOk,
@@ -174,6 +186,7 @@ class Plan:
     sync_state: bool = False  # chaos_state: post-v1 devices and their checks
     push: bool = False  # chaos_push: a push gateway with faults, and its checks
     storage: str = "production"
+    spare: frozenset[str] = frozenset()  # services never crashed (shared with other runs)
 
     @classmethod
     def from_args(cls, a: argparse.Namespace) -> Plan:
@@ -196,6 +209,7 @@ class Plan:
             sync_state=a.sync_state,
             push=a.push,
             storage=a.storage,
+            spare=frozenset(a.spare or ()),
         )
 
 
@@ -212,6 +226,7 @@ class Sent:
     receivers: frozenset[int]
     msg_id: int | None = None  # from the first SEND_ACK
     acked_at: float | None = None  # time.monotonic() of the first SEND_ACK
+    composed_at: float = dataclasses.field(default_factory=time.monotonic)  # before any write
 
 
 class Ledger:
@@ -254,6 +269,7 @@ class Group:
     creator: int
     members: frozenset[int]
     events: dict[str, frozenset[int]]  # expected event ("created", "added") -> its receivers
+    churn: bool = False  # the large group (chaos_large: members change, its own checks)
 
 
 # ---------------------------------------------------------------------------- device
@@ -289,6 +305,8 @@ class Device(threading.Thread):
         self.seq = 0
         self.state = cs.new_state(self.rng, sim.plan.sync_state)
         self.push = cp.new_device(self, seed)
+        self.tl = sim.large.new_device(user)  # LARGE_GROUPS: timeline positions (persisted)
+        self.enabled: set[int] = set()  # FEATURES_OK of the current connection
 
     # --- thread
 
@@ -319,6 +337,7 @@ class Device(threading.Thread):
         if self.need_sync or now >= self.next_sync:
             self.sync()
         cs.step(self, now)
+        cl.step(self, now)
         if self.outbox and now >= self.retry_at:
             self.send_frames(list(self.outbox.values()))
         if self.bursts_due and now >= self.bursts_due[0][0]:
@@ -356,6 +375,14 @@ class Device(threading.Thread):
         self.conn = Conn(HOST, port, REQUEST_TIMEOUT_S, self.device_id)
         self.conn.login(self.sim.secret, self.user, self.device_id)
         self.stats["logins"] += 1
+        self.enabled = set()
+        wanted = {*cs.features(self), *cp.features(self), *cl.features(self)}
+        if wanted:  # one FEATURES: each one replaces the connection's set (18.1)
+            ok: FeaturesOk = self.request(Features(tuple(sorted(wanted))), FeaturesOk)
+            self.enabled = set(ok.features)
+            if self.enabled != wanted:
+                self.sim.harness_errors.append(f"{self.device_id}: FEATURES_OK {ok.features}"
+                                               f" for {sorted(wanted)}")  # fmt: skip
         cs.on_login(self)
         cp.on_login(self)
         self.sync()  # section 17: on HELLO_OK sync first, then resend unacknowledged SENDs
@@ -444,14 +471,16 @@ class Device(threading.Thread):
                 self.sim.problem("unexpected", f"{self.device_id}: body differs for {m.msg_id}")
         self.info[m.msg_id] = dataclasses.replace(m, body=m.body if m.content_type == 0 else b"")
 
-    # --- offline sync (section 10.2)
+    # --- offline sync (section 10.2), then the timelines (20.6, chaos_large)
 
     def sync(self) -> None:
         c = self._conn()
         pages = 0
+        if self.drop_page is not None and self.state.phase == "online":
+            self.state.phase = "forced"  # the harness made it pull (chaos_state.arrival)
         while True:
             if self.drop_page is not None and pages >= self.drop_page:
-                self.drop_mid_page(c)
+                self.drop_mid_page(c, OfflinePull(self.cursor, PAGE), FrameType.OFFLINE_PAGE)
             page: OfflinePage = self.request(OfflinePull(self.cursor, PAGE), OfflinePage)
             self.store_page(page)
             pages += 1
@@ -459,11 +488,12 @@ class Device(threading.Thread):
                 break
             if not page.messages:
                 self.sim.problem("anomalies", f"{self.device_id}: empty page with has_more=1")
-        if self.drop_page is not None:
-            self.drop_page = 0  # still armed: the next sync's first page
         ok: OfflineAckOk = self.request(OfflineAck(self.cursor), OfflineAckOk)
         if ok.cursor < self.cursor:
             self.sim.problem("anomalies", f"{self.device_id}: position {ok.cursor} < {self.cursor}")
+        cl.sync(self, pages)  # the armed drop counts the timeline pages on
+        if self.drop_page is not None:
+            self.drop_page = 0  # still armed: the next sync's first page
         self.need_sync = False
         self.state.phase = "online"
         # a wire-once device syncs only when told to (SYNC_HINT, a notice it cannot apply)
@@ -497,11 +527,12 @@ class Device(threading.Thread):
             self._last_in_conv[conv] = max(last, m.msg_id)
         self.cursor = page.cursor  # persisted after the messages
 
-    def drop_mid_page(self, c: Conn) -> None:
-        """Fault: ask for a page and close the connection as soon as part of it arrived (or,
-        for a page that fits one read, once it arrived, before it is stored)."""
+    def drop_mid_page(self, c: Conn, pull: Frame, page_type: int) -> None:
+        """Fault: send `pull` and close the connection as soon as part of its page (of type
+        `page_type`: OFFLINE_PAGE or TIMELINE_PAGE) arrived (or, for a page that fits one
+        read, once it arrived, before it is stored)."""
         self.drop_page = None
-        c.send(OfflinePull(self.cursor, PAGE))
+        c.send(pull)
         where = "before_page"
         deadline = time.monotonic() + 2.0
         with contextlib.suppress(OSError):
@@ -512,12 +543,13 @@ class Device(threading.Thread):
                     break
                 done = c.reader.feed(chunk)  # frames before the page are abandoned too
                 partial = c.reader._buf  # the frame arriving now (byte 5: its type)
-                if any(p[1] == FrameType.OFFLINE_PAGE for p in done):
+                if any(p[1] == page_type for p in done):
                     where = "after_page"
-                elif len(partial) >= 6 and partial[5] == FrameType.OFFLINE_PAGE:
+                elif len(partial) >= 6 and partial[5] == page_type:
                     where = "inside_page"
-        self.stats[f"mid_page_drops_{where}"] += 1
-        self.sim.count_drop("mid_page", self.device_id)
+        mode = "mid_page" if page_type == FrameType.OFFLINE_PAGE else "mid_timeline_page"
+        self.stats[f"{mode}_drops_{where}"] += 1
+        self.sim.count_drop(mode, self.device_id)
         raise ConnLost("dropped mid-page")
 
     # --- sending (section 9.1)
@@ -592,8 +624,8 @@ class Device(threading.Thread):
 
     def final_sync(self, deadline: float) -> int:
         """Connect, sync from the persisted cursor (no resend: the ledger is frozen), close.
-        Returns how many offline-page entries it brought."""
-        before = self.page_hits.total()
+        Returns how many offline-page and timeline-page entries it brought."""
+        before = self.entries()
         while True:
             try:
                 self.connect(resend=False)
@@ -607,7 +639,10 @@ class Device(threading.Thread):
                     raise HarnessError(f"{self.device_id}: final sync impossible: {e}") from e
                 time.sleep(0.2)
         self.disconnect()
-        return self.page_hits.total() - before
+        return self.entries() - before
+
+    def entries(self) -> int:
+        return self.page_hits.total() + (self.tl.hits.total() if self.tl is not None else 0)
 
 
 def conv_of(s: Sent, viewer: int) -> tuple[int, int]:
@@ -649,6 +684,7 @@ class Sim:
         self.harness_errors: list[str] = []
         self.injector: cf.Injector | None = None
         self.push: cp.PushRun | None = None
+        self.large = cl.LargeRun(self, log)  # sets the servers' large_group_threshold
         # chaos_state: read marks per (user, conversation), and the history read at the end
         self.marks_sent: dict[tuple[int, tuple[int, int]], set[int]] = defaultdict(set)
         self.marks_acked: dict[tuple[int, tuple[int, int]], int] = {}
@@ -704,6 +740,7 @@ class Sim:
     def setup(self) -> None:
         plan, rng = self.plan, self.rng
         n = len(self.users)
+        self.large.choose()  # before the devices: its pool's devices enable LARGE_GROUPS
         for i, u in enumerate(self.users):  # a ring plus random extra friends, symmetric
             self.friends.setdefault(u, [])
             for v in (self.users[(i + 1) % n], *rng.sample(self.users, 2)):
@@ -723,13 +760,17 @@ class Sim:
         for b in range(plan.bursts):
             at = time.monotonic() + plan.seconds * (0.25 + 0.6 * b / plan.bursts)
             if b % 2 == 0:
-                g = self.groups[sorted(self.groups)[b // 2 % len(self.groups)]]
-                sender, kind, conv = g.creator, ConvKind.GROUP, g.gid
+                target = self.groups[sorted(self.groups)[b // 2 % len(self.groups)]]
+                sender, kind, conv = target.creator, ConvKind.GROUP, target.gid
             else:
                 sender = rng.choice(self.users)
                 kind, conv = ConvKind.USER, rng.choice(self.friends[sender])
             dev = next(d for d in self.devices if d.user == sender)
             dev.bursts_due.append((at, kind, conv))
+        gid, creator, initial = self.large.setup()
+        self.groups[gid] = Group(gid, creator, initial, {}, churn=True)
+        for u in initial:
+            self.groups_of[u] = [*self.groups_of[u], gid]
         log(f"{n} users, {len(self.devices)} devices, {len(self.groups)} groups, "
             f"send_p {self.send_p:.2f}, prefix {self.prefix}")  # fmt: skip
 
@@ -822,6 +863,8 @@ class Sim:
         acked = self.ledger.by_id
         expected: dict[int, set[int]] = defaultdict(set)  # user -> acked msg_ids
         for msg_id, s in acked.items():
+            if self.large.sent_of_group(s):
+                continue  # chaos_large judges the large group's messages
             for u in s.receivers:
                 expected[u].add(msg_id)
         for d in self.devices:
@@ -847,6 +890,8 @@ class Sim:
             if m.content_type == ContentType.GROUP_EVENT:
                 event = self.group_event(m)
                 g = self.groups.get(m.conv_id)
+                if g is not None and g.churn:
+                    continue  # chaos_large judges the large group's events
                 if event is None or g is None or user not in g.events.get(event, ()):
                     self.problem("unexpected", f"{where}: group event {m.msg_id} {m.body[:80]!r}")
                     continue
@@ -993,16 +1038,20 @@ def run(plan: Plan, keep: bool) -> int:
             plan.fault_gap,
             log,
             sim.drop_pushes,
+            plan.spare,
         )
         for d in sim.devices:
             d.start()
         time.sleep(min(2.0, plan.seconds / 10))
         injector.start()
+        sim.large.start()
         if sim.push is not None:
             sim.push.start_faults()
         chat_end = time.monotonic() + plan.seconds
-        while time.monotonic() < chat_end and not sim.harness_errors:
+        while time.monotonic() < chat_end and not sim.harness_errors and not sim.large.errors:
             time.sleep(0.5)
+        sim.large.stop()
+        sim.harness_errors += sim.large.errors
         if sim.push is not None:
             sim.push.stop_faults()
         injector.stop()
@@ -1018,9 +1067,11 @@ def run(plan: Plan, keep: bool) -> int:
             push = sim.push.verify()
             push["summary"]["drain_seconds"] = drained["seconds"]
         settle = sim.settle()
+        sim.large.finalize()
         sim.verify_devices()
         sim.verify_group_events()
         history_pages = sim.verify_history()
+        large = sim.large.verify(sim.history)
         sync_state = cs.verify(sim, sim.history) if plan.sync_state else None
         dead = sim.cluster.dead_letters()
         if sim.ledger.ack_conflicts:
@@ -1048,6 +1099,8 @@ def run(plan: Plan, keep: bool) -> int:
             "out_of_order": c["out_of_order"],
             "unexpected": c["unexpected"],
             "offline_missing": c["offline_missing"],
+            **{k: c[k] for k in cl.PROBLEMS},
+            "large": sim.large.summary(large),
             "faults": faults,
             "seconds": round(time.monotonic() - T0, 1),
             "seed": plan.seed,
@@ -1065,6 +1118,7 @@ def run(plan: Plan, keep: bool) -> int:
             report.update(push["counts"])
             report["push"] = {k: v for k, v in push["summary"].items() if k != "examples"}
         details = {
+            "large": large,
             "prefix": sim.prefix,
             "workdir": str(workdir),
             "chat_seconds": plan.seconds,
@@ -1092,8 +1146,8 @@ def run(plan: Plan, keep: bool) -> int:
         if push is not None:
             details["push"] = push["summary"]
         bad = any(report.get(k) for k in ("lost", "duplicated", "out_of_order", "unexpected",
-                                          "offline_missing", *cs.PROBLEMS,
-                                          *cp.PROBLEMS))  # fmt: skip
+                                          "offline_missing", *cs.PROBLEMS, *cp.PROBLEMS,
+                                          *cl.PROBLEMS))  # fmt: skip
         failed = bad or bool(sim.harness_errors) or bool(injector.errors)
         code = 2 if sim.harness_errors or injector.errors else int(bad)
     except (HarnessError, RuntimeError, OSError) as e:
@@ -1104,6 +1158,7 @@ def run(plan: Plan, keep: bool) -> int:
         code = 2
     finally:
         sim.chat_over.set()
+        sim.large.stopping.set()
         if injector is not None and injector.is_alive():
             injector.stopping = True
             injector.requests.put(("stop", None))
@@ -1145,6 +1200,12 @@ def main() -> None:
         choices=["production", "embedded"],
         default="production",
         help="production processes (default) or one embedded-storage server",
+    )
+    p.add_argument(
+        "--spare",
+        action="append",
+        choices=["redis", "rabbitmq", "thrift"],
+        help="never crash this service (repeatable): one shared with other runs",
     )
     p.add_argument("--keep", action="store_true", help="keep logs and service data")
     p.add_argument("--purge", metavar="PREFIX", help="delete a kept run's service data, exit")

@@ -137,10 +137,12 @@ class Cluster:
     """2 gateways + 2 persisters (by default) sharing one key prefix, table and secret; or,
     with storage "embedded", one `--role all` process on SQLite (in `gateways`).
 
+    `settings`: server settings (TOML keys, e.g. the push timings of --push and the large-group
+    threshold) written to `<workdir>/server.toml`, which every process gets as `--config`.
     `push_url` (--push): every process gets `--push-gateway <push_url>/<its name>` (so the
-    gateway stand-in tells the notifiers apart) and `--config push_config`; production adds
-    `notifiers_n` `--role notifier` processes. With `api_key`, every process that runs a
-    notifier (gateways, notifiers, the embedded server) serves /metrics on its own port."""
+    gateway stand-in tells the notifiers apart); production adds `notifiers_n` `--role
+    notifier` processes. With `api_key`, every process that runs a notifier (gateways,
+    notifiers, the embedded server) serves /metrics on its own port."""
 
     workdir: Path
     prefix: str
@@ -149,8 +151,8 @@ class Cluster:
     persisters_n: int = 2
     partitions: int = 2
     storage: str = "production"
+    settings: dict[str, Any] = field(default_factory=dict)
     push_url: str | None = None
-    push_config: Path | None = None
     api_key: str | None = None
     notifiers_n: int = 0
     gateways: list[ServerProc] = field(default_factory=list)
@@ -179,10 +181,10 @@ class Cluster:
                 *services.server_flags(),
             ]  # fmt: skip
         api_port = None
+        if self.settings:
+            args += ["--config", str(self.workdir / "server.toml")]
         if self.push_url is not None:
             args += ["--push-gateway", f"{self.push_url}/{name}"]
-            if self.push_config is not None:
-                args += ["--config", str(self.push_config)]
             if notifies and self.api_key is not None:
                 api_port = free_port()
                 args += ["--api-listen", f"tcp:{api_port}:interface={HOST}",
@@ -192,6 +194,10 @@ class Cluster:
     def start(self) -> None:
         if self.embedded:
             self.gateways_n, self.persisters_n, self.notifiers_n = 1, 0, 0
+        if self.settings:
+            (self.workdir / "server.toml").write_text(
+                "".join(f"{k} = {toml_value(v)}\n" for k, v in sorted(self.settings.items()))
+            )
         for i in range(self.gateways_n):
             port = free_port()
             name = "server-0" if self.embedded else f"gateway-{i}"
@@ -280,7 +286,8 @@ class Injector(threading.Thread):
     drops or arms a drop and returns its mode (None when no device could be dropped). The
     harness may also ask for a gateway kill at a chosen moment (`request_gateway_kill`).
     `outages` records every kill and service crash: (kind, process or service name, gateway
-    port or None, start, end) in time.monotonic()."""
+    port or None, start, end) in time.monotonic(). `spare`: services never crashed (redis,
+    rabbitmq, thrift: services shared with other runs, which a crash would disturb)."""
 
     def __init__(
         self,
@@ -290,6 +297,7 @@ class Injector(threading.Thread):
         gap_s: tuple[float, float],
         log: Callable[[str], None],
         drop_pushes: Callable[[random.Random], bool] = lambda rng: False,
+        spare: frozenset[str] = frozenset(),
     ) -> None:
         super().__init__(name="injector", daemon=True)
         self.cluster = cluster
@@ -297,6 +305,7 @@ class Injector(threading.Thread):
         self.drop_pushes = drop_pushes
         self.rng = rng
         self.gap_s = gap_s
+        self.spare = spare
         self.log = log
         self.requests: queue.Queue[tuple[str, int | None]] = queue.Queue()
         self.stopping = False
@@ -329,6 +338,11 @@ class Injector(threading.Thread):
             plan.append("notifier_kill")
             kinds.append("notifier_kill")
             weights.append(1)
+        for name in self.spare:
+            if f"{name}_crash" in kinds:
+                plan.remove(f"{name}_crash")
+                i = kinds.index(f"{name}_crash")
+                del kinds[i], weights[i]
         self.rng.shuffle(plan)
         while True:
             try:
@@ -426,6 +440,15 @@ class Injector(threading.Thread):
         self.requests.put(("stop", None))
         self.join()
         self.check_exits()
+
+
+def toml_value(v: object) -> str:
+    """A TOML scalar (the settings are numbers, booleans and plain strings)."""
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, int | float):
+        return repr(v)
+    return '"' + str(v).replace("\\", "\\\\").replace('"', '\\"') + '"'
 
 
 # ------------------------------------------------------------------- service data
