@@ -499,6 +499,21 @@ def test_a_server_row_behind_the_live_messages_keeps_their_unread() -> None:
     assert convs.total_unread == 2
 
 
+def test_a_large_groups_row_at_our_version_with_a_newer_message_is_taken() -> None:
+    """A large group's merged CONV_LIST row keeps its version while its timeline moves
+    (PROTOCOL.md 20.1): the newer message and the server's unread count are taken; a row of
+    our version with nothing newer changes nothing."""
+    convs = ConversationList()
+    convs.apply_page(0, (row(BOB, 7, msg(10), unread=1),))
+    same = row(BOB, 7, msg(10), unread=5)  # same version, same last: not newer
+    assert convs.apply_page(0, (same,)) == []
+    assert convs.get(row_key(same)).unread == 1  # type: ignore[union-attr]
+    merged = row(BOB, 7, msg(40), unread=4)
+    assert convs.apply_page(0, (merged,)) == [row_key(merged)]
+    got = convs.get(row_key(merged))
+    assert got is not None and (got.unread, last_id(got)) == (4, 40)
+
+
 # ---------------------------------------------------------------- push registrations
 
 

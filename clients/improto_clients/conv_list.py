@@ -74,12 +74,18 @@ class ConversationList:
 
     def apply_page(self, total_unread: int, convs: tuple[ConvEntry, ...]) -> list[str]:
         """A CONV_PAGE or CONV_CHANGES_PAGE: a row replaces ours if its version is newer (ours
-        as new may hold live changes since). Returns the keys whose row changed."""
+        as new may hold live changes since), or if at our version it has a newer message (a
+        large group: its timeline messages move no version, PROTOCOL.md 20.1). Returns the
+        keys whose row changed."""
         changed: list[str] = []
         for e in convs:
             key = row_key(e)
             cur = self.rows.get(key)
-            if cur is None or cur.version < e.version:
+            if (
+                cur is None
+                or cur.version < e.version
+                or (cur.version == e.version and last_id(e) > last_id(cur))
+            ):
                 self._put(key, self._merge(key, e, cur))
                 changed.append(key)
         if not self.complete:
