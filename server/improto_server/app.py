@@ -186,6 +186,9 @@ class Server:
         for conn in self.hub.all():
             if isinstance(conn, Session):
                 conn.close(CloseReason.SHUTDOWN, "server shutting down")
+        service: ChatService | None = getattr(self, "service", None)
+        if service is not None:
+            await service.close()  # the group events still pending: one last attempt
         if self.router is not None:
             await self.router.close()
             self.router = None
@@ -248,7 +251,8 @@ class _Presence:
         from improto_server.production.presence import Presence
 
         redis = getattr(backend, "redis")  # noqa: B009 (ProductionBackend's, not in the port)
-        self._presence = Presence(redis, config.key_prefix, reactor=reactor)
+        cluster = bool(getattr(backend, "redis_cluster", False))
+        self._presence = Presence(redis, config.key_prefix, reactor=reactor, cluster=cluster)
 
     @as_deferred
     async def online_devices(self, user_ids: Sequence[int]) -> dict[int, set[str]]:

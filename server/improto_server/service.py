@@ -48,6 +48,7 @@ from improto.limits import (
 )
 from improto_server import metrics
 from improto_server.config import Config
+from improto_server.event_retry import EventDelivery, GroupEvent
 from improto_server.hub import Hub, LocalRouter, Pushable
 from improto_server.ids import IdGenerator
 from improto_server.model import (
@@ -163,13 +164,16 @@ class ChatService:
         push_platforms: Sequence[str] = (),
         notify_queue: NotifyQueue | None = None,
         timeline: TimelineStore | None = None,
+        clock: IReactorTime | None = None,
     ) -> None:
-        """`devices`: the sessions check revocations at HELLO (spec 8.2) in it; with
-        `push_platforms` too (the platforms a device may register; empty: no push), devices
-        may register for notifications (Feature.PUSH, spec 19). `notify_queue` (given when
-        notifications are sent): where `ack_overdue` puts its jobs for the notifier; the
-        sessions watch their PUSH acknowledgements only with it. `timeline`: the large groups'
-        timelines (TIMELINE_HEADS, TIMELINE_PULL: LARGE_GROUPS, spec 20)."""
+        """`clock`: the reactor the background retries of refused group events run on (None:
+        the global reactor; a task.Clock in tests). `devices`: the sessions check revocations
+        at HELLO (spec 8.2) in it; with `push_platforms` too (the platforms a device may
+        register; empty: no push), devices may register for notifications (Feature.PUSH, spec
+        19). `notify_queue` (given when notifications are sent): where `ack_overdue` puts its
+        jobs for the notifier; the sessions watch their PUSH acknowledgements only with it.
+        `timeline`: the large groups' timelines (TIMELINE_HEADS, TIMELINE_PULL: LARGE_GROUPS,
+        spec 20)."""
         self.ids = ids
         self.queue = queue
         self.inbox = inbox
@@ -177,11 +181,15 @@ class ChatService:
         self.groups = groups
         self.hub = hub
         self.router: PushRouter = router or LocalRouter()
-        if limits is None:  # the default settings, on the global reactor's clock
+        if clock is None:
             from twisted.internet import reactor
 
-            limits = RateLimits(Config(), cast(IReactorTime, reactor))
+            clock = cast(IReactorTime, reactor)
+        if limits is None:  # the default settings, on the service's clock
+            limits = RateLimits(Config(), clock)
         self.limits = limits
+        # group events the queue refused: accepted later, in each group's order (12.2)
+        self.events = EventDelivery(lambda job, cmid: self.queue.accept(job, cmid), clock)
         self.conversations = conversations
         self.read_receipts = read_receipts  # READ_RECEIPTS may be enabled (config)
         # CONV_LIST, CONV_CHANGES, READ_MARK, CONV_HIDE: with a conversation store only
@@ -405,14 +413,23 @@ class ChatService:
         )  # fmt: skip
         users = tuple(sorted(set(receivers)))
         job = PersistJob.for_timeline(message) if large else PersistJob(message, users)
-        try:
-            await self._accept(job, message.client_msg_id)
-            if large and removed:  # the same message (its own dedup key): their inboxes
-                copy = PersistJob(message, tuple(sorted(set(removed))), job.record)
-                await self._accept(copy, uuid.uuid4().bytes)
-        except RequestError:
-            return  # logged in _accept; the membership change itself stands
-        self._push(job, caller.connection, users)
+        copy = None
+        if large and removed:  # the same message (its own dedup key): their inboxes
+            copy = PersistJob(message, tuple(sorted(set(removed))), job.record)
+        connection = caller.connection
+        # The membership change stands whatever happens to its event: a refused event is kept
+        # and accepted later in the background (event_retry: same job, same keys, so a retry
+        # is idempotent), behind the group's earlier events still pending; it is pushed when
+        # accepted. This waits for the first attempt only (or not at all behind a refusal).
+        await self.events.deliver(GroupEvent(
+            group_id, job, message.client_msg_id, copy, uuid.uuid4().bytes,
+            on_accepted=lambda: self._push(job, connection, users),
+        ))  # fmt: skip
+
+    async def close(self) -> None:
+        """At shutdown, before the queue closes: one last attempt at the group events still
+        pending; what remains is logged."""
+        await self.events.close()
 
     def _adding_others(self, users: tuple[int, ...]) -> None:
         """Count the groups others add `users` to (PROTOCOL.md 9.4): LIMIT_EXCEEDED, nothing
