@@ -47,6 +47,7 @@ from improto_server.config import Config
 from improto_server.ids import IdGenerator
 from improto_server.model import PersistJob
 from improto_server.persister import MAX_BATCH, Persister
+from improto_server.production.redis_cluster import scan_targets
 from tests.support import services
 
 _TICK = os.sysconf("SC_CLK_TCK")
@@ -255,15 +256,19 @@ async def worker(reactor: Any, spec: dict[str, Any]) -> None:
 
 async def drop_production_data(backend: Any, config: Config) -> None:
     """Delete what a case stored in the services: its Redis keys, queues and HBase table."""
-    cursor: bytes = b"0"
-    while True:
-        cursor, keys = await backend.redis.execute_command(
-            "SCAN", cursor, "MATCH", f"{config.key_prefix}:*", "COUNT", 1000
-        )
-        if keys:
-            await backend.redis.execute_command("UNLINK", *keys)
-        if cursor == b"0":
-            break
+    nodes = scan_targets(backend.redis)  # a Redis Cluster: SCAN each master
+    one = len(nodes) > 1 or nodes[0] is not backend.redis  # keys of one call share a slot
+    for node in nodes:
+        cursor: bytes = b"0"
+        while True:
+            cursor, keys = await node.execute_command(
+                "SCAN", cursor, "MATCH", f"{config.key_prefix}:*", "COUNT", 1000
+            )
+            step = 1 if one else 1000
+            for i in range(0, len(keys), step):
+                await node.execute_command("UNLINK", *keys[i : i + step])
+            if cursor == b"0":
+                break
     names = backend.queue.names
 
     def drop_blocking() -> None:
@@ -284,10 +289,14 @@ async def drop_production_data(backend: Any, config: Config) -> None:
     await threads.deferToThread(drop_blocking)
 
 
-def ab_summary(rounds: list[tuple[bool, dict[str, Any]]]) -> dict[str, Any]:
-    """Per phase: the median messages/s with and without the lists, their ratio, the median
-    of the rounds' own ratios (each round's with / the without run just after it: the
-    machine's slow drift cancels within a pair), and every round's figure (in run order)."""
+def ab_summary(
+    rounds: list[tuple[bool, dict[str, Any]]], names: tuple[str, str] = ("with_lists", "without")
+) -> dict[str, Any]:
+    """Per phase: the median messages/s of the A rounds (True: with the lists, or on the
+    cluster) and of the B rounds, their ratio, the median of the rounds' own ratios (each A
+    round / the B run next to it: the machine's slow drift cancels within a pair), and every
+    round's figure (in run order)."""
+    a_name, b_name = names
     out: dict[str, Any] = {}
     for phase in ("accept", "drain", "end_to_end", "two_processes"):
         with_ = [r[phase]["messages_per_s"] for lists, r in rounds if lists and phase in r]
@@ -297,9 +306,9 @@ def ab_summary(rounds: list[tuple[bool, dict[str, Any]]]) -> dict[str, Any]:
         a, b = statistics.median(with_), statistics.median(without)
         paired = [x / y for x, y in zip(with_, without, strict=False)]
         out[phase] = {
-            "with_lists": a, "without": b, "ratio": round(a / b, 3),
+            a_name: a, b_name: b, "ratio": round(a / b, 3),
             "paired_ratio": round(statistics.median(paired), 3),
-            "rounds_with": with_, "rounds_without": without,
+            f"rounds_{a_name}": with_, f"rounds_{b_name}": without,
         }  # fmt: skip
     return out
 
@@ -326,6 +335,15 @@ def main() -> None:
         "--case", choices=["one_to_one", "group_100"], action="append",
         help="run only this case (repeatable; default both)",
     )  # fmt: skip
+    p.add_argument(
+        "--redis-cluster", metavar="HOST:PORT[,...]",
+        help="production: a Redis Cluster's seed nodes instead of the single Redis",
+    )  # fmt: skip
+    p.add_argument(
+        "--cluster-ab", type=int, default=0, metavar="ROUNDS",
+        help="production: on the Redis Cluster (--redis-cluster, default scripts/services' "
+        "127.0.0.1:7000) and on the single Redis, alternating ROUNDS times",
+    )  # fmt: skip
     p.add_argument("--worker", help=argparse.SUPPRESS)  # internal: the persister process
     args = p.parse_args()
     if args.worker:
@@ -336,10 +354,20 @@ def main() -> None:
     if args.ab and args.no_conversations:
         p.error("--ab runs both: leave out --no-conversations")
 
-    variants = [True, False] * args.ab if args.ab else [not args.no_conversations]
+    if args.cluster_ab and (args.ab or args.storage != "production"):
+        p.error("--cluster-ab needs --storage production and runs with the lists (no --ab)")
+    seeds = args.redis_cluster or str(services.REDIS_CLUSTER)
+    # (lists, on the cluster) of each run, in order
+    variants: list[tuple[bool, bool]]
+    if args.cluster_ab:
+        variants = [(True, True), (True, False)] * args.cluster_ab
+    elif args.ab:
+        variants = [(True, False), (False, False)] * args.ab
+    else:
+        variants = [(not args.no_conversations, bool(args.redis_cluster))]
 
     async def run_variant(tmp: str, name: str, size: int, count: int, lists: bool,
-                          prefix: str) -> dict[str, Any]:  # fmt: skip
+                          prefix: str, cluster: bool) -> dict[str, Any]:  # fmt: skip
         config = Config(
             data_dir=str(Path(tmp) / prefix / name),
             storage=args.storage,
@@ -347,6 +375,7 @@ def main() -> None:
             hbase_table=f"{prefix}_{name}",
             queue_partitions=args.partitions,
             **services.config_fields(),
+            redis_cluster=seeds if cluster else "",
         )
         out = await run_case(
             reactor_ref[0], config, size, count, args.pairs, args.in_flight, args.max_batch,
@@ -372,12 +401,16 @@ def main() -> None:
                 if args.case and name not in args.case:
                     continue
                 rounds: list[tuple[bool, dict[str, Any]]] = []
-                for lists in variants:
+                for lists, cluster in variants:
                     prefix = f"bench{uuid.uuid4().hex[:8]}"
-                    out = await run_variant(tmp, name, size, count, lists, prefix)
-                    rounds.append((lists, out))
-                    print(json.dumps({name: out, "conversations": lists}), file=sys.stderr)
-                results[name] = ab_summary(rounds) if args.ab else rounds[0][1]
+                    out = await run_variant(tmp, name, size, count, lists, prefix, cluster)
+                    rounds.append((cluster if args.cluster_ab else lists, out))
+                    line = {name: out, "conversations": lists, "cluster": cluster}
+                    print(json.dumps(line), file=sys.stderr)
+                if args.cluster_ab:
+                    results[name] = ab_summary(rounds, ("cluster", "single"))
+                else:
+                    results[name] = ab_summary(rounds) if args.ab else rounds[0][1]
         summary = {
             "bench": "persist",
             "storage": args.storage,
@@ -385,8 +418,11 @@ def main() -> None:
             "pairs": args.pairs,
             "max_batch": args.max_batch,
             "partitions": args.partitions,
-            "conversations": "ab" if args.ab else variants[0],
-            "rounds": args.ab or 1,
+            "conversations": "ab" if args.ab else variants[0][0],
+            "redis": "cluster-ab"
+            if args.cluster_ab
+            else ("cluster" if variants[0][1] else "single"),
+            "rounds": args.ab or args.cluster_ab or 1,
             "python": platform.python_version(),
             "cpus": os.cpu_count(),
             **results,

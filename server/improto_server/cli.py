@@ -107,6 +107,8 @@ _PRODUCTION_OPTIONS: list[tuple[str, dict[str, Any]]] = [
                         "connections only; persister: queue consumer only; notifier: push "
                         "notifications only (production storage)"}),
     ("--redis", {"metavar": "HOST:PORT", "help": "default 127.0.0.1:6379"}),
+    ("--redis-cluster", {"metavar": "HOST:PORT[,HOST:PORT...]",
+                         "help": "a Redis Cluster's seed nodes, used instead of --redis"}),
     ("--amqp", {"metavar": "URL",
                 "help": "RabbitMQ URL, default amqp://guest:guest@127.0.0.1:5672/%%2F"}),
     ("--hbase", {"metavar": "HOST:PORT", "help": "HBase Thrift1 server, default 127.0.0.1:9090"}),

@@ -95,6 +95,9 @@ class Config:
     storage: str = "embedded"
     role: str = "all"  # all | gateway | persister (gateway/persister need production storage)
     redis: str = "127.0.0.1:6379"
+    # production: seed nodes of a Redis Cluster, "host:port,host:port" (any of its nodes);
+    # when set it is used instead of `redis` (docs/SERVICES.md, "Redis Cluster")
+    redis_cluster: str = ""
     amqp: str = "amqp://guest:guest@127.0.0.1:5672/%2F"
     hbase: str = "127.0.0.1:9090"
     hbase_table: str = "improto_history"

@@ -3,10 +3,14 @@
     sqlite      the embedded SQLiteBackend: every port
     redis       RedisInbox, RedisGroups, RedisConversations,       inbox, groups, conversations,
                 RedisDevices (the rest SQLite)                     devices
+    redis-cluster  the same on a Redis Cluster (ClusterRedis,      the same
+                cluster=True; scripts/services start redis-cluster)
     hbase       HBaseHistory (the rest SQLite)                     history
     rabbitmq    RabbitQueue, its dedup keys in Redis,               queue, notify_queue
                 RabbitNotifyQueue (rest SQLite)
     production  ProductionBackend, as `imserver --storage production` runs it: every port
+    production-cluster  the same with `redis_cluster` (ClusterRedis): queue, timeline,
+                persister (the Redis stores' own rows: redis-cluster)
                 (timeline: Redis and HBase at once, so it has no single-service row)
 
 A factory takes the test's data directory and the fake clock and returns an unstarted backend
@@ -165,6 +169,38 @@ def _redis(data_dir: Path, clock: FakeClock) -> Composed:
     )
 
 
+def _redis_cluster(data_dir: Path, clock: FakeClock) -> Composed:
+    """The Redis stores on a Redis Cluster (ClusterRedis, cluster=True)."""
+    from twisted.internet import reactor
+
+    from improto_server.production.redis_cluster import ClusterRedis
+    from improto_server.production.redis_conversations import RedisConversations
+    from improto_server.production.redis_devices import RedisDevices
+    from improto_server.production.redis_groups import RedisGroups
+    from improto_server.production.redis_inbox import RedisInbox
+
+    prefix = _name(data_dir, "improto-contract:")
+    _fresh(prefix, lambda: services.delete_cluster_prefix(prefix))
+    redis = ClusterRedis([str(services.REDIS_CLUSTER)], reactor)  # type: ignore[arg-type]
+    inbox = RedisInbox(redis, prefix, clock, INBOX_RETENTION_MS, cluster=True)
+    groups = RedisGroups(redis, prefix)
+    convs = RedisConversations(redis, prefix, clock, HISTORY_RETENTION_MS, cluster=True)
+    devices = RedisDevices(redis, prefix, clock, cluster=True)
+
+    async def ping() -> None:
+        await redis.start()
+        await redis.execute_command("PING")
+
+    starts = [s.start for s in (inbox, groups, convs, devices) if hasattr(s, "start")]
+    return Composed(
+        _sqlite(data_dir, clock),
+        {"inbox": inbox, "groups": groups, "conversations": convs, "devices": devices},
+        opens=[ping, *starts],
+        closes=[redis.disconnect],
+        destroy=lambda: services.delete_cluster_prefix(prefix),
+    )
+
+
 def _rabbitmq(data_dir: Path, clock: FakeClock) -> Composed:
     from improto_server.production.rabbit_notify import RabbitNotifyQueue
     from improto_server.production.rabbit_queue import RabbitQueue
@@ -229,14 +265,20 @@ def _hbase(data_dir: Path, clock: FakeClock) -> Composed:
     )
 
 
-def _production(data_dir: Path, clock: FakeClock) -> Any:
+def _production(data_dir: Path, clock: FakeClock, *, cluster: bool = False) -> Any:
     from improto_server.production.backend import ProductionBackend
+
+    def purge(config: Config) -> None:
+        services.purge(config.key_prefix, config.hbase_table)
+        if cluster:
+            services.delete_cluster_prefix(config.key_prefix)
 
     class ContractProduction(ProductionBackend):
         def destroy(self) -> None:
-            services.purge(self.config.key_prefix, self.config.hbase_table)
+            purge(self.config)
 
-    prefix = _name(data_dir, "contract")
+    prefix = _name(data_dir, "contract-cluster" if cluster else "contract")
+    on_cluster = {"redis_cluster": str(services.REDIS_CLUSTER)} if cluster else {}
     config = Config(
         storage="production",
         key_prefix=prefix,
@@ -244,8 +286,9 @@ def _production(data_dir: Path, clock: FakeClock) -> Any:
         inbox_retention_days=INBOX_RETENTION_MS // DAY_MS,
         history_retention_days=HISTORY_RETENTION_MS // DAY_MS,
         **services.config_fields(),
+        **on_cluster,
     )
-    _fresh(prefix, lambda: services.purge(config.key_prefix, config.hbase_table))
+    _fresh(prefix, lambda: purge(config))
     # The fake clock is far from wall time: HBase's own TTL would hide every cell.
     return ContractProduction(config, None, now_ms=clock, hbase_family_ttl=False)
 
@@ -253,27 +296,32 @@ def _production(data_dir: Path, clock: FakeClock) -> Any:
 FACTORIES: dict[str, Factory] = {
     "sqlite": _sqlite,
     "redis": _redis,
+    "redis-cluster": _redis_cluster,
     "hbase": _hbase,
     "rabbitmq": _rabbitmq,
     "production": _production,
+    "production-cluster": lambda data_dir, clock: _production(data_dir, clock, cluster=True),
 }
 # The services each backend needs (the `services` marker of its rows).
 NEEDS: dict[str, tuple[str, ...]] = {
     "sqlite": (),
     "redis": ("redis",),
+    "redis-cluster": ("redis-cluster",),
     "hbase": ("hbase",),
     "rabbitmq": ("rabbitmq", "redis"),
     "production": services.NAMES,
+    "production-cluster": ("redis-cluster", "rabbitmq", "hbase"),
 }
 # The rows of each port's contract: each adapter once, and the production composition.
 ROWS: dict[str, tuple[str, ...]] = {
-    "queue": ("sqlite", "rabbitmq", "production"),
-    "inbox": ("sqlite", "redis", "production"),
+    "queue": ("sqlite", "rabbitmq", "production", "production-cluster"),
+    "inbox": ("sqlite", "redis", "redis-cluster", "production"),
     "history": ("sqlite", "hbase", "production"),
-    "groups": ("sqlite", "redis", "production"),
-    "conversations": ("sqlite", "redis", "production"),
-    "devices": ("sqlite", "redis", "production"),
+    "groups": ("sqlite", "redis", "redis-cluster", "production"),
+    "conversations": ("sqlite", "redis", "redis-cluster", "production"),
+    "devices": ("sqlite", "redis", "redis-cluster", "production"),
     "notify_queue": ("sqlite", "rabbitmq", "production"),
-    "timeline": ("sqlite", "production"),
-    "persister": ("sqlite", "production"),  # all ports at once: SQLite's, production's
+    "timeline": ("sqlite", "production", "production-cluster"),
+    # all ports at once: SQLite's, production's
+    "persister": ("sqlite", "production", "production-cluster"),
 }

@@ -54,7 +54,12 @@ AMQP_URL = (
 _amqp = urllib.parse.urlsplit(AMQP_URL)
 RABBITMQ = Address(_amqp.hostname or "127.0.0.1", _amqp.port or 5672)
 HBASE = _host_port(_env("IMPROTO_HBASE") or "127.0.0.1:9090")
-ADDRESSES = {"redis": REDIS, "rabbitmq": RABBITMQ, "hbase": HBASE}
+# A Redis Cluster (scripts/services start redis-cluster): its seed node. Not in NAMES: only
+# the tests and contract rows that name it need it.
+REDIS_CLUSTER = _host_port(
+    _env("IMPROTO_REDIS_CLUSTER") or f"127.0.0.1:{_env('IMPROTO_REDIS_CLUSTER_PORT') or 7000}"
+)
+ADDRESSES = {"redis": REDIS, "rabbitmq": RABBITMQ, "hbase": HBASE, "redis-cluster": REDIS_CLUSTER}
 
 
 def server_flags() -> list[str]:
@@ -103,7 +108,7 @@ def needs(*names: str) -> Callable[[F], F]:
     """`@needs("redis", ...)` (default: all three) on a fixture's function, under its
     @pytest.fixture: the tests using the fixture carry the `services` marker."""
     chosen = names or NAMES
-    unknown = set(chosen) - set(NAMES)
+    unknown = set(chosen) - set(ADDRESSES)
     assert not unknown, f"unknown services {unknown}"
 
     def mark(func: F) -> F:
@@ -194,6 +199,41 @@ def sync_redis() -> Any:
 def redis_keys(prefix: str) -> list[bytes]:
     with sync_redis() as client:
         return client.scan(prefix)
+
+
+def cluster_masters() -> list[Address]:
+    """The masters of the Redis Cluster at REDIS_CLUSTER (CLUSTER SLOTS)."""
+    client = SyncRedis(REDIS_CLUSTER)
+    try:
+        reply = client("CLUSTER", "SLOTS")
+    finally:
+        client.close()
+    found = {(m[0].decode() or REDIS_CLUSTER.host, int(m[1])) for _s, _e, m, *_ in reply}
+    return [Address(h, p) for h, p in sorted(found)]
+
+
+def cluster_keys(prefix: str) -> list[bytes]:
+    keys: list[bytes] = []
+    for addr in cluster_masters():
+        client = SyncRedis(addr)
+        try:
+            keys.extend(client.scan(prefix))
+        finally:
+            client.close()
+    return keys
+
+
+def delete_cluster_prefix(prefix: str) -> int:
+    """delete_redis_prefix on every master of the cluster (DEL one key at a time: the keys
+    of one call must share a slot)."""
+    removed = 0
+    for addr in cluster_masters():
+        client = SyncRedis(addr)
+        try:
+            removed += sum(client("DEL", key) for key in client.scan(prefix))
+        finally:
+            client.close()
+    return removed
 
 
 def delete_redis_prefix(prefix: str) -> int:

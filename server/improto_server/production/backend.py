@@ -32,6 +32,7 @@ from improto_server.production.presence import Presence
 from improto_server.production.push_router import AmqpPushRouter
 from improto_server.production.rabbit_notify import RabbitNotifyQueue
 from improto_server.production.rabbit_queue import RabbitQueue
+from improto_server.production.redis_cluster import ClusterRedis
 from improto_server.production.redis_connection import connect
 from improto_server.production.redis_conversations import RedisConversations
 from improto_server.production.redis_devices import RedisDevices
@@ -57,18 +58,25 @@ class ProductionBackend:
     ) -> None:
         self.config = config
         self._reactor = reactor = reactor or server_reactor()
-        redis_host, redis_port = _host_port(config.redis, 6379)
         hbase_host, hbase_port = _host_port(config.hbase, 9090)
-        self.redis: txredisapi.ConnectionHandler = connect(redis_host, redis_port)
+        self.redis: txredisapi.ConnectionHandler | ClusterRedis
+        # On a Redis Cluster every multi-key script call is split by slot (redis_slots.py).
+        self.redis_cluster = cluster = bool(config.redis_cluster)
+        if cluster:
+            seeds = [s for s in config.redis_cluster.split(",") if s.strip()]
+            self.redis = ClusterRedis(seeds, reactor)
+        else:
+            self.redis = connect(*_host_port(config.redis, 6379))
         prefix = config.key_prefix
         self.inbox = RedisInbox(
-            self.redis, prefix, now_ms, config.inbox_retention_ms, caps=config.inbox_caps
-        )
+            self.redis, prefix, now_ms, config.inbox_retention_ms, caps=config.inbox_caps,
+            cluster=cluster,
+        )  # fmt: skip
         self.conversations = RedisConversations(
-            self.redis, prefix, now_ms, config.history_retention_ms
+            self.redis, prefix, now_ms, config.history_retention_ms, cluster=cluster
         )
         self.groups = RedisGroups(self.redis, prefix, large_threshold=config.large_group_threshold)
-        self.devices = RedisDevices(self.redis, prefix, now_ms)
+        self.devices = RedisDevices(self.redis, prefix, now_ms, cluster=cluster)
         self.notify_queue = RabbitNotifyQueue(config.amqp, prefix=prefix, reactor=reactor)
         self.queue = RabbitQueue(
             config.amqp,
@@ -78,6 +86,7 @@ class ProductionBackend:
             dedup_ttl_ms=config.inbox_retention_ms,
             now_ms=now_ms,
             reactor=reactor,
+            redis_cluster=cluster,
         )
         self.history = HBaseHistory(
             hbase_host,
@@ -88,10 +97,12 @@ class ProductionBackend:
             reactor=reactor,
             family_ttl=hbase_family_ttl,
         )
-        self.timeline = ProductionTimeline(self.redis, self.history, prefix)
+        self.timeline = ProductionTimeline(self.redis, self.history, prefix, cluster=cluster)
 
     @as_deferred
     async def start(self) -> None:
+        if isinstance(self.redis, ClusterRedis):
+            await self.redis.start()  # the slot map
         await self.inbox.start()
         await self.conversations.start()
         await self.groups.start()
@@ -106,8 +117,9 @@ class ProductionBackend:
         queue's AMQP connection (`start(hub)` it)."""
         config = self.config
         presence = Presence(
-            self.redis, config.key_prefix, gateway_id=config.gateway_id, reactor=self._reactor
-        )
+            self.redis, config.key_prefix, gateway_id=config.gateway_id, reactor=self._reactor,
+            cluster=self.redis_cluster,
+        )  # fmt: skip
         return AmqpPushRouter(self.queue, presence, config.key_prefix, self._reactor)
 
     @as_deferred

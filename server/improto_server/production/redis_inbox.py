@@ -70,6 +70,7 @@ from improto.records import STORE_FORMAT, CorruptRecord, record_of_stored
 from improto_server.config import DAY_MS, InboxCaps
 from improto_server.deferreds import as_deferred
 from improto_server.model import InboxIds, InboxRecords, PersistJob
+from improto_server.production.redis_cluster import scan_targets
 from improto_server.production.redis_connection import (
     LuaScript,
     RedisClient,
@@ -617,13 +618,19 @@ class RedisInbox:
         """Remove every expired entry of every inbox under the prefix; returns how many.
 
         Optional: pages never serve expired entries and appends trim in passing. SCAN sees
-        one node: on Redis Cluster run it against each master."""
+        one node: on Redis Cluster each master is scanned."""
+        removed = 0
+        for node in scan_targets(self._redis):
+            removed += await self._sweep_node(node)
+        return removed
+
+    async def _sweep_node(self, node: RedisClient) -> int:
         cutoff = self._cutoff()
         pattern = glob_escape(f"{self._prefix}:inbox:{{u") + "*}:age"
         removed = 0
         cursor: bytes = b"0"
         while True:
-            cursor, found = await self._redis.execute_command(
+            cursor, found = await node.execute_command(
                 "SCAN", cursor, "MATCH", pattern, "COUNT", 500
             )
             for key in found:
