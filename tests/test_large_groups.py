@@ -7,6 +7,7 @@ a member's inbox or in the timeline, never both, never neither, across crossings
 from __future__ import annotations
 
 import struct
+import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -50,7 +51,7 @@ from improto_server.config import Config
 from improto_server.embedded.backend import SQLiteBackend
 from improto_server.hub import Hub
 from improto_server.ids import IdGenerator
-from improto_server.model import ConvKey
+from improto_server.model import ConvKey, PersistJob
 from improto_server.persister import Persister
 from improto_server.rate_limits import RateLimits
 from improto_server.service import ChatService
@@ -384,3 +385,85 @@ def _raw_pull(gid: int, held: tuple[int, ...], rid: int) -> bytes:
     """A TIMELINE_PULL with any held list (the codec refuses to encode a bad one)."""
     body = struct.pack(f">QQHH{len(held)}Q", gid, 0, 0, len(held), *held)
     return raw_frame(FrameType.TIMELINE_PULL, body, rid)
+
+
+# ------------------------------------------------------------------ join floors (20.2)
+# Seq order (the persister's) is not msg_id order: a message accepted just before a join on
+# another gateway (or a redelivered job) can be numbered after the join event, and one
+# accepted just after it before the event. The seqs a member skips (its join floor) must stop
+# below the first message it may read (msg_id >= its join's), whatever the order.
+
+
+def _numbered_job(gid: int, msg_id: int) -> PersistJob:
+    """A timeline job with a chosen msg_id (its body names it)."""
+    message = Message(
+        msg_id, int(time.time() * 1000), OWNER, "phone", ConvKind.GROUP, gid,
+        ContentType.TEXT, msg_id.to_bytes(16, "big"), b"m%d" % msg_id,
+    )  # fmt: skip
+    return PersistJob.for_timeline(message)
+
+
+async def _number(s: Stack, gid: int, msg_ids: list[int]) -> None:
+    """Number these messages in this order, as the persister would have."""
+    head = (await s.backend.timeline.heads([gid])).get(gid)
+    first = head.done + 1 if head is not None else 1
+    jobs = [_numbered_job(gid, m) for m in msg_ids]
+    assert await s.backend.timeline.append(jobs) == list(range(first, first + len(jobs)))
+
+
+def _served(pages: list[TimelinePage]) -> list[int]:
+    return [m.msg_id for p in pages for m in p.messages]
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_re_added_member_reads_its_join_whatever_the_seq_order(stack):
+    """F was a member (position 2), was removed, and is added again at msg_id 2000. Around
+    the join, seqs 6..9 carry 2010 (accepted just after it), 2000 (the "added" event), 1990
+    and 1995 (accepted just before it, numbered late): 7 messages below 2000, so rank(1999)
+    is 7 and a floor there would skip 2010 and the join event for good. Its phone (the old
+    position) and a fresh tablet (the head's read_seq) get each message from the join on
+    exactly once, and none from before it."""
+    s = stack
+    gid = await s.backend.groups.create(OWNER, "big", (B, C, D, E, F), 1000)
+    await _number(s, gid, [1100, 1200])
+    phone = s.peer(F)
+    assert _served(await s.timeline(phone, gid)) == [1100, 1200]  # position 2
+    assert await s.backend.groups.remove(gid, (F,)) == (F,)
+    await _number(s, gid, [1300, 1400, 1500])  # the removal event, two while F is away
+    assert await s.backend.groups.add(gid, (F,), 2000) == (F,)
+    readable = [2010, 2000, 2020, 2030]  # in seq order
+    await _number(s, gid, [2010, 2000, 1990, 1995, 2020, 2030])  # seqs 6..11
+    assert await s.backend.timeline.rank(gid, 1999) == 7
+
+    pages = await s.timeline(phone, gid, after=2)  # the position stored before the removal
+    assert _served(pages) == readable
+    assert (pages[-1].position, pages[-1].done, pages[-1].has_more) == (11, 11, 0)
+
+    tablet = s.peer(F, device="tablet")
+    h = (await s.heads(tablet))[gid]
+    assert (h.done, h.read_seq) == (11, 5)  # the seqs before 2010's
+    assert _served(await s.timeline(tablet, gid, after=h.read_seq)) == readable
+    # A pull from 0 (no position at all) serves the same: the window leaves out the rest.
+    assert _served(await s.timeline(tablet, gid, after=0)) == readable
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_member_whose_join_event_is_not_numbered_yet_misses_nothing(stack):
+    """F joined at 2000; its join event is not in the timeline yet, but a message accepted
+    just after the join (2010) is, followed by one from before it (1990). A fresh device
+    starts at the head's read_seq: 3, not rank(1999) = 4 (which would skip 2010); the event
+    and later messages come in the next pull."""
+    s = stack
+    gid = await s.backend.groups.create(OWNER, "big", (B, C, D, E), 1000)
+    await _number(s, gid, [1100, 1200, 1300])
+    assert await s.backend.groups.add(gid, (F,), 2000) == (F,)
+    await _number(s, gid, [2010, 1990])
+    device = s.peer(F)
+    h = (await s.heads(device))[gid]
+    assert (h.done, h.read_seq) == (5, 3)
+    pages = await s.timeline(device, gid, after=h.read_seq)
+    assert _served(pages) == [2010]
+    await _number(s, gid, [2000, 1995, 2020])  # the join event, one more late, one after
+    more = await s.timeline(device, gid, after=pages[-1].position)
+    assert _served(more) == [2000, 2020]
+    assert more[-1].position == 8

@@ -115,6 +115,10 @@ class HistoryStore(Protocol):
         if any), read no further than that; has_more if another such message exists."""
 
 
+# Messages TimelineStore.join_floor looks at: those with the lowest msg_ids from the join on.
+TIMELINE_JOIN_PROBE = 128
+
+
 class TimelineStore(Protocol):
     """The timelines of large groups (docs/design/large-groups.md): each message stored once
     and numbered per group, seq 1, 2, 3, ... in the order the persister writes them (a group's
@@ -144,6 +148,24 @@ class TimelineStore(Protocol):
         message where msg_ids rise with seq. Exact on SQLite and, on Redis, within the newest
         TIMELINE_INDEX messages; below those at least the true count (so the unread count is
         then a lower bound)."""
+
+    def join_floor(self, group_id: int, since_id: int) -> Deferred[int | None]:
+        """The seqs a member whose window starts at `since_id` (it reads the messages with
+        msg_id >= since_id, PROTOCOL.md 20.2) can skip: a pull may start above the returned
+        seq. It is min(rank(since_id - 1), s - 1), s the lowest seq among the
+        TIMELINE_JOIN_PROBE messages with the lowest msg_ids >= since_id (the join event
+        first, when it is in the timeline); rank(since_id - 1) when there is none; 0 for
+        since_id 0. Read at one instant (a message numbered meanwhile is all in or all out).
+
+        So it is never above the seq before the first message the member may read, unless
+        more than TIMELINE_JOIN_PROBE messages with msg_ids between since_id and that one's
+        were numbered after it: rank alone would be (messages from before the join numbered
+        after it count, and seq order is not msg_id order), and so would the join event's
+        seq (a message accepted just after the join can be numbered before its event).
+
+        None when the store cannot tell: on Redis, when since_id is below every msg_id its
+        index still holds and the index dropped some (they may be at or above since_id): a
+        pull then must not skip anything. Never None on SQLite."""
 
 
 class ConversationStore(Protocol):

@@ -5,8 +5,16 @@ the page but covered by its position).
 A large group's messages are not in its members' inboxes; each member reaches them through
 the group's timeline (TimelineStore), numbered 1, 2, 3, ... per group. A member's read
 position there is computed when asked, not stored: the rank of its read mark (the
-conversation row's read_id, moved by READ_MARK and by its own messages) or of its join,
-whichever is later. So a mark made on one device is every device's read_seq.
+conversation row's read_id, moved by READ_MARK and by its own messages) once it is past the
+member's join, else the join floor (TimelineStore.join_floor: the seqs before the first
+message the member may read). So a mark made on one device is every device's read_seq.
+
+Seq order (the persister's) is not msg_id order (gateways' clocks, and the time between a
+group change's event id and its enqueue), so the join floor is not rank(since_id - 1): a
+message from before the join numbered after the join event would lift that above the join
+event and the messages numbered between, and no pull would ever serve them. The floor is
+never above the first seq the member may read (within the store's probe, see join_floor); a
+lower floor only costs reading records the window then leaves out.
 """
 
 from __future__ import annotations
@@ -15,7 +23,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, TypeVar, cast
 
-from twisted.internet.defer import Deferred, DeferredList, fail, succeed
+from twisted.internet.defer import Deferred, DeferredList, fail
 from twisted.python.failure import Failure
 
 from improto import records
@@ -105,12 +113,15 @@ class TimelineService:
         }
 
     async def _position(self, gid: int, read_id: int, since: int) -> int:
-        """The seq a member has read up to: its read mark's rank, or the seqs before its join
-        (messages below since_id are outside its window), whichever is higher."""
-        floor = await self.store.rank(gid, since - 1) if since > 0 else 0
-        if read_id <= since:
-            return floor
-        return max(floor, await self.store.rank(gid, read_id))
+        """The seq a member has read up to: its read mark's rank once it read past its join,
+        else the seqs before its join (the join floor, which is never above the rank of a
+        later read mark: that counts every message the floor skips)."""
+        if read_id > since:
+            return await self.store.rank(gid, read_id)
+        floor = await self.store.join_floor(gid, since)
+        if floor is None:  # a join older than the store's index: its rank, at least the
+            floor = await self.store.rank(gid, since - 1)  # true floor (as a read mark's)
+        return floor
 
     async def pull(self, caller: Caller, req: TimelinePull) -> bytes:
         gid = req.group_id
@@ -122,14 +133,15 @@ class TimelineService:
         if since is None:
             raise RequestError(ErrorCode.FORBIDDEN, f"not a member of group {gid}")
         limit = req.limit or TIMELINE_PAGE_DEFAULT
+        # The floor skips the seqs before the member's first readable one (messages numbered
+        # before its join); when the store cannot tell where that is, nothing is skipped:
+        # the window below leaves the older messages out all the same, a page at a time.
         heads, floor = await _together(
-            self.store.heads([gid]),
-            self.store.rank(gid, since - 1) if since > 0 else succeed(0),
-            both=True,
+            self.store.heads([gid]), self.store.join_floor(gid, since), both=True
         )
         head = heads.get(gid)
         done = head.done if head is not None else 0
-        start = max(min(req.after_seq, U64_MAX - 1), floor)
+        start = max(min(req.after_seq, U64_MAX - 1), floor or 0)
         if start >= done:  # nothing (more) the member may read: it is at the head
             return records.timeline_page(req.request_id, gid, done, done, False, ())
         page: TimelineRecords = await available(

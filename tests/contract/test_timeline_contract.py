@@ -1,7 +1,8 @@
 """TimelineStore contract: per-group seqs from 1, redelivery keeping its seq (within a call
 and across calls), forward pages (contiguous, limit, byte budget, has_more exact), heads,
-rank with rising and out-of-order msg_ids, retention, concurrent appends, restarts, older
-storage formats, u64 ids."""
+rank with rising and out-of-order msg_ids, join floors (never above a member's first readable
+seq, whatever the order), retention, concurrent appends, restarts, older storage formats,
+u64 ids."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ from twisted.internet.defer import gatherResults
 from improto.enums import ConvKind
 from improto.limits import U64_MAX
 from improto_server.model import PersistJob, TimelineHead, TimelineRecords
+from improto_server.ports import TIMELINE_JOIN_PROBE
 from tests.contract.pages import ANY_SIZE, format_one
 
 PORT = "timeline"
@@ -327,3 +329,130 @@ async def test_a_restart_keeps_the_timelines(backend, jobs):
     c = message(jobs, G1)
     assert await tl.append([b, c, other]) == [2, 3, 1]
     assert await everything(tl, G1) == page(1, [a, b, c], False, 3)
+
+
+# ------------------------------------------------------------------------- join floors
+# join_floor(group, since_id): the seqs a member who joined at since_id (it reads msg_id >=
+# since_id) can skip. Never above the seq before its first readable message, which rank
+# (since_id - 1) is when messages from before the join are numbered after it.
+
+
+async def numbered(tl, jobs, group: int, msg_ids) -> list[PersistJob]:
+    """Append messages with these msg_ids, numbered in this order (the persister's)."""
+    appended = [message(jobs, group, msg_id=m) for m in msg_ids]
+    done = (await tl.heads([group])).get(group)
+    first = done.done + 1 if done else 1
+    assert await tl.append(appended) == list(range(first, first + len(appended)))
+    return appended
+
+
+def true_floor(msg_ids, since: int) -> int:
+    """The seqs (1, 2, ... in list order) before the first msg_id >= since (or all)."""
+    return next((i for i, m in enumerate(msg_ids) if m >= since), len(msg_ids))
+
+
+@pytest_twisted.ensureDeferred
+async def test_join_floor_without_a_timeline_and_with_rising_msg_ids(backend, jobs):
+    tl = store(backend)
+    for since in (0, 1, HIGH, U64_MAX):
+        assert await tl.join_floor(G1, since) == 0
+    msg_ids = [10, 20, 30, HIGH - 2, HIGH, U64_MAX - 1]  # none is another's + 1
+    await numbered(tl, jobs, G1, msg_ids)
+    for seq, msg_id in enumerate(msg_ids, 1):
+        assert await tl.join_floor(G1, msg_id) == seq - 1  # joined with this message
+        assert await tl.join_floor(G1, msg_id + 1) == seq  # between: the next one reads
+    assert await tl.join_floor(G1, 0) == 0
+    assert await tl.join_floor(G1, 9) == 0
+    assert await tl.join_floor(G1, U64_MAX) == 6  # nothing readable numbered yet
+    assert await tl.join_floor(G2, 20) == 0  # per group
+
+
+@pytest_twisted.ensureDeferred
+async def test_join_floor_when_msg_ids_do_not_rise_with_seq(backend, jobs):
+    tl = store(backend)
+    join = 200
+    cases = {
+        # messages from before the join numbered after its event (seq 3): rank(199) is 4
+        G1: [100, 120, join, 150, 190, 210, 220],
+        # and one accepted just after the join numbered before its event (seq 4)
+        G2: [100, 120, 205, join, 150, 190, 210],
+        # the join event not in the timeline (the join made the group large, or the event
+        # is not numbered yet): the first message after it
+        G3: [100, 210, 150, 220],
+        HIGH: [100, 120, join + 1, join, 150],
+    }
+    for group, msg_ids in cases.items():
+        await numbered(tl, jobs, group, msg_ids)
+    assert [await tl.join_floor(g, join) for g in cases] == [2, 2, 1, 2]
+    for group, msg_ids in cases.items():
+        for since in (1, 100, 101, 150, 199, join, join + 1, 215, 221):
+            expected = true_floor(msg_ids, since)
+            # exact here: at most TIMELINE_JOIN_PROBE messages from since_id on
+            assert await tl.join_floor(group, since) == expected, (group, since)
+            assert expected <= await tl.rank(group, since - 1), (group, since)
+    # Nothing readable numbered yet: every seq so far can be skipped; the messages
+    # numbered next, from before the join or after it, come above.
+    await numbered(tl, jobs, U64_MAX, [100, 150])
+    assert await tl.join_floor(U64_MAX, join) == 2
+    await numbered(tl, jobs, U64_MAX, [120, join + 5, join, 190])
+    assert await tl.join_floor(U64_MAX, join) == 3
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_redelivery_keeps_its_seq_and_the_join_floor(backend, jobs):
+    tl = store(backend)
+    join = 200
+    appended = await numbered(tl, jobs, G1, [100, join + 5, join, 150])
+    assert await tl.join_floor(G1, join) == 1
+    # The join event, a late message from before it and the early one after it, again
+    # (a redelivered batch): same seqs, nothing added, the floor stays.
+    assert await tl.append([appended[2], appended[3], appended[1]]) == [3, 4, 2]
+    assert await tl.join_floor(G1, join) == 1
+    assert (await tl.heads([G1]))[G1].done == 4
+    await numbered(tl, jobs, G1, [join + 10, 160])
+    assert await tl.join_floor(G1, join) == 1
+    assert await tl.join_floor(G1, join + 6) == 4  # joined after them: seq 5 on
+    await backend.restart()
+    tl = store(backend)
+    assert await tl.join_floor(G1, join) == 1
+    assert await tl.append([appended[2]]) == [3]
+    assert await tl.join_floor(G1, join) == 1
+
+
+@pytest_twisted.ensureDeferred
+async def test_join_floor_probes_a_bounded_number_of_messages(backend, jobs):
+    """The documented limit: a message more than TIMELINE_JOIN_PROBE msg_ids above the join
+    but numbered before all of them (a gateway's clock far ahead) is not seen; rank still
+    bounds the floor, and the two together miss it only with a late message from before."""
+    tl = store(backend)
+    join, far = 1000, 100_000
+    between = [join + i for i in range(TIMELINE_JOIN_PROBE)]  # the join event first
+    for group, n in ((G1, TIMELINE_JOIN_PROBE - 1), (G2, TIMELINE_JOIN_PROBE)):
+        await numbered(tl, jobs, group, [100, far, *between[:n], 150])
+    assert await tl.join_floor(G1, join) == 1  # `far` (seq 2) is among the probed ones
+    assert await tl.join_floor(G2, join) == 2  # it is not: rank(join - 1) = 2
+
+
+@pytest_twisted.ensureDeferred
+async def test_join_floor_is_never_too_high_below_an_index(backend, jobs):
+    """A store that indexes only its newest msg_ids (Redis, TIMELINE_INDEX) cannot place a
+    join older than all of them once it dropped some: None, never a guess that may skip the
+    member's messages. SQLite keeps every msg_id: always exact."""
+    tl = store(backend)
+    index = getattr(tl, "redis", None)
+    if index is not None:
+        index.index_size = 4  # keeps the 4 highest msg_ids of each group
+    msg_ids = [100 + i for i in range(8)]  # seqs 1..8; an index of 4 keeps 104..107
+    await numbered(tl, jobs, G1, msg_ids)
+    for since in (1, 101, 103, 104, 105, 107, 108):
+        got = await tl.join_floor(G1, since)
+        if got is None:  # only below the index
+            assert index is not None and since < 104, since
+        else:
+            assert got == true_floor(msg_ids, since), since
+    assert await tl.join_floor(G1, 104) == 4  # the lowest kept: all dropped ones are below
+    assert await tl.join_floor(G1, 105) == 5
+    # Out of seq order within the index: still exact.
+    await numbered(tl, jobs, G2, [100, 101, 102, 110, 109, 108, 105])
+    assert await tl.join_floor(G2, 108) == 3
+    assert await tl.join_floor(G2, 109) == 3

@@ -24,6 +24,7 @@ from improto.enums import ConvKind
 from improto.records import fit_sizes, record_of_stored
 from improto_server.embedded.database import RetainedStore, id_list, signed, unsigned
 from improto_server.model import PersistJob, TimelineHead, TimelineRecords
+from improto_server.ports import TIMELINE_JOIN_PROBE
 
 # A timeline row as append writes it, less its seq: group_id, msg_id, server_time (stored
 # signed), the MESSAGE record's size, the stored record.
@@ -47,6 +48,9 @@ class SQLiteTimeline(RetainedStore):
 
     def rank(self, group_id: int, msg_id: int) -> Deferred[int]:
         return self._db.call(_rank, group_id, msg_id)
+
+    def join_floor(self, group_id: int, since_id: int) -> Deferred[int | None]:
+        return self._db.call(_join_floor, group_id, since_id, TIMELINE_JOIN_PROBE)
 
 
 def _row_of(job: PersistJob) -> _Row:
@@ -158,6 +162,20 @@ def _rank(db: sqlite3.Connection, group_id: int, msg_id: int) -> int:
         "SELECT count(*) FROM timeline WHERE group_id = ? AND msg_id > ?", (group, signed(msg_id))
     ).fetchone()
     return done - int(above)
+
+
+def _join_floor(db: sqlite3.Connection, group_id: int, since_id: int, probe: int) -> int:
+    # One transaction: the rank and the probe see the same rows. The probe walks the
+    # (group_id, msg_id) index up from since_id: at most `probe` rows.
+    if since_id <= 0:
+        return 0
+    floor = _rank(db, group_id, since_id - 1)
+    (low,) = db.execute(
+        "SELECT min(seq) FROM (SELECT seq FROM timeline WHERE group_id = ? AND msg_id >= ?"
+        " ORDER BY msg_id LIMIT ?)",
+        (signed(group_id), signed(since_id), probe),
+    ).fetchone()
+    return floor if low is None else min(floor, int(low) - 1)
 
 
 def expire_timeline(db: sqlite3.Connection, cutoff: int) -> int:

@@ -13,7 +13,9 @@ call, split by slot first with `cluster=True`:
     P:tl:{g<id>}:ix  zset  "<16 hex msg_id>:<seq>", all with score 0, the TIMELINE_INDEX
                            highest msg_ids assigned. One lex range finds a msg_id's seq (a
                            redelivery keeps it: ZADD NX semantics), ZLEXCOUNT counts the
-                           msg_ids at or below a read mark (rank).
+                           msg_ids at or below a read mark (rank), and the lex range from a
+                           member's join msg_id up (TIMELINE_JOIN_PROBE entries) holds the
+                           seqs its pulls may start before (join_floor).
 
 Why score 0 and the seq in the member, not score = seq: lex ranges are defined only over
 members of one score, and the count of msg_ids at or below a read mark must be by msg_id,
@@ -21,8 +23,10 @@ which need not rise with seq (two gateways' clocks). The index drops its lowest 
 every dropped msg_id is at or below every kept one and rank = cut + the kept ones at or below:
 exact for a msg_id at or above the lowest kept one (in practice the newest TIMELINE_INDEX
 messages), and for a lower one at least the true count (unread = done - rank then a lower
-bound). A redelivered msg_id below the index gets a new seq (a second copy in the timeline):
-the index spans far more than a redelivery lags behind.
+bound). A join floor (where a member's pulls may start) must never be too high, so below
+the lowest kept msg_id, once some were dropped, join_floor says it cannot tell (None). A
+redelivered msg_id below the index gets a new seq (a second copy in the timeline): the index
+spans far more than a redelivery lags behind.
 
 Seqs are scores nowhere and Lua numbers only below 2**53 (a group's message count); msg_ids
 are 16-hex text in members, decimal text in `last`, never Lua numbers.
@@ -39,7 +43,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any, NamedTuple
 
-from twisted.internet.defer import Deferred, fail
+from twisted.internet.defer import Deferred, fail, succeed
 
 from improto.limits import U64_MAX
 from improto_server.config import DAY_MS
@@ -142,7 +146,32 @@ return cut + redis.call('ZLEXCOUNT', KEYS[2], '-', '(' .. ARGV[1] .. ';')
 """
 )
 
-SCRIPTS = (_ASSIGN, _SETTLE, _HEADS, _RANK)
+# KEYS: head, ix. ARGV: since_id (16 hex), the probe size. Returns the join floor
+# (TimelineStore.join_floor), or -1 when the index cannot tell: it dropped entries (cut),
+# all below its lowest kept msg_id, and that one is above since_id (so the dropped ones may
+# be at or above since_id too). Every msg_id below since_id counts (cut + below): exact
+# otherwise, since the dropped ones are then below since_id.
+_JOIN_FLOOR = LuaScript(
+    """
+local cut = tonumber(redis.call('HGET', KEYS[1], 'cut')) or 0
+local below = redis.call('ZLEXCOUNT', KEYS[2], '-', '(' .. ARGV[1] .. ':')
+local m = redis.call('ZRANGEBYLEX', KEYS[2], '[' .. ARGV[1] .. ':', '+', 'LIMIT', 0,
+                     tonumber(ARGV[2]))
+if cut > 0 and below == 0 and (not m[1] or string.sub(m[1], 1, 16) ~= ARGV[1]) then
+  return -1
+end
+local floor = cut + below
+for i = 1, #m do
+  local seq = tonumber(string.sub(m[i], 18))
+  if seq - 1 < floor then
+    floor = seq - 1
+  end
+end
+return floor
+"""
+)
+
+SCRIPTS = (_ASSIGN, _SETTLE, _HEADS, _RANK, _JOIN_FLOOR)
 
 
 class Settled(NamedTuple):
@@ -260,3 +289,14 @@ class RedisTimelines:
         except ValueError:
             return fail()
         return _RANK(self._redis, self.keys(group_id), [arg]).addCallback(int)
+
+    def join_floor(self, group_id: int, since_id: int, probe: int) -> Deferred[int | None]:
+        """TimelineStore.join_floor over the `probe` lowest indexed msg_ids >= since_id."""
+        try:
+            arg = _hex(since_id)
+        except ValueError:
+            return fail()
+        if since_id == 0:
+            return succeed(0)
+        d = _JOIN_FLOOR(self._redis, self.keys(group_id), [arg, probe])
+        return d.addCallback(lambda v: None if int(v) < 0 else int(v))

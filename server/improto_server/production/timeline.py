@@ -39,6 +39,7 @@ from improto.limits import U64_MAX
 from improto.records import record_of_stored
 from improto_server.deferreds import as_deferred
 from improto_server.model import TIMELINE_INDEX, PersistJob, TimelineHead, TimelineRecords
+from improto_server.ports import TIMELINE_JOIN_PROBE
 from improto_server.production.hbase_history import HBaseHistory, key_prefix
 from improto_server.production.redis_connection import RedisClient
 from improto_server.production.redis_timeline import DAY_MS, RedisTimelines, Settled
@@ -168,6 +169,9 @@ class ProductionTimeline:
 
     def rank(self, group_id: int, msg_id: int) -> Deferred[int]:
         return self.redis.rank(group_id, msg_id)
+
+    def join_floor(self, group_id: int, since_id: int) -> Deferred[int | None]:
+        return self.redis.join_floor(group_id, since_id, TIMELINE_JOIN_PROBE)
 
 
 _SERVER_TIME = struct.Struct(">8xQ")  # a MESSAGE record starts msg_id u64, server_time u64
