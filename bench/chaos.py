@@ -25,6 +25,10 @@ hangs and reports tokens dead meanwhile; some devices register push targets and 
 background for long; bench/chaos_push.py adds its checks (every offline registered device
 notified or a logged, counted drop; dead tokens unregistered; metrics against both). Quick:
 30 s of chat.
+`--redis-cluster [SEEDS]`: the production processes use a Redis Cluster (default the one of
+`scripts/services start redis-cluster`, 127.0.0.1:7000-7005) instead of the single Redis, and
+the Redis fault is a `kill -9` of one of its masters: the run waits for its replica's
+promotion, then restarts the killed node, which rejoins as a replica.
 `--storage embedded`: one `imserver` process on SQLite (gateway, persister and notifier)
 instead of the production processes; its faults: client drops, lost pushes and `kill -9` of
 the server (restarted on the same port and database); no services.
@@ -187,6 +191,7 @@ class Plan:
     push: bool = False  # chaos_push: a push gateway with faults, and its checks
     storage: str = "production"
     spare: frozenset[str] = frozenset()  # services never crashed (shared with other runs)
+    redis_cluster: str = ""  # the servers' Redis: this cluster (its masters get killed)
 
     @classmethod
     def from_args(cls, a: argparse.Namespace) -> Plan:
@@ -210,6 +215,7 @@ class Plan:
             push=a.push,
             storage=a.storage,
             spare=frozenset(a.spare or ()),
+            redis_cluster=a.redis_cluster or "",
         )
 
 
@@ -666,8 +672,10 @@ class Sim:
         self.rng = random.Random(plan.seed)
         self.prefix = f"chaos{uuid.uuid4().hex[:12]}"
         self.secret = uuid.uuid4().hex
-        self.cluster = cf.Cluster(workdir, self.prefix, self.secret, partitions=plan.partitions,
-                                  storage=plan.storage)  # fmt: skip
+        self.cluster = cf.Cluster(
+            workdir, self.prefix, self.secret, partitions=plan.partitions,
+            storage=plan.storage, redis_cluster=plan.redis_cluster,
+        )  # fmt: skip
         self.ledger = Ledger()
         self.users = list(range(1001, 1001 + plan.users))
         self.friends: dict[int, list[int]] = {}
@@ -1024,6 +1032,9 @@ def run(plan: Plan, keep: bool) -> int:
         if plan.storage == "production":
             log("services: scripts/services start (Redis, RabbitMQ, HBase; reused if running)")
             subprocess.run([str(cf.SERVICES_SCRIPT), "start"], check=True, stdout=sys.stderr)
+            if plan.redis_cluster:
+                subprocess.run([str(cf.SERVICES_SCRIPT), "start", "redis-cluster"], check=True,
+                               stdout=sys.stderr)  # fmt: skip
         if plan.push:
             sim.push = cp.PushRun(sim, workdir, log)
             sim.push.start()
@@ -1106,6 +1117,7 @@ def run(plan: Plan, keep: bool) -> int:
             "seed": plan.seed,
             "quick": plan.quick,
             "storage": plan.storage,
+            "redis": "cluster" if plan.redis_cluster else "single",
             "users": plan.users,
             "devices": len(sim.devices),
             "composed": len(sim.ledger.sent),
@@ -1207,6 +1219,11 @@ def main() -> None:
         choices=["redis", "rabbitmq", "thrift"],
         help="never crash this service (repeatable): one shared with other runs",
     )
+    p.add_argument(
+        "--redis-cluster", nargs="?", const=str(cf.services.REDIS_CLUSTER), metavar="SEEDS",
+        help="production: the servers use a Redis Cluster (default scripts/services' "
+        "127.0.0.1:7000), whose masters are killed (and their replicas promoted) as faults",
+    )  # fmt: skip
     p.add_argument("--keep", action="store_true", help="keep logs and service data")
     p.add_argument("--purge", metavar="PREFIX", help="delete a kept run's service data, exit")
     args = p.parse_args()

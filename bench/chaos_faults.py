@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import queue
 import random
+import re
 import signal
 import socket
 import sqlite3
@@ -38,6 +39,9 @@ FAULTS = (
     "client_drops", "push_drops", "gateway_kills", "persister_kills",
     "redis_crashes", "rabbitmq_crashes", "thrift_crashes",
 )  # fmt: skip
+# On a Redis Cluster (--redis-cluster) a Redis fault is a master's `kill -9`: its replica is
+# promoted (scripts/services redis-cluster-kill-master), the killed node rejoins as a replica.
+CLUSTER_FAULTS = (*(f for f in FAULTS if f != "redis_crashes"), "redis_master_kills")
 # Embedded storage: one process (gateway, persister and notifier; its kill counts as a gateway
 # kill) and no services to crash.
 EMBEDDED_FAULTS = ("client_drops", "push_drops", "gateway_kills")
@@ -155,6 +159,7 @@ class Cluster:
     push_url: str | None = None
     api_key: str | None = None
     notifiers_n: int = 0
+    redis_cluster: str = ""  # seed nodes: the servers use this Redis Cluster (--redis-cluster)
     gateways: list[ServerProc] = field(default_factory=list)
     persisters: list[ServerProc] = field(default_factory=list)
     notifiers: list[ServerProc] = field(default_factory=list)
@@ -180,6 +185,8 @@ class Cluster:
                 "--queue-partitions", str(self.partitions), "--data-dir", str(data),
                 *services.server_flags(),
             ]  # fmt: skip
+            if self.redis_cluster:
+                args += ["--redis-cluster", self.redis_cluster]
         api_port = None
         if self.settings:
             args += ["--config", str(self.workdir / "server.toml")]
@@ -277,7 +284,13 @@ class Cluster:
     def purge(self) -> dict[str, Any]:
         if self.embedded:
             return {"embedded": "the work directory only"}
-        return purge(self.prefix, self.table, self.partitions)
+        out = purge(self.prefix, self.table, self.partitions)
+        if self.redis_cluster:
+            try:
+                out["redis_cluster_keys"] = services.delete_cluster_prefix(self.prefix)
+            except Exception as e:
+                out["redis_cluster_error"] = repr(e)
+        return out
 
 
 class Injector(threading.Thread):
@@ -310,6 +323,8 @@ class Injector(threading.Thread):
         self.requests: queue.Queue[tuple[str, int | None]] = queue.Queue()
         self.stopping = False
         kinds = EMBEDDED_FAULTS if cluster.embedded else FAULTS
+        if cluster.redis_cluster:
+            kinds = CLUSTER_FAULTS
         if cluster.notifiers:
             kinds = (*kinds, "notifier_kills")
         self.faults: Counter[str] = Counter(dict.fromkeys(kinds, 0))
@@ -334,6 +349,9 @@ class Injector(threading.Thread):
         if self.cluster.embedded:  # no persister process, no services
             plan, kinds, weights = plan[:5], kinds[:3], weights[:3]
             plan.remove("persister_kill")
+        if self.cluster.redis_cluster:  # the servers' Redis is the cluster: kill its masters
+            plan[plan.index("redis_crash")] = "redis_master_kill"
+            kinds[kinds.index("redis_crash")] = "redis_master_kill"
         if self.cluster.notifiers:
             plan.append("notifier_kill")
             kinds.append("notifier_kill")
@@ -363,6 +381,8 @@ class Injector(threading.Thread):
                 elif kind == "push_drop":
                     if self.drop_pushes(self.rng):
                         self.faults["push_drops"] += 1
+                elif kind == "redis_master_kill":
+                    self.redis_master_kill()
                 elif kind.endswith("_crash"):
                     self.service_crash(kind.removesuffix("_crash"))
                 else:
@@ -407,6 +427,34 @@ class Injector(threading.Thread):
         self.faults[f"{name}_crashes"] += 1
         self.outages.append((f"{name}_crash", name, None, t0, time.monotonic()))
         self.event(f"{name} back after {time.monotonic() - t0:.1f} s")
+
+    def redis_master_kill(self) -> None:
+        """kill -9 a master of the Redis Cluster, wait for its replica's promotion, then bring
+        the killed node back (it rejoins as a replica)."""
+        self.event("kill -9 a Redis Cluster master")
+        t0 = time.monotonic()
+        done = subprocess.run(
+            [str(SERVICES_SCRIPT), "redis-cluster-kill-master"],
+            capture_output=True, text=True, timeout=SERVICE_CRASH_TIMEOUT_S,
+        )  # fmt: skip
+        if done.returncode != 0:
+            raise RuntimeError(f"redis-cluster-kill-master: {done.stdout}{done.stderr}")
+        found = re.search(r"killed master 127\.0\.0\.1:(\d+)", done.stdout + done.stderr)
+        if found is None:
+            raise RuntimeError(f"redis-cluster-kill-master said: {done.stdout}{done.stderr}")
+        port = found.group(1)
+        promoted = time.monotonic() - t0
+        self.faults["redis_master_kills"] += 1
+        self.outages.append(("redis_master_kill", f"redis:{port}", None, t0, time.monotonic()))
+        self.event(f"Redis master {port} killed, cluster ok again after {promoted:.1f} s")
+        time.sleep(self.rng.uniform(0.5, 3.0))
+        done = subprocess.run(
+            [str(SERVICES_SCRIPT), "redis-cluster-restart", port],
+            capture_output=True, text=True, timeout=SERVICE_CRASH_TIMEOUT_S,
+        )  # fmt: skip
+        if done.returncode != 0:
+            raise RuntimeError(f"redis-cluster-restart {port}: {done.stdout}{done.stderr}")
+        self.event(f"Redis node {port} rejoined as a replica")
 
     def _kill_restart(self, p: ServerProc, counter: str, down_s: tuple[float, float]) -> None:
         if not p.alive:
