@@ -117,3 +117,37 @@ async def test_the_inbox_sweep_scans_every_master(cluster: tuple[ClusterRedis, s
     await inbox.append(PersistJob(m, users))
     clock.advance(RETENTION_MS + 1)
     assert await inbox.sweep() == len(users)
+
+
+@pytest_twisted.ensureDeferred
+async def test_replicated_waits_for_the_replicas_and_says_when_too_few(
+    cluster: tuple[ClusterRedis, str],
+) -> None:
+    from improto_server.production.redis_cluster import ReplicationTimeout
+
+    client, prefix = cluster
+    for i in range(30):
+        await client.execute_command("SET", f"{prefix}:{{u{i}}}", b"x")
+    await client.replicated(1, 2000)  # each master has one replica (scripts/services)
+    with pytest.raises(ReplicationTimeout, match="of 2"):
+        await client.replicated(2, 50)
+
+
+@pytest_twisted.ensureDeferred
+async def test_the_persister_barrier_is_there_only_when_configured() -> None:
+    from improto_server.config import Config
+    from improto_server.production.backend import ProductionBackend
+
+    seeds = {"redis_cluster": str(services.REDIS_CLUSTER)}
+    configs = [
+        (Config(storage="production", **services.config_fields()), False),
+        (Config(storage="production", **services.config_fields(), **seeds), False),  # 0: none
+        (Config(storage="production", redis_wait_replicas=1, **services.config_fields(),
+                **seeds), True),
+    ]  # fmt: skip
+    for config, expected in configs:
+        backend = ProductionBackend(config)
+        try:
+            assert callable(backend.replication_barrier()) is expected
+        finally:
+            await backend.redis.disconnect()

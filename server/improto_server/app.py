@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import re
 import resource
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -82,6 +82,7 @@ class Server:
             self.persister = Persister(
                 b.queue, b.inbox, b.history, b.conversations, clock=self.reactor,
                 notify=b.notify_queue if pushing else None, timeline=b.timeline,
+                replicated=_replication_barrier(b),
             )  # fmt: skip
             self.persister.start()
             self._sweeper = LoopingCall(self._sweep)
@@ -258,3 +259,9 @@ class _Presence:
     async def online_devices(self, user_ids: Sequence[int]) -> dict[int, set[str]]:
         found = await self._presence.lookup(user_ids)
         return {user: set(devices) for user, devices in found.items() if devices}
+
+
+def _replication_barrier(backend: Backend) -> Callable[[], Deferred[None]] | None:
+    """The persister's wait for Redis replicas (ProductionBackend's, if configured)."""
+    barrier = getattr(backend, "replication_barrier", None)
+    return None if barrier is None else barrier()

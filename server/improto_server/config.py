@@ -98,6 +98,10 @@ class Config:
     # production: seed nodes of a Redis Cluster, "host:port,host:port" (any of its nodes);
     # when set it is used instead of `redis` (docs/SERVICES.md, "Redis Cluster")
     redis_cluster: str = ""
+    # Redis Cluster: before a persisted batch is acknowledged to the queue, its writes are on
+    # this many replicas of each master (WAIT), else the batch is retried; 0: not waited for
+    redis_wait_replicas: int = 0
+    redis_wait_timeout_ms: int = 1000
     amqp: str = "amqp://guest:guest@127.0.0.1:5672/%2F"
     hbase: str = "127.0.0.1:9090"
     hbase_table: str = "improto_history"

@@ -4,7 +4,7 @@ folds the inboxes it wrote into the users' conversation lists, coalesced."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 from twisted.internet.defer import Deferred, DeferredList, fail
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
@@ -83,11 +83,13 @@ class Persister:
         fold_delay_s: float = FOLD_DELAY_S,
         notify: NotifyQueue | None = None,
         timeline: TimelineStore | None = None,
+        replicated: Callable[[], Deferred[None]] | None = None,
     ) -> None:
         """`notify`: where the persisted messages go for the notifier (push notifications
         configured), after their inbox entries and before the batch's ack. `timeline`: where
         large groups' messages (timeline jobs) go; without it such a batch fails (and is
-        retried: never dropped)."""
+        retried: never dropped). `replicated`: awaited after a batch's writes, before its
+        notifications and its ack (Redis Cluster WAIT: a failure retries the batch)."""
         if max_rows < 2:
             raise ValueError("max_rows must be at least 2 (an inbox entry and a history row)")
         if clock is None:
@@ -105,6 +107,7 @@ class Persister:
         self.fold_delay_s = fold_delay_s
         self.notify = notify
         self.timeline = timeline
+        self.replicated = replicated
         self.persisted = 0  # message jobs written
         self.applied = 0  # state jobs written (or skipped, without conversations)
         self.batches = 0
@@ -159,6 +162,8 @@ class Persister:
             own = _own_reads(messages)
             if own:  # a sender has read its large group up to its own message
                 await metrics.counting_errors(convs.apply(own), convs)
+        if self.replicated is not None:
+            await self.replicated()
         notified = [j for j in messages if not j.timeline]
         if self.notify is not None and notified:
             # After the inboxes (a notification for a message a device cannot pull yet would

@@ -99,6 +99,14 @@ class ProductionBackend:
         )
         self.timeline = ProductionTimeline(self.redis, self.history, prefix, cluster=cluster)
 
+    def replication_barrier(self) -> Callable[[], Deferred[None]] | None:
+        """The persister's wait before an ack, when configured (redis_wait_replicas on a
+        Redis Cluster): a batch's Redis writes are on that many replicas of each master."""
+        config, redis = self.config, self.redis
+        if not isinstance(redis, ClusterRedis) or config.redis_wait_replicas <= 0:
+            return None
+        return lambda: redis.replicated(config.redis_wait_replicas, config.redis_wait_timeout_ms)
+
     @as_deferred
     async def start(self) -> None:
         if isinstance(self.redis, ClusterRedis):

@@ -121,6 +121,10 @@ class _Node:
             self._proto.transport.loseConnection()
 
 
+class ReplicationTimeout(txredisapi.ConnectionError):
+    """WAIT returned fewer replicas than asked for: the writes may not survive a failover."""
+
+
 class _Unreached(txredisapi.ConnectionError):
     """The command was not sent: the node could not be connected to (safe to retry)."""
 
@@ -285,6 +289,30 @@ class ClusterRedis:
 
     def start(self) -> Deferred[None]:
         return self.refresh()
+
+    def replicated(self, replicas: int, timeout_ms: int) -> Deferred[None]:
+        """WAIT on every master's connection: the writes sent on it so far (every write this
+        process sent that master: one connection each) have reached `replicas` replicas, or
+        ReplicationTimeout after `timeout_ms`. What a failover can still lose is then at most
+        what arrived after the WAIT (docs/GUARANTEES.md)."""
+        return Deferred.fromCoroutine(self._replicated(replicas, timeout_ms))
+
+    async def _replicated(self, replicas: int, timeout_ms: int) -> None:
+        if not self._mapped:
+            await self.refresh()
+        nodes = [self._node(a) for a in sorted({a for a in self._slots if a})]
+        results = await DeferredList(
+            [Deferred.fromCoroutine(n.execute([b"WAIT", replicas, timeout_ms])) for n in nodes],
+            consumeErrors=True,
+        )
+        short = []
+        for node, (ok, value) in zip(nodes, results, strict=True):
+            if not ok:
+                value.raiseException()
+            if int(value) < replicas:
+                short.append(f"{node.addr}: {int(value)} of {replicas}")
+        if short:
+            raise ReplicationTimeout("writes not on enough replicas: " + ", ".join(short))
 
     def disconnect(self) -> Deferred[None]:
         for node in self._nodes.values():
