@@ -28,7 +28,8 @@ notified or a logged, counted drop; dead tokens unregistered; metrics against bo
 `--redis-cluster [SEEDS]`: the production processes use a Redis Cluster (default the one of
 `scripts/services start redis-cluster`, 127.0.0.1:7000-7005) instead of the single Redis, and
 the Redis fault is a `kill -9` of one of its masters: the run waits for its replica's
-promotion, then restarts the killed node, which rejoins as a replica.
+promotion, then restarts the killed node, which rejoins as a replica. The servers run with
+`redis_wait_replicas = 1` (docs/GUARANTEES.md, promise 14).
 `--storage embedded`: one `imserver` process on SQLite (gateway, persister and notifier)
 instead of the production processes; its faults: client drops, lost pushes and `kill -9` of
 the server (restarted on the same port and database); no services.
@@ -676,6 +677,8 @@ class Sim:
             workdir, self.prefix, self.secret, partitions=plan.partitions,
             storage=plan.storage, redis_cluster=plan.redis_cluster,
         )  # fmt: skip
+        if plan.redis_cluster:  # the persisters ack only writes a replica holds (promise 14)
+            self.cluster.settings["redis_wait_replicas"] = 1
         self.ledger = Ledger()
         self.users = list(range(1001, 1001 + plan.users))
         self.friends: dict[int, list[int]] = {}
