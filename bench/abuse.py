@@ -759,7 +759,7 @@ def _prefix_bytes(r: Any, prefix: str) -> int:
 
 # The keys docs/SERVICES.md lists as kept without a TTL (with its reason), as shapes.
 NO_TTL_SHAPES = (
-    r":(inbox|conv):\{u#\}:meta|:\{groups\}:(seq|u:#|g:#(:since|:joined)?)"
+    r":(inbox|conv):\{u#\}:meta|:groups:(\{g#\}(:since|:joined)?|\{u#\}(:res)?|\{layout\})"
     r"|:presence:\{u#\}|:gwdev:\{g[^}]*\}|:gateways|:dev:\{u#\}:(push|reg|revoked)"
 )
 

@@ -248,12 +248,16 @@ async def test_keys_of_one_user_share_one_hash_tag(env):
         assert key.startswith(env.prefix.encode() + b":")
         if key != behind:
             by_tag.setdefault(_tag(key), set()).add(key)
-    assert set(by_tag) == {b"u%d" % u for u in users} | {b"groups"}
+    # the group's keys under its own tag, each member's group hash under the member's
+    assert set(by_tag) == {b"u%d" % u for u in users} | {b"g%d" % gid, b"layout"}
     for user in users:
-        names = {k.rsplit(b":", 1)[1] for k in by_tag[b"u%d" % user]}
-        assert names == {b"meta", b"ent", b"age", b"rec", b"pos", b"dev"}
+        names = {k.removeprefix(env.prefix.encode()) for k in by_tag[b"u%d" % user]}
+        inbox = {b":inbox:{u%d}:%s" % (user, n) for n in (b"meta", b"ent", b"age", b"rec")}
+        inbox |= {b":inbox:{u%d}:%s" % (user, n) for n in (b"pos", b"dev")}
+        in_groups = {b":groups:{u%d}" % user} if user != 2**63 else set()  # it left: gone
+        assert names == inbox | in_groups
     for keys in by_tag.values():
-        assert len({key_slot(k) for k in keys}) == 1  # one cluster slot per user / for groups
+        assert len({key_slot(k) for k in keys}) == 1  # one cluster slot per user / per group
 
 
 @pytest_twisted.ensureDeferred

@@ -168,6 +168,17 @@ class SyncRedis:
             return None if n < 0 else [self._read() for _ in range(n)]
         raise RuntimeError(f"unexpected Redis reply {line!r}")
 
+    def pipeline(self, commands: list[tuple[str | bytes | int, ...]]) -> list[Any]:
+        """Send every command, then read every reply (one round trip for them all)."""
+        out = []
+        for args in commands:
+            out.append(b"*%d\r\n" % len(args))
+            for arg in args:
+                data = arg if isinstance(arg, bytes) else str(arg).encode()
+                out.append(b"$%d\r\n%s\r\n" % (len(data), data))
+        self._sock.sendall(b"".join(out))
+        return [self._read() for _ in commands]
+
     def scan(self, prefix: str) -> list[bytes]:
         """Every key under `prefix:`."""
         from improto_server.production.redis_connection import glob_escape
@@ -230,7 +241,9 @@ def delete_cluster_prefix(prefix: str) -> int:
     for addr in cluster_masters():
         client = SyncRedis(addr)
         try:
-            removed += sum(client("DEL", key) for key in client.scan(prefix))
+            keys = client.scan(prefix)
+            for i in range(0, len(keys), 1000):
+                removed += sum(client.pipeline([("DEL", k) for k in keys[i : i + 1000]]))
         finally:
             client.close()
     return removed

@@ -3,7 +3,7 @@
     queue          RabbitQueue         durable, confirmed publishes; dedup keys in Redis
     inbox          RedisInbox          inboxes, cursors, device positions (Lua, {u<id>} tags)
     conversations  RedisConversations  conversation lists, read positions (Lua, {u<id>} tags)
-    groups         RedisGroups         groups, memberships (one {groups} slot: atomic limits)
+    groups         RedisGroups         groups, memberships (per-group and per-user slots)
     devices        RedisDevices        push registrations, revocations (Lua, {u<id>} tags)
     history        HBaseHistory        per-conversation history (happybase, own thread pool)
     timeline       ProductionTimeline  large groups' timelines: seqs in Redis ({g<id>} tags),
@@ -75,7 +75,10 @@ class ProductionBackend:
         self.conversations = RedisConversations(
             self.redis, prefix, now_ms, config.history_retention_ms, cluster=cluster
         )
-        self.groups = RedisGroups(self.redis, prefix, large_threshold=config.large_group_threshold)
+        self.groups = RedisGroups(
+            self.redis, prefix, large_threshold=config.large_group_threshold, cluster=cluster,
+            now_ms=now_ms,
+        )  # fmt: skip
         self.devices = RedisDevices(self.redis, prefix, now_ms, cluster=cluster)
         self.notify_queue = RabbitNotifyQueue(config.amqp, prefix=prefix, reactor=reactor)
         self.queue = RabbitQueue(
