@@ -277,7 +277,7 @@ async def drop_production_data(backend: Any, config: Config) -> None:
 
         conn = pika.BlockingConnection(pika.URLParameters(config.amqp))
         ch = conn.channel()
-        for queue in (*names.partitions, names.dead_queue):
+        for queue in (*names.partitions, names.dead_queue, backend.notify_queue.name):
             ch.queue_delete(queue)
         ch.exchange_delete(names.dead_exchange)
         conn.close()

@@ -8,9 +8,15 @@ drops it afterwards. The row-key tests need no server.
 
 from __future__ import annotations
 
+import glob
+import os
+import re
+import shutil
+import subprocess
 import threading
 import uuid
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import happybase
@@ -19,6 +25,7 @@ import pytest_twisted
 
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred
+from twisted.logger import LogEvent, formatEvent, globalLogPublisher
 from twisted.protocols import portforward
 from twisted.python.failure import Failure
 
@@ -408,3 +415,135 @@ async def test_a_page_reads_only_the_records_it_returns(history, hbase, monkeypa
     read.clear()
     page = await history.page(DM, 5, 100, 0, budget)
     assert ids(page.records) == [4, 3] and page.has_more and len(read) == 2
+
+
+# ---------------------------------------------------------------------- pre-split by salt
+
+# Creates a table through HBase's Admin API, which (unlike Thrift1) takes split keys: `java
+# PreSplit.java TABLE FAMILY TTL_S SPLIT...`, each split in the shell's notation
+# (Bytes.toBytesBinary, e.g. \x0A), as the HBase shell's `create ... SPLITS => [...]` reads it.
+PRESPLIT_JAVA = r"""
+import org.apache.hadoop.hbase.HBaseConfiguration;
+import org.apache.hadoop.hbase.TableName;
+import org.apache.hadoop.hbase.client.*;
+import org.apache.hadoop.hbase.util.Bytes;
+
+public class PreSplit {
+    public static void main(String[] a) throws Exception {
+        byte[][] splits = new byte[a.length - 3][];
+        for (int i = 3; i < a.length; i++) splits[i - 3] = Bytes.toBytesBinary(a[i]);
+        ColumnFamilyDescriptorBuilder family =
+            ColumnFamilyDescriptorBuilder.newBuilder(Bytes.toBytes(a[1])).setMaxVersions(1);
+        if (Integer.parseInt(a[2]) > 0) family.setTimeToLive(Integer.parseInt(a[2]));
+        try (Connection c = ConnectionFactory.createConnection(HBaseConfiguration.create());
+             Admin admin = c.getAdmin()) {
+            admin.createTable(TableDescriptorBuilder.newBuilder(TableName.valueOf(a[0]))
+                .setColumnFamily(family.build()).build(), splits);
+        }
+    }
+}
+"""
+
+
+def _admin_java() -> tuple[str, str]:
+    """(java, classpath) for PRESPLIT_JAVA: a JDK (it compiles the source) and the HBase jars
+    and conf of scripts/services; skips when they are not on this machine."""
+    repo = Path(__file__).resolve().parents[1]
+    hbase_dir = Path(os.environ.get("IMPROTO_SERVICES_DIR") or repo / ".services") / "hbase"
+    jars = hbase_dir / "classpath.txt"
+    if services.HBASE.host not in ("127.0.0.1", "localhost") or not jars.is_file():
+        pytest.skip(f"no HBase of scripts/services here ({jars})")
+    for java in (
+        os.environ.get("IMPROTO_JAVA17"),
+        *sorted(glob.glob("/usr/lib/jvm/java-17-openjdk-*/bin/java")),
+        shutil.which("java"),
+    ):
+        if java and os.access(java, os.X_OK) and Path(java).with_name("javac").exists():
+            return java, f"{jars.read_text().strip()}:{hbase_dir / 'conf'}"
+    pytest.skip("no JDK to run the HBase Admin API with")
+
+
+def _shell_splits(command: str) -> list[str]:
+    return re.findall(r"'(\\x[0-9A-F]{2})'", command)
+
+
+def test_split_keys_give_each_salt_bucket_its_own_region() -> None:
+    keys = hbase_history.split_keys()
+    assert keys == [bytes((s,)) for s in range(1, hbase_history.SALT_BUCKETS)]
+    starts = [b"", *keys]
+    for n in range(1, 500):
+        for key in (ConvKey.direct(n, n + 1), ConvKey.group(n)):
+            prefix = conversation_prefix(key)
+            region = max(i for i, start in enumerate(starts) if start <= prefix)
+            assert region == prefix[0]  # salt s: region s, and only it
+    # The shell command carries exactly these keys, in the escapes Bytes.toBytesBinary reads.
+    command = hbase_history.create_table_command("t", 3600)
+    assert command.startswith("create 't', {NAME => 'm', VERSIONS => 1, TTL => 3600}, SPLITS")
+    assert [bytes((int(s[2:], 16),)) for s in _shell_splits(command)] == keys
+
+
+@pytest.fixture
+def logs() -> Iterator[list[str]]:
+    lines: list[str] = []
+
+    def observe(event: LogEvent) -> None:
+        lines.append(formatEvent(event) or "")
+
+    globalLogPublisher.addObserver(observe)
+    yield lines
+    globalLogPublisher.removeObserver(observe)
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_table_created_as_documented_has_one_region_per_salt_bucket(
+    make_history, hbase, tmp_path, logs
+):
+    java, classpath = _admin_java()
+    h = make_history()  # dropped afterwards; start() finds the table made below
+    ttl = -(-h.retention_ms // 1000)
+    command = hbase_history.create_table_command(h.table_name, ttl)  # docs/SERVICES.md's
+    source = tmp_path / "PreSplit.java"
+    source.write_text(PRESPLIT_JAVA)
+    created = subprocess.run(
+        [java, "-cp", classpath, str(source), h.table_name, "m", str(ttl),
+         *_shell_splits(command)],
+        capture_output=True, text=True, timeout=180,
+    )  # fmt: skip
+    assert created.returncode == 0, created.stderr[-3000:]
+
+    await h.start()
+    regions = hbase.table(h.table_name).regions()
+    assert len(regions) == hbase_history.SALT_BUCKETS
+    assert [r["start_key"] for r in regions] == [b"", *hbase_history.split_keys()]
+    assert not [line for line in logs if "not pre-split" in line or "cannot pre-split" in line]
+    families = hbase.table(h.table_name).families()
+    assert families[b"m"]["max_versions"] == 1 and families[b"m"]["time_to_live"] == ttl
+
+    # A conversation in every salt bucket, so in every region: written and read back.
+    by_salt: dict[int, ConvKey] = {}
+    for n in range(1, 1000):
+        by_salt.setdefault(conversation_prefix(ConvKey.group(n))[0], ConvKey.group(n))
+    assert len(by_salt) == hbase_history.SALT_BUCKETS
+    now = h.now_ms()
+    await h.append_many([(key, job(salt + 1, now, key)) for salt, key in by_salt.items()])
+    for salt, key in by_salt.items():
+        assert ids((await h.page(key, 0, 10, 0, ANY_SIZE)).records) == [salt + 1]
+        rows = raw_rows(hbase, h, conversation_prefix(key))
+        region = regions[salt]
+        assert all(region["start_key"] <= row < (region["end_key"] or b"\xff") for row in rows)
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_table_created_through_thrift1_has_one_region_and_says_how_to_pre_split(
+    make_history, hbase, logs
+):
+    h = make_history()
+    await h.start()
+    assert len(hbase.table(h.table_name).regions()) == 1  # Thrift1 takes no split keys
+    warned = [line for line in logs if "cannot pre-split" in line]
+    assert len(warned) == 1 and f"create '{h.table_name}'" in warned[0]
+    assert "SPLITS => ['\\x01'" in warned[0] and "docs/SERVICES.md" in warned[0]
+    # The next start finds it and says it is not pre-split (once), without failing.
+    again = make_history(table=h.table_name)
+    await again.start()
+    assert len([line for line in logs if "is not pre-split by salt" in line]) == 1

@@ -10,6 +10,9 @@ afterwards. Only this test's own connection is ever dropped.
 from __future__ import annotations
 
 import itertools
+import re
+import shutil
+import subprocess
 import time
 import uuid
 from collections import Counter
@@ -21,23 +24,33 @@ import pytest
 import pytest_twisted
 import txredisapi
 from pika.adapters.twisted_connection import TwistedChannel
-from pika.exceptions import AMQPError, ChannelWrongStateError, NackError
+from pika.exceptions import AMQPError, ChannelClosedByBroker, ChannelWrongStateError, NackError
 
 from twisted.internet.defer import Deferred, DeferredList, succeed
 from twisted.internet.error import ConnectionAborted
+from twisted.logger import LogEvent, formatEvent, globalLogPublisher
 
 from improto.enums import ContentType, ConvKind
 from improto.frames import Message
 from improto_server.model import Accepted, PersistJob, QueuedJob, StateJob
+from improto_server.production.amqp_connection import (
+    MIN_BROKER_VERSION,
+    QueueMismatch,
+    broker_version,
+)
 from improto_server.production.amqp_jobs import (
     BATCH_TYPE,
+    DEAD_QUEUE_ARGUMENTS,
     JOB_TYPE,
     MIXED_TYPE,
+    NOTIFY_QUEUE_ARGUMENTS,
     decode_message,
     pack_jobs,
     partition_of,
+    persist_queue_arguments,
     queue_names,
 )
+from improto_server.production.rabbit_notify import RabbitNotifyQueue, notify_queue_name
 from improto_server.production.rabbit_queue import NotPublished, RabbitQueue
 from tests.support import services
 from tests.support.clock import START_MS
@@ -207,9 +220,11 @@ async def test_only_a_batch_with_a_state_job_gets_the_new_message_type(make_queu
     conn = q.connection
     assert conn is not None
     ch = await conn.channel()
+    # A consumer, not basic.get: a quorum queue with a single active consumer refuses that.
+    deliveries, _tag = await ch.basic_consume(q.names.partitions[0], auto_ack=True)
     got = []
     for _ in range(2):
-        msg = await ch.basic_get(q.names.partitions[0], auto_ack=True)
+        msg = await deliveries.get()
         got.append((msg.properties.type, decode_message(msg.properties.type, msg.body)))
     ch.close()
     assert got == [(BATCH_TYPE, [plain]), (MIXED_TYPE, marks)]
@@ -583,3 +598,181 @@ async def test_accepts_in_one_reactor_turn_share_messages_and_arrive_once(make_q
     assert {j.message.msg_id: j for j in rec.done} == {j.message.msg_id: j for j in sent}
     await sleep(0.2)
     assert len(rec.calls) == 40 and await q.backlog() == 0
+
+
+# -------------------------------------------------------------------- quorum queues
+
+
+def declared_type(name: str, arguments: dict[str, object]) -> str:
+    """The type of the existing queue `name`, as the broker tells it: declaring it again with
+    exactly `arguments` must succeed (RabbitMQ compares every argument), and with only the
+    type changed to classic it answers 406 naming the type it has."""
+    conn = services.amqp_connection()
+    try:
+        conn.channel().queue_declare(name, durable=True, arguments=arguments)
+        try:
+            conn.channel().queue_declare(
+                name, durable=True, arguments={**arguments, "x-queue-type": "classic"}
+            )
+        except ChannelClosedByBroker as e:
+            assert e.reply_code == 406
+            found = re.search(r"arg 'x-queue-type'.* current is '(\w+)'", e.reply_text)
+            assert found, e.reply_text
+            return found.group(1)
+        return "classic"
+    finally:
+        conn.close()
+
+
+def listed_types(names: Sequence[str]) -> dict[str, str] | None:
+    """`rabbitmqctl list_queues name type` for these queues, when rabbitmqctl is here and the
+    broker is on this machine (None otherwise)."""
+    tool = shutil.which("rabbitmqctl")
+    if tool is None or services.RABBITMQ.host not in ("127.0.0.1", "localhost"):
+        return None
+    try:
+        out = subprocess.run(
+            [tool, "-q", "list_queues", "name", "type"],
+            capture_output=True, text=True, timeout=60, check=True,
+        ).stdout  # fmt: skip
+    except (OSError, subprocess.SubprocessError):
+        return None
+    rows = dict(line.split("\t")[:2] for line in out.splitlines() if line.count("\t") >= 1)
+    return {name: rows.get(name, "missing") for name in names}
+
+
+@pytest_twisted.ensureDeferred
+async def test_the_persist_dead_letter_and_notify_queues_are_quorum_queues(make_queue):
+    q = make_queue(partitions=3)
+    await q.start()
+    notify = RabbitNotifyQueue(services.AMQP_URL, prefix=q.prefix)  # cleaned with the prefix
+    try:
+        await notify.start()
+    finally:
+        await notify.close()
+    names = q.names
+    expected = {name: persist_queue_arguments(names.dead_exchange) for name in names.partitions}
+    expected[names.dead_queue] = DEAD_QUEUE_ARGUMENTS
+    expected[notify.name] = NOTIFY_QUEUE_ARGUMENTS
+    assert {name: declared_type(name, args) for name, args in expected.items()} == dict.fromkeys(
+        expected, "quorum"
+    )
+    listed = listed_types(list(expected))
+    assert listed is None or listed == dict.fromkeys(expected, "quorum")
+    assert persist_queue_arguments(names.dead_exchange) == {
+        "x-queue-type": "quorum",
+        "x-single-active-consumer": True,
+        "x-dead-letter-exchange": names.dead_exchange,
+        "x-dead-letter-strategy": "at-least-once",
+        "x-overflow": "reject-publish",
+    }
+
+
+@pytest.fixture
+def logs() -> Iterator[list[str]]:
+    lines: list[str] = []
+
+    def observe(event: LogEvent) -> None:
+        lines.append(formatEvent(event) or "")
+
+    globalLogPublisher.addObserver(observe)
+    yield lines
+    globalLogPublisher.removeObserver(observe)
+
+
+def declare_old_topology(prefix: str) -> None:
+    """The queues of prefix as an improto version before quorum queues declared them (classic,
+    the same names), with one job waiting in P.persist.0 and one in P.notify."""
+    names = queue_names(prefix, 1)
+    conn = services.amqp_connection()
+    try:
+        ch = conn.channel()
+        ch.exchange_declare(names.dead_exchange, exchange_type="fanout", durable=True)
+        ch.queue_declare(names.dead_queue, durable=True)
+        ch.queue_bind(names.dead_queue, names.dead_exchange)
+        ch.queue_declare(
+            names.partitions[0], durable=True,
+            arguments={"x-dead-letter-exchange": names.dead_exchange,
+                       "x-single-active-consumer": True},
+        )  # fmt: skip
+        ch.queue_declare(
+            notify_queue_name(prefix), durable=True, arguments={"x-single-active-consumer": True}
+        )
+        ch.confirm_delivery()
+        persistent = pika.BasicProperties(delivery_mode=pika.DeliveryMode.Persistent)
+        for queue in (names.partitions[0], notify_queue_name(prefix)):
+            ch.basic_publish("", queue, pack_jobs([job().to_bytes()]), persistent)
+    finally:
+        conn.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_classic_queues_of_an_earlier_version_fail_start_with_how_to_migrate(
+    make_queue, logs
+):
+    prefix = f"improto-rabbit-test-{uuid.uuid4().hex[:12]}"
+    q = make_queue(prefix)  # registers the prefix for cleanup before anything is declared
+    declare_old_topology(prefix)
+
+    started = time.monotonic()
+    with pytest.raises(QueueMismatch) as refused:
+        await q.start()
+    assert time.monotonic() - started < 5.0  # at once, not after the 30 s start timeout
+    assert "delete_queue" in str(refused.value)
+    hint = [line for line in logs if "RabbitMQ refused to declare queue" in line]
+    assert hint and f"{prefix}.persist.dead" in hint[0]  # the first queue declared
+    assert "classic queue" in hint[0] and "docs/SERVICES.md" in hint[0]
+    assert "drain" in hint[0] and "rabbitmqctl delete_queue" in hint[0]
+
+    notify = RabbitNotifyQueue(services.AMQP_URL, prefix=prefix)
+    try:
+        with pytest.raises(QueueMismatch):
+            await notify.start()
+    finally:
+        await notify.close()
+    assert any(f"queue {prefix}.notify as a quorum queue" in line for line in logs)
+
+    # Nothing was touched: the old queues and their jobs are still there, still classic.
+    old = [f"{prefix}.persist.0", f"{prefix}.notify"]
+    assert services.queued_messages(old) == 2
+    listed = listed_types([*old, f"{prefix}.persist.dead"])
+    assert listed is None or set(listed.values()) == {"classic"}
+    await q.close()
+
+    # The migration: (drained,) deleted, started again: quorum queues.
+    services.delete_queues(prefix)
+    again = make_queue(prefix)
+    await again.start()
+    assert declared_type(again.names.partitions[0], persist_queue_arguments(
+        again.names.dead_exchange)) == "quorum"  # fmt: skip
+
+
+@pytest_twisted.ensureDeferred
+async def test_requeued_deliveries_come_back_in_order_behind_more_than_a_few(make_queue):
+    """Quorum queues return requeued messages ahead of the rest, in their order, also with
+    hundreds outstanding (checked here with one job per message: 300 deliveries on hand)."""
+    q = make_queue(publish_batch=1, retry_delay_s=0.1)
+    await q.start()
+    sent = [job() for _ in range(300)]
+    for j in sent:
+        await accept(q, j)
+    assert q.published == 300
+    failing = sent[40].message.msg_id
+    rec = Recorder(fail={failing: 2})
+    q.consume(rec, max_batch=16)
+    await eventually(lambda: len(rec.done) >= 300, timeout=20)
+    assert rec.done == sent  # in order, each once, after two requeues of 260 deliveries
+    assert rec.calls.count(failing) == 3
+    await sleep(0.2)
+    assert len(rec.done) == 300 and await q.backlog() == 0
+
+
+def test_the_broker_version_is_read_from_its_start_properties():
+    class Proto:
+        def __init__(self, version: object) -> None:
+            self._impl = type("Impl", (), {"server_properties": {"version": version}})()
+
+    assert broker_version(Proto("3.10.8")) == (3, 10, 8)
+    assert broker_version(Proto(b"4.0.0-rc.2")) == (4, 0, 0)
+    assert broker_version(Proto(None)) is None
+    assert broker_version(Proto("3.9.29")) < MIN_BROKER_VERSION

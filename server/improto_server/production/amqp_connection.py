@@ -14,16 +14,24 @@ the backoff. A ready connection that is lost is reconnected at once.
 (The handshake does not run in ClientService's `prepareConnection`: a connection lost before
 that step finished is an input its state machine has no transition for, logged as an
 unhandled error.)
+
+A `prepare` that fails with SetupRefused (the broker refuses what this version declares, and
+no retry can fix that without an operator: see `declare_queue`) fails the `when_ready()`
+waiters at once, so a `start()` fails within a second with the reason instead of after its
+timeout; reconnecting goes on, with backoff, until `close()` (a running process picks the
+queues up again once an operator has fixed them).
 """
 
 from __future__ import annotations
 
 import random
+import re
 from collections.abc import Callable
 from typing import cast
 
 import pika
-from pika.adapters.twisted_connection import TwistedProtocolConnection
+from pika.adapters.twisted_connection import TwistedChannel, TwistedProtocolConnection
+from pika.exceptions import ChannelClosed
 
 from twisted.application.internet import ClientService, backoffPolicy
 from twisted.internet.defer import CancelledError, Deferred, fail, maybeDeferred, succeed
@@ -90,6 +98,79 @@ Hook = Callable[[AmqpProtocol], object]
 
 class ConnectionClosing(Exception):
     """`when_ready()` after `closing()`: no connection will be made any more."""
+
+
+class SetupRefused(Exception):
+    """The broker refuses the set-up in a way only an operator can fix: `when_ready()`
+    waiters fail with it at once (see the module doc)."""
+
+
+class QueueMismatch(SetupRefused):
+    """A queue exists with other arguments than this version declares (406
+    PRECONDITION_FAILED): most likely a classic queue made by a version before quorum queues."""
+
+
+# Quorum queues with at-least-once dead-lettering (x-dead-letter-strategy) need 3.10: 3.8 and
+# 3.9 dead-letter at most once, and brokers before 3.8 have no quorum queues.
+MIN_BROKER_VERSION = (3, 10)
+MIGRATE_HINT = (
+    "To migrate (docs/SERVICES.md, 'Quorum queues: migrating from classic queues'): stop the "
+    "gateways, let the persisters and notifiers drain the prefix's queues to 0 messages "
+    "(rabbitmqctl list_queues name type messages messages_unacknowledged), stop every improto "
+    "process, delete the queues (rabbitmqctl delete_queue NAME for each PREFIX.persist.<i>, "
+    "PREFIX.persist.dead, whose dead-lettered jobs you may want to keep first, and "
+    "PREFIX.notify), then start this version: it declares them again as quorum queues."
+)
+
+
+def broker_version(proto: AmqpProtocol) -> tuple[int, ...] | None:
+    """The broker's version from its Connection.Start properties (None if it sent none)."""
+    impl = getattr(proto, "_impl", None)  # the pika Connection
+    props = getattr(impl, "server_properties", None) or {}
+    raw = props.get("version")
+    if isinstance(raw, bytes):
+        raw = raw.decode("ascii", "replace")
+    if not isinstance(raw, str):
+        return None
+    found = re.match(r"\d+(?:\.\d+)*", raw)  # "4.0.0-rc.2" -> 4.0.0
+    return tuple(int(n) for n in found.group().split(".")) if found else None
+
+
+def check_broker(proto: AmqpProtocol) -> None:
+    """SetupRefused unless the broker can hold the quorum queues this version declares."""
+    version = broker_version(proto)
+    if version is not None and version < MIN_BROKER_VERSION:
+        shown = ".".join(map(str, version))
+        need = ".".join(map(str, MIN_BROKER_VERSION))
+        _log.error(
+            "RabbitMQ {version} cannot hold improto's queues: quorum queues with at-least-once "
+            "dead-lettering need RabbitMQ {need} or later",
+            version=shown, need=need,
+        )  # fmt: skip
+        raise SetupRefused(f"RabbitMQ {shown} is older than {need} (quorum queues)")
+
+
+async def declare_queue(ch: TwistedChannel, name: str, arguments: dict[str, object]) -> None:
+    """Declare a durable queue with `arguments`. If one of that name exists with other
+    arguments, the broker answers 406 PRECONDITION_FAILED and closes the channel: this logs
+    what happened and how to migrate, and raises QueueMismatch (the connection's set-up
+    fails: `start()` fails at once, see the module doc)."""
+    try:
+        await ch.queue_declare(name, durable=True, arguments=arguments)
+    except ChannelClosed as e:  # ChannelClosedByBroker: (reply_code, reply_text)
+        code, reply = [*e.args, None, str(e)][:2]
+        if code != 406:
+            raise
+        _log.error(
+            "RabbitMQ refused to declare queue {queue} as a {type} queue: {reply}. The queue "
+            "exists with other arguments, most likely as a classic queue made by an earlier "
+            "improto version; its messages are untouched. {hint}",
+            queue=name, type=arguments.get("x-queue-type", "classic"), reply=reply,
+            hint=MIGRATE_HINT,
+        )  # fmt: skip
+        raise QueueMismatch(
+            f"queue {name} exists with other arguments ({reply}). {MIGRATE_HINT}"
+        ) from None
 
 
 @implementer(IStreamClientEndpoint)
@@ -251,6 +332,8 @@ class AmqpConnection:
                 raise ConnectionError("connection lost during set-up")
         except Exception as e:
             self.last_error = e
+            if isinstance(e, SetupRefused):
+                self._fail_waiters(e)  # an operator must act: do not let start() wait it out
             proto.drop()  # ClientService waits (see _retry_delay) and connects again
             return
         self._failures = 0
@@ -286,10 +369,10 @@ class AmqpConnection:
         d = maybeDeferred(hook, proto)
         d.addErrback(lambda f: None if proto.gone else _log.failure("AMQP hook failed", f))
 
-    def _fail_waiters(self) -> None:
+    def _fail_waiters(self, reason: Exception | None = None) -> None:
         waiters, self._waiters = self._waiters, []
         for w in waiters:
-            w.errback(ConnectionClosing("the connection is closing"))
+            w.errback(reason or ConnectionClosing("the connection is closing"))
 
 
 def _ignore_cancel(failure: Failure) -> None:

@@ -11,11 +11,19 @@ lettered by the older persister), never messages that travel alone.
 
 Broker layout (P = the prefix), declared by RabbitQueue:
 
-    P.persist.<i>     durable classic queue, i in 0..partitions-1; arguments
+    P.persist.<i>     durable quorum queue, i in 0..partitions-1; arguments
                       x-single-active-consumer (one persister at a time per queue, the others
-                      stand by) and x-dead-letter-exchange = P.persist.dlx.
-    P.persist.dlx     durable fanout exchange, bound to P.persist.dead: jobs that cannot even
-                      be decoded are dead-lettered there and kept for inspection.
+                      stand by), x-dead-letter-exchange = P.persist.dlx, and at-least-once
+                      dead-lettering (x-dead-letter-strategy, which needs x-overflow
+                      reject-publish; no length limit is set, so nothing is ever rejected).
+    P.persist.dlx     durable fanout exchange, bound to P.persist.dead (a durable quorum queue):
+                      jobs that cannot even be decoded (e.g. a newer job type met by an older
+                      persister during an upgrade) are dead-lettered there and kept.
+
+and by RabbitNotifyQueue P.notify, a durable quorum queue with x-single-active-consumer. The
+arguments are below (persist_queue_arguments ...). RabbitMQ compares them with those of a
+queue that exists already: any difference (a classic queue of an earlier version) is a 406
+PRECONDITION_FAILED, see amqp_connection.declare_queue.
 """
 
 from __future__ import annotations
@@ -30,6 +38,33 @@ JOB_TYPE = "improto.persist.v1"  # the body is one PersistJob
 BATCH_TYPE = "improto.persist.v2"  # the body is pack_jobs() of one or more PersistJobs
 MIXED_TYPE = "improto.persist.v3"  # pack_jobs() of one or more jobs, StateJobs among them
 _LEN = 4  # bytes of a job's length in a batch body
+
+# The queue arguments (docs/SERVICES.md, "Quorum queues"). Quorum queues replicate over the
+# broker's cluster nodes (a single node works too); a publisher confirm comes once a majority
+# of a queue's replicas has the message on disk. No x-delivery-limit: on RabbitMQ 3.x a quorum
+# queue without one redelivers a failing job forever, as a classic queue does (4.x applies a
+# default of 20 unless a policy lifts it: docs/SERVICES.md).
+QUEUE_TYPE = "quorum"
+
+
+def persist_queue_arguments(dead_exchange: str) -> dict[str, object]:
+    """The arguments of every partition queue P.persist.<i>."""
+    return {
+        "x-queue-type": QUEUE_TYPE,
+        "x-single-active-consumer": True,
+        "x-dead-letter-exchange": dead_exchange,
+        # A dead-lettered job stays in its persist queue until P.persist.dead confirms it:
+        # at-most-once (the default) would drop it if the dead queue was unreachable.
+        "x-dead-letter-strategy": "at-least-once",
+        "x-overflow": "reject-publish",  # required by at-least-once; no length limit is set
+    }
+
+
+DEAD_QUEUE_ARGUMENTS: dict[str, object] = {"x-queue-type": QUEUE_TYPE}
+NOTIFY_QUEUE_ARGUMENTS: dict[str, object] = {
+    "x-queue-type": QUEUE_TYPE,
+    "x-single-active-consumer": True,
+}
 
 
 @dataclass(frozen=True, slots=True)

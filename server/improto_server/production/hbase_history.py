@@ -3,7 +3,15 @@
 Row key: ``salt ‖ conversation ‖ 0x00 ‖ be64(2**64-1 - msg_id)``.
 
 * The 1-byte salt (CRC-32 of the conversation key, mod `SALT_BUCKETS`) spreads conversations
-  over regions while each conversation stays one contiguous key range.
+  over regions while each conversation stays one contiguous key range. A table created
+  pre-split at the salt boundaries (`split_keys`: 0x01 .. 0x0f) starts with one region per
+  salt bucket, so writes spread over the region servers from the first message instead of
+  all going to one region until HBase splits it by size. Thrift1 (happybase) cannot pass split
+  keys: its createTable takes the column families only (Thrift2 and the Admin API can). So a
+  missing table is still created here, with one region and a warning that gives the HBase
+  shell command (`create_table_command`) for creating it pre-split beforehand, which is what
+  a deployment does (docs/SERVICES.md, "Pre-splitting the history table"); `start()` also
+  says so when an existing table is not split at the salt boundaries.
 * The conversation is ``str(ConvKey)`` ("u:1:2", "g:7"); the 0x00 after it cannot occur in it,
   so no conversation's keys fall inside another's range ("g:1" vs "g:12").
 * The inverted big-endian id makes a forward scan from the conversation prefix return the
@@ -37,7 +45,7 @@ import functools
 import threading
 import zlib
 from collections.abc import Callable, Iterable
-from typing import Any, NamedTuple, TypeVar
+from typing import Any, NamedTuple, TypeVar, cast
 
 import happybase
 from thriftpy2.transport import TTransportException
@@ -80,6 +88,22 @@ def key_prefix(text: str) -> bytes:
     timeline's "t:7"): salt, text, separator."""
     raw = text.encode("ascii")
     return bytes((zlib.crc32(raw) % SALT_BUCKETS,)) + raw + _SEPARATOR
+
+
+def split_keys(buckets: int = SALT_BUCKETS) -> list[bytes]:
+    """The start keys of a pre-split table's regions after the first (which starts at b""):
+    one region per salt bucket, the rows of salt s in [bytes([s]), bytes([s + 1]))."""
+    return [bytes((salt,)) for salt in range(1, buckets)]
+
+
+def create_table_command(table: str, ttl_s: int | None = None) -> str:
+    """The HBase shell command that creates `table` as HBaseHistory would (family m, one
+    version, the TTL), pre-split by salt. The shell reads each split with
+    Bytes.toBytesBinary, so '\\x0A' is the byte 0x0a (its escapes take upper-case hex only:
+    '\\x0a' would be the three characters x0a)."""
+    ttl = f", TTL => {ttl_s}" if ttl_s else ""
+    splits = ", ".join(f"'\\x{key[0]:02X}'" for key in split_keys())  # upper case only
+    return f"create '{table}', {{NAME => '{FAMILY}', VERSIONS => 1{ttl}}}, SPLITS => [{splits}]"
 
 
 def conversation_prefix(key: ConvKey) -> bytes:
@@ -174,13 +198,29 @@ async def _all(ds: list[Deferred[None]]) -> None:
 
 def _ensure_table(table: happybase.Table, families: dict[str, dict[str, Any]]) -> None:
     conn = table.connection
+    name = table.name.decode()
+    command = create_table_command(name, families[FAMILY].get("time_to_live"))
     if table.name in conn.tables():
+        starts = {region["start_key"] for region in cast(Any, table).regions()}
+        if not starts.issuperset(split_keys()):
+            _log.info(
+                "HBase table {table} is not pre-split by salt ({n} regions): see "
+                "docs/SERVICES.md, 'Pre-splitting the history table' ({command})",
+                table=name, n=len(starts), command=command,
+            )  # fmt: skip
         return
     try:
         conn.create_table(table.name, families)
     except Exception:
         if table.name not in conn.tables():  # not a racing creator: a real error
             raise
+        return
+    _log.warn(
+        "created HBase table {table} through Thrift1, which cannot pre-split it: 1 region, not "
+        "{n} (one per salt bucket). For production create it beforehand with the HBase shell: "
+        "{command} (docs/SERVICES.md, 'Pre-splitting the history table')",
+        table=name, n=SALT_BUCKETS, command=command,
+    )  # fmt: skip
 
 
 _PutsByTs = dict[int, list[tuple[bytes, dict[bytes, bytes]]]]  # cell timestamp -> (row, cells)

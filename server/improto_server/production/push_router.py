@@ -10,6 +10,12 @@ Routed pushes are best effort, like every push (spec section 9): not persistent,
 dropped when the target gateway is gone (its queue went with its connection, so the exchange
 has no binding) or holds no such session any more, and expired after ROUTED_TTL_MS in its
 queue. Delivery is guaranteed by the offline inbox, which every device syncs on reconnect.
+These per-gateway queues stay classic queues while the persist and notify queues are quorum
+queues (amqp_jobs): a quorum queue cannot be exclusive, auto-delete or non-durable, and a
+replicated copy of a push that is useless once its gateway has gone (its sessions went with
+it) would cost a Raft round trip per push for nothing. On a RabbitMQ cluster the queue lives
+on the node the gateway is connected to; losing that node drops the connection, and the
+reconnect declares it afresh wherever the gateway lands.
 
 A device that logs in on one gateway while it has a session on another replaces it: the new
 gateway sends a kick, and the old one closes that session with CLOSE REPLACED.

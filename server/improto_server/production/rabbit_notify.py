@@ -1,4 +1,4 @@
-"""The notify queue on RabbitMQ (the NotifyQueue port): one durable queue, P.notify.
+"""The notify queue on RabbitMQ (the NotifyQueue port): one durable quorum queue, P.notify.
 
 The persist queue's patterns (rabbit_queue.py, whose module doc explains them), cut down to
 what the notifier needs: no dedup keys (a message notified twice after a redelivery is a
@@ -7,7 +7,9 @@ repeated notification, not a repeated message) and no partitions.
 Publishing: `put(jobs)` publishes the jobs as one persistent message (amqp_jobs.pack_jobs;
 BATCH_TYPE for messages alone, DEVICE_BATCH_TYPE with a DeviceNotifyJob among them) to the
 default exchange, mandatory, on a channel in confirm mode; it fires when the broker confirmed
-it (written to disk for a durable queue).
+it (on disk on a majority of the quorum queue's replicas). A P.notify of an earlier version (a
+classic queue) fails `start()` at once with QueueMismatch and a log line saying how to migrate
+(amqp_connection.declare_queue).
 
 Consuming: basic_qos(prefetch); the jobs of the next delivery plus those already received go
 to the handler in batches of at most max_batch; one basic_ack (multiple) once the handler's
@@ -16,7 +18,9 @@ every outstanding delivery nacked with requeue (multiple), which puts them back 
 original positions, in order; then it consumes again. A message that does not decode is
 logged and dropped (no dead-letter queue: it would only hold notifications nobody wants
 late). The queue has x-single-active-consumer: one notifier at a time consumes it (so one
-process paces each user), the others stand by.
+process paces each user), the others stand by. No delivery limit is declared (see
+rabbit_queue.py: on RabbitMQ 4.x its default of 20 would drop a notification whose handler
+kept failing, this queue having no dead-letter exchange).
 
 The queue has its own AMQP connection (amqp_connection.AmqpConnection): a notifier process
 needs no persist queue, and the persist queue's reconnects do not touch it.
@@ -37,8 +41,18 @@ from twisted.logger import Logger
 from improto_server.deferreds import as_deferred
 from improto_server.model import DeviceNotifyJob, NotifyJob, PersistJob, notify_job_from_bytes
 from improto_server.ports import NotifyHandler
-from improto_server.production.amqp_connection import AmqpConnection, AmqpProtocol
-from improto_server.production.amqp_jobs import BATCH_TYPE, pack_jobs, split_jobs
+from improto_server.production.amqp_connection import (
+    AmqpConnection,
+    AmqpProtocol,
+    check_broker,
+    declare_queue,
+)
+from improto_server.production.amqp_jobs import (
+    BATCH_TYPE,
+    NOTIFY_QUEUE_ARGUMENTS,
+    pack_jobs,
+    split_jobs,
+)
 from improto_server.production.once import Once
 from improto_server.reactor_types import IServerReactor, server_reactor
 
@@ -163,10 +177,9 @@ class RabbitNotifyQueue:
 
     @as_deferred
     async def _declare(self, proto: AmqpProtocol) -> None:
+        check_broker(proto)
         ch = await proto.channel()
-        await ch.queue_declare(
-            self.name, durable=True, arguments={"x-single-active-consumer": True}
-        )
+        await declare_queue(ch, self.name, NOTIFY_QUEUE_ARGUMENTS)
         await ch.confirm_delivery()
         ch.on_closed.addCallback(self._channel_closed, proto)
         self._pub = ch

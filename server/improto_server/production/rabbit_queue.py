@@ -10,8 +10,9 @@ accepted in one reactor turn for one queue travel in one message (BATCH_TYPE; up
 `publish_batch` jobs). `accept()` resolves when the broker confirms the message carrying its
 job, so any number of accepts are in flight at once. pika's TwistedChannel keeps the Deferred
 of every delivery tag and settles it on Basic.Ack/Basic.Nack, including `multiple=True` ones
-(a nack or a Basic.Return errbacks it). A confirm for a persistent message in a durable queue
-means the broker has written it to disk.
+(a nack or a Basic.Return errbacks it). The queues are quorum queues (amqp_jobs): a confirm
+means that a majority of the queue's replicas (on a single broker, the one node) has written
+the message to disk.
 
 Conversation-state changes (`accept_state`, StateJob) are published the same way, to the
 partition of their conversation, so they keep their place among its messages; they have no
@@ -32,12 +33,17 @@ Consumers: one channel per partition queue, basic_qos(prefetch), jobs handled in
 queue in queue order; one basic_ack (multiple) only after the handler's Deferred succeeded
 (the persister writes both stores first). A failed handler: after `retry_delay_s` the
 consumer is cancelled and every outstanding delivery of its channel is nacked with requeue
-(basic_nack delivery_tag=0, multiple=True), then it consumes again. RabbitMQ puts requeued
-messages back at their original positions, so the failed batch comes back first and the jobs
-prefetched behind it keep their order (checked against RabbitMQ 3.10; a plain nack of the one
-failed delivery would let the already-prefetched later jobs overtake it). Nothing is ever
-dropped, except a message that cannot be decoded: logged and nacked without requeue into the
-dead-letter queue. A connection lost while a handler runs: the broker requeues the job for the
+(basic_nack delivery_tag=0, multiple=True), then it consumes again. A quorum queue delivers
+returned messages before the rest of the queue, in their order (as a classic queue puts them
+back at their original positions), so the failed batch comes back first and the jobs
+prefetched behind it keep their order (checked against RabbitMQ 3.10.8 with hundreds of
+deliveries outstanding; a plain nack of the one failed delivery would let the already-
+prefetched later jobs overtake it). Nothing is ever dropped, except a message that cannot be
+decoded: logged and nacked without requeue into the dead-letter queue (at-least-once
+dead-lettering: it leaves its queue once the dead-letter queue has confirmed it). No delivery
+limit is declared: on RabbitMQ 3.x a job whose handler keeps failing is redelivered forever;
+4.x dead-letters it after 20 deliveries unless a policy raises the limit (docs/SERVICES.md,
+"Quorum queues"). A connection lost while a handler runs: the broker requeues the job for the
 next active consumer; the late handler result is dropped, never acked on another channel.
 
 Partitioning (`partitions`, default 1). Jobs go to queue crc32(str(job.history_key)) % N, so
@@ -55,7 +61,10 @@ requeued ones: bounded reordering across the switch, still no gap and no loss.
 
 Reconnection (amqp_connection): every new connection re-declares the topology, re-enables
 confirms and re-consumes. An unexpected channel close or consumer cancel (e.g. a queue
-deleted) resets the connection.
+deleted) resets the connection. A queue that exists with other arguments (a classic queue
+made by a version before quorum queues) fails the set-up: `start()` fails at once with
+QueueMismatch, after an error log line that says how to migrate (amqp_connection.declare_queue;
+nothing is deleted or changed). So does a broker older than 3.10.
 """
 
 from __future__ import annotations
@@ -85,13 +94,21 @@ from improto_server.model import (
     StateJob,
 )
 from improto_server.ports import BatchHandler
-from improto_server.production.amqp_connection import AmqpConnection, AmqpProtocol, Hook
+from improto_server.production.amqp_connection import (
+    AmqpConnection,
+    AmqpProtocol,
+    Hook,
+    check_broker,
+    declare_queue,
+)
 from improto_server.production.amqp_jobs import (
     BATCH_TYPE,
+    DEAD_QUEUE_ARGUMENTS,
     MIXED_TYPE,
     decode_message,
     pack_jobs,
     partition_of,
+    persist_queue_arguments,
     queue_names,
 )
 from improto_server.production.once import Once
@@ -448,19 +465,14 @@ class RabbitQueue:
     @as_deferred
     async def _declare(self, proto: AmqpProtocol) -> None:
         """The connection's set-up: the queues and the publishing channel, in confirm mode."""
+        check_broker(proto)
         ch = await proto.channel()
         await ch.exchange_declare(self.names.dead_exchange, exchange_type="fanout", durable=True)
-        await ch.queue_declare(self.names.dead_queue, durable=True)
+        await declare_queue(ch, self.names.dead_queue, DEAD_QUEUE_ARGUMENTS)
         await ch.queue_bind(self.names.dead_queue, self.names.dead_exchange)
+        arguments = persist_queue_arguments(self.names.dead_exchange)
         for name in self.names.partitions:
-            await ch.queue_declare(
-                name,
-                durable=True,
-                arguments={
-                    "x-dead-letter-exchange": self.names.dead_exchange,
-                    "x-single-active-consumer": True,
-                },
-            )
+            await declare_queue(ch, name, arguments)
         await ch.confirm_delivery()
         ch.on_closed.addCallback(self._channel_closed, proto, "publish")
         self._pub = ch
