@@ -8,6 +8,8 @@ from pathlib import Path
 
 import pytest
 
+from twisted.logger import LogEvent, formatEvent, globalLogPublisher
+
 from tests.support import services
 from tests.support.server import TEST_SECRET, ServerHandle, start_server
 
@@ -52,3 +54,16 @@ def server_process(tmp_path: Path) -> Iterator[Callable[..., ServerHandle]]:
     yield start
     for server in started:
         server.stop()
+
+
+@pytest.fixture
+def logs() -> Iterator[list[str]]:
+    """The text of every twisted.logger event while the test runs."""
+    lines: list[str] = []
+
+    def observe(event: LogEvent) -> None:
+        lines.append(formatEvent(event) or "")
+
+    globalLogPublisher.addObserver(observe)
+    yield lines
+    globalLogPublisher.removeObserver(observe)

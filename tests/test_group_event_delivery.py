@@ -9,18 +9,16 @@ that refuses accepts as a broker that is down would; the retries run on a task.C
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-import pytest
 import pytest_twisted
 
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred, fail
 from twisted.internet.task import Clock
-from twisted.logger import LogEvent, formatEvent, globalLogPublisher
 
 from improto.enums import ContentType
 from improto.frames import (
@@ -175,18 +173,6 @@ class Stack:
 
     def refusal_lines(self, msg_id: int) -> list[str]:
         return [x for x in self.logs if f"persistence queue refused message {msg_id} " in x]
-
-
-@pytest.fixture
-def logs() -> Iterator[list[str]]:
-    lines: list[str] = []
-
-    def observe(event: LogEvent) -> None:
-        lines.append(formatEvent(event) or "")
-
-    globalLogPublisher.addObserver(observe)
-    yield lines
-    globalLogPublisher.removeObserver(observe)
 
 
 @pytest_twisted.async_yield_fixture()

@@ -25,7 +25,6 @@ import pytest_twisted
 
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred
-from twisted.logger import LogEvent, formatEvent, globalLogPublisher
 from twisted.protocols import portforward
 from twisted.python.failure import Failure
 
@@ -480,18 +479,6 @@ def test_split_keys_give_each_salt_bucket_its_own_region() -> None:
     command = hbase_history.create_table_command("t", 3600)
     assert command.startswith("create 't', {NAME => 'm', VERSIONS => 1, TTL => 3600}, SPLITS")
     assert [bytes((int(s[2:], 16),)) for s in _shell_splits(command)] == keys
-
-
-@pytest.fixture
-def logs() -> Iterator[list[str]]:
-    lines: list[str] = []
-
-    def observe(event: LogEvent) -> None:
-        lines.append(formatEvent(event) or "")
-
-    globalLogPublisher.addObserver(observe)
-    yield lines
-    globalLogPublisher.removeObserver(observe)
 
 
 @pytest_twisted.ensureDeferred

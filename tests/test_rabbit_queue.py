@@ -30,7 +30,6 @@ from twisted.internet import reactor
 from twisted.internet.defer import Deferred, DeferredList, succeed
 from twisted.internet.error import ConnectionAborted
 from twisted.internet.task import deferLater
-from twisted.logger import LogEvent, formatEvent, globalLogPublisher
 
 from improto.enums import ContentType, ConvKind
 from improto.frames import Message
@@ -675,18 +674,6 @@ async def test_the_persist_dead_letter_and_notify_queues_are_quorum_queues(make_
         "x-dead-letter-strategy": "at-least-once",
         "x-overflow": "reject-publish",
     }
-
-
-@pytest.fixture
-def logs() -> Iterator[list[str]]:
-    lines: list[str] = []
-
-    def observe(event: LogEvent) -> None:
-        lines.append(formatEvent(event) or "")
-
-    globalLogPublisher.addObserver(observe)
-    yield lines
-    globalLogPublisher.removeObserver(observe)
 
 
 def declare_old_topology(prefix: str) -> None:

@@ -141,7 +141,12 @@ class Composed:
 # The service adapters are imported by their factories: the SQLite rows need none of them.
 
 
-def _redis(data_dir: Path, clock: FakeClock) -> Composed:
+def _redis(data_dir: Path, clock: FakeClock, *, cluster: bool = False) -> Composed:
+    """The Redis stores on the single Redis, or with `cluster` on the Redis Cluster
+    (ClusterRedis, the stores' cluster=True)."""
+    from twisted.internet import reactor
+
+    from improto_server.production.redis_cluster import ClusterRedis
     from improto_server.production.redis_connection import connect
     from improto_server.production.redis_conversations import RedisConversations
     from improto_server.production.redis_devices import RedisDevices
@@ -149,14 +154,21 @@ def _redis(data_dir: Path, clock: FakeClock) -> Composed:
     from improto_server.production.redis_inbox import RedisInbox
 
     prefix = _name(data_dir, "improto-contract:")
-    _fresh(prefix, lambda: services.delete_redis_prefix(prefix))
-    redis = connect(services.REDIS.host, services.REDIS.port)
-    inbox = RedisInbox(redis, prefix, clock, INBOX_RETENTION_MS)
+    empty = services.delete_cluster_prefix if cluster else services.delete_redis_prefix
+    _fresh(prefix, lambda: empty(prefix))
+    redis: Any
+    if cluster:
+        redis = ClusterRedis([str(services.REDIS_CLUSTER)], reactor)  # type: ignore[arg-type]
+    else:
+        redis = connect(services.REDIS.host, services.REDIS.port)
+    inbox = RedisInbox(redis, prefix, clock, INBOX_RETENTION_MS, cluster=cluster)
     groups = RedisGroups(redis, prefix)
-    convs = RedisConversations(redis, prefix, clock, HISTORY_RETENTION_MS)
-    devices = RedisDevices(redis, prefix, clock)
+    convs = RedisConversations(redis, prefix, clock, HISTORY_RETENTION_MS, cluster=cluster)
+    devices = RedisDevices(redis, prefix, clock, cluster=cluster)
 
     async def ping() -> None:
+        if cluster:
+            await redis.start()  # the slot map
         await redis.execute_command("PING")
 
     starts = [s.start for s in (inbox, groups, convs, devices) if hasattr(s, "start")]
@@ -165,39 +177,7 @@ def _redis(data_dir: Path, clock: FakeClock) -> Composed:
         {"inbox": inbox, "groups": groups, "conversations": convs, "devices": devices},
         opens=[ping, *starts],
         closes=[redis.disconnect],
-        destroy=lambda: services.delete_redis_prefix(prefix),
-    )
-
-
-def _redis_cluster(data_dir: Path, clock: FakeClock) -> Composed:
-    """The Redis stores on a Redis Cluster (ClusterRedis, cluster=True)."""
-    from twisted.internet import reactor
-
-    from improto_server.production.redis_cluster import ClusterRedis
-    from improto_server.production.redis_conversations import RedisConversations
-    from improto_server.production.redis_devices import RedisDevices
-    from improto_server.production.redis_groups import RedisGroups
-    from improto_server.production.redis_inbox import RedisInbox
-
-    prefix = _name(data_dir, "improto-contract:")
-    _fresh(prefix, lambda: services.delete_cluster_prefix(prefix))
-    redis = ClusterRedis([str(services.REDIS_CLUSTER)], reactor)  # type: ignore[arg-type]
-    inbox = RedisInbox(redis, prefix, clock, INBOX_RETENTION_MS, cluster=True)
-    groups = RedisGroups(redis, prefix)
-    convs = RedisConversations(redis, prefix, clock, HISTORY_RETENTION_MS, cluster=True)
-    devices = RedisDevices(redis, prefix, clock, cluster=True)
-
-    async def ping() -> None:
-        await redis.start()
-        await redis.execute_command("PING")
-
-    starts = [s.start for s in (inbox, groups, convs, devices) if hasattr(s, "start")]
-    return Composed(
-        _sqlite(data_dir, clock),
-        {"inbox": inbox, "groups": groups, "conversations": convs, "devices": devices},
-        opens=[ping, *starts],
-        closes=[redis.disconnect],
-        destroy=lambda: services.delete_cluster_prefix(prefix),
+        destroy=lambda: empty(prefix),
     )
 
 
@@ -296,7 +276,7 @@ def _production(data_dir: Path, clock: FakeClock, *, cluster: bool = False) -> A
 FACTORIES: dict[str, Factory] = {
     "sqlite": _sqlite,
     "redis": _redis,
-    "redis-cluster": _redis_cluster,
+    "redis-cluster": lambda data_dir, clock: _redis(data_dir, clock, cluster=True),
     "hbase": _hbase,
     "rabbitmq": _rabbitmq,
     "production": _production,
