@@ -293,6 +293,17 @@ class Cluster:
         return out
 
 
+def _services(*args: str) -> str:
+    """Run `scripts/services ARGS`; its output, or RuntimeError if it failed."""
+    done = subprocess.run(
+        [str(SERVICES_SCRIPT), *args], capture_output=True, text=True,
+        timeout=SERVICE_CRASH_TIMEOUT_S,
+    )  # fmt: skip
+    if done.returncode != 0:
+        raise RuntimeError(f"scripts/services {' '.join(args)}: {done.stdout}{done.stderr}")
+    return done.stdout + done.stderr
+
+
 class Injector(threading.Thread):
     """Injects faults at random moments until stopped, one at a time: a killed process is
     back up before the next fault. `drop_client(rng)` is the harness' hook for client drops: it
@@ -418,12 +429,7 @@ class Injector(threading.Thread):
         """kill -9 a backing service and start it again (scripts/services crash NAME)."""
         self.event(f"kill -9 {name} (service)")
         t0 = time.monotonic()
-        done = subprocess.run(
-            [str(SERVICES_SCRIPT), "crash", name],
-            capture_output=True, text=True, timeout=SERVICE_CRASH_TIMEOUT_S,
-        )  # fmt: skip
-        if done.returncode != 0:
-            raise RuntimeError(f"scripts/services crash {name}: {done.stdout}{done.stderr}")
+        _services("crash", name)
         self.faults[f"{name}_crashes"] += 1
         self.outages.append((f"{name}_crash", name, None, t0, time.monotonic()))
         self.event(f"{name} back after {time.monotonic() - t0:.1f} s")
@@ -433,27 +439,17 @@ class Injector(threading.Thread):
         the killed node back (it rejoins as a replica)."""
         self.event("kill -9 a Redis Cluster master")
         t0 = time.monotonic()
-        done = subprocess.run(
-            [str(SERVICES_SCRIPT), "redis-cluster-kill-master"],
-            capture_output=True, text=True, timeout=SERVICE_CRASH_TIMEOUT_S,
-        )  # fmt: skip
-        if done.returncode != 0:
-            raise RuntimeError(f"redis-cluster-kill-master: {done.stdout}{done.stderr}")
-        found = re.search(r"killed master 127\.0\.0\.1:(\d+)", done.stdout + done.stderr)
+        said = _services("redis-cluster-kill-master")
+        found = re.search(r"killed master 127\.0\.0\.1:(\d+)", said)
         if found is None:
-            raise RuntimeError(f"redis-cluster-kill-master said: {done.stdout}{done.stderr}")
+            raise RuntimeError(f"redis-cluster-kill-master said: {said}")
         port = found.group(1)
         promoted = time.monotonic() - t0
         self.faults["redis_master_kills"] += 1
         self.outages.append(("redis_master_kill", f"redis:{port}", None, t0, time.monotonic()))
         self.event(f"Redis master {port} killed, cluster ok again after {promoted:.1f} s")
         time.sleep(self.rng.uniform(0.5, 3.0))
-        done = subprocess.run(
-            [str(SERVICES_SCRIPT), "redis-cluster-restart", port],
-            capture_output=True, text=True, timeout=SERVICE_CRASH_TIMEOUT_S,
-        )  # fmt: skip
-        if done.returncode != 0:
-            raise RuntimeError(f"redis-cluster-restart {port}: {done.stdout}{done.stderr}")
+        _services("redis-cluster-restart", port)
         self.event(f"Redis node {port} rejoined as a replica")
 
     def _kill_restart(self, p: ServerProc, counter: str, down_s: tuple[float, float]) -> None:
