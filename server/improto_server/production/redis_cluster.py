@@ -170,9 +170,13 @@ class ClusterRedis:
             node = self._nodes[addr] = _Node(self._reactor, addr, self._reply_timeout)
         return node
 
+    def _masters(self) -> list[_Node]:
+        """The masters of the current slot map, by address."""
+        return [self._node(a) for a in sorted({a for a in self._slots if a})]
+
     def masters(self) -> list[_NodeClient]:
         """A client per master of the current map (SCAN, per-node work)."""
-        return [_NodeClient(self._node(a)) for a in sorted({a for a in self._slots if a})]
+        return [_NodeClient(node) for node in self._masters()]
 
     def refresh(self) -> Deferred[None]:
         """Read the slot map again: one read at a time, whose result every caller shares."""
@@ -278,7 +282,7 @@ class ClusterRedis:
     async def _every_master(self, args: Sequence[Any]) -> Any:
         if not self._mapped:
             await self.refresh()
-        nodes = [self._node(a) for a in sorted({a for a in self._slots if a})]
+        nodes = self._masters()
         results = await DeferredList(
             [Deferred.fromCoroutine(n.execute(args)) for n in nodes], consumeErrors=True
         )
@@ -300,7 +304,7 @@ class ClusterRedis:
     async def _replicated(self, replicas: int, timeout_ms: int) -> None:
         if not self._mapped:
             await self.refresh()
-        nodes = [self._node(a) for a in sorted({a for a in self._slots if a})]
+        nodes = self._masters()
         results = await DeferredList(
             [Deferred.fromCoroutine(n.execute([b"WAIT", replicas, timeout_ms])) for n in nodes],
             consumeErrors=True,
