@@ -11,15 +11,25 @@ transaction, so the member and per-user limits hold exactly.
 A group's `large` flag (docs/design/large-groups.md) is decided by the same transaction as
 the membership write that moves it (large_after_join, large_after_leave), so info() reads
 members and flag together.
+
+info() answers from a cache of recent groups when it can: every SEND to a group reads its
+members, and reading 1,000 rows on the one database thread per SEND (refused ones too: the
+rate limit weighs by member count) queues every other user's accept behind it. The cache is
+exact because this store is the only writer of its tables (one process): a change drops the
+group's entry when it is issued and again when it is done, and a read stores its result only
+if no change (to any group) began or ended while it ran. It is bounded by members held
+(`CACHE_MEMBERS`), oldest-used groups dropped first.
 """
 
 from __future__ import annotations
 
 import secrets
 import sqlite3
+from collections import OrderedDict
 from collections.abc import Callable
+from typing import Any, TypeVar
 
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, succeed
 
 from improto.limits import MAX_GROUP_MEMBERS, MAX_GROUPS_PER_USER
 from improto_server.config import Config
@@ -29,6 +39,10 @@ from improto_server.model import GroupInfo, GroupNotFound, LimitExceeded
 GROUP_ID_MAX = SQLITE_MAX_INT  # 2^63-1
 # Draws before giving up: one draw collides with probability (groups so far) / 2^63.
 CREATE_ATTEMPTS = 8
+# Member ids the info() cache holds at most, over all its groups (about 40 bytes each).
+CACHE_MEMBERS = 200_000
+
+_T = TypeVar("_T")
 
 
 def random_group_id() -> int:
@@ -65,10 +79,15 @@ class SQLiteGroups:
         self._db = db
         self.new_id: Callable[[], int] = random_group_id
         self.large_threshold = large_threshold
+        self._cache: OrderedDict[int, GroupInfo] = OrderedDict()
+        self._cached_members = 0
+        # changes begun plus changes ended: a read that saw it move must not be kept
+        self._epoch = 0
 
     def create(
         self, owner_id: int, name: str, members: tuple[int, ...], since_id: int
     ) -> Deferred[int]:
+        # a new id is in no cache entry; a collision retries inside the transaction
         return self._db.call(
             _create, owner_id, name, members, since_id, self.new_id, self.large_threshold
         )
@@ -76,13 +95,55 @@ class SQLiteGroups:
     def add(
         self, group_id: int, users: tuple[int, ...], since_id: int
     ) -> Deferred[tuple[int, ...]]:
-        return self._db.call(_add, group_id, users, since_id, self.large_threshold)
+        return self._changing(
+            group_id, self._db.call(_add, group_id, users, since_id, self.large_threshold)
+        )
 
     def remove(self, group_id: int, users: tuple[int, ...]) -> Deferred[tuple[int, ...]]:
-        return self._db.call(_remove, group_id, users, self.large_threshold)
+        return self._changing(
+            group_id, self._db.call(_remove, group_id, users, self.large_threshold)
+        )
 
     def info(self, group_id: int) -> Deferred[GroupInfo | None]:
-        return self._db.call(_info, group_id)
+        cached = self._cache.get(group_id)
+        if cached is not None:
+            self._cache.move_to_end(group_id)
+            return succeed(cached)
+        epoch = self._epoch
+
+        def keep(info: GroupInfo | None) -> GroupInfo | None:
+            if info is not None and self._epoch == epoch:
+                self._remember(info)
+            return info
+
+        return self._db.call(_info, group_id).addCallback(keep)
+
+    def _changing(self, group_id: int, d: Deferred[_T]) -> Deferred[_T]:
+        self._epoch += 1
+        self._forget(group_id)
+
+        def done(result: Any) -> Any:
+            self._epoch += 1
+            self._forget(group_id)
+            return result
+
+        return d.addBoth(done)
+
+    def _forget(self, group_id: int) -> None:
+        gone = self._cache.pop(group_id, None)
+        if gone is not None:
+            self._cached_members -= len(gone.members)
+
+    def _remember(self, info: GroupInfo) -> None:
+        size = len(info.members)
+        if size > CACHE_MEMBERS:
+            return
+        self._forget(info.group_id)
+        while self._cache and self._cached_members + size > CACHE_MEMBERS:
+            _, old = self._cache.popitem(last=False)
+            self._cached_members -= len(old.members)
+        self._cache[info.group_id] = info
+        self._cached_members += size
 
     def since(self, group_id: int, user_id: int) -> Deferred[int | None]:
         return self._db.call(_since, group_id, user_id)
