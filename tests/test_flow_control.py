@@ -27,6 +27,8 @@ from improto.errors import ErrorCode
 from improto.frames import (
     Error,
     Frame,
+    GroupCreate,
+    GroupCreated,
     Hello,
     HelloOk,
     HistoryPage,
@@ -47,6 +49,7 @@ from improto_server.app import Server
 from improto_server.config import Config
 from improto_server.service import RequestError
 from improto_server.session import (
+    BYTES_PER_TURN,
     FRAMES_PER_TURN,
     MAX_PULLS_IN_FLIGHT,
     MAX_RATE_HOLD_S,
@@ -66,6 +69,12 @@ class SlowService:
 
     def __init__(self) -> None:
         self.waiting: list[tuple[int, Deferred[None]]] = []
+
+    async def group_create(self, caller: Any, f: GroupCreate) -> Frame:
+        d: Deferred[None] = Deferred()
+        self.waiting.append((f.request_id, d))
+        await d
+        return GroupCreated(1000 + f.request_id, request_id=f.request_id)
 
     async def history_pull(self, caller: Any, f: HistoryPull) -> Frame | bytes:
         d: Deferred[None] = Deferred()
@@ -222,6 +231,24 @@ def test_page_requests_in_flight_are_capped_lower(clock: Clock, service: SlowSer
     assert [f.request_id for f in peer.frames()] == list(range(1, n + 1))  # in order
 
 
+def test_group_requests_share_the_page_request_cap(clock: Clock, service: SlowService) -> None:
+    # A pipelined GROUP_CREATE flood puts at most MAX_PULLS_IN_FLIGHT transactions in the
+    # store's queue at a time, ahead of other users' SENDs.
+    config = Config(idle_timeout=600, heartbeat=20, max_requests_in_flight=32)
+    factory = session_factory(config, clock, SECRET, service)
+    peer = logged_in(factory)
+    n = MAX_PULLS_IN_FLIGHT + 3
+    peer.send(*(GroupCreate(f"g{r}", (9,), request_id=r) for r in range(1, n + 1)))
+    assert [rid for rid, _ in service.waiting] == list(range(1, MAX_PULLS_IN_FLIGHT + 1))
+    assert not peer.reading
+    for _ in range(n):
+        service.finish()
+    assert service.waiting == [] and peer.reading
+    assert [(type(f), f.request_id) for f in peer.frames()] == [
+        (GroupCreated, r) for r in range(1, n + 1)
+    ]
+
+
 def test_early_pushes_are_bounded_in_bytes(clock: Clock) -> None:
     config = Config(output_high_water_bytes=1000)
     factory = session_factory(config, clock, SECRET)
@@ -294,6 +321,28 @@ def test_frames_beyond_the_per_turn_share_are_served_next_turn_in_order(
     assert _answers(peer) == [(Pong, rid) for rid in range(2 * FRAMES_PER_TURN + 1, n + 2)]
     assert not _next_turn(clock) and peer.reading
     assert peer.session._wake is None and peer.session._pending is None  # idle: nothing kept
+
+
+def test_large_frames_are_served_a_byte_budget_per_turn(
+    factory: SessionFactory, clock: Clock
+) -> None:
+    peer = logged_in(factory)
+    body = 60_000
+    # unknown type 0x7F: answered from the header, whatever the body (PROTOCOL.md 7)
+    frames = [
+        (7 + body).to_bytes(4, "big") + bytes([1, 0x7F, 0]) + rid.to_bytes(4, "big")
+        + b"z" * body
+        for rid in range(1, 11)
+    ]  # fmt: skip
+    peer.send(*frames)  # all in one read
+    per_turn = -(-BYTES_PER_TURN // (body + 7))  # the frame crossing the budget is served
+    first = _answers(peer)
+    assert [rid for _, rid in first] == list(range(1, per_turn + 1))
+    assert not peer.reading and _next_turn(clock)
+    assert [rid for _, rid in _answers(peer)] == list(range(per_turn + 1, 2 * per_turn + 1))
+    while _next_turn(clock):
+        pass
+    assert peer.reading and peer.session._pending is None
 
 
 def test_the_per_turn_share_and_the_in_flight_cap_keep_the_order(

@@ -20,6 +20,7 @@ from improto_server.api import make_api_site, make_ops_site
 from improto_server.config import Config
 from improto_server.deferreds import as_deferred
 from improto_server.embedded.backend import SQLiteBackend
+from improto_server.heap import freeze_startup_heap
 from improto_server.hub import Hub
 from improto_server.ids import IdGenerator
 from improto_server.notifier import Notifier, OnlineDevices
@@ -95,6 +96,7 @@ class Server:
                 await self._listen_api(make_ops_site(b, self.reactor))
             log.info("{role} running ({storage} storage)", role=config.role,
                      storage=config.storage)  # fmt: skip
+            freeze_startup_heap()
             return
         self.router = b.push_router()
         await self.router.start(self.hub)
@@ -125,6 +127,7 @@ class Server:
                 make_api_site(self.service, self.router, b.devices, b, config.api_key, self.reactor)
             )
         self._log_hint()
+        freeze_startup_heap()
 
     def _start_notifier(self, b: Backend, online: OnlineDevices) -> None:
         config = self.config

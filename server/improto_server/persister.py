@@ -36,6 +36,10 @@ MAX_BATCH = 256
 # a batch is written in rounds of at most this many rows, a job for more receivers than that
 # in several (its history row with the first).
 MAX_ROWS = 250
+# A row counts as one more row per this many bytes of its record, so a round of large
+# messages stays as short as one of small ones (a 64 KiB message's row counts as 17): the
+# rows' bytes, not their number, are what a round writes and syncs.
+ROW_UNIT_BYTES = 4096
 # Folding the inboxes into the conversation lists: a user's rows are written once per fold
 # for all the entries since the last one, so the longer the delay the fewer row writes (a
 # busy conversation's messages share one). Readers never wait for it: a list request folds
@@ -305,14 +309,15 @@ def _own_reads(jobs: Sequence[PersistJob]) -> list[StateJob]:
 
 def rounds(jobs: Sequence[PersistJob], max_rows: int) -> Iterator[_Round]:
     """`jobs` as store rounds of at most `max_rows` rows (len(inbox_users) + 1 per job, + 1
-    more for a timeline job's timeline row), in order; a job with more receivers is split by
-    receivers (both stores' writes are idempotent per receiver and per message, so a part is
-    a job of its own)."""
+    more for a timeline job's timeline row; each row weighing `row_weight`), in order; a job
+    with more receivers is split by receivers (both stores' writes are idempotent per
+    receiver and per message, so a part is a job of its own)."""
     inbox: list[PersistJob] = []
     history: list[tuple[ConvKey, PersistJob]] = []
     rows = 0
     for job in jobs:
-        need = len(job.inbox_users) + 1 + job.timeline
+        weight = row_weight(job)
+        need = (len(job.inbox_users) + 1 + job.timeline) * weight
         if rows and rows + need > max_rows:
             yield inbox, history
             inbox, history, rows = [], [], 0
@@ -322,16 +327,21 @@ def rounds(jobs: Sequence[PersistJob], max_rows: int) -> Iterator[_Round]:
             rows += need
             continue
         users = job.inbox_users
-        first = max_rows - 1  # room for the history row
+        per = max(1, max_rows // weight)  # receivers per round
+        first = max(1, per - 1)  # room for the history row
         yield [_part(job, users[:first])], [(job.history_key, job)]
-        for i in range(first, len(users), max_rows):
-            part = _part(job, users[i : i + max_rows])
-            if i + max_rows >= len(users):  # the last part: later jobs may join its round
-                inbox, rows = [part], len(part.inbox_users)
+        for i in range(first, len(users), per):
+            part = _part(job, users[i : i + per])
+            if i + per >= len(users):  # the last part: later jobs may join its round
+                inbox, rows = [part], len(part.inbox_users) * weight
             else:
                 yield [part], []
     if inbox or history:
         yield inbox, history
+
+
+def row_weight(job: PersistJob) -> int:
+    return 1 + len(job.record) // ROW_UNIT_BYTES
 
 
 def _part(job: PersistJob, users: tuple[int, ...]) -> PersistJob:

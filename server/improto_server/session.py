@@ -13,8 +13,9 @@ after that wait, and reading stops, until one finishes. Before HELLO_OK a frame 
 longer than the largest HELLO.
 
 One peer cannot hold the one reactor thread for long (fair reading): a connection serves at
-most `FRAMES_PER_TURN` frames per reactor turn (`PRELOGIN_FRAMES_PER_TURN` before HELLO_OK,
-and then no more than `PRELOGIN_BURST` at once and `PRELOGIN_RATE` per second); the rest of
+most `FRAMES_PER_TURN` frames, about `BYTES_PER_TURN` bytes, per reactor turn
+(`PRELOGIN_FRAMES_PER_TURN` before HELLO_OK, and then no more than `PRELOGIN_BURST` at once
+and `PRELOGIN_RATE` per second); the rest of
 what it read waits, its transport paused, until the next turn, so the other connections'
 frames are served in between. A request refused RATE_LIMITED pauses reading for its
 retry-after (at most `MAX_RATE_HOLD_S`): a pipelining flooder costs one refusal per pause.
@@ -98,14 +99,22 @@ _SYNC_HINT = encode(SyncHint())
 # calls run after every ready connection's read of this turn). 32 covers a normal client's
 # pipelines (a reconnect's pulls, a burst of PUSH_ACKs) in a few turns at ~0.5 ms each.
 FRAMES_PER_TURN = 32
-# Page requests awaiting their reply per connection before reading pauses: each builds up to
-# 128 KiB from storage, and a client's sync loop needs one at a time (history paging of
-# several conversations, two), so a pipelining peer cannot queue the store's work.
+# ...and frames of at most this many bytes in all (the one that crosses it is served): 32
+# frames of 64 KiB are tens of milliseconds of decoding, storing and pushing.
+BYTES_PER_TURN = 256 * 1024
+# Page requests and group requests awaiting their reply per connection before reading
+# pauses: a page builds up to 128 KiB from storage, a group change is a write transaction
+# (and a listing reads up to 500 rows), and a client's sync loop needs one at a time
+# (history paging of several conversations, two). Every client's store calls share one
+# queue (embedded: one database thread), so a pipelining peer would put its whole window
+# of them ahead of everyone else's next SEND.
 MAX_PULLS_IN_FLIGHT = 2
 _PAGE_REQUESTS = frozenset(
     {
         FrameType.OFFLINE_PULL, FrameType.HISTORY_PULL, FrameType.CONV_LIST,
         FrameType.CONV_CHANGES, FrameType.TIMELINE_HEADS, FrameType.TIMELINE_PULL,
+        FrameType.GROUP_CREATE, FrameType.GROUP_ADD, FrameType.GROUP_REMOVE,
+        FrameType.GROUP_MEMBERS, FrameType.MY_GROUPS,
     }
 )  # fmt: skip
 # Before HELLO_OK a client sends a HELLO and perhaps a PING or a few requests (spec 8.1:
@@ -256,7 +265,7 @@ class Session(Protocol):
         self._addr: str | None = None  # the peer's host, counted in the factory's caps
         self._prelogin = False  # counted among the address's connections not logged in
         self._in_flight = 0  # requests awaiting their reply
-        self._pulls = 0  # of them, page requests (OFFLINE_PULL, HISTORY_PULL)
+        self._pulls = 0  # of them, page and group requests (_PAGE_REQUESTS)
         self._pending: deque[bytes | FrameTooLarge] | None = None  # read, not yet served
         self._serving = False  # serving frames now (a reply finishing does not serve more)
         self._rx_paused = False  # transport.pauseProducing() called: not reading
@@ -359,14 +368,14 @@ class Session(Protocol):
         `_pending` (no more than one read brought: reading is paused meanwhile)."""
         self._serving = True
         try:
-            served = 0
+            served = spent = 0
             share = FRAMES_PER_TURN if self.caller is not None else PRELOGIN_FRAMES_PER_TURN
             while items:
                 if self.closing:
                     return
                 if self._rx_blocked():
                     break
-                if served >= share:
+                if served >= share or spent >= BYTES_PER_TURN:
                     self._hold(0.0)  # the rest next turn: other connections' frames first
                     break
                 if self.caller is None and (wait := self._prelogin_wait()) > 0.0:
@@ -377,6 +386,7 @@ class Session(Protocol):
                 if isinstance(item, FrameTooLarge):
                     self._fatal(item.code, str(item), 0)
                     return
+                spent += len(item)
                 self._frame_received(item)
         finally:
             self._serving = False
