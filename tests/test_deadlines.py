@@ -7,7 +7,7 @@ import weakref
 
 from twisted.internet.task import Clock
 
-from improto_server.deadlines import Deadlines
+from improto_server.deadlines import DUE_PER_TURN, Deadlines
 
 
 class Owner:
@@ -120,3 +120,31 @@ def test_an_entry_does_not_keep_its_owner_alive() -> None:
     clock.advance(10)
     assert log == [("k", now + 10)]
     assert len(d) == 0 and d._heap == [] and clock.getDelayedCalls() == []
+
+
+def _one_turn(clock: Clock) -> None:
+    """Run the calls due now, not those they schedule (Clock.advance would run those too)."""
+    due = [c for c in clock.getDelayedCalls() if c.getTime() <= clock.seconds()]
+    for call in due:
+        func, args, kw = call.func, call.args, call.kw
+        call.cancel()  # out of the clock (it drops func), then run as the reactor would
+        func(*args, **kw)
+
+
+def test_many_due_at_once_are_served_a_bounded_number_per_turn() -> None:
+    clock, d, log = _setup()
+    now = clock.seconds()
+    n = 2 * DUE_PER_TURN + 5
+    owners = [Owner(str(i), log, clock) for i in range(n)]
+    for owner in owners:
+        d.set(owner, now + 10.0)
+    clock.advance(9.0)
+    clock.rightNow += 1.0  # due now, nothing run yet
+    _one_turn(clock)
+    assert len(log) == DUE_PER_TURN  # the rest waits for the next turn
+    assert [c.getTime() for c in clock.getDelayedCalls()] == [clock.seconds()]
+    _one_turn(clock)
+    assert len(log) == 2 * DUE_PER_TURN
+    _one_turn(clock)
+    assert [name for name, _ in log] == [str(i) for i in range(n)] and len(d) == 0
+    assert clock.getDelayedCalls() == []

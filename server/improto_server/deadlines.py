@@ -28,6 +28,10 @@ log = Logger()
 # entry a rounding error ahead of the clock must not make the timer re-fire at once forever.
 _MIN_DELAY_S = 0.001
 _COMPACT_MIN = 64  # stale entries tolerated before a compaction is considered
+# Deadlines served per timer call; the rest that are due wait for the next reactor turn. Two
+# thousand connections reaching their login deadline together would otherwise all be closed
+# in one call, while every other connection's frames wait behind it.
+DUE_PER_TURN = 64
 
 
 class Timed(Protocol):
@@ -79,8 +83,9 @@ class Deadlines:
         heap = self._heap
         now = self._clock.seconds()
         self._firing = True
+        served = 0
         try:
-            while heap and heap[0][0] <= now:
+            while heap and heap[0][0] <= now and served < DUE_PER_TURN:
                 when, _, ref = heapq.heappop(heap)
                 owner = ref()
                 if owner is None:  # gone: stale if it cancelled first; never overcount
@@ -91,6 +96,7 @@ class Deadlines:
                     self._stale -= 1
                     continue
                 owner.deadline = None
+                served += 1
                 try:
                     owner.deadline_due()
                 except Exception:
