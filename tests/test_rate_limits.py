@@ -19,10 +19,12 @@ from improto.errors import ErrorCode
 from improto.frames import GroupAdd, GroupCreate, GroupRemove, Message, MyGroups, Send
 from improto_server.config import Config
 from improto_server.embedded.backend import SQLiteBackend
+from improto_server.embedded.inbox import SQLiteInbox
 from improto_server.hub import Hub
 from improto_server.ids import IdGenerator
 from improto_server.model import PersistJob
-from improto_server.persister import MAX_ROWS, Persister, rounds, row_weight
+from improto_server.persister import MAX_ROWS, ROW_UNIT_BYTES, Persister, rounds, row_weight
+from improto_server.production.redis_inbox import RedisInbox
 from improto_server.rate_limits import DAY_S, RateLimits, TokenBuckets
 from improto_server.service import Caller, ChatService, RequestError
 
@@ -263,19 +265,29 @@ def test_store_rounds_weigh_rows_by_their_bytes() -> None:
 
     big = [sized(i, (1, 2), 65_000) for i in range(1, 11)]  # 3 rows of weight 16 each
     assert row_weight(big[0]) == 16 and row_weight(_job(99, (1,))) == 1
-    out = list(rounds(big, MAX_ROWS))
+    out = list(rounds(big, MAX_ROWS, ROW_UNIT_BYTES))
     for inbox, history in out:
         weight = sum((len(j.inbox_users) + 1) * row_weight(j) for j in inbox)
         assert weight <= MAX_ROWS and len(inbox) == len(history)
     assert [len(inbox) for inbox, _ in out] == [5, 5]  # 5 x 48 = 240 <= 250
     fan = sized(50, tuple(range(1, 41)), 65_000)  # 41 rows of 16: 15 receivers a round
-    parts = list(rounds([fan, big[0]], MAX_ROWS))
+    parts = list(rounds([fan, big[0]], MAX_ROWS, ROW_UNIT_BYTES))
     # 14 and the history row; 15; the last 11 joined by the next job
     assert [len(p.inbox_users) for inbox, _ in parts for p in inbox] == [14, 15, 11, 2]
     assert [len(h) for _, h in parts] == [1, 0, 1]
     fan_users = [u for inbox, _ in parts for p in inbox if p.message.msg_id == 50
                  for u in p.inbox_users]  # fmt: skip
     assert fan_users == list(range(1, 41))
+
+
+def test_only_a_store_that_asks_gets_byte_weighted_rounds() -> None:
+    big = [Message(i, 1_750_000_000_000, 1, "d", ConvKind.USER, 77, 2, b"c" * 16,
+                   b"\xab" * 65_000) for i in range(1, 11)]  # fmt: skip
+    jobs = [PersistJob(m, (1, 2)) for m in big]
+    assert [len(i) for i, _ in rounds(jobs, MAX_ROWS)] == [10]  # 30 rows: one round
+    assert len(list(rounds(jobs, MAX_ROWS, ROW_UNIT_BYTES))) == 2
+    assert SQLiteInbox.ROUND_ROW_UNIT_BYTES == ROW_UNIT_BYTES
+    assert not hasattr(RedisInbox, "ROUND_ROW_UNIT_BYTES")
 
 
 @pytest_twisted.ensureDeferred

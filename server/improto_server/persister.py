@@ -36,9 +36,11 @@ MAX_BATCH = 256
 # a batch is written in rounds of at most this many rows, a job for more receivers than that
 # in several (its history row with the first).
 MAX_ROWS = 250
-# A row counts as one more row per this many bytes of its record, so a round of large
-# messages stays as short as one of small ones (a 64 KiB message's row counts as 17): the
-# rows' bytes, not their number, are what a round writes and syncs.
+# On a store that says so (`ROUND_ROW_UNIT_BYTES`: the embedded one, whose one thread the
+# accepts share), a row counts as one more row per that many bytes of its record, so a round
+# of large messages stays as short as one of small ones: there the rows' bytes, not their
+# number, are what a round writes and syncs. Redis and HBase take a round's writes
+# pipelined, and smaller rounds there only slow the persister down.
 ROW_UNIT_BYTES = 4096
 # Folding the inboxes into the conversation lists: a user's rows are written once per fold
 # for all the entries since the last one, so the longer the delay the fewer row writes (a
@@ -107,6 +109,7 @@ class Persister:
         self.conversations = conversations
         self.max_batch = max_batch
         self.max_rows = max_rows
+        self.row_unit_bytes: int | None = getattr(inbox, "ROUND_ROW_UNIT_BYTES", None)
         self.clock = clock
         self.fold_delay_s = fold_delay_s
         self.notify = notify
@@ -145,7 +148,7 @@ class Persister:
             # Rounds one after the other, in batch order: within an inbox an earlier job's
             # entry is still written first, and work queued on the stores meanwhile (accepts)
             # goes between two rounds instead of after the whole batch.
-            for round_jobs, history_items in rounds(messages, self.max_rows):
+            for round_jobs, history_items in rounds(messages, self.max_rows, self.row_unit_bytes):
                 inbox_jobs = [j for j in round_jobs if not j.timeline]
                 writes = []
                 if inbox_jobs:
@@ -307,16 +310,19 @@ def _own_reads(jobs: Sequence[PersistJob]) -> list[StateJob]:
     ]
 
 
-def rounds(jobs: Sequence[PersistJob], max_rows: int) -> Iterator[_Round]:
+def rounds(
+    jobs: Sequence[PersistJob], max_rows: int, row_unit_bytes: int | None = None
+) -> Iterator[_Round]:
     """`jobs` as store rounds of at most `max_rows` rows (len(inbox_users) + 1 per job, + 1
-    more for a timeline job's timeline row; each row weighing `row_weight`), in order; a job
+    more for a timeline job's timeline row; with `row_unit_bytes`, each row weighing
+    `row_weight`), in order; a job
     with more receivers is split by receivers (both stores' writes are idempotent per
     receiver and per message, so a part is a job of its own)."""
     inbox: list[PersistJob] = []
     history: list[tuple[ConvKey, PersistJob]] = []
     rows = 0
     for job in jobs:
-        weight = row_weight(job)
+        weight = row_weight(job, row_unit_bytes) if row_unit_bytes else 1
         need = (len(job.inbox_users) + 1 + job.timeline) * weight
         if rows and rows + need > max_rows:
             yield inbox, history
@@ -340,8 +346,8 @@ def rounds(jobs: Sequence[PersistJob], max_rows: int) -> Iterator[_Round]:
         yield inbox, history
 
 
-def row_weight(job: PersistJob) -> int:
-    return 1 + len(job.record) // ROW_UNIT_BYTES
+def row_weight(job: PersistJob, row_unit_bytes: int = ROW_UNIT_BYTES) -> int:
+    return 1 + len(job.record) // row_unit_bytes
 
 
 def _part(job: PersistJob, users: tuple[int, ...]) -> PersistJob:

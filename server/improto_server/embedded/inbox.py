@@ -41,6 +41,10 @@ class SQLiteInbox(RetainedStore):
     """InboxStore: entries expire `retention_ms` after they were stored, and the oldest go
     beyond the caps."""
 
+    # persister rounds weigh rows by their bytes here (persister.ROW_UNIT_BYTES): every
+    # round is a transaction on the one database thread that the accepts wait for
+    ROUND_ROW_UNIT_BYTES = 4096
+
     def __init__(
         self,
         db: Database,
