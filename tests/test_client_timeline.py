@@ -652,14 +652,15 @@ async def test_server_pushed_and_own_messages_are_not_downloaded_again(devices: 
 
     await reader.close()  # the connection is down while one more is sent
     missed = (await owner.send_text(ConvKind.GROUP, gid, "while away")).msg_id
-    await _timeline_done(owner, gid, n + 1)
+    # seqs: "first" 1, the live ones 2..n+1, this one n+2 (waiting for n+1 raced its write)
+    await _timeline_done(owner, gid, n + 2)
     await reader.connect()
     await reader.drain()  # the login's sync, timelines included
     assert reader.wire.timeline_messages_in - before == 1  # the missed one, nothing pushed
     assert reader.state.has(missed)
     assert missed in {m.msg_id for m in reader.state.messages(f"group:{gid}")}
     (h,) = [x for x in (await reader.timeline_heads()).heads if x.group_id == gid]
-    assert reader.timeline_positions[gid] == h.done >= n + 1
+    assert reader.timeline_positions[gid] == h.done >= n + 2
     assert reader.timeline_held.held(gid) == ()  # all covered: forgotten
     assert reader.wire.repeated() == {}  # no msg_id came twice (pushes and pages)
 
