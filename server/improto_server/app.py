@@ -11,7 +11,7 @@ from typing import Any
 from twisted.internet.address import IPv4Address, IPv6Address
 from twisted.internet.defer import Deferred, DeferredList
 from twisted.internet.endpoints import serverFromString
-from twisted.internet.interfaces import IListeningPort
+from twisted.internet.interfaces import IListeningPort, IProtocolFactory
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 
@@ -62,8 +62,16 @@ def make_backend(config: Config, reactor: IServerReactor) -> Backend:
 class Server:
     """One server process: storage backend, plus the gateway and/or the persister (--role)."""
 
-    def __init__(self, config: Config, reactor: IServerReactor) -> None:
+    def __init__(
+        self,
+        config: Config,
+        reactor: IServerReactor,
+        *,
+        listen: Callable[[str, IProtocolFactory], Deferred[IListeningPort]] | None = None,
+    ) -> None:
         self.config = config
+        # how a `listen` endpoint is opened (a --workers child: on a socket it was given)
+        self._listen = listen or (lambda d, f: serverFromString(reactor, d).listen(f))
         self.reactor = reactor
         self.hub = Hub()
         self.ports: list[IListeningPort] = []
@@ -119,7 +127,7 @@ class Server:
         raise_open_file_limit()
         for desc in config.listen:
             desc = with_backlog(desc, config.listen_backlog)
-            port = await serverFromString(self.reactor, desc).listen(self.factory)
+            port = await self._listen(desc, self.factory)
             self.ports.append(port)
             log.info("listening on {desc} ({addr})", desc=desc, addr=port.getHost())
         if config.api_key is not None:

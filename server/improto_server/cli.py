@@ -12,7 +12,7 @@ import sys
 from typing import Any
 
 from twisted.internet.defer import Deferred
-from twisted.logger import globalLogBeginner, jsonFileLogObserver, textFileLogObserver
+from twisted.logger import ILogObserver, globalLogBeginner, jsonFileLogObserver, textFileLogObserver
 
 from improto.tokens import MAX_TOKEN_LIFETIME_S, mint
 from improto_server.config import Config
@@ -116,6 +116,10 @@ _PRODUCTION_OPTIONS: list[tuple[str, dict[str, Any]]] = [
     ("--key-prefix", {"help": "prefix of Redis keys and queue names (default im)"}),
     ("--queue-partitions", {"type": int,
                             "help": "persistence queues, by conversation hash (default 1)"}),
+    ("--workers", {"type": int, "metavar": "N",
+                   "help": "gateway processes sharing the listening port (SO_REUSEPORT), "
+                           "plus one persister (and notifier) with --role all; API port + i "
+                           "for worker i (production storage; default 1)"}),
 ]  # fmt: skip
 
 
@@ -183,12 +187,19 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(
             f"--storage production needs {', '.join(missing)}: pip install 'improto[production]'"
         )
-    observer = (
-        jsonFileLogObserver(sys.stderr)
-        if config.log_format == "json"
-        else textFileLogObserver(sys.stderr)
+    from improto_server import workers
+
+    child = workers.from_env()  # set when a --workers supervisor started this process
+    json = config.log_format == "json"
+    observer: ILogObserver = (
+        jsonFileLogObserver(sys.stderr) if json else textFileLogObserver(sys.stderr)
     )  # json: one JSON object per line (twisted.logger's format), for log shippers
+    if child is not None:
+        observer = workers.tagged(observer, child.label, json)
+        config = workers.child_config(config, child.kind, child.index)
     globalLogBeginner.beginLoggingTo([observer])
+    if child is None and config.workers > 1:
+        return workers.supervise(config, argv)
 
     from twisted.internet import task
 
@@ -196,8 +207,11 @@ def main(argv: list[str] | None = None) -> int:
     from improto_server.reactor_types import IServerReactor
 
     async def serve(reactor: IServerReactor) -> None:
-        server = Server(config, reactor)
+        listen = None if child is None else child.listener(reactor, config)
+        server = Server(config, reactor, listen=listen)
         await server.start()
+        if child is not None:
+            child.ready()
         reactor.addSystemEventTrigger(
             "before", "shutdown", lambda: Deferred.fromCoroutine(server.stop())
         )

@@ -30,6 +30,7 @@ _RANGES: dict[str, tuple[type, float, float]] = {
     "max_unacked_pushes": (int, 1, 1000),  # spec 9.3: at most 1000
     "sweep_interval_s": (float, 0.01, 86_400),
     "queue_partitions": (int, 1, 4096),
+    "workers": (int, 1, 256),  # gateway processes of one supervisor (workers.MAX_WORKERS)
     # Limits
     "login_timeout_s": (float, 0.01, 3600),
     "output_high_water_bytes": (int, 1, 2**31),
@@ -107,6 +108,8 @@ class Config:
     hbase_table: str = "improto_history"
     key_prefix: str = "im"  # Redis keys, queue names: lets deployments share services
     queue_partitions: int = 1
+    # gateway processes sharing the listen port (workers.py; production storage only)
+    workers: int = 1
     # Conversation state (spec 18): tell a 1:1 peer's devices when their messages were read
     read_receipts: bool = True
     # Push notifications (spec 19, spec/PUSH_GATEWAY.md): the push gateway's URL (None: no
@@ -187,6 +190,9 @@ class Config:
             raise ValueError(f"read_receipts must be true or false, not {self.read_receipts!r}")
         if self.node_id is not None:
             _check_range("node_id", self.node_id, int, 0, 1023)
+        from improto_server.workers import check as check_workers  # lazy: keeps config light
+
+        check_workers(self)
         if self.idle_timeout <= self.heartbeat:
             raise ValueError(
                 f"idle_timeout ({self.idle_timeout}) must exceed heartbeat ({self.heartbeat}):"
