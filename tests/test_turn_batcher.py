@@ -46,6 +46,45 @@ def test_items_of_one_turn_run_as_one_batch_in_order():
     assert runs.batches[-1] == [7] and later == [14] and b.batches == 2
 
 
+def test_adaptive_an_idle_batcher_runs_at_the_end_of_the_turn_without_a_timer():
+    clock, runs = Clock(), Runs()
+    b = TurnBatcher(clock, runs.held, max_size=100, adaptive=True)
+    first = results([b.submit(1), b.submit(2)])
+    assert runs.batches == []
+    clock.advance(0)  # no window: the turn's items go at once
+    assert runs.batches == [[1, 2]]
+    # While that batch runs, items gather, whatever time passes: no timer runs them.
+    second = results([b.submit(3)])
+    clock.advance(0)
+    third = results([b.submit(4), b.submit(5)])
+    clock.advance(1.0)
+    assert runs.batches == [[1, 2]] and first == [] and second == third == []
+    runs.pending[0].callback([10, 20])  # done: what gathered goes together, at once
+    assert first == [10, 20] and runs.batches == [[1, 2], [3, 4, 5]]
+    runs.pending[1].callback([30, 40, 50])
+    assert second + third == [30, 40, 50] and b.batches == 2
+    # Idle again: the next item is on its own at the end of its turn.
+    fourth = results([b.submit(6)])
+    clock.advance(0)
+    runs.pending[2].callback([60])
+    assert runs.batches[-1] == [6] and fourth == [60]
+
+
+def test_adaptive_max_size_still_splits_and_a_failure_reaches_its_batch_only():
+    clock, runs = Clock(), Runs()
+    b = TurnBatcher(clock, runs.held, max_size=2, adaptive=True)
+    first = results([b.submit(1), b.submit(2)])  # full: runs at once
+    assert runs.batches == [[1, 2]]
+    rest = results([b.submit(3)])
+    clock.advance(0)
+    assert runs.batches == [[1, 2]]  # gathers behind the running batch
+    runs.pending[0].errback(RuntimeError("down"))
+    assert [type(x).__name__ for x in first] == ["Failure", "Failure"]
+    assert runs.batches == [[1, 2], [3]] and rest == []
+    runs.pending[1].callback([6])
+    assert rest == [6]
+
+
 def test_a_window_gathers_the_items_of_later_turns_too():
     clock, runs = Clock(), Runs()
     b = TurnBatcher(clock, runs.double, max_size=100, window=0.001)

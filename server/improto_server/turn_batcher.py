@@ -25,6 +25,12 @@ class TurnBatcher(Generic[_T, _R]):
     submission order; `run` returns (a Deferred of) one result per item, in order. If it
     fails, every item of the batch fails with that error.
 
+    `adaptive`: gather only under load. An item submitted when no batch runs and none
+    started in the last `window` seconds runs at the end of its turn (an idle server waits
+    for no company); otherwise it waits for the running batch to finish and for `window`
+    after the last batch started (batches start at most once per window, as without
+    `adaptive`), and goes with everything that gathered meanwhile (up to `max_size`).
+
     Results are handed out in submission order across batches too: a batch that finishes
     early waits until the batches before it were handed out. Callers that act on a result
     (publish the job a claim allowed) therefore act in the order they submitted, whatever
@@ -36,6 +42,8 @@ class TurnBatcher(Generic[_T, _R]):
         run: Callable[[list[_T]], Deferred[list[_R]] | Sequence[_R]],
         max_size: int,
         window: float = 0.0,
+        *,
+        adaptive: bool = False,
     ) -> None:
         if max_size < 1:
             raise ValueError("max_size must be at least 1")
@@ -43,6 +51,9 @@ class TurnBatcher(Generic[_T, _R]):
         self._run = run
         self.max_size = max_size
         self.window = window  # > 0: also gather the items of the next `window` seconds
+        self.adaptive = adaptive
+        self._running = 0  # batches whose run has not finished yet
+        self._started = float("-inf")  # when the last batch started (adaptive)
         self._items: list[_T] = []
         self._waiters: list[Deferred[_R]] = []
         self._scheduled = False
@@ -55,13 +66,23 @@ class TurnBatcher(Generic[_T, _R]):
         self._waiters.append(d)
         if len(self._items) >= self.max_size:
             self.flush()
+        elif self.adaptive:
+            if not self._running and not self._scheduled:
+                self._schedule_adaptive()
         elif not self._scheduled:
             self._scheduled = True
             self._reactor.callLater(self.window, self._on_turn)
         return d
 
+    def _schedule_adaptive(self) -> None:
+        self._scheduled = True
+        wait = self._started + self.window - self._reactor.seconds()
+        self._reactor.callLater(max(0.0, wait), self._on_turn)
+
     def _on_turn(self) -> None:
         self._scheduled = False
+        if self.adaptive and self._running:
+            return  # a full batch started meanwhile: the rest goes when it is done
         self.flush()
 
     def flush(self) -> None:
@@ -71,6 +92,8 @@ class TurnBatcher(Generic[_T, _R]):
         items, waiters = self._items, self._waiters
         self._items, self._waiters = [], []
         self.batches += 1
+        self._running += 1
+        self._started = self._reactor.seconds()
         d = maybeDeferred(self._run, items)
         prev, mine = self._tail, Deferred[None]()
         self._tail = mine
@@ -83,10 +106,18 @@ class TurnBatcher(Generic[_T, _R]):
             mine.callback(None)
 
         def when_done(result: Any) -> None:
+            self._running -= 1
             if prev is None:
                 hand_out(result)
             else:
                 prev.addCallback(lambda _: hand_out(result))
+            # What gathered while this batch ran goes now, or once `window` has passed
+            # since this batch started.
+            if self.adaptive and self._items and not self._running and not self._scheduled:
+                if self._started + self.window <= self._reactor.seconds():
+                    self.flush()
+                else:
+                    self._schedule_adaptive()
 
         d.addBoth(when_done)
 

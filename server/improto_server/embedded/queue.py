@@ -27,9 +27,12 @@ FETCH_BATCH = 256  # jobs read per query by the consumer
 # rates this saves CPU per job. Only the stores lag (by <= this); the sender's ack and the
 # pushes do not wait for the consumer. Measurements: docs/BENCHMARKS.md.
 LINGER_S = 0.005
-# Group commit: the accepts of this long (not just those of one reactor turn) share one
-# transaction, one fsync: a little latency per SEND for less CPU per message.
-ACCEPT_WINDOW_S = 0.001
+# Group commit, adaptive: an accept commits at the end of its turn when no commit runs and
+# none started in the last ACCEPT_SPACING_S; otherwise it joins the next transaction, started
+# once the running one is done and the spacing has passed. Idle, a SEND waits for no timer;
+# loaded, a file database syncs at most once per spacing (each COMMIT is an fsync). In RAM
+# there is no fsync to share: the next transaction starts as soon as the running one ends.
+ACCEPT_SPACING_S = 0.001
 ACCEPT_BATCH = 256  # accepts one transaction commits at most
 
 # A message job with its client_msg_id, or a state job (None: nothing to deduplicate).
@@ -48,8 +51,9 @@ class SQLiteQueue:
         # Messages (with their client_msg_id) and state jobs (None) share one group commit,
         # so the table keeps the order in which they were accepted.
         self._accepts: TurnBatcher[_Accept, Any] = TurnBatcher(
-            reactor, self._accept_batch, ACCEPT_BATCH, ACCEPT_WINDOW_S
-        )
+            reactor, self._accept_batch, ACCEPT_BATCH,
+            0.0 if db.path == ":memory:" else ACCEPT_SPACING_S, adaptive=True,
+        )  # fmt: skip
         self._stopping = False
         self._stopped = Event()
         self._signalled = False  # a job was accepted since the consumer last looked

@@ -44,8 +44,10 @@ retries after a failed accept was never acknowledged, and the pending key expire
 What Redis does not persist (a crash without AOF) loses dedup keys: run it with appendonly
 yes, appendfsync always.
 
-Group commit: the claims of one short window (ACCEPT_WINDOW_S) and the confirms of one reactor
-turn each go out as one script call, split by slot when `cluster` (docs/BENCHMARKS.md,
+Group commit: claims go out as one script call per batch, adaptive (a claim with no call
+running and none started in the last CLAIM_SPACING_S goes at the end of its turn; under load
+the claims gathered meanwhile go together, at most one call per spacing), and the confirms of
+one reactor turn as another, split by slot when `cluster` (docs/BENCHMARKS.md,
 "Optimisations").
 """
 
@@ -71,7 +73,7 @@ _log = Logger()
 
 DEDUP_TTL_MS = 7 * DAY_MS
 STALE_PENDING_MS = 10_000  # a pending dedup key this old: its publisher is presumed dead
-ACCEPT_WINDOW_S = 0.001  # claims gathered this long (not just one reactor turn) share a call
+CLAIM_SPACING_S = 0.001  # under load, claim calls start at most this often
 SCRIPT_BATCH = 256  # dedup keys one claim or confirm script call handles at most
 SERVER_CLOCK = -1  # a claim's `now` that means: the Redis server's clock
 
@@ -189,7 +191,7 @@ class DedupKeys:
         self._claim_head = [stale_ms, ttl_ms]  # the ARGV of CLAIM before the keys' own
         self._cluster = cluster
         self._claims: TurnBatcher[_ClaimArgs, Claim] = TurnBatcher(
-            reactor, self._run_claims, SCRIPT_BATCH, ACCEPT_WINDOW_S
+            reactor, self._run_claims, SCRIPT_BATCH, CLAIM_SPACING_S, adaptive=True
         )
         self._confirms: TurnBatcher[_ConfirmArgs, Any] = TurnBatcher(
             reactor, self._run_confirms, SCRIPT_BATCH
