@@ -63,7 +63,7 @@ class SQLiteBackend:
         self.now_ms = now_ms or wall_ms
         self.inbox_retention_ms = inbox_retention_ms
         self.history_retention_ms = history_retention_ms
-        self.db = Database(path, self._reactor)
+        self.db = Database(path, self._reactor, inline=str(path) == ":memory:")
         self._started = False
         self._closed: Event | None = None
         self._shutdown_trigger: Any = None  # what addSystemEventTrigger returned
@@ -99,10 +99,12 @@ class SQLiteBackend:
             raise RuntimeError("SQLiteBackend can be started once, before close()")
         self._started = True
         d = self.db.open()
-        # The database thread is not a daemon: make sure reactor shutdown releases it.
-        self._shutdown_trigger = self._reactor.addSystemEventTrigger(
-            "before", "shutdown", self.close
-        )
+        # The database thread is not a daemon: make sure reactor shutdown releases it. (An
+        # inline database has none; closed now, it would fail the owner's last writes.)
+        if not self.db.inline:
+            self._shutdown_trigger = self._reactor.addSystemEventTrigger(
+                "before", "shutdown", self.close
+            )
         d.addErrback(self._start_failed)
         return d
 

@@ -2,7 +2,8 @@
 conventions every embedded store follows.
 
 One connection is used from a one-thread pool, so all database work is serialized: each
-operation is one transaction that sees no concurrent writer, and the reactor never blocks.
+operation is one transaction that sees no concurrent writer, and the reactor never blocks
+on the disk. (A private in-RAM database runs its calls on the reactor thread: Database.inline.)
 `Database.call(fn, *args)` runs a plain function `fn(db, *args)` as one transaction on that
 thread (Synapse's runInteraction); `call_background` does the same for persister and
 retention work, which waits while any `call` is due, so clients never queue behind it.
@@ -35,7 +36,6 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from twisted.internet.defer import Deferred, fail, succeed
-from twisted.internet.interfaces import IReactorFromThreads
 from twisted.internet.threads import deferToThreadPool
 from twisted.python.failure import Failure
 from twisted.python.threadpool import ThreadPool
@@ -44,6 +44,7 @@ from improto.frames import Message
 from improto.limits import U64_MAX
 from improto.records import pack_record
 from improto_server.deferreds import as_deferred
+from improto_server.reactor_types import IServerReactor
 
 _R = TypeVar("_R")
 _Call = tuple[Callable[..., Any], tuple[Any, ...], "Deferred[Any]"]
@@ -327,10 +328,20 @@ class UnsupportedSchema(RuntimeError):
 
 
 class Database:
-    """The connection and the one thread it is used from."""
+    """The connection and the one thread it is used from.
 
-    def __init__(self, path: str | Path, reactor: IReactorFromThreads) -> None:
+    `inline` (a private in-RAM database only): every call runs on the reactor thread
+    instead, one reactor turn after it was made (still urgent first, still never inside
+    the caller's stack). RAM-only transactions do no I/O worth a thread, and the hop there
+    and back cost more than most of them; the price is that a long transaction (a large
+    persister round) holds the reactor for its length instead of sharing the GIL with it.
+    """
+
+    def __init__(self, path: str | Path, reactor: IServerReactor, *, inline: bool = False) -> None:
         self.path = str(path)
+        if inline and self.path != ":memory:":
+            raise ValueError("only a private in-RAM database (':memory:') runs inline")
+        self.inline = inline
         self._reactor = reactor
         self._pool = ThreadPool(minthreads=1, maxthreads=1, name="improto-sqlite")
         self._db: sqlite3.Connection | None = None
@@ -343,6 +354,13 @@ class Database:
     def open(self) -> Deferred[None]:
         """Start the thread; open the file and create or check its schema there."""
         self._running = True
+        if self.inline:
+            try:
+                self._open()
+            except BaseException:
+                self._running = False
+                return fail()
+            return succeed(None)
         self._pool.start()
         return deferToThreadPool(self._reactor, self._pool, self._open)
 
@@ -350,6 +368,11 @@ class Database:
     async def close(self) -> None:
         """Close the database once the calls already queued have run; stop the thread."""
         self._running = False
+        if self.inline:
+            while self._urgent or self._background:  # their turns have not come yet
+                self._run_inline()
+            self._close_db()
+            return
         try:
             await deferToThreadPool(self._reactor, self._pool, self._close_db)
         finally:
@@ -374,10 +397,24 @@ class Database:
             return fail(RuntimeError("the SQLite database is not open"))
         d: Deferred[Any] = Deferred()
         lane.append((fn, args, d))
+        if self.inline:
+            self._reactor.callLater(0, self._run_inline)
+            return d
         # One pool task per call; each task runs whichever call is due first when the
         # thread gets to it, so priority costs no extra thread hop.
         self._pool.callInThread(self._run_next)
         return d
+
+    def _run_inline(self) -> None:
+        if not (self._urgent or self._background):
+            return  # close() ran it already
+        fn, args, d = self._urgent.popleft() if self._urgent else self._background.popleft()
+        try:
+            result = self._tx(fn, *args)
+        except BaseException:
+            d.errback(Failure())
+        else:
+            d.callback(result)
 
     def _run_next(self) -> None:
         fn, args, d = self._urgent.popleft() if self._urgent else self._background.popleft()
