@@ -74,6 +74,7 @@ from improto.frames import (
     PushAck,
     SendAck,
     SyncHint,
+    TimelineHeadsPage,
 )
 from improto.limits import HEADER_SIZE, LENGTH_PREFIX_SIZE, MAX_FRAME_LENGTH, MAX_HELLO_FRAME
 from improto.tokens import Identity, TokenError, verify
@@ -86,6 +87,7 @@ from improto_server.hub import Hub, LocalRouter
 from improto_server.inbox_follower import LOGIN_WATCH_S, InboxFollower
 from improto_server.ports import InboxStore, PushRouter
 from improto_server.service import Caller, ChatService, RequestError
+from improto_server.timeline_watch import TimelineWatch
 from improto_server.transport_buffer import abort_transport, queued_bytes
 
 log = Logger()
@@ -211,6 +213,7 @@ class Session(Protocol):
         "_since",
         "_since_pause",
         "_stalled_since",
+        "_timeline_watch",
         "_tx_paused",
         "_wake",
         "caller",
@@ -261,6 +264,7 @@ class Session(Protocol):
         # when the connection was made (the login deadline counts from it); once logged in,
         # when HELLO_OK went out (the login watch counts from it); 0.0 once that watch is over
         self._since = 0.0
+        self._timeline_watch: TimelineWatch | None = None  # made on first use (20.6)
         self._login_id = 0  # a msg_id taken at HELLO_OK (the inbox follower)
         self._addr: str | None = None  # the peer's host, counted in the factory's caps
         self._prelogin = False  # counted among the address's connections not logged in
@@ -331,6 +335,9 @@ class Session(Protocol):
         follower, self.follower = self.follower, None
         if follower is not None:
             follower.close()  # its timer goes with it
+        watch, self._timeline_watch = self._timeline_watch, None
+        if watch is not None:
+            watch.close()
         # Let go of everything at once: a request still running may hold this session a
         # little longer, and nothing must keep the unsent bytes (the transport's buffer),
         # the push window or the frames read but not served. Caller.connection is this
@@ -511,7 +518,9 @@ class Session(Protocol):
             self._run(f.request_id, method(self.caller, f), f.TYPE in _PAGE_REQUESTS)
         elif f.TYPE in _TIMELINE_HANDLERS:
             method = getattr(self.factory.service.timelines, _TIMELINE_HANDLERS[f.TYPE])
-            self._run(f.request_id, method(self.caller, f), True)
+            heads = f.TYPE is FrameType.TIMELINE_HEADS
+            self._run(f.request_id, method(self.caller, f), True,
+                      self._heads_answered if heads else None)  # fmt: skip
         elif f.TYPE in _PUSH_HANDLERS:
             method = getattr(self.factory.service.push, _PUSH_HANDLERS[f.TYPE])
             self._run(f.request_id, method(self.caller, f))
@@ -542,6 +551,33 @@ class Session(Protocol):
         follower = self._follower()
         if follower is not None:
             follower.sent(ack.msg_id)
+
+    def _heads_answered(self, page: bytes) -> None:
+        """A TIMELINE_HEADS_PAGE: sent; in the login watch, its heads are watched (20.6)."""
+        self.send(page)
+        if not self._since or self.closing or self.caller is None:
+            return
+        if self.clock.seconds() >= self._since + LOGIN_WATCH_S:
+            return
+        watch = self._timeline_watch
+        if watch is None:
+            timelines = self.factory.service.timelines
+            assert timelines is not None
+            user = self.caller.user_id
+            watch = self._timeline_watch = TimelineWatch(
+                self._timeline_hint, timelines.store,
+                lambda: Deferred.fromCoroutine(timelines.heads_of(user)), self.clock,
+                login_id=self._login_id, until=self._since + LOGIN_WATCH_S,
+            )  # fmt: skip
+        answer = decode_payload(page[4:])
+        assert isinstance(answer, TimelineHeadsPage)
+        watch.answered({h.group_id: h.done for h in answer.heads})
+
+    def _timeline_hint(self) -> None:
+        follower = self.follower
+        if follower is not None:
+            follower.hinted()  # the client's sync loop pages the inbox again too
+        self.sync_hint()
 
     def _paged(self, page: bytes) -> None:
         self.send(page)

@@ -75,6 +75,12 @@ class TimelineService:
         ]
         return records.timeline_heads_page(req.request_id, entries)
 
+    async def heads_of(self, user: int) -> dict[int, StoredHead]:
+        """The heads of the user's groups that have a timeline (no read positions: the
+        login watch's reads, timeline_watch.py)."""
+        gids = [g for g, _ in await available(self.groups.groups_of(user))]
+        return await available(self.store.heads(gids)) if gids else {}
+
     async def states(self, user: int) -> list[LargeState]:
         """The user's groups that have a timeline, ascending id, each with its head and the
         user's position (what TIMELINE_HEADS and the conversation list show)."""
