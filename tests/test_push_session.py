@@ -46,7 +46,7 @@ from improto_server.model import PushTarget
 from improto_server.rate_limits import RateLimits
 from improto_server.service import ChatService
 from improto_server.session import SessionFactory
-from tests.support.sessions import NOW, Peer, fake_clock
+from tests.support.sessions import NOW, Peer, fake_clock, replies
 from tests.support.waiting import eventually
 
 SECRET = "push-session-test-secret-0123456789abcdef"
@@ -119,18 +119,6 @@ async def make(tmp_path: Path) -> AsyncIterator[Callable[..., object]]:
     yield build
     for b in made:
         await b.close()
-
-
-async def replies(peer: Peer, n: int = 1) -> list[Frame]:
-    """The next `n` frames (or more, if they came together) the peer gets."""
-    got: list[Frame] = []
-
-    def arrived() -> bool:
-        got.extend(peer.frames())
-        return len(got) >= n
-
-    await eventually(arrived)
-    return got
 
 
 async def hello(

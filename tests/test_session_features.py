@@ -26,7 +26,6 @@ from improto.frames import (
     Error,
     Features,
     FeaturesOk,
-    Frame,
     InboxNotice,
     OfflinePage,
     OfflinePull,
@@ -48,8 +47,8 @@ from improto_server.persister import Persister
 from improto_server.rate_limits import RateLimits
 from improto_server.service import ChatService
 from improto_server.session import SessionFactory
-from tests.support.sessions import Peer, fake_clock
-from tests.support.waiting import eventually, sleep
+from tests.support.sessions import Peer, fake_clock, replies
+from tests.support.waiting import sleep
 
 SECRET = "features-test-secret-0123456789abcdef"
 ALICE, BOB = 11, 12
@@ -122,18 +121,6 @@ async def make(tmp_path: Path) -> AsyncIterator[Callable[..., object]]:
 
 def follower_timers(clock: Clock) -> list[object]:
     return [c for c in clock.getDelayedCalls() if isinstance(c.func.__self__, InboxFollower)]
-
-
-async def replies(peer: Peer, n: int = 1) -> list[Frame]:
-    """The next `n` frames (or more, if they came together) the peer gets."""
-    got: list[Frame] = []
-
-    def arrived() -> bool:
-        got.extend(peer.frames())
-        return len(got) >= n
-
-    await eventually(arrived)
-    return got
 
 
 def send(to: int, body: bytes = b"hi", rid: int = 5) -> Send:

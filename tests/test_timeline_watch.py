@@ -21,7 +21,6 @@ from improto.enums import ConvKind, Feature
 from improto.frames import (
     Features,
     FeaturesOk,
-    Frame,
     OfflinePage,
     OfflinePull,
     Push,
@@ -43,8 +42,8 @@ from improto_server.rate_limits import RateLimits
 from improto_server.service import ChatService
 from improto_server.session import SessionFactory
 from improto_server.timeline_watch import TimelineWatch
-from tests.support.sessions import Peer, fake_clock
-from tests.support.waiting import eventually, sleep
+from tests.support.sessions import Peer, fake_clock, replies
+from tests.support.waiting import sleep
 
 SECRET = "timeline-watch-test-secret-0123456789abcdef"
 ALICE, BOB, CAROL = 21, 22, 23
@@ -113,17 +112,6 @@ async def make(tmp_path: Path) -> AsyncIterator[Callable[..., object]]:
     yield build
     for b in made:
         await b.close()
-
-
-async def replies(peer: Peer, n: int = 1) -> list[Frame]:
-    got: list[Frame] = []
-
-    def arrived() -> bool:
-        got.extend(peer.frames())
-        return len(got) >= n
-
-    await eventually(arrived)
-    return got
 
 
 async def large_group(s: Stack) -> int:

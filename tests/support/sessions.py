@@ -16,6 +16,7 @@ from improto.tokens import mint
 from improto_server.config import Config
 from improto_server.hub import Hub
 from improto_server.session import Session, SessionFactory
+from tests.support.waiting import eventually
 
 NOW = 1_800_000_000.0  # the clock's start (seconds), and the tokens' issue time
 
@@ -81,3 +82,16 @@ def logged_in(
     peer = Peer(factory)
     peer.login(user, device, ttl)
     return peer
+
+
+async def replies(peer: Peer, n: int = 1) -> list[Frame]:
+    """The next `n` frames (or more, if they came together) the peer gets, waiting on the
+    reactor for them (sessions whose storage answers there)."""
+    got: list[Frame] = []
+
+    def arrived() -> bool:
+        got.extend(peer.frames())
+        return len(got) >= n
+
+    await eventually(arrived)
+    return got
