@@ -2,20 +2,27 @@
 
     python bench/loadgen.py          (started by bench/relay.py; JSON commands on stdin)
 
-The same design serves every target (improto, MQTT to Mosquitto, the bare relay):
+The same design serves every target (improto, MQTT to Mosquitto, XMPP to ejabberd, the bare
+relay):
 - every message carries the same 150-byte text payload ending in MAGIC + the sequence number
-  as 8 ASCII digits, so a receiver finds it in the last 16 bytes of any frame, undecoded;
+  as 8 ASCII digits, so a receiver finds it in the last 16 bytes of any frame, undecoded
+  (XMPP: the server adds elements after the body, so a receiver searches the stanza for it);
 - frames are built before a step starts (one struct/bytes operation each), so sending is a
   `transport.write` of ready bytes;
 - message k of a step is *scheduled* at t0 + k / rate (t0 on CLOCK_MONOTONIC, shared by
   all worker processes); latency is arrival minus the scheduled time, so a generator that
-  falls behind shows up as latency instead of hiding it (no coordinated omission).
+  falls behind shows up as latency instead of hiding it (no coordinated omission);
+- closed loop instead (`closed`): each sender keeps `window` messages in flight and sends the
+  next one when one of them is both delivered to its receiver and acknowledged to it;
+  latency is arrival minus the actual send time.
 
 Commands (one JSON object per line on stdin, one JSON reply per line on stdout):
   {"cmd": "setup", "target": ..., "host", "port", "secret", "mode": "pairs"|"fanout",
    "users": [[sender, receiver], ...] | {"sender": id, "members": [...], "group": g}}
   {"cmd": "step", "rate": r, "count": n, "t0": t, "seq0": s, "workers": P, "index": w,
    "grace": seconds}
+  {"cmd": "closed", "window": W, "seconds": d, "t0": t, "seq0": s, "workers": P, "index": w,
+   "grace": seconds}   (closed: the drain ends after `grace` s without progress, or 60 s)
   {"cmd": "quit"}
 """
 
@@ -41,6 +48,7 @@ _U64 = struct.Struct(">Q")
 _U32 = struct.Struct(">I")
 _U16 = struct.Struct(">H")
 _mono = time.monotonic
+CLOSED_DRAIN_S = 60.0  # the longest drain after a closed-loop step
 
 
 def payload(seq: int) -> bytes:
@@ -58,7 +66,7 @@ class Recorder:
         self.acks = 0
         self.errors = 0
 
-    def arrived(self, seq: int, now: float) -> None:
+    def arrived(self, seq: int, now: float, conn: Conn) -> None:
         k = seq - self.seq0
         if 0 <= k < self.total:
             ms = (now - (self.t0 + k / self.rate)) * 1000.0
@@ -69,16 +77,53 @@ class Recorder:
                 got.append(ms)
 
 
+class ClosedRecorder:
+    """A closed-loop step: the send time of every message in flight, latencies of arrivals."""
+
+    def __init__(self, stop: float) -> None:
+        self.stop = stop  # the end of the sending window: arrivals after it are the drain
+        self.sent_at: dict[int, float] = {}  # seq -> send time; -1.0 once delivered
+        self.lat: list[float] = []
+        self.in_window = 0
+        self.duplicates = 0
+        self.order_errors = 0
+        self.acks = 0
+        self.errors = 0
+
+    def arrived(self, seq: int, now: float, conn: Conn) -> None:
+        t = self.sent_at.get(seq)
+        if t is None:  # not of this step (an earlier one's, late)
+            return
+        if t < 0:
+            self.duplicates += 1
+            return
+        self.sent_at[seq] = -1.0
+        self.lat.append((now - t) * 1000.0)
+        if now <= self.stop:
+            self.in_window += 1
+        conn.worker.delivered(conn)
+
+
 class Conn(protocol.Protocol):
     """One client connection; subclasses know one wire format."""
 
     worker: Worker
     user: int
+    pair = -1  # closed loop: the index of this connection's pair in its worker
 
     def __init__(self) -> None:
         self.buf = b""
         self.ready: Deferred[Conn] = Deferred()
         self.last_seq = -1
+        self.acked = 0  # sends acknowledged by the server (SEND_ACK, PUBACK, XEP-0198 h)
+
+    def got_acks(self, n: int) -> None:
+        self.acked += n
+        rec = self.worker.rec
+        if rec is not None:
+            rec.acks += n
+            if self.worker.closed:
+                self.worker.progress(self.pair)
 
     def connectionMade(self) -> None:
         self.transport.setTcpNoDelay(True)
@@ -91,7 +136,7 @@ class Conn(protocol.Protocol):
         if seq <= self.last_seq:
             rec.order_errors += 1
         self.last_seq = seq
-        rec.arrived(seq, _mono())
+        rec.arrived(seq, _mono(), self)
 
     def became_ready(self) -> None:
         if not self.ready.called:
@@ -116,8 +161,7 @@ class ImprotoConn(Conn):
                 if buf[stop - 16 : stop - 8] == MAGIC:
                     self.message(int(buf[stop - 8 : stop]))
             elif ftype == 0x83:  # SEND_ACK
-                if self.worker.rec is not None:
-                    self.worker.rec.acks += 1
+                self.got_acks(1)
             elif ftype == 0x81 or ftype == 0x90:  # HELLO_OK, GROUP_CREATED
                 self.worker.reply(self, ftype, buf[pos + 4 : stop])
             elif ftype == 0xFF:
@@ -164,14 +208,70 @@ class MqttConn(Conn):
                 if buf[stop - 16 : stop - 8] == MAGIC:
                     self.message(int(buf[stop - 8 : stop]))
             elif ptype == 4:  # PUBACK of our publish
-                if self.worker.rec is not None:
-                    self.worker.rec.acks += 1
+                self.got_acks(1)
             elif ptype == 2 or ptype == 9:  # CONNACK, SUBACK
                 self.worker.reply(self, ptype, buf[i:stop])
             pos = stop
         self.buf = buf[pos:]
         if acks:
             self.transport.write(b"".join(b"\x40\x02" + a for a in acks))
+
+
+_TAG_END = frozenset(b" /\t\r\n>")
+
+
+class XmppConn(Conn):
+    """XMPP (bench/xmpp_wire.py): SASL PLAIN, bind, XEP-0198; `<a h/>` acknowledges sends."""
+
+    def connectionMade(self) -> None:
+        import xmpp_wire
+
+        self.x = xmpp_wire
+        self.split = xmpp_wire.Splitter()
+        self.authed = False
+        self.sm = False
+        self.h_in = 0  # stanzas received since <enabled/>
+        self.h_base = 1  # stanzas we sent after <enable/> that are not messages: presence
+        super().connectionMade()
+
+    def dataReceived(self, data: bytes) -> None:
+        x = self.x
+        out = []
+        for it in self.split.feed(data):
+            c = it[1]
+            if c == 0x6D or c == 0x70 or c == 0x69:  # message, presence, iq: stanzas
+                if self.sm:
+                    self.h_in += 1
+                if c == 0x6D:
+                    i = it.find(MAGIC)
+                    if i >= 0:
+                        self.message(int(it[i + 8 : i + 16]))
+            elif c == 0x72 and it[2] in _TAG_END:  # <r/>
+                out.append(x.ack(self.h_in))
+            elif c == 0x61 and it[2] in _TAG_END:  # <a h='n'/>: it handled ours up to n
+                h = x.attr(it, b"h")
+                if h is not None:
+                    n = int(h) - self.h_base
+                    if n > self.acked:
+                        self.got_acks(n - self.acked)
+            else:
+                tag = x.name(it)
+                if tag == b"stream:features":
+                    if not self.authed:
+                        out.append(x.auth_plain(x.jid_user(self.user), x.password(self.user)))
+                    else:
+                        out.append(x.session_setup(f"lg{self.user}"))
+                elif tag == b"success":
+                    self.authed = True
+                    self.split = x.Splitter()  # stream restart: the server sends nothing more
+                    out.append(x.stream_open())
+                elif tag == b"enabled":
+                    self.sm = True
+                    self.became_ready()
+                elif tag in (b"failure", b"stream:error", b"/stream:stream"):
+                    self.worker.error(self, it)
+        if out:
+            self.transport.write(b"".join(out))
 
 
 class BareConn(Conn):
@@ -199,13 +299,15 @@ class Worker:
 
     def __init__(self, out: Callable[[dict[str, Any]], None]) -> None:
         self.out = out
-        self.rec: Recorder | None = None
+        self.rec: Recorder | ClosedRecorder | None = None
         self.senders: list[Conn] = []
         self.receivers: list[Conn] = []
         self.spec: dict[str, Any] = {}
         self.group = 0
         self.pending: dict[int, Deferred[bytes]] = {}
         self.error_frames: list[str] = []
+        # closed loop: per pair, messages sent and delivered; None outside a closed step
+        self.closed: dict[str, Any] | None = None
 
     # ---------------------------------------------------------------- per target
 
@@ -226,6 +328,10 @@ class Worker:
             return mqtt_wire.connect(f"lg{user}", clean_session=True, keepalive=60) + (
                 mqtt_wire.subscribe(1, topic, qos=1)
             )
+        if target == "xmpp":
+            import xmpp_wire
+
+            return xmpp_wire.stream_open()
         return _U32.pack(16) + _U64.pack(user) + _U64.pack(self.group)
 
     def reply(self, conn: Conn, ftype: int, body: bytes) -> None:
@@ -239,9 +345,96 @@ class Worker:
         if self.rec is not None:
             self.rec.errors += 1
         if len(self.error_frames) < 5:
+            if self.spec["target"] == "xmpp":
+                self.error_frames.append(payload[:300].decode(errors="replace"))
+                return
             from improto.codec import decode_payload
 
             self.error_frames.append(repr(decode_payload(payload)))
+
+    # ---------------------------------------------------------------- closed loop
+
+    def delivered(self, conn: Conn) -> None:
+        if self.closed is not None:
+            self.closed["delivered"][conn.pair] += 1
+            self.progress(conn.pair)
+
+    def progress(self, j: int) -> None:
+        """Pair j: a message is done when delivered and acknowledged; keep `window` in flight."""
+        c = self.closed
+        if c is None or not c["sending"]:
+            return
+        sender = self.senders[j]
+        done = c["delivered"][j]
+        if c["acks"]:
+            done = min(done, sender.acked - c["acked0"][j])
+        free = c["window"] - (c["sent"][j] - done)
+        if free > 0:
+            self._send_closed(j, free)
+
+    def _send_closed(self, j: int, n: int) -> None:
+        c, rec = self.closed, self.rec
+        assert c is not None and isinstance(rec, ClosedRecorder)
+        sender, target = self.senders[j], self.targets[j]
+        frames = []
+        now = _mono()
+        for _ in range(n):
+            # unique across workers: worker `index` sends seq0 + index + workers * k
+            seq = c["seq0"] + c["index"] + c["workers"] * c["next"]
+            c["next"] += 1
+            frames.append(self.frame(sender.user, 1, target, seq))
+            rec.sent_at[seq] = now
+        c["sent"][j] += n
+        sender.transport.write(b"".join(frames))
+
+    async def closed_step(self, cmd: dict[str, Any]) -> dict[str, Any]:
+        if self.spec["mode"] != "pairs":
+            raise ValueError("the closed loop runs 1:1 pairs only")
+        t0, window = cmd["t0"], cmd["window"]
+        stop = t0 + cmd["seconds"]
+        n = len(self.senders)
+        rec = ClosedRecorder(stop)
+        self.closed = {
+            "window": window, "sending": False, "acks": self.spec["target"] != "bare",
+            "sent": [0] * n, "delivered": [0] * n, "acked0": [s.acked for s in self.senders],
+            "next": 0, "seq0": cmd["seq0"], "index": cmd["index"], "workers": cmd["workers"],
+        }  # fmt: skip
+        while _mono() < t0:
+            await _sleep(min(0.01, max(0.0, t0 - _mono())))
+        self.rec = rec
+        self.closed["sending"] = True
+        for j in range(n):
+            self._send_closed(j, window)
+        while _mono() < stop:
+            await _sleep(min(0.05, max(0.0, stop - _mono())))
+        self.closed["sending"] = False
+        sent = sum(self.closed["sent"])
+        # the drain: up to `grace` without progress (a slow server's window still arrives),
+        # and at most CLOSED_DRAIN_S in all
+        last, hard = (-1, -1), _mono() + max(cmd["grace"], CLOSED_DRAIN_S)
+        deadline = hard
+        while (now := _mono()) < deadline:
+            acked = sum(s.acked - a for s, a in zip(self.senders, self.closed["acked0"],
+                                                     strict=True))  # fmt: skip
+            if len(rec.lat) >= sent and (not self.closed["acks"] or acked >= sent):
+                break
+            if (len(rec.lat), acked) != last:
+                last = (len(rec.lat), acked)
+                deadline = min(hard, now + cmd["grace"])
+            await _sleep(0.01)
+        self.rec = None
+        self.closed = None
+        return {
+            "sent": sent,
+            "delivered": len(rec.lat),
+            "in_window": rec.in_window,
+            "acks": rec.acks,
+            "errors": rec.errors,
+            "error_frames": self.error_frames[:3],
+            "duplicates": rec.duplicates,
+            "order_errors": rec.order_errors,
+            "lat": [round(x, 3) for x in rec.lat],
+        }
 
     def frame(self, sender: int, kind: int, target: int, seq: int) -> bytes:
         """One message from `sender` to user/group `target`, sequence `seq`."""
@@ -256,6 +449,11 @@ class Worker:
 
             topic = f"g/{target}" if kind == 2 else f"u/{target}"
             return mqtt_wire.publish(topic, body, qos=1, packet_id=seq % 65535 + 1)
+        if t == "xmpp":  # a chat message, then <r/>: the server's <a/> is its acknowledgement
+            import xmpp_wire
+
+            to = f"{xmpp_wire.jid_user(target)}@{xmpp_wire.DOMAIN}"
+            return xmpp_wire.message(to, body, f"m{seq}") + xmpp_wire.R
         return _U32.pack(9 + PAYLOAD) + bytes([kind]) + _U64.pack(target) + body
 
     # ---------------------------------------------------------------- commands
@@ -263,12 +461,15 @@ class Worker:
     async def setup(self, spec: dict[str, Any]) -> dict[str, Any]:
         self.spec = spec
         start = _mono()
-        cls = {"improto": ImprotoConn, "mqtt": MqttConn, "bare": BareConn}[spec["target"]]
+        classes = {"improto": ImprotoConn, "mqtt": MqttConn, "xmpp": XmppConn, "bare": BareConn}
+        cls = classes[spec["target"]]
         if spec["mode"] == "pairs":
             pairs = spec["users"]
             self.senders = [self._conn(cls, s) for s, _ in pairs]
             self.receivers = [self._conn(cls, r) for _, r in pairs]
             self.targets = [r for _, r in pairs]
+            for j, (snd, rcv) in enumerate(zip(self.senders, self.receivers, strict=True)):
+                snd.pair = rcv.pair = j
         else:
             self.group = spec["group"]
             self.receivers = [self._conn(cls, m) for m in spec["members"]]
@@ -397,7 +598,8 @@ class Commands(LineReceiver):
         if cmd["cmd"] == "quit":
             reactor.stop()
             return
-        run = self.worker.setup if cmd["cmd"] == "setup" else self.worker.step
+        run = {"setup": self.worker.setup, "step": self.worker.step,
+               "closed": self.worker.closed_step}[cmd["cmd"]]  # fmt: skip
         d = Deferred.fromCoroutine(run(cmd))
         d.addCallbacks(self.send, lambda f: self.send({"ok": False, "error": f.getTraceback()}))
 

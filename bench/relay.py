@@ -1,8 +1,11 @@
-"""Scenarios 1 and 4: online 1:1 relay and group fan-out, any target, through loadgen workers.
+"""Scenarios 1 and 4: online 1:1 relay and group fan-out, any target, through loadgen workers;
+and the closed loop.
 
     python bench/relay.py --target improto --storage memory [--quick]
     python bench/relay.py --target mosquitto --persistence [--quick]
+    python bench/relay.py --target ejabberd --config archive|routing [--quick]
     python bench/relay.py --target bare --scenario fanout
+    python bench/relay.py --target improto --scenario closed
 
 1:1 relay: 1000 pairs (a sender and a receiver connection each), 150-byte messages, offered
 at a ladder of rates; a step passes when every message arrived exactly once, in order per
@@ -10,7 +13,13 @@ receiver, every send was acknowledged (improto SEND_ACK, MQTT PUBACK), and the p
 (arrival minus *scheduled* send time) is under 50 ms. Reported: the highest passing rate, and
 p50/p99 at 5,000 msg/s. Fan-out: one sender, a 500-member group (improto group, MQTT topic
 with 500 subscribers, bare relay group), the same ladder in messages/s; per message the
-latency of the *last* of its 500 recipients. Prints a final JSON line.
+latency of the *last* of its 500 recipients. Light load: the relay ladder always has steps at
+1,000 msg/s (latency) and 2,000 msg/s (CPU per message), reported as "light" (not run when
+the server saturated below them). Closed loop: `pairs x window` (100 x 10 and 20 x 1), each
+sender keeps `window` messages in flight and sends the next when one is delivered and
+acknowledged; rate, latency (arrival minus actual send), CPU per delivered message. ejabberd
+(XMPP, 1:1 only): every Run logs in fresh users, so nothing an earlier Run left in its
+offline store reaches it. Prints a final JSON line.
 """
 
 from __future__ import annotations
@@ -88,21 +97,28 @@ def percentile(sorted_values: list[float], q: float) -> float | None:
     return round(sorted_values[i], 3)
 
 
+WIRE = {"mosquitto": "mqtt", "ejabberd": "xmpp"}  # target -> loadgen wire format
+CLOSED_SEQS = 1_000_000  # sequence numbers reserved per closed-loop step (its count is open)
+
+
 class Run:
     """One target, one scenario: the workers, the step ladder, the verdicts."""
 
     def __init__(self, handle: servers.ServerHandle, target: str, scenario: str,
-                 workers: int, pairs: int, members: int) -> None:  # fmt: skip
+                 workers: int, pairs: int, members: int,
+                 user_base: int = 0) -> None:  # fmt: skip
         self.handle, self.target, self.scenario = handle, target, scenario
         self.nworkers = workers
         self.workers = Workers(workers)
         self.seq = 0
         self.pairs, self.members = pairs, members
-        wire = "mqtt" if target == "mosquitto" else target
+        wire = WIRE.get(target, target)
         base = {"target": wire, "host": handle.host, "port": handle.port,
                 "secret": handle.secret}  # fmt: skip
+        if scenario != "relay" and wire == "xmpp":
+            raise ValueError("ejabberd: 1:1 only (a MUC room is another product)")
         if scenario == "relay":
-            pairs_all = [[2 * i + 1, 2 * i + 2] for i in range(pairs)]
+            pairs_all = [[user_base + 2 * i + 1, user_base + 2 * i + 2] for i in range(pairs)]
             specs = [dict(base, mode="pairs", users=pairs_all[w::workers]) for w in range(workers)]
         else:
             ids = list(range(2, members + 2))
@@ -128,7 +144,7 @@ class Run:
         ]  # fmt: skip
         cpu0 = (self.handle.cpu_s(), servers.cpu_seconds(self.workers.pids()))
         svc0 = service_cpu()
-        replies = self.workers.all(cmds, timeout=seconds + grace + 60)
+        replies = self.workers.all(cmds, timeout=seconds + grace + 90)
         cpu1 = (self.handle.cpu_s(), servers.cpu_seconds(self.workers.pids()))
         svc1 = service_cpu()
         verdict = self._verdict(rate, count, replies, cpu0, cpu1, seconds)
@@ -137,6 +153,48 @@ class Run:
                 k: round((svc1[k] - svc0[k]) / count * 1e6, 1) for k in svc1
             }
         return verdict
+
+    def closed(self, window: int, seconds: float, grace: float) -> dict[str, Any]:
+        """One closed-loop step: every sender keeps `window` messages in flight."""
+        t0 = time.monotonic() + 0.3
+        seq0, self.seq = self.seq, self.seq + CLOSED_SEQS
+        cmds = [
+            {"cmd": "closed", "window": window, "seconds": seconds, "t0": t0, "seq0": seq0,
+             "workers": self.nworkers, "index": w, "grace": grace}
+            for w in range(self.nworkers)
+        ]  # fmt: skip
+        cpu0 = (self.handle.cpu_s(), servers.cpu_seconds(self.workers.pids()))
+        svc0 = service_cpu()
+        replies = self.workers.all(cmds, timeout=seconds + grace + 90)
+        cpu1 = (self.handle.cpu_s(), servers.cpu_seconds(self.workers.pids()))
+        svc1 = service_cpu()
+        lats = sorted(x for r in replies for x in r["lat"])
+        sent = sum(r["sent"] for r in replies)
+        delivered = len(lats)
+        acks = sum(r["acks"] for r in replies)
+        dup = sum(r["duplicates"] for r in replies)
+        order = sum(r["order_errors"] for r in replies)
+        errors = sum(r["errors"] for r in replies)
+        acked_ok = self.target == "bare" or acks >= sent
+        per = max(1, delivered)
+        out = {
+            "pairs": self.pairs, "window": window, "seconds": seconds,
+            "ok": sent == delivered and dup == 0 and order == 0 and errors == 0 and acked_ok,
+            "rate": round(sum(r["in_window"] for r in replies) / seconds, 1),
+            "sent": sent, "delivered": delivered, "lost": sent - delivered,
+            "duplicates": dup, "order_errors": order, "errors": errors, "acks": acks,
+            "p50_ms": percentile(lats, 50), "p99_ms": percentile(lats, 99),
+            "max_ms": percentile(lats, 100),
+            # over the sending window and the drain after it, per delivered message
+            "server_cpu_us_per_msg": round((cpu1[0] - cpu0[0]) / per * 1e6, 1),
+            "generator_cpu_us_per_msg": round((cpu1[1] - cpu0[1]) / per * 1e6, 1),
+            "error_frames": [e for r in replies for e in r["error_frames"]][:3],
+        }  # fmt: skip
+        if self.target == "improto":
+            out["services_cpu_us_per_msg"] = {
+                k: round((svc1[k] - svc0[k]) / per * 1e6, 1) for k in svc1
+            }
+        return out
 
     def _verdict(self, rate: float, count: int, replies: list[dict[str, Any]],
                  cpu0: tuple[float, float], cpu1: tuple[float, float],
@@ -238,35 +296,112 @@ def ladder(run: Run, rates: list[float], seconds: float, grace: float,
 
 RELAY_RATES = [1000, 2000, 3500, 5000, 7000, 10000, 14000, 20000, 28000, 40000, 56000, 80000,
                112000, 160000]  # fmt: skip
+# ejabberd with its archive on SQLite saturates in the hundreds per second: a ladder of its own
+ARCHIVE_RATES = [100, 200, 350, 500, 700, 1000, 1400, 2000, 2800, 4000]
 FANOUT_RATES = [5, 10, 20, 40, 80, 160, 320, 640, 1280]  # messages/s, each to 500 members
+LIGHT_RATES = (1000.0, 2000.0)  # latency at the first, CPU per message at the second
+CLOSED_CASES = ((100, 10), (20, 1))  # pairs x messages in flight per sender
 
 
-def start(target: str, storage: str, persistence: bool) -> servers.ServerHandle:
+def start(target: str, storage: str, persistence: bool,
+          config: str = "routing") -> servers.ServerHandle:  # fmt: skip
     if target == "improto":  # production: a gateway process and a persister process
         return servers.start_improto(storage, split=storage == "production")
     if target == "mosquitto":
         return servers.start_mosquitto(persistence)
+    if target == "ejabberd":
+        return servers.start_ejabberd(config)
     return servers.start_bare_relay()
 
 
+def light(result: dict[str, Any]) -> dict[str, Any]:
+    """The ladder's steps at LIGHT_RATES (the last one run at each rate)."""
+    out: dict[str, Any] = {}
+    for rate in LIGHT_RATES:
+        runs = [s for s in result["steps"] if s["rate"] == rate]
+        if runs:
+            out[str(int(rate))] = runs[-1]
+        else:
+            out[str(int(rate))] = {
+                "rate": rate,
+                "ok": False,
+                "skipped": f"above its saturation rate ({result['saturated_at']}/s)",
+            }
+    return out
+
+
+def closed_loop(handle: servers.ServerHandle, target: str, workers: int, quick: bool,
+                log: Any) -> dict[str, Any]:  # fmt: skip
+    """CLOSED_CASES one after the other, each with its own connections and fresh users."""
+    seconds, grace = (1.0, 1.0) if quick else (4.0, 3.0)
+    out: dict[str, Any] = {}
+    base = 0
+    for pairs, window in CLOSED_CASES:
+        waited = wait_idle(handle)
+        r = Run(handle, target, "relay", workers, pairs=pairs, members=0, user_base=base)
+        base += 2 * pairs
+        try:
+            s = r.closed(window, seconds, grace)
+        finally:
+            r.close()
+        s.update({"setup_s": r.setup_s, "idle_wait_s": waited})
+        out[f"{pairs}x{window}"] = s
+        log(
+            f"  {target} closed {pairs}x{window}: {s['rate']:.0f}/s ok={s['ok']} "
+            f"lost={s['lost']} p50={s['p50_ms']} p99={s['p99_ms']} max={s['max_ms']} "
+            f"cpu us/msg server={s['server_cpu_us_per_msg']} "
+            f"gen={s['generator_cpu_us_per_msg']}"
+            + (
+                f" services={s['services_cpu_us_per_msg']}"
+                if "services_cpu_us_per_msg" in s
+                else ""
+            )
+            + (
+                ""
+                if s["ok"]
+                else f" [dup={s['duplicates']} order={s['order_errors']} "
+                f"errors={s['errors']} acks={s['acks']}/{s['sent']} {s['error_frames']}]"
+            )
+        )
+    return out
+
+
+def _facts(target: str, storage: str, persistence: bool, config: str) -> dict[str, Any]:
+    if target == "improto":
+        return {"storage": storage, "persistence": storage != "memory"}
+    if target == "ejabberd":
+        return {"config": config, "persistence": config == "archive"}
+    return {"storage": None, "persistence": persistence if target == "mosquitto" else False}
+
+
 def run(target: str, scenario: str, *, storage: str = "memory", persistence: bool = False,
-        quick: bool = False, workers: int = 2, log: Any = None,
+        config: str = "routing", quick: bool = False, workers: int = 2, log: Any = None,
         profile: str | None = None,
         rates: list[float] | None = None) -> dict[str, Any]:  # fmt: skip
     """Start the server, run the scenario's ladder, stop everything; the result dict."""
     log = log or (lambda s: print(s, file=sys.stderr, flush=True))
     servers.raise_nofile()
-    handle = start(target, storage, persistence)
+    handle = start(target, storage, persistence, config)
     r: Run | None = None
     try:
         rss0 = handle.rss_kib()
+        if scenario == "closed":
+            res = closed_loop(handle, target, workers, quick, log)
+            return {"target": target, "scenario": scenario, "workers": workers,
+                    **_facts(target, storage, persistence, config), "cases": res,
+                    "server_rss_kib": {"before": rss0, "after": handle.rss_kib()}}  # fmt: skip
         r = Run(handle, target, scenario, workers, pairs=1000, members=500)
         seconds, grace = (1.0, 1.0) if quick else (4.0, 2.0)
         spies = [_py_spy(pid, f"{profile}.{i}") for i, pid in
                  enumerate([handle.pid, *handle.helper_pids])] if profile else []  # fmt: skip
         if scenario == "relay":
-            rates = rates or (RELAY_RATES[1::2] if quick else RELAY_RATES)
-            result = ladder(r, rates, seconds, grace, 5000.0, log)
+            archive = target == "ejabberd" and config == "archive"
+            ladder_rates = ARCHIVE_RATES if archive else RELAY_RATES
+            rates = rates or (ladder_rates[1::2] if quick else ladder_rates)
+            # its fixed rate would be 10x what it sustains: the backlog outlasts the step
+            result = ladder(r, sorted(set(rates) | set(LIGHT_RATES)), seconds, grace,
+                            None if archive else 5000.0, log)  # fmt: skip
+            result["light"] = light(result)
         else:
             rates = rates or (FANOUT_RATES[1::2] if quick else FANOUT_RATES)
             result = ladder(r, rates, seconds, grace, 20.0, log)
@@ -276,9 +411,7 @@ def run(target: str, scenario: str, *, storage: str = "memory", persistence: boo
             spy.wait(30)
         result.update({
             "target": target, "scenario": scenario,
-            "storage": storage if target == "improto" else None,
-            "persistence": (storage != "memory") if target == "improto" else
-                           (persistence if target == "mosquitto" else False),
+            **_facts(target, storage, persistence, config),
             "connections": r.conns, "setup_s": r.setup_s, "workers": workers,
             "server_rss_kib": {"before": rss0, "after": handle.rss_kib()},
         })  # fmt: skip
@@ -301,8 +434,15 @@ def _py_spy(pid: int, out: str) -> subprocess.Popen[bytes]:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--target", choices=["improto", "mosquitto", "bare"], default="improto")
-    ap.add_argument("--scenario", choices=["relay", "fanout"], default="relay")
+    ap.add_argument("--target", choices=["improto", "mosquitto", "ejabberd", "bare"],
+                    default="improto")  # fmt: skip
+    ap.add_argument("--scenario", choices=["relay", "fanout", "closed"], default="relay")
+    ap.add_argument(
+        "--config",
+        choices=servers.EJABBERD_CONFIGS,
+        default="routing",
+        help="ejabberd: archive (mod_mam on SQLite) or routing (no archive)",
+    )
     ap.add_argument("--storage", default="memory", help="improto: memory|embedded|production")
     ap.add_argument("--persistence", action="store_true", help="mosquitto: persistence true")
     ap.add_argument("--workers", type=int, default=2)
@@ -313,7 +453,8 @@ def main() -> None:
     a = ap.parse_args()
     rates = [float(x) for x in a.rates.split(",")] if a.rates else None
     res = run(a.target, a.scenario, storage=a.storage, persistence=a.persistence,
-              quick=a.quick, workers=a.workers, profile=a.profile, rates=rates)  # fmt: skip
+              config=a.config, quick=a.quick, workers=a.workers, profile=a.profile,
+              rates=rates)  # fmt: skip
     print(json.dumps(res))
 
 
