@@ -386,7 +386,10 @@ def run(target: str, scenario: str, *, storage: str = "memory", persistence: boo
     try:
         rss0 = handle.rss_kib()
         if scenario == "closed":
+            spies = [_py_spy(pid, f"{profile}.{i}") for i, pid in
+                     enumerate([handle.pid, *handle.helper_pids])] if profile else []  # fmt: skip
             res = closed_loop(handle, target, workers, quick, log)
+            _stop_spies(spies)
             return {"target": target, "scenario": scenario, "workers": workers,
                     **_facts(target, storage, persistence, config), "cases": res,
                     "server_rss_kib": {"before": rss0, "after": handle.rss_kib()}}  # fmt: skip
@@ -405,10 +408,7 @@ def run(target: str, scenario: str, *, storage: str = "memory", persistence: boo
         else:
             rates = rates or (FANOUT_RATES[1::2] if quick else FANOUT_RATES)
             result = ladder(r, rates, seconds, grace, 20.0, log)
-        for spy in spies:
-            spy.send_signal(2)  # SIGINT: py-spy writes its output and exits
-        for spy in spies:
-            spy.wait(30)
+        _stop_spies(spies)
         result.update({
             "target": target, "scenario": scenario,
             **_facts(target, storage, persistence, config),
@@ -422,11 +422,18 @@ def run(target: str, scenario: str, *, storage: str = "memory", persistence: boo
         handle.stop()
 
 
+def _stop_spies(spies: list[subprocess.Popen[bytes]]) -> None:
+    for spy in spies:
+        spy.send_signal(2)  # SIGINT: py-spy writes its output and exits
+    for spy in spies:
+        spy.wait(30)
+
+
 def _py_spy(pid: int, out: str) -> subprocess.Popen[bytes]:
     """Sample the server while it holds the GIL (its Python CPU), collapsed stacks."""
     exe = Path(sys.executable).parent / "py-spy"
     cmd = [str(exe) if exe.exists() else "py-spy", "record", "-p", str(pid), "--format", "raw",
-           "-o", out, "--threads", "--nonblocking", "--gil"]  # fmt: skip
+           "-o", out, "--threads", "--nonblocking", "--gil", "--rate", "1000"]  # fmt: skip
     p = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     time.sleep(1.0)
     return p
