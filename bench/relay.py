@@ -142,17 +142,25 @@ class Run:
              "workers": self.nworkers, "index": w, "grace": grace}
             for w in range(self.nworkers)
         ]  # fmt: skip
-        cpu0 = (self.handle.cpu_s(), servers.cpu_seconds(self.workers.pids()))
-        svc0 = service_cpu()
-        replies = self.workers.all(cmds, timeout=seconds + grace + 90)
-        cpu1 = (self.handle.cpu_s(), servers.cpu_seconds(self.workers.pids()))
-        svc1 = service_cpu()
+        replies, cpu0, cpu1, services = self._measured(cmds, seconds + grace + 90)
         verdict = self._verdict(rate, count, replies, cpu0, cpu1, seconds)
         if self.target == "improto":  # Redis, RabbitMQ, HBase: used by production storage
             verdict["services_cpu_us_per_msg"] = {
-                k: round((svc1[k] - svc0[k]) / count * 1e6, 1) for k in svc1
+                k: round(v / count * 1e6, 1) for k, v in services.items()
             }
         return verdict
+
+    def _measured(
+        self, cmds: list[dict[str, Any]], timeout: float
+    ) -> tuple[list[dict[str, Any]], tuple[float, float], tuple[float, float], dict[str, float]]:
+        """The workers' replies to `cmds`, with the CPU seconds (server, generator) before and
+        after, and each service's CPU seconds in between."""
+        cpu0 = (self.handle.cpu_s(), servers.cpu_seconds(self.workers.pids()))
+        svc0 = service_cpu()
+        replies = self.workers.all(cmds, timeout=timeout)
+        cpu1 = (self.handle.cpu_s(), servers.cpu_seconds(self.workers.pids()))
+        svc1 = service_cpu()
+        return replies, cpu0, cpu1, {k: svc1[k] - svc0[k] for k in svc1}
 
     def closed(self, window: int, seconds: float, grace: float) -> dict[str, Any]:
         """One closed-loop step: every sender keeps `window` messages in flight."""
@@ -163,11 +171,7 @@ class Run:
              "workers": self.nworkers, "index": w, "grace": grace}
             for w in range(self.nworkers)
         ]  # fmt: skip
-        cpu0 = (self.handle.cpu_s(), servers.cpu_seconds(self.workers.pids()))
-        svc0 = service_cpu()
-        replies = self.workers.all(cmds, timeout=seconds + grace + 90)
-        cpu1 = (self.handle.cpu_s(), servers.cpu_seconds(self.workers.pids()))
-        svc1 = service_cpu()
+        replies, cpu0, cpu1, services = self._measured(cmds, seconds + grace + 90)
         lats = sorted(x for r in replies for x in r["lat"])
         sent = sum(r["sent"] for r in replies)
         delivered = len(lats)
@@ -192,7 +196,7 @@ class Run:
         }  # fmt: skip
         if self.target == "improto":
             out["services_cpu_us_per_msg"] = {
-                k: round((svc1[k] - svc0[k]) / per * 1e6, 1) for k in svc1
+                k: round(v / per * 1e6, 1) for k, v in services.items()
             }
         return out
 
