@@ -47,7 +47,7 @@ from improto_server.persister import Persister
 from improto_server.rate_limits import RateLimits
 from improto_server.service import ChatService
 from improto_server.session import SessionFactory
-from tests.support.sessions import Peer, fake_clock, replies
+from tests.support.sessions import Peer, advance, fake_clock, replies
 from tests.support.waiting import sleep
 
 SECRET = "features-test-secret-0123456789abcdef"
@@ -85,10 +85,7 @@ class Stack:
         raise AssertionError(f"inbox of {user} has {got} entries, not {n}")
 
     async def advance(self, seconds: float, steps: int = 1) -> None:
-        """The fake clock moves on; the reads its timers start finish on the reactor."""
-        for _ in range(steps):
-            self.clock.advance(seconds / steps)
-            await sleep(0.02)
+        await advance(self.clock, seconds, steps)
 
 
 @pytest_twisted.async_yield_fixture()

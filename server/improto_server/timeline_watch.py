@@ -82,15 +82,13 @@ class TimelineWatch:
             timer.cancel()
 
     def _schedule(self) -> None:
-        while self._step < len(WATCH_STEPS_S):
+        self._timer = None  # the watch is over until another answer within it, unless:
+        if self._step < len(WATCH_STEPS_S):
             at = self._answered_at + WATCH_STEPS_S[self._step]
             self._step += 1
             if at < self._until:
                 delay = max(0.0, at - self._clock.seconds())
                 self._timer = self._clock.callLater(delay, self._due)
-                return
-            break
-        self._timer = None  # the watch is over until another answer within it
 
     def _due(self) -> None:
         self._timer = None

@@ -16,7 +16,7 @@ from improto.tokens import mint
 from improto_server.config import Config
 from improto_server.hub import Hub
 from improto_server.session import Session, SessionFactory
-from tests.support.waiting import eventually
+from tests.support.waiting import eventually, sleep
 
 NOW = 1_800_000_000.0  # the clock's start (seconds), and the tokens' issue time
 
@@ -95,3 +95,11 @@ async def replies(peer: Peer, n: int = 1) -> list[Frame]:
 
     await eventually(arrived)
     return got
+
+
+async def advance(clock: Clock, seconds: float, steps: int = 1) -> None:
+    """The fake clock moves on in `steps`; the storage reads its timers start finish on the
+    reactor after each."""
+    for _ in range(steps):
+        clock.advance(seconds / steps)
+        await sleep(0.02)
