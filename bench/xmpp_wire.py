@@ -281,18 +281,6 @@ def _body_of(stanza: bytes) -> bytes | None:
     return stanza[i + 6 : j] if j >= 0 else None
 
 
-def _wait_idle(h: Any, limit_s: float = 60.0) -> float:
-    """Until the server uses < 5% of a core: what the last acknowledged sends started is
-    done (in `archive` the SQL writes, in `routing` mnesia's)."""
-    start = time.monotonic()
-    while time.monotonic() - start < limit_s:
-        c0 = h.cpu_s()
-        time.sleep(0.25)
-        if h.cpu_s() - c0 < 0.0125:
-            break
-    return round(time.monotonic() - start, 2)
-
-
 def prefill(h: Any, sender: int, receiver: int, bodies: list[bytes], window: int) -> float:
     """Send `bodies` from `sender` to the offline `receiver`, each with `<r/>` after it, at
     most `window` unacknowledged (`<a h/>`); seconds taken."""
@@ -322,11 +310,13 @@ def drain_once(h: Any, sender: int, receiver: int, n: int, window: int,
     """`n` messages stored for `receiver` while it has never been online, then timed: its
     login (SASL PLAIN, bind, `<enable/>`, initial presence: ejabberd then sends what
     mod_offline holds) until the n-th message arrived, with the time of each `chunk`."""
+    from relay import wait_idle
     from sync_pull import body, percentiles
 
     bodies = [body(i) for i in range(n)]
     prefill_s = prefill(h, sender, receiver, bodies, window)
-    idle_s = _wait_idle(h)
+    # what the last acknowledged sends started is done (the SQL writes, or mnesia's)
+    idle_s = wait_idle(h, 60.0)
     got: list[bytes] = []
     t0 = time.perf_counter()
     c = BlockingClient(h.host, h.port, receiver, f"drain{receiver}")
