@@ -11,7 +11,7 @@ from __future__ import annotations
 import random
 import uuid
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -682,6 +682,38 @@ async def test_folds_are_bounded_per_user_and_per_read(env, monkeypatch):
     assert (await every_row(env.convs, 3)).convs[0].unread == 0  # its own messages
     assert await fold_of(env.redis, env.convs.keys(1)[0]) == b"8"
     assert not await behind_set(env)
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_fold_read_copies_a_bounded_number_of_record_bytes(env, monkeypatch):
+    """Large records: a read stops once it copied FOLD_READ_BYTES of them (at least one
+    entry), the user comes back as behind with its fold at the last entry read, and folds
+    again until the rows are those of every entry. Unbounded, one read of a user's 64 KiB
+    messages blocked Redis for hundreds of ms (docs/BENCHMARKS.md, session 13)."""
+    monkeypatch.setattr(redis_conversations, "FOLD_READ_BYTES", 3 * 10_000)
+    reads: list[int] = []
+    original = redis_conversations._FOLD_READ
+
+    def spy(redis: Any, keys: list[str], args: list[Any]) -> Deferred[Any]:
+        def count(reply: list[Any]) -> list[Any]:
+            reads.append(int(reply[4]))  # the first user's n
+            return reply
+
+        return original(redis, keys, args).addCallback(count)
+
+    monkeypatch.setattr(redis_conversations, "_FOLD_READ", spy)
+    inbox = inbox_of(env)
+    big = [direct(1, 2) for _ in range(7)]
+    big = [PersistJob(replace(j.message, body=b"x" * 10_000), j.inbox_users) for j in big]
+    await inbox.append_many(big)
+    assert await env.convs.fold([2]) == [2]
+    assert reads == [3] and await fold_of(env.redis, env.convs.keys(2)[0]) == b"3"
+    assert (await every_row(env.convs, 2)).convs[0].unread == 3
+    assert await env.convs.fold([2]) == [2]
+    assert await env.convs.fold([2]) == []
+    assert reads == [3, 3, 1]
+    assert (await every_row(env.convs, 2)).convs[0].unread == 7
+    assert await fold_of(env.redis, env.convs.keys(2)[0]) == b"7"
 
 
 @pytest_twisted.ensureDeferred

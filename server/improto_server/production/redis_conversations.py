@@ -109,6 +109,7 @@ READ_TRIM = 1000  # expired rows one read call removes: bounds the time Redis is
 MAX_PAGE = 1000  # rows one page returns at most ("at most limit"; has_more stays exact)
 FOLD_USERS = 128  # users one fold read script reads at most
 FOLD_READ = CHANGE_ENTRIES  # entries one fold read reads (then only whole users' left out)
+FOLD_READ_BYTES = 1 << 20  # record bytes one fold read copies (about): bounds Redis' pause
 FOLD_RETRIES = 2  # re-reads of a user whose fold lost to another fold, in one call
 BEHIND_WINDOW = 1024  # behind sets counted at once (Redis Cluster: one per slot)
 NAMES = ("meta", "rows", "last", "unr", "ver", "act", "age")
@@ -685,10 +686,11 @@ return out
 )
 
 # KEYS: 4 per user: its conv meta, inbox meta, inbox ent, inbox rec. ARGV: entries per user
-# (at most), entries per call, the storage format byte (STORE_FORMAT). Reads only. For each
-# user while fewer than `entries per call` were read (so at least the first user): fold (the
-# meta's, '0' if absent), the inbox's seq ('0' if absent), `to` (the fold to set: seq, or
-# when entries are left above those returned the cursor of the last one), left (1 if so,
+# (at most), entries per call, the storage format byte (STORE_FORMAT), record bytes per call.
+# Reads only. For each user while fewer than `entries per call` entries and `record bytes per
+# call` bytes of records were read (so at least the first user and its first entry): fold
+# (the meta's, '0' if absent), the inbox's seq ('0' if absent), `to` (the fold to set: seq,
+# or when entries are left above those returned the cursor of the last one), left (1 if so,
 # else 0), a count n, then the n entries above fold (at most `entries per user`) in cursor
 # order as two strings: their msg_ids (decimal, space-separated) and their heads (HEAD.size
 # bytes each: sender_id u64, conv_kind u8, conv_id u64 of the stored record), then a count
@@ -698,11 +700,12 @@ return out
 _FOLD_READ = LuaScript(
     """
 local limit, budget, format = tonumber(ARGV[1]), tonumber(ARGV[2]), ARGV[3]
+local max_bytes = tonumber(ARGV[4])
 local sub = string.sub
 local PAD = string.rep('\\0', 17)
-local out, used, seen = {}, 0, {}  -- seen: stored record -> its head
+local out, used, bytes, seen = {}, 0, 0, {}  -- seen: stored record -> its head
 for b = 0, #KEYS - 4, 4 do
-  if used >= budget then
+  if used >= budget or bytes >= max_bytes then
     break
   end
   local fold = redis.call('HGET', KEYS[b + 1], 'fold') or '0'
@@ -711,13 +714,28 @@ for b = 0, #KEYS - 4, 4 do
     limit + 1)  -- one more: are entries left?
   local read = #ids
   local n, to, left = math.min(read, limit), seq, 0
-  if read > limit then
-    ids[read] = nil
+  -- Whole records are copied to read their heads: one at a time, so that one call copies
+  -- about max_bytes at most and Redis is not blocked by a run of large messages.
+  local recs = {}
+  for i = 1, n do
+    local s = redis.call('HGET', KEYS[b + 4], ids[i])
+    recs[i] = s
+    if s then
+      bytes = bytes + #s
+    end
+    if bytes >= max_bytes then
+      n = i
+      break
+    end
+  end
+  if read > n then
+    for i = read, n + 1, -1 do
+      ids[i] = nil
+    end
     to, left = redis.call('ZSCORE', KEYS[b + 3], ids[n]), 1
   end
   local heads, other = {}, {}
   if n > 0 then
-    local recs = redis.call('HMGET', KEYS[b + 4], unpack(ids))
     for i = 1, n do
       -- format byte, msg_id, server_time, sender_id @18, device length d @26, device,
       -- conv_kind @27+d, conv_id, content_type, client_msg_id, body length @54+d, body
@@ -1021,7 +1039,7 @@ class RedisConversations:
                 )  # fmt: skip
             return out
 
-        args = [FOLD_ENTRIES, FOLD_READ, _STORE_TAG]
+        args = [FOLD_ENTRIES, FOLD_READ, _STORE_TAG, FOLD_READ_BYTES]
         return _FOLD_READ(self._redis, keys, args).addCallback(parse)
 
     async def _fold_apply(self, read: dict[int, _Folding]) -> tuple[list[int], list[int]]:
