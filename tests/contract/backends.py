@@ -1,6 +1,8 @@
 """The backends of the contract suite: what each row of a port's tests runs on.
 
     sqlite      the embedded SQLiteBackend: every port
+    memory      `--storage memory`: MemoryQueue (the rest on     queue
+                the in-RAM SQLite database)
     redis       RedisInbox, RedisGroups, RedisConversations,       inbox, groups, conversations,
                 RedisDevices (the rest SQLite)                     devices
     redis-cluster  the same on a Redis Cluster (ClusterRedis,      the same
@@ -58,6 +60,29 @@ def _sqlite(data_dir: Path, clock: FakeClock) -> SQLiteBackend:
         inbox_retention_ms=INBOX_RETENTION_MS,
         history_retention_ms=HISTORY_RETENTION_MS,
     )
+
+
+# The memory queues' state per test directory: a restart (a new backend over the same
+# directory) finds the jobs the last one left, as the other rows' restarts find their data.
+_memory_queues: dict[Path, Any] = {}
+
+
+def _memory(data_dir: Path, clock: FakeClock) -> SQLiteBackend:
+    """`--storage memory`: the in-RAM database (inline) and its MemoryQueue."""
+    from twisted.internet import reactor
+
+    from improto_server.embedded.memory_queue import MemoryQueue, MemoryQueueData
+
+    backend = SQLiteBackend(
+        ":memory:",
+        now_ms=clock,
+        inbox_retention_ms=INBOX_RETENTION_MS,
+        history_retention_ms=HISTORY_RETENTION_MS,
+    )
+    data = _memory_queues.setdefault(Path(data_dir).resolve(), MemoryQueueData())
+    backend.queue = MemoryQueue(reactor, clock, data)
+    backend.destroy = lambda: _memory_queues.pop(Path(data_dir).resolve(), None)  # type: ignore[attr-defined]
+    return backend
 
 
 class Composed:
@@ -275,6 +300,7 @@ def _production(data_dir: Path, clock: FakeClock, *, cluster: bool = False) -> A
 
 FACTORIES: dict[str, Factory] = {
     "sqlite": _sqlite,
+    "memory": _memory,
     "redis": _redis,
     "redis-cluster": lambda data_dir, clock: _redis(data_dir, clock, cluster=True),
     "hbase": _hbase,
@@ -285,6 +311,7 @@ FACTORIES: dict[str, Factory] = {
 # The services each backend needs (the `services` marker of its rows).
 NEEDS: dict[str, tuple[str, ...]] = {
     "sqlite": (),
+    "memory": (),
     "redis": ("redis",),
     "redis-cluster": ("redis-cluster",),
     "hbase": ("hbase",),
@@ -294,7 +321,7 @@ NEEDS: dict[str, tuple[str, ...]] = {
 }
 # The rows of each port's contract: each adapter once, and the production composition.
 ROWS: dict[str, tuple[str, ...]] = {
-    "queue": ("sqlite", "rabbitmq", "production", "production-cluster"),
+    "queue": ("sqlite", "memory", "rabbitmq", "production", "production-cluster"),
     "inbox": ("sqlite", "redis", "redis-cluster", "production"),
     "history": ("sqlite", "hbase", "production"),
     "groups": ("sqlite", "redis", "redis-cluster", "production"),

@@ -31,6 +31,7 @@ from improto_server.embedded.devices import SQLiteDevices
 from improto_server.embedded.groups import SQLiteGroups
 from improto_server.embedded.history import SQLiteHistory, expire_history
 from improto_server.embedded.inbox import SQLiteInbox, expire_inbox
+from improto_server.embedded.memory_queue import MemoryQueue
 from improto_server.embedded.notify_queue import SQLiteNotifyQueue
 from improto_server.embedded.queue import SQLiteQueue, expire_dedup
 from improto_server.embedded.timeline import SQLiteTimeline, expire_timeline
@@ -67,7 +68,12 @@ class SQLiteBackend:
         self._started = False
         self._closed: Event | None = None
         self._shutdown_trigger: Any = None  # what addSystemEventTrigger returned
-        self.queue = SQLiteQueue(self.db, self._reactor, self.now_ms)
+        # In RAM nothing is durable, so the queue needs no table (memory_queue.py).
+        self.queue: SQLiteQueue | MemoryQueue
+        if self.db.inline:
+            self.queue = MemoryQueue(self._reactor, self.now_ms)
+        else:
+            self.queue = SQLiteQueue(self.db, self._reactor, self.now_ms)
         self.inbox = SQLiteInbox(self.db, self.now_ms, inbox_retention_ms, caps=inbox_caps)
         self.history = SQLiteHistory(self.db, self.now_ms, history_retention_ms)
         self.groups = SQLiteGroups(self.db, large_threshold=large_group_threshold)
@@ -87,7 +93,11 @@ class SQLiteBackend:
         depth: list[int] = []
 
         def count() -> Deferred[None]:
-            return self.db.call(_queue_depth).addCallback(depth.append)
+            d: Deferred[int] = self.db.call(_queue_depth)  # (in RAM too: the database answers)
+            queue = self.queue
+            if isinstance(queue, MemoryQueue):
+                d = d.addCallback(lambda _: len(queue))
+            return d.addCallback(depth.append)
 
         d = probe(count, self._reactor)
         return d.addCallback(lambda state: Health({"sqlite": state}, depth[0] if depth else None))
@@ -144,7 +154,11 @@ class SQLiteBackend:
         """Delete what retention expired; returns how many rows of each kind went."""
         now = self.now_ms()
         inbox_cutoff = now - self.inbox_retention_ms
-        return self.db.call_background(_sweep, inbox_cutoff, now - self.history_retention_ms)
+        d = self.db.call_background(_sweep, inbox_cutoff, now - self.history_retention_ms)
+        queue = self.queue
+        if isinstance(queue, MemoryQueue):
+            d.addCallback(lambda n: {**n, "dedup": n["dedup"] + queue.expire(inbox_cutoff)})
+        return d
 
 
 def _sweep(db: sqlite3.Connection, inbox_cutoff: int, history_cutoff: int) -> dict[str, int]:
