@@ -19,6 +19,7 @@ from collections.abc import Callable, Sequence
 
 from twisted.internet.defer import Deferred
 
+from improto.frames import Message
 from improto.records import fit_sizes
 from improto_server.config import InboxCaps
 from improto_server.embedded.database import (
@@ -28,13 +29,14 @@ from improto_server.embedded.database import (
     delete_unreferenced,
     record_of_row,
     signed,
-    store_message,
+    store_messages,
     unsigned,
 )
 from improto_server.model import InboxIds, InboxRecords, PersistJob
 
 MAX_DEVICE_POSITIONS = 64  # device positions kept per user (the least recently advanced go)
 _TRIM_CHUNK = 256  # rows read at a time while trimming by bytes
+_IN_CHUNK = 500  # ids in one `IN (...)` (well below SQLite's limit on bound parameters)
 
 
 class SQLiteInbox(RetainedStore):
@@ -82,40 +84,65 @@ def _head_floor(db: sqlite3.Connection, user: int) -> tuple[int, int]:
     return (row[0], row[1]) if row else (0, 0)
 
 
-def _append(db: sqlite3.Connection, job: PersistJob, now: int, caps: InboxCaps) -> list[int]:
-    """Write the job's entries; returns the (stored) msg_ids of the entries the caps removed."""
-    users = sorted({signed(u) for u in job.inbox_users})
-    if not users:
-        return []
-    mid = signed(job.message.msg_id)
-    present = {u for (u,) in db.execute("SELECT user_id FROM inbox WHERE msg_id = ?", (mid,))}
-    todo = [u for u in users if u not in present]
-    if not todo:
-        return []  # a redelivered job: everything is already there
-    store_message(db, job.message)
-    size = len(job.record)
-    trimmed: list[int] = []
-    for user in todo:
-        cursor, floor, used = db.execute(
-            "INSERT INTO inbox_head (user_id, head, bytes) VALUES (?, 1, ?)"
-            " ON CONFLICT (user_id) DO UPDATE SET head = head + 1, bytes = bytes + excluded.bytes"
-            " RETURNING head, floor, bytes",
-            (user, size),
-        ).fetchone()
-        db.execute(
-            "INSERT INTO inbox (user_id, cursor, msg_id, stored_ms, size) VALUES (?, ?, ?, ?, ?)",
-            (user, cursor, mid, now, size),
-        )
-        trimmed += _enforce_caps(db, user, cursor, floor, used, caps)
-    return trimmed
-
-
 def _append_many(db: sqlite3.Connection, jobs: list[PersistJob], now: int, caps: InboxCaps) -> None:
+    """Write the jobs' entries in one transaction (one fsync for the batch), in job order,
+    skipping the (user, message) pairs already there (a redelivered job, or one twice in the
+    batch). Set-wise: one read of the entries present and of the heads, one executemany
+    each for the messages, the entries and the heads, then the caps of each user that got
+    entries (trimming once after the batch removes what trimming after each entry would:
+    the oldest, until within the caps)."""
+    mids = list(dict.fromkeys(signed(j.message.msg_id) for j in jobs if j.inbox_users))
+    present: set[tuple[int, int]] = set()
+    for i in range(0, len(mids), _IN_CHUNK):
+        part = mids[i : i + _IN_CHUNK]
+        present.update(db.execute(
+            f"SELECT user_id, msg_id FROM inbox WHERE msg_id IN ({_marks(len(part))})", part
+        ))  # fmt: skip
+    entries: list[tuple[int, int, int]] = []  # user, msg_id, size
+    messages: dict[int, Message] = {}
+    for job in jobs:
+        mid = signed(job.message.msg_id)
+        size = len(job.record)
+        for user in sorted({signed(u) for u in job.inbox_users}):
+            if (user, mid) not in present:
+                present.add((user, mid))
+                entries.append((user, mid, size))
+                messages[mid] = job.message
+    if not entries:
+        return
+    store_messages(db, messages.values())
+    users = list(dict.fromkeys(user for user, _, _ in entries))
+    heads: dict[int, list[int]] = {u: [0, 0, 0] for u in users}  # head, floor, bytes
+    for i in range(0, len(users), _IN_CHUNK):
+        part = users[i : i + _IN_CHUNK]
+        for user, head, floor, used in db.execute(
+            "SELECT user_id, head, floor, bytes FROM inbox_head"
+            f" WHERE user_id IN ({_marks(len(part))})", part,
+        ):  # fmt: skip
+            heads[user] = [head, floor, used]
+    rows = []
+    for user, mid, size in entries:
+        h = heads[user]
+        h[0] += 1
+        h[2] += size
+        rows.append((user, h[0], mid, now, size))
+    db.executemany(
+        "INSERT INTO inbox (user_id, cursor, msg_id, stored_ms, size) VALUES (?, ?, ?, ?, ?)", rows
+    )
+    db.executemany(
+        "INSERT INTO inbox_head (user_id, head, bytes) VALUES (?, ?, ?) ON CONFLICT (user_id)"
+        " DO UPDATE SET head = excluded.head, bytes = excluded.bytes",
+        [(user, h[0], h[2]) for user, h in heads.items()],
+    )
     trimmed: list[int] = []
-    for job in jobs:  # one transaction (one fsync) for the whole batch
-        trimmed += _append(db, job, now, caps)
+    for user, (head, floor, used) in heads.items():
+        trimmed += _enforce_caps(db, user, head, floor, used, caps)
     if trimmed:
         delete_unreferenced(db, trimmed)
+
+
+def _marks(n: int) -> str:
+    return ",".join("?" * n)
 
 
 def _enforce_caps(
