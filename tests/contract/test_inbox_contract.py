@@ -362,6 +362,24 @@ async def test_the_byte_cap_trims_the_oldest_like_retention(backend, jobs):
 
 
 @pytest_twisted.ensureDeferred
+async def test_a_batch_beyond_the_caps_keeps_what_appending_one_by_one_keeps(backend, jobs):
+    """The caps apply to a batch as to its jobs appended one after the other: the oldest
+    entries go, until the inbox is within both caps."""
+    backend.inbox.caps = InboxCaps(max_bytes=131_072)
+    appended = [jobs.job(ALICE, body=bytes([i]) * 30_000) for i in range(6)]
+    big = jobs.job(ALICE, body=b"B" * 65_535)
+    await backend.inbox.append_many([*appended, big])
+    page = await backend.inbox.page(ALICE, 0, 10, ANY_SIZE)
+    assert ids(page) == [j.message.msg_id for j in appended[-2:]] + [big.message.msg_id]
+    assert page.gap and cursors(page) == [5, 6, 7]
+    backend.inbox.caps = InboxCaps(max_entries=5)
+    more = [jobs.job(BOB, ALICE) for _ in range(8)]
+    await backend.inbox.append_many(more)
+    page = await backend.inbox.page(BOB, 0, 10, ANY_SIZE)
+    assert ids(page) == [j.message.msg_id for j in more[3:]] and cursors(page)[0] == 4
+
+
+@pytest_twisted.ensureDeferred
 async def test_a_lowered_cap_applies_at_the_next_page(backend, jobs):
     appended = [jobs.job(ALICE) for _ in range(6)]
     await backend.inbox.append_many(appended)
