@@ -18,13 +18,12 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from twisted.internet.defer import Deferred
-from twisted.internet.interfaces import IDelayedCall, IReactorTime
+from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
-from improto_server.embedded.database import Event
-from improto_server.embedded.queue import FETCH_BATCH, LINGER_S, RETRY_DELAY_S
+from improto_server.embedded.consumer_loop import ConsumerLoop
+from improto_server.embedded.queue import FETCH_BATCH, LINGER_S
 from improto_server.model import Accepted, PersistJob, QueuedJob, StateJob
-from improto_server.ports import BatchHandler
 from improto_server.turn_batcher import TurnBatcher
 
 ACCEPT_BATCH = 256  # accepts answered together at most (those of one reactor turn)
@@ -52,7 +51,7 @@ def _raise_refusal(outcome: Accepted | Exception | None) -> Accepted:
     return outcome
 
 
-class MemoryQueue:
+class MemoryQueue(ConsumerLoop):
     """PersistQueue on a deque, consumed in order by one in-process loop."""
 
     def __init__(
@@ -61,15 +60,9 @@ class MemoryQueue:
         now_ms: Callable[[], int],
         data: MemoryQueueData | None = None,
     ) -> None:
-        self._reactor = reactor
+        super().__init__(reactor)
         self._now_ms = now_ms
         self.data = data if data is not None else MemoryQueueData()
-        self._handler: BatchHandler | None = None
-        self._max_batch = 1
-        self._stopping = False
-        self._stopped = Event()
-        self._idle: Deferred[None] | None = None
-        self._sleep: tuple[Deferred[None], IDelayedCall] | None = None
         # Answered at the end of the turn, together, as the SQLite queue answers: answered
         # one by one, the acks leave one segment at a time and the clients' next SENDs come
         # in smaller reads, which costs more than the queue saves (docs/BENCHMARKS.md). State
@@ -130,35 +123,6 @@ class MemoryQueue:
             del dedup[key]
         return len(old)
 
-    def _wake(self) -> None:
-        idle, self._idle = self._idle, None
-        if idle is not None:
-            idle.callback(None)
-
-    def consume(self, handler: BatchHandler, max_batch: int = 1) -> None:
-        if self._handler is not None:
-            raise RuntimeError("consume() may be called once")
-        if self._stopping:
-            raise RuntimeError("queue is closed")
-        if max_batch < 1:
-            raise ValueError("max_batch must be at least 1")
-        self._handler = handler
-        self._max_batch = max_batch
-        Deferred.fromCoroutine(self._run())
-
-    def close(self) -> Deferred[None]:
-        """Stop consuming; fires once an in-flight handler call has finished."""
-        self._stopping = True
-        if self._handler is None:
-            self._stopped.set()
-        self._wake()
-        if self._sleep is not None:
-            d, call = self._sleep
-            self._sleep = None
-            call.cancel()
-            d.callback(None)
-        return self._stopped.wait()
-
     async def _run(self) -> None:
         jobs = self.data.jobs
         try:
@@ -190,13 +154,3 @@ class MemoryQueue:
             _log.failure("persisting {n} queued jobs failed; will retry", n=len(batch))
             return False
         return True
-
-    async def _pause(self, seconds: float = RETRY_DELAY_S) -> None:
-        if self._stopping:
-            return
-        d: Deferred[None] = Deferred()
-        self._sleep = (d, self._reactor.callLater(seconds, d.callback, None))
-        try:
-            await d
-        finally:
-            self._sleep = None

@@ -10,32 +10,24 @@ import sqlite3
 from collections.abc import Sequence
 
 from twisted.internet.defer import Deferred, succeed
-from twisted.internet.interfaces import IDelayedCall, IReactorTime
+from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
-from improto_server.embedded.database import Database, Event
+from improto_server.embedded.consumer_loop import ConsumerLoop
+from improto_server.embedded.database import Database
 from improto_server.model import NotifyJob, notify_job_from_bytes
-from improto_server.ports import NotifyHandler
 
 _log = Logger()
 
-RETRY_DELAY_S = 0.5  # pause before redelivering a batch whose handler failed
 FETCH_BATCH = 256  # jobs read per query by the consumer
 
 
-class SQLiteNotifyQueue:
+class SQLiteNotifyQueue(ConsumerLoop):
     """NotifyQueue on the notify_jobs table; one consumer loop per process."""
 
     def __init__(self, db: Database, reactor: IReactorTime) -> None:
+        super().__init__(reactor)
         self._db = db
-        self._reactor = reactor
-        self._handler: NotifyHandler | None = None
-        self._max_batch = 1
-        self._stopping = False
-        self._stopped = Event()
-        self._signalled = False  # a job was put since the consumer last looked
-        self._idle: Deferred[None] | None = None
-        self._sleep: tuple[Deferred[None], IDelayedCall] | None = None
 
     def put(self, jobs: Sequence[NotifyJob]) -> Deferred[None]:
         if not jobs:
@@ -45,36 +37,6 @@ class SQLiteNotifyQueue:
         d = self._db.call_background(_put_jobs, rows)
         d.addCallback(self._wake)
         return d
-
-    def _wake(self, _: object = None) -> None:
-        self._signalled = True
-        idle, self._idle = self._idle, None
-        if idle is not None:
-            idle.callback(None)
-
-    def consume(self, handler: NotifyHandler, max_batch: int = 1) -> None:
-        if self._handler is not None:
-            raise RuntimeError("consume() may be called once")
-        if self._stopping:
-            raise RuntimeError("queue is closed")
-        if max_batch < 1:
-            raise ValueError("max_batch must be at least 1")
-        self._handler = handler
-        self._max_batch = max_batch
-        Deferred.fromCoroutine(self._run())
-
-    def close(self) -> Deferred[None]:
-        """Stop consuming; fires once an in-flight handler call has finished."""
-        self._stopping = True
-        if self._handler is None:
-            self._stopped.set()
-        self._wake()
-        if self._sleep is not None:
-            d, call = self._sleep
-            self._sleep = None
-            call.cancel()
-            d.callback(None)
-        return self._stopped.wait()
 
     async def _run(self) -> None:
         try:
@@ -126,16 +88,6 @@ class SQLiteNotifyQueue:
             # The jobs stay queued and are delivered again (a second notification at worst).
             _log.failure("removing notify jobs {first}..{last} failed", first=first, last=last)
         return True
-
-    async def _pause(self, seconds: float = RETRY_DELAY_S) -> None:
-        if self._stopping:
-            return
-        d: Deferred[None] = Deferred()
-        self._sleep = (d, self._reactor.callLater(seconds, d.callback, None))
-        try:
-            await d
-        finally:
-            self._sleep = None
 
 
 def _put_jobs(db: sqlite3.Connection, rows: list[tuple[bytes]]) -> None:

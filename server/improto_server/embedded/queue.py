@@ -10,17 +10,16 @@ from collections.abc import Callable
 from typing import Any
 
 from twisted.internet.defer import Deferred
-from twisted.internet.interfaces import IDelayedCall, IReactorTime
+from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
-from improto_server.embedded.database import Database, Event, signed, unsigned
+from improto_server.embedded.consumer_loop import ConsumerLoop
+from improto_server.embedded.database import Database, signed, unsigned
 from improto_server.model import Accepted, PersistJob, StateJob, job_from_bytes
-from improto_server.ports import BatchHandler
 from improto_server.turn_batcher import TurnBatcher
 
 _log = Logger()
 
-RETRY_DELAY_S = 0.5  # pause before redelivering a job whose handler failed
 FETCH_BATCH = 256  # jobs read per query by the consumer
 # Before reading a batch that would be small, the consumer waits this long for more jobs: a
 # read, a handler call and a delete cost about as much for one job as for many, so at low
@@ -39,26 +38,19 @@ ACCEPT_BATCH = 256  # accepts one transaction commits at most
 _Accept = tuple[PersistJob, bytes] | tuple[StateJob, None]
 
 
-class SQLiteQueue:
+class SQLiteQueue(ConsumerLoop):
     """PersistQueue on a jobs table, consumed in order by one in-process loop."""
 
     def __init__(self, db: Database, reactor: IReactorTime, now_ms: Callable[[], int]) -> None:
+        super().__init__(reactor)
         self._db = db
-        self._reactor = reactor
         self._now_ms = now_ms
-        self._handler: BatchHandler | None = None
-        self._max_batch = 1
         # Messages (with their client_msg_id) and state jobs (None) share one group commit,
         # so the table keeps the order in which they were accepted.
         self._accepts: TurnBatcher[_Accept, Any] = TurnBatcher(
             reactor, self._accept_batch, ACCEPT_BATCH,
             0.0 if db.path == ":memory:" else ACCEPT_SPACING_S, adaptive=True,
         )  # fmt: skip
-        self._stopping = False
-        self._stopped = Event()
-        self._signalled = False  # a job was accepted since the consumer last looked
-        self._idle: Deferred[None] | None = None
-        self._sleep: tuple[Deferred[None], IDelayedCall] | None = None
 
     def accept(self, job: PersistJob, client_msg_id: bytes) -> Deferred[Accepted]:
         d = self._accepts.submit((job, client_msg_id))
@@ -84,38 +76,6 @@ class SQLiteQueue:
         if isinstance(outcome, Exception):
             raise outcome
         self._wake()
-
-    def _wake(self) -> None:
-        self._signalled = True
-        idle, self._idle = self._idle, None
-        if idle is not None:
-            idle.callback(None)
-
-    def consume(self, handler: BatchHandler, max_batch: int = 1) -> None:
-        if self._handler is not None:
-            raise RuntimeError("consume() may be called once")
-        if self._stopping:
-            raise RuntimeError("queue is closed")
-        if max_batch < 1:
-            raise ValueError("max_batch must be at least 1")
-        self._handler = handler
-        self._max_batch = max_batch
-        Deferred.fromCoroutine(self._run())
-
-    def close(self) -> Deferred[None]:
-        """Stop consuming; fires once an in-flight handler call has finished."""
-        self._stopping = True
-        if self._handler is None:
-            self._stopped.set()
-        idle, self._idle = self._idle, None
-        if idle is not None:
-            idle.callback(None)
-        if self._sleep is not None:
-            d, call = self._sleep
-            self._sleep = None
-            call.cancel()
-            d.callback(None)
-        return self._stopped.wait()
 
     async def _run(self) -> None:
         try:
@@ -162,16 +122,6 @@ class SQLiteQueue:
             # The jobs stay queued and are delivered again: handlers are idempotent.
             _log.failure("removing persisted jobs {first}..{last} failed", first=first, last=last)
         return True
-
-    async def _pause(self, seconds: float = RETRY_DELAY_S) -> None:
-        if self._stopping:
-            return
-        d: Deferred[None] = Deferred()
-        self._sleep = (d, self._reactor.callLater(seconds, d.callback, None))
-        try:
-            await d
-        finally:
-            self._sleep = None
 
 
 def _accept_many(
