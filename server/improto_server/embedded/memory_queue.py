@@ -22,7 +22,7 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
 from improto_server.embedded.consumer_loop import ConsumerLoop
-from improto_server.embedded.queue import FETCH_BATCH, LINGER_S
+from improto_server.embedded.queue import FETCH_BATCH, LINGER_S, Accept
 from improto_server.model import Accepted, PersistJob, QueuedJob, StateJob
 from improto_server.turn_batcher import TurnBatcher
 
@@ -38,10 +38,6 @@ class MemoryQueueData:
 
     dedup: dict[tuple[int, bytes], tuple[int, int, int]] = field(default_factory=dict)
     jobs: deque[QueuedJob] = field(default_factory=deque)
-
-
-# A message job with its client_msg_id, or a state job (None: nothing to deduplicate).
-_Accept = tuple[PersistJob, bytes] | tuple[StateJob, None]
 
 
 def _raise_refusal(outcome: Accepted | Exception | None) -> Accepted:
@@ -67,7 +63,7 @@ class MemoryQueue(ConsumerLoop):
         # one by one, the acks leave one segment at a time and the clients' next SENDs come
         # in smaller reads, which costs more than the queue saves (docs/BENCHMARKS.md). State
         # jobs go the same way, so the deque keeps the order of the calls.
-        self._accepts: TurnBatcher[_Accept, Accepted | Exception | None] = TurnBatcher(
+        self._accepts: TurnBatcher[Accept, Accepted | Exception | None] = TurnBatcher(
             reactor, self._accept_many, ACCEPT_BATCH, 0.0, adaptive=True
         )
 
@@ -81,7 +77,7 @@ class MemoryQueue(ConsumerLoop):
     def accept_state(self, job: StateJob) -> Deferred[None]:
         return self._accepts.submit((job, None)).addCallback(lambda _: None)
 
-    def _accept_many(self, items: list[_Accept]) -> list[Accepted | Exception | None]:
+    def _accept_many(self, items: list[Accept]) -> list[Accepted | Exception | None]:
         """Each accept in order (a later duplicate of an earlier one in the batch is seen);
         a job that does not encode gets its error back and the others go on."""
         out: list[Accepted | Exception | None] = []

@@ -35,7 +35,7 @@ ACCEPT_SPACING_S = 0.001
 ACCEPT_BATCH = 256  # accepts one transaction commits at most
 
 # A message job with its client_msg_id, or a state job (None: nothing to deduplicate).
-_Accept = tuple[PersistJob, bytes] | tuple[StateJob, None]
+Accept = tuple[PersistJob, bytes] | tuple[StateJob, None]
 
 
 class SQLiteQueue(ConsumerLoop):
@@ -47,7 +47,7 @@ class SQLiteQueue(ConsumerLoop):
         self._now_ms = now_ms
         # Messages (with their client_msg_id) and state jobs (None) share one group commit,
         # so the table keeps the order in which they were accepted.
-        self._accepts: TurnBatcher[_Accept, Any] = TurnBatcher(
+        self._accepts: TurnBatcher[Accept, Any] = TurnBatcher(
             reactor, self._accept_batch, ACCEPT_BATCH,
             0.0 if db.path == ":memory:" else ACCEPT_SPACING_S, adaptive=True,
         )  # fmt: skip
@@ -62,7 +62,7 @@ class SQLiteQueue(ConsumerLoop):
         d.addCallback(self._state_accepted)
         return d
 
-    def _accept_batch(self, items: list[_Accept]) -> Deferred[list[Any]]:
+    def _accept_batch(self, items: list[Accept]) -> Deferred[list[Any]]:
         return self._db.call(_accept_many, items, self._now_ms())
 
     def _accepted(self, outcome: Accepted | Exception) -> Accepted:
@@ -125,7 +125,7 @@ class SQLiteQueue(ConsumerLoop):
 
 
 def _accept_many(
-    db: sqlite3.Connection, items: list[_Accept], now: int
+    db: sqlite3.Connection, items: list[Accept], now: int
 ) -> list[Accepted | Exception | None]:
     """Every accept in one transaction, in order; a job that does not encode gets its error
     back and the others go on (a later duplicate of an earlier one in the batch is seen)."""
