@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import select
 import subprocess
 import sys
 import time
@@ -63,8 +64,13 @@ class Workers:
             p.stdin.write(json.dumps(c) + "\n")
             p.stdin.flush()
         out = []
+        deadline = time.monotonic() + timeout
         for p in self.procs:
             assert p.stdout is not None
+            # A worker whose peer never answers (a server that crashed its sessions) would
+            # otherwise hold the whole run: wait at most `timeout` for its line.
+            if not select.select([p.stdout], [], [], max(0.0, deadline - time.monotonic()))[0]:
+                raise RuntimeError(f"loadgen worker {p.pid}: no reply within {timeout} s")
             line = p.stdout.readline()
             if not line:
                 raise RuntimeError(f"loadgen worker {p.pid} died (exit {p.poll()})")

@@ -225,7 +225,30 @@ def start_ejabberd(config: str = "routing", users: range = range(1, 5001)) -> Se
     handle.helper_pids = _children(handle.pid)
     vm = handle.pid
     handle.on_stop.insert(0, lambda: _reap(vm, handle.helper_pids))
+    try:
+        _wait_for_login(port, users.start)
+    except BaseException:
+        handle.stop()
+        raise
     return handle
+
+
+def _wait_for_login(port: int, user_id: int, timeout: float = 60.0) -> None:
+    """ejabberd listens before its SQL pool is up: a login meanwhile crashes its session
+    (the accounts are in SQL) and the client waits on a dead stream. One login that
+    succeeds says it is ready."""
+    import xmpp_wire
+
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            xmpp_wire.BlockingClient(HOST, port, user_id, "ready", timeout=5.0,
+                                     presence=False).close()  # fmt: skip
+            return
+        except (OSError, xmpp_wire.XmppError) as e:
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"ejabberd on port {port}: no login in {timeout} s") from e
+            time.sleep(0.25)
 
 
 def _children(pid: int) -> list[int]:
