@@ -423,6 +423,9 @@ class RateLimitedService:
                                retry_after_s=wait)  # fmt: skip
         return SendAck(f.client_msg_id, f.request_id, int(NOW * 1000), 0, request_id=f.request_id)
 
+    def send_now(self, caller: Any, f: Send) -> Deferred[Frame | bytes]:  # what Session calls
+        return Deferred.fromCoroutine(self.send(caller, f))
+
 
 def _rate_limited_peer(clock: Clock, *retry_after_s: float) -> tuple[Peer, RateLimitedService]:
     service = RateLimitedService(*retry_after_s)

@@ -72,6 +72,7 @@ from improto.frames import (
     Ping,
     Pong,
     PushAck,
+    Send,
     SendAck,
     SyncHint,
     TimelineHeadsPage,
@@ -524,22 +525,25 @@ class Session(Protocol):
         elif f.TYPE in _PUSH_HANDLERS:
             method = getattr(self.factory.service.push, _PUSH_HANDLERS[f.TYPE])
             self._run(f.request_id, method(self.caller, f))
+        elif isinstance(f, Send):  # a Deferred chain, no coroutine, in the common case
+            self._run(
+                f.request_id, self.factory.service.send_now(self.caller, f), False, self._sent
+            )
         else:
             method = getattr(self.factory.service, _HANDLERS[f.TYPE])
-            reply = self._sent if f.TYPE is FrameType.SEND else self.send
-            self._run(f.request_id, method(self.caller, f), f.TYPE in _PAGE_REQUESTS, reply)
+            self._run(f.request_id, method(self.caller, f), f.TYPE in _PAGE_REQUESTS)
 
     def _run(
         self,
         request_id: int,
-        work: Coroutine[Any, Any, Any],
+        work: Coroutine[Any, Any, Any] | Deferred[Any],
         pull: bool = False,
         reply: Callable[[Any], None] | None = None,
         failed: Callable[[Failure, int], None] | None = None,
     ) -> None:
         self._in_flight += 1
         self._pulls += pull
-        d = Deferred.fromCoroutine(work)
+        d = work if isinstance(work, Deferred) else Deferred.fromCoroutine(work)
         d.addCallbacks(reply or self.send, failed or self._request_failed,
                        errbackArgs=(request_id,))  # fmt: skip
         d.addBoth(self._pull_done if pull else self._request_done)
