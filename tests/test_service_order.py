@@ -90,6 +90,46 @@ async def test_group_sends_are_queued_in_id_order_when_lookups_finish_out_of_ord
 
 
 @pytest_twisted.ensureDeferred
+async def test_one_to_one_sends_behind_a_waiting_group_send_keep_the_connection_order(
+    tmp_path: Path,
+) -> None:
+    """send_now (what a session calls) takes a 1:1 SEND's id at once, without a coroutine,
+    only when no earlier SEND of the connection waits for its group lookup: otherwise the
+    1:1 SEND would take an id before the group SEND sent ahead of it."""
+    backend = SQLiteBackend(tmp_path / "db.sqlite3", reactor=reactor)
+    await backend.start()
+    try:
+        gid = await backend.groups.create(1, "team", (2, 3), 1)
+        groups = HeldLookups(backend.groups)
+        service = ChatService(
+            IdGenerator(1), backend.queue, backend.inbox, backend.history, groups, Hub()
+        )
+        caller = Caller(1, "phone")
+        first = service.send_now(caller, Send(b"a" * 16, ConvKind.USER, 2, ContentType.TEXT, b"1"))
+        kinds = [ConvKind.GROUP, ConvKind.USER, ConvKind.GROUP, ConvKind.USER]
+        later = [
+            service.send_now(
+                caller,
+                Send(
+                    bytes([i + 1]) * 16,
+                    kind,
+                    gid if kind == ConvKind.GROUP else 2,
+                    ContentType.TEXT,
+                    b"m%d" % i,
+                ),
+            )
+            for i, kind in enumerate(kinds)
+        ]
+        assert len(groups.held) == 2 and service._id_gates.get(caller) is not None
+        await groups.release_in_reverse()
+        acks = await gatherResults([first, *later])
+        assert [a.msg_id for a in acks] == sorted(a.msg_id for a in acks)
+        assert not service._id_gates  # nothing left waiting: the next 1:1 SEND is direct
+    finally:
+        await backend.close()
+
+
+@pytest_twisted.ensureDeferred
 async def test_a_store_failure_is_unavailable_not_internal(tmp_path: Path) -> None:
     """Found by bench/chaos.py: during a Redis restart, group SENDs got INTERNAL (500)."""
     backend = SQLiteBackend(tmp_path / "db.sqlite3", reactor=reactor)
