@@ -5,8 +5,8 @@ module twice in a test process or beside another user of the library cannot coll
 the process and platform collectors. `/metrics` (MetricsResource) renders it; it needs no
 API key, like /healthz: listen on an address only the scrapers reach.
 
-Call sites stay one line (`metrics.frame_in(t)`); the hot ones (frames, sends) use label
-children made once here, so a call is one dict lookup and one increment.
+Call sites stay one line (`metrics.frame_in(t)`); the hot ones (frames, sends) count in
+plain ints (PlainCounts) rendered as counters when scraped, so a call is one dict update.
 
     improto_connections{state}                 gauge    connections by state (session.py)
     improto_connections_closed_total{reason}   counter  CLOSE reasons and drops
@@ -28,6 +28,7 @@ children made once here, so a call is one dict lookup and one increment.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator, Mapping
 from typing import TypeVar
 
 from prometheus_client import (
@@ -38,9 +39,11 @@ from prometheus_client import (
     Histogram,
     generate_latest,
 )
+from prometheus_client.core import CounterMetricFamily
 from prometheus_client.gc_collector import GCCollector
 from prometheus_client.platform_collector import PlatformCollector
 from prometheus_client.process_collector import ProcessCollector
+from prometheus_client.registry import Collector
 
 from twisted.internet.defer import Deferred
 from twisted.python.failure import Failure
@@ -65,21 +68,6 @@ CONNECTIONS_CLOSED = Counter(
     "Connections closed, by CLOSE reason (or 'dropped': closed without CLOSE).",
     ["reason"],
     registry=REGISTRY,
-)
-FRAMES_IN = Counter(
-    "improto_frames_received", "Frames read, by frame type.", ["type"], registry=REGISTRY
-)
-FRAMES_OUT = Counter(
-    "improto_frames_sent", "Frames written, by frame type.", ["type"], registry=REGISTRY
-)
-SENDS_ACCEPTED = Counter(
-    "improto_sends_accepted",
-    "SENDs acknowledged (duplicate: a retry of an accepted client_msg_id).",
-    ["duplicate"],
-    registry=REGISTRY,
-)
-SENDS_REFUSED = Counter(
-    "improto_sends_refused", "SENDs refused, by error code.", ["code"], registry=REGISTRY
 )
 PUSH_WINDOW_STALLS = Counter(
     "improto_push_window_stalls",
@@ -146,11 +134,60 @@ def _label(name: str) -> str:
     return name.lower()
 
 
-# Label children made once: the per-frame call sites must stay cheap.
-_FRAMES_IN = {t.value: FRAMES_IN.labels(_label(t.name)) for t in FrameType}
-_FRAMES_OUT = {t.value: FRAMES_OUT.labels(_label(t.name)) for t in FrameType}
-_SENDS_ACCEPTED = {d: SENDS_ACCEPTED.labels(str(d).lower()) for d in (False, True)}
-_SENDS_REFUSED = {c.value: SENDS_REFUSED.labels(_label(c.name)) for c in ErrorCode}
+class PlainCounts(Collector):
+    """A counter family with one label, for call sites that run per frame: a plain int per
+    label value, rendered when scraped (a prometheus_client Counter takes a lock and a few
+    calls per increment, and the reactor thread is the only one counting here). Keys outside
+    `names` are counted under `other(key)`."""
+
+    def __init__(
+        self, name: str, doc: str, label: str, names: Mapping[int, str], other: Callable[[int], str]
+    ) -> None:
+        self.name, self.doc, self.label = name, doc, label
+        self.names = dict(names)
+        self.counts: dict[int, int] = dict.fromkeys(self.names, 0)  # every value shows, at 0
+        self.other = other
+        self.others: dict[str, int] = {}
+
+    def inc(self, key: int) -> None:
+        counts = self.counts
+        if key in counts:
+            counts[key] += 1
+        else:
+            label = self.other(key)
+            self.others[label] = self.others.get(label, 0) + 1
+
+    def collect(self) -> Iterator[CounterMetricFamily]:
+        family = CounterMetricFamily(self.name, self.doc, labels=[self.label])
+        totals: dict[str, int] = {}
+        for key, n in self.counts.items():
+            totals[self.names[key]] = totals.get(self.names[key], 0) + n
+        for label, n in self.others.items():
+            totals[label] = totals.get(label, 0) + n
+        for label, n in totals.items():
+            family.add_metric([label], n)
+        yield family
+
+
+FRAMES_IN = PlainCounts(
+    "improto_frames_received", "Frames read, by frame type.", "type",
+    {t.value: _label(t.name) for t in FrameType}, lambda _: "unknown",
+)  # fmt: skip
+FRAMES_OUT = PlainCounts(
+    "improto_frames_sent", "Frames written, by frame type.", "type",
+    {t.value: _label(t.name) for t in FrameType}, lambda _: "unknown",
+)  # fmt: skip
+SENDS_ACCEPTED = PlainCounts(
+    "improto_sends_accepted",
+    "SENDs acknowledged (duplicate: a retry of an accepted client_msg_id).",
+    "duplicate", {0: "false", 1: "true"}, str,
+)  # fmt: skip
+SENDS_REFUSED = PlainCounts(
+    "improto_sends_refused", "SENDs refused, by error code.", "code",
+    {c.value: _label(c.name) for c in ErrorCode}, str,
+)  # fmt: skip
+for _counts in (FRAMES_IN, FRAMES_OUT, SENDS_ACCEPTED, SENDS_REFUSED):
+    REGISTRY.register(_counts)
 _CONNECTIONS = {s: CONNECTIONS.labels(s) for s in CONNECTION_STATES}
 for _outcome in NOTIFICATION_OUTCOMES:  # every outcome shows, at 0, from the start
     NOTIFICATIONS.labels(_outcome)
@@ -173,23 +210,15 @@ def connection_closed(reason: str) -> None:
     CONNECTIONS_CLOSED.labels(_label(reason)).inc()
 
 
-def frame_in(frame_type: int) -> None:
-    child = _FRAMES_IN.get(frame_type)
-    (child if child is not None else FRAMES_IN.labels("unknown")).inc()
-
-
-def frame_out(frame_type: int) -> None:
-    child = _FRAMES_OUT.get(frame_type)
-    (child if child is not None else FRAMES_OUT.labels("unknown")).inc()
+frame_in = FRAMES_IN.inc  # frame_in(frame_type): -1 (too short for a type) is "unknown"
+frame_out = FRAMES_OUT.inc
 
 
 def send_accepted(duplicate: bool) -> None:
-    _SENDS_ACCEPTED[bool(duplicate)].inc()
+    SENDS_ACCEPTED.inc(1 if duplicate else 0)
 
 
-def send_refused(code: int) -> None:
-    child = _SENDS_REFUSED.get(code)
-    (child if child is not None else SENDS_REFUSED.labels(str(code))).inc()
+send_refused = SENDS_REFUSED.inc  # send_refused(code)
 
 
 def push_window_stall() -> None:
