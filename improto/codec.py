@@ -26,6 +26,8 @@ from improto.errors import (
     UnknownFrameType,
     UnsupportedVersion,
 )
+from improto.fast_frames import DECODERS as FAST_DECODERS
+from improto.fast_frames import ENCODERS as FAST_ENCODERS
 from improto.frames import (
     FRAME_CLASSES,
     ConvEntry,
@@ -165,10 +167,18 @@ def _direct_builder(
 
 
 class Codec:
-    """Encoder/decoder over the construct schema, compiled (fast) or interpreted (reference)."""
+    """Encoder/decoder over the construct schema, compiled (fast) or interpreted (reference).
 
-    def __init__(self, compiled: bool = True) -> None:
+    `fast_paths` (default: when compiled) also decodes SEND and encodes SEND_ACK with the
+    `struct` shortcuts of `improto.fast_frames`; whatever they do not accept takes the
+    construct path, which stays the reference (`REFERENCE`: compiled, no shortcuts).
+    """
+
+    def __init__(self, compiled: bool = True, fast_paths: bool | None = None) -> None:
         self.compiled = compiled
+        self.fast_paths = compiled if fast_paths is None else fast_paths
+        self._fast_decoders = dict(FAST_DECODERS) if self.fast_paths else {}
+        self._fast_encoders = dict(FAST_ENCODERS) if self.fast_paths else {}
         self._parsers: dict[type[Frame], Callable[[bytes], Container]] = {}
         self._builders: dict[type[Frame], Callable[[Wire], bytes]] = {}
         for code, cls in FRAME_CLASSES.items():
@@ -183,6 +193,11 @@ class Codec:
 
     def decode_payload(self, payload: bytes) -> Frame:
         """Decode the bytes after the length prefix (what a framing receiver hands over)."""
+        # A shortcut checks the header itself; whatever it leaves takes the whole path below.
+        if len(payload) > 1 and (fast := self._fast_decoders.get(payload[1])) is not None:
+            frame = fast(payload)
+            if frame is not None:
+                return frame
         cls, request_id = check_header(payload)
         try:
             if self.compiled:
@@ -217,6 +232,13 @@ class Codec:
 
     def encode_payload(self, frame: Frame) -> bytes:
         """Encode a frame without its length prefix."""
+        fast = self._fast_encoders.get(type(frame))
+        if fast is not None and (data := fast(frame)) is not None:
+            return data[LENGTH_PREFIX_SIZE:]
+        return self._build_payload(frame)
+
+    def _build_payload(self, frame: Frame) -> bytes:
+        """The construct path of `encode_payload`."""
         frame.validate()
         if not 0 <= frame.request_id <= 0xFFFFFFFF or not 0 <= frame.flags <= 0xFF:
             raise EncodeError("request_id or flags out of range")
@@ -232,7 +254,10 @@ class Codec:
 
     def encode(self, frame: Frame) -> bytes:
         """Encode a frame with its 4-byte length prefix, ready to write to a socket."""
-        payload = self.encode_payload(frame)
+        fast = self._fast_encoders.get(type(frame))
+        if fast is not None and (data := fast(frame)) is not None:
+            return data
+        payload = self._build_payload(frame)
         return _LENGTH.pack(len(payload)) + payload
 
 
@@ -264,8 +289,9 @@ class FrameReader:
         return len(self._buf)
 
 
-COMPILED = Codec(compiled=True)
+COMPILED = Codec(compiled=True)  # with the struct shortcuts: what the server uses
 INTERPRETED = Codec(compiled=False)
+REFERENCE = Codec(compiled=True, fast_paths=False)  # the construct path only
 
 encode = COMPILED.encode
 decode = COMPILED.decode
