@@ -126,7 +126,9 @@ from improto_server.turn_batcher import TurnBatcher
 _log = Logger()
 _T = TypeVar("_T")
 
-PREFETCH = 1024  # >= 2 batches, so the next batch is on hand when one is written
+# Two batches: the next is on hand while one is written. Also what a persister holds in
+# memory per partition queue: up to PREFETCH of the largest messages.
+PREFETCH = 512
 # When a delivery arrives with little behind it, the consumer waits this long for more: a
 # handler call (one Redis script, HBase puts, one ack) costs about as much for one job as for
 # a batch, so at low rates this cuts the CPU per job. Only the stores lag (<= this).
