@@ -28,6 +28,7 @@ from improto.errors import MalformedFrame, ProtocolError
 from improto.frames import Hello, Send, SendAck
 from improto.jsonform import frame_from_json
 from improto.limits import HEADER_SIZE, LENGTH_PREFIX_SIZE, MAX_BODY, U64_MAX
+from tests.support.mutations import BYTE_MUTATIONS, mutate
 
 VECTOR_DIR = Path(__file__).resolve().parent.parent / "spec" / "vectors"
 SETTINGS = settings(
@@ -296,12 +297,7 @@ def test_sends_in_other_buffers(send: Send, kind: str) -> None:
 
 # Mutations of a valid payload: random edits, and edits of the fields that decide validity.
 mutations = st.one_of(
-    st.tuples(st.just("flip"), st.integers(0), st.integers(1, 255)),
-    st.tuples(st.just("set"), st.integers(0), u8),
-    st.tuples(st.just("insert"), st.integers(0), st.binary(min_size=1, max_size=4)),
-    st.tuples(st.just("delete"), st.integers(0), st.integers(1, 4)),
-    st.tuples(st.just("truncate"), st.integers(0)),
-    st.tuples(st.just("append"), st.binary(min_size=1, max_size=8)),
+    *BYTE_MUTATIONS,
     # version, type, conv_kind: one byte at a fixed offset
     st.tuples(st.just("set_at"), st.sampled_from([0, 1, 23]), u8),
     # conv_id, content_type, body length: the whole field
@@ -319,8 +315,6 @@ mutations = st.one_of(
 
 def _mutate(payload: bytes, m: tuple[Any, ...]) -> bytes:
     kind = m[0]
-    if kind == "append":
-        return payload + m[1]
     if kind == "field":
         (offset, fmt), value = m[1], m[2]
         if len(payload) < offset + struct.calcsize(fmt):
@@ -333,19 +327,9 @@ def _mutate(payload: bytes, m: tuple[Any, ...]) -> bytes:
         pos = m[1] % (len(body) + 1)
         body = body[:pos] + m[2] + body[pos:]
         return payload[:34] + struct.pack(">H", len(body) % 0x10000) + body
-    if not payload:
-        return payload
-    pos = m[1] % len(payload)
-    if kind == "flip":
-        return payload[:pos] + bytes([payload[pos] ^ m[2]]) + payload[pos + 1 :]
-    if kind in ("set", "set_at"):
-        return payload[:pos] + bytes([m[2]]) + payload[pos + 1 :]
-    if kind == "insert":
-        return payload[:pos] + m[2] + payload[pos:]
-    if kind == "delete":
-        return payload[:pos] + payload[pos + m[2] :]
-    assert kind == "truncate"
-    return payload[:pos]
+    if kind == "set_at":  # a fixed offset
+        return mutate(payload, ("set", m[1], m[2]))
+    return mutate(payload, m)
 
 
 @settings(SETTINGS, max_examples=2000)

@@ -100,6 +100,7 @@ from improto.limits import (
     TIMELINE_PAGE_MAX,
     U64_MAX,
 )
+from tests.support.mutations import BYTE_MUTATIONS, mutate
 
 SETTINGS = settings(
     deadline=None,
@@ -503,33 +504,7 @@ def test_random_bodies_behind_a_valid_header(payload: bytes) -> None:
 
 # ------------------------------------------------------------------- (c) mutations
 
-mutations = st.one_of(
-    st.tuples(st.just("flip"), st.integers(0), st.integers(1, 255)),
-    st.tuples(st.just("set"), st.integers(0), u8),
-    st.tuples(st.just("insert"), st.integers(0), st.binary(min_size=1, max_size=4)),
-    st.tuples(st.just("delete"), st.integers(0), st.integers(1, 4)),
-    st.tuples(st.just("truncate"), st.integers(0)),
-    st.tuples(st.just("append"), st.binary(min_size=1, max_size=8)),
-)
-
-
-def _mutate(payload: bytes, mutation: tuple[Any, ...]) -> bytes:
-    kind = mutation[0]
-    if kind == "append":
-        return payload + mutation[1]
-    if not payload:
-        return payload
-    pos = mutation[1] % len(payload)
-    if kind == "flip":
-        return payload[:pos] + bytes([payload[pos] ^ mutation[2]]) + payload[pos + 1 :]
-    if kind == "set":
-        return payload[:pos] + bytes([mutation[2]]) + payload[pos + 1 :]
-    if kind == "insert":
-        return payload[:pos] + mutation[2] + payload[pos:]
-    if kind == "delete":
-        return payload[:pos] + payload[pos + mutation[2] :]
-    assert kind == "truncate"
-    return payload[:pos]
+mutations = st.one_of(*BYTE_MUTATIONS)
 
 
 @settings(SETTINGS, max_examples=2000)
@@ -545,7 +520,7 @@ def test_mutated_frames(
     original = COMPILED.encode(frame)
     payload = original[LENGTH_PREFIX_SIZE:]
     for m in muts:
-        payload = _mutate(payload, m)
+        payload = mutate(payload, m)
     if prefix_mode == "fixed":  # a consistent outer length: the body parser has to cope
         length = len(payload)
     elif prefix_mode == "original":

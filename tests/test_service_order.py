@@ -4,6 +4,8 @@ lookups can finish in any order. The id is now taken right before the queue."""
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
@@ -44,10 +46,12 @@ class HeldLookups:
         return getattr(self._groups, name)
 
 
-@pytest_twisted.ensureDeferred
-async def test_group_sends_are_queued_in_id_order_when_lookups_finish_out_of_order(
+@asynccontextmanager
+async def held_service(
     tmp_path: Path,
-) -> None:
+) -> AsyncIterator[tuple[SQLiteBackend, int, HeldLookups, ChatService, Caller]]:
+    """A service on a real store whose group lookups wait (HeldLookups), a group of users
+    1, 2 and 3, and user 1's caller."""
     backend = SQLiteBackend(tmp_path / "db.sqlite3", reactor=reactor)
     await backend.start()
     try:
@@ -56,7 +60,16 @@ async def test_group_sends_are_queued_in_id_order_when_lookups_finish_out_of_ord
         service = ChatService(
             IdGenerator(1), backend.queue, backend.inbox, backend.history, groups, Hub()
         )
-        caller = Caller(1, "phone")
+        yield backend, gid, groups, service, Caller(1, "phone")
+    finally:
+        await backend.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_group_sends_are_queued_in_id_order_when_lookups_finish_out_of_order(
+    tmp_path: Path,
+) -> None:
+    async with held_service(tmp_path) as (backend, gid, groups, service, caller):
         sends = [
             Deferred.fromCoroutine(
                 service.send(
@@ -85,8 +98,6 @@ async def test_group_sends_are_queued_in_id_order_when_lookups_finish_out_of_ord
         # fan-out: pipelined group SENDs reached the members out of the sender's order)
         assert [a.msg_id for a in acks] == sorted(ids)
         assert [j.message.body for j in queued] == [b"m%d" % i for i in range(6)]
-    finally:
-        await backend.close()
 
 
 @pytest_twisted.ensureDeferred
@@ -96,15 +107,7 @@ async def test_one_to_one_sends_behind_a_waiting_group_send_keep_the_connection_
     """send_now (what a session calls) takes a 1:1 SEND's id at once, without a coroutine,
     only when no earlier SEND of the connection waits for its group lookup: otherwise the
     1:1 SEND would take an id before the group SEND sent ahead of it."""
-    backend = SQLiteBackend(tmp_path / "db.sqlite3", reactor=reactor)
-    await backend.start()
-    try:
-        gid = await backend.groups.create(1, "team", (2, 3), 1)
-        groups = HeldLookups(backend.groups)
-        service = ChatService(
-            IdGenerator(1), backend.queue, backend.inbox, backend.history, groups, Hub()
-        )
-        caller = Caller(1, "phone")
+    async with held_service(tmp_path) as (_, gid, groups, service, caller):
         first = service.send_now(caller, Send(b"a" * 16, ConvKind.USER, 2, ContentType.TEXT, b"1"))
         kinds = [ConvKind.GROUP, ConvKind.USER, ConvKind.GROUP, ConvKind.USER]
         later = [
@@ -125,8 +128,6 @@ async def test_one_to_one_sends_behind_a_waiting_group_send_keep_the_connection_
         acks = await gatherResults([first, *later])
         assert [a.msg_id for a in acks] == sorted(a.msg_id for a in acks)
         assert not service._id_gates  # nothing left waiting: the next 1:1 SEND is direct
-    finally:
-        await backend.close()
 
 
 @pytest_twisted.ensureDeferred
