@@ -132,9 +132,9 @@ PRELOGIN_RATE = 4.0  # frames per second
 # flooder costs one refusal per pause instead of one per frame it manages to write.
 MAX_RATE_HOLD_S = 1.0
 
-# Requests answered by ChatService, by the name of the method that answers them.
+# Requests answered by ChatService, by the name of the method that answers them (SEND:
+# `send_now`, dispatched on its own, with its reply).
 _HANDLERS: dict[FrameType, str] = {
-    FrameType.SEND: "send",
     FrameType.OFFLINE_PULL: "offline_pull",
     FrameType.OFFLINE_ACK: "offline_ack",
     FrameType.HISTORY_PULL: "history_pull",
